@@ -1,0 +1,1 @@
+"""nanochat-jax: a pure JAX/Flax reimplementation of nanochat (tokenizer → pretraining → chat → serving)."""

@@ -1,0 +1,95 @@
+"""Our checkpoints: an orbax CheckpointManager directory per run, plus the run's tokenizer.
+
+    <checkpoint_dir>/<step>/state   arrays: {"params": ..., and whatever else the trainer saves}
+    <checkpoint_dir>/<step>/meta    JSON: {"model_config": {...}, "step": ..., ...}
+    <checkpoint_dir>/tokenizer/     the tokenizer the model was trained with
+
+Orbax writes each step into a temporary directory and renames it when complete, so a crash during a save leaves
+the previous steps loadable. Restoring takes a target of ShapeDtypeStructs with shardings, so a checkpoint loads onto
+any mesh shape.
+"""
+import os
+from dataclasses import asdict
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from nanochat_jax.common import default_dtype
+from nanochat_jax.gpt import GPT, GPTConfig
+from nanochat_jax.sharding import make_mesh, param_shardings
+from nanochat_jax.tokenizer import Tokenizer
+
+STAGE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints",
+              "rl": "chatrl_checkpoints"}
+
+
+class Checkpointer:
+    def __init__(self, checkpoint_dir: str, max_to_keep: int | None = 3, async_save: bool = True):
+        self.directory = os.path.abspath(os.path.expanduser(checkpoint_dir))
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                               enable_async_checkpointing=async_save)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def save(self, step: int, state: dict, meta: dict, tokenizer: Tokenizer | None = None):
+        """Starts the save (asynchronous by default: call wait() before reading it back or exiting)."""
+        if tokenizer is not None and jax.process_index() == 0:
+            tokenizer.save(os.path.join(self.directory, "tokenizer"))
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                        meta=ocp.args.JsonSave(meta)), force=True)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def _step(self, step: int | None) -> int:
+        step = self.latest_step() if step is None else step
+        if step is None or step not in self.manager.all_steps():
+            have = self.manager.all_steps()
+            raise FileNotFoundError(f"no checkpoint at step {step} in {self.directory} (steps present: {have})")
+        return step
+
+    def meta(self, step: int | None = None) -> dict:
+        step = self._step(step)
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+    def restore(self, target: dict, step: int | None = None) -> tuple[dict, dict]:
+        """target: the state tree with jax.ShapeDtypeStruct leaves (shape, dtype, sharding). Returns (state, meta)."""
+        step = self._step(step)
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+        return restored.state, restored.meta
+
+    def wait(self):
+        self.manager.wait_until_finished()
+
+    def close(self):
+        self.manager.close()
+
+
+def model_meta(config: GPTConfig, step: int, **extra) -> dict:
+    return {"model_config": asdict(config), "step": step, **extra}
+
+
+def abstract_model(config: GPTConfig, mesh, dtype=None, attn_impl: str | None = None):
+    """(graphdef, target): the parameter tree as ShapeDtypeStructs placed on `mesh`, for restoring."""
+    dtype = default_dtype() if dtype is None else dtype
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(0), dtype=dtype,
+                                                           attn_impl=attn_impl)))
+    shardings = nnx.to_pure_dict(param_shardings(state, mesh))
+    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          nnx.to_pure_dict(state), shardings)
+    return graphdef, state, target
+
+
+def load_model(checkpoint_dir: str, step: int | None = None, mesh=None, dtype=None, attn_impl: str | None = None):
+    """(model, tokenizer, meta) from one of our checkpoint directories; parameters placed on `mesh`
+    (default: every device on the data axis, i.e. replicated)."""
+    checkpointer = Checkpointer(checkpoint_dir, max_to_keep=None, async_save=False)
+    step = checkpointer._step(step)
+    config = GPTConfig(**checkpointer.meta(step)["model_config"])
+    graphdef, state, params_target = abstract_model(config, make_mesh() if mesh is None else mesh, dtype, attn_impl)
+    restored, meta = checkpointer.restore({"params": params_target}, step)
+    nnx.replace_by_pure_dict(state, restored["params"])
+    tokenizer = Tokenizer.load(os.path.join(checkpointer.directory, "tokenizer"))
+    checkpointer.close()
+    return nnx.merge(graphdef, state), tokenizer, meta

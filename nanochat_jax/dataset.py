@@ -1,0 +1,64 @@
+"""The pretraining corpus on disk: parquet shards with a `text` column in $NANOCHAT_BASE_DIR/base_data/.
+
+The shards are sorted by name; the last one is the validation split, all others are training. This module lists and
+reads them; `python -m scripts.download_data` fetches them.
+"""
+import os
+
+import pyarrow.parquet as pq
+
+from nanochat_jax.common import get_base_dir
+
+HF_DATASET = "karpathy/fineweb-edu-100b-shuffle"
+BASE_URL = f"https://huggingface.co/datasets/{HF_DATASET}/resolve/main"
+MAX_SHARD = 1822  # shard_01822.parquet is the last one nanochat publishes
+
+
+def shard_name(index: int) -> str:
+    return f"shard_{index:05d}.parquet"
+
+
+def data_dir() -> str:
+    return os.path.join(get_base_dir(), "base_data")
+
+
+def list_shards(directory: str | None = None) -> list[str]:
+    directory = directory or data_dir()
+    names = sorted(f for f in os.listdir(directory) if f.endswith(".parquet")) if os.path.isdir(directory) else []
+    if len(names) < 2:
+        raise FileNotFoundError(
+            f"need at least 2 parquet shards (train + validation) in {directory}, found {len(names)}: run "
+            f"`python -m scripts.download_data -n 8`, or put shard_XXXXX.parquet files (with a 'text' column, "
+            f"e.g. from https://huggingface.co/datasets/{HF_DATASET}) there")
+    return [os.path.join(directory, f) for f in names]
+
+
+def split_shards(split: str, directory: str | None = None) -> list[str]:
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    shards = list_shards(directory)
+    return shards[:-1] if split == "train" else shards[-1:]
+
+
+def open_shard(path: str) -> pq.ParquetFile:
+    """Opens a shard, with an error that names the file when it is corrupt, empty or lacks a text column."""
+    try:
+        shard = pq.ParquetFile(path)
+    except Exception as e:
+        raise ValueError(f"corrupt or unreadable parquet shard {path}: {e}") from e
+    if "text" not in shard.schema_arrow.names:
+        raise ValueError(f"parquet shard {path} has no 'text' column (columns: {shard.schema_arrow.names})")
+    if shard.metadata.num_rows == 0:
+        raise ValueError(f"parquet shard {path} is empty")
+    return shard
+
+
+def iter_texts(split: str, directory: str | None = None):
+    """Yields lists of documents, one list per parquet row group, over the split's shards in order."""
+    for path in split_shards(split, directory):
+        shard = open_shard(path)
+        for group in range(shard.num_row_groups):
+            try:
+                yield shard.read_row_group(group, columns=["text"]).column("text").to_pylist()
+            except Exception as e:
+                raise ValueError(f"corrupt parquet shard {path} (row group {group}): {e}") from e

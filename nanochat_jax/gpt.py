@@ -1,0 +1,215 @@
+"""The classic nanochat GPT in Flax NNX.
+
+token embedding -> RMSNorm -> N x [x + attn(norm(x)); x + mlp(norm(x))] -> RMSNorm -> lm_head -> drop vocab padding
+-> fp32 -> 15*tanh(x/15). Attention: q/k/v/proj without biases, RoPE (base 10000, split halves) then RMS QK-norm,
+causal, n_kv_head dividing n_head. MLP: 4x width, relu^2. No biases, no learnable norm weights, untied lm_head.
+
+Parameters are fp32 and carry logical axis names (`axes=`) that nanochat_jax.sharding maps onto a mesh.
+Weights are stored [in, out] (JAX's convention; torch's nn.Linear stores [out, in]).
+"""
+import math
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nanochat_jax.attention import attention
+
+SOFTCAP = 15.0
+ROPE_BASE = 10000.0
+PAD_VOCAB_TO = 64
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    sequence_len: int = 1024
+    vocab_size: int = 50304
+    n_layer: int = 12
+    n_head: int = 6  # query heads
+    n_kv_head: int = 6  # key/value heads (MQA when 1, MHA when n_head)
+    n_embd: int = 768
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.n_kv_head < 1 or self.n_head % self.n_kv_head:
+            raise ValueError(f"n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head})")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim ({self.head_dim}) must be even for RoPE")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return -(-self.vocab_size // PAD_VOCAB_TO) * PAD_VOCAB_TO
+
+    def num_params(self) -> int:
+        """All parameters, padded vocab rows included (what the optimizer updates)."""
+        C, D = self.n_embd, self.head_dim
+        attn = C * self.n_head * D + 2 * C * self.n_kv_head * D + self.n_head * D * C
+        mlp = 2 * C * 4 * C
+        return 2 * self.padded_vocab_size * C + self.n_layer * (attn + mlp)
+
+    def flops_per_token(self) -> int:
+        """Training FLOPs per token: 6 x non-embedding params + 12 L H Dh T for attention (PaLM appendix B)."""
+        non_embedding = self.num_params() - self.padded_vocab_size * self.n_embd
+        return 6 * non_embedding + 12 * self.n_layer * self.n_head * self.head_dim * self.sequence_len
+
+
+def config_from_depth(depth: int, vocab_size: int, sequence_len: int = 2048, n_kv_head: int | None = None) -> GPTConfig:
+    """nanochat's sizing: width 64 x depth, head dim 128 (ceil division of the heads), MHA unless told otherwise."""
+    n_embd = 64 * depth
+    n_head = max(1, (n_embd + 127) // 128)
+    return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head,
+                     n_kv_head=n_kv_head or n_head, n_embd=n_embd)
+
+
+def rms_norm(x):
+    """Parameter-free RMSNorm, computed in fp32; eps as torch's F.rms_norm default (fp32 machine epsilon)."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + jnp.finfo(jnp.float32).eps)
+    return y.astype(x.dtype)
+
+
+def rope_tables(positions_BT, head_dim: int):
+    """cos, sin [B, T, head_dim/2] for the given positions. nanochat keeps its tables in bf16, so they are rounded
+    through bf16 here too: imported weights then see the very same rotations."""
+    inv_freq = 1.0 / (ROPE_BASE ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = positions_BT.astype(jnp.float32)[..., None] * inv_freq
+    return jnp.cos(freqs).astype(jnp.bfloat16), jnp.sin(freqs).astype(jnp.bfloat16)
+
+
+def apply_rope(x_BTNH, cos_BTh, sin_BTh):
+    """Rotate the two halves of each head: (x1, x2) -> (x1 cos + x2 sin, -x1 sin + x2 cos), nanochat's sign."""
+    half = x_BTNH.shape[-1] // 2
+    x1, x2 = x_BTNH[..., :half], x_BTNH[..., half:]
+    cos, sin = cos_BTh[:, :, None, :].astype(x_BTNH.dtype), sin_BTh[:, :, None, :].astype(x_BTNH.dtype)
+    return jnp.concatenate([x1 * cos + x2 * sin, x2 * cos - x1 * sin], axis=-1)
+
+
+class Linear(nnx.Module):
+    """Bias-free linear layer, kernel [in, out], nanochat's init: N(0, 1/sqrt(fan_in) * min(1, sqrt(fan_out/fan_in)))
+    or zeros (output projections and lm_head start at zero)."""
+
+    def __init__(self, fan_in: int, fan_out: int, axes: tuple, *, rngs: nnx.Rngs, zero_init: bool = False):
+        if zero_init:
+            kernel = jnp.zeros((fan_in, fan_out), jnp.float32)
+        else:
+            std = fan_in ** -0.5 * min(1.0, math.sqrt(fan_out / fan_in))
+            kernel = std * jax.random.normal(rngs.params(), (fan_in, fan_out), jnp.float32)
+        self.kernel = nnx.Param(kernel, axes=axes)
+
+    def __call__(self, x):
+        return x @ self.kernel[...].astype(x.dtype)
+
+
+class CausalSelfAttention(nnx.Module):
+    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs, attn_impl: str | None = None):
+        C, D = config.n_embd, config.head_dim
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, D
+        self.attn_impl = attn_impl
+        self.c_q = Linear(C, config.n_head * D, ("embed", "heads"), rngs=rngs)
+        self.c_k = Linear(C, config.n_kv_head * D, ("embed", "kv_heads"), rngs=rngs)
+        self.c_v = Linear(C, config.n_kv_head * D, ("embed", "kv_heads"), rngs=rngs)
+        self.c_proj = Linear(config.n_head * D, C, ("heads", "embed"), rngs=rngs, zero_init=True)
+
+    def __call__(self, x_BTC, cos, sin, kv=None, pos_B=None):
+        """kv: None (training) or this layer's cache (k, v), each [B, S, K, D]; the new keys/values are written at
+        pos_B[b] .. pos_B[b]+T-1 and the updated cache is returned alongside the output."""
+        B, T, _ = x_BTC.shape
+        q = self.c_q(x_BTC).reshape(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x_BTC).reshape(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x_BTC).reshape(B, T, self.n_kv_head, self.head_dim)
+        q, k = rms_norm(apply_rope(q, cos, sin)), rms_norm(apply_rope(k, cos, sin))
+        if kv is not None:
+            write = jax.vmap(lambda cache, new, p: jax.lax.dynamic_update_slice(cache, new, (p, 0, 0)))
+            k = write(kv[0], k.astype(kv[0].dtype), pos_B)
+            v = write(kv[1], v.astype(kv[1].dtype), pos_B)
+            kv = (k, v)
+        y = attention(q, k.astype(q.dtype), v.astype(q.dtype), q_offset_B=pos_B, impl=self.attn_impl)
+        return self.c_proj(y.reshape(B, T, -1)), kv
+
+
+class MLP(nnx.Module):
+    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
+        C = config.n_embd
+        self.c_fc = Linear(C, 4 * C, ("embed", "mlp"), rngs=rngs)
+        self.c_proj = Linear(4 * C, C, ("mlp", "embed"), rngs=rngs, zero_init=True)
+
+    def __call__(self, x_BTC):
+        return self.c_proj(jnp.square(jax.nn.relu(self.c_fc(x_BTC))))
+
+
+class Block(nnx.Module):
+    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs, attn_impl: str | None = None):
+        self.attn = CausalSelfAttention(config, rngs=rngs, attn_impl=attn_impl)
+        self.mlp = MLP(config, rngs=rngs)
+
+    def __call__(self, x, cos, sin, kv=None, pos_B=None):
+        y, kv = self.attn(rms_norm(x), cos, sin, kv, pos_B)
+        x = x + y
+        return x + self.mlp(rms_norm(x)), kv
+
+
+class GPT(nnx.Module):
+    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, attn_impl: str | None = None):
+        """dtype: compute dtype (bf16 on GPU/TPU, fp32 on CPU); parameters are always fp32.
+        attn_impl: None picks by backend, or 'xla' / 'cudnn' (see nanochat_jax.attention)."""
+        self.config, self.dtype = config, dtype
+        Vp, C = config.padded_vocab_size, config.n_embd
+        self.wte = nnx.Param(jax.random.normal(rngs.params(), (Vp, C), jnp.float32), axes=("vocab", "embed"))
+        self.h = nnx.List([Block(config, rngs=rngs, attn_impl=attn_impl) for _ in range(config.n_layer)])
+        self.lm_head = Linear(C, Vp, ("embed", "vocab"), rngs=rngs, zero_init=True)
+
+    def _trunk(self, idx_BT, positions_BT, cache=None, pos_B=None):
+        cos, sin = rope_tables(positions_BT, self.config.head_dim)
+        x = rms_norm(jnp.take(self.wte[...], idx_BT, axis=0).astype(self.dtype))
+        new_k, new_v = [], []
+        for i, block in enumerate(self.h):
+            kv = None if cache is None else (cache["k"][i], cache["v"][i])
+            x, kv = block(x, cos, sin, kv, pos_B)
+            if kv is not None:
+                new_k.append(kv[0])
+                new_v.append(kv[1])
+        logits = self.lm_head(rms_norm(x))[..., : self.config.vocab_size].astype(jnp.float32)
+        logits = SOFTCAP * jnp.tanh(logits / SOFTCAP)
+        new_cache = None if cache is None else {"k": jnp.stack(new_k), "v": jnp.stack(new_v)}
+        return logits, new_cache
+
+    def __call__(self, idx_BT, targets_BT=None, loss_reduction: str = "mean"):
+        """Logits [B, T, vocab_size] in fp32, or with targets the cross-entropy (targets of -1 ignored):
+        loss_reduction 'mean' (over the counted tokens) or 'none' (per token [B, T], 0 where ignored)."""
+        B, T = idx_BT.shape
+        logits, _ = self._trunk(idx_BT, jnp.broadcast_to(jnp.arange(T), (B, T)))
+        if targets_BT is None:
+            return logits
+        return cross_entropy(logits, targets_BT, loss_reduction)
+
+    def forward_cached(self, idx_BT, cache, pos_B):
+        """Run T new tokens per row starting at positions pos_B [B] against a KV cache
+        {'k','v': [n_layer, B, max_len, n_kv_head, head_dim]}; returns (logits [B, T, vocab], updated cache).
+        The caller keeps pos_B + T <= max_len."""
+        T = idx_BT.shape[1]
+        positions = pos_B[:, None] + jnp.arange(T)[None, :]
+        return self._trunk(idx_BT, positions, cache, pos_B)
+
+
+def init_cache(config: GPTConfig, batch_size: int, max_len: int, dtype=jnp.float32):
+    shape = (config.n_layer, batch_size, max_len, config.n_kv_head, config.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def cross_entropy(logits_BTV, targets_BT, reduction: str = "mean"):
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"loss_reduction must be 'mean' or 'none', got {reduction!r}")
+    valid = targets_BT != -1
+    safe_targets = jnp.where(valid, targets_BT, 0)
+    logz = jax.nn.logsumexp(logits_BTV, axis=-1)
+    target_logit = jnp.take_along_axis(logits_BTV, safe_targets[..., None], axis=-1)[..., 0]
+    loss_BT = jnp.where(valid, logz - target_logit, 0.0)
+    if reduction == "none":
+        return loss_BT
+    return loss_BT.sum() / jnp.maximum(valid.sum(), 1)

@@ -1,0 +1,125 @@
+"""Import checkpoints written by nanochat (PyTorch) of the classic architecture (nanochat as of December 2025).
+
+    from nanochat_jax.interop import import_nanochat
+    model, tokenizer, meta = import_nanochat("~/.cache/nanochat/chatsft_checkpoints/d20")
+
+A nanochat checkpoint directory holds model_<step>.pt (a state dict), meta_<step>.json (with "model_config") and,
+for published models, tokenizer.pkl (a pickled tiktoken Encoding). Only this module needs torch (the `torch` extra).
+Unpickling tokenizer.pkl runs code from the file, as nanochat itself does: import only checkpoints you trust.
+"""
+import glob
+import json
+import os
+import pickle
+import re
+from dataclasses import fields
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from nanochat_jax.gpt import GPT, GPTConfig
+from nanochat_jax.tokenizer import Tokenizer
+
+
+def find_last_step(checkpoint_dir: str) -> int:
+    steps = [int(m.group(1)) for f in glob.glob(os.path.join(checkpoint_dir, "model_*.pt"))
+             if (m := re.fullmatch(r"model_(\d+)\.pt", os.path.basename(f)))]
+    if not steps:
+        raise FileNotFoundError(f"no nanochat checkpoint (model_<step>.pt) in {checkpoint_dir}")
+    return max(steps)
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError("importing nanochat checkpoints needs torch: pip install 'nanochat-jax[torch]' "
+                          "(on CPU-only machines: pip install torch==2.13.0 first)") from e
+    return torch
+
+
+def expected_shapes(config: GPTConfig) -> dict[str, tuple]:
+    """nanochat's state-dict keys and their torch shapes ([out, in] for linear layers)."""
+    C, D, Vp = config.n_embd, config.head_dim, config.padded_vocab_size
+    shapes = {"transformer.wte.weight": (Vp, C), "lm_head.weight": (Vp, C)}
+    for i in range(config.n_layer):
+        p = f"transformer.h.{i}."
+        shapes |= {p + "attn.c_q.weight": (config.n_head * D, C), p + "attn.c_k.weight": (config.n_kv_head * D, C),
+                   p + "attn.c_v.weight": (config.n_kv_head * D, C), p + "attn.c_proj.weight": (C, config.n_head * D),
+                   p + "mlp.c_fc.weight": (4 * C, C), p + "mlp.c_proj.weight": (C, 4 * C)}
+    return shapes
+
+
+def state_dict_to_params(state_dict: dict[str, np.ndarray], config: GPTConfig) -> dict:
+    """A nanochat state dict (numpy, any float dtype) -> our parameter tree (pure dict, fp32, kernels [in, out])."""
+    state_dict = {k.removeprefix("_orig_mod."): v for k, v in state_dict.items()}  # torch.compile's prefix
+    shapes = expected_shapes(config)
+    missing, unexpected = sorted(shapes.keys() - state_dict.keys()), sorted(state_dict.keys() - shapes.keys())
+    if missing or unexpected:
+        raise ValueError("not a classic-architecture nanochat checkpoint: "
+                         f"missing keys {missing[:8]}, unexpected keys {unexpected[:8]}")
+    for key, shape in shapes.items():
+        if tuple(state_dict[key].shape) != shape:
+            raise ValueError(f"{key} has shape {tuple(state_dict[key].shape)}, the model config implies {shape}")
+    w = {k: np.asarray(v, dtype=np.float32) for k, v in state_dict.items()}
+    blocks = {}
+    for i in range(config.n_layer):
+        p = f"transformer.h.{i}."
+        blocks[i] = {
+            "attn": {name: {"kernel": w[p + f"attn.{name}.weight"].T} for name in ("c_q", "c_k", "c_v", "c_proj")},
+            "mlp": {name: {"kernel": w[p + f"mlp.{name}.weight"].T} for name in ("c_fc", "c_proj")},
+        }
+    return {"wte": w["transformer.wte.weight"], "h": blocks, "lm_head": {"kernel": w["lm_head.weight"].T}}
+
+
+def read_model_config(meta: dict, path: str) -> GPTConfig:
+    config = meta.get("model_config")
+    known = {f.name for f in fields(GPTConfig)}
+    if not isinstance(config, dict) or set(config) != known:
+        got = sorted(config) if isinstance(config, dict) else config
+        raise ValueError(f"{path}: model_config {got} is not the classic nanochat architecture (expected the keys "
+                         f"{sorted(known)}); checkpoints of newer nanochat versions are not supported")
+    return GPTConfig(**config)
+
+
+def find_tokenizer(checkpoint_dir: str) -> str | None:
+    """tokenizer.pkl beside the weights (published models), else nanochat's own layout
+    <base>/<stage>_checkpoints/<tag>/ -> <base>/tokenizer/tokenizer.pkl."""
+    for candidate in (os.path.join(checkpoint_dir, "tokenizer.pkl"),
+                      os.path.join(checkpoint_dir, "..", "..", "tokenizer", "tokenizer.pkl")):
+        if os.path.exists(candidate):
+            return os.path.normpath(candidate)
+    return None
+
+
+def import_nanochat(checkpoint_dir: str, step: int | None = None, dtype=jnp.float32):
+    """Returns (model, tokenizer or None when no tokenizer.pkl is found, meta dict); the model's weights are fp32."""
+    checkpoint_dir = os.path.expanduser(checkpoint_dir)
+    torch = _torch()
+    step = find_last_step(checkpoint_dir) if step is None else step
+    model_path = os.path.join(checkpoint_dir, f"model_{step:06d}.pt")
+    meta_path = os.path.join(checkpoint_dir, f"meta_{step:06d}.json")
+    for path in (model_path, meta_path):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"missing {path} (nanochat writes model_<step>.pt and meta_<step>.json together)")
+    with open(meta_path, encoding="utf-8") as f:
+        meta = json.load(f)
+    config = read_model_config(meta, meta_path)
+    state_dict = torch.load(model_path, map_location="cpu", weights_only=True)
+    params = state_dict_to_params({k: v.float().numpy() for k, v in state_dict.items()}, config)
+
+    model = nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(0), dtype=dtype))
+    state = nnx.state(model)
+    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
+    nnx.update(model, state)
+
+    tokenizer = None
+    if (tok_path := find_tokenizer(checkpoint_dir)) is not None:
+        with open(tok_path, "rb") as f:
+            tokenizer = Tokenizer(pickle.load(f))
+        if tokenizer.get_vocab_size() != config.vocab_size:
+            raise ValueError(f"{tok_path} has {tokenizer.get_vocab_size()} tokens but the model expects "
+                             f"{config.vocab_size}")
+    return model, tokenizer, meta

@@ -1,0 +1,92 @@
+"""Device mesh from a `--mesh` spec and the placement of parameters on it.
+
+The mesh always has the axes ('data', 'fsdp'); a spec such as 'data:8', 'fsdp:8' or 'data:2,fsdp:4' sets their sizes
+(an axis left out has size 1; the default puts every device on 'data'). Parameters carry logical axis names
+(see gpt.py); RULES maps them onto mesh axes. The batch is split over both axes.
+"""
+from dataclasses import dataclass
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp")
+BATCH_AXES = MESH_AXES  # each example lives on exactly one device
+
+
+@dataclass(frozen=True)
+class ShardingRules:
+    """Logical parameter axis -> mesh axis (None = replicated). FSDP splits every matrix along its model-width dim;
+    data parallelism replicates parameters."""
+    embed: str | None = "fsdp"
+    vocab: str | None = None
+    heads: str | None = None
+    kv_heads: str | None = None
+    mlp: str | None = None
+
+
+RULES = ShardingRules()
+
+
+def parse_mesh_spec(spec: str | None, num_devices: int) -> dict[str, int]:
+    if not spec:
+        return {"data": num_devices, "fsdp": 1}
+    sizes = {}
+    for part in spec.split(","):
+        name, sep, size = part.strip().partition(":")
+        if not sep or name not in MESH_AXES or not size.isdigit() or int(size) < 1:
+            raise ValueError(f"bad --mesh entry {part!r} in {spec!r}: expected axis:size with axis in {MESH_AXES}, "
+                             "e.g. 'data:8', 'fsdp:8' or 'data:2,fsdp:4'")
+        if name in sizes:
+            raise ValueError(f"mesh axis {name!r} given twice in {spec!r}")
+        sizes[name] = int(size)
+    sizes = {axis: sizes.get(axis, 1) for axis in MESH_AXES}
+    if int(np.prod(list(sizes.values()))) != num_devices:
+        raise ValueError(f"--mesh {spec!r} has {int(np.prod(list(sizes.values())))} devices "
+                         f"but this run has {num_devices}")
+    return sizes
+
+
+def make_mesh(spec: str | None = None, devices=None) -> Mesh:
+    devices = jax.devices() if devices is None else devices
+    sizes = parse_mesh_spec(spec, len(devices))
+    shape = tuple(sizes[axis] for axis in MESH_AXES)
+    # Auto axes: GSPMD propagates shardings through matmuls over sharded dims (Explicit axes would refuse them)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def logical_to_spec(axes, shape, mesh: Mesh, rules: ShardingRules = RULES) -> P:
+    """A dim is sharded only when the mesh axis divides it (e.g. a single MQA kv head stays replicated)."""
+    spec = []
+    for name, size in zip(axes, shape):
+        mesh_axis = getattr(rules, name) if name else None
+        if mesh_axis is not None and (mesh.shape[mesh_axis] == 1 or size % mesh.shape[mesh_axis]):
+            mesh_axis = None
+        spec.append(mesh_axis)
+    return P(*spec)
+
+
+def param_shardings(state: nnx.State, mesh: Mesh, rules: ShardingRules = RULES):
+    """A tree shaped like `state` whose leaves are the NamedShardings of its parameters."""
+    def one(variable):
+        axes = variable.get_metadata().get("axes") or (None,) * variable.ndim
+        return variable.replace(NamedSharding(mesh, logical_to_spec(axes, variable.shape, mesh, rules)))
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def create_sharded(make_model, mesh: Mesh, rules: ShardingRules = RULES):
+    """Build a model with its parameters initialised directly in their shards (no full copy on one device).
+    make_model: a zero-argument function returning the nnx.Module. Returns (graphdef, state)."""
+    graphdef, abstract_state = nnx.split(nnx.eval_shape(make_model))
+    shardings = param_shardings(abstract_state, mesh, rules)
+    state = jax.jit(lambda: nnx.state(make_model()), out_shardings=shardings)()
+    return graphdef, state

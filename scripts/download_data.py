@@ -1,0 +1,61 @@
+"""Download nanochat's FineWeb-edu shards into $NANOCHAT_BASE_DIR/base_data/.
+
+    python -m scripts.download_data -n 8      # the first 8 training shards and the validation shard
+
+Shards already present are skipped; each download goes to a .tmp file renamed when complete, with retries.
+The validation shard is the last one nanochat publishes (shard_01822), so it sorts after the training shards.
+"""
+import argparse
+import os
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+from nanochat_jax.dataset import BASE_URL, MAX_SHARD, data_dir, shard_name
+
+
+def download(index: int, directory: str, attempts: int = 5) -> str | None:
+    """Returns None on success, else the reason for failing."""
+    path = os.path.join(directory, shard_name(index))
+    if os.path.exists(path):
+        return None
+    url = f"{BASE_URL}/{shard_name(index)}"
+    error = None
+    for attempt in range(attempts):
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response, open(path + ".tmp", "wb") as f:
+                while chunk := response.read(1 << 20):
+                    f.write(chunk)
+            os.replace(path + ".tmp", path)
+            print(f"downloaded {shard_name(index)}", flush=True)
+            return None
+        except Exception as e:  # network errors of every kind: retry with backoff
+            error = e
+            if os.path.exists(path + ".tmp"):
+                os.remove(path + ".tmp")
+            if attempt + 1 < attempts:
+                time.sleep(2 ** attempt)
+    return f"{url}: {error}"
+
+
+def main():
+    parser = argparse.ArgumentParser(description="download FineWeb-edu shards")
+    parser.add_argument("-n", "--num-shards", type=int, default=8, help="training shards (the validation shard is added)")
+    parser.add_argument("-w", "--workers", type=int, default=4, help="parallel downloads")
+    args = parser.parse_args()
+    if not 1 <= args.num_shards <= MAX_SHARD:
+        parser.error(f"--num-shards must be between 1 and {MAX_SHARD}")
+    directory = data_dir()
+    os.makedirs(directory, exist_ok=True)
+    indices = list(range(args.num_shards)) + [MAX_SHARD]
+    with ThreadPoolExecutor(args.workers) as pool:
+        failures = [f for f in pool.map(lambda i: download(i, directory), indices) if f]
+    if failures:
+        missing = [shard_name(i) for i in indices if not os.path.exists(os.path.join(directory, shard_name(i)))]
+        raise SystemExit(f"could not download {len(failures)} shard(s), e.g. {failures[0]}\n"
+                         f"missing: {', '.join(missing)}\nput these files (from {BASE_URL}) in {directory}")
+    print(f"{len(indices)} shards ready in {directory}")
+
+
+if __name__ == "__main__":
+    main()

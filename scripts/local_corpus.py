@@ -1,0 +1,67 @@
+"""Build a small stand-in pretraining corpus from text that ships with Python, for machines with no network.
+
+    python -m scripts.local_corpus            # writes $NANOCHAT_BASE_DIR/base_data/shard_0000{0..3}.parquet
+
+Each document is the docstrings of one standard-library module (read with `ast`, nothing is imported). It is English
+prose about programming, far from FineWeb-edu: good for exercising the pipeline, not for comparable numbers. A marker
+file LOCAL_STANDIN.txt beside the shards says so, and the stages that report results label them with it.
+"""
+import argparse
+import ast
+import os
+import sysconfig
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from nanochat_jax.dataset import data_dir, shard_name
+
+MARKER = "LOCAL_STANDIN.txt"
+
+
+def module_docstrings(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+    except (SyntaxError, UnicodeDecodeError, ValueError):
+        return ""
+    nodes = [tree] + [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
+    return "\n\n".join(doc for n in nodes if (doc := ast.get_docstring(n)))
+
+
+def stdlib_documents(max_chars: int, min_chars: int = 200) -> list[str]:
+    root = sysconfig.get_paths()["stdlib"]
+    docs, total = [], 0
+    for directory, subdirs, files in sorted(os.walk(root)):
+        subdirs[:] = sorted(d for d in subdirs if d not in ("test", "tests", "site-packages", "idlelib"))
+        for name in sorted(files):
+            if name.endswith(".py"):
+                text = module_docstrings(os.path.join(directory, name))
+                if len(text) >= min_chars:
+                    docs.append(text)
+                    total += len(text)
+                if total >= max_chars:
+                    return docs
+    return docs
+
+
+def main():
+    parser = argparse.ArgumentParser(description="write a local stand-in corpus of parquet shards")
+    parser.add_argument("--num-shards", type=int, default=4, help="the last one is the validation shard")
+    parser.add_argument("--max-chars", type=int, default=6_000_000, help="stop collecting at this many characters")
+    args = parser.parse_args()
+    if args.num_shards < 2:
+        parser.error("--num-shards must be at least 2 (train + validation)")
+    directory = data_dir()
+    os.makedirs(directory, exist_ok=True)
+    docs = stdlib_documents(args.max_chars)
+    for shard in range(args.num_shards):
+        part = docs[shard::args.num_shards]
+        pq.write_table(pa.table({"text": part}), os.path.join(directory, shard_name(shard)), row_group_size=256)
+    with open(os.path.join(directory, MARKER), "w") as f:
+        f.write("These shards are a local stand-in built from Python's standard-library docstrings, not FineWeb-edu.\n")
+    print(f"wrote {args.num_shards} shards ({len(docs)} documents, {sum(map(len, docs)):,} characters) to {directory}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The nanochat-jax pipeline at a tiny size on a laptop CPU, in a few minutes.
+# Run from the repository root, with the package installed:  bash scripts/runcpu.sh
+# So far: data -> tokenizer (train + eval) -> a d4 model's forward pass. Later stages join as they land.
+set -euo pipefail
+export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat_jax}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+data="$NANOCHAT_BASE_DIR/base_data"
+
+# 1. data: FineWeb-edu shards if present or downloadable, else a stand-in corpus built from Python's own docs
+if [ "$(ls "$data"/*.parquet 2>/dev/null | wc -l)" -lt 2 ]; then
+    python -m scripts.download_data -n 2 || {
+        echo "runcpu: no network to fetch FineWeb-edu; building a LOCAL STAND-IN corpus from Python's docstrings"
+        python -m scripts.local_corpus
+    }
+fi
+
+# 2. tokenizer: a small vocabulary suits a tiny model and a tiny corpus
+python -m tokenizer.train --vocab-size 8192 --max-chars 50000000
+python -m tokenizer.eval
+
+# 3. model: a d4 GPT, sized up and run once over validation text
+python -m scripts.model_summary --depth 4 --max-seq-len 256 --batch-size 4

@@ -1,0 +1,58 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nanochat_jax.attention import attention, choose_impl
+from reference import naive_attention
+
+
+def qkv(B, T, S, N, K, D, seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((B, T, N, D)), rng.standard_normal((B, S, K, D)), rng.standard_normal((B, S, K, D)))
+
+
+@pytest.mark.parametrize("N,K", [(4, 4), (4, 2), (4, 1)])  # MHA, GQA, MQA
+def test_causal_matches_naive(N, K):
+    q, k, v = qkv(2, 7, 7, N, K, 16)
+    out = attention(jnp.asarray(q, jnp.float32), jnp.asarray(k, jnp.float32), jnp.asarray(v, jnp.float32), impl="xla")
+    np.testing.assert_allclose(np.asarray(out), naive_attention(q, k, v), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("N,K", [(4, 4), (6, 2), (4, 1)])
+def test_cache_offsets_match_naive(N, K):
+    """Rows at different positions of a longer cache (what batched decoding sees), chunk and single-token queries."""
+    for T in (1, 3):
+        q, k, v = qkv(3, T, 12, N, K, 8, seed=T)
+        offsets = np.array([0, 4, 12 - T])
+        out = attention(*(jnp.asarray(a, jnp.float32) for a in (q, k, v)), q_offset_B=jnp.asarray(offsets))
+        np.testing.assert_allclose(np.asarray(out), naive_attention(q, k, v, offsets), rtol=1e-5, atol=1e-5)
+
+
+def test_keys_beyond_the_query_position_are_ignored():
+    q, k, v = qkv(1, 2, 10, 2, 1, 8)
+    offsets = jnp.array([3])
+    base = attention(*(jnp.asarray(a, jnp.float32) for a in (q, k, v)), q_offset_B=offsets)
+    k2, v2 = k.copy(), v.copy()
+    k2[:, 5:], v2[:, 5:] = 99.0, -99.0  # positions 5.. are beyond the last query (3 + 1)
+    moved = attention(*(jnp.asarray(a, jnp.float32) for a in (q, k2, v2)), q_offset_B=offsets)
+    np.testing.assert_array_equal(np.asarray(base), np.asarray(moved))
+
+
+def test_bf16_inputs_close_to_fp32():
+    q, k, v = qkv(2, 16, 16, 4, 2, 32)
+    exact = naive_attention(q, k, v)
+    out = attention(*(jnp.asarray(a, jnp.bfloat16) for a in (q, k, v)))
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(out, np.float32), exact, atol=0.05)
+
+
+def test_dispatch():
+    assert jax.default_backend() == "cpu"
+    assert choose_impl(jnp.bfloat16, has_offset=False) == "xla"  # cuDNN only on GPUs
+    assert choose_impl(jnp.bfloat16, has_offset=True, impl="cudnn") == "xla"  # decode masks need the XLA path
+    assert choose_impl(jnp.float32, has_offset=False, impl="cudnn") == "cudnn"  # explicit override is honoured
+    with pytest.raises(ValueError, match="unknown attention implementation"):
+        choose_impl(jnp.float32, False, impl="flash")
+    with pytest.raises(ValueError, match="must divide"):
+        attention(jnp.zeros((1, 2, 3, 4)), jnp.zeros((1, 2, 2, 4)), jnp.zeros((1, 2, 2, 4)))

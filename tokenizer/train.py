@@ -1,0 +1,57 @@
+"""Train the BPE tokenizer on the pretraining shards and save it with its token_bytes.
+
+    python -m tokenizer.train --vocab-size 65536 --max-chars 2000000000 --doc-cap 10000
+
+Reads the training shards in $NANOCHAT_BASE_DIR/base_data/ (every shard but the last), crops each document to
+--doc-cap characters, stops after --max-chars characters, and writes $NANOCHAT_BASE_DIR/tokenizer/.
+"""
+import argparse
+import os
+import time
+
+from nanochat_jax.common import get_base_dir
+from nanochat_jax.dataset import iter_texts
+from nanochat_jax.tokenizer import SPECIAL_TOKENS, Tokenizer
+
+
+def capped_documents(max_chars: int, doc_cap: int):
+    seen = 0
+    for batch in iter_texts("train"):
+        for doc in batch:
+            doc = doc[:doc_cap]
+            seen += len(doc)
+            yield doc
+            if seen >= max_chars:
+                return
+
+
+def main():
+    parser = argparse.ArgumentParser(description="train the BPE tokenizer with rustbpe")
+    parser.add_argument("--vocab-size", type=int, default=65536, help="including the 9 special tokens")
+    parser.add_argument("--max-chars", type=int, default=10_000_000_000, help="characters to train on")
+    parser.add_argument("--doc-cap", type=int, default=10_000, help="characters kept per document")
+    args = parser.parse_args()
+    if args.vocab_size < 256 + len(SPECIAL_TOKENS):
+        parser.error(f"--vocab-size must be at least {256 + len(SPECIAL_TOKENS)}")
+    if args.max_chars < 1 or args.doc_cap < 1:
+        parser.error("--max-chars and --doc-cap must be positive")
+
+    t0 = time.time()
+    tokenizer = Tokenizer.train_from_iterator(capped_documents(args.max_chars, args.doc_cap), args.vocab_size)
+    train_time = time.time() - t0
+    sample = "Hello world! Numbers: 12345, contractions: I'm, you're; unicode: héllo 你好 🌍\n\tdone."
+    assert tokenizer.decode(tokenizer.encode(sample)) == sample, "tokenizer failed to round-trip a sample"
+
+    tokenizer_dir = os.path.join(get_base_dir(), "tokenizer")
+    tokenizer.save(tokenizer_dir)
+    token_bytes = tokenizer.token_bytes()
+    text_bytes = token_bytes[token_bytes > 0]
+    if tokenizer.get_vocab_size() < args.vocab_size:
+        print(f"warning: the corpus ran out of pairs to merge; vocabulary is {tokenizer.get_vocab_size():,} tokens, "
+              f"not {args.vocab_size:,} (train on more text for the full size)")
+    print(f"trained a {tokenizer.get_vocab_size():,}-token vocabulary in {train_time:.1f}s, saved to {tokenizer_dir}")
+    print(f"bytes per token id: min {text_bytes.min()}, max {text_bytes.max()}, mean {text_bytes.mean():.2f}")
+
+
+if __name__ == "__main__":
+    main()
