@@ -31,10 +31,12 @@ class Checkpointer:
                                                enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
-    def save(self, step: int, state: dict, meta: dict, tokenizer: Tokenizer | None = None):
-        """Starts the save (asynchronous by default: call wait() before reading it back or exiting)."""
-        if tokenizer is not None and jax.process_index() == 0:
+    def save_tokenizer(self, tokenizer: Tokenizer):
+        if jax.process_index() == 0:
             tokenizer.save(os.path.join(self.directory, "tokenizer"))
+
+    def save(self, step: int, state: dict, meta: dict):
+        """Starts the save (asynchronous by default: call wait() before reading it back or exiting)."""
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                         meta=ocp.args.JsonSave(meta)), force=True)
 

@@ -17,16 +17,19 @@ BATCH_AXES = MESH_AXES  # each example lives on exactly one device
 
 @dataclass(frozen=True)
 class ShardingRules:
-    """Logical parameter axis -> mesh axis (None = replicated). FSDP splits every matrix along its model-width dim;
-    data parallelism replicates parameters."""
-    embed: str | None = "fsdp"
-    vocab: str | None = None
-    heads: str | None = None
-    kv_heads: str | None = None
-    mlp: str | None = None
+    """Logical parameter axis -> mesh axis or axes (None = replicated). FSDP splits every matrix along its
+    model-width dim; data parallelism replicates parameters."""
+    embed: str | tuple | None = "fsdp"
+    vocab: str | tuple | None = None
+    heads: str | tuple | None = None
+    kv_heads: str | tuple | None = None
+    mlp: str | tuple | None = None
 
 
 RULES = ShardingRules()
+# Optimizer state is only touched by the update, so it is split over every device, data parallel ones too (ZeRO-1):
+# with 8 devices each holds 1/8 of the Adam moments and Muon buffers.
+OPT_STATE_RULES = ShardingRules(embed=MESH_AXES)
 
 
 def parse_mesh_spec(spec: str | None, num_devices: int) -> dict[str, int]:
@@ -60,10 +63,9 @@ def logical_to_spec(axes, shape, mesh: Mesh, rules: ShardingRules = RULES) -> P:
     """A dim is sharded only when the mesh axis divides it (e.g. a single MQA kv head stays replicated)."""
     spec = []
     for name, size in zip(axes, shape):
-        mesh_axis = getattr(rules, name) if name else None
-        if mesh_axis is not None and (mesh.shape[mesh_axis] == 1 or size % mesh.shape[mesh_axis]):
-            mesh_axis = None
-        spec.append(mesh_axis)
+        mesh_axes = getattr(rules, name) if name else None
+        n_shards = int(np.prod([mesh.shape[a] for a in np.atleast_1d(mesh_axes)])) if mesh_axes else 1
+        spec.append(mesh_axes if n_shards > 1 and size % n_shards == 0 else None)
     return P(*spec)
 
 

@@ -28,8 +28,9 @@ def main():
                          "copy the tokenizer.pkl the model was trained with into the source directory")
     checkpointer = Checkpointer(args.dst, max_to_keep=None, async_save=False)
     params = nnx.to_pure_dict(nnx.state(model))
+    checkpointer.save_tokenizer(tokenizer)
     checkpointer.save(step, {"params": params}, model_meta(model.config, step, imported_from=os.path.abspath(args.src),
-                                                           nanochat_meta=meta), tokenizer=tokenizer)
+                                                           nanochat_meta=meta))
     checkpointer.wait()
     print(f"imported {args.src} (step {step}, {model.config}) into {checkpointer.directory}")
 

@@ -16,9 +16,9 @@ def test_save_on_one_mesh_load_on_another(tmp_path, tokenizer):
     state = nnx.state(model)
     state = jax.device_put(state, param_shardings(state, make_mesh("data:8")))
     checkpointer = Checkpointer(str(tmp_path / "run"), max_to_keep=2)
+    checkpointer.save_tokenizer(tokenizer)
     for step in (10, 20, 30):
-        checkpointer.save(step, {"params": nnx.to_pure_dict(state)}, model_meta(cfg, step, val_bpb=1.5),
-                          tokenizer=tokenizer)
+        checkpointer.save(step, {"params": nnx.to_pure_dict(state)}, model_meta(cfg, step, val_bpb=1.5))
     checkpointer.wait()
     assert checkpointer.manager.all_steps() == [20, 30]  # keeps the last two
 

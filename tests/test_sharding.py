@@ -22,3 +22,10 @@ def test_logical_rules():
     assert logical_to_spec(("vocab", "embed"), (128, 64), mesh) == P(None, "fsdp")
     assert logical_to_spec(("embed", "kv_heads"), (6, 8), mesh) == P(None, None)  # 4 does not divide 6
     assert logical_to_spec(("embed", "mlp"), (64, 256), make_mesh("data:8")) == P(None, None)  # data: replicated
+
+
+def test_optimizer_state_rules_split_over_every_device():
+    from nanochat_jax.sharding import OPT_STATE_RULES
+    mesh = make_mesh("data:8")
+    assert logical_to_spec(("embed", "mlp"), (64, 256), mesh, OPT_STATE_RULES) == P(("data", "fsdp"), None)
+    assert logical_to_spec(("embed", "mlp"), (12, 256), mesh, OPT_STATE_RULES) == P(None, None)

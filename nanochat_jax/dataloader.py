@@ -1,0 +1,137 @@
+"""Pretraining batches: parquet shards -> tokenized documents -> BOS-aligned best-fit rows -> batches, as a grain
+pipeline whose state round-trips exactly.
+
+Every document gets <|bos|> in front. Rows hold T+1 tokens and start at a document start. To fill a row, the largest
+buffered document that fits goes in; when none fits, the shortest is cropped to fill the row exactly (its rest is
+dropped). No padding. The buffer keeps `buffer_size` documents. Each process reads only the row groups
+g with g % process_count == process_index of every shard, so hosts never read the same text.
+
+State (JSON): the epoch, the position of the next unread document (shard, row group, row) and the ids
+(shard, row group, row) of the buffered documents in buffer order; restoring re-reads and re-tokenizes those.
+"""
+import bisect
+import itertools
+
+import grain
+import jax
+import numpy as np
+
+from nanochat_jax.dataset import open_shard, split_shards
+
+
+class PackedRows(grain.IterDataset):
+    def __init__(self, shards: list[str], tokenizer, row_len: int, buffer_size: int = 1000,
+                 tokenizer_batch_size: int = 128, process_index: int = 0, process_count: int = 1):
+        super().__init__()
+        self.shards, self.tokenizer, self.row_len = shards, tokenizer, row_len
+        self.buffer_size, self.tokenizer_batch_size = buffer_size, tokenizer_batch_size
+        self.process_index, self.process_count = process_index, process_count
+
+    def __iter__(self):
+        return PackedRowsIterator(self)
+
+
+class PackedRowsIterator(grain.DatasetIterator):
+    def __init__(self, ds: PackedRows):
+        super().__init__()
+        self.ds = ds
+        self.epoch, self.shard, self.group, self.row = 0, 0, ds.process_index, 0
+        self.keys, self.docs = [], {}  # keys sorted by (length, arrival); docs: arrival -> (doc_id, tokens)
+        self.arrivals = itertools.count()
+        self._texts = {}  # (shard, group) -> the row group's documents, while it is being read
+        self._group_counts = {}
+
+    def _num_groups(self, shard: int) -> int:
+        if shard not in self._group_counts:
+            self._group_counts[shard] = open_shard(self.ds.shards[shard]).num_row_groups
+        return self._group_counts[shard]
+
+    # ---- reading
+    def _group_texts(self, shard: int, group: int) -> list[str]:
+        if (shard, group) not in self._texts:
+            path = self.ds.shards[shard]
+            table = open_shard(path).read_row_group(group, columns=["text"])
+            self._texts = {(shard, group): table.column("text").to_pylist()}  # keep only the group being read
+        return self._texts[(shard, group)]
+
+    def _advance_group(self):
+        self.group += self.ds.process_count
+        self.row = 0
+        if self.group >= self._num_groups(self.shard):
+            self.shard, self.group = self.shard + 1, self.ds.process_index
+            if self.shard == len(self.ds.shards):
+                self.shard, self.epoch = 0, self.epoch + 1
+
+    def _read_more(self):
+        """Tokenize the next batch of this process's documents into the buffer."""
+        start_epoch = self.epoch
+        while self.epoch <= start_epoch + 1:  # a whole pass without a document means there are none
+            if self.group < self._num_groups(self.shard):
+                texts = self._group_texts(self.shard, self.group)
+                if self.row < len(texts):
+                    stop = min(self.row + self.ds.tokenizer_batch_size, len(texts))
+                    ids = [(self.shard, self.group, r) for r in range(self.row, stop)]
+                    self._add(ids, texts[self.row:stop])
+                    self.row = stop
+                    return
+            self._advance_group()
+        raise ValueError(f"no documents for process {self.ds.process_index} of {self.ds.process_count} in "
+                         f"{self.ds.shards}: fewer row groups than processes?")
+
+    def _add(self, doc_ids, texts):
+        bos = self.ds.tokenizer.get_bos_token_id()
+        for doc_id, tokens in zip(doc_ids, self.ds.tokenizer.encode(texts, prepend=bos, num_threads=4)):
+            arrival = next(self.arrivals)
+            bisect.insort(self.keys, (len(tokens), arrival))
+            self.docs[arrival] = (doc_id, tokens)
+
+    def _take(self, index: int) -> list[int]:
+        _, arrival = self.keys.pop(index)
+        return self.docs.pop(arrival)[1]
+
+    # ---- packing
+    def __next__(self) -> np.ndarray:
+        row = []
+        while len(row) < self.ds.row_len:
+            while len(self.keys) < self.ds.buffer_size:
+                self._read_more()
+            room = self.ds.row_len - len(row)
+            fit = bisect.bisect_right(self.keys, (room, float("inf")))  # keys[:fit] are the documents that fit
+            if fit > 0:  # the largest that fits, the earliest of equals
+                row.extend(self._take(bisect.bisect_left(self.keys, (self.keys[fit - 1][0], -1))))
+            else:  # nothing fits: crop the shortest
+                row.extend(self._take(0)[:room])
+        return np.asarray(row, dtype=np.int32)
+
+    # ---- state
+    def get_state(self) -> dict:
+        buffered = [list(self.docs[arrival][0]) for arrival in sorted(self.docs)]
+        return {"epoch": self.epoch, "shard": self.shard, "group": self.group, "row": self.row, "buffer": buffered}
+
+    def set_state(self, state: dict):
+        self.epoch, self.shard, self.group, self.row = state["epoch"], state["shard"], state["group"], state["row"]
+        self.keys, self.docs, self.arrivals = [], {}, itertools.count()
+        by_group = {}
+        for shard, group, row in state["buffer"]:
+            by_group.setdefault((shard, group), []).append(row)
+        texts = {}
+        for (shard, group), rows in by_group.items():
+            table = open_shard(self.ds.shards[shard]).read_row_group(group, columns=["text"]).column("text")
+            texts |= {(shard, group, r): table[r].as_py() for r in rows}
+        ids = [tuple(doc_id) for doc_id in state["buffer"]]
+        self._add(ids, [texts[doc_id] for doc_id in ids])
+        self._texts = {}
+
+
+def pretraining_batches(tokenizer, split: str, rows_per_process: int, seq_len: int, data_dir: str | None = None,
+                        buffer_size: int = 1000):
+    """A grain iterator of np.int32 [rows_per_process, seq_len + 1] batches of this process's rows;
+    get_state()/set_state() round-trip exactly."""
+    dataset = PackedRows(split_shards(split, data_dir), tokenizer, seq_len + 1, buffer_size=buffer_size,
+                         process_index=jax.process_index(), process_count=jax.process_count())
+    return iter(dataset.batch(rows_per_process, drop_remainder=True))
+
+
+def to_global_array(local_batch: np.ndarray, sharding) -> jax.Array:
+    """This process's rows -> the global batch array, split over the mesh (multi-host: each feeds its own part)."""
+    return jax.make_array_from_process_local_data(sharding, local_batch)

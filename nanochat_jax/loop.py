@@ -1,0 +1,132 @@
+"""The training loop shared by the training stages: steps, schedules, periodic evaluation, sampling and checkpoints,
+logging to the console, metrics.jsonl and (optionally) wandb, and exact resume.
+
+A stage supplies the Trainer, the starting state, a batch iterator with get_state/set_state, and its evaluation.
+Step s (0-based) trains on the s-th batch; "checkpoint at step s" means after s steps. metrics.jsonl holds one JSON
+object per trained step ({"step", "loss", "lr", "tok_per_sec", "mfu", "grad_norm"}, plus "val_bpb" on evaluated steps)
+and a final {"step": num_iterations, "val_bpb": ...} line.
+"""
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nanochat_jax.checkpoint import Checkpointer
+from nanochat_jax.common import print0
+from nanochat_jax.dataloader import to_global_array
+from nanochat_jax.trainer import Trainer, peak_flops_per_device
+
+
+@dataclass
+class LoopConfig:
+    num_iterations: int
+    tokens_per_step: int
+    flops_per_token: float
+    schedule: Callable[[int], tuple[float, float]]  # step -> (lr multiplier, muon momentum)
+    eval_every: int = -1  # -1: only at the end
+    save_every: int = -1  # -1: only at the end
+    sample_every: int = -1
+    evaluate: Callable | None = None  # params -> dict of metrics (e.g. {"val_bpb": ...})
+    sample: Callable | None = None  # params -> None (prints samples)
+    meta: Callable[[int, dict], dict] = field(default=lambda step, loop_state: {})
+    wandb_run: object = None
+
+
+def due(step: int, every: int) -> bool:
+    return every > 0 and step > 0 and step % every == 0
+
+
+def trim_metrics(path: str, before_step: int):
+    """On resume, drop the records of steps that will be trained again."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        keep = [line for line in f if line.strip() and json.loads(line)["step"] < before_step]
+    with open(path, "w") as f:
+        f.writelines(keep)
+
+
+def run(trainer: Trainer, params, opt_state, batches, cfg: LoopConfig, checkpointer: Checkpointer,
+        start_step: int = 0, loop_state: dict | None = None, accum_steps: int = 1):
+    """Trains from start_step to cfg.num_iterations; returns (params, opt_state, loop_state)."""
+    loop_state = loop_state or {"min_val_bpb": None, "total_time": 0.0, "last_eval": {}}
+    metrics_path = os.path.join(checkpointer.directory, "metrics.jsonl")
+    if jax.process_index() == 0:
+        trim_metrics(metrics_path, start_step)
+    peak = peak_flops_per_device()
+    batch_sharding = trainer.batch_sharding()
+
+    def next_batch():
+        return to_global_array(np.stack([next(batches) for _ in range(accum_steps)]), batch_sharding)
+
+    data_state = batches.get_state()  # the loader's state after the batches of the steps done so far
+    batch = next_batch()
+    step, t_start = start_step, time.time()
+    while True:
+        last = step == cfg.num_iterations
+        record = {}
+        if cfg.evaluate is not None and (last or step % cfg.eval_every == 0 if cfg.eval_every > 0 else last):
+            record = cfg.evaluate(params)
+            loop_state["last_eval"] = record
+            if "val_bpb" in record:
+                best = loop_state["min_val_bpb"]
+                loop_state["min_val_bpb"] = record["val_bpb"] if best is None else min(best, record["val_bpb"])
+            print0(f"step {step:05d} | " + " | ".join(f"{k}: {v:.4f}" for k, v in record.items()))
+        if cfg.sample is not None and (last or due(step, cfg.sample_every)) and jax.process_index() == 0:
+            cfg.sample(params)
+        if last or (due(step, cfg.save_every) and step != start_step):
+            checkpointer.save(step, {"params": params, "opt_state": opt_state},
+                              cfg.meta(step, dict(loop_state, data_state=data_state)))
+        if last:
+            if record:
+                write_metrics(metrics_path, {"step": step, **record}, cfg.wandb_run)
+            break
+
+        lr_mult, momentum = cfg.schedule(step)
+        t0 = time.time()
+        params, opt_state, out = trainer.step(params, opt_state, batch, jnp.float32(lr_mult), jnp.float32(momentum))
+        data_state = batches.get_state()
+        batch = next_batch()  # host work overlaps the device's step
+        loss, grad_norm = float(out["loss"]), float(out["grad_norm"])
+        dt = time.time() - t0
+        if step > start_step:  # the first step includes compilation
+            loop_state["total_time"] += dt
+        tok_per_sec = cfg.tokens_per_step / dt
+        mfu = None if peak is None else 100 * cfg.flops_per_token * tok_per_sec / (peak * jax.device_count())
+        done = step + 1 - start_step
+        eta = (time.time() - t_start) / done * (cfg.num_iterations - step - 1)
+        print0(f"step {step:05d}/{cfg.num_iterations:05d} ({100 * (step + 1) / cfg.num_iterations:5.1f}%) | "
+               f"loss {loss:.4f} | grad norm {grad_norm:.3f} | lrm {lr_mult:.3f} | dt {dt * 1000:.0f}ms | "
+               f"tok/s {tok_per_sec:,.0f} | mfu {'-' if mfu is None else f'{mfu:.1f}%'} | "
+               f"elapsed {(time.time() - t_start) / 60:.1f}m | eta {eta / 60:.1f}m")
+        write_metrics(metrics_path, {"step": step, "loss": loss, "lr": lr_mult, "tok_per_sec": tok_per_sec,
+                                     "mfu": mfu, "grad_norm": grad_norm, **record}, cfg.wandb_run)
+        step += 1
+    checkpointer.wait()
+    return params, opt_state, loop_state
+
+
+def write_metrics(path: str, record: dict, wandb_run=None):
+    if jax.process_index() != 0:
+        return
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if wandb_run is not None:
+        wandb_run.log(record)
+
+
+def bits_per_byte(trainer: Trainer, params, batches, num_batches: int, token_bytes) -> float:
+    """Validation bpb over num_batches batches of rows [rows, T+1] from a fresh iterator."""
+    token_bytes = jnp.asarray(token_bytes)
+    nats, n_bytes = 0.0, 0
+    for _ in range(num_batches):
+        rows = to_global_array(next(batches), trainer.rows_sharding())
+        batch_nats, batch_bytes = trainer.bpb_sums(params, rows, token_bytes)
+        nats, n_bytes = nats + float(batch_nats), n_bytes + int(batch_bytes)
+    return float("inf") if n_bytes == 0 else nats / (np.log(2) * n_bytes)
+

@@ -1,0 +1,127 @@
+"""One training step and its state, shared by every training stage (base, mid, SFT).
+
+State: params (a pure dict of fp32 arrays: 'wte', 'h', 'lm_head') and the optax state, both placed on the mesh
+(params by RULES, optimizer state by OPT_STATE_RULES). The step takes a batch [accum, rows, T+1] of token rows
+(inputs row[:-1], targets row[1:], -1 = ignored), accumulates gradients over the first axis with lax.scan, clips,
+updates, and is jitted once with the state donated. Schedule values come in as arguments.
+"""
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from nanochat_jax.optim import set_schedule
+from nanochat_jax.sharding import BATCH_AXES, OPT_STATE_RULES, RULES, param_shardings
+
+# bf16 dense peak per device (no sparsity), for MFU; None where it means nothing (CPU)
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12,
+              "TPU v5p": 459e12, "TPU v5": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12}
+
+
+def peak_flops_per_device() -> float | None:
+    kind = jax.devices()[0].device_kind
+    return next((flops for name, flops in PEAK_FLOPS.items() if name in kind), None)
+
+
+def _path_keys(path) -> tuple:
+    return tuple(getattr(k, "key", getattr(k, "idx", getattr(k, "name", None))) for k in path)
+
+
+def _shard_like_params(opt_state, params, shardings, replicated):
+    """Each optimizer-state leaf whose key path ends with a parameter's path (Adam moments, Muon momentum) and has
+    its shape gets that parameter's sharding; counters and hyperparameters are replicated."""
+    flat_params = {_path_keys(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+    flat_shardings = {_path_keys(p): sh for p, sh in jax.tree_util.tree_flatten_with_path(shardings)[0]}
+
+    def pick(path, leaf):
+        keys = _path_keys(path)
+        for start in range(len(keys)):
+            param = flat_params.get(keys[start:])
+            if param is not None and param.shape == leaf.shape:
+                return flat_shardings[keys[start:]]
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(pick, opt_state)
+
+
+@dataclass
+class Trainer:
+    graphdef: Any
+    tx: optax.GradientTransformation
+    mesh: Any
+    params_sharding: Any  # pure dict of NamedSharding
+    opt_sharding: Any
+    abstract_params: Any  # pure dict of ShapeDtypeStruct (with shardings): the restore target
+    abstract_opt_state: Any
+
+    @classmethod
+    def create(cls, make_model: Callable[[], nnx.Module], tx, mesh) -> "Trainer":
+        graphdef, abstract = nnx.split(nnx.eval_shape(make_model))
+        abstract_params = nnx.to_pure_dict(abstract)
+        p_shard = nnx.to_pure_dict(param_shardings(abstract, mesh, RULES))
+        opt_param_shard = nnx.to_pure_dict(param_shardings(abstract, mesh, OPT_STATE_RULES))
+        abstract_opt = jax.eval_shape(tx.init, abstract_params)
+        o_shard = _shard_like_params(abstract_opt, abstract_params, opt_param_shard, NamedSharding(mesh, P()))
+        with_sharding = lambda tree, shardings: jax.tree.map(  # noqa: E731
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), tree, shardings)
+        return cls(graphdef, tx, mesh, p_shard, o_shard, with_sharding(abstract_params, p_shard),
+                   with_sharding(abstract_opt, o_shard))
+
+    def init_state(self, make_model):
+        """Fresh params and optimizer state, created directly in their shards."""
+        def init():
+            params = nnx.to_pure_dict(nnx.state(make_model()))
+            return params, self.tx.init(params)
+        return jax.jit(init, out_shardings=(self.params_sharding, self.opt_sharding))()
+
+    def model(self, params) -> nnx.Module:
+        return nnx.merge(self.graphdef, params)
+
+    def batch_sharding(self) -> NamedSharding:
+        """[accum, rows, T+1]: rows split over the mesh."""
+        return NamedSharding(self.mesh, P(None, BATCH_AXES))
+
+    def rows_sharding(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P(BATCH_AXES))
+
+    @cached_property
+    def step(self):
+        """jitted (params, opt_state, batch, lr_multiplier, muon_momentum) -> (params, opt_state, metrics)."""
+        graphdef, tx = self.graphdef, self.tx
+
+        def loss_fn(params, rows):
+            return nnx.merge(graphdef, params)(rows[:, :-1], rows[:, 1:])
+
+        def step(params, opt_state, batch, lr_multiplier, muon_momentum):
+            def accumulate(grad_sum, rows):
+                loss, grads = jax.value_and_grad(loss_fn)(params, rows)
+                return jax.tree.map(jnp.add, grad_sum, grads), loss
+
+            grads, losses = jax.lax.scan(accumulate, jax.tree.map(jnp.zeros_like, params), batch)
+            grads = jax.tree.map(lambda g: g / batch.shape[0], grads)
+            opt_state = set_schedule(opt_state, lr_multiplier, muon_momentum)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            params = optax.apply_updates(params, updates)
+            return params, opt_state, {"loss": losses.mean(), "grad_norm": optax.tree.norm(grads)}
+
+        return jax.jit(step, in_shardings=(self.params_sharding, self.opt_sharding, self.batch_sharding(), None, None),
+                       out_shardings=(self.params_sharding, self.opt_sharding, None), donate_argnums=(0, 1))
+
+    @cached_property
+    def bpb_sums(self):
+        """jitted (params, rows [B, T+1], token_bytes) -> (sum of nats, sum of bytes) over the counted targets:
+        special tokens (0 bytes) and ignored targets (-1) are left out, as nanochat's evaluate_bpb does."""
+        graphdef = self.graphdef
+
+        def sums(params, rows, token_bytes):
+            x, y = rows[:, :-1], rows[:, 1:]
+            loss = nnx.merge(graphdef, params)(x, y, loss_reduction="none")
+            n_bytes = jnp.where(y >= 0, token_bytes[jnp.maximum(y, 0)], 0)
+            return jnp.sum(jnp.where(n_bytes > 0, loss, 0.0)), jnp.sum(n_bytes)
+
+        return jax.jit(sums, in_shardings=(self.params_sharding, self.rows_sharding(), None))

@@ -1,0 +1,72 @@
+"""python -m train.base end to end at a tiny size: loss falls, exact resume, resume onto another mesh, bad flags."""
+import json
+import shutil
+
+import pytest
+
+from test_entrypoints import write_shards
+from train import base
+
+ARGS = ["--depth", "2", "--max-seq-len", "32", "--device-batch-size", "1", "--total-batch-size", "512",
+        "--num-iterations", "10", "--eval-every", "5", "--eval-tokens", "512", "--sample-every", "-1",
+        "--save-every", "5"]
+
+
+@pytest.fixture
+def base_dir(tmp_path, monkeypatch, tokenizer):
+    write_shards(tmp_path, n_shards=3, docs_per_shard=60)
+    tokenizer.save(str(tmp_path / "tokenizer"))
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    return tmp_path
+
+
+def assert_same(records, expected, rel):
+    for a, b in zip(records, expected, strict=True):
+        for key in ("loss", "val_bpb"):
+            assert (key in a) == (key in b), (a, b)
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=rel), (key, a, b)
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_resume_and_remesh(base_dir, capsys):
+    base.main(ARGS)
+    run_dir = base_dir / "base_checkpoints" / "d2"
+    full = read_metrics(run_dir)
+    assert [m["step"] for m in full] == list(range(11))
+    assert set(full[0]) >= {"step", "loss", "lr", "tok_per_sec", "mfu", "val_bpb"} and full[0]["mfu"] is None
+    assert full[9]["loss"] < full[0]["loss"] - 0.5  # it learns
+    assert full[10]["val_bpb"] < full[0]["val_bpb"]
+    assert "val_bpb" in full[5] and "val_bpb" not in full[4]
+    assert sorted(p.name for p in run_dir.iterdir() if p.name.isdigit()) == ["10", "5"]
+
+    # the run died after the step-5 checkpoint: resuming replays steps 5..9 exactly
+    shutil.rmtree(run_dir / "10")
+    base.main(ARGS + ["--resume"])
+    resumed = read_metrics(run_dir)
+    assert [m["step"] for m in resumed] == list(range(11))
+    assert_same(resumed, full, rel=1e-6)
+
+    # and onto another mesh shape: same numbers up to float reassociation
+    shutil.rmtree(run_dir / "10")
+    base.main(ARGS + ["--resume", "--mesh", "data:2,fsdp:4"])
+    remeshed = read_metrics(run_dir)
+    assert_same(remeshed, full, rel=1e-3)
+    assert "resumed from step 5" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--total-batch-size", "500"], "not a multiple of device batch"),
+    (["--eval-every", "0"], "--eval-every must be positive, or -1"),
+    (["--depth", "0"], "--depth must be positive"),
+    (["--num-iterations", "-1", "--target-param-data-ratio", "-1"], "no training horizon"),
+    (["--mesh", "tensor:8"], "bad --mesh entry"),
+    (["--resume"], "no checkpoint in"),
+])
+def test_bad_flags(base_dir, capsys, extra, message):
+    with pytest.raises((SystemExit, ValueError)) as err:
+        base.main(ARGS + extra)
+    assert message in str(err.value) + capsys.readouterr().err
