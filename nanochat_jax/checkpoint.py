@@ -1,6 +1,6 @@
 """Our checkpoints: an orbax CheckpointManager directory per run, plus the run's tokenizer.
 
-    <checkpoint_dir>/<step>/state   arrays: {"params": ..., and whatever else the trainer saves}
+    <checkpoint_dir>/<step>/params  the parameters (and opt_state: the optimizer state, for training runs)
     <checkpoint_dir>/<step>/meta    JSON: {"model_config": {...}, "step": ..., ...}
     <checkpoint_dir>/tokenizer/     the tokenizer the model was trained with
 
@@ -35,10 +35,11 @@ class Checkpointer:
         if jax.process_index() == 0:
             tokenizer.save(os.path.join(self.directory, "tokenizer"))
 
-    def save(self, step: int, state: dict, meta: dict):
-        """Starts the save (asynchronous by default: call wait() before reading it back or exiting)."""
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                        meta=ocp.args.JsonSave(meta)), force=True)
+    def save(self, step: int, items: dict, meta: dict):
+        """items: name -> pytree of arrays (e.g. {"params": ..., "opt_state": ...}), each stored on its own so that
+        a reader can restore only what it needs. Starts the save: asynchronous by default, wait() to finish."""
+        args = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
+        self.manager.save(step, args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **args), force=True)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -54,12 +55,13 @@ class Checkpointer:
         step = self._step(step)
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
-    def restore(self, target: dict, step: int | None = None) -> tuple[dict, dict]:
-        """target: the state tree with jax.ShapeDtypeStruct leaves (shape, dtype, sharding). Returns (state, meta)."""
+    def restore(self, targets: dict, step: int | None = None) -> tuple[dict, dict]:
+        """targets: item name -> tree of jax.ShapeDtypeStruct (shape, dtype, sharding) for the items wanted.
+        Returns ({name: restored tree}, meta)."""
         step = self._step(step)
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
-        return restored.state, restored.meta
+        args = {name: ocp.args.StandardRestore(target) for name, target in targets.items()}
+        restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore(), **args))
+        return {name: restored[name] for name in targets}, restored.meta
 
     def wait(self):
         self.manager.wait_until_finished()

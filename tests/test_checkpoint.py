@@ -35,3 +35,50 @@ def test_save_on_one_mesh_load_on_another(tmp_path, tokenizer):
         load_model(str(tmp_path / "run"), step=10)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         load_model(str(tmp_path / "empty"))
+
+
+SAVER = """
+import sys, time, numpy as np, jax.numpy as jnp
+from nanochat_jax.checkpoint import Checkpointer
+ckpt = Checkpointer(sys.argv[1])
+big = {"w": jnp.asarray(np.random.default_rng(0).standard_normal((4096, 4096), dtype=np.float32))}
+ckpt.save(1, {"params": big}, {"step": 1})
+ckpt.wait()
+ckpt.save(2, {"params": {"w": big["w"] + 1}}, {"step": 2})
+print("saving", flush=True)
+time.sleep(60)
+"""
+
+
+def test_sigkill_during_save_keeps_the_previous_checkpoint(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO_ROOT
+    directory = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-c", SAVER, str(directory)], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline().strip() == "saving"
+        deadline = time.time() + 30
+        while not any(p.name.startswith("2") and "tmp" in p.name for p in directory.iterdir()):
+            assert time.time() < deadline, "the step-2 save never started"
+            time.sleep(0.001)
+        os.kill(proc.pid, signal.SIGKILL)  # mid-save
+    finally:
+        proc.kill()
+        proc.wait()
+    ckpt = Checkpointer(str(directory))
+    assert ckpt.latest_step() == 1
+    target = {"w": jax.ShapeDtypeStruct((4096, 4096), jnp.float32)}
+    state, meta = ckpt.restore({"params": target})
+    state = state["params"]
+    assert meta == {"step": 1}
+    np.testing.assert_array_equal(np.asarray(state["w"][:2, :3]),
+                                  np.random.default_rng(0).standard_normal((4096, 4096), dtype=np.float32)[:2, :3])
+    ckpt.save(2, {"params": state}, {"step": 2})  # the leftover partial save does not get in the way
+    ckpt.wait()
+    assert ckpt.latest_step() == 2

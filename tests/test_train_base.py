@@ -4,6 +4,7 @@ import shutil
 
 import pytest
 
+from nanochat_jax.checkpoint import load_model
 from test_entrypoints import write_shards
 from train import base
 
@@ -42,6 +43,9 @@ def test_train_resume_and_remesh(base_dir, capsys):
     assert full[10]["val_bpb"] < full[0]["val_bpb"]
     assert "val_bpb" in full[5] and "val_bpb" not in full[4]
     assert sorted(p.name for p in run_dir.iterdir() if p.name.isdigit()) == ["10", "5"]
+    model, _, meta = load_model(str(run_dir))  # what evals and chat load: params only
+    assert meta["step"] == 10 and meta["val_bpb"] == full[10]["val_bpb"] and model.config.n_layer == 2
+    assert meta["train_config"]["total_batch_size"] == 512
 
     # the run died after the step-5 checkpoint: resuming replays steps 5..9 exactly
     shutil.rmtree(run_dir / "10")
