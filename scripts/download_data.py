@@ -2,7 +2,8 @@
 
     python -m scripts.download_data -n 8      # the first 8 training shards and the validation shard
 
-Shards already present are skipped; each download goes to a .tmp file renamed when complete, with retries.
+Shards already present are skipped; each download goes to a .tmp file, renamed when complete; an interrupted
+download resumes where it stopped (HTTP range requests), with retries and backoff.
 The validation shard is the last one nanochat publishes (shard_01822), so it sorts after the training shards.
 """
 import argparse
@@ -15,24 +16,27 @@ from nanochat_jax.dataset import BASE_URL, MAX_SHARD, data_dir, shard_name
 
 
 def download(index: int, directory: str, attempts: int = 5) -> str | None:
-    """Returns None on success, else the reason for failing."""
+    """Returns None on success, else the reason for failing. A partial .tmp file from an earlier attempt or run is
+    continued with an HTTP range request."""
     path = os.path.join(directory, shard_name(index))
     if os.path.exists(path):
         return None
-    url = f"{BASE_URL}/{shard_name(index)}"
+    url, tmp = f"{BASE_URL}/{shard_name(index)}", path + ".tmp"
     error = None
     for attempt in range(attempts):
         try:
-            with urllib.request.urlopen(url, timeout=60) as response, open(path + ".tmp", "wb") as f:
-                while chunk := response.read(1 << 20):
-                    f.write(chunk)
-            os.replace(path + ".tmp", path)
+            have = os.path.getsize(tmp) if os.path.exists(tmp) else 0
+            request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+            with urllib.request.urlopen(request, timeout=60) as response:
+                resumed = have and response.status == 206  # else the server sent the whole file again
+                with open(tmp, "ab" if resumed else "wb") as f:
+                    while chunk := response.read(1 << 20):
+                        f.write(chunk)
+            os.replace(tmp, path)
             print(f"downloaded {shard_name(index)}", flush=True)
             return None
-        except Exception as e:  # network errors of every kind: retry with backoff
+        except Exception as e:  # network errors of every kind: retry with backoff, keeping what arrived
             error = e
-            if os.path.exists(path + ".tmp"):
-                os.remove(path + ".tmp")
             if attempt + 1 < attempts:
                 time.sleep(2 ** attempt)
     return f"{url}: {error}"

@@ -1,0 +1,66 @@
+"""scripts.download_data against a local HTTP server that speaks range requests (no network needed)."""
+import http.server
+import os
+import threading
+
+import pytest
+
+from scripts import download_data
+
+
+class RangeHandler(http.server.BaseHTTPRequestHandler):
+    files: dict = {}
+    requests: list = []
+
+    def do_GET(self):
+        name = self.path.rsplit("/", 1)[-1]
+        self.requests.append((name, self.headers.get("Range")))
+        if name not in self.files:
+            self.send_error(404)
+            return
+        body, start = self.files[name], 0
+        if self.headers.get("Range"):
+            start = int(self.headers["Range"].removeprefix("bytes=").rstrip("-"))
+            self.send_response(206)
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(body) - start))
+        self.end_headers()
+        self.wfile.write(body[start:])
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server(monkeypatch):
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RangeHandler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    monkeypatch.setattr(download_data, "BASE_URL", f"http://127.0.0.1:{httpd.server_port}/files")
+    monkeypatch.setattr(download_data.time, "sleep", lambda s: None)
+    RangeHandler.requests = []
+    yield RangeHandler
+    httpd.shutdown()
+
+
+def test_download_skip_and_resume(server, tmp_path):
+    server.files = {f"shard_{i:05d}.parquet": bytes([i % 256]) * 1000 + os.urandom(500) for i in (0, 1, 1822)}
+    (tmp_path / "shard_00000.parquet").write_bytes(server.files["shard_00000.parquet"])  # already there
+    (tmp_path / "shard_00001.parquet.tmp").write_bytes(server.files["shard_00001.parquet"][:700])  # interrupted
+    for index in (0, 1, 1822):
+        assert download_data.download(index, str(tmp_path)) is None
+    for name, body in server.files.items():
+        assert (tmp_path / name).read_bytes() == body
+    assert server.requests == [("shard_00001.parquet", "bytes=700-"), ("shard_01822.parquet", None)]
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_missing_files_are_named(server, tmp_path, monkeypatch, capsys):
+    server.files = {"shard_00000.parquet": b"x" * 10}
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    monkeypatch.setattr("sys.argv", ["download_data", "-n", "2"])
+    with pytest.raises(SystemExit) as err:
+        download_data.main()
+    message = str(err.value)
+    assert "shard_00001.parquet, shard_01822.parquet" in message and str(tmp_path / "base_data") in message
+    assert (tmp_path / "base_data" / "shard_00000.parquet").exists()
