@@ -75,7 +75,7 @@ def model_meta(config: GPTConfig, step: int, **extra) -> dict:
 
 
 def abstract_model(config: GPTConfig, mesh, dtype=None, attn_impl: str | None = None):
-    """(graphdef, target): the parameter tree as ShapeDtypeStructs placed on `mesh`, for restoring."""
+    """(graphdef, abstract state, target): target is the parameter tree as ShapeDtypeStructs placed on `mesh`."""
     dtype = default_dtype() if dtype is None else dtype
     graphdef, state = nnx.split(nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(0), dtype=dtype,
                                                            attn_impl=attn_impl)))

@@ -70,7 +70,7 @@ def run(trainer: Trainer, params, opt_state, batches, cfg: LoopConfig, checkpoin
     while True:
         last = step == cfg.num_iterations
         record = {}
-        if cfg.evaluate is not None and (last or step % cfg.eval_every == 0 if cfg.eval_every > 0 else last):
+        if cfg.evaluate is not None and (last or (cfg.eval_every > 0 and step % cfg.eval_every == 0)):
             record = cfg.evaluate(params)
             loop_state["last_eval"] = record
             if "val_bpb" in record:

@@ -60,6 +60,8 @@ def test_train_resume_and_remesh(base_dir, capsys):
     remeshed = read_metrics(run_dir)
     assert_same(remeshed, full, rel=1e-3)
     assert "resumed from step 5" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="holds a model"):
+        base.main(ARGS + ["--resume", "--max-seq-len", "64"])
 
 
 @pytest.mark.parametrize("extra,message", [

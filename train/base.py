@@ -8,6 +8,7 @@ Checkpoints, meta and metrics.jsonl go to $NANOCHAT_BASE_DIR/base_checkpoints/<m
 """
 import argparse
 import os
+from dataclasses import asdict
 
 import jax
 import jax.numpy as jnp
@@ -128,6 +129,10 @@ def main(argv=None):
         start_step = checkpointer.latest_step()
         if start_step is None:
             raise SystemExit(f"--resume: no checkpoint in {checkpointer.directory}")
+        saved_config = checkpointer.meta(start_step)["model_config"]
+        if saved_config != asdict(config):
+            raise SystemExit(f"--resume: {checkpointer.directory} holds a model {saved_config}, but these flags make "
+                             f"{asdict(config)}; use the same --depth/--max-seq-len or another --model-tag")
         state, meta = checkpointer.restore({"params": trainer.abstract_params, "opt_state": trainer.abstract_opt_state},
                                            start_step)
         params, opt_state = state["params"], state["opt_state"]

@@ -1,0 +1,103 @@
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import logits_of, randomize, tiny_config
+from nanochat_jax.engine import Engine, use_calculator
+from nanochat_jax.gpt import GPT
+
+
+@pytest.fixture(scope="module")
+def engine(tokenizer):
+    model = randomize(GPT(tiny_config(vocab_size=tokenizer.get_vocab_size(), sequence_len=64), rngs=nnx.Rngs(0)), std=0.5)
+    return Engine(model, tokenizer, chunk=8)
+
+
+def test_greedy_equals_full_forward_decoding(engine, tokenizer):
+    model = nnx.merge(engine.graphdef, engine.params)
+    prompt = tokenizer.encode("the model reads", prepend=tokenizer.get_bos_token_id())
+    seqs, masks = engine.generate_batch(prompt, num_samples=2, max_tokens=20, temperature=0.0)
+    ids = list(prompt)
+    for _ in range(20):  # naive: a full forward per token
+        token = int(np.argmax(np.asarray(logits_of(model, jnp.asarray([ids])))[0, -1]))
+        if token in engine.stops:
+            break
+        ids.append(token)
+    assert seqs[0] == ids and seqs[1] == ids
+    assert masks[0] == [0] * len(prompt) + [1] * (len(ids) - len(prompt))
+
+
+def test_sampling_is_seeded(engine, tokenizer):
+    prompt = tokenizer.encode("hello world", prepend=tokenizer.get_bos_token_id())
+    a, _ = engine.generate_batch(prompt, num_samples=3, max_tokens=12, temperature=1.0, seed=1)
+    b, _ = engine.generate_batch(prompt, num_samples=3, max_tokens=12, temperature=1.0, seed=1)
+    c, _ = engine.generate_batch(prompt, num_samples=3, max_tokens=12, temperature=1.0, seed=2)
+    assert a == b and a != c
+    assert len({tuple(s) for s in a}) > 1  # samples differ from each other
+    greedy, _ = engine.generate_batch(prompt, max_tokens=12, temperature=0.0)
+    top1, _ = engine.generate_batch(prompt, max_tokens=12, temperature=1.0, top_k=1, seed=5)
+    assert top1 == greedy
+
+
+def test_streaming_columns(engine, tokenizer):
+    prompt = tokenizer.encode("x", prepend=tokenizer.get_bos_token_id())
+    columns = list(engine.generate(prompt, num_samples=2, max_tokens=10, temperature=1.0, seed=3))
+    assert 1 <= len(columns) <= 10 and all(len(c) == 2 and len(m) == 2 for c, m in columns)
+
+
+def test_bad_requests(engine, tokenizer):
+    with pytest.raises(ValueError, match="context is 64"):
+        list(engine.generate([1] * 64))
+    with pytest.raises(ValueError, match="temperature"):
+        list(engine.generate([1, 2], temperature=-1))
+    with pytest.raises(ValueError, match="top_k"):
+        list(engine.generate([1, 2], top_k=0))
+    with pytest.raises(ValueError, match="non-empty"):
+        list(engine.generate([]))
+
+
+class ScriptedModel(nnx.Module):
+    """Predicts script[p + 1] for the token at position p: lets a test drive the engine's tool-use path."""
+
+    def __init__(self, config, script):
+        self.config, self.dtype = config, jnp.float32
+        self.script = nnx.Variable(jnp.asarray(script, jnp.int32))
+
+    def forward_cached(self, idx_BT, cache, pos_B):
+        positions = pos_B[:, None] + jnp.arange(idx_BT.shape[1])[None, :] + 1
+        nxt = self.script[...][jnp.minimum(positions, self.script.shape[0] - 1)]
+        return 10.0 * jnp.eye(self.config.vocab_size)[nxt], cache
+
+
+def test_tool_call_is_evaluated_and_forced(tokenizer):
+    S = tokenizer.encode_special
+    prompt = [tokenizer.get_bos_token_id()] + tokenizer.encode("what is 12*3?")
+    expr = tokenizer.encode("12*3")
+    result = [S("<|output_start|>")] + tokenizer.encode("36") + [S("<|output_end|>")]
+    after = tokenizer.encode(" so it is 36")
+    # the script holds placeholders (0) where the engine must force the tool's output
+    script = prompt + [S("<|python_start|>")] + expr + [S("<|python_end|>")] + [0] * len(result) + after + \
+        [S("<|assistant_end|>")] + [0] * 8
+    engine = Engine(ScriptedModel(tiny_config(vocab_size=tokenizer.get_vocab_size(), sequence_len=128), script),
+                    tokenizer, chunk=4)
+    seqs, masks = engine.generate_batch(prompt, num_samples=2, max_tokens=60, temperature=0.0)
+    completion = [S("<|python_start|>")] + expr + [S("<|python_end|>")] + result + after
+    for seq, mask in zip(seqs, masks):
+        assert seq == prompt + completion
+        n_call = len(expr) + 2
+        assert mask[len(prompt):] == [1] * n_call + [0] * len(result) + [1] * len(after)
+
+
+@pytest.mark.parametrize("expr,value", [
+    ("12*3", 36), ("1,234 + 1", 1235), ("(7 - 2) / 2", 2.5), ("-4 // 3", -2), ("10 % 4", 2),
+    ("'strawberry'.count('r')", 3), ('"banana".count("an")', 2),
+])
+def test_calculator(expr, value):
+    assert use_calculator(expr) == value
+
+
+@pytest.mark.parametrize("expr", ["2**10", "__import__('os')", "open('x')", "x + 1", "'a' * 3", "1/0",
+                                  "'abc'.upper()", "[1, 2]", "(1).__class__", "9" * 300, "True + 1"])
+def test_calculator_refuses(expr):
+    assert use_calculator(expr) is None
