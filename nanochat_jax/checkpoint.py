@@ -97,3 +97,29 @@ def load_model(checkpoint_dir: str, step: int | None = None, mesh=None, dtype=No
     tokenizer = Tokenizer.load(os.path.join(checkpointer.directory, "tokenizer"))
     checkpointer.close()
     return nnx.merge(graphdef, state), tokenizer, meta
+
+
+def find_model_tag(stage_dir: str) -> str:
+    """The deepest d<N> model in a stage directory, else the most recently written one (as nanochat guesses)."""
+    tags = [t for t in os.listdir(stage_dir) if os.path.isdir(os.path.join(stage_dir, t))] \
+        if os.path.isdir(stage_dir) else []
+    if not tags:
+        raise FileNotFoundError(f"no checkpoints in {stage_dir}")
+    depths = [(int(t[1:]), t) for t in tags if t[:1] == "d" and t[1:].isdigit()]
+    if depths:
+        return max(depths)[1]
+    return max(tags, key=lambda t: os.path.getmtime(os.path.join(stage_dir, t)))
+
+
+def load_stage(source: str, model_tag: str | None = None, step: int | None = None, mesh=None, dtype=None):
+    """(model, tokenizer, meta) of a stage's checkpoint: source is base | mid | sft | rl."""
+    if source not in STAGE_DIRS:
+        raise ValueError(f"unknown source {source!r}: expected one of {sorted(STAGE_DIRS)}")
+    from nanochat_jax.common import get_base_dir
+    stage_dir = os.path.join(get_base_dir(), STAGE_DIRS[source])
+    try:
+        model_tag = model_tag or find_model_tag(stage_dir)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e}: train the {source} stage first, or import a nanochat checkpoint with "
+                                f"`python -m scripts.import_nanochat --src ... --dst {stage_dir}/<tag>`") from e
+    return load_model(os.path.join(stage_dir, model_tag), step=step, mesh=mesh, dtype=dtype)

@@ -1,0 +1,48 @@
+"""Conversations for the chat front ends (terminal and web): prompt rendering that fits the model's context, and
+turning a generated reply back into message parts (text, python calls, tool outputs)."""
+from nanochat_jax.tokenizer import Tokenizer
+
+
+def prompt_for_reply(tokenizer: Tokenizer, messages: list[dict], context: int, reply_room: int):
+    """Token ids of the conversation ending in <|assistant_start|>, leaving reply_room tokens of the context free.
+    Whole user/assistant exchanges are dropped from the start (a leading system message stays) until it fits.
+    Returns (ids, number of messages dropped); ValueError when even the last message alone does not fit."""
+    head = messages[:1] if messages and messages[0].get("role") == "system" else []
+    body, dropped = list(messages[len(head):]), 0
+    while True:
+        ids, _ = tokenizer.render_conversation({"messages": head + body}, max_tokens=10**9)
+        ids = ids + [tokenizer.encode_special("<|assistant_start|>")]
+        if len(ids) + reply_room <= context:
+            return ids, dropped
+        if len(body) <= 1:
+            raise ValueError(f"the message is {len(ids)} tokens; with {reply_room} tokens for the reply it does not "
+                             f"fit the model's context of {context}")
+        body, dropped = body[2:], dropped + 2
+
+
+def reply_parts(tokenizer: Tokenizer, tokens: list[int]):
+    """A generated reply (ids after <|assistant_start|>, stop token excluded) -> the assistant message content:
+    a plain string, or a list of {"type": "text" | "python" | "python_output", "text": ...} parts."""
+    special = {tokenizer.encode_special(name): name for name in
+               ("<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>")}
+    parts, kind, current = [], "text", []
+
+    def flush():
+        if current:
+            parts.append({"type": kind, "text": tokenizer.decode(current)})
+        current.clear()
+
+    for t in tokens:
+        name = special.get(t)
+        if name in ("<|python_start|>", "<|output_start|>"):
+            flush()
+            kind = "python" if name == "<|python_start|>" else "python_output"
+        elif name in ("<|python_end|>", "<|output_end|>"):
+            flush()
+            kind = "text"
+        else:
+            current.append(t)
+    flush()
+    if all(p["type"] == "text" for p in parts):
+        return "".join(p["text"] for p in parts)
+    return parts

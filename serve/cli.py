@@ -1,0 +1,95 @@
+"""Chat with a model in the terminal.
+
+    python -m serve.cli                       # the latest SFT model; 'clear' starts over, 'quit' leaves
+    python -m serve.cli -i base -p "The capital of France is"   # answer once and exit
+
+Replies stream as they are generated; python tool calls run with the calculator and their results show inline.
+A conversation longer than the model's context loses its oldest exchanges (with a notice).
+"""
+import argparse
+import sys
+
+from nanochat_jax.chat import prompt_for_reply, reply_parts
+from nanochat_jax.checkpoint import STAGE_DIRS, load_stage
+from nanochat_jax.engine import MAX_TOP_K, Engine
+
+
+def stream_reply(engine, tokenizer, prompt_ids, max_tokens, temperature, top_k, seed, out=sys.stdout):
+    """Prints the reply as it comes; returns its token ids (stop token excluded)."""
+    reply, shown = [], ""
+    for column, _ in engine.generate(prompt_ids, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
+                                     seed=seed):
+        if column[0] in engine.stops:
+            break
+        reply.append(column[0])
+        text = tokenizer.decode(reply)
+        if not text.endswith("\ufffd"):  # hold back half a multi-byte character
+            out.write(text[len(shown):])
+            out.flush()
+            shown = text
+    out.write(tokenizer.decode(reply)[len(shown):] + "\n")
+    return reply
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="chat with a nanochat-jax model")
+    parser.add_argument("-i", "--source", default="sft", choices=sorted(STAGE_DIRS), help="which stage's model")
+    parser.add_argument("-g", "--model-tag", default=None, help="e.g. d20 (default: the deepest)")
+    parser.add_argument("-s", "--step", type=int, default=None, help="default: the latest")
+    parser.add_argument("-p", "--prompt", default="", help="answer this once and exit")
+    parser.add_argument("-t", "--temperature", type=float, default=0.6)
+    parser.add_argument("-k", "--top-k", type=int, default=50)
+    parser.add_argument("-m", "--max-tokens", type=int, default=512, help="longest reply")
+    args = parser.parse_args(argv)
+    if args.temperature < 0 or not 1 <= args.top_k <= MAX_TOP_K or args.max_tokens < 1:
+        parser.error(f"--temperature must be >= 0, --top-k in 1..{MAX_TOP_K}, --max-tokens >= 1")
+    try:
+        model, tokenizer, meta = load_stage(args.source, args.model_tag, args.step)
+    except FileNotFoundError as e:
+        parser.exit(1, f"{e}\n")
+    engine = Engine(model, tokenizer)
+    context = model.config.sequence_len
+    max_tokens = min(args.max_tokens, context // 2)
+    if not args.prompt:
+        print(f"nanochat-jax: {args.source} model, step {meta['step']}. 'clear' starts over, 'quit' leaves.")
+    messages, turn = [], 0
+    while True:
+        if args.prompt:
+            text = args.prompt
+        else:
+            try:
+                text = input("\nUser: ").strip()
+            except (EOFError, KeyboardInterrupt):
+                print()
+                return
+            if text.lower() in ("quit", "exit"):
+                return
+            if text.lower() == "clear":
+                messages = []
+                print("(new conversation)")
+                continue
+            if not text:
+                continue
+        messages.append({"role": "user", "content": text})
+        try:
+            prompt_ids, dropped = prompt_for_reply(tokenizer, messages, context, max_tokens)
+        except ValueError as e:
+            messages.pop()
+            print(f"(not sent: {e})")
+            if args.prompt:
+                raise SystemExit(1)
+            continue
+        if dropped:
+            messages = messages[dropped:]
+            print(f"(the conversation outgrew the {context}-token context: dropped the oldest {dropped} messages)")
+        if not args.prompt:
+            print("\nAssistant: ", end="", flush=True)
+        reply = stream_reply(engine, tokenizer, prompt_ids, max_tokens, args.temperature, args.top_k, seed=turn)
+        messages.append({"role": "assistant", "content": reply_parts(tokenizer, reply)})
+        turn += 1
+        if args.prompt:
+            return
+
+
+if __name__ == "__main__":
+    main()
