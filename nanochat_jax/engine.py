@@ -67,14 +67,72 @@ def use_calculator(expr: str):
 
 
 # ---- sampling on the device
-def sample(logits_BV, key, temperature_B, top_k_B):
-    """Per-row temperature (0 = greedy) and top-k (0 = off, else 1..MAX_TOP_K)."""
+def _nucleus(logits_BV, top_p_B):
+    """Keep the smallest set of most likely tokens whose probability reaches top_p (always at least one)."""
+    sorted_desc = -jnp.sort(-logits_BV, axis=-1)
+    cum = jnp.cumsum(jax.nn.softmax(sorted_desc, axis=-1), axis=-1)
+    cutoff_index = jnp.sum(cum < top_p_B[:, None], axis=-1, keepdims=True)
+    cutoff = jnp.take_along_axis(sorted_desc, jnp.minimum(cutoff_index, logits_BV.shape[-1] - 1), axis=-1)
+    return jnp.where(logits_BV < cutoff, -jnp.inf, logits_BV)
+
+
+def sample(logits_BV, keys_B, temperature_B, top_k_B, top_p_B):
+    """One token per row with the row's own key: temperature (0 = greedy), top-k (0 = off, else 1..MAX_TOP_K) and
+    top-p (1 = off), applied to the logits divided by the temperature."""
     top_vals, _ = jax.lax.top_k(logits_BV, min(MAX_TOP_K, logits_BV.shape[-1]))
     kth = jnp.take_along_axis(top_vals, jnp.clip(top_k_B - 1, 0, top_vals.shape[-1] - 1)[:, None], axis=-1)
+    greedy = jnp.argmax(logits_BV, axis=-1)
     logits_BV = jnp.where((top_k_B[:, None] > 0) & (logits_BV < kth), -jnp.inf, logits_BV)
     scaled = logits_BV / jnp.maximum(temperature_B, 1e-6)[:, None]
-    sampled = jax.random.categorical(key, scaled, axis=-1)
-    return jnp.where(temperature_B > 0, sampled, jnp.argmax(logits_BV, axis=-1)).astype(jnp.int32)
+    scaled = jax.lax.cond(jnp.any(top_p_B < 1.0), _nucleus, lambda x, _: x, scaled, top_p_B)
+    sampled = jax.vmap(jax.random.categorical)(keys_B, scaled)
+    return jnp.where(temperature_B > 0, sampled, greedy).astype(jnp.int32)
+
+
+def prefill(graphdef, params, ids_1L, length, keys_N, temperature_N, top_k_N, top_p_N, cache_len: int):
+    """Run one padded prompt into a fresh cache, broadcast it to N rows, sample each row's first token."""
+    model = nnx.merge(graphdef, params)
+    cache = init_cache(model.config, 1, cache_len, model.dtype)
+    logits, cache = model.forward_cached(ids_1L, cache, jnp.zeros(1, jnp.int32))
+    n = keys_N.shape[0]
+    cache = jax.tree.map(lambda c: jnp.broadcast_to(c, (c.shape[0], n) + c.shape[2:]), cache)
+    step_keys = jax.vmap(jax.random.fold_in)(keys_N, jnp.full(n, length))
+    last = jnp.broadcast_to(logits[0, length - 1], (n, logits.shape[-1]))
+    return cache, sample(last, step_keys, temperature_N, top_k_N, top_p_N)
+
+
+def decode(graphdef, params, cache, rows, pause_tokens, steps: int):
+    """Up to `steps` tokens per row. rows: per-row arrays [B]: last (the token to feed next), pos (its position),
+    active, budget (tokens it may still emit), key, temperature, top_k, top_p, and the tool's forced tokens
+    (forced [B, FORCED_SLOTS], n_forced, forced_at). A row pauses after emitting one of pause_tokens.
+    Returns (cache, rows, tokens [B, steps] with -1 where a row emitted nothing, forced [B, steps])."""
+    model = nnx.merge(graphdef, params)
+    max_pos = cache["k"].shape[2] - 1
+
+    def step(carry, _):
+        cache, r = carry
+        logits, cache = model.forward_cached(r["last"][:, None], cache, r["pos"])
+        keys = jax.vmap(jax.random.fold_in)(r["key"], r["pos"] + 1)  # a row's draws depend on its own state only
+        sampled = sample(logits[:, -1], keys, r["temperature"], r["top_k"], r["top_p"])
+        use_forced = r["forced_at"] < r["n_forced"]
+        forced = jnp.take_along_axis(r["forced"], jnp.minimum(r["forced_at"], FORCED_SLOTS - 1)[:, None], 1)[:, 0]
+        token = jnp.where(use_forced, forced, sampled)
+        emit = r["active"] & (r["budget"] > 0) & (r["pos"] < max_pos)
+        r = dict(r, last=jnp.where(emit, token, r["last"]), pos=r["pos"] + emit, budget=r["budget"] - emit,
+                 forced_at=r["forced_at"] + (emit & use_forced), active=emit & ~jnp.isin(token, pause_tokens))
+        return (cache, r), (jnp.where(emit, token, -1), use_forced)
+
+    (cache, rows), (tokens, forced) = jax.lax.scan(step, (cache, rows), None, length=steps)
+    return cache, rows, tokens.T, forced.T
+
+
+def new_rows(first, prompt_len: int, budget: int, keys, temperature, top_k, top_p, stop_tokens):
+    n = first.shape[0]
+    return {"last": first, "pos": jnp.full(n, prompt_len, jnp.int32), "active": ~jnp.isin(first, stop_tokens),
+            "budget": jnp.full(n, budget, jnp.int32), "key": keys,
+            "temperature": jnp.full(n, temperature, jnp.float32), "top_k": jnp.full(n, top_k, jnp.int32),
+            "top_p": jnp.full(n, top_p, jnp.float32), "forced": jnp.zeros((n, FORCED_SLOTS), jnp.int32),
+            "n_forced": jnp.zeros(n, jnp.int32), "forced_at": jnp.zeros(n, jnp.int32)}
 
 
 def _round_up(n: int, base: int) -> int:
@@ -90,79 +148,47 @@ class Engine:
         self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
         self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
         self.stops = (special("<|assistant_end|>"), tokenizer.get_bos_token_id())
-        self._prefill = jax.jit(self._prefill_fn)  # its cache grows to num_samples rows: nothing to donate
-        self._decode = jax.jit(self._decode_fn, donate_argnums=(1,), static_argnames="steps")
+        self.pause_tokens = jnp.array((self.python_end,) + self.stops, jnp.int32)
+        self.prefill = jax.jit(partial(prefill, self.graphdef), static_argnames="cache_len")
+        self.decode = jax.jit(partial(decode, self.graphdef), donate_argnums=(1,), static_argnames="steps")
 
-    # ---- jitted pieces
-    def _prefill_fn(self, params, cache, ids_1L, length, key, temperature, top_k, num_samples_zeros):
-        """Prefill one padded prompt, broadcast its cache to every sample, sample each sample's first token."""
-        model = nnx.merge(self.graphdef, params)
-        logits, cache = model.forward_cached(ids_1L, cache, jnp.zeros(1, jnp.int32))
-        n = num_samples_zeros.shape[0]
-        cache = jax.tree.map(lambda c: jnp.broadcast_to(c, (c.shape[0], n) + c.shape[2:]), cache)
-        last_logits = jnp.broadcast_to(logits[0, length - 1], (n, logits.shape[-1]))
-        return cache, sample(last_logits, key, jnp.full(n, temperature), jnp.full(n, top_k, jnp.int32))
+    def check_request(self, tokens, max_tokens, temperature, top_k, top_p=1.0) -> int:
+        """Validates a request; returns the token budget that fits the model's context."""
+        if not tokens or not all(isinstance(t, (int, np.integer)) for t in tokens):
+            raise ValueError("tokens must be a non-empty list of token ids")
+        if temperature < 0 or (top_k is not None and not 1 <= top_k <= MAX_TOP_K) or not 0 < top_p <= 1:
+            raise ValueError(f"temperature must be >= 0, top_k in 1..{MAX_TOP_K}, top_p in (0, 1]")
+        if max_tokens is not None and max_tokens < 1:
+            raise ValueError("max_tokens must be at least 1")
+        room = self.config.sequence_len - len(tokens)
+        if room < 1:
+            raise ValueError(f"the prompt has {len(tokens)} tokens; the model's context is {self.config.sequence_len}")
+        return room if max_tokens is None else min(max_tokens, room)
 
-    def _decode_fn(self, params, cache, rows, key, steps: int):
-        """rows: dict of per-row arrays [B]: last (the token to feed next), pos (its position), active, budget
-        (tokens this row may still emit), temperature, top_k, forced [B, FORCED_SLOTS], n_forced, forced_at.
-        Emits up to `steps` tokens per row; a row pauses after a stop token or <|python_end|>."""
-        model = nnx.merge(self.graphdef, params)
-        pause = jnp.array((self.python_end,) + self.stops, jnp.int32)
-        max_pos = cache["k"].shape[2] - 1
-
-        def step(carry, step_key):
-            cache, r = carry
-            logits, cache = model.forward_cached(r["last"][:, None], cache, r["pos"])
-            sampled = sample(logits[:, -1], step_key, r["temperature"], r["top_k"])
-            use_forced = r["forced_at"] < r["n_forced"]
-            forced = jnp.take_along_axis(r["forced"], jnp.minimum(r["forced_at"], FORCED_SLOTS - 1)[:, None], 1)[:, 0]
-            token = jnp.where(use_forced, forced, sampled)
-            emit = r["active"] & (r["budget"] > 0) & (r["pos"] < max_pos)
-            r = dict(r, last=jnp.where(emit, token, r["last"]), pos=r["pos"] + emit,
-                     budget=r["budget"] - emit, forced_at=r["forced_at"] + (emit & use_forced),
-                     active=emit & ~jnp.isin(token, pause))
-            return (cache, r), (jnp.where(emit, token, -1), use_forced)
-
-        (cache, rows), (tokens, forced) = jax.lax.scan(step, (cache, rows), jax.random.split(key, steps))
-        return cache, rows, tokens.T, forced.T  # [B, steps]; -1 where a row emitted nothing
-
-    # ---- host side
-    def _cache_len(self, prompt_len: int, max_tokens: int) -> int:
-        return _round_up(prompt_len + max_tokens + 1, 256)
+    def start(self, tokens, keys, max_tokens, temperature, top_k, top_p, cache_len):
+        """Prefill a prompt for len(keys) rows: (cache, rows) ready for decode."""
+        # prompt lengths share a few compiled shapes: powers of two (within the cache)
+        bucket = min(max(16, 1 << (len(tokens) - 1).bit_length()), cache_len)
+        ids = jnp.asarray([list(tokens) + [0] * (bucket - len(tokens))], jnp.int32)
+        n = keys.shape[0]
+        cache, first = self.prefill(self.params, ids, len(tokens), keys, jnp.full(n, temperature, jnp.float32),
+                                    jnp.full(n, top_k or 0, jnp.int32), jnp.full(n, top_p, jnp.float32),
+                                    cache_len=cache_len)
+        return cache, new_rows(first, len(tokens), max_tokens - 1, keys, temperature, top_k or 0, top_p,
+                               jnp.asarray(self.stops + (self.python_end,)))
 
     def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
         """Streams (token_column, mask_column): one token per sample per step (mask 1 sampled, 0 forced by the
         tool). A finished sample repeats its stop token with mask 0 until all have finished."""
-        if not tokens or not all(isinstance(t, (int, np.integer)) for t in tokens):
-            raise ValueError("tokens must be a non-empty list of token ids")
-        if temperature < 0 or (top_k is not None and not 1 <= top_k <= MAX_TOP_K):
-            raise ValueError(f"temperature must be >= 0 and top_k in 1..{MAX_TOP_K}")
-        context = self.config.sequence_len
-        room = context - len(tokens)
-        if room < 1:
-            raise ValueError(f"the prompt has {len(tokens)} tokens; the model's context is {context}")
-        max_tokens = room if max_tokens is None else min(max_tokens, room)
-        bucket = max(16, 1 << (len(tokens) - 1).bit_length())
-        cache_len = self._cache_len(bucket, max_tokens)
-        cache = init_cache(self.config, 1, cache_len, self.dtype)
-        ids = jnp.asarray([list(tokens) + [0] * (bucket - len(tokens))], jnp.int32)
-        key = jax.random.key(seed)
-        key, prefill_key = jax.random.split(key)
-        cache, first = self._prefill(self.params, cache, ids, len(tokens), prefill_key, jnp.float32(temperature),
-                                     jnp.int32(top_k or 0), jnp.zeros(num_samples))
-        first = np.asarray(first)
+        max_tokens = self.check_request(tokens, max_tokens, temperature, top_k)
+        keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(seed), jnp.arange(num_samples))
+        cache, rows = self.start(tokens, keys, max_tokens, temperature, top_k, 1.0,
+                                 _round_up(len(tokens) + max_tokens + 1, 256))
+        first = np.asarray(rows["last"])
         queues = [[(int(t), 1)] for t in first]  # per sample: (token, mask) not yet yielded
         history = [list(tokens) + [int(t)] for t in first]
         pending = [int(t) == self.python_end for t in first]  # rows waiting for the tool
         done = [False] * num_samples
-        rows = {"last": jnp.asarray(first), "pos": jnp.full(num_samples, len(tokens), jnp.int32),
-                "active": jnp.asarray([int(t) not in self.stops + (self.python_end,) for t in first]),
-                "budget": jnp.full(num_samples, max_tokens - 1, jnp.int32),
-                "temperature": jnp.full(num_samples, temperature, jnp.float32),
-                "top_k": jnp.full(num_samples, top_k or 0, jnp.int32),
-                "forced": jnp.zeros((num_samples, FORCED_SLOTS), jnp.int32),
-                "n_forced": jnp.zeros(num_samples, jnp.int32), "forced_at": jnp.zeros(num_samples, jnp.int32)}
         emitted = 0
         while True:
             while all(queues):  # a full column is ready
@@ -175,12 +201,11 @@ class Engine:
                         queues[i].append((t if t in self.stops else self.stops[0], 0))
                 if all(done) or emitted >= max_tokens:
                     return
-            rows = self._resume_tool_calls(rows, history, pending)
+            rows = self.resume_tool_calls(rows, history, pending)
             if not bool(jnp.any(rows["active"])):
                 return  # every unfinished row is out of budget or cache
-            key, chunk_key = jax.random.split(key)
-            cache, rows, chunk_tokens, chunk_forced = self._decode(self.params, cache, rows, chunk_key,
-                                                                   steps=self.chunk)
+            cache, rows, chunk_tokens, chunk_forced = self.decode(self.params, cache, rows, self.pause_tokens,
+                                                                  steps=self.chunk)
             for i, (row_tokens, row_forced) in enumerate(zip(np.asarray(chunk_tokens), np.asarray(chunk_forced))):
                 for t, f in zip(row_tokens, row_forced):
                     if t >= 0:
@@ -188,7 +213,7 @@ class Engine:
                         history[i].append(int(t))
                         pending[i] = int(t) == self.python_end and not f
 
-    def _resume_tool_calls(self, rows, history, pending):
+    def resume_tool_calls(self, rows, history, pending):
         """Rows paused on <|python_end|>: evaluate the expression since the last <|python_start|> and force
         <|output_start|> result <|output_end|> into the row (nothing when the calculator refuses it)."""
         calls = [i for i, waiting in enumerate(pending) if waiting]

@@ -1,0 +1,328 @@
+"""Chat over HTTP: a web UI, nanochat's streaming endpoint and an OpenAI-compatible API, on one batched engine.
+
+    python -m serve.web --host 127.0.0.1 --port 8000            # the latest SFT model; open http://127.0.0.1:8000
+    python -m serve.web -i base -g d20 --slots 16
+
+Endpoints: GET / (chat page), POST /chat/completions (nanochat's SSE: data: {"token": ...} ... data: [DONE]),
+POST /v1/chat/completions and GET /v1/models (OpenAI-compatible, streaming or not), GET /health, GET /stats.
+Requests are validated with nanochat's limits; a bad one gets a 4xx with the reason, and the server keeps serving.
+"""
+import argparse
+import asyncio
+import json
+import os
+import queue
+import random
+import time
+import uuid
+from typing import Literal
+
+from fastapi import FastAPI, Request as HTTPRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from nanochat_jax.chat import prompt_for_reply, reply_parts
+from nanochat_jax.engine import MAX_TOP_K
+from nanochat_jax.serving import BatchedEngine, QueueFull, Request
+
+MAX_MESSAGES, MAX_MESSAGE_CHARS, MAX_TOTAL_CHARS, MAX_MAX_TOKENS = 500, 8000, 32000, 4096
+UI_PATH = os.path.join(os.path.dirname(__file__), "ui.html")
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "user", "assistant"]
+    content: str | list[TextPart]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatRequest(BaseModel):
+    """nanochat's request (POST /chat/completions)."""
+    model_config = ConfigDict(extra="forbid")
+    messages: list[Message]
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_k: int | None = Field(None, ge=1, le=MAX_TOP_K)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_MAX_TOKENS)
+
+
+class OpenAIChatRequest(ChatRequest):
+    model: str | None = None
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = Field(1, ge=1)
+    stream: bool = False
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_MAX_TOKENS)
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, value):
+        stops = [value] if isinstance(value, str) else (value or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ValueError("stop takes at most 4 non-empty strings")
+        return stops
+
+
+def check_messages(messages: list[Message]) -> list[dict]:
+    if not messages:
+        raise APIError(400, "at least one message is required")
+    if len(messages) > MAX_MESSAGES:
+        raise APIError(400, f"too many messages: at most {MAX_MESSAGES}")
+    total = 0
+    for i, m in enumerate(messages):
+        text = m.text()
+        if not text.strip():
+            raise APIError(400, f"message {i} has empty content")
+        if len(text) > MAX_MESSAGE_CHARS:
+            raise APIError(400, f"message {i} is too long: at most {MAX_MESSAGE_CHARS} characters")
+        total += len(text)
+    if total > MAX_TOTAL_CHARS:
+        raise APIError(400, f"the conversation is too long: at most {MAX_TOTAL_CHARS} characters")
+    if messages[-1].role != "user":
+        raise APIError(400, "the last message must be from the user")
+    return [{"role": m.role, "content": m.text()} for m in messages]
+
+
+def render_reply(tokenizer, tokens: list[int]) -> str:
+    """Reply text for people: tool calls shown as <<expression=result>>, as in GSM8K's annotations."""
+    parts = reply_parts(tokenizer, tokens)
+    if isinstance(parts, str):
+        return parts
+    shown = {"text": "{}", "python": "<<{}=", "python_output": "{}>>"}
+    return "".join(shown[p["type"]].format(p["text"]) for p in parts)
+
+
+def create_app(batched: BatchedEngine, tokenizer, model_name: str, defaults: dict) -> FastAPI:
+    app = FastAPI(title="nanochat-jax")
+    context = batched.engine.config.sequence_len
+
+    @app.exception_handler(APIError)
+    async def api_error(_, error: APIError):
+        return JSONResponse({"error": {"message": error.message, "type": "invalid_request_error"}}, error.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_, error: RequestValidationError):
+        reasons = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in error.errors())
+        return JSONResponse({"error": {"message": reasons, "type": "invalid_request_error"}}, 400)
+
+    def prompt(messages: list[dict], max_tokens: int, drop_old: bool):
+        try:
+            ids, dropped = prompt_for_reply(tokenizer, messages, context, min(max_tokens, context // 2))
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
+        if dropped and not drop_old:
+            raise APIError(400, f"the conversation does not fit the model's context of {context} tokens")
+        return ids, dropped
+
+    def submit(ids, n, max_tokens, temperature, top_k, top_p, seed) -> Request:
+        request = Request(ids, n, max_tokens, temperature, top_k, top_p,
+                          random.randint(0, 2**31 - 1) if seed is None else seed)
+        try:
+            return batched.submit(request)
+        except QueueFull as e:
+            raise APIError(503, f"server busy: {e}; retry shortly") from None
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
+
+    async def events(request: Request, http: HTTPRequest):
+        """(sample, token, forced) / (sample, None, finish_reason) until every sample finished, or (-1, None,
+        message) if the engine failed; cancels the request when the client goes away (its slots are freed at the
+        engine's next step)."""
+        done, polls = 0, 0
+        try:
+            while done < request.n:
+                try:
+                    event = request.events.get_nowait()
+                except queue.Empty:
+                    polls += 1
+                    if polls % 100 == 0 and await http.is_disconnected():
+                        return
+                    await asyncio.sleep(0.005)
+                    continue
+                yield event
+                if event[0] == -1:
+                    return
+                done += event[1] is None
+        finally:
+            request.cancel()
+
+    @app.get("/", response_class=HTMLResponse)
+    async def ui():
+        with open(UI_PATH, encoding="utf-8") as f:
+            return f.read()
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "ready": True, "model": model_name}
+
+    @app.get("/stats")
+    async def stats():
+        return {**batched.stats, "queue_length": batched.waiting.qsize(), "slots_busy": batched.busy_slots(),
+                "slots": batched.n_slots}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
+                                            "owned_by": "nanochat-jax"}]}
+
+    @app.post("/chat/completions")
+    async def chat(body: ChatRequest, http: HTTPRequest):
+        messages = check_messages(body.messages)
+        max_tokens = body.max_tokens or defaults["max_tokens"]
+        ids, dropped = prompt(messages, max_tokens, drop_old=True)
+        temperature = defaults["temperature"] if body.temperature is None else body.temperature
+        request = submit(ids, 1, max_tokens, temperature, body.top_k or defaults["top_k"], 1.0, None)
+
+        async def stream():
+            try:
+                if dropped:
+                    note = f"dropped the oldest {dropped} messages to fit the context"
+                    yield f"data: {json.dumps({'notice': note})}\n\n"
+                tokens, shown = [], ""
+                async for sample, token, reason in events(request, http):
+                    if sample == -1:
+                        yield f"data: {json.dumps({'error': reason})}\n\n"
+                    if token is None:
+                        break
+                    tokens.append(token)
+                    text = render_reply(tokenizer, tokens)
+                    if not text.endswith("\ufffd") and len(text) > len(shown):
+                        yield f"data: {json.dumps({'token': text[len(shown):]}, ensure_ascii=False)}\n\n"
+                        shown = text
+                yield "data: [DONE]\n\n"
+            finally:  # done, failed or the client left: free the slot now
+                request.cancel()
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    @app.post("/v1/chat/completions")
+    async def openai_chat(body: OpenAIChatRequest, http: HTTPRequest):
+        messages = check_messages(body.messages)
+        if body.model not in (None, model_name):
+            raise APIError(404, f"unknown model {body.model!r}; this server serves {model_name!r}")
+        max_tokens = body.max_completion_tokens or body.max_tokens or defaults["max_tokens"]
+        ids, _ = prompt(messages, max_tokens, drop_old=False)
+        temperature = defaults["temperature"] if body.temperature is None else body.temperature
+        request = submit(ids, body.n, max_tokens, temperature, body.top_k, body.top_p or 1.0, body.seed)
+        completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        tokens = [[] for _ in range(body.n)]
+        texts, reasons = [""] * body.n, [None] * body.n
+
+        def advance(sample, token):
+            """Adds a token; returns the new text to send (text stops at a stop string)."""
+            tokens[sample].append(token)
+            text = render_reply(tokenizer, tokens[sample])
+            cut = min((text.find(s) for s in body.stop or [] if s in text), default=-1)
+            if cut >= 0:
+                text, reasons[sample] = text[:cut], "stop"
+            if text.endswith("\ufffd") and reasons[sample] is None:
+                return ""
+            new, texts[sample] = text[len(texts[sample]):], text
+            return new
+
+        def chunk(sample, delta, reason=None):
+            return "data: " + json.dumps({"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                                          "model": model_name, "choices": [{"index": sample, "delta": delta,
+                                                                            "finish_reason": reason}]},
+                                         ensure_ascii=False) + "\n\n"
+
+        async def collect():
+            async for sample, token, reason in events(request, http):
+                if sample == -1:
+                    raise APIError(500, reason)
+                if reasons[sample] is not None:
+                    continue
+                if token is None:
+                    reasons[sample] = reason
+                    yield sample, "", reason
+                    continue
+                new = advance(sample, token)
+                yield sample, new, reasons[sample]
+                if all(r is not None for r in reasons):
+                    return
+
+        def usage():
+            completion = sum(len(t) for t in tokens)
+            return {"prompt_tokens": len(ids), "completion_tokens": completion, "total_tokens": len(ids) + completion}
+
+        if body.stream:
+            async def stream():
+                for sample in range(body.n):
+                    yield chunk(sample, {"role": "assistant", "content": ""})
+                try:
+                    async for sample, new, reason in collect():
+                        if new or reason:
+                            yield chunk(sample, {"content": new} if new else {}, reason)
+                except APIError as error:  # the headers are sent: report it in the stream
+                    yield f"data: {json.dumps({'error': {'message': error.message, 'type': 'server_error'}})}\n\n"
+                finally:
+                    request.cancel()
+                yield "data: [DONE]\n\n"
+            return StreamingResponse(stream(), media_type="text/event-stream")
+
+        try:
+            async for _ in collect():
+                pass
+        finally:
+            request.cancel()
+        return {"id": completion_id, "object": "chat.completion", "created": created, "model": model_name,
+                "choices": [{"index": i, "message": {"role": "assistant", "content": texts[i]},
+                             "finish_reason": reasons[i] if reasons[i] in ("stop", "length") else "stop"}
+                            for i in range(body.n)],
+                "usage": usage()}
+
+    return app
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="serve a nanochat-jax model over HTTP")
+    parser.add_argument("-i", "--source", default="sft", choices=["base", "mid", "sft", "rl"])
+    parser.add_argument("-g", "--model-tag", default=None)
+    parser.add_argument("-s", "--step", type=int, default=None)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("-p", "--port", type=int, default=8000)
+    parser.add_argument("-t", "--temperature", type=float, default=0.8, help="default temperature")
+    parser.add_argument("-k", "--top-k", type=int, default=50, help="default top-k")
+    parser.add_argument("-m", "--max-tokens", type=int, default=512, help="default longest reply")
+    parser.add_argument("--slots", type=int, default=8, help="requests decoded together")
+    parser.add_argument("--max-waiting", type=int, default=64, help="queued requests beyond which the server says 503")
+    args = parser.parse_args(argv)
+    if not 0 <= args.temperature <= 2 or not 1 <= args.top_k <= MAX_TOP_K or not 1 <= args.max_tokens <= MAX_MAX_TOKENS:
+        parser.error(f"--temperature in 0..2, --top-k in 1..{MAX_TOP_K}, --max-tokens in 1..{MAX_MAX_TOKENS}")
+    if args.slots < 1 or args.max_waiting < 1:
+        parser.error("--slots and --max-waiting must be positive")
+
+    import uvicorn
+
+    from nanochat_jax.checkpoint import load_stage
+    from nanochat_jax.engine import Engine
+    try:
+        model, tokenizer, meta = load_stage(args.source, args.model_tag, args.step)
+    except FileNotFoundError as e:
+        parser.exit(1, f"{e}\n")
+    batched = BatchedEngine(Engine(model, tokenizer), slots=args.slots, max_waiting=args.max_waiting).start()
+    name = f"nanochat-jax-{args.source}-d{model.config.n_layer}"
+    app = create_app(batched, tokenizer, name, {"temperature": args.temperature, "top_k": args.top_k,
+                                                "max_tokens": args.max_tokens})
+    print(f"serving {name} (step {meta['step']}) at http://{args.host}:{args.port}", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()
