@@ -1,0 +1,52 @@
+"""Load a running chat server with concurrent clients: requests/s, time to first token, latency, tokens/s.
+
+    python -m serve.web --port 8000 &
+    python -m scripts.bench_serve --url http://127.0.0.1:8000 --clients 16 --requests 64 --max-tokens 128
+
+Each client streams /v1/chat/completions requests one after another; the prompt varies per request.
+"""
+import argparse
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+
+def one_request(url: str, index: int, max_tokens: int):
+    import httpx
+    body = {"messages": [{"role": "user", "content": f"Tell me about the number {index}."}], "max_tokens": max_tokens,
+            "temperature": 1.0, "stream": True, "seed": index}
+    t0, first, tokens = time.time(), None, 0
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            delta = json.loads(line[6:])["choices"][0]["delta"]
+            if delta.get("content"):
+                first = first or time.time() - t0
+                tokens += 1  # one streamed piece is about one token
+    return first or time.time() - t0, time.time() - t0, tokens
+
+
+def main():
+    parser = argparse.ArgumentParser(description="benchmark a running chat server")
+    parser.add_argument("--url", default="http://127.0.0.1:8000")
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    args = parser.parse_args()
+    t0 = time.time()
+    with ThreadPoolExecutor(args.clients) as pool:
+        results = list(pool.map(lambda i: one_request(args.url, i, args.max_tokens), range(args.requests)))
+    wall = time.time() - t0
+    ttft, latency, tokens = (np.array(x) for x in zip(*results))
+    print(f"{args.requests} requests, {args.clients} clients, {wall:.1f}s: {args.requests / wall:.2f} requests/s, "
+          f"{tokens.sum() / wall:,.0f} tokens/s\n"
+          f"time to first token p50 {np.percentile(ttft, 50) * 1000:.0f} ms, p99 {np.percentile(ttft, 99) * 1000:.0f} ms"
+          f" | latency p50 {np.percentile(latency, 50):.2f} s, p99 {np.percentile(latency, 99):.2f} s")
+
+
+if __name__ == "__main__":
+    main()
