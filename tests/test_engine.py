@@ -101,3 +101,23 @@ def test_calculator(expr, value):
                                   "'abc'.upper()", "[1, 2]", "(1).__class__", "9" * 300, "True + 1"])
 def test_calculator_refuses(expr):
     assert use_calculator(expr) is None
+
+
+def test_top_k_never_samples_outside_the_top_k():
+    import jax
+    from nanochat_jax.engine import sample
+    sample = jax.jit(sample)
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.standard_normal((4, 300)), jnp.float32)
+    keys = jax.random.split(jax.random.key(0), 4)
+    for k in (1, 3, 20):
+        allowed = np.argsort(-np.asarray(logits), axis=-1)[:, :k]
+        for step in range(50):
+            step_keys = jax.vmap(jax.random.fold_in)(keys, jnp.full(4, step))
+            tokens = np.asarray(sample(logits, step_keys, jnp.full(4, 2.0), jnp.full(4, k, jnp.int32), jnp.ones(4)))
+            assert all(t in allowed[row] for row, t in enumerate(tokens))
+    # top-p 0.5 keeps only the most likely tokens whose mass first reaches one half
+    peaked = jnp.asarray([[6.0, 4.0] + [0.0] * 98], jnp.float32)  # p = 0.72, 0.10, then 0.002 each
+    for step in range(30):
+        key = jax.vmap(jax.random.fold_in)(keys[:1], jnp.full(1, step))
+        assert int(sample(peaked, key, jnp.ones(1), jnp.zeros(1, jnp.int32), jnp.full(1, 0.5))[0]) == 0

@@ -20,6 +20,8 @@ def test_timeout_kills_the_process_group():
 
 def test_memory_and_output_limits():
     assert execute_code("x = bytearray(2 * 1024**3)", max_memory_bytes=256 * 2**20).error == "MemoryError"
+    bomb = execute_code("x = []\nwhile True: x.append(' ' * 10**6)", max_memory_bytes=256 * 2**20, timeout=10)
+    assert bomb.status in ("error", "killed") and bomb.duration < 10
     flood = execute_code("print('x' * 10**7)", max_output_bytes=2**16)
     assert flood.status == "error" and len(flood.stdout) <= 2**16 and "File too large" in flood.error
 
@@ -31,6 +33,8 @@ def test_memory_and_output_limits():
     ("import os; os.remove('/etc/hostname')", "outside the working directory"),
     ("import os; os.fork()", "os.fork"),
     ("import os; os.system('true')", "os.system"),
+    ("import os\nwhile True: os.fork()", "os.fork"),  # fork bomb
+    ("import pty; pty.spawn('/bin/sh')", "os.fork"),  # a shell
     ("import subprocess; subprocess.run(['true'])", "_posixsubprocess"),
     ("import ctypes", "ctypes"),
     ("import os, signal; os.kill(1, signal.SIGTERM)", "os.kill"),

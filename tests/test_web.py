@@ -161,3 +161,49 @@ def test_full_queue_gets_503(engine, tokenizer):
     finally:
         server.should_exit = True
         thread.join(5)
+
+
+def test_official_openai_client(url):
+    openai = pytest.importorskip("openai", reason="the openai client is in the dev extra")
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
+    assert [m.id for m in client.models.list()] == ["tiny"]
+    reply = client.chat.completions.create(model="tiny", messages=HELLO["messages"], max_tokens=8, seed=2)
+    assert reply.choices[0].message.role == "assistant" and reply.usage.completion_tokens >= 1
+    stream = client.chat.completions.create(model="tiny", messages=HELLO["messages"], max_tokens=8, seed=2,
+                                            stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == reply.choices[0].message.content
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="tiny", messages=HELLO["messages"], temperature=9)
+
+
+def test_chat_page_in_a_headless_browser(url):
+    """Type a message in the real page and see the streamed reply (Chromium from the system packages)."""
+    import shutil
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is in the dev extra")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_path = shutil.which("chromedriver")
+    if not (chromium and driver_path):
+        pytest.skip("no system Chromium/chromedriver (.ci/run installs the Debian packages chromium, chromium-driver)")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update", "--no-first-run"):
+        options.add_argument(flag)
+    browser = webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver_path), options=options)
+    try:
+        browser.get(url + "/")
+        box = browser.find_element(By.ID, "input")
+        box.send_keys("hello there")
+        browser.find_element(By.ID, "send").click()
+        wait = WebDriverWait(browser, 60)
+        wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, ".msg.user")
+                   and b.find_elements(By.CSS_SELECTOR, ".msg.assistant")
+                   and b.find_element(By.ID, "regen").is_enabled())
+        assert browser.find_element(By.CSS_SELECTOR, ".msg.user").text == "hello there"
+        assert browser.find_element(By.CSS_SELECTOR, ".msg.assistant").text.strip()
+        browser.find_element(By.ID, "new").click()
+        assert not browser.find_elements(By.CSS_SELECTOR, ".msg")
+    finally:
+        browser.quit()
