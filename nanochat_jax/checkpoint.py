@@ -25,9 +25,12 @@ STAGE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chat
 
 
 class Checkpointer:
-    def __init__(self, checkpoint_dir: str, max_to_keep: int | None = 3, async_save: bool = True):
+    def __init__(self, checkpoint_dir: str, max_to_keep: int | None = 3, async_save: bool = True,
+                 create: bool = True):
         self.directory = os.path.abspath(os.path.expanduser(checkpoint_dir))
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+        if not create and not os.path.isdir(self.directory):
+            raise FileNotFoundError(f"no checkpoint directory {self.directory}")
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create,
                                                enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -42,7 +45,9 @@ class Checkpointer:
         self.manager.save(step, args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **args), force=True)
 
     def latest_step(self) -> int | None:
-        return self.manager.latest_step()
+        """The largest step (orbax's own latest_step is the most recently written one)."""
+        steps = self.manager.all_steps()
+        return max(steps) if steps else None
 
     def _step(self, step: int | None) -> int:
         step = self.latest_step() if step is None else step
@@ -88,7 +93,7 @@ def abstract_model(config: GPTConfig, mesh, dtype=None, attn_impl: str | None = 
 def load_model(checkpoint_dir: str, step: int | None = None, mesh=None, dtype=None, attn_impl: str | None = None):
     """(model, tokenizer, meta) from one of our checkpoint directories; parameters placed on `mesh`
     (default: every device on the data axis, i.e. replicated)."""
-    checkpointer = Checkpointer(checkpoint_dir, max_to_keep=None, async_save=False)
+    checkpointer = Checkpointer(checkpoint_dir, max_to_keep=None, async_save=False, create=False)
     step = checkpointer._step(step)
     config = GPTConfig(**checkpointer.meta(step)["model_config"])
     graphdef, state, params_target = abstract_model(config, make_mesh() if mesh is None else mesh, dtype, attn_impl)

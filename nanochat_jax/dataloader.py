@@ -39,18 +39,20 @@ class PackedRowsIterator(grain.DatasetIterator):
         self.keys, self.docs = [], {}  # keys sorted by (length, arrival); docs: arrival -> (doc_id, tokens)
         self.arrivals = itertools.count()
         self._texts = {}  # (shard, group) -> the row group's documents, while it is being read
-        self._group_counts = {}
+        self._files = {}
+
+    def _file(self, shard: int):
+        if shard not in self._files:
+            self._files[shard] = open_shard(self.ds.shards[shard])
+        return self._files[shard]
 
     def _num_groups(self, shard: int) -> int:
-        if shard not in self._group_counts:
-            self._group_counts[shard] = open_shard(self.ds.shards[shard]).num_row_groups
-        return self._group_counts[shard]
+        return self._file(shard).num_row_groups
 
     # ---- reading
     def _group_texts(self, shard: int, group: int) -> list[str]:
         if (shard, group) not in self._texts:
-            path = self.ds.shards[shard]
-            table = open_shard(path).read_row_group(group, columns=["text"])
+            table = self._file(shard).read_row_group(group, columns=["text"])
             self._texts = {(shard, group): table.column("text").to_pylist()}  # keep only the group being read
         return self._texts[(shard, group)]
 
@@ -116,7 +118,7 @@ class PackedRowsIterator(grain.DatasetIterator):
             by_group.setdefault((shard, group), []).append(row)
         texts = {}
         for (shard, group), rows in by_group.items():
-            table = open_shard(self.ds.shards[shard]).read_row_group(group, columns=["text"]).column("text")
+            table = self._file(shard).read_row_group(group, columns=["text"]).column("text")
             texts |= {(shard, group, r): table[r].as_py() for r in rows}
         ids = [tuple(doc_id) for doc_id in state["buffer"]]
         self._add(ids, [texts[doc_id] for doc_id in ids])

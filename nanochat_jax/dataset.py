@@ -12,6 +12,7 @@ from nanochat_jax.common import get_base_dir
 HF_DATASET = "karpathy/fineweb-edu-100b-shuffle"
 BASE_URL = f"https://huggingface.co/datasets/{HF_DATASET}/resolve/main"
 MAX_SHARD = 1822  # shard_01822.parquet is the last one nanochat publishes
+STANDIN_MARKER = "LOCAL_STANDIN.txt"  # written beside shards built by scripts.local_corpus
 
 
 def shard_name(index: int) -> str:

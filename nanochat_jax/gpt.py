@@ -63,6 +63,9 @@ def config_from_depth(depth: int, vocab_size: int, sequence_len: int = 2048, n_k
     """nanochat's sizing: width 64 x depth, head dim 128 (ceil division of the heads), MHA unless told otherwise."""
     n_embd = 64 * depth
     n_head = max(1, (n_embd + 127) // 128)
+    if depth < 1 or n_embd % n_head:
+        raise ValueError(f"depth {depth} gives width {n_embd}, which does not split into {n_head} equal heads of about "
+                         "128: use an even depth (or 1, 3, 7, 15, 31)")
     return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head,
                      n_kv_head=n_kv_head or n_head, n_embd=n_embd)
 

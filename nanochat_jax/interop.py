@@ -25,7 +25,7 @@ from nanochat_jax.tokenizer import Tokenizer
 
 def find_last_step(checkpoint_dir: str) -> int:
     steps = [int(m.group(1)) for f in glob.glob(os.path.join(checkpoint_dir, "model_*.pt"))
-             if (m := re.fullmatch(r"model_(\d+)\.pt", os.path.basename(f)))]
+             if (m := re.fullmatch(r"model_(\d{6,})\.pt", os.path.basename(f)))]
     if not steps:
         raise FileNotFoundError(f"no nanochat checkpoint (model_<step>.pt) in {checkpoint_dir}")
     return max(steps)

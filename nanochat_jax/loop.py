@@ -42,13 +42,33 @@ def due(step: int, every: int) -> bool:
 
 
 def trim_metrics(path: str, before_step: int):
-    """On resume, drop the records of steps that will be trained again."""
+    """On resume, drop the records of steps that will be trained again (and a line cut short by a crash)."""
     if not os.path.exists(path):
         return
+    keep = []
     with open(path) as f:
-        keep = [line for line in f if line.strip() and json.loads(line)["step"] < before_step]
-    with open(path, "w") as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] < before_step:
+                    keep.append(line)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                print0(f"{path}: skipping an unreadable line {line[:60]!r}")
+    with open(path + ".tmp", "w") as f:
         f.writelines(keep)
+    os.replace(path + ".tmp", path)
+
+
+def gather_json(obj) -> list:
+    """Every process's `obj` (JSON-serialisable), in process order: each host's data-loader state is its own."""
+    if jax.process_count() == 1:
+        return [obj]
+    from jax.experimental import multihost_utils
+    data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    lengths = np.asarray(multihost_utils.process_allgather(np.array([data.size]))).ravel()
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[:data.size] = data
+    rows = np.asarray(multihost_utils.process_allgather(padded))
+    return [json.loads(bytes(row[:n]).decode()) for row, n in zip(rows, lengths)]
 
 
 def run(trainer: Trainer, params, opt_state, batches, cfg: LoopConfig, checkpointer: Checkpointer,
@@ -77,11 +97,11 @@ def run(trainer: Trainer, params, opt_state, batches, cfg: LoopConfig, checkpoin
                 best = loop_state["min_val_bpb"]
                 loop_state["min_val_bpb"] = record["val_bpb"] if best is None else min(best, record["val_bpb"])
             print0(f"step {step:05d} | " + " | ".join(f"{k}: {v:.4f}" for k, v in record.items()))
-        if cfg.sample is not None and (last or due(step, cfg.sample_every)) and jax.process_index() == 0:
-            cfg.sample(params)
-        if last or (due(step, cfg.save_every) and step != start_step):
+        if cfg.sample is not None and (last or due(step, cfg.sample_every)):
+            cfg.sample(params)  # on every process (the params span them all); it prints on process 0
+        if (last or due(step, cfg.save_every)) and step != start_step:
             checkpointer.save(step, {"params": params, "opt_state": opt_state},
-                              cfg.meta(step, dict(loop_state, data_state=data_state)))
+                              cfg.meta(step, dict(loop_state, data_states=gather_json(data_state))))
         if last:
             if record:
                 write_metrics(metrics_path, {"step": step, **record}, cfg.wandb_run)

@@ -81,10 +81,6 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES))
 
 
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P())
-
-
 def create_sharded(make_model, mesh: Mesh, rules: ShardingRules = RULES):
     """Build a model with its parameters initialised directly in their shards (no full copy on one device).
     make_model: a zero-argument function returning the nnx.Module. Returns (graphdef, state)."""

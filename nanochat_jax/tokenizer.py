@@ -86,9 +86,6 @@ class Tokenizer:
     def get_bos_token_id(self) -> int:
         return self.bos_token_id
 
-    def id_to_token(self, token_id: int) -> str:
-        return self.enc.decode([token_id])
-
     def token_bytes(self) -> np.ndarray:
         """UTF-8 byte length of every token id, 0 for special tokens (they carry no text)."""
         special_ids = set(self.enc._special_tokens.values())

@@ -31,6 +31,8 @@ def main():
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default=None)
     parser.add_argument("--mesh", default=None)
     args = parser.parse_args()
+    if args.steps < 1:
+        parser.error("--steps must be at least 1")
 
     config = config_from_depth(args.depth, args.vocab_size, args.max_seq_len)
     dtype, mesh = parse_dtype(args.dtype), make_mesh(args.mesh)

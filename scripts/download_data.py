@@ -9,10 +9,11 @@ The validation shard is the last one nanochat publishes (shard_01822), so it sor
 import argparse
 import os
 import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
-from nanochat_jax.dataset import BASE_URL, MAX_SHARD, data_dir, shard_name
+from nanochat_jax.dataset import BASE_URL, MAX_SHARD, STANDIN_MARKER as MARKER, data_dir, shard_name
 
 
 def download(index: int, directory: str, attempts: int = 5) -> str | None:
@@ -27,7 +28,13 @@ def download(index: int, directory: str, attempts: int = 5) -> str | None:
         try:
             have = os.path.getsize(tmp) if os.path.exists(tmp) else 0
             request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
-            with urllib.request.urlopen(request, timeout=60) as response:
+            try:
+                response = urllib.request.urlopen(request, timeout=60)
+            except urllib.error.HTTPError as e:
+                if e.code == 416 and have:  # the partial file is already whole (or bad): start again
+                    os.remove(tmp)
+                raise
+            with response:
                 resumed = have and response.status == 206  # else the server sent the whole file again
                 with open(tmp, "ab" if resumed else "wb") as f:
                     while chunk := response.read(1 << 20):
@@ -51,6 +58,9 @@ def main():
         parser.error(f"--num-shards must be between 1 and {MAX_SHARD}")
     directory = data_dir()
     os.makedirs(directory, exist_ok=True)
+    if os.path.exists(os.path.join(directory, MARKER)):
+        raise SystemExit(f"{directory} holds the local stand-in corpus (see {MARKER}); move those shards away "
+                         "before downloading FineWeb-edu, so that the two never mix")
     indices = list(range(args.num_shards)) + [MAX_SHARD]
     with ThreadPoolExecutor(args.workers) as pool:
         failures = [f for f in pool.map(lambda i: download(i, directory), indices) if f]

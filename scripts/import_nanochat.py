@@ -27,6 +27,8 @@ def main():
         raise SystemExit(f"no tokenizer.pkl next to {args.src} nor in nanochat's <base>/tokenizer/: "
                          "copy the tokenizer.pkl the model was trained with into the source directory")
     checkpointer = Checkpointer(args.dst, max_to_keep=None, async_save=False)
+    if step in checkpointer.manager.all_steps():
+        raise SystemExit(f"{checkpointer.directory} already holds step {step}: choose another --dst")
     params = nnx.to_pure_dict(nnx.state(model))
     checkpointer.save_tokenizer(tokenizer)
     checkpointer.save(step, {"params": params}, model_meta(model.config, step, imported_from=os.path.abspath(args.src),

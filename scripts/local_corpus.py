@@ -4,7 +4,7 @@
 
 Each document is the docstrings of one standard-library module (read with `ast`, nothing is imported). It is English
 prose about programming, far from FineWeb-edu: good for exercising the pipeline, not for comparable numbers. A marker
-file LOCAL_STANDIN.txt beside the shards says so, and the stages that report results label them with it.
+file LOCAL_STANDIN.txt beside the shards records that (and stops download_data from mixing real shards in).
 """
 import argparse
 import ast
@@ -14,9 +14,7 @@ import sysconfig
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nanochat_jax.dataset import data_dir, shard_name
-
-MARKER = "LOCAL_STANDIN.txt"
+from nanochat_jax.dataset import STANDIN_MARKER as MARKER, data_dir, shard_name
 
 
 def module_docstrings(path: str) -> str:
@@ -54,6 +52,11 @@ def main():
         parser.error("--num-shards must be at least 2 (train + validation)")
     directory = data_dir()
     os.makedirs(directory, exist_ok=True)
+    existing = sorted(f for f in os.listdir(directory) if f.endswith(".parquet"))
+    if existing and not os.path.exists(os.path.join(directory, MARKER)):
+        raise SystemExit(f"{directory} already holds shards ({existing[0]} ...): not mixing a stand-in into them")
+    for name in existing:  # an earlier stand-in: replaced whole, so no stale shard becomes the validation split
+        os.remove(os.path.join(directory, name))
     docs = stdlib_documents(args.max_chars)
     for shard in range(args.num_shards):
         part = docs[shard::args.num_shards]

@@ -35,10 +35,14 @@ def main():
     parser = argparse.ArgumentParser(description="model size, FLOPs and one forward pass")
     parser.add_argument("--depth", type=int, default=20)
     parser.add_argument("--max-seq-len", type=int, default=2048)
-    parser.add_argument("--batch-size", type=int, default=1, help="rows per forward (split over the mesh)")
+    parser.add_argument("--batch-size", type=int, default=None, help="rows per forward, split over the devices "
+                        "(default: one per device)")
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default=None, help="default: by backend")
     parser.add_argument("--mesh", default=None, help="e.g. data:8, fsdp:8, data:2,fsdp:4 (default: all on data)")
     args = parser.parse_args()
+    args.batch_size = args.batch_size or jax.device_count()
+    if args.batch_size % jax.device_count():
+        parser.error(f"--batch-size {args.batch_size} must be a multiple of the {jax.device_count()} devices")
 
     tokenizer = get_tokenizer()
     config = config_from_depth(args.depth, tokenizer.get_vocab_size(), args.max_seq_len)

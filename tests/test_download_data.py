@@ -21,6 +21,9 @@ class RangeHandler(http.server.BaseHTTPRequestHandler):
         body, start = self.files[name], 0
         if self.headers.get("Range"):
             start = int(self.headers["Range"].removeprefix("bytes=").rstrip("-"))
+            if start >= len(body):
+                self.send_error(416)
+                return
             self.send_response(206)
         else:
             self.send_response(200)
@@ -47,11 +50,13 @@ def test_download_skip_and_resume(server, tmp_path):
     server.files = {f"shard_{i:05d}.parquet": bytes([i % 256]) * 1000 + os.urandom(500) for i in (0, 1, 1822)}
     (tmp_path / "shard_00000.parquet").write_bytes(server.files["shard_00000.parquet"])  # already there
     (tmp_path / "shard_00001.parquet.tmp").write_bytes(server.files["shard_00001.parquet"][:700])  # interrupted
+    (tmp_path / "shard_01822.parquet.tmp").write_bytes(server.files["shard_01822.parquet"])  # whole, never renamed
     for index in (0, 1, 1822):
         assert download_data.download(index, str(tmp_path)) is None
     for name, body in server.files.items():
         assert (tmp_path / name).read_bytes() == body
-    assert server.requests == [("shard_00001.parquet", "bytes=700-"), ("shard_01822.parquet", None)]
+    assert server.requests == [("shard_00001.parquet", "bytes=700-"), ("shard_01822.parquet", "bytes=1500-"),
+                               ("shard_01822.parquet", None)]  # 416 for the whole .tmp: downloaded again
     assert not list(tmp_path.glob("*.tmp"))
 
 
@@ -64,3 +69,21 @@ def test_missing_files_are_named(server, tmp_path, monkeypatch, capsys):
     message = str(err.value)
     assert "shard_00001.parquet, shard_01822.parquet" in message and str(tmp_path / "base_data") in message
     assert (tmp_path / "base_data" / "shard_00000.parquet").exists()
+
+
+def test_stand_in_and_real_shards_never_mix(tmp_path, monkeypatch):
+    from conftest import run_module
+    env = {"NANOCHAT_BASE_DIR": str(tmp_path)}
+    data = tmp_path / "base_data"
+    data.mkdir()
+    (data / "shard_00000.parquet").write_bytes(b"real")
+    refused = run_module("scripts.local_corpus", "--max-chars", "20000", env=env)
+    assert refused.returncode != 0 and "not mixing a stand-in" in refused.stderr
+    (data / "shard_00000.parquet").unlink()
+    run_module("scripts.local_corpus", "--max-chars", "20000", "--num-shards", "6", env=env, check=True)
+    run_module("scripts.local_corpus", "--max-chars", "20000", "--num-shards", "3", env=env, check=True)
+    assert sorted(p.name for p in data.glob("*.parquet")) == [f"shard_0000{i}.parquet" for i in range(3)]
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    monkeypatch.setattr("sys.argv", ["download_data", "-n", "1"])
+    with pytest.raises(SystemExit, match="local stand-in"):
+        download_data.main()

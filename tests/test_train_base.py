@@ -62,12 +62,25 @@ def test_train_resume_and_remesh(base_dir, capsys):
     assert "resumed from step 5" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="holds a model"):
         base.main(ARGS + ["--resume", "--max-seq-len", "64"])
+    with pytest.raises(SystemExit, match="already holds checkpoints"):
+        base.main(ARGS)  # a fresh run never mixes into an existing one
+    with pytest.raises(SystemExit, match="beyond this run's 8 steps"):
+        base.main(ARGS + ["--resume", "--num-iterations", "8"])
+    base.main(ARGS + ["--resume"])  # resuming a finished run: evaluates, saves nothing new, ends
+    assert read_metrics(run_dir)[-1]["step"] == 10
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write('{"step": 11, "los')  # a line cut short by a crash does not break the next resume
+    shutil.rmtree(run_dir / "10")
+    base.main(ARGS + ["--resume"])
+    assert_same(read_metrics(run_dir), full, rel=1e-6)
 
 
 @pytest.mark.parametrize("extra,message", [
     (["--total-batch-size", "500"], "not a multiple of device batch"),
     (["--eval-every", "0"], "--eval-every must be positive, or -1"),
     (["--depth", "0"], "--depth must be positive"),
+    (["--depth", "5"], "use an even depth"),
+    (["--num-iterations", "0"], "--num-iterations must be positive, or -1"),
     (["--num-iterations", "-1", "--target-param-data-ratio", "-1"], "no training horizon"),
     (["--mesh", "tensor:8"], "bad --mesh entry"),
     (["--resume"], "no checkpoint in"),

@@ -54,7 +54,7 @@ def local_shard_samples() -> dict[str, str]:
     for split in ("train", "val"):
         try:
             samples[f"{split}-shard"] = "\n".join(next(iter_texts(split)))
-        except (FileNotFoundError, StopIteration) as e:
+        except (FileNotFoundError, StopIteration, ValueError) as e:
             print(f"(no {split} shard sample: {e})")
     return samples
 

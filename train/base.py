@@ -57,6 +57,8 @@ def parse_args(argv=None):
     p.add_argument("--run", default=None, help="wandb run name (logging is off unless given and wandb is installed)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if args.num_iterations == 0 or args.num_iterations < -1:
+        p.error("--num-iterations must be positive, or -1 to use --target-flops / --target-param-data-ratio")
     for name in ("depth", "max_seq_len", "device_batch_size", "total_batch_size", "eval_tokens"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be positive")
@@ -105,7 +107,10 @@ def make_sampler(trainer, tokenizer, max_tokens: int = 16, length: int = 64):
 def main(argv=None):
     args = parse_args(argv)
     tokenizer, token_bytes = get_tokenizer(), get_token_bytes()
-    config = config_from_depth(args.depth, tokenizer.get_vocab_size(), args.max_seq_len)
+    try:
+        config = config_from_depth(args.depth, tokenizer.get_vocab_size(), args.max_seq_len)
+    except ValueError as e:
+        raise SystemExit(f"--depth: {e}") from None
     mesh, dtype = make_mesh(args.mesh), parse_dtype(args.dtype)
     accum_steps = batch_geometry(args, jax.device_count())
     num_iterations = horizon(args, config)
@@ -129,17 +134,31 @@ def main(argv=None):
         start_step = checkpointer.latest_step()
         if start_step is None:
             raise SystemExit(f"--resume: no checkpoint in {checkpointer.directory}")
-        saved_config = checkpointer.meta(start_step)["model_config"]
-        if saved_config != asdict(config):
-            raise SystemExit(f"--resume: {checkpointer.directory} holds a model {saved_config}, but these flags make "
-                             f"{asdict(config)}; use the same --depth/--max-seq-len or another --model-tag")
+        saved = checkpointer.meta(start_step)
+        if "loop_state" not in saved:
+            raise SystemExit(f"--resume: step {start_step} in {checkpointer.directory} is not a training checkpoint "
+                             "(no optimizer or data state; an imported model?)")
+        if saved["model_config"] != asdict(config):
+            raise SystemExit(f"--resume: {checkpointer.directory} holds a model {saved['model_config']}, but these "
+                             f"flags make {asdict(config)}; use the same --depth/--max-seq-len or another --model-tag")
+        if start_step > num_iterations:
+            raise SystemExit(f"--resume: the checkpoint is at step {start_step}, beyond this run's {num_iterations} "
+                             "steps (a smaller --num-iterations or a larger --total-batch-size?)")
+        data_states = saved["loop_state"]["data_states"]
+        if len(data_states) != jax.process_count():
+            raise SystemExit(f"--resume: the run was saved by {len(data_states)} processes, this one has "
+                             f"{jax.process_count()}: the data position cannot be split differently")
         state, meta = checkpointer.restore({"params": trainer.abstract_params, "opt_state": trainer.abstract_opt_state},
                                            start_step)
         params, opt_state = state["params"], state["opt_state"]
         loop_state = meta["loop_state"]
-        train_batches.set_state(loop_state.pop("data_state"))
+        train_batches.set_state(loop_state.pop("data_states")[jax.process_index()])
         print0(f"resumed from step {start_step} of {checkpointer.directory}")
     else:
+        if checkpointer.latest_step() is not None:
+            raise SystemExit(f"{checkpointer.directory} already holds checkpoints (steps "
+                             f"{checkpointer.manager.all_steps()}): continue it with --resume, or pick another "
+                             "--model-tag")
         params, opt_state = trainer.init_state(make_model)
         checkpointer.save_tokenizer(tokenizer)
 
