@@ -9,10 +9,12 @@ What is covered (Linux, no root needed):
 - wall-clock timeout, CPU-time limit, address-space limit (memory), file-size limit (which also caps stdout/stderr),
   no core dumps;
 - no network: the process enters new user + network namespaces (no interfaces), where the kernel allows
-  unprivileged namespaces; in any case an audit hook refuses socket connect/bind/DNS;
-- an audit hook (installed before the program runs, and irremovable from Python) refuses writes, renames, deletes
-  and mode changes outside the temporary directory; process creation (fork, exec, spawn, system, subprocess);
-  signals to other processes; and loading native code (ctypes, _posixsubprocess).
+  unprivileged namespaces (it says so on stderr where it does not); in any case the audit hook refuses non-Unix
+  sockets, connect/bind/send and DNS;
+- an audit hook (installed before the program runs; its state lives in a closure, and the gc
+  object walk that could reach it is refused) refuses writes, renames, deletes, mode changes and directory
+  descriptors outside the temporary directory; process creation (fork, exec, spawn, system, subprocess); signals
+  to other processes (kill, and pidfd functions are removed); and native code (ctypes, _posixsubprocess).
 
 What is not covered: reading files the user can read (e.g. the installed code); native extensions already importable
 that bypass Python's audit events; CPU/memory side channels; a kernel exploit. Without unprivileged user namespaces
@@ -37,42 +39,63 @@ for _limit, _value in ((resource.RLIMIT_CPU, int(_timeout) + 1), (resource.RLIMI
     resource.setrlimit(_limit, (_value, _value))
 if _isolate:
     import ctypes
-    ctypes.CDLL(None, use_errno=True).unshare(0x10000000 | 0x40000000)  # new user + network namespaces, if allowed
+    if ctypes.CDLL(None, use_errno=True).unshare(0x10000000 | 0x40000000) != 0:  # new user + network namespaces
+        print(f"sandbox: no network namespace ({os.strerror(ctypes.get_errno())}): the audit hook alone blocks "
+              "the network", file=sys.stderr)
     del ctypes
     for _name in [m for m in sys.modules if m.split(".")[0] in ("ctypes", "_ctypes")]:
         del sys.modules[_name]  # a later `import ctypes` goes through the import hook again
-_ROOT = os.path.realpath(os.getcwd())
-_DENY = {"os.system", "os.exec", "os.fork", "os.forkpty", "os.posix_spawn", "os.spawn", "subprocess.Popen",
-         "os.kill", "os.killpg", "ctypes.dlopen", "ctypes.dlsym", "ctypes.cdata", "socket.connect", "socket.bind",
-         "socket.getaddrinfo", "socket.gethostbyname", "socket.sendto", "sys.addaudithook", "os.setuid"}
-_PATH_EVENTS = {"os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.chmod", "os.chown", "os.symlink", "os.link",
-                "os.truncate", "os.utime", "shutil.rmtree", "shutil.move", "shutil.copyfile", "os.chdir"}
-_NO_IMPORT = {"ctypes", "_ctypes", "_posixsubprocess"}
-_WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+import posix, signal, _signal
+for _module, _names in ((os, ("pidfd_open",)), (posix, ("pidfd_open",)), (signal, ("pidfd_send_signal",)),
+                        (_signal, ("pidfd_send_signal",))):
+    for _name in _names:
+        if hasattr(_module, _name):
+            delattr(_module, _name)  # signals by pidfd are not audited: take the functions away
 
-def _inside(path):
-    if isinstance(path, int):
-        return True  # an already-open descriptor
-    try:
-        real = os.path.realpath(os.fsdecode(path))
-    except (TypeError, ValueError):
-        return False
-    return real == _ROOT or real.startswith(_ROOT + os.sep)
+def _install():
+    # Everything the hook uses lives in this closure, out of reach of the program's globals.
+    root = os.path.realpath(os.getcwd())
+    deny = frozenset({"os.system", "os.exec", "os.fork", "os.forkpty", "os.posix_spawn", "os.spawn",
+                      "subprocess.Popen", "os.kill", "os.killpg", "ctypes.dlopen", "ctypes.dlsym", "ctypes.cdata",
+                      "socket.connect", "socket.bind", "socket.getaddrinfo", "socket.gethostbyname", "socket.sendto",
+                      "socket.sendmsg", "sys.addaudithook", "gc.get_objects", "gc.get_referrers",
+                      "gc.get_referents", "os.setuid", "os.mkfifo", "os.mknod"})
+    path_events = frozenset({"os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.chmod", "os.chown", "os.symlink",
+                             "os.link", "os.truncate", "os.utime", "shutil.rmtree", "shutil.move", "shutil.copyfile",
+                             "os.chdir"})
+    no_import = frozenset({"ctypes", "_ctypes", "_posixsubprocess"})
+    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+    realpath, isdir, fsdecode, sep = os.path.realpath, os.path.isdir, os.fsdecode, os.sep
 
-def _hook(event, args):
-    if event in _DENY:
-        raise PermissionError(f"sandbox: {event} is not allowed")
-    if event == "import" and args[0].split(".")[0] in _NO_IMPORT:
-        raise ImportError(f"sandbox: importing {args[0]} is not allowed")
-    if event == "open" and args[0] is not None:
-        mode, flags = args[1] or "", args[2] or 0
-        if (any(c in mode for c in "wax+") or flags & _WRITE) and not _inside(args[0]):
-            raise PermissionError(f"sandbox: writing {args[0]!r} outside the working directory is not allowed")
-    if event in _PATH_EVENTS and not all(_inside(a) for a in args[:2] if isinstance(a, (str, bytes, os.PathLike))):
-        raise PermissionError(f"sandbox: {event} outside the working directory is not allowed")
+    def inside(path):
+        if isinstance(path, int):
+            return True  # an already-open descriptor
+        try:
+            real = realpath(fsdecode(path))
+        except (TypeError, ValueError):
+            return False
+        return real == root or real.startswith(root + sep)
 
-sys.addaudithook(_hook)
-del _hook
+    def hook(event, args):
+        if event in deny:
+            raise PermissionError(f"sandbox: {event} is not allowed")
+        if event == "socket.__new__" and args[1] != 1:  # only AF_UNIX
+            raise PermissionError("sandbox: network sockets are not allowed")
+        if event == "import" and args[0].split(".")[0] in no_import:
+            raise ImportError(f"sandbox: importing {args[0]} is not allowed")
+        if event == "open" and args[0] is not None and not inside(args[0]):
+            mode, flags = args[1] or "", args[2] or 0
+            if any(c in mode for c in "wax+") or flags & write_flags:
+                raise PermissionError(f"sandbox: writing {args[0]!r} outside the working directory is not allowed")
+            if isdir(args[0]):  # a directory descriptor outside would let dir_fd= calls write there
+                raise PermissionError(f"sandbox: opening the directory {args[0]!r} is not allowed")
+        if event in path_events and not all(inside(a) for a in args[:2] if isinstance(a, (str, bytes, os.PathLike))):
+            raise PermissionError(f"sandbox: {event} outside the working directory is not allowed")
+
+    sys.addaudithook(hook)
+
+_install()
+del _install
 _source = open("program.py").read()
 exec(compile(_source, "program.py", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
 '''

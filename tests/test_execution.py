@@ -28,7 +28,7 @@ def test_memory_and_output_limits():
 
 @pytest.mark.parametrize("code,message", [
     ("import socket; socket.create_connection(('127.0.0.1', 9), timeout=1)", "socket"),
-    ("import socket; s = socket.socket(); s.connect(('127.0.0.1', 9))", "socket.connect"),
+    ("import socket; s = socket.socket(); s.connect(('127.0.0.1', 9))", "network sockets"),
     ("open('/tmp/nanochat_sandbox_escape.txt', 'w')", "outside the working directory"),
     ("import os; os.remove('/etc/hostname')", "outside the working directory"),
     ("import os; os.fork()", "os.fork"),
@@ -59,3 +59,15 @@ def test_network_namespace_when_the_kernel_allows_it():
         pytest.skip("this kernel refuses unprivileged user namespaces; the audit hook alone blocks the network")
     result = execute_code("print(sorted(l.split(':')[0].strip() for l in open('/proc/self/net/dev').readlines()[2:]))")
     assert result.stdout.strip() == "['lo']"  # a network namespace of its own, with only a (down) loopback
+
+
+@pytest.mark.parametrize("code,message", [
+    ("import sys, os\nsys.modules['__main__']._DENY = set()\nos.system('true')", "os.system"),  # hook state is private
+    ("import os\nd = os.open('/tmp', os.O_RDONLY)\nos.open('x', os.O_WRONLY | os.O_CREAT, dir_fd=d)", "directory"),
+    ("import os, signal\nsignal.pidfd_send_signal(os.pidfd_open(os.getppid()), 9)", "pidfd"),
+    ("import socket\nsocket.socket(socket.AF_INET, socket.SOCK_DGRAM)", "network sockets"),
+    ("import gc\ngc.get_objects()", "gc.get_objects"),
+])
+def test_escape_attempts(code, message):
+    result = execute_code(code)
+    assert result.status == "error" and message in (result.error or ""), result
