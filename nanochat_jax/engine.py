@@ -90,12 +90,11 @@ def sample(logits_BV, keys_B, temperature_B, top_k_B, top_p_B):
 
 
 def prefill(graphdef, params, ids_1L, length, keys_N, temperature_N, top_k_N, top_p_N, cache_len: int):
-    """Run one padded prompt into a fresh cache, broadcast it to N rows, sample each row's first token."""
+    """Run one padded prompt into a fresh one-row cache; sample the first token of each of N rows from it."""
     model = nnx.merge(graphdef, params)
     cache = init_cache(model.config, 1, cache_len, model.dtype)
     logits, cache = model.forward_cached(ids_1L, cache, jnp.zeros(1, jnp.int32))
     n = keys_N.shape[0]
-    cache = jax.tree.map(lambda c: jnp.broadcast_to(c, (c.shape[0], n) + c.shape[2:]), cache)
     step_keys = jax.vmap(jax.random.fold_in)(keys_N, jnp.full(n, length))
     last = jnp.broadcast_to(logits[0, length - 1], (n, logits.shape[-1]))
     return cache, sample(last, step_keys, temperature_N, top_k_N, top_p_N)
@@ -166,14 +165,18 @@ class Engine:
         return room if max_tokens is None else min(max_tokens, room)
 
     def start(self, tokens, keys, max_tokens, temperature, top_k, top_p, cache_len):
-        """Prefill a prompt for len(keys) rows: (cache, rows) ready for decode."""
+        """Prefill a prompt for len(keys) rows: (one-row cache, rows) ready for decode once the cache is
+        broadcast to the rows."""
         # prompt lengths share a few compiled shapes: powers of two (within the cache)
         bucket = min(max(16, 1 << (len(tokens) - 1).bit_length()), cache_len)
         ids = jnp.asarray([list(tokens) + [0] * (bucket - len(tokens))], jnp.int32)
         n = keys.shape[0]
-        cache, first = self.prefill(self.params, ids, len(tokens), keys, jnp.full(n, temperature, jnp.float32),
-                                    jnp.full(n, top_k or 0, jnp.int32), jnp.full(n, top_p, jnp.float32),
+        padded = 1 << (n - 1).bit_length()  # sample counts share a few compiled shapes too
+        keys = jnp.concatenate([keys, jnp.broadcast_to(keys[:1], (padded - n,))]) if padded > n else keys
+        cache, first = self.prefill(self.params, ids, len(tokens), keys, jnp.full(padded, temperature, jnp.float32),
+                                    jnp.full(padded, top_k or 0, jnp.int32), jnp.full(padded, top_p, jnp.float32),
                                     cache_len=cache_len)
+        keys, first = keys[:n], first[:n]
         return cache, new_rows(first, len(tokens), max_tokens - 1, keys, temperature, top_k or 0, top_p,
                                jnp.asarray(self.stops + (self.python_end,)))
 
@@ -182,8 +185,10 @@ class Engine:
         tool). A finished sample repeats its stop token with mask 0 until all have finished."""
         max_tokens = self.check_request(tokens, max_tokens, temperature, top_k)
         keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(seed), jnp.arange(num_samples))
+        # one cache length per model: a growing conversation never recompiles the decode step
         cache, rows = self.start(tokens, keys, max_tokens, temperature, top_k, 1.0,
-                                 _round_up(len(tokens) + max_tokens + 1, 256))
+                                 _round_up(self.config.sequence_len + 1, 256))
+        cache = jax.tree.map(lambda c: jnp.repeat(c, num_samples, axis=1), cache)
         first = np.asarray(rows["last"])
         queues = [[(int(t), 1)] for t in first]  # per sample: (token, mask) not yet yielded
         history = [list(tokens) + [int(t)] for t in first]

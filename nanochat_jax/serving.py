@@ -41,9 +41,10 @@ class Request:
         self.cancelled = True
 
 
-def _admit(cache, rows, new_cache, new_rows, slots):
-    cache = jax.tree.map(lambda c, n: c.at[:, slots].set(n), cache, new_cache)
-    return cache, jax.tree.map(lambda r, n: r.at[slots].set(n), rows, new_rows)
+def _admit(cache, rows, row_cache, row, slot):
+    """Copy a one-row prefill cache and one row's state into `slot` (one compiled shape for every request)."""
+    cache = jax.tree.map(lambda c, n: jax.lax.dynamic_update_slice_in_dim(c, n, slot, axis=1), cache, row_cache)
+    return cache, jax.tree.map(lambda r, n: r.at[slot].set(n), rows, row)
 
 
 class BatchedEngine:
@@ -56,6 +57,7 @@ class BatchedEngine:
         self.pending = [False] * slots
         self.stats = {"requests_served": 0, "tokens_generated": 0}
         self.admit = jax.jit(_admit, donate_argnums=(0, 1))
+        self._admitting = None  # the request being prefilled (told if that fails)
         self._wake = threading.Event()
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
@@ -86,9 +88,8 @@ class BatchedEngine:
         return sum(owner is not None for owner in self.owner)
 
     # ---- the loop
-    def _loop(self):
-        e = self.engine
-        zeros = jnp.zeros
+    def _empty_state(self):
+        e, zeros = self.engine, jnp.zeros
         cache = init_cache(e.config, self.n_slots, self.max_len, e.dtype)
         rows = {"last": zeros(self.n_slots, jnp.int32), "pos": zeros(self.n_slots, jnp.int32),
                 "active": zeros(self.n_slots, bool), "budget": zeros(self.n_slots, jnp.int32),
@@ -96,6 +97,11 @@ class BatchedEngine:
                 "top_k": zeros(self.n_slots, jnp.int32), "top_p": jnp.ones(self.n_slots, jnp.float32),
                 "forced": zeros((self.n_slots, FORCED_SLOTS), jnp.int32), "n_forced": zeros(self.n_slots, jnp.int32),
                 "forced_at": zeros(self.n_slots, jnp.int32)}
+        return cache, rows
+
+    def _loop(self):
+        e = self.engine
+        cache, rows = self._empty_state()
         while not self._stop:
             try:
                 cache, rows = self._admit_waiting(cache, rows)
@@ -108,28 +114,30 @@ class BatchedEngine:
                 cache, rows, tokens, forced = e.decode(e.params, cache, rows, e.pause_tokens, steps=self.chunk)
                 rows = self._deliver(rows, np.asarray(tokens), np.asarray(forced))
             except Exception as error:  # never let one bad batch take the server down
-                for slot, owner in enumerate(self.owner):
-                    if owner is not None:
-                        owner.events.put((-1, None, f"engine error: {type(error).__name__}: {error}"))
-                        self.owner[slot] = None
-                rows = dict(rows, active=jnp.zeros(self.n_slots, bool))
+                message = f"engine error: {type(error).__name__}: {error}"
+                for request in {o for o in self.owner if o is not None} | ({self._admitting} - {None}):
+                    request.events.put((-1, None, message))
+                self.owner, self.pending, self._admitting = [None] * self.n_slots, [False] * self.n_slots, None
+                cache, rows = self._empty_state()  # the old buffers may have been donated to the failed call
 
     def _admit_waiting(self, cache, rows):
         e = self.engine
+        with self.waiting.mutex:  # cancelled requests leave the queue wherever they are
+            for request in [r for r in self.waiting.queue if r.cancelled]:
+                self.waiting.queue.remove(request)
         while not self.waiting.empty():
             request = self.waiting.queue[0]
             free = [s for s, owner in enumerate(self.owner) if owner is None]
-            if request.cancelled:
-                self.waiting.get_nowait()
-                continue
             if len(free) < request.n:
                 break
-            self.waiting.get_nowait()
+            self._admitting = self.waiting.get_nowait()
             slots = free[:request.n]
             keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(request.seed), jnp.arange(request.n))
-            new_cache, new_rows = e.start(request.tokens, keys, request.max_tokens, request.temperature,
+            row_cache, new_rows = e.start(request.tokens, keys, request.max_tokens, request.temperature,
                                           request.top_k, request.top_p, self.max_len)
-            cache, rows = self.admit(cache, rows, new_cache, new_rows, jnp.asarray(slots))
+            for i, slot in enumerate(slots):
+                cache, rows = self.admit(cache, rows, row_cache, jax.tree.map(lambda r: r[i], new_rows), slot)
+            self._admitting = None
             request.slots = slots
             first = np.asarray(new_rows["last"])
             for i, slot in enumerate(slots):

@@ -22,7 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from nanochat_jax.chat import prompt_for_reply, reply_parts
+from nanochat_jax.chat import prompt_for_reply
 from nanochat_jax.engine import MAX_TOP_K
 from nanochat_jax.serving import BatchedEngine, QueueFull, Request
 
@@ -64,7 +64,7 @@ class OpenAIChatRequest(ChatRequest):
     model: str | None = None
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)
     n: int = Field(1, ge=1)
     stream: bool = False
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_MAX_TOKENS)
@@ -99,13 +99,33 @@ def check_messages(messages: list[Message]) -> list[dict]:
     return [{"role": m.role, "content": m.text()} for m in messages]
 
 
+class ReplyText:
+    """A reply's text for people, built token by token: tool calls show as <<expression=result>>, as in GSM8K's
+    annotations. Only the tokens since the last tool marker are decoded again, so a long reply costs linear time."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.settled, self.tail = tokenizer, "", []
+        special = tokenizer.encode_special
+        self.markers = {special("<|python_start|>"): ("", "<<"), special("<|python_end|>"): ("", "="),
+                        special("<|output_start|>"): ("", ""), special("<|output_end|>"): ("", ">>")}
+
+    def add(self, token: int) -> str:
+        if token in self.markers:
+            self.settled += self.tokenizer.decode(self.tail) + self.markers[token][1]
+            self.tail = []
+        else:
+            self.tail.append(token)
+        return self.text()
+
+    def text(self) -> str:
+        return self.settled + self.tokenizer.decode(self.tail)
+
+
 def render_reply(tokenizer, tokens: list[int]) -> str:
-    """Reply text for people: tool calls shown as <<expression=result>>, as in GSM8K's annotations."""
-    parts = reply_parts(tokenizer, tokens)
-    if isinstance(parts, str):
-        return parts
-    shown = {"text": "{}", "python": "<<{}=", "python_output": "{}>>"}
-    return "".join(shown[p["type"]].format(p["text"]) for p in parts)
+    reply = ReplyText(tokenizer)
+    for t in tokens:
+        reply.add(t)
+    return reply.text()
 
 
 def create_app(batched: BatchedEngine, tokenizer, model_name: str, defaults: dict) -> FastAPI:
@@ -194,14 +214,13 @@ def create_app(batched: BatchedEngine, tokenizer, model_name: str, defaults: dic
                 if dropped:
                     note = f"dropped the oldest {dropped} messages to fit the context"
                     yield f"data: {json.dumps({'notice': note})}\n\n"
-                tokens, shown = [], ""
+                reply, shown = ReplyText(tokenizer), ""
                 async for sample, token, reason in events(request, http):
                     if sample == -1:
                         yield f"data: {json.dumps({'error': reason})}\n\n"
                     if token is None:
                         break
-                    tokens.append(token)
-                    text = render_reply(tokenizer, tokens)
+                    text = reply.add(token)
                     if not text.endswith("\ufffd") and len(text) > len(shown):
                         yield f"data: {json.dumps({'token': text[len(shown):]}, ensure_ascii=False)}\n\n"
                         shown = text
@@ -221,19 +240,26 @@ def create_app(batched: BatchedEngine, tokenizer, model_name: str, defaults: dic
         temperature = defaults["temperature"] if body.temperature is None else body.temperature
         request = submit(ids, body.n, max_tokens, temperature, body.top_k, body.top_p or 1.0, body.seed)
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        tokens = [[] for _ in range(body.n)]
-        texts, reasons = [""] * body.n, [None] * body.n
+        replies = [ReplyText(tokenizer) for _ in range(body.n)]
+        n_tokens, sent, reasons = [0] * body.n, [""] * body.n, [None] * body.n
+        hold = max((len(s) for s in body.stop or []), default=1) - 1  # a stop string may still be forming
 
-        def advance(sample, token):
-            """Adds a token; returns the new text to send (text stops at a stop string)."""
-            tokens[sample].append(token)
-            text = render_reply(tokenizer, tokens[sample])
+        def advance(sample, token=None):
+            """Adds a token (None: the sample finished); returns the new text that is safe to send: text before
+            a stop string, never a half character, and nothing that could be the start of a stop string."""
+            if token is not None:
+                n_tokens[sample] += 1
+                replies[sample].add(token)
+            text = replies[sample].text()
             cut = min((text.find(s) for s in body.stop or [] if s in text), default=-1)
             if cut >= 0:
                 text, reasons[sample] = text[:cut], "stop"
-            if text.endswith("\ufffd") and reasons[sample] is None:
-                return ""
-            new, texts[sample] = text[len(texts[sample]):], text
+            elif token is not None:
+                text = text[:len(text) - hold] if hold else text
+                if text.endswith("\ufffd"):
+                    return ""
+            new = text[len(sent[sample]):] if len(text) > len(sent[sample]) else ""
+            sent[sample] += new
             return new
 
         def chunk(sample, delta, reason=None):
@@ -249,8 +275,9 @@ def create_app(batched: BatchedEngine, tokenizer, model_name: str, defaults: dic
                 if reasons[sample] is not None:
                     continue
                 if token is None:
-                    reasons[sample] = reason
-                    yield sample, "", reason
+                    new = advance(sample)  # flush what was held back
+                    reasons[sample] = reasons[sample] or reason
+                    yield sample, new, reasons[sample]
                     continue
                 new = advance(sample, token)
                 yield sample, new, reasons[sample]
@@ -258,7 +285,7 @@ def create_app(batched: BatchedEngine, tokenizer, model_name: str, defaults: dic
                     return
 
         def usage():
-            completion = sum(len(t) for t in tokens)
+            completion = sum(n_tokens)
             return {"prompt_tokens": len(ids), "completion_tokens": completion, "total_tokens": len(ids) + completion}
 
         if body.stream:
@@ -282,7 +309,7 @@ def create_app(batched: BatchedEngine, tokenizer, model_name: str, defaults: dic
         finally:
             request.cancel()
         return {"id": completion_id, "object": "chat.completion", "created": created, "model": model_name,
-                "choices": [{"index": i, "message": {"role": "assistant", "content": texts[i]},
+                "choices": [{"index": i, "message": {"role": "assistant", "content": sent[i]},
                              "finish_reason": reasons[i] if reasons[i] in ("stop", "length") else "stop"}
                             for i in range(body.n)],
                 "usage": usage()}

@@ -96,6 +96,10 @@ def test_openai_completions(url):
         cut = httpx.post(url + "/v1/chat/completions",
                          json=HELLO | {"max_tokens": 12, "seed": 1, "stop": [text[2:4]]}).json()["choices"][0]
         assert cut["message"]["content"] == text[:text.find(text[2:4])] and cut["finish_reason"] == "stop"
+        with httpx.stream("POST", url + "/v1/chat/completions",
+                          json=HELLO | {"max_tokens": 12, "seed": 1, "stop": [text[2:4]], "stream": True}) as r:
+            streamed = [json.loads(e) for e in sse(r.iter_lines())[:-1]]
+        assert "".join(c["choices"][0]["delta"].get("content", "") for c in streamed) == cut["message"]["content"]
 
 
 @pytest.mark.parametrize("body,message", [
@@ -114,6 +118,7 @@ def test_openai_completions(url):
     ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}, "last message"),
     ({"messages": [{"role": "user", "content": "hi"}], "n": 3}, "decode slots"),
     ({"messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"messages": [{"role": "user", "content": "hi"}], "seed": 2**63}, "seed"),
 ])
 def test_bad_requests_get_4xx_and_the_server_keeps_serving(url, body, message):
     for path in ("/v1/chat/completions", "/chat/completions"):
