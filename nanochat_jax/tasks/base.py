@@ -1,0 +1,107 @@
+"""The Task interface, mixtures and sequences of tasks, and where task data comes from.
+
+A Task is a list of conversations ({"messages": [...], plus task fields}) with lightweight slicing
+(start/stop/step), and for evaluation either `evaluate(conversation, completion)` (generative tasks) or the answer
+letters (categorical tasks). Rows come from the Hugging Face hub through `datasets`; a JSONL file in the dataset's
+own schema at $NANOCHAT_BASE_DIR/task_data/<task>/<split>.jsonl is used instead when present (how an offline
+machine runs). Like nanochat, each dataset is shuffled with seed 42, so example i is the same example here and there.
+"""
+import os
+import random
+
+from nanochat_jax.common import get_base_dir
+
+
+def task_data_path(task: str, filename: str) -> str:
+    return os.path.join(get_base_dir(), "task_data", task, filename)
+
+
+def load_rows(hf_id: str, config: str | None, split: str, local_task: str, local_split: str | None = None):
+    """A shuffled (seed 42) datasets.Dataset of the split, from the local JSONL if present, else the hub."""
+    import datasets
+    local = task_data_path(local_task, f"{local_split or split}.jsonl")
+    if os.path.exists(local):
+        rows = datasets.load_dataset("json", data_files=local, split="train")
+    else:
+        try:
+            rows = datasets.load_dataset(hf_id, config, split=split)
+        except Exception as e:  # offline, or no such dataset/split
+            raise FileNotFoundError(f"could not load {hf_id} ({config or 'default'}, {split}): {type(e).__name__}. "
+                                    f"Put its rows, one JSON object per line in the dataset's schema, at {local}") from e
+    return rows.shuffle(seed=42)
+
+
+class Task:
+    def __init__(self, start: int = 0, stop: int | None = None, step: int = 1):
+        if start < 0 or (stop is not None and stop < start) or step < 1:
+            raise ValueError(f"bad slice start={start} stop={stop} step={step}")
+        self.start, self.stop, self.step = start, stop, step
+
+    eval_type = "generative"  # or "categorical"
+
+    def num_examples(self) -> int:
+        raise NotImplementedError
+
+    def get_example(self, index: int) -> dict:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        stop = self.num_examples() if self.stop is None else min(self.stop, self.num_examples())
+        return max(0, -(-(stop - self.start) // self.step))
+
+    def __getitem__(self, index: int) -> dict:
+        if not isinstance(index, int) or not 0 <= index < len(self):
+            raise IndexError(f"example {index} of a task with {len(self)}")
+        return self.get_example(self.start + index * self.step)
+
+    def evaluate(self, conversation: dict, completion: str):
+        raise NotImplementedError
+
+
+class TaskMixture(Task):
+    """Every example of every task, in one deterministic shuffle (seed 42). A task listed twice is seen twice."""
+
+    def __init__(self, tasks: list[Task], **kwargs):
+        super().__init__(**kwargs)
+        self.tasks = tasks
+        self.index = [(t, i) for t, task in enumerate(tasks) for i in range(len(task))]
+        random.Random(42).shuffle(self.index)
+
+    def num_examples(self) -> int:
+        return len(self.index)
+
+    def get_example(self, index: int) -> dict:
+        task, local = self.index[index]
+        return self.tasks[task][local]
+
+
+class TaskSequence(Task):
+    """The tasks one after another (a curriculum)."""
+
+    def __init__(self, tasks: list[Task], **kwargs):
+        super().__init__(**kwargs)
+        self.tasks = tasks
+
+    def num_examples(self) -> int:
+        return sum(len(t) for t in self.tasks)
+
+    def get_example(self, index: int) -> dict:
+        for task in self.tasks:
+            if index < len(task):
+                return task[index]
+            index -= len(task)
+        raise IndexError(index)
+
+
+def render_mc(question: str, letters, choices) -> str:
+    """nanochat's multiple-choice prompt: each choice followed by '=' and its letter with no space, so the letter
+    the model answers with is the very token it saw in the prompt."""
+    lines = "".join(f"- {choice}={letter}\n" for letter, choice in zip(letters, choices))
+    return f"Multiple Choice question: {question}\n{lines}\nRespond only with the letter of the correct answer."
+
+
+def final_number(text: str) -> str | None:
+    """The number after the last-style '#### ' marker (GSM8K's answer format), commas removed."""
+    import re
+    match = re.search(r"#### (\-?[0-9\.\,]+)", text)
+    return match.group(1).strip().replace(",", "") if match else None

@@ -1,0 +1,39 @@
+"""GSM8K (openai/gsm8k): grade-school math. The solutions' <<expression=result>> annotations become python tool
+calls and their outputs, so the model learns to use the calculator; the answer follows '#### '."""
+import re
+
+from nanochat_jax.tasks.base import Task, final_number, load_rows
+
+
+def solution_parts(answer: str) -> list[dict]:
+    parts = []
+    for piece in re.split(r"(<<[^>]+>>)", answer):
+        if piece.startswith("<<") and piece.endswith(">>"):
+            expr, _, result = piece[2:-2].rpartition("=") if "=" in piece else (piece[2:-2], "", "")
+            parts += [{"type": "python", "text": expr}, {"type": "python_output", "text": result}]
+        else:
+            parts.append({"type": "text", "text": piece})
+    return parts
+
+
+class GSM8K(Task):
+    def __init__(self, subset: str = "main", split: str = "test", **kwargs):
+        super().__init__(**kwargs)
+        if subset not in ("main", "socratic") or split not in ("train", "test"):
+            raise ValueError(f"GSM8K takes subset main|socratic and split train|test, got {subset}/{split}")
+        self.rows = load_rows("openai/gsm8k", subset, split, "gsm8k")
+
+    def num_examples(self) -> int:
+        return len(self.rows)
+
+    def get_example(self, index: int) -> dict:
+        row = self.rows[index]
+        return {"messages": [{"role": "user", "content": row["question"]},
+                             {"role": "assistant", "content": solution_parts(row["answer"])}]}
+
+    def evaluate(self, conversation: dict, completion: str) -> int:
+        reference = final_number(conversation["messages"][-1]["content"][-1]["text"])
+        return int(reference is not None and final_number(completion) == reference)
+
+    def reward(self, conversation: dict, completion: str) -> float:
+        return float(self.evaluate(conversation, completion))
