@@ -118,7 +118,7 @@ def main(argv=None):
     print0(f"{config}\nparameters {config.num_params():,} | FLOPs/token {config.flops_per_token():.3e} | mesh "
            f"{dict(mesh.shape)} | {jnp.dtype(dtype).name} | {accum_steps} micro-steps of "
            f"{args.device_batch_size * jax.device_count()} rows | {num_iterations:,} steps, "
-           f"{num_iterations * args.total_batch_size:,} tokens ({num_iterations * args.total_batch_size / config.num_params():.1f}"
+           f"{num_iterations * args.total_batch_size:,} tokens ({num_iterations * args.total_batch_size / config.num_params():.2f}"
            f" per parameter)")
 
     make_model = lambda: GPT(config, rngs=nnx.Rngs(args.seed), dtype=dtype)  # noqa: E731
