@@ -6,7 +6,7 @@ import numpy as np
 def naive_attention(q, k, v, offsets=None):
     """q [B,T,N,D], k/v [B,S,K,D]; query i of row b at position offsets[b]+i sees keys j <= that position."""
     B, T, N, D = q.shape
-    S, K = k.shape[1], k.shape[2]
+    K = k.shape[2]
     offsets = np.zeros(B, int) if offsets is None else np.asarray(offsets)
     k = np.repeat(k, N // K, axis=2)
     v = np.repeat(v, N // K, axis=2)

@@ -60,7 +60,7 @@ def test_causality():
 def test_gqa_equals_mha_with_repeated_kv_heads():
     gqa = randomize(GPT(tiny_config(n_kv_head=2), rngs=nnx.Rngs(0)))
     mha = GPT(tiny_config(n_kv_head=4), rngs=nnx.Rngs(1))
-    g, m = nnx.to_pure_dict(nnx.state(gqa)), nnx.to_pure_dict(nnx.state(mha))
+    g = nnx.to_pure_dict(nnx.state(gqa))
     D = gqa.config.head_dim
 
     def repeat_heads(kernel):  # [C, K*D] -> [C, N*D], each kv head serving its group of query heads
