@@ -116,8 +116,9 @@ def find_model_tag(stage_dir: str) -> str:
     return max(tags, key=lambda t: os.path.getmtime(os.path.join(stage_dir, t)))
 
 
-def load_stage(source: str, model_tag: str | None = None, step: int | None = None, mesh=None, dtype=None):
-    """(model, tokenizer, meta) of a stage's checkpoint: source is base | mid | sft | rl."""
+def stage_directory(source: str, model_tag: str | None = None) -> str:
+    """The checkpoint directory of a stage's model: source is base | mid | sft | rl; model_tag defaults to the
+    deepest model there."""
     if source not in STAGE_DIRS:
         raise ValueError(f"unknown source {source!r}: expected one of {sorted(STAGE_DIRS)}")
     from nanochat_jax.common import get_base_dir
@@ -127,4 +128,9 @@ def load_stage(source: str, model_tag: str | None = None, step: int | None = Non
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{e}: train the {source} stage first, or import a nanochat checkpoint with "
                                 f"`python -m scripts.import_nanochat --src ... --dst {stage_dir}/<tag>`") from e
-    return load_model(os.path.join(stage_dir, model_tag), step=step, mesh=mesh, dtype=dtype)
+    return os.path.join(stage_dir, model_tag)
+
+
+def load_stage(source: str, model_tag: str | None = None, step: int | None = None, mesh=None, dtype=None):
+    """(model, tokenizer, meta) of a stage's checkpoint: source is base | mid | sft | rl."""
+    return load_model(stage_directory(source, model_tag), step=step, mesh=mesh, dtype=dtype)

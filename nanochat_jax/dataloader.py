@@ -127,11 +127,42 @@ class PackedRowsIterator(grain.DatasetIterator):
 
 def pretraining_batches(tokenizer, split: str, rows_per_process: int, seq_len: int, data_dir: str | None = None,
                         buffer_size: int = 1000):
-    """A grain iterator of np.int32 [rows_per_process, seq_len + 1] batches of this process's rows;
-    get_state()/set_state() round-trip exactly."""
+    """A grain iterator of this process's rows as micro-batches {"inputs", "targets"}: np.int32
+    [rows_per_process, seq_len]; get_state()/set_state() round-trip exactly."""
     dataset = PackedRows(split_shards(split, data_dir), tokenizer, seq_len + 1, buffer_size=buffer_size,
                          process_index=jax.process_index(), process_count=jax.process_count())
-    return iter(dataset.batch(rows_per_process, drop_remainder=True))
+    return iter(dataset.batch(rows_per_process, drop_remainder=True).map(split_rows))
+
+
+def split_rows(rows: np.ndarray) -> dict:
+    """Token rows [..., T+1] -> {"inputs": row[:-1], "targets": row[1:]} [..., T]."""
+    return {"inputs": rows[..., :-1], "targets": rows[..., 1:]}
+
+
+class StepBatches:
+    """One training step's batch from an iterator of micro-batches (dicts of [rows, T] arrays): the dicts of
+    `accum_steps` micro-batches stacked to [accum_steps, rows, T]. Shorter micro-batches are padded at the end to the
+    longest (inputs with 0, targets with -1: never counted, and causal attention keeps them out of earlier
+    positions). The state is the micro-batch iterator's."""
+
+    def __init__(self, micro_batches, accum_steps: int):
+        self.micro_batches, self.accum_steps = micro_batches, accum_steps
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        micro = [next(self.micro_batches) for _ in range(self.accum_steps)]
+        T = max(m["inputs"].shape[1] for m in micro)
+        pad = lambda a, value: np.pad(a, ((0, 0), (0, T - a.shape[1])), constant_values=value)  # noqa: E731
+        return {"inputs": np.stack([pad(m["inputs"], 0) for m in micro]),
+                "targets": np.stack([pad(m["targets"], -1) for m in micro])}
+
+    def get_state(self):
+        return self.micro_batches.get_state()
+
+    def set_state(self, state):
+        self.micro_batches.set_state(state)
 
 
 def to_global_array(local_batch: np.ndarray, sharding) -> jax.Array:

@@ -177,19 +177,28 @@ class GPT(nnx.Module):
             if kv is not None:
                 new_k.append(kv[0])
                 new_v.append(kv[1])
-        logits = self.lm_head(rms_norm(x))[..., : self.config.vocab_size].astype(jnp.float32)
-        logits = SOFTCAP * jnp.tanh(logits / SOFTCAP)
         new_cache = None if cache is None else {"k": jnp.stack(new_k), "v": jnp.stack(new_v)}
-        return logits, new_cache
+        return x, new_cache
+
+    def _head(self, x):
+        logits = self.lm_head(rms_norm(x))[..., : self.config.vocab_size].astype(jnp.float32)
+        return SOFTCAP * jnp.tanh(logits / SOFTCAP)
 
     def __call__(self, idx_BT, targets_BT=None, loss_reduction: str = "mean"):
         """Logits [B, T, vocab_size] in fp32, or with targets the cross-entropy (targets of -1 ignored):
         loss_reduction 'mean' (over the counted tokens) or 'none' (per token [B, T], 0 where ignored)."""
         B, T = idx_BT.shape
-        logits, _ = self._trunk(idx_BT, jnp.broadcast_to(jnp.arange(T), (B, T)))
+        x, _ = self._trunk(idx_BT, jnp.broadcast_to(jnp.arange(T), (B, T)))
+        logits = self._head(x)
         if targets_BT is None:
             return logits
         return cross_entropy(logits, targets_BT, loss_reduction)
+
+    def logits_at(self, idx_BT, at_B):
+        """The logits [B, vocab_size] at one position per row (the head runs on those positions only)."""
+        B, T = idx_BT.shape
+        x, _ = self._trunk(idx_BT, jnp.broadcast_to(jnp.arange(T), (B, T)))
+        return self._head(x[jnp.arange(B), at_B])
 
     def forward_cached(self, idx_BT, cache, pos_B):
         """Run T new tokens per row starting at positions pos_B [B] against a KV cache
@@ -197,7 +206,8 @@ class GPT(nnx.Module):
         The caller keeps pos_B + T <= max_len."""
         T = idx_BT.shape[1]
         positions = pos_B[:, None] + jnp.arange(T)[None, :]
-        return self._trunk(idx_BT, positions, cache, pos_B)
+        x, cache = self._trunk(idx_BT, positions, cache, pos_B)
+        return self._head(x), cache
 
 
 def init_cache(config: GPTConfig, batch_size: int, max_len: int, dtype=jnp.float32):

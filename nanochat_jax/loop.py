@@ -1,10 +1,11 @@
-"""The training loop shared by the training stages: steps, schedules, periodic evaluation, sampling and checkpoints,
-logging to the console, metrics.jsonl and (optionally) wandb, and exact resume.
+"""The training loop shared by base, mid and SFT training: steps, schedules, periodic evaluation, sampling and
+checkpoints, logging to the console, metrics.jsonl and (optionally) wandb, and exact resume.
 
-A stage supplies the Trainer, the starting state, a batch iterator with get_state/set_state, and its evaluation.
+A stage supplies the Trainer, the starting state, a batch iterator with get_state/set_state whose next() is one
+step's batch (a dict of this process's arrays with a leading micro-step axis, see Trainer.step), and its evaluations.
 Step s (0-based) trains on the s-th batch; "checkpoint at step s" means after s steps. metrics.jsonl holds one JSON
-object per trained step ({"step", "loss", "lr", "tok_per_sec", "mfu", "grad_norm"}, plus "val_bpb" on evaluated steps)
-and a final {"step": num_iterations, "val_bpb": ...} line.
+object per trained step ({"step", "loss", "lr", "tok_per_sec", "mfu", "grad_norm", "num_tokens"}, plus the evaluation
+results on evaluated steps) and a final {"step": num_iterations, ...evaluations} line.
 """
 import json
 import os
@@ -25,13 +26,12 @@ from nanochat_jax.trainer import Trainer, peak_flops_per_device
 @dataclass
 class LoopConfig:
     num_iterations: int
-    tokens_per_step: int
     flops_per_token: float
     schedule: Callable[[int], tuple[float, float]]  # step -> (lr multiplier, muon momentum)
-    eval_every: int = -1  # -1: only at the end
+    # (every, params -> dict of metrics): run at step 0, every `every` steps (-1: only at the end) and at the end
+    evals: list[tuple[int, Callable]] = field(default_factory=list)
     save_every: int = -1  # -1: only at the end
     sample_every: int = -1
-    evaluate: Callable | None = None  # params -> dict of metrics (e.g. {"val_bpb": ...})
     sample: Callable | None = None  # params -> None (prints samples)
     meta: Callable[[int, dict], dict] = field(default=lambda step, loop_state: {})
     wandb_run: object = None
@@ -72,7 +72,7 @@ def gather_json(obj) -> list:
 
 
 def run(trainer: Trainer, params, opt_state, batches, cfg: LoopConfig, checkpointer: Checkpointer,
-        start_step: int = 0, loop_state: dict | None = None, accum_steps: int = 1):
+        start_step: int = 0, loop_state: dict | None = None):
     """Trains from start_step to cfg.num_iterations; returns (params, opt_state, loop_state)."""
     loop_state = loop_state or {"min_val_bpb": None, "total_time": 0.0, "last_eval": {}}
     metrics_path = os.path.join(checkpointer.directory, "metrics.jsonl")
@@ -82,7 +82,7 @@ def run(trainer: Trainer, params, opt_state, batches, cfg: LoopConfig, checkpoin
     batch_sharding = trainer.batch_sharding()
 
     def next_batch():
-        return to_global_array(np.stack([next(batches) for _ in range(accum_steps)]), batch_sharding)
+        return {name: to_global_array(array, batch_sharding) for name, array in next(batches).items()}
 
     data_state = batches.get_state()  # the loader's state after the batches of the steps done so far
     batch = next_batch()
@@ -90,8 +90,10 @@ def run(trainer: Trainer, params, opt_state, batches, cfg: LoopConfig, checkpoin
     while True:
         last = step == cfg.num_iterations
         record = {}
-        if cfg.evaluate is not None and (last or (cfg.eval_every > 0 and step % cfg.eval_every == 0)):
-            record = cfg.evaluate(params)
+        for every, evaluate in cfg.evals:
+            if last or (every > 0 and step % every == 0):
+                record |= evaluate(params)
+        if record:
             loop_state["last_eval"] = record
             if "val_bpb" in record:
                 best = loop_state["min_val_bpb"]
@@ -108,15 +110,16 @@ def run(trainer: Trainer, params, opt_state, batches, cfg: LoopConfig, checkpoin
             break
 
         lr_mult, momentum = cfg.schedule(step)
+        tokens = batch["inputs"].size  # processed, padding included
         t0 = time.time()
         params, opt_state, out = trainer.step(params, opt_state, batch, jnp.float32(lr_mult), jnp.float32(momentum))
         data_state = batches.get_state()
         batch = next_batch()  # host work overlaps the device's step
-        loss, grad_norm = float(out["loss"]), float(out["grad_norm"])
+        loss, grad_norm, num_tokens = float(out["loss"]), float(out["grad_norm"]), int(out["num_tokens"])
         dt = time.time() - t0
         if step > start_step:  # the first step includes compilation
             loop_state["total_time"] += dt
-        tok_per_sec = cfg.tokens_per_step / dt
+        tok_per_sec = tokens / dt
         mfu = None if peak is None else 100 * cfg.flops_per_token * tok_per_sec / (peak * jax.device_count())
         done = step + 1 - start_step
         eta = (time.time() - t_start) / done * (cfg.num_iterations - step - 1)
@@ -125,7 +128,7 @@ def run(trainer: Trainer, params, opt_state, batches, cfg: LoopConfig, checkpoin
                f"tok/s {tok_per_sec:,.0f} | mfu {'-' if mfu is None else f'{mfu:.1f}%'} | "
                f"elapsed {(time.time() - t_start) / 60:.1f}m | eta {eta / 60:.1f}m")
         write_metrics(metrics_path, {"step": step, "loss": loss, "lr": lr_mult, "tok_per_sec": tok_per_sec,
-                                     "mfu": mfu, "grad_norm": grad_norm, **record}, cfg.wandb_run)
+                                     "mfu": mfu, "grad_norm": grad_norm, "num_tokens": num_tokens, **record}, cfg.wandb_run)
         step += 1
     checkpointer.wait()
     return params, opt_state, loop_state
@@ -140,13 +143,18 @@ def write_metrics(path: str, record: dict, wandb_run=None):
         wandb_run.log(record)
 
 
-def bits_per_byte(trainer: Trainer, params, batches, num_batches: int, token_bytes) -> float:
-    """Validation bpb over num_batches batches of rows [rows, T+1] from a fresh iterator."""
+def eval_sums(trainer: Trainer, params, batches, num_batches: int, token_bytes) -> dict:
+    """Summed loss, counted targets, bpb nats and bytes (Trainer.eval_sums) over num_batches batches
+    ({"inputs", "targets"} [rows, T], this process's rows) from a fresh iterator."""
     token_bytes = jnp.asarray(token_bytes)
-    nats, n_bytes = 0.0, 0
+    totals = {}
     for _ in range(num_batches):
-        rows = to_global_array(next(batches), trainer.rows_sharding())
-        batch_nats, batch_bytes = trainer.bpb_sums(params, rows, token_bytes)
-        nats, n_bytes = nats + float(batch_nats), n_bytes + int(batch_bytes)
-    return float("inf") if n_bytes == 0 else nats / (np.log(2) * n_bytes)
+        batch = {name: to_global_array(next(batches)[name], trainer.rows_sharding()) for name in ("inputs", "targets")}
+        for name, value in trainer.eval_sums(params, batch, token_bytes).items():
+            totals[name] = totals.get(name, 0) + value.item()
+    return totals
+
+
+def bits_per_byte(sums: dict) -> float:
+    return float("inf") if sums["bytes"] == 0 else sums["bpb_nats"] / (np.log(2) * sums["bytes"])
 

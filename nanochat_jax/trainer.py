@@ -1,9 +1,12 @@
 """One training step and its state, shared by every training stage (base, mid, SFT).
 
 State: params (a pure dict of fp32 arrays: 'wte', 'h', 'lm_head') and the optax state, both placed on the mesh
-(params by RULES, optimizer state by OPT_STATE_RULES). The step takes a batch [accum, rows, T+1] of token rows
-(inputs row[:-1], targets row[1:], -1 = ignored), accumulates gradients over the first axis with lax.scan, clips,
-updates, and is jitted once with the state donated. Schedule values come in as arguments.
+(params by RULES, optimizer state by OPT_STATE_RULES). The step takes a batch dict of arrays with a leading
+micro-step axis: "inputs" and "targets" [accum, rows, T] (target -1 = ignored), and optionally "weights" [accum, rows]
+(per-row loss weights: RL advantages). Each micro-step's loss is sum(weight x token loss) / number of counted targets
+(without weights: the mean token loss); gradients are averaged over the micro-steps with lax.scan, clipped and
+applied. The step is jitted with the state donated (one compilation per batch shape); schedule values come in as
+arguments.
 """
 from dataclasses import dataclass
 from functools import cached_property
@@ -82,8 +85,12 @@ class Trainer:
     def model(self, params) -> nnx.Module:
         return nnx.merge(self.graphdef, params)
 
+    def init_opt_state(self, params):
+        """A fresh optimizer state for existing params (a later training stage starting from a checkpoint)."""
+        return jax.jit(self.tx.init, out_shardings=self.opt_sharding)(params)
+
     def batch_sharding(self) -> NamedSharding:
-        """[accum, rows, T+1]: rows split over the mesh."""
+        """[accum, rows, ...]: rows split over the mesh."""
         return NamedSharding(self.mesh, P(None, BATCH_AXES))
 
     def rows_sharding(self) -> NamedSharding:
@@ -94,34 +101,47 @@ class Trainer:
         """jitted (params, opt_state, batch, lr_multiplier, muon_momentum) -> (params, opt_state, metrics)."""
         graphdef, tx = self.graphdef, self.tx
 
-        def loss_fn(params, rows):
-            return nnx.merge(graphdef, params)(rows[:, :-1], rows[:, 1:])
+        def loss_fn(params, micro):
+            return micro_loss(nnx.merge(graphdef, params), micro)
 
         def step(params, opt_state, batch, lr_multiplier, muon_momentum):
-            def accumulate(grad_sum, rows):
-                loss, grads = jax.value_and_grad(loss_fn)(params, rows)
+            def accumulate(grad_sum, micro):
+                loss, grads = jax.value_and_grad(loss_fn)(params, micro)
                 return jax.tree.map(jnp.add, grad_sum, grads), loss
 
             grads, losses = jax.lax.scan(accumulate, jax.tree.map(jnp.zeros_like, params), batch)
-            grads = jax.tree.map(lambda g: g / batch.shape[0], grads)
+            grads = jax.tree.map(lambda g: g / losses.shape[0], grads)
             opt_state = set_schedule(opt_state, lr_multiplier, muon_momentum)
             updates, opt_state = tx.update(grads, opt_state, params)
             params = optax.apply_updates(params, updates)
-            return params, opt_state, {"loss": losses.mean(), "grad_norm": optax.tree.norm(grads)}
+            return params, opt_state, {"loss": losses.mean(), "grad_norm": optax.tree.norm(grads),
+                                       "num_tokens": jnp.sum(batch["targets"] >= 0)}
 
         return jax.jit(step, in_shardings=(self.params_sharding, self.opt_sharding, self.batch_sharding(), None, None),
                        out_shardings=(self.params_sharding, self.opt_sharding, None), donate_argnums=(0, 1))
 
     @cached_property
-    def bpb_sums(self):
-        """jitted (params, rows [B, T+1], token_bytes) -> (sum of nats, sum of bytes) over the counted targets:
-        special tokens (0 bytes) and ignored targets (-1) are left out, as nanochat's evaluate_bpb does."""
+    def eval_sums(self):
+        """jitted (params, {"inputs", "targets"} [B, T], token_bytes) -> {"nats", "tokens", "bpb_nats", "bytes"}:
+        summed loss and count over every counted target (-1 ignored), and the same for bits per byte, where special
+        tokens (0 bytes) are left out too, as nanochat's evaluate_bpb does."""
         graphdef = self.graphdef
 
-        def sums(params, rows, token_bytes):
-            x, y = rows[:, :-1], rows[:, 1:]
-            loss = nnx.merge(graphdef, params)(x, y, loss_reduction="none")
+        def sums(params, batch, token_bytes):
+            y = batch["targets"]
+            loss = nnx.merge(graphdef, params)(batch["inputs"], y, loss_reduction="none")
             n_bytes = jnp.where(y >= 0, token_bytes[jnp.maximum(y, 0)], 0)
-            return jnp.sum(jnp.where(n_bytes > 0, loss, 0.0)), jnp.sum(n_bytes)
+            return {"nats": loss.sum(), "tokens": jnp.sum(y >= 0),
+                    "bpb_nats": jnp.sum(jnp.where(n_bytes > 0, loss, 0.0)), "bytes": jnp.sum(n_bytes)}
 
         return jax.jit(sums, in_shardings=(self.params_sharding, self.rows_sharding(), None))
+
+
+def micro_loss(model, micro: dict):
+    """One micro-batch's loss: the mean over counted targets, or with per-row "weights" (policy gradient)
+    sum(weight x token loss) / number of counted targets."""
+    if "weights" not in micro:
+        return model(micro["inputs"], micro["targets"])
+    token_loss = model(micro["inputs"], micro["targets"], loss_reduction="none")
+    count = jnp.maximum(jnp.sum(micro["targets"] >= 0), 1)
+    return jnp.sum(token_loss * micro["weights"][:, None]) / count

@@ -41,8 +41,8 @@ def main():
     params, opt_state = trainer.init_state(make_model)
     rows = args.device_batch_size * jax.device_count()
     rng = np.random.default_rng(0)
-    batch = jax.device_put(rng.integers(0, args.vocab_size, (1, rows, args.max_seq_len + 1), dtype=np.int32),
-                           trainer.batch_sharding())
+    tokens = rng.integers(0, args.vocab_size, (1, rows, args.max_seq_len + 1), dtype=np.int32)
+    batch = jax.device_put({"inputs": tokens[..., :-1], "targets": tokens[..., 1:]}, trainer.batch_sharding())
     lrm, mom = jnp.float32(1.0), jnp.float32(0.95)
 
     t0 = time.time()

@@ -9,12 +9,7 @@ from nanochat_jax.tasks.choice import ARC, MMLU
 from nanochat_jax.tasks.gsm8k import GSM8K
 from nanochat_jax.tasks.humaneval import HumanEval
 from nanochat_jax.tasks.spelling import SimpleSpelling, SpellingBee
-
-
-def write(base, task, split, rows):
-    path = base / "task_data" / task
-    path.mkdir(parents=True, exist_ok=True)
-    (path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+from task_files import write
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ import pytest
 from flax import nnx
 
 from conftest import tiny_config
+from nanochat_jax.dataloader import split_rows
 from nanochat_jax.gpt import GPT
 from nanochat_jax.optim import build_optimizer
 from nanochat_jax.sharding import make_mesh
@@ -30,7 +31,7 @@ def run_steps(mesh, batches, schedule=((1.0, 0.85), (0.5, 0.9))):
 
 def random_batches(accum, rows, n=2, seq=17, seed=0):
     rng = np.random.default_rng(seed)
-    return [rng.integers(0, 100, (accum, rows, seq)).astype(np.int32) for _ in range(n)]
+    return [split_rows(rng.integers(0, 100, (accum, rows, seq)).astype(np.int32)) for _ in range(n)]
 
 
 @pytest.mark.parametrize("spec", ["data:8", "fsdp:8", "data:2,fsdp:4"])
@@ -49,7 +50,7 @@ def test_sharded_step_equals_single_device(spec):
 
 def test_gradient_accumulation_equals_large_batch():
     big = random_batches(1, 8, seed=3)
-    split = [b.reshape(2, 4, -1) for b in big]  # the same rows as 2 micro-steps of 4
+    split = [{k: v.reshape(2, 4, -1) for k, v in b.items()} for b in big]  # the same rows as 2 micro-steps of 4
     _, params_big, losses_big = run_steps(make_mesh("data:4", devices=jax.devices()[:4]), big)
     _, params_acc, losses_acc = run_steps(make_mesh("data:4", devices=jax.devices()[:4]), split)
     np.testing.assert_allclose(losses_acc, losses_big, rtol=1e-5)

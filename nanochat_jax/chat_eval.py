@@ -1,0 +1,72 @@
+"""Chat-model evaluation, shared by SFT's in-training metrics, RL's pass@k and `python -m evals.chat`.
+
+Categorical tasks (MMLU, ARC) are scored as nanochat scores them: the prompt is the conversation up to
+<|assistant_start|>, and the prediction is the problem's answer letter whose token has the highest logit at that
+position. Generative tasks sample completions with the engine (tool use on) and let the task judge each one.
+Every process evaluates every problem (the work is replicated, so the results agree on all hosts).
+"""
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from nanochat_jax.tasks.base import Task
+
+
+@nnx.jit
+def _logits_at(model, ids_BT, at_B):
+    return model.logits_at(ids_BT, at_B)
+
+
+def letter_token_ids(tokenizer, letters) -> list[int]:
+    ids = []
+    for letter in letters:
+        encoded = tokenizer.encode(letter)
+        if len(encoded) != 1:
+            raise ValueError(f"answer letter {letter!r} is {len(encoded)} tokens with this tokenizer; "
+                             "categorical scoring needs one token per letter")
+        ids.append(encoded[0])
+    return ids
+
+
+def categorical_outcomes(model, tokenizer, task: Task, batch_size: int = 8, max_problems: int | None = None):
+    """Per problem, whether the highest-logit answer letter is right (a list of bools)."""
+    n = len(task) if max_problems is None else min(len(task), max_problems)
+    bos, outcomes = tokenizer.get_bos_token_id(), []
+    for start in range(0, n, batch_size):
+        conversations = [task[i] for i in range(start, min(start + batch_size, n))]
+        prompts = [tokenizer.render_for_completion(c) for c in conversations]
+        longest = max(len(p) for p in prompts)
+        if longest > model.config.sequence_len:
+            raise ValueError(f"a prompt of {longest} tokens is longer than the model's context "
+                             f"({model.config.sequence_len})")
+        length = min(max(16, 1 << (longest - 1).bit_length()), model.config.sequence_len)
+        ids = np.full((batch_size, length), bos, np.int32)  # a full batch each time: one compiled shape per length
+        at = np.zeros(batch_size, np.int32)
+        for row, prompt in enumerate(prompts):
+            ids[row, :len(prompt)], at[row] = prompt, len(prompt) - 1
+        logits = np.asarray(_logits_at(model, jnp.asarray(ids), jnp.asarray(at)))
+        for row, conversation in enumerate(conversations):
+            letters = conversation["letters"]
+            predicted = letters[int(np.argmax(logits[row, letter_token_ids(tokenizer, letters)]))]
+            outcomes.append(bool(task.evaluate(conversation, predicted)))
+    return outcomes
+
+
+def generative_outcomes(engine, tokenizer, task: Task, num_samples: int = 1, max_new_tokens: int = 512,
+                        temperature: float = 0.0, top_k: int | None = 50, max_problems: int | None = None,
+                        seed: int = 42):
+    """Per problem, the outcome of each of num_samples completions (a list of lists)."""
+    n = len(task) if max_problems is None else min(len(task), max_problems)
+    outcomes = []
+    for i in range(n):
+        conversation = task[i]
+        prompt = tokenizer.render_for_completion(conversation)
+        sequences, _ = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=max_new_tokens,
+                                             temperature=temperature, top_k=top_k, seed=seed + i)
+        outcomes.append([task.evaluate(conversation, tokenizer.decode(s[len(prompt):])) for s in sequences])
+    return outcomes
+
+
+def pass_at_k(outcomes, k: int) -> float:
+    """The fraction of problems with a success among their first k samples."""
+    return float(np.mean([any(o[:k]) for o in outcomes])) if outcomes else 0.0

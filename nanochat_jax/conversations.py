@@ -1,0 +1,112 @@
+"""Micro-batches of rendered conversations for the chat stages, with exact JSON states.
+
+Each process reads its own conversations of a task: the k-th is task[(process_index + k * process_count) % len(task)],
+so the order cycles over epochs. A conversation is rendered with the chat format (Tokenizer.render_conversation):
+targets whose mask is 0 (BOS, user turns, tool outputs) become -1, so only the assistant's tokens are trained on.
+
+PackedConversations (midtraining): conversations one after another as a single token stream, cut into full rows of
+T+1 tokens; consecutive rows overlap by one token, so every token but the first is a target exactly once.
+State: {"conversation": k, "offset": tokens of conversation k already used}.
+
+PaddedConversations (SFT): one conversation per row (cropped to T+1 tokens), the micro-batch padded at the end to a
+power-of-two length (at most T): inputs with <|assistant_end|>, targets with -1. State: {"conversation": k}.
+
+Both yield {"inputs", "targets"}: np.int32 [rows, length]; StepBatches stacks them into steps.
+"""
+import numpy as np
+
+from nanochat_jax.tasks.base import Task
+
+
+def masked_targets(ids: list[int], mask: list[int]) -> list[int]:
+    """Targets for inputs ids[:-1]: ids[1:], with -1 where the mask is 0."""
+    return [t if m else -1 for t, m in zip(ids[1:], mask[1:])]
+
+
+class _Conversations:
+    def __init__(self, task: Task, tokenizer, rows: int, seq_len: int, process_index: int = 0,
+                 process_count: int = 1, max_tokens: int = 2048):
+        if len(task) == 0:
+            raise ValueError("the task mixture holds no conversations")
+        self.task, self.tokenizer, self.rows, self.seq_len = task, tokenizer, rows, seq_len
+        self.process_index, self.process_count, self.max_tokens = process_index, process_count, max_tokens
+        self.conversation = 0
+        self._rendered = (None, None)  # (k, (ids, mask)): the last conversation rendered
+
+    def __iter__(self):
+        return self
+
+    def render(self, k: int) -> tuple[list[int], list[int]]:
+        if self._rendered[0] != k:
+            index = (self.process_index + k * self.process_count) % len(self.task)
+            self._rendered = (k, self.tokenizer.render_conversation(self.task[index], max_tokens=self.max_tokens))
+        return self._rendered[1]
+
+
+class PackedConversations(_Conversations):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.offset = 0
+
+    def _read(self, n: int, advance: bool) -> tuple[list[int], list[int]]:
+        """The next n (token, mask) pairs of the stream; the position moves past them only if `advance`."""
+        k, offset, ids, mask = self.conversation, self.offset, [], []
+        while len(ids) < n:
+            conv_ids, conv_mask = self.render(k)
+            take = min(n - len(ids), len(conv_ids) - offset)
+            ids += conv_ids[offset:offset + take]
+            mask += conv_mask[offset:offset + take]
+            offset += take
+            if offset == len(conv_ids):
+                k, offset = k + 1, 0
+        if advance:
+            self.conversation, self.offset = k, offset
+        return ids, mask
+
+    def __next__(self) -> dict:
+        inputs, targets = [], []
+        for _ in range(self.rows):
+            ids, mask = self._read(self.seq_len, advance=True)
+            next_id, next_mask = self._read(1, advance=False)  # the row's last target starts the next row
+            inputs.append(ids)
+            targets.append(masked_targets(ids + next_id, mask + next_mask))
+        return {"inputs": np.asarray(inputs, np.int32), "targets": np.asarray(targets, np.int32)}
+
+    def get_state(self) -> dict:
+        return {"conversation": self.conversation, "offset": self.offset}
+
+    def set_state(self, state: dict):
+        self.conversation, self.offset = int(state["conversation"]), int(state["offset"])
+
+
+class PaddedConversations(_Conversations):
+    def __next__(self) -> dict:
+        rendered = []
+        for _ in range(self.rows):
+            ids, mask = self.render(self.conversation)
+            rendered.append((ids[:self.seq_len + 1], mask[:self.seq_len + 1]))
+            self.conversation += 1
+        longest = max(len(ids) - 1 for ids, _ in rendered)
+        length = min(self.seq_len, max(16, 1 << (longest - 1).bit_length()))  # few distinct shapes to compile
+        pad = self.tokenizer.encode_special("<|assistant_end|>")
+        inputs = np.full((self.rows, length), pad, np.int32)
+        targets = np.full((self.rows, length), -1, np.int32)
+        for row, (ids, mask) in enumerate(rendered):
+            inputs[row, :len(ids) - 1] = ids[:-1]
+            targets[row, :len(ids) - 1] = masked_targets(ids, mask)
+        return {"inputs": inputs, "targets": targets}
+
+    def get_state(self) -> dict:
+        return {"conversation": self.conversation}
+
+    def set_state(self, state: dict):
+        self.conversation = int(state["conversation"])
+
+
+def estimated_tokens(task: Task, tokenizer, max_tokens: int = 2048, sample: int = 10_000) -> int:
+    """Rendered tokens in one pass over the task: exact up to `sample` conversations, else extrapolated from an
+    evenly spaced sample of that many."""
+    n = len(task)
+    indices = range(n) if n <= sample else np.linspace(0, n - 1, sample).astype(int)
+    total = sum(len(tokenizer.render_conversation(task[int(i)], max_tokens=max_tokens)[0]) for i in indices)
+    return round(total * n / len(indices))

@@ -1,0 +1,56 @@
+"""On-policy REINFORCE for chat models, nanochat's simplification of GRPO: no KL penalty and no PPO ratio (the samples
+come from the current policy), advantage = reward - the mean reward of the same question (no division by the
+standard deviation), and a token-level loss normalised by the number of sampled tokens.
+
+For one question, `rollouts` samples completions with the engine (tool use on) and scores them with the task's
+reward. `policy_batch` turns the rollouts of a step into a training batch for Trainer.step: inputs/targets
+[accum, rows, T] where only the sampled tokens are targets (the prompt and the tool's forced outputs are -1), and
+"weights" [accum, rows] = each row's advantage, so a micro-step's loss is -sum(advantage x log p(token)) / tokens.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+
+from nanochat_jax.conversations import masked_targets
+
+
+@dataclass
+class Rollouts:
+    sequences: list[list[int]]  # prompt + completion (without the final stop token)
+    masks: list[list[int]]  # 1 = sampled, 0 = prompt or forced by the tool
+    rewards: np.ndarray  # [num_samples]
+    prompt_len: int
+
+    @property
+    def advantages(self) -> np.ndarray:
+        return self.rewards - self.rewards.mean()
+
+
+def rollouts(engine, tokenizer, task, index: int, num_samples: int, max_new_tokens: int, temperature: float = 1.0,
+             top_k: int | None = 50, seed: int = 0) -> Rollouts:
+    conversation = task[index]
+    prompt = tokenizer.render_for_completion(conversation)
+    sequences, masks = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=max_new_tokens,
+                                             temperature=temperature, top_k=top_k, seed=seed)
+    rewards = [task.reward(conversation, tokenizer.decode(s[len(prompt):])) for s in sequences]
+    return Rollouts(sequences, masks, np.asarray(rewards, np.float32), len(prompt))
+
+
+def policy_batch(step_rollouts: list[Rollouts], rows_per_micro_step: int, pad_id: int, max_len: int) -> dict:
+    """The rows of every question in order, cut into micro-steps of rows_per_micro_step and padded at the end to a
+    power-of-two length (at most max_len); padding is never a target."""
+    rows = [(seq, mask, adv) for r in step_rollouts for seq, mask, adv in zip(r.sequences, r.masks, r.advantages)]
+    if len(rows) % rows_per_micro_step:
+        raise ValueError(f"{len(rows)} sequences do not split into micro-steps of {rows_per_micro_step} rows")
+    longest = max(len(seq) - 1 for seq, _, _ in rows)
+    length = min(max_len, max(16, 1 << (longest - 1).bit_length()))
+    inputs = np.full((len(rows), length), pad_id, np.int32)
+    targets = np.full((len(rows), length), -1, np.int32)
+    for i, (seq, mask, _) in enumerate(rows):
+        n = min(len(seq) - 1, length)
+        inputs[i, :n] = seq[:n]
+        targets[i, :n] = masked_targets(seq[:n + 1], mask[:n + 1])
+    weights = np.asarray([adv for _, _, adv in rows], np.float32)
+    shape = (len(rows) // rows_per_micro_step, rows_per_micro_step)
+    return {"inputs": inputs.reshape(*shape, length), "targets": targets.reshape(*shape, length),
+            "weights": weights.reshape(shape)}

@@ -1,0 +1,89 @@
+"""Compare our chat tasks with nanochat's on the same local files: the conversations, their rendering (ids and
+mask), the completion prompts and a mixture's order, example by example.
+
+    git clone https://github.com/karpathy/nanochat /tmp/nanochat && git -C /tmp/nanochat checkout e1770a3
+    pip install tokenizers      # nanochat's tokenizer module imports it
+    python -m scripts.parity_tasks --nanochat /tmp/nanochat
+
+Reads $NANOCHAT_BASE_DIR/task_data/ (GSM8K, MMLU, ARC, identity conversations: whichever files are present) and
+renders with our tokenizer's encoding in both codebases.
+"""
+import argparse
+import os
+import sys
+
+from nanochat_jax.common import get_base_dir
+from nanochat_jax.tasks.base import task_data_path
+
+
+def local_loader(real_load):
+    """nanochat's tasks call datasets.load_dataset(hf_id, subset, split=...): answer from the local JSONL files."""
+    def load(name, subset=None, split=None, **kwargs):
+        if name == "json":
+            return real_load(name, split=split, **kwargs)
+        folder = {"openai/gsm8k": "gsm8k", "cais/mmlu": "mmlu"}.get(name) or subset.lower().replace("-", "_")
+        return real_load("json", data_files=task_data_path(folder, f"{split}.jsonl"), split="train")
+    return load
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--nanochat", required=True, help="a nanochat checkout (e1770a3)")
+    args = p.parse_args(argv)
+    sys.path.insert(0, os.path.abspath(args.nanochat))
+    import datasets
+    load = local_loader(datasets.load_dataset)
+    import tasks.arc
+    import tasks.common
+    import tasks.customjson
+    import tasks.gsm8k
+    import tasks.mmlu
+    from nanochat.tokenizer import RustBPETokenizer
+    for module in (tasks.arc, tasks.gsm8k, tasks.mmlu):
+        module.load_dataset = load
+
+    from nanochat_jax.tasks.base import TaskMixture
+    from nanochat_jax.tasks.chat_data import CustomJSON
+    from nanochat_jax.tasks.choice import ARC, MMLU
+    from nanochat_jax.tasks.gsm8k import GSM8K
+    from nanochat_jax.tokenizer import get_tokenizer
+    ours_tok = get_tokenizer()
+    ref_tok = RustBPETokenizer(ours_tok.enc, "<|bos|>")
+    candidates = [
+        ("gsm8k/train.jsonl", "GSM8K train", lambda: GSM8K(split="train"), lambda: tasks.gsm8k.GSM8K("main", "train")),
+        ("gsm8k/test.jsonl", "GSM8K test", lambda: GSM8K(split="test"), lambda: tasks.gsm8k.GSM8K("main", "test")),
+        ("mmlu/test.jsonl", "MMLU test", lambda: MMLU(split="test"), lambda: tasks.mmlu.MMLU("all", "test")),
+        ("arc_easy/test.jsonl", "ARC-Easy test", lambda: ARC("ARC-Easy", "test"),
+         lambda: tasks.arc.ARC("ARC-Easy", "test")),
+        ("arc_challenge/test.jsonl", "ARC-Challenge test", lambda: ARC("ARC-Challenge", "test"),
+         lambda: tasks.arc.ARC("ARC-Challenge", "test")),
+        ("identity/identity_conversations.jsonl", "identity", lambda: CustomJSON(),
+         lambda: tasks.customjson.CustomJSON(task_data_path("identity", "identity_conversations.jsonl"))),
+    ]
+    pairs = []
+    for path, name, ours, ref in candidates:
+        if not os.path.exists(os.path.join(get_base_dir(), "task_data", path)):
+            print(f"{name}: no {path}, skipped")
+            continue
+        a, b = ours(), ref()
+        pairs.append((a, b))
+        counts = {"conversations": 0, "renderings": 0, "completion prompts": 0}
+        for i in range(len(a)):
+            x, y = a[i], b[i]
+            counts["conversations"] += x["messages"] != y["messages"]
+            counts["renderings"] += [list(r) for r in ours_tok.render_conversation(x)] != \
+                [list(r) for r in ref_tok.render_conversation(y)]
+            counts["completion prompts"] += ours_tok.render_for_completion(x) != ref_tok.render_for_completion(y)
+        print(f"{name}: {len(a)} examples ({len(b)} in nanochat) | differing: " +
+              ", ".join(f"{k} {v}" for k, v in counts.items()))
+    if pairs:
+        ours_mix = TaskMixture([a for a, _ in pairs] + [pairs[-1][0]])
+        ref_mix = tasks.common.TaskMixture([b for _, b in pairs] + [pairs[-1][1]])
+        same = len(ours_mix) == len(ref_mix) and all(
+            ours_mix[i]["messages"] == ref_mix[i]["messages"] for i in range(len(ours_mix)))
+        print(f"a mixture of all of them (the last twice), {len(ours_mix)} examples: "
+              f"{'same order' if same else 'ORDER DIFFERS'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""Chat-eval scoring: categorical answers against the full forward's logits, generative outcomes, pass@k."""
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from conftest import logits_of, randomize, tiny_config
+from nanochat_jax.chat_eval import categorical_outcomes, generative_outcomes, pass_at_k
+from nanochat_jax.engine import Engine
+from nanochat_jax.gpt import GPT
+from nanochat_jax.tasks.base import Task, render_mc
+
+
+class Choices(Task):
+    eval_type = "categorical"
+
+    def num_examples(self):
+        return 11
+
+    def get_example(self, i):
+        letters = ("A", "B", "C", "D") if i % 3 else ("1", "2")
+        question = render_mc(f"question {i} " + "q" * i, letters, [f"choice {j}" for j in range(len(letters))])
+        return {"messages": [{"role": "user", "content": question},
+                             {"role": "assistant", "content": letters[i % len(letters)]}], "letters": letters}
+
+    def evaluate(self, conversation, completion):
+        return completion == conversation["messages"][-1]["content"]
+
+
+def test_categorical_matches_the_full_forward(tokenizer):
+    model = randomize(GPT(tiny_config(vocab_size=tokenizer.get_vocab_size(), sequence_len=128), rngs=nnx.Rngs(1)))
+    task = Choices()
+    outcomes = categorical_outcomes(model, tokenizer, task, batch_size=4)
+    expected = []
+    for i in range(len(task)):
+        conversation = task[i]
+        prompt = tokenizer.render_for_completion(conversation)
+        logits = np.asarray(logits_of(model, jnp.asarray([prompt])))[0, -1]  # unpadded, every position's logits
+        letter_ids = [tokenizer.encode(letter)[0] for letter in conversation["letters"]]
+        expected.append(conversation["letters"][int(np.argmax(logits[letter_ids]))] ==
+                        conversation["messages"][-1]["content"])
+    assert outcomes == expected and len(outcomes) == 11 and 0 < sum(outcomes) < 11
+    assert categorical_outcomes(model, tokenizer, task, batch_size=4, max_problems=5) == expected[:5]
+
+
+class Echo(Task):
+    def num_examples(self):
+        return 3
+
+    def get_example(self, i):
+        return {"messages": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": "x"}]}
+
+    def evaluate(self, conversation, completion):
+        return len(completion) % 2 == 0
+
+
+def test_generative_outcomes_and_pass_at_k(tokenizer):
+    model = randomize(GPT(tiny_config(vocab_size=tokenizer.get_vocab_size(), sequence_len=64), rngs=nnx.Rngs(2)))
+    engine = Engine(model, tokenizer)
+    outcomes = generative_outcomes(engine, tokenizer, Echo(), num_samples=3, max_new_tokens=5, temperature=1.0)
+    assert len(outcomes) == 3 and all(len(o) == 3 for o in outcomes)
+    prompt = tokenizer.render_for_completion(Echo()[1])
+    sequences, _ = engine.generate_batch(prompt, num_samples=3, max_tokens=5, temperature=1.0, top_k=50, seed=43)
+    assert outcomes[1] == [len(tokenizer.decode(s[len(prompt):])) % 2 == 0 for s in sequences]
+    table = [[False, True], [False, False], [True, True], [False, True]]
+    assert pass_at_k(table, 1) == 0.25 and pass_at_k(table, 2) == 0.75 and pass_at_k([], 1) == 0.0
