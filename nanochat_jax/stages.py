@@ -8,7 +8,8 @@ data position).
 """
 import argparse
 import os
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import jax
 from flax import nnx
@@ -96,9 +97,34 @@ class Source:
         """The parameters, placed on the trainer's mesh."""
         return self.checkpointer.restore({"params": trainer.abstract_params}, self.step)[0]["params"]
 
+    def info(self) -> dict:
+        return {"stage": self.stage, "directory": self.directory, "step": self.step}
 
-def stage_checkpointer(stage: str, model_tag: str) -> Checkpointer:
-    return Checkpointer(os.path.join(get_base_dir(), STAGE_DIRS[stage], model_tag))
+
+@dataclass
+class StageRun:
+    trainer: Trainer
+    checkpointer: Checkpointer
+    params: Any
+    opt_state: Any
+    start_step: int
+    loop_state: dict | None  # None on a fresh start
+    data_state: Any  # this process's data-loader state when resuming, else None
+
+
+def start_chat_stage(args, stage: str, source: Source, num_iterations: int) -> StageRun:
+    """The trainer (learning rates x --init-lr-frac) and the state to train from: the source's parameters with a
+    fresh optimizer, or with --resume this stage's latest checkpoint."""
+    trainer, _ = make_trainer(args, source.config, args.init_lr_frac)
+    checkpointer = Checkpointer(os.path.join(get_base_dir(), STAGE_DIRS[stage], source.model_tag))
+
+    def fresh():
+        checkpointer.save_tokenizer(source.tokenizer)
+        params = source.params(trainer)
+        return params, trainer.init_opt_state(params)
+
+    state = resume_or_start(args.resume, checkpointer, trainer, source.config, num_iterations, fresh)
+    return StageRun(trainer, checkpointer, *state)
 
 
 def resume_or_start(resume: bool, checkpointer: Checkpointer, trainer: Trainer, config: GPTConfig,

@@ -20,8 +20,8 @@ from nanochat_jax.conversations import PackedConversations, estimated_tokens
 from nanochat_jax.dataloader import StepBatches
 from nanochat_jax.loop import LoopConfig, bits_per_byte, eval_sums, run
 from nanochat_jax.optim import lr_multiplier, muon_momentum
-from nanochat_jax.stages import (Source, add_chat_stage_flags, batch_geometry, check_flags, make_trainer,
-                                 resume_or_start, stage_checkpointer, start_wandb)
+from nanochat_jax.stages import (Source, add_chat_stage_flags, batch_geometry, check_flags, start_chat_stage,
+                                 start_wandb)
 from nanochat_jax.tasks import mixtures
 
 
@@ -52,24 +52,17 @@ def main(argv=None):
         num_iterations = max(1, epoch_tokens // args.total_batch_size)
         print0(f"one epoch of {len(train_task):,} conversations is about {epoch_tokens:,} tokens: "
                f"{num_iterations:,} steps")
-    trainer, _ = make_trainer(args, config, args.init_lr_frac)
-    checkpointer = stage_checkpointer("mid", source.model_tag)
+    stage = start_chat_stage(args, "mid", source, num_iterations)
+    trainer, checkpointer = stage.trainer, stage.checkpointer
     print0(f"midtraining {source.directory} (step {source.step}) -> {checkpointer.directory} | "
            f"{len(train_task):,} conversations | {accum_steps} micro-steps of {args.device_batch_size * jax.device_count()}"
            f" rows x {args.max_seq_len} | {num_iterations:,} steps")
-
-    def fresh():
-        checkpointer.save_tokenizer(tokenizer)
-        params = source.params(trainer)
-        return params, trainer.init_opt_state(params)
-
-    params, opt_state, start_step, loop_state, data_state = resume_or_start(
-        args.resume, checkpointer, trainer, config, num_iterations, fresh)
+    params, opt_state, start_step, loop_state = stage.params, stage.opt_state, stage.start_step, stage.loop_state
     process = dict(process_index=jax.process_index(), process_count=jax.process_count())
     train_batches = StepBatches(PackedConversations(train_task, tokenizer, rows, args.max_seq_len, **process),
                                 accum_steps)
-    if data_state is not None:
-        train_batches.set_state(data_state)
+    if stage.data_state is not None:
+        train_batches.set_state(stage.data_state)
 
     eval_batches = max(1, args.eval_tokens // (rows * jax.process_count() * args.max_seq_len))
     token_bytes = tokenizer.token_bytes()
@@ -80,8 +73,7 @@ def main(argv=None):
 
     def meta(step, loop_state):
         return model_meta(config, step, val_bpb=loop_state["last_eval"].get("val_bpb"), train_config=vars(args),
-                          source={"stage": source.stage, "directory": source.directory, "step": source.step},
-                          loop_state=loop_state)
+                          source=source.info(), loop_state=loop_state)
 
     wandb_run = start_wandb(args, "nanochat-jax-mid")
     schedule = lambda step: (lr_multiplier(step, num_iterations, warmdown_ratio=0.2), muon_momentum(step))  # noqa: E731

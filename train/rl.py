@@ -28,8 +28,7 @@ from nanochat_jax.engine import Engine
 from nanochat_jax.loop import trim_metrics, write_metrics
 from nanochat_jax.optim import lr_multiplier
 from nanochat_jax.rl import policy_batch, rollouts
-from nanochat_jax.stages import (Source, add_chat_stage_flags, check_flags, make_trainer, resume_or_start,
-                                 stage_checkpointer, start_wandb)
+from nanochat_jax.stages import Source, add_chat_stage_flags, check_flags, start_chat_stage, start_wandb
 from nanochat_jax.tasks.gsm8k import GSM8K
 
 
@@ -65,18 +64,11 @@ def main(argv=None):
     train_task, val_task = GSM8K(split="train"), GSM8K(split="test")
     num_steps = args.num_iterations if args.num_iterations > 0 else \
         max(1, len(train_task) // args.examples_per_step * args.num_epochs)
-    trainer, _ = make_trainer(args, config, args.init_lr_frac)
-    checkpointer = stage_checkpointer("rl", source.model_tag)
+    stage = start_chat_stage(args, "rl", source, num_steps)
+    trainer, checkpointer = stage.trainer, stage.checkpointer
     print0(f"RL {source.directory} (step {source.step}) -> {checkpointer.directory} | {args.examples_per_step} "
            f"questions x {args.num_samples} samples per step | {num_steps:,} steps")
-
-    def fresh():
-        checkpointer.save_tokenizer(tokenizer)
-        params = source.params(trainer)
-        return params, trainer.init_opt_state(params)
-
-    params, opt_state, start_step, loop_state, _ = resume_or_start(
-        args.resume, checkpointer, trainer, config, num_steps, fresh)
+    params, opt_state, start_step, loop_state = stage.params, stage.opt_state, stage.start_step, stage.loop_state
     loop_state = loop_state or {"total_time": 0.0, "last_eval": {}}
     metrics_path = os.path.join(checkpointer.directory, "metrics.jsonl")
     trim_metrics(metrics_path, start_step)
@@ -100,8 +92,7 @@ def main(argv=None):
         if (last or (args.save_every > 0 and step > 0 and step % args.save_every == 0)) and step != start_step:
             checkpointer.save(step, {"params": params, "opt_state": opt_state},
                               model_meta(config, step, **loop_state["last_eval"], train_config=vars(args),
-                                         source={"stage": source.stage, "directory": source.directory,
-                                                 "step": source.step}, loop_state=loop_state))
+                                         source=source.info(), loop_state=loop_state))
         if last:
             if record:
                 write_metrics(metrics_path, {"step": step, **record}, wandb_run)

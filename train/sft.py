@@ -21,8 +21,7 @@ from nanochat_jax.conversations import PaddedConversations
 from nanochat_jax.dataloader import StepBatches
 from nanochat_jax.loop import LoopConfig, eval_sums, run
 from nanochat_jax.optim import lr_multiplier
-from nanochat_jax.stages import (Source, add_chat_stage_flags, check_flags, make_trainer, resume_or_start,
-                                 stage_checkpointer, start_wandb)
+from nanochat_jax.stages import Source, add_chat_stage_flags, check_flags, start_chat_stage, start_wandb
 from nanochat_jax.tasks import mixtures
 from nanochat_jax.tasks.choice import ARC, MMLU
 
@@ -59,24 +58,17 @@ def main(argv=None):
     train_task, val_task = mixtures.sft_train(), mixtures.sft_val()
     num_iterations = args.num_iterations if args.num_iterations > 0 else \
         max(1, len(train_task) // args.target_examples_per_step * args.num_epochs)
-    trainer, _ = make_trainer(args, config, args.init_lr_frac)
-    checkpointer = stage_checkpointer("sft", source.model_tag)
+    stage = start_chat_stage(args, "sft", source, num_iterations)
+    trainer, checkpointer = stage.trainer, stage.checkpointer
     print0(f"SFT {source.directory} (step {source.step}) -> {checkpointer.directory} | {len(train_task):,} "
            f"conversations | {accum_steps} micro-steps of {examples_per_micro_step} rows | {num_iterations:,} steps")
-
-    def fresh():
-        checkpointer.save_tokenizer(tokenizer)
-        params = source.params(trainer)
-        return params, trainer.init_opt_state(params)
-
-    params, opt_state, start_step, loop_state, data_state = resume_or_start(
-        args.resume, checkpointer, trainer, config, num_iterations, fresh)
+    params, opt_state, start_step, loop_state = stage.params, stage.opt_state, stage.start_step, stage.loop_state
     process = dict(process_index=jax.process_index(), process_count=jax.process_count(),
                    max_tokens=args.max_seq_len + 1)
     train_batches = StepBatches(PaddedConversations(train_task, tokenizer, rows, args.max_seq_len, **process),
                                 accum_steps)
-    if data_state is not None:
-        train_batches.set_state(data_state)
+    if stage.data_state is not None:
+        train_batches.set_state(stage.data_state)
     token_bytes = tokenizer.token_bytes()
 
     def val_loss(params):
@@ -97,8 +89,7 @@ def main(argv=None):
     evals = [(args.eval_every, val_loss)] + ([(args.eval_metrics_every, accuracy)] if args.eval_metrics_every else [])
 
     def meta(step, loop_state):
-        return model_meta(config, step, **loop_state["last_eval"], train_config=vars(args),
-                          source={"stage": source.stage, "directory": source.directory, "step": source.step},
+        return model_meta(config, step, **loop_state["last_eval"], train_config=vars(args), source=source.info(),
                           loop_state=loop_state)
 
     wandb_run = start_wandb(args, "nanochat-jax-sft")
