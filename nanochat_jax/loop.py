@@ -149,7 +149,8 @@ def eval_sums(trainer: Trainer, params, batches, num_batches: int, token_bytes) 
     token_bytes = jnp.asarray(token_bytes)
     totals = {}
     for _ in range(num_batches):
-        batch = {name: to_global_array(next(batches)[name], trainer.rows_sharding()) for name in ("inputs", "targets")}
+        micro = next(batches)
+        batch = {name: to_global_array(micro[name], trainer.rows_sharding()) for name in ("inputs", "targets")}
         for name, value in trainer.eval_sums(params, batch, token_bytes).items():
             totals[name] = totals.get(name, 0) + value.item()
     return totals

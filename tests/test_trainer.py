@@ -64,3 +64,30 @@ def test_step_compiles_once_and_learns():
     trainer, _, losses = run_steps(make_mesh("data:8"), batches, schedule)
     assert trainer.step._cache_size() == 1  # new schedule values did not recompile
     assert losses[-1] < losses[0] - 0.5
+
+
+def test_eval_sums_and_bits_per_byte_by_hand():
+    from conftest import randomize
+    from nanochat_jax.loop import bits_per_byte, eval_sums
+    trainer = Trainer.create(make_model, build_optimizer(CFG.n_embd), make_mesh("data:8"))
+    params = nnx.to_pure_dict(nnx.state(randomize(make_model())))
+    rng = np.random.default_rng(5)
+    batches = [split_rows(rng.integers(0, 100, (8, 13)).astype(np.int32)) for _ in range(3)]
+    batches[0]["targets"][:, :4] = -1  # ignored targets
+    token_bytes = rng.integers(0, 4, 100)  # some tokens count 0 bytes (special tokens)
+    sums = eval_sums(trainer, params, iter(batches), 2, token_bytes)  # the first two only
+
+    nats = bpb_nats = 0.0
+    tokens = n_bytes = 0
+    for batch in batches[:2]:
+        logits = np.asarray(trainer.model(params)(jnp.asarray(batch["inputs"])), np.float64)
+        logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+        for (r, t), y in np.ndenumerate(batch["targets"]):
+            if y >= 0:
+                loss = logz[r, t] - logits[r, t, y]
+                nats, tokens = nats + loss, tokens + 1
+                if token_bytes[y] > 0:
+                    bpb_nats, n_bytes = bpb_nats + loss, n_bytes + token_bytes[y]
+    assert sums["tokens"] == tokens and sums["bytes"] == n_bytes
+    assert sums["nats"] == pytest.approx(nats, rel=1e-5) and sums["bpb_nats"] == pytest.approx(bpb_nats, rel=1e-5)
+    assert bits_per_byte(sums) == pytest.approx(bpb_nats / (np.log(2) * n_bytes), rel=1e-5)
