@@ -35,11 +35,8 @@ def categorical_outcomes(model, tokenizer, task: Task, batch_size: int = 8, max_
     for start in range(0, n, batch_size):
         conversations = [task[i] for i in range(start, min(start + batch_size, n))]
         prompts = [tokenizer.render_for_completion(c) for c in conversations]
-        longest = max(len(p) for p in prompts)
-        if longest > model.config.sequence_len:
-            raise ValueError(f"a prompt of {longest} tokens is longer than the model's context "
-                             f"({model.config.sequence_len})")
-        length = min(max(16, 1 << (longest - 1).bit_length()), model.config.sequence_len)
+        # prompts longer than the model's context are scored all the same (rotary positions extend), as nanochat does
+        length = max(16, 1 << (max(len(p) for p in prompts) - 1).bit_length())
         ids = np.full((batch_size, length), bos, np.int32)  # a full batch each time: one compiled shape per length
         at = np.zeros(batch_size, np.int32)
         for row, prompt in enumerate(prompts):
