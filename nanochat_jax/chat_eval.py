@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from nanochat_jax.common import print0
 from nanochat_jax.tasks.base import Task
 
 
@@ -52,15 +53,22 @@ def categorical_outcomes(model, tokenizer, task: Task, batch_size: int = 8, max_
 def generative_outcomes(engine, tokenizer, task: Task, num_samples: int = 1, max_new_tokens: int = 512,
                         temperature: float = 0.0, top_k: int | None = 50, max_problems: int | None = None,
                         seed: int = 42):
-    """Per problem, the outcome of each of num_samples completions (a list of lists)."""
+    """Per problem, the outcome of each of num_samples completions (a list of lists). A prompt that leaves no room
+    in the model's context for an answer counts as failed."""
     n = len(task) if max_problems is None else min(len(task), max_problems)
-    outcomes = []
+    outcomes, too_long = [], 0
     for i in range(n):
         conversation = task[i]
         prompt = tokenizer.render_for_completion(conversation)
+        if len(prompt) >= engine.config.sequence_len:  # no room to answer: a failure
+            outcomes.append([False] * num_samples)
+            too_long += 1
+            continue
         sequences, _ = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=max_new_tokens,
                                              temperature=temperature, top_k=top_k, seed=seed + i)
         outcomes.append([task.evaluate(conversation, tokenizer.decode(s[len(prompt):])) for s in sequences])
+    if too_long:
+        print0(f"{too_long} of {n} prompts fill the model's context ({engine.config.sequence_len}): counted as failed")
     return outcomes
 
 

@@ -53,6 +53,9 @@ def write_all_tasks(base, n=24):
     for subset in ("arc_easy", "arc_challenge"):
         write(base, subset, "train", [arc_row(rng, i) for i in range(n // 2)])
         write(base, subset, "test", [arc_row(rng, i) for i in range(n // 2)])
+    write(base, "humaneval", "test", [{"task_id": f"t/{i}", "prompt": f"def add{i}(a, b):\n",
+                                       "canonical_solution": "    return a + b\n", "entry_point": f"add{i}",
+                                       "test": "def check(f):\n    assert f(1, 2) == 3\n"} for i in range(3)])
     (base / "task_data" / "identity").mkdir(parents=True, exist_ok=True)
     (base / "task_data" / "identity" / "identity_conversations.jsonl").write_text("".join(
         json.dumps(chat_row(rng, i)["messages"]) + "\n" for i in range(4)))

@@ -63,3 +63,24 @@ def test_generative_outcomes_and_pass_at_k(tokenizer):
     assert outcomes[1] == [len(tokenizer.decode(s[len(prompt):])) % 2 == 0 for s in sequences]
     table = [[False, True], [False, False], [True, True], [False, True]]
     assert pass_at_k(table, 1) == 0.25 and pass_at_k(table, 2) == 0.75 and pass_at_k([], 1) == 0.0
+
+
+def test_evals_chat_end_to_end(tmp_path, monkeypatch, tokenizer):
+    import json
+
+    import pytest
+
+    from evals import chat
+    from task_files import write_all_tasks, write_base_checkpoint
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    write_all_tasks(tmp_path)
+    write_base_checkpoint(tmp_path, tokenizer, tiny_config(vocab_size=tokenizer.get_vocab_size(), sequence_len=128))
+    out = tmp_path / "chat.json"
+    summary = chat.main(["-i", "base", "-x", "3", "-m", "4", "--json-out", str(out)])
+    results = summary["results"]
+    assert list(results) == list(chat.TASKS) and all(0 <= v <= 1 for v in results.values())
+    expected = sum((results[t] - c) / (1 - c) for t, c in chat.CHANCE.items()) / 6
+    assert summary["ChatCORE"] == pytest.approx(expected) and json.loads(out.read_text())["results"] == results
+    assert chat.main(["-i", "base", "-a", "MMLU", "-x", "2"])["ChatCORE"] is None  # only with all six
+    with pytest.raises(SystemExit):
+        chat.main(["-a", "MMLU|Nope"])
