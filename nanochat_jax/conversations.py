@@ -2,14 +2,16 @@
 
 Each process reads its own conversations of a task: the k-th is task[(process_index + k * process_count) % len(task)],
 so the order cycles over epochs. A conversation is rendered with the chat format (Tokenizer.render_conversation):
-targets whose mask is 0 (BOS, user turns, tool outputs) become -1, so only the assistant's tokens are trained on.
+targets whose mask is 0 (BOS, user turns, tool outputs) become -1, so only the assistant's tokens are trained on
+(PackedConversations(masked=False) keeps every target, as nanochat's midtraining at e1770a3 did).
 
 PackedConversations (midtraining): conversations one after another as a single token stream, cut into full rows of
 T+1 tokens; consecutive rows overlap by one token, so every token but the first is a target exactly once.
 State: {"conversation": k, "offset": tokens of conversation k already used}.
 
 PaddedConversations (SFT): one conversation per row (cropped to T+1 tokens), the micro-batch padded at the end to a
-power-of-two length (at most T): inputs with <|assistant_end|>, targets with -1. State: {"conversation": k}.
+power-of-two length (at most T; exactly T when several processes feed one batch, so that their shapes agree): inputs
+with <|assistant_end|>, targets with -1. State: {"conversation": k}.
 
 Both yield {"inputs", "targets"}: np.int32 [rows, length]; StepBatches stacks them into steps.
 """
@@ -44,9 +46,9 @@ class _Conversations:
 
 
 class PackedConversations(_Conversations):
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, masked: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
-        self.offset = 0
+        self.offset, self.masked = 0, masked
 
     def _read(self, n: int, advance: bool) -> tuple[list[int], list[int]]:
         """The next n (token, mask) pairs of the stream; the position moves past them only if `advance`."""
@@ -69,7 +71,7 @@ class PackedConversations(_Conversations):
             ids, mask = self._read(self.seq_len, advance=True)
             next_id, next_mask = self._read(1, advance=False)  # the row's last target starts the next row
             inputs.append(ids)
-            targets.append(masked_targets(ids + next_id, mask + next_mask))
+            targets.append(masked_targets(ids + next_id, mask + next_mask) if self.masked else ids[1:] + next_id)
         return {"inputs": np.asarray(inputs, np.int32), "targets": np.asarray(targets, np.int32)}
 
     def get_state(self) -> dict:
@@ -88,6 +90,8 @@ class PaddedConversations(_Conversations):
             self.conversation += 1
         longest = max(len(ids) - 1 for ids, _ in rendered)
         length = min(self.seq_len, max(16, 1 << (longest - 1).bit_length()))  # few distinct shapes to compile
+        if self.process_count > 1:
+            length = self.seq_len
         pad = self.tokenizer.encode_special("<|assistant_end|>")
         inputs = np.full((self.rows, length), pad, np.int32)
         targets = np.full((self.rows, length), -1, np.int32)

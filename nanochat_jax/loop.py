@@ -24,12 +24,18 @@ from nanochat_jax.trainer import Trainer, peak_flops_per_device
 
 
 @dataclass
+class Eval:
+    every: int  # steps between runs (-1: only at the end); always at the end
+    run: Callable  # params -> dict of metrics
+    at_start: bool = True  # also at step 0
+
+
+@dataclass
 class LoopConfig:
     num_iterations: int
     flops_per_token: float
     schedule: Callable[[int], tuple[float, float]]  # step -> (lr multiplier, muon momentum)
-    # (every, params -> dict of metrics): run at step 0, every `every` steps (-1: only at the end) and at the end
-    evals: list[tuple[int, Callable]] = field(default_factory=list)
+    evals: list[Eval] = field(default_factory=list)
     save_every: int = -1  # -1: only at the end
     sample_every: int = -1
     sample: Callable | None = None  # params -> None (prints samples)
@@ -90,9 +96,9 @@ def run(trainer: Trainer, params, opt_state, batches, cfg: LoopConfig, checkpoin
     while True:
         last = step == cfg.num_iterations
         record = {}
-        for every, evaluate in cfg.evals:
-            if last or (every > 0 and step % every == 0):
-                record |= evaluate(params)
+        for ev in cfg.evals:
+            if last or (ev.every > 0 and step % ev.every == 0 and (step > 0 or ev.at_start)):
+                record |= ev.run(params)
         if record:
             loop_state["last_eval"] = record
             if "val_bpb" in record:

@@ -30,6 +30,9 @@ def rollouts(engine, tokenizer, task, index: int, num_samples: int, max_new_toke
              top_k: int | None = 50, seed: int = 0) -> Rollouts:
     conversation = task[index]
     prompt = tokenizer.render_for_completion(conversation)
+    if len(prompt) >= engine.config.sequence_len:  # no room to answer: nothing sampled, nothing to learn
+        return Rollouts([prompt] * num_samples, [[0] * len(prompt)] * num_samples,
+                        np.zeros(num_samples, np.float32), len(prompt))
     sequences, masks = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=max_new_tokens,
                                              temperature=temperature, top_k=top_k, seed=seed)
     rewards = [task.reward(conversation, tokenizer.decode(s[len(prompt):])) for s in sequences]

@@ -135,8 +135,8 @@ def resume_or_start(resume: bool, checkpointer: Checkpointer, trainer: Trainer, 
     if not resume:
         if checkpointer.latest_step() is not None:
             raise SystemExit(f"{checkpointer.directory} already holds checkpoints (steps "
-                             f"{checkpointer.manager.all_steps()}): continue it with --resume, or pick another "
-                             "--model-tag (or move that directory away)")
+                             f"{checkpointer.manager.all_steps()}): continue it with --resume, or move that directory "
+                             "away to start over")
         params, opt_state = fresh()
         return params, opt_state, 0, None, None
     start_step = checkpointer.latest_step()

@@ -4,7 +4,8 @@ State: params (a pure dict of fp32 arrays: 'wte', 'h', 'lm_head') and the optax 
 (params by RULES, optimizer state by OPT_STATE_RULES). The step takes a batch dict of arrays with a leading
 micro-step axis: "inputs" and "targets" [accum, rows, T] (target -1 = ignored), and optionally "weights" [accum, rows]
 (per-row loss weights: RL advantages). Each micro-step's loss is sum(weight x token loss) / number of counted targets
-(without weights: the mean token loss); gradients are averaged over the micro-steps with lax.scan, clipped and
+(without weights: the mean token loss), counted over the whole global micro-batch (nanochat averages each rank's
+own mean, which weighs tokens slightly differently when rows hold different numbers of targets); gradients are averaged over the micro-steps with lax.scan, clipped and
 applied. The step is jitted with the state donated (one compilation per batch shape); schedule values come in as
 arguments.
 """

@@ -46,10 +46,11 @@ def stream(tokenizer, task, process_index, process_count, n_conversations):
     return np.array(ids), np.array(mask)
 
 
-@pytest.mark.parametrize("process_index,process_count", [(0, 1), (1, 2)])
-def test_packed_rows_follow_the_rendered_stream(tokenizer, process_index, process_count):
+@pytest.mark.parametrize("process_index,process_count,masked", [(0, 1, True), (1, 2, True), (0, 1, False)])
+def test_packed_rows_follow_the_rendered_stream(tokenizer, process_index, process_count, masked):
     task, T, rows = Listed(conversations()), 24, 3
-    it = PackedConversations(task, tokenizer, rows, T, process_index=process_index, process_count=process_count)
+    it = PackedConversations(task, tokenizer, rows, T, process_index=process_index, process_count=process_count,
+                             masked=masked)
     ids, mask = stream(tokenizer, task, process_index, process_count, 40)  # several epochs
     for b in range(6):
         batch = next(it)
@@ -57,9 +58,9 @@ def test_packed_rows_follow_the_rendered_stream(tokenizer, process_index, proces
         for r in range(rows):
             start = (b * rows + r) * T  # rows overlap by one token: each token is a target once
             np.testing.assert_array_equal(batch["inputs"][r], ids[start:start + T])
-            expected = np.where(mask[start + 1:start + T + 1] == 1, ids[start + 1:start + T + 1], -1)
-            np.testing.assert_array_equal(batch["targets"][r], expected)
-    assert (batch["targets"] == -1).any() and (batch["targets"] >= 0).any()
+            keep = (mask[start + 1:start + T + 1] == 1) | (not masked)
+            np.testing.assert_array_equal(batch["targets"][r], np.where(keep, ids[start + 1:start + T + 1], -1))
+    assert (batch["targets"] == -1).any() == masked and (batch["targets"] >= 0).any()
 
 
 def test_packed_and_padded_states_resume_exactly(tokenizer):
@@ -96,6 +97,9 @@ def test_padded_rows_train_only_the_assistant(tokenizer):
             trained = np.flatnonzero(batch["targets"][r] >= 0)
             np.testing.assert_array_equal(trained, np.flatnonzero(np.array(mask[1:]) == 1))
             np.testing.assert_array_equal(batch["targets"][r, trained], np.array(ids[1:])[trained])
+    # several processes: every micro-batch has the full length, so that their shapes agree
+    shard = PaddedConversations(task, tokenizer, 4, T, process_index=1, process_count=2)
+    assert all(next(shard)["inputs"].shape == (4, T) for _ in range(3))
     # the tool's output (mask 0) is never a target, the python call (mask 1) is
     out_start, py_start = tokenizer.encode_special("<|output_start|>"), tokenizer.encode_special("<|python_start|>")
     targets = np.concatenate([next(it)["targets"].ravel() for _ in range(4)])

@@ -93,3 +93,12 @@ def test_toy_rl_reward_rises(tokenizer):
         params, opt_state, _ = trainer.step(params, opt_state, batch, jnp.float32(1.0), jnp.float32(0.95))
         engine.params = nnx.state(trainer.model(params))
     assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.3, rewards
+
+    # a question that leaves no room to answer gives rows with nothing to train on
+    long = {"messages": [{"role": "user", "content": "go " * 40}, {"role": "assistant", "content": "e"}]}
+    class Long(SayE):  # noqa: E306
+        def get_example(self, index):
+            return long
+    full = rollouts(engine, tokenizer, Long(), 0, num_samples=4, max_new_tokens=4)
+    assert (full.rewards == 0).all() and all(m == [0] * full.prompt_len for m in full.masks)
+    assert (policy_batch([full], 4, pad, config.sequence_len)["targets"] == -1).all()

@@ -16,7 +16,7 @@ from nanochat_jax.checkpoint import Checkpointer, model_meta
 from nanochat_jax.common import get_base_dir, parse_dtype, print0
 from nanochat_jax.dataloader import StepBatches, pretraining_batches
 from nanochat_jax.gpt import config_from_depth
-from nanochat_jax.loop import LoopConfig, bits_per_byte, eval_sums, run
+from nanochat_jax.loop import Eval, LoopConfig, bits_per_byte, eval_sums, run
 from nanochat_jax.optim import lr_multiplier, muon_momentum
 from nanochat_jax.stages import add_run_flags, batch_geometry, make_trainer, resume_or_start, start_wandb
 from nanochat_jax.tokenizer import get_token_bytes, get_tokenizer
@@ -132,7 +132,7 @@ def main(argv=None):
     schedule = lambda step: (lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio,  # noqa: E731
                                            args.final_lr_frac), muon_momentum(step))
     cfg = LoopConfig(num_iterations=num_iterations, flops_per_token=config.flops_per_token(), schedule=schedule,
-                     evals=[(args.eval_every, evaluate)], save_every=args.save_every, sample_every=args.sample_every,
+                     evals=[Eval(args.eval_every, evaluate)], save_every=args.save_every, sample_every=args.sample_every,
                      sample=make_sampler(trainer, tokenizer), meta=meta, wandb_run=wandb_run)
     _, _, loop_state = run(trainer, params, opt_state, train_batches, cfg, checkpointer, start_step, loop_state)
     print0(f"minimum validation bpb {loop_state['min_val_bpb']} | training time "

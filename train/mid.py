@@ -6,7 +6,7 @@
 
 nanochat's mixture (SmolTalk, MMLU auxiliary_train, GSM8K, identity conversations x2, SimpleSpelling,
 SpellingBee), rendered and packed into full rows of --max-seq-len tokens; the loss covers the assistant's tokens
-(mask 1). One epoch by default (its length estimated from a sample of the mixture), flat learning rate then a linear
+(mask 1), or with --unmasked every token (nanochat e1770a3's midtraining). One epoch by default (its length estimated from a sample of the mixture), flat learning rate then a linear
 decay to 0 over the last 20%. Starts from the latest base checkpoint; writes
 $NANOCHAT_BASE_DIR/mid_checkpoints/<model tag>/ with metrics.jsonl (validation bpb on the assistant's tokens).
 """
@@ -18,7 +18,7 @@ from nanochat_jax.checkpoint import model_meta
 from nanochat_jax.common import print0
 from nanochat_jax.conversations import PackedConversations, estimated_tokens
 from nanochat_jax.dataloader import StepBatches
-from nanochat_jax.loop import LoopConfig, bits_per_byte, eval_sums, run
+from nanochat_jax.loop import Eval, LoopConfig, bits_per_byte, eval_sums, run
 from nanochat_jax.optim import lr_multiplier, muon_momentum
 from nanochat_jax.stages import (Source, add_chat_stage_flags, batch_geometry, check_flags, start_chat_stage,
                                  start_wandb)
@@ -31,6 +31,8 @@ def parse_args(argv=None):
     p.add_argument("--max-seq-len", type=int, default=None, help="row length (default: the model's context)")
     p.add_argument("--total-batch-size", type=int, default=524288, help="tokens per optimizer step")
     p.add_argument("--eval-tokens", type=int, default=20 * 524288)
+    p.add_argument("--unmasked", action="store_true", help="train (and validate) on every token, as nanochat's "
+                   "midtraining did, not only the assistant's")
     args = p.parse_args(argv)
     check_flags(p, args, positive=("device_batch_size", "max_seq_len", "total_batch_size", "eval_tokens"),
                 every=("eval_every", "save_every"))
@@ -58,7 +60,7 @@ def main(argv=None):
            f"{len(train_task):,} conversations | {accum_steps} micro-steps of {args.device_batch_size * jax.device_count()}"
            f" rows x {args.max_seq_len} | {num_iterations:,} steps")
     params, opt_state, start_step, loop_state = stage.params, stage.opt_state, stage.start_step, stage.loop_state
-    process = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    process = dict(process_index=jax.process_index(), process_count=jax.process_count(), masked=not args.unmasked)
     train_batches = StepBatches(PackedConversations(train_task, tokenizer, rows, args.max_seq_len, **process),
                                 accum_steps)
     if stage.data_state is not None:
@@ -78,7 +80,7 @@ def main(argv=None):
     wandb_run = start_wandb(args, "nanochat-jax-mid")
     schedule = lambda step: (lr_multiplier(step, num_iterations, warmdown_ratio=0.2), muon_momentum(step))  # noqa: E731
     cfg = LoopConfig(num_iterations=num_iterations, flops_per_token=config.flops_per_token(), schedule=schedule,
-                     evals=[(args.eval_every, evaluate)], save_every=args.save_every, meta=meta, wandb_run=wandb_run)
+                     evals=[Eval(args.eval_every, evaluate)], save_every=args.save_every, meta=meta, wandb_run=wandb_run)
     _, _, loop_state = run(trainer, params, opt_state, train_batches, cfg, checkpointer, start_step, loop_state)
     print0(f"minimum validation bpb {loop_state['min_val_bpb']:.4f} | training time "
            f"{loop_state['total_time'] / 60:.2f}m | checkpoints in {checkpointer.directory}")

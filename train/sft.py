@@ -19,7 +19,7 @@ from nanochat_jax.checkpoint import model_meta
 from nanochat_jax.common import print0
 from nanochat_jax.conversations import PaddedConversations
 from nanochat_jax.dataloader import StepBatches
-from nanochat_jax.loop import LoopConfig, eval_sums, run
+from nanochat_jax.loop import Eval, LoopConfig, eval_sums, run
 from nanochat_jax.optim import lr_multiplier
 from nanochat_jax.stages import Source, add_chat_stage_flags, check_flags, start_chat_stage, start_wandb
 from nanochat_jax.tasks import mixtures
@@ -86,7 +86,9 @@ def main(argv=None):
                 for o in [categorical_outcomes(model, tokenizer, task, 2 * args.device_batch_size,
                                                args.eval_metrics_max_problems)]}
 
-    evals = [(args.eval_every, val_loss)] + ([(args.eval_metrics_every, accuracy)] if args.eval_metrics_every else [])
+    evals = [Eval(args.eval_every, val_loss)]
+    if args.eval_metrics_every:  # as nanochat: not before training
+        evals.append(Eval(args.eval_metrics_every, accuracy, at_start=False))
 
     def meta(step, loop_state):
         return model_meta(config, step, **loop_state["last_eval"], train_config=vars(args), source=source.info(),

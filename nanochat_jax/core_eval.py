@@ -1,0 +1,159 @@
+"""The CORE metric (DCLM, arXiv 2406.11794) computed the way nanochat computes it.
+
+Each task of the eval bundle is one of three kinds, scored by the model's per-token loss on candidate texts:
+- multiple_choice: the query followed by each choice (the choices share the prompt, so they differ after a common
+  token prefix); the choice with the lowest mean loss over its own tokens wins;
+- schema: each context option followed by one shared continuation (a common token suffix); the context whose
+  continuation has the lowest mean loss wins;
+- language_modeling: the context, then the continuation; correct when greedy prediction reproduces every token of
+  the continuation.
+A task's examples are shuffled with seed 1337 (then cropped by --max-per-task); example i gets `num_fewshot` other
+examples drawn with random.Random(1234 + i), rendered before it and separated by blank lines. Every sequence starts
+with <|bos|>. Accuracy is centered by the task's random baseline, (acc - b) / (1 - b), and CORE is the mean.
+
+Sequences from many examples are scored together: rows padded to a power-of-two length and to a fixed number of rows,
+split over the mesh, with the losses and greedy checks reduced on the device.
+"""
+import csv
+import json
+import os
+import random
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from nanochat_jax.sharding import BATCH_AXES
+
+EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
+
+
+# ---- prompts (the bundle's text formats)
+def prompts_mc(item, delimiter, shots):
+    prefix = "".join(f"{ex['query']}{delimiter}{ex['choices'][ex['gold']]}\n\n" for ex in shots)
+    return [f"{prefix}{item['query']}{delimiter}{choice}" for choice in item["choices"]]
+
+
+def prompts_schema(item, delimiter, shots):
+    prefix = "".join(f"{ex['context_options'][ex['gold']]}{delimiter}{ex['continuation']}\n\n" for ex in shots)
+    return [f"{prefix}{context}{delimiter}{item['continuation']}" for context in item["context_options"]]
+
+
+def prompts_lm(item, delimiter, shots):
+    """(without, with) the continuation; the first is stripped so that it is a clean token prefix of the second."""
+    prefix = "".join(f"{ex['context'].strip()}{delimiter}{ex['continuation']}\n\n" for ex in shots)
+    without = f"{prefix}{item['context'].strip()}{delimiter}"
+    return [without.strip(), without + item["continuation"]]
+
+
+def common_length(sequences, from_end: bool = False) -> int:
+    """Length of the prefix (or suffix) that all token sequences share."""
+    n = 0
+    for column in zip(*(reversed(s) if from_end else s for s in sequences)):
+        if any(t != column[0] for t in column):
+            break
+        n += 1
+    return n
+
+
+def example_rows(item, task_type: str, delimiter: str, shots, tokenizer):
+    """The token rows of one example, each with the span [start, end) of the tokens it is scored on."""
+    render = {"multiple_choice": prompts_mc, "schema": prompts_schema, "language_modeling": prompts_lm}[task_type]
+    tokens = tokenizer.encode(render(item, delimiter, shots), prepend=tokenizer.get_bos_token_id())
+    if task_type == "multiple_choice":
+        start = common_length(tokens)
+        return [(t, start, len(t)) for t in tokens]
+    if task_type == "schema":
+        suffix = common_length(tokens, from_end=True)
+        return [(t, len(t) - suffix, len(t)) for t in tokens]
+    without, with_ = tokens
+    if len(without) >= len(with_) or with_[:len(without)] != without:
+        raise ValueError("language-modeling prompt without the continuation is not a token prefix of the one with it")
+    return [(with_, len(without), len(with_))]
+
+
+def fewshot(data, index: int, k: int):
+    if k == 0:
+        return []
+    others = [i for i in range(len(data)) if i != index]
+    return [data[i] for i in random.Random(1234 + index).sample(others, k)]
+
+
+# ---- scoring on the device
+@nnx.jit
+def _score_rows(model, ids_BT, start_B, end_B):
+    """Per row: the mean loss over targets start..end-1 (predicted from positions start-1..end-2), and whether the
+    greedy prediction matches all of them."""
+    logits = model(ids_BT[:, :-1])
+    targets = ids_BT[:, 1:]
+    loss = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    position = jnp.arange(targets.shape[1])[None, :] + 1  # the index of each target in the row
+    span = (position >= start_B[:, None]) & (position < end_B[:, None])
+    mean_loss = jnp.sum(jnp.where(span, loss, 0.0), axis=1) / jnp.maximum(jnp.sum(span, axis=1), 1)
+    exact = jnp.all(jnp.where(span, jnp.argmax(logits, axis=-1) == targets, True), axis=1)
+    return mean_loss, exact
+
+
+def score_rows(model, rows, pad_id: int, batch_size: int, mesh=None):
+    """(mean losses, exact matches) for every (tokens, start, end) row, batch_size rows at a time."""
+    sharding = None if mesh is None else NamedSharding(mesh, P(BATCH_AXES))
+    if mesh is not None:
+        batch_size = -(-batch_size // mesh.size) * mesh.size  # rows split evenly over the devices
+    losses, exacts = [], []
+    for first in range(0, len(rows), batch_size):
+        chunk = rows[first:first + batch_size]
+        length = max(16, 1 << (max(len(t) for t, _, _ in chunk) - 1).bit_length())
+        ids = np.full((batch_size, length + 1), pad_id, np.int32)  # +1: the last position is only a target
+        starts, ends = np.ones(batch_size, np.int32), np.ones(batch_size, np.int32)
+        for r, (tokens, start, end) in enumerate(chunk):
+            ids[r, :len(tokens)], starts[r], ends[r] = tokens, start, end
+        arrays = [ids, starts, ends]
+        if sharding is not None:
+            arrays = [jax.make_array_from_callback(a.shape, sharding, lambda index, a=a: a[index]) for a in arrays]
+        mean_loss, exact = _score_rows(model, *arrays)
+        losses.extend(np.asarray(mean_loss)[:len(chunk)].tolist())
+        exacts.extend(np.asarray(exact)[:len(chunk)].tolist())
+    return losses, exacts
+
+
+def evaluate_task(model, tokenizer, data, task_type: str, num_fewshot: int, delimiter: str, batch_size: int = 32,
+                  mesh=None) -> list[bool]:
+    """Whether each example is answered correctly."""
+    rows, owners = [], []
+    for index, item in enumerate(data):
+        example = example_rows(item, task_type, delimiter, fewshot(data, index, num_fewshot), tokenizer)
+        rows += example
+        owners += [index] * len(example)
+    losses, exacts = score_rows(model, rows, tokenizer.get_bos_token_id(), batch_size, mesh)
+    scored = [[] for _ in data]
+    for owner, loss, exact in zip(owners, losses, exacts):
+        scored[owner].append((loss, exact))
+    if task_type == "language_modeling":
+        return [bool(s[0][1]) for s in scored]
+    # the lowest mean loss wins (the first of equals)
+    return [[loss for loss, _ in s].index(min(loss for loss, _ in s)) == item["gold"] for s, item in zip(scored, data)]
+
+
+# ---- the bundle
+def load_bundle(bundle_dir: str):
+    """(tasks from core.yaml, random baselines by label from eval_meta_data.csv)."""
+    import yaml
+    with open(os.path.join(bundle_dir, "core.yaml"), encoding="utf-8") as f:
+        tasks = yaml.safe_load(f)["icl_tasks"]
+    with open(os.path.join(bundle_dir, "eval_meta_data.csv"), encoding="utf-8") as f:
+        baselines = {row["Eval Task"]: float(row["Random baseline"]) for row in csv.DictReader(f)}
+    return tasks, baselines
+
+
+def load_task_data(bundle_dir: str, task: dict, max_per_task: int = -1) -> list[dict]:
+    with open(os.path.join(bundle_dir, "eval_data", task["dataset_uri"]), encoding="utf-8") as f:
+        data = [json.loads(line) for line in f if line.strip()]
+    random.Random(1337).shuffle(data)
+    return data[:max_per_task] if max_per_task > 0 else data
+
+
+def centered(accuracy: float, baseline_percent: float) -> float:
+    b = 0.01 * baseline_percent
+    return (accuracy - b) / (1.0 - b)
