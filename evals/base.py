@@ -1,0 +1,148 @@
+"""Evaluate a base model: the CORE metric on the eval bundle, train/val bits per byte, and a few greedy samples.
+
+    python -m evals.base                                  # the latest base model (-i mid|sft|rl for another stage)
+    python -m evals.base --checkpoint ~/.cache/nanochat/base_checkpoints/d20   # a nanochat checkpoint (needs torch)
+    python -m evals.base --max-per-task 100 --eval-tokens 0 --json-out core.json  # a quick CORE only
+
+The bundle lives in $NANOCHAT_BASE_DIR/eval_bundle/ (core.yaml, eval_data/, eval_meta_data.csv) and is downloaded
+from nanochat's bundle URL when missing. bpb uses the FineWeb shards in base_data/ (train: the first shards, val: the
+last).
+"""
+import argparse
+import glob
+import json
+import os
+import shutil
+import tempfile
+import time
+import urllib.request
+import zipfile
+
+import jax
+import optax
+from flax import nnx
+
+from nanochat_jax import core_eval
+from nanochat_jax.checkpoint import STAGE_DIRS, load_model, stage_directory
+from nanochat_jax.common import get_base_dir, parse_dtype, print0
+from nanochat_jax.dataloader import pretraining_batches
+from nanochat_jax.gpt import GPT
+from nanochat_jax.loop import bits_per_byte, eval_sums
+from nanochat_jax.sharding import make_mesh
+from nanochat_jax.trainer import Trainer
+from train.base import make_sampler
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="CORE, bpb and samples of a base model")
+    p.add_argument("--checkpoint", default=None, help="a checkpoint directory of ours or of nanochat's (default: "
+                   "the latest model of --source)")
+    p.add_argument("-i", "--source", choices=sorted(STAGE_DIRS), default="base")
+    p.add_argument("-g", "--model-tag", default=None)
+    p.add_argument("-s", "--step", type=int, default=None)
+    p.add_argument("--max-per-task", type=int, default=-1, help="examples per CORE task (-1: all)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (CORE)")
+    p.add_argument("--eval-tokens", type=int, default=20 * 524288, help="tokens per bpb split (0: skip bpb)")
+    p.add_argument("--device-batch-size", type=int, default=32, help="rows per device for bpb")
+    p.add_argument("--max-seq-len", type=int, default=None, help="bpb row length (default: the model's context)")
+    p.add_argument("--no-core", action="store_true", help="skip CORE")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None)
+    p.add_argument("--mesh", default=None)
+    p.add_argument("--json-out", default=None)
+    args = p.parse_args(argv)
+    if args.max_per_task == 0 or args.max_per_task < -1:
+        p.error("--max-per-task must be positive, or -1 for all")
+    for name in ("batch_size", "device_batch_size", "max_seq_len"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be positive")
+    if args.eval_tokens < 0:
+        p.error("--eval-tokens must be >= 0")
+    return args
+
+
+def load(args, mesh, dtype):
+    """(model, tokenizer, description) from --checkpoint (ours or nanochat's) or the stage's latest."""
+    directory = args.checkpoint or stage_directory(args.source, args.model_tag)
+    if glob.glob(os.path.join(os.path.expanduser(directory), "model_*.pt")):  # nanochat's format
+        from nanochat_jax.interop import import_nanochat
+        model, tokenizer, meta = import_nanochat(directory, args.step, dtype=dtype)
+        if tokenizer is None:
+            raise SystemExit(f"no tokenizer.pkl next to {directory} nor in nanochat's <base>/tokenizer/")
+        return model, tokenizer, f"nanochat {directory} step {meta['step']}"
+    model, tokenizer, meta = load_model(directory, args.step, mesh=mesh, dtype=dtype)
+    return model, tokenizer, f"{directory} step {meta['step']}"
+
+
+def eval_bundle_dir() -> str:
+    """$NANOCHAT_BASE_DIR/eval_bundle, downloaded and unpacked from nanochat's URL when missing."""
+    bundle = os.path.join(get_base_dir(), "eval_bundle")
+    if os.path.exists(os.path.join(bundle, "core.yaml")):
+        return bundle
+    print0(f"downloading the eval bundle from {core_eval.EVAL_BUNDLE_URL}")
+    with tempfile.TemporaryDirectory(dir=get_base_dir()) as tmp:
+        try:
+            archive = os.path.join(tmp, "eval_bundle.zip")
+            urllib.request.urlretrieve(core_eval.EVAL_BUNDLE_URL, archive)
+            with zipfile.ZipFile(archive) as z:
+                z.extractall(tmp)
+        except Exception as e:
+            raise FileNotFoundError(f"no eval bundle at {bundle} and could not download {core_eval.EVAL_BUNDLE_URL} "
+                                    f"({type(e).__name__}: {e}): unzip it there (core.yaml, eval_data/, "
+                                    "eval_meta_data.csv)") from e
+        shutil.move(os.path.join(tmp, "eval_bundle"), bundle)
+    return bundle
+
+
+def core(model, tokenizer, args, mesh) -> dict:
+    bundle = eval_bundle_dir()
+    tasks, baselines = core_eval.load_bundle(bundle)
+    results, centered = {}, {}
+    for task in tasks:
+        t0, label = time.time(), task["label"]
+        data = core_eval.load_task_data(bundle, task, args.max_per_task)
+        correct = core_eval.evaluate_task(model, tokenizer, data, task["icl_task_type"], task["num_fewshot"][0],
+                                          task.get("continuation_delimiter", " "), args.batch_size, mesh)
+        results[label] = sum(correct) / len(correct)
+        centered[label] = core_eval.centered(results[label], baselines[label])
+        print0(f"{label:<32} {task['num_fewshot'][0]:>2}-shot {task['icl_task_type']:<17} accuracy "
+               f"{results[label]:.4f} | centered {centered[label]:+.4f} | {len(data)} examples, {time.time() - t0:.0f}s")
+    return {"core_metric": sum(centered.values()) / len(centered), "results": results, "centered_results": centered}
+
+
+def bpb(trainer, params, tokenizer, args) -> dict:
+    seq_len = args.seq_len
+    rows = args.device_batch_size * jax.local_device_count()
+    num_batches = max(1, args.eval_tokens // (rows * jax.process_count() * seq_len))
+    token_bytes = tokenizer.token_bytes()
+    out = {}
+    for split in ("train", "val"):
+        batches = pretraining_batches(tokenizer, split, rows, seq_len)
+        out[f"{split}_bpb"] = bits_per_byte(eval_sums(trainer, params, batches, num_batches, token_bytes))
+        print0(f"{split} bpb: {out[f'{split}_bpb']:.4f}")
+    return out
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    mesh, dtype = make_mesh(args.mesh), parse_dtype(args.dtype)
+    model, tokenizer, description = load(args, mesh, dtype)
+    print0(f"evaluating {description}")
+    # the training-step view of the same weights: bpb and the sampler run on it
+    trainer = Trainer.create(lambda: GPT(model.config, rngs=nnx.Rngs(0), dtype=model.dtype), optax.identity(), mesh)
+    params = jax.device_put(nnx.to_pure_dict(nnx.state(model)), trainer.params_sharding)
+    args.seq_len = args.max_seq_len or model.config.sequence_len
+    summary = {"model": description}
+    if args.eval_tokens > 0:
+        summary |= bpb(trainer, params, tokenizer, args)
+    if not args.no_core:
+        summary |= core(model, tokenizer, args, mesh)
+        print0(f"CORE metric: {summary['core_metric']:.4f}")
+    make_sampler(trainer, tokenizer)(params)
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(summary, f, indent=2)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

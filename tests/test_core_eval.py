@@ -1,0 +1,137 @@
+"""CORE: prompt construction with few-shot examples, scored spans, the three task types on examples with known answers,
+batched scoring against the full forward, centering, and evals.base end to end on a bundle the test writes."""
+import json
+import random
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import logits_of, randomize, tiny_config
+from nanochat_jax import core_eval
+from nanochat_jax.gpt import GPT
+from nanochat_jax.sharding import make_mesh
+
+
+def test_prompts_with_fewshot_examples():
+    shots = [{"query": "Q1", "choices": ["a", "b"], "gold": 1}, {"query": "Q2", "choices": ["c", "d"], "gold": 0}]
+    assert core_eval.prompts_mc({"query": "Q", "choices": ["x", "y"]}, "\nAnswer: ", shots) == [
+        "Q1\nAnswer: b\n\nQ2\nAnswer: c\n\nQ\nAnswer: x", "Q1\nAnswer: b\n\nQ2\nAnswer: c\n\nQ\nAnswer: y"]
+    shots = [{"context_options": ["A said", "B said"], "continuation": "hi.", "gold": 1}]
+    assert core_eval.prompts_schema({"context_options": ["C ran", "D ran"], "continuation": "far."}, " ", shots) == [
+        "B said hi.\n\nC ran far.", "B said hi.\n\nD ran far."]
+    shots = [{"context": " Capital of France? ", "continuation": "Paris"}]
+    without, with_ = core_eval.prompts_lm({"context": "Capital of Italy?  ", "continuation": "Rome"}, "\nAnswer: ",
+                                          shots)
+    assert with_ == "Capital of France?\nAnswer: Paris\n\nCapital of Italy?\nAnswer: Rome"
+    assert without == "Capital of France?\nAnswer: Paris\n\nCapital of Italy?\nAnswer:"  # stripped
+    assert core_eval.prompts_mc({"query": "Q", "choices": ["x"]}, " ", []) == ["Q x"]
+
+
+def test_fewshot_draws():
+    data = [{"i": i} for i in range(30)]
+    for index in (0, 7, 29):
+        drawn = core_eval.fewshot(data, index, 5)
+        expected = random.Random(1234 + index).sample([i for i in range(30) if i != index], 5)
+        assert [d["i"] for d in drawn] == expected and data[index] not in drawn
+    assert core_eval.fewshot(data, 3, 0) == []
+
+
+def test_scored_spans(tokenizer):
+    bos = tokenizer.get_bos_token_id()
+    rows = core_eval.example_rows({"query": "the model", "choices": ["reads every token", "keeps two"]},
+                                  "multiple_choice", " ", [], tokenizer)
+    prefix = tokenizer.encode("the model", prepend=bos)
+    for (tokens, start, end), choice in zip(rows, ["reads every token", "keeps two"]):
+        assert tokens == tokenizer.encode(f"the model {choice}", prepend=bos) and end == len(tokens)
+        assert tokens[:start] == prefix[:start] and start >= len(prefix) - 1
+    rows = core_eval.example_rows({"context_options": ["hello world", "the optimizer"], "continuation": "keeps data"},
+                                  "schema", " ", [], tokenizer)
+    suffix = tokenizer.encode(" keeps data")
+    for tokens, start, end in rows:
+        assert tokens[start:] == suffix and end == len(tokens)
+    (tokens, start, end), = core_eval.example_rows({"context": "hello", "continuation": "world"},
+                                                   "language_modeling", " ", [], tokenizer)
+    assert tokens[:start] == tokenizer.encode("hello", prepend=bos) and tokens[start:end] == tokenizer.encode(" world")
+
+
+class Repeat(nnx.Module):
+    """Predicts that the current token comes again (logit 10 on it)."""
+
+    def __init__(self, vocab: int):
+        self.vocab = vocab
+
+    def __call__(self, ids):
+        return 10.0 * jax.nn.one_hot(ids, self.vocab)
+
+
+def test_task_types_with_known_answers(tokenizer):
+    model = Repeat(tokenizer.get_vocab_size())
+    # the repeated continuation is predicted token for token; the other is not
+    mc = [{"query": "the", "choices": ["the the the the", "model reads every token"], "gold": g} for g in (0, 1)]
+    assert core_eval.evaluate_task(model, tokenizer, mc, "multiple_choice", 0, " ") == [True, False]
+    schema = [{"context_options": ["the the the", "model reads"], "continuation": "the the", "gold": g}
+              for g in (0, 1)]
+    assert core_eval.evaluate_task(model, tokenizer, schema, "schema", 0, " ") == [True, False]
+    lm = [{"context": "the the", "continuation": "the the the"}, {"context": "the the", "continuation": "model reads"}]
+    assert core_eval.evaluate_task(model, tokenizer, lm, "language_modeling", 0, " ") == [True, False]
+    # with few-shot examples in front the answers stand (all examples of the task share the format)
+    assert core_eval.evaluate_task(model, tokenizer, mc * 3, "multiple_choice", 2, " ") == [True, False] * 3
+
+
+def test_batched_scores_match_the_full_forward(tokenizer):
+    model = randomize(GPT(tiny_config(vocab_size=tokenizer.get_vocab_size(), sequence_len=64), rngs=nnx.Rngs(3)))
+    rng = np.random.default_rng(0)
+    rows = []
+    for _ in range(11):
+        tokens = rng.integers(0, tokenizer.get_vocab_size(), rng.integers(5, 40)).tolist()
+        start = int(rng.integers(1, len(tokens) - 1))
+        rows.append((tokens, start, int(rng.integers(start + 1, len(tokens) + 1))))
+    losses, exact = core_eval.score_rows(model, rows, 0, batch_size=4, mesh=make_mesh("data:8"))
+    for (tokens, start, end), loss, ok in zip(rows, losses, exact):
+        logits = np.asarray(logits_of(model, jnp.asarray([tokens])))[0].astype(np.float64)
+        logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+            - logits.max(-1, keepdims=True)
+        expected = -np.mean([logp[t - 1, tokens[t]] for t in range(start, end)])
+        assert loss == pytest.approx(expected, rel=1e-4)
+        assert ok == all(np.argmax(logits[t - 1]) == tokens[t] for t in range(start, end))
+
+
+def test_centering():
+    assert core_eval.centered(0.25, 25) == pytest.approx(0.0)
+    assert core_eval.centered(0.5, 25) == pytest.approx(1 / 3)
+    assert core_eval.centered(0.3, 0) == pytest.approx(0.3)
+
+
+def test_evals_base_end_to_end(tmp_path, monkeypatch, tokenizer):
+    from evals import base as evals_base
+    from task_files import write_base_checkpoint
+    from test_entrypoints import write_shards
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    write_shards(tmp_path, n_shards=2, docs_per_shard=20)
+    write_base_checkpoint(tmp_path, tokenizer, tiny_config(vocab_size=tokenizer.get_vocab_size(), sequence_len=64))
+    bundle = tmp_path / "eval_bundle"
+    (bundle / "eval_data").mkdir(parents=True)
+    (bundle / "core.yaml").write_text(
+        "icl_tasks:\n"
+        "- {label: mc, dataset_uri: mc.jsonl, num_fewshot: [2], icl_task_type: multiple_choice}\n"
+        "- {label: lm, dataset_uri: lm.jsonl, num_fewshot: [0], icl_task_type: language_modeling,"
+        " continuation_delimiter: ': '}\n")
+    (bundle / "eval_meta_data.csv").write_text("Eval Task,Random baseline\nmc,50\nlm,0\n")
+    (bundle / "eval_data" / "mc.jsonl").write_text("".join(
+        json.dumps({"query": f"the model {i}", "choices": ["reads", "keeps"], "gold": i % 2}) + "\n" for i in range(6)))
+    (bundle / "eval_data" / "lm.jsonl").write_text("".join(
+        json.dumps({"context": f"hello {i}", "continuation": "world"}) + "\n" for i in range(4)))
+    out = tmp_path / "core.json"
+    summary = evals_base.main(["--eval-tokens", "512", "--device-batch-size", "1", "--json-out", str(out)])
+    assert set(summary["results"]) == {"mc", "lm"} and summary["train_bpb"] > 0 and summary["val_bpb"] > 0
+    assert summary["centered_results"]["mc"] == pytest.approx(2 * summary["results"]["mc"] - 1)
+    assert summary["core_metric"] == pytest.approx(sum(summary["centered_results"].values()) / 2)
+    assert json.loads(out.read_text())["core_metric"] == summary["core_metric"]
+    monkeypatch.setattr(core_eval, "EVAL_BUNDLE_URL", "http://127.0.0.1:9/eval_bundle.zip")
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "empty"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="eval_bundle"):
+        evals_base.eval_bundle_dir()
