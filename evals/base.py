@@ -96,6 +96,10 @@ def eval_bundle_dir() -> str:
 def core(model, tokenizer, args, mesh) -> dict:
     bundle = eval_bundle_dir()
     tasks, baselines = core_eval.load_bundle(bundle)
+    most_shots = max(task["num_fewshot"][0] for task in tasks)
+    if 0 < args.max_per_task <= most_shots:
+        raise SystemExit(f"--max-per-task {args.max_per_task}: the few-shot examples are drawn from the same examples, "
+                         f"so it must exceed the largest few-shot count ({most_shots})")
     results, centered = {}, {}
     for task in tasks:
         t0, label = time.time(), task["label"]

@@ -130,6 +130,8 @@ def test_evals_base_end_to_end(tmp_path, monkeypatch, tokenizer):
     assert summary["centered_results"]["mc"] == pytest.approx(2 * summary["results"]["mc"] - 1)
     assert summary["core_metric"] == pytest.approx(sum(summary["centered_results"].values()) / 2)
     assert json.loads(out.read_text())["core_metric"] == summary["core_metric"]
+    with pytest.raises(SystemExit, match="few-shot"):
+        evals_base.main(["--eval-tokens", "0", "--max-per-task", "2"])
     monkeypatch.setattr(core_eval, "EVAL_BUNDLE_URL", "http://127.0.0.1:9/eval_bundle.zip")
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "empty"))
     (tmp_path / "empty").mkdir()

@@ -1,0 +1,77 @@
+"""Score the CORE tasks with nanochat's core_eval (PyTorch) and with ours, on the same random weights and the same
+bundle examples, and count the examples scored differently.
+
+    git clone https://github.com/karpathy/nanochat /tmp/nanochat && git -C /tmp/nanochat checkout e1770a3
+    pip install tokenizers jinja2 torch      # what nanochat's modules import
+    python -m scripts.parity_core --nanochat /tmp/nanochat --max-per-task 12
+
+Uses $NANOCHAT_BASE_DIR/tokenizer/ and eval_bundle/. The weights are a small random nanochat GPT, saved in nanochat's
+checkpoint format and loaded here through import_nanochat.
+"""
+import argparse
+import json
+import os
+import pickle
+import sys
+import tempfile
+import time
+
+from nanochat_jax import core_eval
+from nanochat_jax.common import get_base_dir
+from nanochat_jax.interop import import_nanochat
+from nanochat_jax.tokenizer import get_tokenizer
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--nanochat", required=True, help="a nanochat checkout (e1770a3)")
+    p.add_argument("--max-per-task", type=int, default=12)
+    args = p.parse_args(argv)
+    sys.path.insert(0, os.path.abspath(args.nanochat))
+    import torch
+    from nanochat import core_eval as ref_core
+    from nanochat.gpt import GPT as TorchGPT, GPTConfig as TorchConfig
+    from nanochat.tokenizer import RustBPETokenizer
+
+    tokenizer = get_tokenizer()
+    config = dict(sequence_len=2048, vocab_size=tokenizer.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=1,
+                  n_embd=128)
+    torch.manual_seed(0)
+    ref_model = TorchGPT(TorchConfig(**config))
+    ref_model.init_weights()
+    with torch.no_grad():  # random everywhere (nanochat's init zeroes the head: every choice would tie)
+        for param in ref_model.parameters():
+            param.normal_(0, 0.3)
+    ref_model.eval()
+    with tempfile.TemporaryDirectory() as directory:
+        torch.save(ref_model.state_dict(), os.path.join(directory, "model_000000.pt"))
+        with open(os.path.join(directory, "meta_000000.json"), "w") as f:
+            json.dump({"model_config": config, "step": 0}, f)
+        with open(os.path.join(directory, "tokenizer.pkl"), "wb") as f:
+            pickle.dump(tokenizer.enc, f)
+        model, _, _ = import_nanochat(directory)
+    ref_tokenizer = RustBPETokenizer(tokenizer.enc, "<|bos|>")
+
+    bundle = os.path.join(get_base_dir(), "eval_bundle")
+    tasks, _ = core_eval.load_bundle(bundle)
+    total = differing = 0
+    for task in tasks:
+        data = core_eval.load_task_data(bundle, task, args.max_per_task)
+        meta = {"task_type": task["icl_task_type"], "dataset_uri": task["dataset_uri"],
+                "num_fewshot": task["num_fewshot"][0], "continuation_delimiter": task.get("continuation_delimiter", " ")}
+        t0 = time.time()
+        with torch.no_grad():
+            ref = [bool(ref_core.evaluate_example(i, ref_model, ref_tokenizer, data, "cpu", meta))
+                   for i in range(len(data))]
+        t1 = time.time()
+        ours = core_eval.evaluate_task(model, tokenizer, data, meta["task_type"], meta["num_fewshot"],
+                                       meta["continuation_delimiter"])
+        diff = sum(a != b for a, b in zip(ref, ours))
+        total, differing = total + len(data), differing + diff
+        print(f"{task['label']:<34} nanochat {sum(ref):>4}/{len(ref)} | ours {sum(ours):>4}/{len(ours)} | differing "
+              f"{diff} | {t1 - t0:.0f}s vs {time.time() - t1:.0f}s")
+    print(f"{differing} of {total} examples scored differently")
+
+
+if __name__ == "__main__":
+    main()
