@@ -68,6 +68,15 @@ def test_mid_sft_rl_chain(base_dir):
     _, _, meta = load_stage("rl")
     assert meta["step"] == 2 and meta["source"]["stage"] == "sft"
 
+    # RL resumes exactly too: the samples of a step depend on (seed, step, question) and the restored weights
+    shutil.rmtree(base_dir / "chatrl_checkpoints" / "d2" / "2")
+    rl.main(RL + ["--resume"])
+    resumed = read_metrics(base_dir / "chatrl_checkpoints" / "d2")
+    assert [m["step"] for m in resumed] == [0, 1, 2]
+    for a, b in zip(resumed, records):
+        assert a.get("reward") == b.get("reward") and a.get("pass@2") == b.get("pass@2")
+        assert a.get("loss", 0) == pytest.approx(b.get("loss", 0), abs=1e-6)
+
 
 def test_stage_errors(base_dir):
     with pytest.raises(FileNotFoundError, match="train the mid stage first"):
