@@ -22,7 +22,7 @@ import jax
 import optax
 from flax import nnx
 
-from nanochat_jax import core_eval
+from nanochat_jax import core_eval, report
 from nanochat_jax.checkpoint import STAGE_DIRS, load_model, stage_directory
 from nanochat_jax.common import get_base_dir, parse_dtype, print0
 from nanochat_jax.dataloader import pretraining_batches
@@ -142,6 +142,9 @@ def main(argv=None):
         summary |= core(model, tokenizer, args, mesh)
         print0(f"CORE metric: {summary['core_metric']:.4f}")
     make_sampler(trainer, tokenizer)(params)
+    report.log("Base model evaluation", {"model": description},
+               {"CORE": summary.get("core_metric"), "train bpb": summary.get("train_bpb"),
+                "val bpb": summary.get("val_bpb")}, summary.get("centered_results", {}))
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(summary, f, indent=2)

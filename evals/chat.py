@@ -10,6 +10,7 @@ import json
 import time
 from functools import partial
 
+from nanochat_jax import report
 from nanochat_jax.chat_eval import categorical_outcomes, generative_outcomes
 from nanochat_jax.checkpoint import STAGE_DIRS, load_stage
 from nanochat_jax.common import parse_dtype, print0
@@ -83,6 +84,8 @@ def main(argv=None):
     summary = {"source": args.source, "step": meta["step"], "results": results, "ChatCORE": chatcore(results)}
     if summary["ChatCORE"] is not None:
         print0(f"ChatCORE: {summary['ChatCORE']:.4f}")
+    report.log(f"Chat evaluation {args.source}", {"model step": meta["step"], "max problems": args.max_problems},
+               results, {"ChatCORE": summary["ChatCORE"]})
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(summary | {"config": {k: v for k, v in vars(args).items() if k != "tasks"}}, f, indent=2)

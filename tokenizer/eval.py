@@ -6,6 +6,7 @@ GPT-2 / GPT-4 need tiktoken to load their ranks (downloaded once, then cached); 
 our tokenizer alone. Besides the built-in samples, the first row group of the local train and validation shards is
 measured when present.
 """
+from nanochat_jax import report
 from nanochat_jax.dataset import iter_texts
 from nanochat_jax.tokenizer import Tokenizer, get_tokenizer
 
@@ -77,6 +78,7 @@ def main():
     vocab = "  ".join(f"{n}={t.get_vocab_size():,}" for n, t in tokenizers.items())
     print(f"vocabulary sizes: {vocab}\nbytes per token (higher compresses better):")
     print(f"{'text':<14}{'bytes':>10}" + "".join(f"{n:>10}" for n in names))
+    ratios = {}
     for sample_name, text in samples.items():
         n_bytes = len(text.encode("utf-8"))
         row = []
@@ -85,6 +87,8 @@ def main():
             assert tok.decode(ids) == text, f"round trip failed on {sample_name}"
             row.append(n_bytes / len(ids))
         print(f"{sample_name:<14}{n_bytes:>10,}" + "".join(f"{r:>10.2f}" for r in row))
+        ratios[f"bytes per token, {sample_name}"] = ", ".join(f"{n} {r:.2f}" for n, r in zip(names, row))
+    report.log("Tokenizer evaluation", ratios)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import os
 import jax
 import jax.numpy as jnp
 
+from nanochat_jax import report
 from nanochat_jax.checkpoint import Checkpointer, model_meta
 from nanochat_jax.common import get_base_dir, parse_dtype, print0
 from nanochat_jax.dataloader import StepBatches, pretraining_batches
@@ -137,6 +138,11 @@ def main(argv=None):
     _, _, loop_state = run(trainer, params, opt_state, train_batches, cfg, checkpointer, start_step, loop_state)
     print0(f"minimum validation bpb {loop_state['min_val_bpb']} | training time "
            f"{loop_state['total_time'] / 60:.2f}m | checkpoints in {checkpointer.directory}")
+    report.log("Base model training", vars(args), {
+        "checkpoint_dir": checkpointer.directory, "parameters": config.num_params(), "steps": num_iterations,
+        "tokens": num_iterations * args.total_batch_size, "minimum validation bpb": loop_state["min_val_bpb"],
+        "training time (min)": loop_state["total_time"] / 60, "devices": f"{jax.device_count()} x "
+        f"{jax.devices()[0].device_kind}"})
     if wandb_run is not None:
         wandb_run.finish()
 

@@ -14,6 +14,7 @@ import argparse
 
 import jax
 
+from nanochat_jax import report
 from nanochat_jax.checkpoint import model_meta
 from nanochat_jax.common import print0
 from nanochat_jax.conversations import PackedConversations, estimated_tokens
@@ -84,6 +85,9 @@ def main(argv=None):
     _, _, loop_state = run(trainer, params, opt_state, train_batches, cfg, checkpointer, start_step, loop_state)
     print0(f"minimum validation bpb {loop_state['min_val_bpb']:.4f} | training time "
            f"{loop_state['total_time'] / 60:.2f}m | checkpoints in {checkpointer.directory}")
+    report.log("Midtraining", vars(args), {
+        "checkpoint_dir": checkpointer.directory, "conversations": len(train_task), "steps": num_iterations,
+        "minimum validation bpb": loop_state["min_val_bpb"], "training time (min)": loop_state["total_time"] / 60})
     if wandb_run is not None:
         wandb_run.finish()
 

@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from nanochat_jax.chat_eval import generative_outcomes, pass_at_k
+from nanochat_jax import report
 from nanochat_jax.checkpoint import model_meta
 from nanochat_jax.common import print0
 from nanochat_jax.dataloader import to_global_array
@@ -123,6 +124,8 @@ def main(argv=None):
                                      "dt": dt, **record}, wandb_run)
     checkpointer.wait()
     print0(f"training time {loop_state['total_time'] / 60:.2f}m | checkpoints in {checkpointer.directory}")
+    report.log("Chat RL", vars(args), {"checkpoint_dir": checkpointer.directory, "steps": num_steps,
+                                       **loop_state["last_eval"], "training time (min)": loop_state["total_time"] / 60})
     if wandb_run is not None:
         wandb_run.finish()
 

@@ -15,6 +15,7 @@ import argparse
 import jax
 
 from nanochat_jax.chat_eval import categorical_outcomes
+from nanochat_jax import report
 from nanochat_jax.checkpoint import model_meta
 from nanochat_jax.common import print0
 from nanochat_jax.conversations import PaddedConversations
@@ -101,6 +102,9 @@ def main(argv=None):
     _, _, loop_state = run(trainer, params, opt_state, train_batches, cfg, checkpointer, start_step, loop_state)
     print0(" | ".join(f"{k} {v:.4f}" for k, v in loop_state["last_eval"].items()) +
            f" | training time {loop_state['total_time'] / 60:.2f}m | checkpoints in {checkpointer.directory}")
+    report.log("Chat SFT", vars(args), {"checkpoint_dir": checkpointer.directory, "conversations": len(train_task),
+                                        "steps": num_iterations, **loop_state["last_eval"],
+                                        "training time (min)": loop_state["total_time"] / 60})
     if wandb_run is not None:
         wandb_run.finish()
 

@@ -1,0 +1,234 @@
+"""The report card: every stage logs a section, `generate` writes report.md.
+
+    python -m scripts.report reset       # at the start of a run: the header (environment, code size, start time)
+    python -m train.base ...             # each entry point logs its section (config, results, time)
+    python -m scripts.report generate    # $NANOCHAT_BASE_DIR/report/report.md (+ PNG plots)
+
+Sections are JSON files in $NANOCHAT_BASE_DIR/report/ ({"section", "timestamp", "data": [dicts]}), so generating
+reads numbers, not text. report.md holds the header, the sections in pipeline order, a summary table (CORE and the
+chat evals per stage), the total wall time and an estimated cost, and links to plots made from each stage's
+metrics.jsonl (loss and validation curves) and of the chat evals (bars).
+"""
+import datetime
+import json
+import os
+import platform
+import subprocess
+
+import jax
+
+from nanochat_jax.common import get_base_dir
+
+ORDER = ["tokenizer-training", "tokenizer-evaluation", "base-model-training", "base-model-evaluation",
+         "midtraining", "chat-evaluation-mid", "chat-sft", "chat-evaluation-sft", "chat-rl", "chat-evaluation-rl"]
+SUMMARY_METRICS = ["CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "ChatCORE"]
+STAGES = {"base": ("base-model-training", "base-model-evaluation"), "mid": ("midtraining", "chat-evaluation-mid"),
+          "sft": ("chat-sft", "chat-evaluation-sft"), "rl": ("chat-rl", "chat-evaluation-rl")}
+# on-demand prices per accelerator-hour (USD), for the estimate
+HOURLY = {"H100": 3.0, "H200": 3.5, "A100": 1.8, "TPU v5 lite": 1.2, "TPU v5e": 1.2, "TPU v6": 2.7}
+TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
+
+
+def report_dir() -> str:
+    return os.path.join(get_base_dir(), "report")
+
+
+def slugify(section: str) -> str:
+    return section.lower().replace(" ", "-")
+
+
+def log(section: str, *data: dict) -> str | None:
+    """Record a stage's section (process 0 only); later calls for the same section replace it."""
+    if jax.process_index() != 0:
+        return None
+    os.makedirs(report_dir(), exist_ok=True)
+    path = os.path.join(report_dir(), slugify(section) + ".json")
+    record = {"section": section, "timestamp": datetime.datetime.now().strftime(TIME_FORMAT),
+              "data": [d for d in data if d]}
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=1, default=str)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def _run(cmd: list[str]) -> str:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def environment() -> dict:
+    """Date, git, hardware, dependency versions and code size, for the header."""
+    from importlib.metadata import PackageNotFoundError, version
+    versions = {}
+    for package in ("jax", "flax", "optax", "orbax-checkpoint", "grain", "tiktoken", "datasets"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = "-"
+    files = [f for f in _run(["git", "ls-files"]).splitlines()
+             if f.endswith((".py", ".md", ".sh", ".html", ".toml")) and os.path.isfile(f)]
+    text = "".join(open(f, encoding="utf-8", errors="replace").read() for f in files)
+    devices = jax.devices()
+    return {"started": datetime.datetime.now().strftime(TIME_FORMAT),
+            "git": {"commit": _run(["git", "rev-parse", "--short", "HEAD"]) or "unknown",
+                    "dirty": bool(_run(["git", "status", "--porcelain"])),
+                    "message": _run(["git", "log", "-1", "--pretty=%s"])[:80]},
+            "hardware": {"devices": f"{len(devices)} x {devices[0].device_kind}", "platform": devices[0].platform,
+                         "processes": jax.process_count(), "cpus": os.cpu_count(), "system": platform.platform()},
+            "python": platform.python_version(), "versions": versions,
+            "code": {"files": len(files), "lines": text.count("\n"), "characters": len(text),
+                     "tokens (approx)": len(text) // 4}}
+
+
+def reset():
+    """Start a new report: clear the sections, write the header."""
+    os.makedirs(report_dir(), exist_ok=True)
+    for name in os.listdir(report_dir()):
+        if name.endswith((".json", ".md", ".png")):
+            os.remove(os.path.join(report_dir(), name))
+    with open(os.path.join(report_dir(), "header.json"), "w", encoding="utf-8") as f:
+        json.dump(environment(), f, indent=1)
+
+
+def _format(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10_000:
+        return f"{value:,}"
+    return str(value)
+
+
+def _sections() -> dict:
+    sections = {}
+    for slug in ORDER:
+        path = os.path.join(report_dir(), slug + ".json")
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                sections[slug] = json.load(f)
+    return sections
+
+
+def summary(sections: dict) -> dict:
+    """{stage: {metric: value}} from the evaluation sections."""
+    table = {}
+    for stage, (_, evaluation) in STAGES.items():
+        found = {}
+        for item in sections.get(evaluation, {}).get("data", []):
+            found.update({k: v for k, v in item.items() if k in SUMMARY_METRICS and v is not None})
+        if found:
+            table[stage] = found
+    return table
+
+
+def estimated_cost(hardware: str, hours: float) -> float | None:
+    count, _, kind = hardware.partition(" x ")
+    rate = next((r for name, r in HOURLY.items() if name in kind), None)
+    return None if rate is None or not count.isdigit() else rate * int(count) * hours
+
+
+def generate() -> str:
+    """Write report.md (and the plots) from the header and the logged sections; returns its path."""
+    sections = _sections()
+    header_path = os.path.join(report_dir(), "header.json")
+    header = None
+    if os.path.exists(header_path):
+        with open(header_path, encoding="utf-8") as f:
+            header = json.load(f)
+    lines = ["# nanochat-jax report card", ""]
+    if header is None:
+        lines += ["(no header: run `python -m scripts.report reset` at the start of a run)", ""]
+    else:
+        git, hw = header["git"], header["hardware"]
+        lines += [f"Run started: {header['started']}", "", "## Environment", "",
+                  f"- Commit: {git['commit']} {'(dirty)' if git['dirty'] else '(clean)'}: {git['message']}",
+                  f"- Hardware: {hw['devices']} ({hw['platform']}), {hw['processes']} process(es), {hw['cpus']} CPUs,"
+                  f" {hw['system']}",
+                  f"- Python {header['python']}; " + ", ".join(f"{k} {v}" for k, v in header["versions"].items()),
+                  "- Code: " + ", ".join(f"{k} {_format(v)}" for k, v in header["code"].items()), ""]
+    for section in sections.values():
+        lines += [f"## {section['section']}", "", f"timestamp: {section['timestamp']}", ""]
+        for item in section["data"]:
+            lines += [f"- {k}: {_format(v)}" for k, v in item.items()]
+        lines.append("")
+    table = summary(sections)
+    lines += ["## Summary", ""]
+    if table:
+        metrics = [m for m in SUMMARY_METRICS if any(m in row for row in table.values())]
+        lines += ["| metric | " + " | ".join(s.upper() for s in STAGES) + " |",
+                  "|---|" + "---|" * len(STAGES)]
+        lines += [f"| {m} | " + " | ".join(_format(table.get(s, {}).get(m, "-")) for s in STAGES) + " |"
+                  for m in metrics]
+        lines.append("")
+    if header is not None and sections:
+        start = datetime.datetime.strptime(header["started"], TIME_FORMAT)
+        end = max(datetime.datetime.strptime(s["timestamp"], TIME_FORMAT) for s in sections.values())
+        hours = max((end - start).total_seconds(), 0) / 3600
+        lines.append(f"Total wall clock time: {int(hours)}h{int(hours * 60) % 60:02d}m")
+        cost = estimated_cost(header["hardware"]["devices"], hours)
+        lines.append(f"Estimated cost: ${cost:,.2f} (on-demand prices)" if cost is not None else
+                     "Estimated cost: - (no price for this hardware)")
+        lines.append("")
+    plots = make_plots(sections, table)
+    if plots:
+        lines += ["## Plots", ""] + [f"![{name}]({name})" for name in plots] + [""]
+    path = os.path.join(report_dir(), "report.md")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines))
+    return path
+
+
+def _metrics(section: dict) -> list[dict]:
+    """The metrics.jsonl records of the run a training section names (data item with "checkpoint_dir")."""
+    directory = next((d["checkpoint_dir"] for d in section.get("data", []) if "checkpoint_dir" in d), None)
+    path = None if directory is None else os.path.join(directory, "metrics.jsonl")
+    if path is None or not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def make_plots(sections: dict, table: dict) -> list[str]:
+    """PNG plots in the report directory: loss and validation curves per training stage, chat-eval bars.
+    Needs matplotlib; without it there are no plots."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    names = []
+    for stage, (training, _) in STAGES.items():
+        records = _metrics(sections.get(training, {}))
+        curves = {key: [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+                  for key in ("loss", "reward", "val_bpb", "val_loss", "pass@1")}
+        curves = {k: v for k, v in curves.items() if v}
+        if not curves:
+            continue
+        fig, axes = plt.subplots(1, len(curves), figsize=(4.5 * len(curves), 3.2), squeeze=False)
+        for ax, (key, points) in zip(axes[0], curves.items()):
+            ax.plot(*zip(*points), marker="." if len(points) < 50 else None)
+            ax.set_title(f"{stage}: {key}")
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        names.append(f"{stage}_curves.png")
+        fig.savefig(os.path.join(report_dir(), names[-1]), dpi=100)
+        plt.close(fig)
+    chat = {s: {m: v for m, v in row.items() if m != "CORE"} for s, row in table.items()}
+    chat = {s: row for s, row in chat.items() if row}
+    if chat:
+        metrics = [m for m in SUMMARY_METRICS if any(m in row for row in chat.values())]
+        fig, ax = plt.subplots(figsize=(1.2 * len(metrics) + 3, 3.2))
+        width = 0.8 / len(chat)
+        for i, (stage, row) in enumerate(chat.items()):
+            ax.bar([j + i * width for j in range(len(metrics))], [row.get(m, 0) for m in metrics], width, label=stage)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(metrics))], metrics)
+        ax.set_ylabel("accuracy")
+        ax.legend()
+        fig.tight_layout()
+        names.append("chat_evals.png")
+        fig.savefig(os.path.join(report_dir(), names[-1]), dpi=100)
+        plt.close(fig)
+    return names

@@ -1,0 +1,48 @@
+"""The report card from logged sections: header, sections in pipeline order, the summary table, wall time, cost,
+plots from metrics.jsonl."""
+import json
+
+import pytest
+
+from nanochat_jax import report
+
+
+def test_report_from_stage_logs(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    report.reset()
+    runs = {}
+    for stage, key in (("base", "val_bpb"), ("rl", "reward")):
+        runs[stage] = tmp_path / f"{stage}_run"
+        runs[stage].mkdir()
+        (runs[stage] / "metrics.jsonl").write_text("".join(
+            json.dumps({"step": s, "loss": 3.0 - 0.1 * s, key: 1.0 + 0.01 * s}) + "\n" for s in range(10)))
+    # logged out of order: the report puts them in pipeline order
+    report.log("Chat evaluation rl", {"GSM8K": 0.1})
+    report.log("Base model training", {"depth": 4}, {"checkpoint_dir": str(runs["base"]), "steps": 123456})
+    report.log("Base model evaluation", {"CORE": 0.2, "val bpb": 0.9})
+    report.log("Chat evaluation mid", {"ARC-Easy": 0.3, "GSM8K": 0.05}, {"ChatCORE": None})
+    report.log("Chat evaluation sft", {"ARC-Easy": 0.35, "GSM8K": 0.08, "MMLU": 0.31}, {"ChatCORE": 0.12})
+    report.log("Chat RL", {"checkpoint_dir": str(runs["rl"])}, {})
+    text = open(report.generate()).read()
+
+    assert text.startswith("# nanochat-jax report card") and "## Environment" in text and "- Code: files" in text
+    order = [text.index(f"## {name}") for name in ("Base model training", "Base model evaluation",
+                                                    "Chat evaluation mid", "Chat evaluation sft", "Chat RL",
+                                                    "Chat evaluation rl", "Summary")]
+    assert order == sorted(order)
+    assert "- steps: 123,456" in text and "- depth: 4" in text
+    assert "| metric | BASE | MID | SFT | RL |" in text
+    assert "| CORE | 0.2000 | - | - | - |" in text
+    assert "| GSM8K | - | 0.0500 | 0.0800 | 0.1000 |" in text
+    assert "| ChatCORE | - | - | 0.1200 | - |" in text
+    assert "Total wall clock time: 0h00m" in text and "Estimated cost:" in text
+    for png in ("base_curves.png", "rl_curves.png", "chat_evals.png"):
+        assert f"![{png}]({png})" in text and (tmp_path / "report" / png).read_bytes()[:4] == b"\x89PNG"
+
+    report.reset()  # a new run starts clean
+    assert sorted(p.name for p in (tmp_path / "report").iterdir()) == ["header.json"]
+
+
+def test_cost_estimate():
+    assert report.estimated_cost("8 x NVIDIA H100 80GB HBM3", 2.0) == pytest.approx(48.0)
+    assert report.estimated_cost("8 x cpu", 2.0) is None
