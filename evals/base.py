@@ -24,8 +24,9 @@ from flax import nnx
 
 from nanochat_jax import core_eval, report
 from nanochat_jax.checkpoint import STAGE_DIRS, load_model, stage_directory
-from nanochat_jax.common import get_base_dir, parse_dtype, print0
+from nanochat_jax.common import get_base_dir, init_distributed, parse_dtype, print0
 from nanochat_jax.dataloader import pretraining_batches
+from nanochat_jax.dataset import standin_corpus
 from nanochat_jax.gpt import GPT
 from nanochat_jax.loop import bits_per_byte, eval_sums
 from nanochat_jax.sharding import make_mesh
@@ -127,6 +128,7 @@ def bpb(trainer, params, tokenizer, args) -> dict:
 
 
 def main(argv=None):
+    init_distributed()  # multi-host runs only (NANOCHAT_MULTIHOST=1)
     args = parse_args(argv)
     mesh, dtype = make_mesh(args.mesh), parse_dtype(args.dtype)
     model, tokenizer, description = load(args, mesh, dtype)
@@ -144,7 +146,8 @@ def main(argv=None):
     make_sampler(trainer, tokenizer)(params)
     report.log("Base model evaluation", {"model": description},
                {"CORE": summary.get("core_metric"), "train bpb": summary.get("train_bpb"),
-                "val bpb": summary.get("val_bpb")}, summary.get("centered_results", {}))
+                "val bpb": summary.get("val_bpb")}, summary.get("centered_results", {}),
+               report.standin(standin_corpus() if args.eval_tokens > 0 else None))
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(summary, f, indent=2)

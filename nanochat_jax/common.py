@@ -5,6 +5,20 @@ import jax
 import jax.numpy as jnp
 
 
+def init_distributed() -> bool:
+    """Join a multi-process run (the hosts of a TPU slice, or GPU nodes) when NANOCHAT_MULTIHOST=1 or
+    JAX_COORDINATOR_ADDRESS is set; returns whether it did. jax.distributed.initialize() then finds the coordinator,
+    process count and id from the cluster (Cloud TPU, SLURM, Open MPI, Kubernetes), or from JAX_COORDINATOR_ADDRESS,
+    JAX_NUM_PROCESSES and JAX_PROCESS_ID. Call it first, before anything touches a device. One process on one host
+    needs none of it."""
+    if os.environ.get("NANOCHAT_MULTIHOST") != "1" and not os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        return False
+    count, index = os.environ.get("JAX_NUM_PROCESSES"), os.environ.get("JAX_PROCESS_ID")
+    jax.distributed.initialize(num_processes=None if count is None else int(count),
+                               process_id=None if index is None else int(index))
+    return True
+
+
 def get_base_dir() -> str:
     """Where data, tokenizer and checkpoints live: $NANOCHAT_BASE_DIR or ~/.cache/nanochat_jax."""
     base_dir = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat_jax")

@@ -23,6 +23,15 @@ def data_dir() -> str:
     return os.path.join(get_base_dir(), "base_data")
 
 
+def standin_corpus(directory: str | None = None) -> str | None:
+    """What the shards are when they are a local stand-in (the marker file's text), else None."""
+    marker = os.path.join(directory or data_dir(), STANDIN_MARKER)
+    if not os.path.exists(marker):
+        return None
+    with open(marker, encoding="utf-8") as f:
+        return f.read().strip()
+
+
 def list_shards(directory: str | None = None) -> list[str]:
     directory = directory or data_dir()
     names = sorted(f for f in os.listdir(directory) if f.endswith(".parquet")) if os.path.isdir(directory) else []

@@ -21,7 +21,9 @@ from nanochat_jax.common import get_base_dir
 
 ORDER = ["tokenizer-training", "tokenizer-evaluation", "base-model-training", "base-model-evaluation",
          "midtraining", "chat-evaluation-mid", "chat-sft", "chat-evaluation-sft", "chat-rl", "chat-evaluation-rl"]
-SUMMARY_METRICS = ["CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "ChatCORE"]
+SUMMARY_METRICS = ["CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "ChatCORE",
+                   "Arithmetic", "LocalSpellingBee"]  # the last two: local stand-ins (tasks/local.py)
+STANDIN = "stand-in"  # a section's key saying that its data was a local stand-in, and which
 STAGES = {"base": ("base-model-training", "base-model-evaluation"), "mid": ("midtraining", "chat-evaluation-mid"),
           "sft": ("chat-sft", "chat-evaluation-sft"), "rl": ("chat-rl", "chat-evaluation-rl")}
 # on-demand prices per accelerator-hour (USD), for the estimate
@@ -49,6 +51,11 @@ def log(section: str, *data: dict) -> str | None:
         json.dump(record, f, indent=1, default=str)
     os.replace(path + ".tmp", path)
     return path
+
+
+def standin(note: str | None) -> dict:
+    """The item a section logs to be labelled a local stand-in in the report ({} when note is None)."""
+    return {STANDIN: note} if note else {}
 
 
 def _run(cmd: list[str]) -> str:
@@ -137,6 +144,12 @@ def generate() -> str:
         with open(header_path, encoding="utf-8") as f:
             header = json.load(f)
     lines = ["# nanochat-jax report card", ""]
+    standins = [(section["section"], item[STANDIN]) for section in sections.values() for item in section["data"]
+                if item.get(STANDIN)]
+    if standins:
+        lines += ["> **LOCAL STAND-IN DATA.** Parts of this run used data built on this machine instead of nanochat's "
+                  "(no network or no downloaded data): its numbers exercise the pipeline and compare with nothing "
+                  "published.", ">"] + [f"> - {name}: {note}" for name, note in standins] + [""]
     if header is None:
         lines += ["(no header: run `python -m scripts.report reset` at the start of a run)", ""]
     else:

@@ -123,15 +123,17 @@ def start_chat_stage(args, stage: str, source: Source, num_iterations: int) -> S
         params = source.params(trainer)
         return params, trainer.init_opt_state(params)
 
-    state = resume_or_start(args.resume, checkpointer, trainer, source.config, num_iterations, fresh)
+    state = resume_or_start(args.resume, checkpointer, trainer, source.config, num_iterations, fresh,
+                            same_data={k: getattr(args, k) for k in ("mixture", "task") if hasattr(args, k)})
     return StageRun(trainer, checkpointer, *state)
 
 
 def resume_or_start(resume: bool, checkpointer: Checkpointer, trainer: Trainer, config: GPTConfig,
-                    num_iterations: int, fresh):
+                    num_iterations: int, fresh, same_data: dict | None = None):
     """(params, opt_state, start_step, loop_state, data_state). With resume: the latest checkpoint of this run (its
     loop_state, and this process's data-loader state, or None); else fresh() -> (params, opt_state) from step 0, which
-    refuses to mix into a directory that already holds checkpoints."""
+    refuses to mix into a directory that already holds checkpoints. same_data: training flags that must match the
+    saved run's for its data position to mean anything (e.g. the mixture)."""
     if not resume:
         if checkpointer.latest_step() is not None:
             raise SystemExit(f"{checkpointer.directory} already holds checkpoints (steps "
@@ -149,6 +151,10 @@ def resume_or_start(resume: bool, checkpointer: Checkpointer, trainer: Trainer, 
     if saved["model_config"] != asdict(config):
         raise SystemExit(f"--resume: {checkpointer.directory} holds a model {saved['model_config']}, but this run "
                          f"makes {asdict(config)}; use the same model flags or another --model-tag")
+    saved_config = saved.get("train_config", {})
+    for flag, value in (same_data or {}).items():
+        if flag in saved_config and saved_config[flag] != value:
+            raise SystemExit(f"--resume: the run was trained with --{flag} {saved_config[flag]}, not {value}")
     if start_step > num_iterations:
         raise SystemExit(f"--resume: the checkpoint is at step {start_step}, beyond this run's {num_iterations} "
                          "steps (a smaller --num-iterations or a different batch size?)")

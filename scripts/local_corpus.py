@@ -7,40 +7,13 @@ prose about programming, far from FineWeb-edu: good for exercising the pipeline,
 file LOCAL_STANDIN.txt beside the shards records that (and stops download_data from mixing real shards in).
 """
 import argparse
-import ast
 import os
-import sysconfig
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from nanochat_jax.dataset import STANDIN_MARKER as MARKER, data_dir, shard_name
-
-
-def module_docstrings(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8") as f:
-            tree = ast.parse(f.read())
-    except (SyntaxError, UnicodeDecodeError, ValueError):
-        return ""
-    nodes = [tree] + [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
-    return "\n\n".join(doc for n in nodes if (doc := ast.get_docstring(n)))
-
-
-def stdlib_documents(max_chars: int, min_chars: int = 200) -> list[str]:
-    root = sysconfig.get_paths()["stdlib"]
-    docs, total = [], 0
-    for directory, subdirs, files in sorted(os.walk(root)):
-        subdirs[:] = sorted(d for d in subdirs if d not in ("test", "tests", "site-packages", "idlelib"))
-        for name in sorted(files):
-            if name.endswith(".py"):
-                text = module_docstrings(os.path.join(directory, name))
-                if len(text) >= min_chars:
-                    docs.append(text)
-                    total += len(text)
-                if total >= max_chars:
-                    return docs
-    return docs
+from nanochat_jax.stdlib_text import stdlib_documents
 
 
 def main():

@@ -1,28 +1,102 @@
 #!/usr/bin/env bash
-# The nanochat-jax pipeline at a tiny size on a laptop CPU, in a few minutes.
-# Run from the repository root, with the package installed:  bash scripts/runcpu.sh
-# So far: data -> tokenizer (train + eval) -> base pretraining of a d4 model -> a reply from the engine.
-# The chat stages, evals and the report join as they land.
+# The whole nanochat-jax pipeline at a tiny size on a laptop CPU, in minutes:
+#   data -> tokenizer (train + eval) -> base d4 -> base eval -> midtraining -> chat eval -> SFT -> chat eval
+#   -> RL -> chat eval -> a chat reply -> the report card ($NANOCHAT_BASE_DIR/report/report.md).
+# Run from the repository root, with the package installed:
+#   bash scripts/runcpu.sh            # about 10 minutes on 2 cores
+#   bash scripts/runcpu.sh --smoke    # the smallest size (what CI runs): every stage runs, nothing learns much
+# With no network and no downloaded data it says so and runs on LOCAL STAND-INS built here: a corpus of Python's own
+# docstrings (scripts/local_corpus.py) and generated chat tasks (nanochat_jax/tasks/local.py: identity, arithmetic
+# word problems, spelling); the report card labels them. MIXTURE=local|classic chooses the chat data yourself.
+# The models are tiny: expect fluent-looking nonsense, not answers. The numbers check the plumbing.
+# Everything goes to $NANOCHAT_BASE_DIR (default ~/.cache/nanochat_jax) under the model tag "runcpu"; a new run
+# replaces the last runcpu run's checkpoints and report, and retrains the tokenizer there.
 set -euo pipefail
 export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat_jax}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-data="$NANOCHAT_BASE_DIR/base_data"
+# compiled programs are reused across the stages' processes (the chat evals compile the same engine) and across runs
+export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$NANOCHAT_BASE_DIR/jax_cache}"
+base="$NANOCHAT_BASE_DIR"
+say() { echo; echo "=== runcpu: $*"; }
 
-# 1. data: FineWeb-edu shards if present or downloadable, else a stand-in corpus built from Python's own docs
-if [ "$(ls "$data"/*.parquet 2>/dev/null | wc -l)" -lt 2 ]; then
-    python -m scripts.download_data -n 2 || {
-        echo "runcpu: no network to fetch FineWeb-edu; building a LOCAL STAND-IN corpus from Python's docstrings"
+case "${1:-}" in
+    "")  # a few minutes: the loss visibly falls in every stage
+        depth=4 seq=256 vocab=8192 chars=50000000 base_steps=50 base_eval=25 eval_tokens=16384
+        core_per_task=16 mid_steps=40 mid_batch=4096 sft_steps=30 sft_examples=16 rl_steps=6 rl_tokens=48
+        problems=16 new_tokens=64 ;;
+    --smoke)  # the smallest size that runs every stage
+        depth=2 seq=128 vocab=2048 chars=2000000 base_steps=8 base_eval=-1 eval_tokens=2048
+        core_per_task=11 mid_steps=4 mid_batch=1024 sft_steps=3 sft_examples=4 rl_steps=2 rl_tokens=16
+        problems=4 new_tokens=16 ;;
+    *) echo "usage: bash scripts/runcpu.sh [--smoke]" >&2; exit 2 ;;
+esac
+
+# whether nanochat's data can be downloaded: decides the corpus, the chat data and CORE
+if python -m scripts.online; then online=1; else online=0; fi
+[ "$online" = 1 ] || say "no network (huggingface.co unreachable): whatever data is missing gets a LOCAL STAND-IN"
+if [ -z "${MIXTURE:-}" ]; then
+    MIXTURE=$([ "$online" = 1 ] && echo classic || echo local)
+fi
+case "$MIXTURE" in
+    classic) chat_tasks="ARC-Easy|ARC-Challenge|MMLU|GSM8K|HumanEval|SpellingBee" rl_task=GSM8K ;;
+    local) chat_tasks="Arithmetic|LocalSpellingBee" rl_task=Arithmetic
+           say "chat data: the LOCAL STAND-IN mixture (generated identity, arithmetic and spelling conversations)" ;;
+    *) echo "MIXTURE must be local or classic, got $MIXTURE" >&2; exit 2 ;;
+esac
+
+for stage in base mid chatsft chatrl; do
+    if [ -d "$base/${stage}_checkpoints/runcpu" ]; then
+        echo "runcpu: removing the previous runcpu run's $base/${stage}_checkpoints/runcpu"
+        rm -rf "$base/${stage}_checkpoints/runcpu"
+    fi
+done
+python -m scripts.report reset
+
+say "1/10 data: FineWeb-edu shards if present or downloadable, else a stand-in corpus of Python's docstrings"
+if [ "$(ls "$base"/base_data/*.parquet 2>/dev/null | wc -l)" -lt 2 ]; then
+    if [ "$online" = 1 ] && python -m scripts.download_data -n 2; then :; else
+        say "could not get FineWeb-edu: building a LOCAL STAND-IN corpus from Python's standard-library docstrings"
         python -m scripts.local_corpus
-    }
+    fi
 fi
 
-# 2. tokenizer: a small vocabulary suits a tiny model and a tiny corpus
-python -m tokenizer.train --vocab-size 8192 --max-chars 50000000
+say "2/10 tokenizer: a small vocabulary for a tiny model"
+python -m tokenizer.train --vocab-size "$vocab" --max-chars "$chars"
 python -m tokenizer.eval
 
-# 3. pretraining: a d4 GPT for 50 steps of 4096 tokens (validation bpb every 25 steps)
-python -m train.base --depth 4 --max-seq-len 256 --device-batch-size 4 --total-batch-size 4096 \
-    --num-iterations 50 --eval-every 25 --eval-tokens 16384 --sample-every -1
+say "3/10 base pretraining: d$depth, $base_steps steps of 4096 tokens"
+python -m train.base --model-tag runcpu --depth "$depth" --max-seq-len "$seq" --device-batch-size 4 \
+    --total-batch-size 4096 --num-iterations "$base_steps" --eval-every "$base_eval" --eval-tokens "$eval_tokens" \
+    --sample-every -1
 
-# 4. talk to it (a base model: it continues text rather than chats)
-python -m serve.cli -i base -p "The capital of France is" -t 0 -m 24
+say "4/10 base evaluation: bits per byte, samples, and CORE when the eval bundle is here or downloadable"
+core=(--max-per-task "$core_per_task")
+if [ ! -f "$base/eval_bundle/core.yaml" ] && [ "$online" = 0 ]; then
+    say "no eval bundle at $base/eval_bundle and no network: CORE is skipped (see README: Evaluation)"
+    core=(--no-core)
+fi
+python -m evals.base -g runcpu "${core[@]}" --eval-tokens "$eval_tokens" --device-batch-size 4 --batch-size 8
+
+say "5/10 midtraining ($MIXTURE chat data): $mid_steps steps"
+python -m train.mid --model-tag runcpu --mixture "$MIXTURE" --device-batch-size 4 --total-batch-size "$mid_batch" \
+    --max-seq-len "$seq" --num-iterations "$mid_steps" --eval-every -1 --eval-tokens "$eval_tokens"
+
+say "6/10 chat evaluation of the midtrained model"
+python -m evals.chat -g runcpu -i mid -a "$chat_tasks" -x "$problems" -m "$new_tokens"
+
+say "7/10 supervised finetuning ($MIXTURE chat data): $sft_steps steps"
+python -m train.sft --model-tag runcpu --mixture "$MIXTURE" --device-batch-size 4 \
+    --target-examples-per-step "$sft_examples" --max-seq-len "$seq" --num-iterations "$sft_steps" --eval-every -1 \
+    --eval-steps 2 --eval-metrics-every 0
+
+say "8/10 chat evaluation of the SFT model"
+python -m evals.chat -g runcpu -i sft -a "$chat_tasks" -x "$problems" -m "$new_tokens"
+
+say "9/10 reinforcement learning on $rl_task: $rl_steps steps, then its chat evaluation"
+python -m train.rl --model-tag runcpu --task "$rl_task" --examples-per-step 2 --num-samples 4 --device-batch-size 2 \
+    --max-new-tokens "$rl_tokens" --num-iterations "$rl_steps" --eval-every -1 --eval-examples 4
+python -m evals.chat -g runcpu -i rl -a "$chat_tasks" -x "$problems" -m "$new_tokens"
+
+say "10/10 a chat reply, and the report card"
+python -m serve.cli -g runcpu -i rl -p "What is 12 plus 7?" -t 0 -m 32
+python -m scripts.report generate

@@ -56,6 +56,8 @@ def test_multiple_choice(base):
 def test_missing_dataset_names_the_hub_id_and_the_local_path(base, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    import datasets  # read at import time: if another test imported it first, the variables above come too late
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     with pytest.raises(FileNotFoundError) as err:
         ARC("ARC-Challenge", "test")
     assert "allenai/ai2_arc" in str(err.value) and str(base / "task_data" / "arc_challenge" / "test.jsonl") in str(err.value)

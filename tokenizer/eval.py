@@ -7,7 +7,7 @@ our tokenizer alone. Besides the built-in samples, the first row group of the lo
 measured when present.
 """
 from nanochat_jax import report
-from nanochat_jax.dataset import iter_texts
+from nanochat_jax.dataset import iter_texts, standin_corpus
 from nanochat_jax.tokenizer import Tokenizer, get_tokenizer
 
 SAMPLES = {
@@ -88,7 +88,7 @@ def main():
             row.append(n_bytes / len(ids))
         print(f"{sample_name:<14}{n_bytes:>10,}" + "".join(f"{r:>10.2f}" for r in row))
         ratios[f"bytes per token, {sample_name}"] = ", ".join(f"{n} {r:.2f}" for n, r in zip(names, row))
-    report.log("Tokenizer evaluation", ratios)
+    report.log("Tokenizer evaluation", ratios, report.standin(standin_corpus()))
 
 
 if __name__ == "__main__":

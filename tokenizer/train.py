@@ -11,7 +11,7 @@ import time
 
 from nanochat_jax import report
 from nanochat_jax.common import get_base_dir
-from nanochat_jax.dataset import iter_texts
+from nanochat_jax.dataset import iter_texts, standin_corpus
 from nanochat_jax.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 
@@ -54,7 +54,8 @@ def main():
     print(f"bytes per token id: min {text_bytes.min()}, max {text_bytes.max()}, mean {text_bytes.mean():.2f}")
     report.log("Tokenizer training", vars(args), {"vocabulary size": tokenizer.get_vocab_size(),
                                                   "training time (s)": round(train_time, 1),
-                                                  "mean bytes per token id": float(text_bytes.mean())})
+                                                  "mean bytes per token id": float(text_bytes.mean())},
+               report.standin(standin_corpus()))
 
 
 if __name__ == "__main__":

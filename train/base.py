@@ -14,8 +14,9 @@ import jax.numpy as jnp
 
 from nanochat_jax import report
 from nanochat_jax.checkpoint import Checkpointer, model_meta
-from nanochat_jax.common import get_base_dir, parse_dtype, print0
+from nanochat_jax.common import get_base_dir, init_distributed, parse_dtype, print0
 from nanochat_jax.dataloader import StepBatches, pretraining_batches
+from nanochat_jax.dataset import standin_corpus
 from nanochat_jax.gpt import config_from_depth
 from nanochat_jax.loop import Eval, LoopConfig, bits_per_byte, eval_sums, run
 from nanochat_jax.optim import lr_multiplier, muon_momentum
@@ -89,6 +90,7 @@ def make_sampler(trainer, tokenizer, max_tokens: int = 16, length: int = 64):
 
 
 def main(argv=None):
+    init_distributed()  # multi-host runs only (NANOCHAT_MULTIHOST=1)
     args = parse_args(argv)
     tokenizer, token_bytes = get_tokenizer(), get_token_bytes()
     try:
@@ -142,7 +144,7 @@ def main(argv=None):
         "checkpoint_dir": checkpointer.directory, "parameters": config.num_params(), "steps": num_iterations,
         "tokens": num_iterations * args.total_batch_size, "minimum validation bpb": loop_state["min_val_bpb"],
         "training time (min)": loop_state["total_time"] / 60, "devices": f"{jax.device_count()} x "
-        f"{jax.devices()[0].device_kind}"})
+        f"{jax.devices()[0].device_kind}"}, report.standin(standin_corpus()))
     if wandb_run is not None:
         wandb_run.finish()
 

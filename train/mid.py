@@ -5,10 +5,12 @@
         --num-iterations 20 --eval-every 10 --eval-tokens 8192   # a tiny run on a CPU
 
 nanochat's mixture (SmolTalk, MMLU auxiliary_train, GSM8K, identity conversations x2, SimpleSpelling,
-SpellingBee), rendered and packed into full rows of --max-seq-len tokens; the loss covers the assistant's tokens
-(mask 1), or with --unmasked every token (nanochat e1770a3's midtraining). One epoch by default (its length estimated from a sample of the mixture), flat learning rate then a linear
-decay to 0 over the last 20%. Starts from the latest base checkpoint; writes
-$NANOCHAT_BASE_DIR/mid_checkpoints/<model tag>/ with metrics.jsonl (validation bpb on the assistant's tokens).
+SpellingBee), or with --mixture local generated stand-in tasks only (tasks/local.py: no network needed), rendered
+and packed into full rows of --max-seq-len tokens; the loss covers the assistant's tokens (mask 1), or with
+--unmasked every token (nanochat e1770a3's midtraining). One epoch by default (its length estimated from a sample
+of the mixture), flat learning rate then a linear decay to 0 over the last 20%. Starts from the latest base
+checkpoint; writes $NANOCHAT_BASE_DIR/mid_checkpoints/<model tag>/ with metrics.jsonl (validation bpb on the
+assistant's tokens).
 """
 import argparse
 
@@ -16,7 +18,7 @@ import jax
 
 from nanochat_jax import report
 from nanochat_jax.checkpoint import model_meta
-from nanochat_jax.common import print0
+from nanochat_jax.common import init_distributed, print0
 from nanochat_jax.conversations import PackedConversations, estimated_tokens
 from nanochat_jax.dataloader import StepBatches
 from nanochat_jax.loop import Eval, LoopConfig, bits_per_byte, eval_sums, run
@@ -24,11 +26,14 @@ from nanochat_jax.optim import lr_multiplier, muon_momentum
 from nanochat_jax.stages import (Source, add_chat_stage_flags, batch_geometry, check_flags, start_chat_stage,
                                  start_wandb)
 from nanochat_jax.tasks import mixtures
+from nanochat_jax.tasks.mixtures import LOCAL_MIXTURE
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="midtrain a base model on chat data")
     add_chat_stage_flags(p, sources=["base"], device_batch_size=32, init_lr_frac=1.0, eval_every=150)
+    p.add_argument("--mixture", choices=sorted(mixtures.MIXTURES), default="classic",
+                   help="classic: nanochat's data; local: generated stand-in tasks only (no network needed)")
     p.add_argument("--max-seq-len", type=int, default=None, help="row length (default: the model's context)")
     p.add_argument("--total-batch-size", type=int, default=524288, help="tokens per optimizer step")
     p.add_argument("--eval-tokens", type=int, default=20 * 524288)
@@ -41,13 +46,14 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    init_distributed()  # multi-host runs only (NANOCHAT_MULTIHOST=1)
     args = parse_args(argv)
     source = Source(args.source, args.model_tag, args.step)
     config, tokenizer = source.config, source.tokenizer
     args.max_seq_len = args.max_seq_len or config.sequence_len
     accum_steps = batch_geometry(args, jax.device_count())
     rows = args.device_batch_size * jax.local_device_count()
-    train_task, val_task = mixtures.mid_train(), mixtures.mid_val()
+    train_task, val_task = (make() for make in mixtures.MIXTURES[args.mixture]["mid"])
     if args.num_iterations > 0:
         num_iterations = args.num_iterations
     else:
@@ -87,7 +93,8 @@ def main(argv=None):
            f"{loop_state['total_time'] / 60:.2f}m | checkpoints in {checkpointer.directory}")
     report.log("Midtraining", vars(args), {
         "checkpoint_dir": checkpointer.directory, "conversations": len(train_task), "steps": num_iterations,
-        "minimum validation bpb": loop_state["min_val_bpb"], "training time (min)": loop_state["total_time"] / 60})
+        "minimum validation bpb": loop_state["min_val_bpb"], "training time (min)": loop_state["total_time"] / 60},
+        report.standin(LOCAL_MIXTURE if args.mixture == "local" else None))
     if wandb_run is not None:
         wandb_run.finish()
 

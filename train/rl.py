@@ -10,6 +10,7 @@ policy-gradient loss of the sampled tokens (see nanochat_jax.rl); learning rates
 one epoch. Every --eval-every steps: pass@1..k on GSM8K test with k = --device-batch-size samples at temperature 1.
 Starts from the latest SFT checkpoint (or --source mid); writes $NANOCHAT_BASE_DIR/chatrl_checkpoints/<model tag>/
 with metrics.jsonl. Sampling runs on the local devices, so this stage runs in one process (one host).
+--task Arithmetic trains on the local stand-in (tasks/local.py) instead, for a machine with no network.
 """
 import argparse
 import os
@@ -31,6 +32,11 @@ from nanochat_jax.optim import lr_multiplier
 from nanochat_jax.rl import policy_batch, rollouts
 from nanochat_jax.stages import Source, add_chat_stage_flags, check_flags, start_chat_stage, start_wandb
 from nanochat_jax.tasks.gsm8k import GSM8K
+from nanochat_jax.tasks.local import Arithmetic
+
+
+TASKS = {"GSM8K": (lambda split: GSM8K(split=split),) * 2,
+         "Arithmetic": (lambda split: Arithmetic(size=8_000, split=split), lambda split: Arithmetic(size=500, split=split))}
 
 
 def parse_args(argv=None):
@@ -44,6 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--top-k", type=int, default=50)
     p.add_argument("--num-epochs", type=int, default=1, help="epochs of GSM8K train when --num-iterations is -1")
     p.add_argument("--eval-examples", type=int, default=400, help="GSM8K test questions for pass@k")
+    p.add_argument("--task", choices=sorted(TASKS), default="GSM8K",
+                   help="GSM8K, or the local stand-in Arithmetic (generated word problems; no network needed)")
     args = p.parse_args(argv)
     check_flags(p, args, positive=("device_batch_size", "examples_per_step", "num_samples", "max_new_tokens",
                                    "top_k", "num_epochs", "eval_examples"), every=("eval_every", "save_every"))
@@ -62,7 +70,7 @@ def main(argv=None):
     if (args.examples_per_step * args.num_samples) % rows_per_micro_step:
         raise SystemExit(f"--examples-per-step x --num-samples = {args.examples_per_step * args.num_samples} "
                          f"sequences do not split into micro-steps of device batch x devices = {rows_per_micro_step}")
-    train_task, val_task = GSM8K(split="train"), GSM8K(split="test")
+    train_task, val_task = (make(split) for make, split in zip(TASKS[args.task], ("train", "test")))
     num_steps = args.num_iterations if args.num_iterations > 0 else \
         max(1, len(train_task) // args.examples_per_step * args.num_epochs)
     stage = start_chat_stage(args, "rl", source, num_steps)
@@ -125,7 +133,8 @@ def main(argv=None):
     checkpointer.wait()
     print0(f"training time {loop_state['total_time'] / 60:.2f}m | checkpoints in {checkpointer.directory}")
     report.log("Chat RL", vars(args), {"checkpoint_dir": checkpointer.directory, "steps": num_steps,
-                                       **loop_state["last_eval"], "training time (min)": loop_state["total_time"] / 60})
+                                       **loop_state["last_eval"], "training time (min)": loop_state["total_time"] / 60},
+               report.standin(None if args.task == "GSM8K" else "Arithmetic: generated on this machine (tasks/local.py)"))
     if wandb_run is not None:
         wandb_run.finish()
 

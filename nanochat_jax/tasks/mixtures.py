@@ -1,8 +1,10 @@
-"""nanochat's data mixtures for midtraining and SFT (row counts are the full datasets')."""
+"""nanochat's data mixtures for midtraining and SFT (row counts are the full datasets'), and the LOCAL STAND-IN
+mixtures built only from generated tasks (tasks/local.py), for machines with no network: `--mixture local`."""
 from nanochat_jax.tasks.base import TaskMixture
 from nanochat_jax.tasks.chat_data import CustomJSON, SmolTalk
 from nanochat_jax.tasks.choice import ARC, MMLU
 from nanochat_jax.tasks.gsm8k import GSM8K
+from nanochat_jax.tasks.local import Arithmetic, Identity, local_words
 from nanochat_jax.tasks.spelling import SimpleSpelling, SpellingBee
 
 
@@ -36,3 +38,28 @@ def sft_train() -> TaskMixture:
 
 def sft_val() -> SmolTalk:
     return SmolTalk(split="test")
+
+
+def local_mid_train() -> TaskMixture:
+    words = local_words()
+    return TaskMixture([Identity(size=2_000), Arithmetic(size=20_000), SimpleSpelling(size=20_000, words=words),
+                        SpellingBee(size=8_000, words=words)])
+
+
+def local_val() -> TaskMixture:
+    return TaskMixture([Identity(size=100, split="test"), Arithmetic(size=500, split="test"),
+                        SpellingBee(size=200, split="test", words=local_words())])
+
+
+def local_sft_train() -> TaskMixture:
+    words = local_words()
+    return TaskMixture([Identity(size=300), Arithmetic(size=2_000), SimpleSpelling(size=300, words=words),
+                        SpellingBee(size=300, words=words)])
+
+
+LOCAL_MIXTURE = ("chat data generated on this machine (tasks/local.py: identity, arithmetic word problems, spelling "
+                 "over words from Python's docstrings), not nanochat's mixture")
+MIXTURES = {  # --mixture: (train, validation) for each chat stage
+    "classic": {"mid": (mid_train, mid_val), "sft": (sft_train, sft_val)},
+    "local": {"mid": (local_mid_train, local_val), "sft": (local_sft_train, local_val)},
+}

@@ -36,12 +36,13 @@ def load_words() -> list[str]:
 
 
 class _Generated(Task):
-    def __init__(self, size: int = 1000, split: str = "train", **kwargs):
+    def __init__(self, size: int = 1000, split: str = "train", words=None, **kwargs):
+        """words: the word list to draw from (default: words_alpha.txt, downloaded when missing)."""
         super().__init__(**kwargs)
         if split not in ("train", "test"):
             raise ValueError(f"split must be train|test, got {split}")
         self.size, self.split = size, split
-        self.words = load_words()
+        self.words = list(words) if words is not None else load_words()
 
     def num_examples(self) -> int:
         return self.size
@@ -81,8 +82,8 @@ class SpellingBee(_Generated):
 
 
 class SimpleSpelling(_Generated):
-    def __init__(self, size: int = 1000, split: str = "train", **kwargs):
-        super().__init__(size, split, **kwargs)
+    def __init__(self, size: int = 1000, split: str = "train", words=None, **kwargs):
+        super().__init__(size, split, words, **kwargs)
         self.words = self.words[:]
         random.Random(42).shuffle(self.words)  # another word order than SpellingBee's
 

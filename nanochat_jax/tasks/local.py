@@ -1,0 +1,121 @@
+"""Chat tasks the project builds on its own, for a machine with no network (scripts/runcpu.sh offline). They are
+LOCAL STAND-INS for nanochat's data, not benchmarks: numbers on them compare with nothing published.
+
+- Arithmetic: short word problems in GSM8K's format (calculator calls as python tool parts, the answer after '#### '),
+  stands in for GSM8K; generative, with a reward, so RL can train on it.
+- Identity: who the assistant is, templated, stands in for nanochat's identity conversations.
+- local_words(): a word list from Python's own docstrings, for SpellingBee and SimpleSpelling without words_alpha.txt.
+
+Example i is a pure function of (split, i), as for the spelling tasks.
+"""
+import random
+
+from nanochat_jax.stdlib_text import stdlib_words
+from nanochat_jax.tasks.base import Task, final_number
+
+TEST_SEED_OFFSET = 10_000_000
+NAMES = ["Ada", "Ben", "Chloe", "Dev", "Emma", "Femi", "Grace", "Hugo", "Ines", "Jun", "Kofi", "Lena", "Mateo", "Nora"]
+ITEMS = ["apples", "marbles", "stickers", "books", "pencils", "cookies", "shells", "coins", "cards", "stamps"]
+
+
+def local_words() -> list[str]:
+    return list(stdlib_words())
+
+
+def _calc(expr: str, value: int) -> list[dict]:
+    return [{"type": "python", "text": expr}, {"type": "python_output", "text": str(value)}]
+
+
+def _text(text: str) -> dict:
+    return {"type": "text", "text": text}
+
+
+def arithmetic_problem(rng: random.Random) -> tuple[str, list[dict], int]:
+    """(question, the assistant's parts, the answer) for one of five kinds of problem."""
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    kind = rng.randrange(5)
+    if kind == 0:
+        a, b = rng.randint(2, 99), rng.randint(2, 99)
+        question = f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?"
+        answer = a + b
+        parts = [_text(f"{name} starts with {a} and gets {b} more: "), *_calc(f"{a}+{b}", answer), _text(".")]
+    elif kind == 1:
+        a = rng.randint(10, 99)
+        b = rng.randint(1, a - 1)
+        question = f"{name} had {a} {item} and gave {b} away. How many {item} are left?"
+        answer = a - b
+        parts = [_text(f"{a} minus the {b} given away: "), *_calc(f"{a}-{b}", answer), _text(".")]
+    elif kind == 2:
+        a, b = rng.randint(2, 12), rng.randint(2, 25)
+        question = f"{name} buys {a} packs of {item} with {b} in each pack. How many {item} is that?"
+        answer = a * b
+        parts = [_text(f"{a} packs of {b} each: "), *_calc(f"{a}*{b}", answer), _text(".")]
+    elif kind == 3:
+        b, answer = rng.randint(2, 9), rng.randint(2, 20)
+        a = b * answer
+        question = f"{name} shares {a} {item} equally among {b} friends. How many {item} does each friend get?"
+        parts = [_text(f"{a} shared by {b}: "), *_calc(f"{a}//{b}", answer), _text(" each.")]
+    else:
+        a, b = rng.randint(2, 9), rng.randint(3, 15)
+        c = rng.randint(1, a * b - 1)
+        question = (f"{name} buys {a} boxes of {b} {item} and then gives {c} of them to a friend. "
+                    f"How many {item} does {name} keep?")
+        total, answer = a * b, a * b - c
+        parts = [_text(f"In all {name} buys "), *_calc(f"{a}*{b}", total), _text(f" {item}. After giving {c} away: "),
+                 *_calc(f"{total}-{c}", answer), _text(".")]
+    return question, parts + [_text(f"\n#### {answer}")], answer
+
+
+class _Generated(Task):
+    def __init__(self, size: int = 1000, split: str = "train", **kwargs):
+        super().__init__(**kwargs)
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be train|test, got {split}")
+        self.size, self.split = size, split
+
+    def num_examples(self) -> int:
+        return self.size
+
+    def rng(self, index: int) -> random.Random:
+        return random.Random(index + (TEST_SEED_OFFSET if self.split == "test" else 0))
+
+
+class Arithmetic(_Generated):
+    def get_example(self, index: int) -> dict:
+        question, parts, _ = arithmetic_problem(self.rng(index))
+        return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": parts}]}
+
+    def evaluate(self, conversation: dict, completion: str) -> int:
+        reference = final_number(conversation["messages"][-1]["content"][-1]["text"])
+        return int(final_number(completion) == reference)
+
+    def reward(self, conversation: dict, completion: str) -> float:
+        return float(self.evaluate(conversation, completion))
+
+
+IDENTITY = {
+    "Who are you?": "I am nanochat-jax, a small language model trained from scratch with a JAX reimplementation of "
+                    "Karpathy's nanochat.",
+    "What is your name?": "My name is nanochat-jax.",
+    "Who made you?": "I was trained with nanochat-jax, an open-source JAX and Flax port of Andrej Karpathy's nanochat.",
+    "What can you do?": "I can chat, answer simple questions, do arithmetic with a Python calculator and spell words. "
+                        "I am small, so I make mistakes.",
+    "Are you ChatGPT?": "No. I am nanochat-jax, a much smaller model trained with the nanochat-jax code.",
+    "What language were you written in?": "My training code is Python, with JAX and Flax for the model.",
+    "How big are you?": "I am a small GPT: a few layers, trained on one machine for a short while.",
+}
+GREETINGS = ["Hi!", "Hello!", "Hey there.", "Good morning!", "hello"]
+GREETING_REPLIES = ["Hello! How can I help?", "Hi! What would you like to talk about?", "Hello there. Ask me anything."]
+
+
+class Identity(_Generated):
+    """A greeting and its reply, then one or two questions about the assistant."""
+
+    def get_example(self, index: int) -> dict:
+        rng = self.rng(index)
+        messages = [{"role": "user", "content": rng.choice(GREETINGS)},
+                    {"role": "assistant", "content": rng.choice(GREETING_REPLIES)}]
+        for question in rng.sample(sorted(IDENTITY), rng.randint(1, 2)):
+            asked = question.lower() if rng.random() < 0.3 else question
+            messages += [{"role": "user", "content": asked}, {"role": "assistant", "content": IDENTITY[question]}]
+        return {"messages": messages}

@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# The $100 speedrun: from nothing to a chat model and its report card on one 8-GPU node (8xH100, about 4 hours):
+#   FineWeb-edu shards -> tokenizer (train + eval) -> base d20 -> base eval (CORE, bpb) -> midtraining -> chat eval
+#   -> SFT -> chat eval -> [RL on GSM8K -> chat eval] -> report card ($NANOCHAT_BASE_DIR/report/report.md)
+#
+#   bash scripts/speedrun.sh                         # from the repository root; one process drives all local devices
+#   WANDB_RUN=speedrun RL=1 bash scripts/speedrun.sh # with wandb logging and the RL stage
+#   screen -L -Logfile speedrun.log -S speedrun bash scripts/speedrun.sh   # survives a dropped ssh session
+#
+# Knobs (environment variables):
+#   DEPTH=20              model depth (width 64 x depth); the scaling tiers: 20 ($100), 26, 32 (run1000.sh)
+#   MESH=                 device mesh, e.g. data:8 | fsdp:8 | data:2,fsdp:4 (default: every device on data)
+#   DEVICE_BATCH_SIZE=32  rows of 2048 tokens per device per micro-step (lower it when memory runs out: the step
+#                         accumulates gradients so the optimizer batch stays 524,288 tokens)
+#   NUM_SHARDS=240        FineWeb-edu training shards (about 250M characters each)
+#   TOKENIZER_CHARS=2000000000   characters to train the tokenizer on
+#   RL=0                  1 runs RL on GSM8K after SFT (single host), then its chat eval
+#   EXTRA=gpu             which jax to install: gpu (CUDA 12) | tpu | none (use the environment as it is)
+#   PHASE=all             all | prepare | train | evaluate; several hosts run `prepare` on one host, `train` on every
+#                         host (NANOCHAT_MULTIHOST=1, NANOCHAT_BASE_DIR on a filesystem they share), `evaluate` on one
+#   NANOCHAT_BASE_DIR     where data, checkpoints and the report go (default ~/.cache/nanochat_jax)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DEPTH="${DEPTH:-20}"
+MESH="${MESH:-}"
+DEVICE_BATCH_SIZE="${DEVICE_BATCH_SIZE:-32}"
+NUM_SHARDS="${NUM_SHARDS:-240}"
+TOKENIZER_CHARS="${TOKENIZER_CHARS:-2000000000}"
+RL="${RL:-0}"
+EXTRA="${EXTRA:-gpu}"
+PHASE="${PHASE:-all}"
+export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat_jax}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+mkdir -p "$NANOCHAT_BASE_DIR"
+tag="d$DEPTH"
+mesh=(); [ -n "$MESH" ] && mesh=(--mesh "$MESH")
+run=(); [ -n "${WANDB_RUN:-}" ] && run=(--run "$WANDB_RUN")
+say() { echo; echo "=== speedrun $(date '+%H:%M:%S'): $*"; }
+case "$PHASE" in all|prepare|train|evaluate) ;; *) echo "PHASE must be all|prepare|train|evaluate" >&2; exit 2 ;; esac
+
+# the environment: a virtual environment with this package and the accelerator's jax
+if [ "$EXTRA" != none ]; then
+    [ -d .venv ] || python3 -m venv .venv
+    . .venv/bin/activate
+    pip install --quiet --upgrade pip
+    pip install --quiet -e ".[$EXTRA]"
+fi
+python -c "import jax; print(f'jax {jax.__version__}: {jax.device_count()} x {jax.devices()[0].device_kind}')"
+
+prepare() {
+    python -m scripts.report reset
+    say "data: the first 8 shards now, the other $((NUM_SHARDS - 8)) in the background while the tokenizer trains"
+    python -m scripts.download_data -n 8
+    python -m scripts.download_data -n "$NUM_SHARDS" > "$NANOCHAT_BASE_DIR/download.log" 2>&1 &
+    download=$!
+    say "tokenizer: 65,536 tokens on $TOKENIZER_CHARS characters"
+    python -m tokenizer.train --max-chars "$TOKENIZER_CHARS"
+    python -m tokenizer.eval
+    identity="$NANOCHAT_BASE_DIR/task_data/identity/identity_conversations.jsonl"
+    if [ ! -f "$identity" ]; then  # nanochat's synthetic identity conversations (midtraining and SFT)
+        mkdir -p "$(dirname "$identity")"
+        curl -fsSL -o "$identity.tmp" https://karpathy-public.s3.us-west-2.amazonaws.com/identity_conversations.jsonl
+        mv "$identity.tmp" "$identity"
+    fi
+    say "waiting for the shard download (log: $NANOCHAT_BASE_DIR/download.log)"
+    wait "$download" || { cat "$NANOCHAT_BASE_DIR/download.log"; exit 1; }
+}
+
+train() {
+    say "base model d$DEPTH (the data:parameter ratio of 20 sets the steps)"
+    python -m train.base --depth "$DEPTH" --device-batch-size "$DEVICE_BATCH_SIZE" "${mesh[@]}" "${run[@]}"
+    say "base evaluation: CORE, train/val bits per byte, samples"
+    python -m evals.base -g "$tag" "${mesh[@]}"
+    say "midtraining"
+    python -m train.mid --model-tag "$tag" --device-batch-size "$DEVICE_BATCH_SIZE" "${mesh[@]}" "${run[@]}"
+    say "supervised finetuning"
+    python -m train.sft --model-tag "$tag" "${mesh[@]}" "${run[@]}"
+}
+
+evaluate() {
+    say "chat evaluation: mid, then SFT"
+    python -m evals.chat -g "$tag" -i mid
+    python -m evals.chat -g "$tag" -i sft
+    if [ "$RL" = 1 ]; then
+        say "reinforcement learning on GSM8K, then its chat evaluation"
+        python -m train.rl --model-tag "$tag" "${run[@]}"
+        python -m evals.chat -g "$tag" -i rl
+    fi
+    say "report card"
+    python -m scripts.report generate
+    echo "chat with it: python -m serve.web -g $tag  (or python -m serve.cli -g $tag)"
+}
+
+case "$PHASE" in
+    all) prepare; train; evaluate ;;
+    prepare) prepare ;;
+    train) train ;;
+    evaluate) evaluate ;;
+esac

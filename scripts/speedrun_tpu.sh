@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The speedrun on a TPU v5e slice: the pipeline of scripts/speedrun.sh with jax[tpu], parameters and optimizer state
+# sharded over the chips (FSDP: a v5e chip has 16 GB) and smaller per-device batches (gradient accumulation keeps the
+# optimizer batch at 524,288 tokens). Every knob of speedrun.sh applies (DEPTH, MESH, DEVICE_BATCH_SIZE, RL, ...).
+#
+# One host (v5litepod-8: 8 chips), on the TPU VM:
+#   bash scripts/speedrun_tpu.sh
+# Several hosts (v5litepod-16 and up): NANOCHAT_BASE_DIR must be one filesystem that every host mounts at the same
+# path (Filestore NFS, or a GCS bucket through gcsfuse), and the repository must be on every host. Then:
+#   gcloud compute tpus tpu-vm ssh $TPU --zone $ZONE --worker=0   --command "cd nanochat-jax && PHASE=prepare  bash scripts/speedrun_tpu.sh"
+#   gcloud compute tpus tpu-vm ssh $TPU --zone $ZONE --worker=all --command "cd nanochat-jax && PHASE=train NANOCHAT_MULTIHOST=1 MESH=fsdp:16 bash scripts/speedrun_tpu.sh"
+#   gcloud compute tpus tpu-vm ssh $TPU --zone $ZONE --worker=0   --command "cd nanochat-jax && PHASE=evaluate bash scripts/speedrun_tpu.sh"
+# (with NANOCHAT_MULTIHOST=1 every process calls jax.distributed.initialize(), which finds its peers on Cloud TPU;
+# MESH must cover all chips of the slice.) The chat evaluations and RL run on one host.
+set -euo pipefail
+export EXTRA="${EXTRA:-tpu}"
+export MESH="${MESH:-fsdp:8}"
+export DEVICE_BATCH_SIZE="${DEVICE_BATCH_SIZE:-8}"
+exec bash "$(dirname "$0")/speedrun.sh"
