@@ -3,7 +3,7 @@
 #   data -> tokenizer (train + eval) -> base d4 -> base eval -> midtraining -> chat eval -> SFT -> chat eval
 #   -> RL -> chat eval -> a chat reply -> the report card ($NANOCHAT_BASE_DIR/report/report.md).
 # Run from the repository root, with the package installed:
-#   bash scripts/runcpu.sh            # about 10 minutes on 2 cores
+#   bash scripts/runcpu.sh            # 7 minutes on 2 cores offline; CORE adds about 5 when the eval bundle is there
 #   bash scripts/runcpu.sh --smoke    # the smallest size (what CI runs): every stage runs, nothing learns much
 # With no network and no downloaded data it says so and runs on LOCAL STAND-INS built here: a corpus of Python's own
 # docstrings (scripts/local_corpus.py) and generated chat tasks (nanochat_jax/tasks/local.py: identity, arithmetic
@@ -22,12 +22,12 @@ say() { echo; echo "=== runcpu: $*"; }
 case "${1:-}" in
     "")  # a few minutes: the loss visibly falls in every stage
         depth=4 seq=256 vocab=8192 chars=50000000 base_steps=50 base_eval=25 eval_tokens=16384
-        core_per_task=16 mid_steps=40 mid_batch=4096 sft_steps=30 sft_examples=16 rl_steps=6 rl_tokens=48
-        problems=16 new_tokens=64 ;;
+        core_per_task=11 mid_steps=40 mid_batch=4096 sft_steps=30 sft_examples=16 rl_steps=6 rl_tokens=48
+        problems=16 new_tokens=64 stage_eval=20 ;;
     --smoke)  # the smallest size that runs every stage
         depth=2 seq=128 vocab=2048 chars=2000000 base_steps=8 base_eval=-1 eval_tokens=2048
         core_per_task=11 mid_steps=4 mid_batch=1024 sft_steps=3 sft_examples=4 rl_steps=2 rl_tokens=16
-        problems=4 new_tokens=16 ;;
+        problems=4 new_tokens=16 stage_eval=-1 ;;
     *) echo "usage: bash scripts/runcpu.sh [--smoke]" >&2; exit 2 ;;
 esac
 
@@ -79,15 +79,15 @@ python -m evals.base -g runcpu "${core[@]}" --eval-tokens "$eval_tokens" --devic
 
 say "5/10 midtraining ($MIXTURE chat data): $mid_steps steps"
 python -m train.mid --model-tag runcpu --mixture "$MIXTURE" --device-batch-size 4 --total-batch-size "$mid_batch" \
-    --max-seq-len "$seq" --num-iterations "$mid_steps" --eval-every -1 --eval-tokens "$eval_tokens"
+    --max-seq-len "$seq" --num-iterations "$mid_steps" --eval-every "$stage_eval" --eval-tokens "$eval_tokens"
 
 say "6/10 chat evaluation of the midtrained model"
 python -m evals.chat -g runcpu -i mid -a "$chat_tasks" -x "$problems" -m "$new_tokens"
 
 say "7/10 supervised finetuning ($MIXTURE chat data): $sft_steps steps"
 python -m train.sft --model-tag runcpu --mixture "$MIXTURE" --device-batch-size 4 \
-    --target-examples-per-step "$sft_examples" --max-seq-len "$seq" --num-iterations "$sft_steps" --eval-every -1 \
-    --eval-steps 2 --eval-metrics-every 0
+    --target-examples-per-step "$sft_examples" --max-seq-len "$seq" --num-iterations "$sft_steps" \
+    --eval-every "$stage_eval" --eval-steps 2 --eval-metrics-every 0
 
 say "8/10 chat evaluation of the SFT model"
 python -m evals.chat -g runcpu -i sft -a "$chat_tasks" -x "$problems" -m "$new_tokens"

@@ -45,7 +45,9 @@ if [ "$EXTRA" != none ]; then
     pip install --quiet --upgrade pip
     pip install --quiet -e ".[$EXTRA]"
 fi
-python -c "import jax; print(f'jax {jax.__version__}: {jax.device_count()} x {jax.devices()[0].device_kind}')"
+if [ "${NANOCHAT_MULTIHOST:-0}" != 1 ]; then  # (a multi-host process sees its peers only after jax.distributed)
+    python -c "import jax; print(f'jax {jax.__version__}: {jax.device_count()} x {jax.devices()[0].device_kind}')"
+fi
 
 prepare() {
     python -m scripts.report reset
@@ -70,7 +72,7 @@ train() {
     say "base model d$DEPTH (the data:parameter ratio of 20 sets the steps)"
     python -m train.base --depth "$DEPTH" --device-batch-size "$DEVICE_BATCH_SIZE" "${mesh[@]}" "${run[@]}"
     say "base evaluation: CORE, train/val bits per byte, samples"
-    python -m evals.base -g "$tag" "${mesh[@]}"
+    python -m evals.base -g "$tag" --batch-size 64 "${mesh[@]}"
     say "midtraining"
     python -m train.mid --model-tag "$tag" --device-batch-size "$DEVICE_BATCH_SIZE" "${mesh[@]}" "${run[@]}"
     say "supervised finetuning"
