@@ -3,7 +3,7 @@
 #   data -> tokenizer (train + eval) -> base d4 -> base eval -> midtraining -> chat eval -> SFT -> chat eval
 #   -> RL -> chat eval -> a chat reply -> the report card ($NANOCHAT_BASE_DIR/report/report.md).
 # Run from the repository root, with the package installed:
-#   bash scripts/runcpu.sh            # 7 minutes on 2 cores offline; CORE adds about 5 when the eval bundle is there
+#   bash scripts/runcpu.sh            # 6 minutes on 2 cores offline; CORE adds about 5 when the eval bundle is there
 #   bash scripts/runcpu.sh --smoke    # the smallest size (what CI runs): every stage runs, nothing learns much
 # With no network and no downloaded data it says so and runs on LOCAL STAND-INS built here: a corpus of Python's own
 # docstrings (scripts/local_corpus.py) and generated chat tasks (nanochat_jax/tasks/local.py: identity, arithmetic
