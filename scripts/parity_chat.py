@@ -1,0 +1,116 @@
+"""Run nanochat's own chat evaluation (scripts/chat_eval.py: run_categorical_eval, run_generative_eval with its
+Engine) and ours on the same random weights and the same problems, and count the problems answered differently:
+the predicted letter (ARC, MMLU) or the whole greedy completion, tool calls included (GSM8K, SpellingBee, HumanEval).
+
+    git clone https://github.com/karpathy/nanochat /tmp/nanochat && git -C /tmp/nanochat checkout e1770a3
+    pip install tokenizers jinja2 torch      # what nanochat's modules import
+    python -m scripts.parity_chat --nanochat /tmp/nanochat -x 64
+
+Uses $NANOCHAT_BASE_DIR/tokenizer/ and the task data (task_data/ or the HF hub). The weights are a small random
+nanochat GPT saved in nanochat's format and loaded here through import_nanochat.
+"""
+import argparse
+import importlib.util
+import json
+import os
+import pickle
+import sys
+import tempfile
+import time
+
+from nanochat_jax.chat_eval import categorical_outcomes, generative_outcomes
+from nanochat_jax.engine import Engine
+from nanochat_jax.interop import import_nanochat
+from nanochat_jax.tokenizer import get_tokenizer
+from evals.chat import TASKS
+
+
+class Recorder:
+    """A task that remembers every answer it was asked to evaluate, in order."""
+
+    def __init__(self, task):
+        self.task, self.answers = task, []
+        self.eval_type = task.eval_type
+
+    def __len__(self):
+        return len(self.task)
+
+    def __getitem__(self, index):
+        return self.task[index]
+
+    def evaluate(self, conversation, answer):
+        self.answers.append(answer)
+        return self.task.evaluate(conversation, answer)
+
+
+def random_nanochat_model(tokenizer, torch, TorchGPT, TorchConfig, directory):
+    config = dict(sequence_len=2048, vocab_size=tokenizer.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=1,
+                  n_embd=128)
+    torch.manual_seed(0)
+    ref_model = TorchGPT(TorchConfig(**config))
+    ref_model.init_weights()
+    with torch.no_grad():  # random everywhere (nanochat's init zeroes the head)
+        for param in ref_model.parameters():
+            param.normal_(0, 0.3)
+    ref_model.eval()
+    torch.save(ref_model.state_dict(), os.path.join(directory, "model_000000.pt"))
+    with open(os.path.join(directory, "meta_000000.json"), "w") as f:
+        json.dump({"model_config": config, "step": 0}, f)
+    with open(os.path.join(directory, "tokenizer.pkl"), "wb") as f:
+        pickle.dump(tokenizer.enc, f)
+    return ref_model
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--nanochat", required=True, help="a nanochat checkout (e1770a3)")
+    p.add_argument("-a", "--task-name", default="|".join(TASKS))
+    p.add_argument("-x", "--max-problems", type=int, default=64)
+    p.add_argument("-m", "--max-new-tokens", type=int, default=48)
+    args = p.parse_args(argv)
+    root = os.path.abspath(args.nanochat)
+    sys.path.insert(0, root)
+    import torch
+    from nanochat.engine import Engine as TorchEngine
+    from nanochat.gpt import GPT as TorchGPT, GPTConfig as TorchConfig
+    from nanochat.tokenizer import RustBPETokenizer
+    spec = importlib.util.spec_from_file_location("nanochat_chat_eval", os.path.join(root, "scripts", "chat_eval.py"))
+    ref_eval = importlib.util.module_from_spec(spec)  # by path: our own `scripts` package shadows nanochat's
+    spec.loader.exec_module(ref_eval)
+
+    tokenizer = get_tokenizer()
+    with tempfile.TemporaryDirectory() as directory:
+        ref_model = random_nanochat_model(tokenizer, torch, TorchGPT, TorchConfig, directory)
+        model, _, _ = import_nanochat(directory)
+    ref_tokenizer = RustBPETokenizer(tokenizer.enc, "<|bos|>")
+    ref_engine, engine = TorchEngine(ref_model, ref_tokenizer), Engine(model, tokenizer)
+
+    total = differing = 0
+    for name in args.task_name.split("|"):
+        task = TASKS[name]()
+        ref, ours = Recorder(task), Recorder(task)
+        t0 = time.time()
+        with torch.no_grad():
+            if task.eval_type == "categorical":
+                ref_eval.run_categorical_eval(ref, ref_tokenizer, ref_model, 8, args.max_problems)
+            else:
+                ref_eval.run_generative_eval(ref, ref_tokenizer, ref_model, ref_engine, 1, args.max_new_tokens,
+                                             0.0, 50, args.max_problems)
+        t1 = time.time()
+        if task.eval_type == "categorical":
+            categorical_outcomes(model, tokenizer, ours, 8, args.max_problems)
+        else:
+            generative_outcomes(engine, tokenizer, ours, 1, args.max_new_tokens, 0.0, 50, args.max_problems)
+        diff = sum(a != b for a, b in zip(ref.answers, ours.answers)) + abs(len(ref.answers) - len(ours.answers))
+        correct = [sum(task.evaluate(task[i], a) for i, a in enumerate(r.answers)) for r in (ref, ours)]
+        total, differing = total + len(ref.answers), differing + diff
+        print(f"{name:<14} nanochat {correct[0]:>3}/{len(ref.answers)} | ours {correct[1]:>3}/{len(ours.answers)} | "
+              f"answers differing {diff} | mean answer {sum(map(len, ours.answers)) / max(len(ours.answers), 1):.0f} "
+              f"chars | {t1 - t0:.0f}s vs {time.time() - t1:.0f}s")
+        for a, b in list((a, b) for a, b in zip(ref.answers, ours.answers) if a != b)[:2]:
+            print(f"    nanochat: {a[:120]!r}\n    ours:     {b[:120]!r}")
+    print(f"{differing} of {total} answers differ")
+
+
+if __name__ == "__main__":
+    main()
