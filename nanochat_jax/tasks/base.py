@@ -58,6 +58,24 @@ class Task:
         raise NotImplementedError
 
 
+class GeneratedTask(Task):
+    """A task whose example i is made by get_example from random.Random(i) (test examples from seeds no training
+    example uses): `size` examples, no data files."""
+    TEST_SEED_OFFSET = 10_000_000
+
+    def __init__(self, size: int = 1000, split: str = "train", **kwargs):
+        super().__init__(**kwargs)
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be train|test, got {split}")
+        self.size, self.split = size, split
+
+    def num_examples(self) -> int:
+        return self.size
+
+    def rng(self, index: int) -> random.Random:
+        return random.Random(index + (self.TEST_SEED_OFFSET if self.split == "test" else 0))
+
+
 class TaskMixture(Task):
     """Every example of every task, in one deterministic shuffle (seed 42). A task listed twice is seen twice."""
 

@@ -11,9 +11,8 @@ Example i is a pure function of (split, i), as for the spelling tasks.
 import random
 
 from nanochat_jax.stdlib_text import stdlib_words
-from nanochat_jax.tasks.base import Task, final_number
+from nanochat_jax.tasks.base import GeneratedTask, final_number
 
-TEST_SEED_OFFSET = 10_000_000
 NAMES = ["Ada", "Ben", "Chloe", "Dev", "Emma", "Femi", "Grace", "Hugo", "Ines", "Jun", "Kofi", "Lena", "Mateo", "Nora"]
 ITEMS = ["apples", "marbles", "stickers", "books", "pencils", "cookies", "shells", "coins", "cards", "stamps"]
 
@@ -66,21 +65,7 @@ def arithmetic_problem(rng: random.Random) -> tuple[str, list[dict], int]:
     return question, parts + [_text(f"\n#### {answer}")], answer
 
 
-class _Generated(Task):
-    def __init__(self, size: int = 1000, split: str = "train", **kwargs):
-        super().__init__(**kwargs)
-        if split not in ("train", "test"):
-            raise ValueError(f"split must be train|test, got {split}")
-        self.size, self.split = size, split
-
-    def num_examples(self) -> int:
-        return self.size
-
-    def rng(self, index: int) -> random.Random:
-        return random.Random(index + (TEST_SEED_OFFSET if self.split == "test" else 0))
-
-
-class Arithmetic(_Generated):
+class Arithmetic(GeneratedTask):
     def get_example(self, index: int) -> dict:
         question, parts, _ = arithmetic_problem(self.rng(index))
         return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": parts}]}
@@ -108,7 +93,7 @@ GREETINGS = ["Hi!", "Hello!", "Hey there.", "Good morning!", "hello"]
 GREETING_REPLIES = ["Hello! How can I help?", "Hi! What would you like to talk about?", "Hello there. Ask me anything."]
 
 
-class Identity(_Generated):
+class Identity(GeneratedTask):
     """A greeting and its reply, then one or two questions about the assistant."""
 
     def get_example(self, index: int) -> dict:

@@ -5,10 +5,9 @@ import os
 import random
 import urllib.request
 
-from nanochat_jax.tasks.base import Task, final_number, task_data_path
+from nanochat_jax.tasks.base import GeneratedTask, final_number, task_data_path
 
 WORD_LIST_URL = "https://raw.githubusercontent.com/dwyl/english-words/refs/heads/master/words_alpha.txt"
-TEST_SEED_OFFSET = 10_000_000  # test examples come from seeds no training example uses
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 QUESTIONS = [
     "How many {letter} are there in {word}", "How many times does the letter {letter} occur in {word}",
@@ -35,20 +34,11 @@ def load_words() -> list[str]:
         return [w for w in (line.strip() for line in f) if w]
 
 
-class _Generated(Task):
+class _Generated(GeneratedTask):
     def __init__(self, size: int = 1000, split: str = "train", words=None, **kwargs):
         """words: the word list to draw from (default: words_alpha.txt, downloaded when missing)."""
-        super().__init__(**kwargs)
-        if split not in ("train", "test"):
-            raise ValueError(f"split must be train|test, got {split}")
-        self.size, self.split = size, split
+        super().__init__(size, split, **kwargs)
         self.words = list(words) if words is not None else load_words()
-
-    def num_examples(self) -> int:
-        return self.size
-
-    def rng(self, index: int) -> random.Random:
-        return random.Random(index + (TEST_SEED_OFFSET if self.split == "test" else 0))
 
 
 class SpellingBee(_Generated):
