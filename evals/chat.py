@@ -21,7 +21,7 @@ from nanochat_jax.engine import Engine
 from nanochat_jax.tasks.choice import ARC, MMLU
 from nanochat_jax.tasks.gsm8k import GSM8K
 from nanochat_jax.tasks.humaneval import HumanEval
-from nanochat_jax.tasks.local import Arithmetic, local_words
+from nanochat_jax.tasks.local import EVAL_TASKS
 from nanochat_jax.tasks.spelling import SpellingBee
 
 TASKS = {
@@ -33,10 +33,7 @@ TASKS = {
     "SpellingBee": partial(SpellingBee, size=256, split="test"),
 }
 CHANCE = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0, "SpellingBee": 0.0}
-STANDINS = {
-    "Arithmetic": lambda: Arithmetic(size=500, split="test"),
-    "LocalSpellingBee": lambda: SpellingBee(size=256, split="test", words=local_words()),
-}
+STANDINS = EVAL_TASKS
 
 
 def chatcore(results: dict) -> float | None:

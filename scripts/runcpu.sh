@@ -87,7 +87,7 @@ python -m evals.chat -g runcpu -i mid -a "$chat_tasks" -x "$problems" -m "$new_t
 say "7/10 supervised finetuning ($MIXTURE chat data): $sft_steps steps"
 python -m train.sft --model-tag runcpu --mixture "$MIXTURE" --device-batch-size 4 \
     --target-examples-per-step "$sft_examples" --max-seq-len "$seq" --num-iterations "$sft_steps" \
-    --eval-every "$stage_eval" --eval-steps 2 --eval-metrics-every 0
+    --eval-every "$stage_eval" --eval-steps 2 --eval-metrics-every -1 --eval-metrics-max-problems "$problems"
 
 say "8/10 chat evaluation of the SFT model"
 python -m evals.chat -g runcpu -i sft -a "$chat_tasks" -x "$problems" -m "$new_tokens"

@@ -32,6 +32,8 @@ def test_runcpu_smoke_offline(tmp_path):
                              "chat-evaluation-sft", "chat-rl", "chat-evaluation-rl"}
     for slug in ("base-model-training", "midtraining", "chat-sft", "chat-rl", "chat-evaluation-sft"):
         assert any("stand-in" in item for item in sections[slug]["data"]), f"{slug} is not labelled a stand-in"
+    sft = {k: v for item in sections["chat-sft"]["data"] for k, v in item.items()}
+    assert {"val_loss", "arithmetic_acc", "spelling_acc"} <= set(sft)  # SFT's own metrics on the stand-ins
     chat = {k: v for item in sections["chat-evaluation-rl"]["data"] for k, v in item.items()}
     assert 0.0 <= chat["Arithmetic"] <= 1.0 and 0.0 <= chat["LocalSpellingBee"] <= 1.0
 

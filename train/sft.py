@@ -8,8 +8,8 @@ nanochat's SFT mixture (ARC-Easy, ARC-Challenge, GSM8K, SmolTalk 10K, identity c
 SpellingBee 300), or with --mixture local generated stand-in tasks only (no network needed), each conversation
 cropped to the context and padded (padding is never a target); learning rates x 0.02 decaying linearly to 0 over one
 epoch. Every --eval-every steps the SmolTalk validation loss, every --eval-metrics-every steps MMLU and ARC-Easy
-accuracy (with --mixture local: the stand-ins' validation loss, Arithmetic and SpellingBee accuracy). Starts from the latest mid checkpoint (or --source base);
-writes $NANOCHAT_BASE_DIR/chatsft_checkpoints/<model tag>/ with metrics.jsonl.
+accuracy (with --mixture local: the stand-ins' validation loss, Arithmetic and SpellingBee accuracy). Starts from the
+latest mid checkpoint (or --source base); writes $NANOCHAT_BASE_DIR/chatsft_checkpoints/<model tag>/ with metrics.jsonl.
 """
 import argparse
 
@@ -28,8 +28,7 @@ from nanochat_jax.stages import Source, add_chat_stage_flags, check_flags, start
 from nanochat_jax.tasks import mixtures
 from nanochat_jax.tasks.mixtures import LOCAL_MIXTURE
 from nanochat_jax.tasks.choice import ARC, MMLU
-from nanochat_jax.tasks.local import Arithmetic, local_words
-from nanochat_jax.tasks.spelling import SpellingBee
+from nanochat_jax.tasks.local import EVAL_TASKS
 
 
 def parse_args(argv=None):
@@ -97,8 +96,8 @@ def main(argv=None):
     def accuracy(params):
         if not metric_tasks:  # loaded on first use
             if args.mixture == "local":  # the stand-ins' own test splits, generative
-                metric_tasks.update(arithmetic_acc=Arithmetic(size=500, split="test"),
-                                    spelling_acc=SpellingBee(size=256, split="test", words=local_words()))
+                metric_tasks.update(arithmetic_acc=EVAL_TASKS["Arithmetic"](),
+                                    spelling_acc=EVAL_TASKS["LocalSpellingBee"]())
             else:
                 metric_tasks.update(mmlu_acc=MMLU(split="test"), arc_easy_acc=ARC("ARC-Easy", split="test"))
         model = trainer.model(params)
