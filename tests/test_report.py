@@ -36,8 +36,15 @@ def test_report_from_stage_logs(tmp_path, monkeypatch):
     assert "| GSM8K | - | 0.0500 | 0.0800 | 0.1000 |" in text
     assert "| ChatCORE | - | - | 0.1200 | - |" in text
     assert "Total wall clock time: 0h00m" in text and "Estimated cost:" in text
+    assert "LOCAL STAND-IN" not in text  # real data: no banner
     for png in ("base_curves.png", "rl_curves.png", "chat_evals.png"):
         assert f"![{png}]({png})" in text and (tmp_path / "report" / png).read_bytes()[:4] == b"\x89PNG"
+
+    # a stage on stand-in data: the banner comes first and names it; a None note adds nothing
+    report.log("Midtraining", {"steps": 3}, report.standin("generated chat tasks"), report.standin(None))
+    text = open(report.generate()).read()
+    assert text.index("LOCAL STAND-IN DATA") < text.index("## Environment")
+    assert "> - Midtraining: generated chat tasks" in text and text.count("> - ") == 1
 
     report.reset()  # a new run starts clean
     assert sorted(p.name for p in (tmp_path / "report").iterdir()) == ["header.json"]
