@@ -58,6 +58,18 @@ class Task:
         raise NotImplementedError
 
 
+class FinalNumberTask(Task):
+    """Generative tasks whose answer is the number after '#### ' in the reference's last text part (GSM8K style):
+    a completion is right when its final number is the same; the RL reward is 1.0 for right, else 0.0."""
+
+    def evaluate(self, conversation: dict, completion: str) -> int:
+        reference = final_number(conversation["messages"][-1]["content"][-1]["text"])
+        return int(reference is not None and final_number(completion) == reference)
+
+    def reward(self, conversation: dict, completion: str) -> float:
+        return float(self.evaluate(conversation, completion))
+
+
 class GeneratedTask(Task):
     """A task whose example i is made by get_example from random.Random(i) (test examples from seeds no training
     example uses): `size` examples, no data files."""

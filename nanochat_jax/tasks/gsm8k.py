@@ -2,7 +2,7 @@
 calls and their outputs, so the model learns to use the calculator; the answer follows '#### '."""
 import re
 
-from nanochat_jax.tasks.base import Task, final_number, load_rows
+from nanochat_jax.tasks.base import FinalNumberTask, load_rows
 
 
 def solution_parts(answer: str) -> list[dict]:
@@ -16,7 +16,7 @@ def solution_parts(answer: str) -> list[dict]:
     return parts
 
 
-class GSM8K(Task):
+class GSM8K(FinalNumberTask):
     def __init__(self, subset: str = "main", split: str = "test", **kwargs):
         super().__init__(**kwargs)
         if subset not in ("main", "socratic") or split not in ("train", "test"):
@@ -30,10 +30,3 @@ class GSM8K(Task):
         row = self.rows[index]
         return {"messages": [{"role": "user", "content": row["question"]},
                              {"role": "assistant", "content": solution_parts(row["answer"])}]}
-
-    def evaluate(self, conversation: dict, completion: str) -> int:
-        reference = final_number(conversation["messages"][-1]["content"][-1]["text"])
-        return int(reference is not None and final_number(completion) == reference)
-
-    def reward(self, conversation: dict, completion: str) -> float:
-        return float(self.evaluate(conversation, completion))

@@ -11,7 +11,7 @@ Example i is a pure function of (split, i), as for the spelling tasks.
 import random
 
 from nanochat_jax.stdlib_text import stdlib_words
-from nanochat_jax.tasks.base import GeneratedTask, final_number
+from nanochat_jax.tasks.base import FinalNumberTask, GeneratedTask
 from nanochat_jax.tasks.spelling import SpellingBee
 
 NAMES = ["Ada", "Ben", "Chloe", "Dev", "Emma", "Femi", "Grace", "Hugo", "Ines", "Jun", "Kofi", "Lena", "Mateo", "Nora"]
@@ -72,17 +72,10 @@ def arithmetic_problem(rng: random.Random) -> tuple[str, list[dict], int]:
     return question, parts + [_text(f"\n#### {answer}")], answer
 
 
-class Arithmetic(GeneratedTask):
+class Arithmetic(GeneratedTask, FinalNumberTask):
     def get_example(self, index: int) -> dict:
         question, parts, _ = arithmetic_problem(self.rng(index))
         return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": parts}]}
-
-    def evaluate(self, conversation: dict, completion: str) -> int:
-        reference = final_number(conversation["messages"][-1]["content"][-1]["text"])
-        return int(final_number(completion) == reference)
-
-    def reward(self, conversation: dict, completion: str) -> float:
-        return float(self.evaluate(conversation, completion))
 
 
 IDENTITY = {

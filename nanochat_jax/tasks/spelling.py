@@ -5,7 +5,7 @@ import os
 import random
 import urllib.request
 
-from nanochat_jax.tasks.base import GeneratedTask, final_number, task_data_path
+from nanochat_jax.tasks.base import FinalNumberTask, GeneratedTask, task_data_path
 
 WORD_LIST_URL = "https://raw.githubusercontent.com/dwyl/english-words/refs/heads/master/words_alpha.txt"
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -41,7 +41,7 @@ class _Generated(GeneratedTask):
         self.words = list(words) if words is not None else load_words()
 
 
-class SpellingBee(_Generated):
+class SpellingBee(_Generated, FinalNumberTask):
     def get_example(self, index: int) -> dict:
         rng = self.rng(index)
         word = rng.choice(self.words)
@@ -62,13 +62,6 @@ class SpellingBee(_Generated):
                  {"type": "python_output", "text": str(word.count(letter))},
                  {"type": "text", "text": f"\n\nBoth give {word.count(letter)}.\n\n#### {word.count(letter)}"}]
         return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": parts}]}
-
-    def evaluate(self, conversation: dict, completion: str) -> int:
-        reference = final_number(conversation["messages"][-1]["content"][-1]["text"])
-        return int(final_number(completion) == reference)
-
-    def reward(self, conversation: dict, completion: str) -> float:
-        return float(self.evaluate(conversation, completion))
 
 
 class SimpleSpelling(_Generated):
