@@ -35,8 +35,8 @@ from nanochat_jax.tasks.gsm8k import GSM8K
 from nanochat_jax.tasks.local import Arithmetic
 
 
-TASKS = {"GSM8K": (lambda split: GSM8K(split=split),) * 2,
-         "Arithmetic": (lambda split: Arithmetic(size=8_000, split=split), lambda split: Arithmetic(size=500, split=split))}
+TASKS = {"GSM8K": lambda split: GSM8K(split=split),  # --task: split -> the task
+         "Arithmetic": lambda split: Arithmetic(size=8_000 if split == "train" else 500, split=split)}
 
 
 def parse_args(argv=None):
@@ -70,7 +70,7 @@ def main(argv=None):
     if (args.examples_per_step * args.num_samples) % rows_per_micro_step:
         raise SystemExit(f"--examples-per-step x --num-samples = {args.examples_per_step * args.num_samples} "
                          f"sequences do not split into micro-steps of device batch x devices = {rows_per_micro_step}")
-    train_task, val_task = (make(split) for make, split in zip(TASKS[args.task], ("train", "test")))
+    train_task, val_task = TASKS[args.task]("train"), TASKS[args.task]("test")
     num_steps = args.num_iterations if args.num_iterations > 0 else \
         max(1, len(train_task) // args.examples_per_step * args.num_epochs)
     stage = start_chat_stage(args, "rl", source, num_steps)
