@@ -16,7 +16,7 @@ from functools import partial
 from nanochat_jax import report
 from nanochat_jax.chat_eval import categorical_outcomes, generative_outcomes
 from nanochat_jax.checkpoint import STAGE_DIRS, load_stage
-from nanochat_jax.common import parse_dtype, print0
+from nanochat_jax.common import parse_dtype, print0, single_host_only
 from nanochat_jax.engine import Engine
 from nanochat_jax.tasks.choice import ARC, MMLU
 from nanochat_jax.tasks.gsm8k import GSM8K
@@ -74,6 +74,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    single_host_only("evals.chat")
     model, tokenizer, meta = load_stage(args.source, args.model_tag, args.step, dtype=parse_dtype(args.dtype))
     engine = Engine(model, tokenizer)
     results = {}

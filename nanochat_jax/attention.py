@@ -7,23 +7,44 @@ q_offset=None means plain causal attention with T == S (training, or a prefill t
 Paths, chosen by backend unless `impl` overrides:
 - "cudnn": jax.nn.dot_product_attention(implementation="cudnn"), cuDNN flash attention on NVIDIA GPUs. It needs
   bf16/fp16 inputs, and its causal mask is top-left aligned, so it serves the q_offset=None case only.
-- "xla": an explicit einsum softmax in fp32. Every backend can run it; it is the reference and the decode path.
+- "splash": Pallas splash attention on TPU (flash-style tiles, nothing [T, T] in memory), q_offset=None only, T a
+  multiple of 128. Under a mesh (jax.set_mesh) it runs inside shard_map, each chip on its own rows; off TPU it runs
+  in Pallas interpret mode (slow; for tests).
+- "xla": an explicit einsum softmax in fp32. Every backend can run it; it is the reference and the decode path (the
+  only one that takes per-row cache offsets).
 """
+from functools import lru_cache, partial
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
 
-IMPLEMENTATIONS = ("xla", "cudnn")
+from nanochat_jax.sharding import context_batch_axes, target_platform
+
+IMPLEMENTATIONS = ("xla", "cudnn", "splash")
+SPLASH_BLOCKS = (512, 256, 128)  # the largest that divides T is the kernel's tile
 
 
-def choose_impl(dtype, has_offset: bool, impl: str | None = None) -> str:
+def splash_block(T: int) -> int | None:
+    return next((b for b in SPLASH_BLOCKS if T % b == 0), None)
+
+
+def choose_impl(dtype, has_offset: bool, impl: str | None = None, seq_len: int | None = None) -> str:
     if impl is not None and impl not in IMPLEMENTATIONS:
         raise ValueError(f"unknown attention implementation {impl!r}: expected one of {IMPLEMENTATIONS}")
     if has_offset:
-        return "xla"  # decode: a mask with per-row offsets, which cuDNN's causal mask cannot express
+        return "xla"  # decode: a mask with per-row offsets, which cuDNN's and splash's causal masks cannot express
+    if impl == "splash" and (seq_len is None or splash_block(seq_len) is None):
+        return "xla"  # a length splash cannot tile (short eval rows): exact, only the memory differs
     if impl is not None:
         return impl
-    on_gpu = jax.default_backend() == "gpu"
-    return "cudnn" if on_gpu and dtype in (jnp.bfloat16, jnp.float16) else "xla"
+    backend = target_platform()
+    if backend == "gpu" and dtype in (jnp.bfloat16, jnp.float16):
+        return "cudnn"
+    if backend == "tpu" and seq_len is not None and splash_block(seq_len) is not None:
+        return "splash"
+    return "xla"
 
 
 def attention(q_BTNH, k_BSKH, v_BSKH, q_offset_B=None, impl: str | None = None):
@@ -33,9 +54,17 @@ def attention(q_BTNH, k_BSKH, v_BSKH, q_offset_B=None, impl: str | None = None):
         raise ValueError(f"n_kv_head ({K}) must divide n_head ({N})")
     if q_offset_B is None and S != T:
         raise ValueError(f"causal attention without an offset needs as many keys as queries, got T={T}, S={S}")
-    if choose_impl(q_BTNH.dtype, q_offset_B is not None, impl) == "cudnn":
+    chosen = choose_impl(q_BTNH.dtype, q_offset_B is not None, impl, T)
+    if chosen == "cudnn":
         return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, is_causal=True, implementation="cudnn")
+    if chosen == "splash":
+        return splash_attention(q_BTNH, k_BSKH, v_BSKH)
+    return xla_attention(q_BTNH, k_BSKH, v_BSKH, q_offset_B)
 
+
+def xla_attention(q_BTNH, k_BSKH, v_BSKH, q_offset_B=None):
+    B, T, N, H = q_BTNH.shape
+    S, K = k_BSKH.shape[1], k_BSKH.shape[2]
     offset_B = jnp.zeros((B,), jnp.int32) if q_offset_B is None else jnp.broadcast_to(q_offset_B, (B,))
     q_pos_BT = offset_B[:, None] + jnp.arange(T)[None, :]
     visible_BTS = jnp.arange(S)[None, None, :] <= q_pos_BT[:, :, None]
@@ -47,3 +76,42 @@ def attention(q_BTNH, k_BSKH, v_BSKH, q_offset_B=None, impl: str | None = None):
     probs = jax.nn.softmax(scores, axis=-1).astype(v_BSKH.dtype)
     out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs, v_BSKH)
     return out_BTKGH.reshape(B, T, N, H)
+
+
+@lru_cache(maxsize=None)
+def _splash_kernel(group: int, T: int, interpret: bool):
+    """The causal MQA splash kernel for `group` query heads sharing one kv head: q [G, T, D], k and v [T, D]."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+    b = splash_block(T)
+    sizes = sk.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
+                          block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
+    mask = sm.MultiHeadMask([sm.CausalMask((T, T))] * group)
+    with jax.ensure_compile_time_eval():  # its mask tables are concrete arrays, cached across traces
+        return sk.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret)
+
+
+def _splash_local(kernel, q_BTNH, k_BTKH, v_BTKH):
+    """Splash on arrays this device holds whole: one MQA kernel per kv head (GQA groups), mapped over rows."""
+    B, T, N, H = q_BTNH.shape
+    K = k_BTKH.shape[2]
+    q_BKGTH = (q_BTNH * H ** -0.5).astype(q_BTNH.dtype).reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)
+    k_BKTH, v_BKTH = k_BTKH.transpose(0, 2, 1, 3), v_BTKH.transpose(0, 2, 1, 3)
+    out_BKGTH = jax.vmap(jax.vmap(kernel))(q_BKGTH, k_BKTH, v_BKTH)
+    return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+
+
+def splash_attention(q_BTNH, k_BTKH, v_BTKH):
+    """Splash attention over the mesh in context (jax.set_mesh): rows split over its batch axes, each device running
+    the kernel on its own rows (a Pallas kernel cannot be partitioned by the compiler). Without a mesh, or with rows
+    that do not split evenly, the kernel sees the whole batch."""
+    # made outside shard_map: its mask tables are arrays that must not belong to one manual shard
+    kernel = _splash_kernel(q_BTNH.shape[2] // k_BTKH.shape[2], q_BTNH.shape[1], target_platform() != "tpu")
+    local = partial(_splash_local, kernel)
+    mesh, axes = jax.sharding.get_abstract_mesh(), context_batch_axes()
+    n_shards = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+    if n_shards == 1 or q_BTNH.shape[0] % n_shards:
+        return local(q_BTNH, k_BTKH, v_BTKH)
+    spec = P(axes)
+    return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
+                         check_vma=False)(q_BTNH, k_BTKH, v_BTKH)

@@ -1,5 +1,9 @@
-"""Small helpers shared by every stage: the base directory, logging on process 0, the default compute dtype."""
+"""Small helpers shared by every stage: joining a multi-process run (and leaving it when a peer dies), the base
+directory, logging on process 0, the default compute dtype."""
 import os
+import sys
+import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -14,9 +18,69 @@ def init_distributed() -> bool:
     if os.environ.get("NANOCHAT_MULTIHOST") != "1" and not os.environ.get("JAX_COORDINATOR_ADDRESS"):
         return False
     count, index = os.environ.get("JAX_NUM_PROCESSES"), os.environ.get("JAX_PROCESS_ID")
+    timeout = float(os.environ.get("NANOCHAT_PEER_TIMEOUT", "60"))
+    # JAX's own heartbeat ends a process with an abort and a C++ stack; the watchdog below speaks first
     jax.distributed.initialize(num_processes=None if count is None else int(count),
-                               process_id=None if index is None else int(index))
+                               process_id=None if index is None else int(index),
+                               heartbeat_timeout_seconds=int(2 * timeout + 30))
+    start_peer_watchdog(timeout)
     return True
+
+
+def single_host_only(entry_point: str):
+    """For entry points that run on one host (they sample with the local devices): refuse a multi-process launch
+    clearly instead of running N independent copies that all write the same results."""
+    if os.environ.get("NANOCHAT_MULTIHOST") == "1" or os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        raise SystemExit(f"{entry_point} runs on one host: start it on one worker (e.g. --worker=0) without "
+                         "NANOCHAT_MULTIHOST / JAX_COORDINATOR_ADDRESS; it uses that host's chips")
+
+
+PEER_LOST_EXIT_CODE = 75
+
+
+def _leave_run(reason: str):
+    print(f"nanochat-jax process {jax.process_index()} of {jax.process_count()}: {reason}; stopping this process "
+          "too. Start every process again with --resume to continue from the last checkpoint.", file=sys.stderr,
+          flush=True)
+    os._exit(PEER_LOST_EXIT_CODE)
+
+
+def start_peer_watchdog(timeout_s: float, interval_s: float = 1.0):
+    """Every process bumps its own counter in the coordinator's key-value store; when a peer's counter stops moving
+    for timeout_s (killed, crashed, cut off), or the store itself stops answering (process 0 gone), this process says
+    which and exits with PEER_LOST_EXIT_CODE instead of waiting forever in a collective the peer will never join.
+    Counters, not clocks, so hosts need not agree on the time."""
+    from jax._src.distributed import global_state
+    client, me, n = global_state.client, jax.process_index(), jax.process_count()
+    state = {"last_ok": time.monotonic()}
+    seen = {p: (None, time.monotonic()) for p in range(n)}  # process -> (last counter value, when it changed)
+
+    def beat():
+        count = 0
+        while True:
+            try:
+                client.key_value_set(f"nanochat_alive/{me}", str(count), allow_overwrite=True)
+                values = dict(client.key_value_dir_get("nanochat_alive/"))
+            except Exception as e:  # the coordinator (process 0) is gone
+                _leave_run(f"lost the coordinator, process 0 ({str(e).splitlines()[0][:200]})")
+            now = state["last_ok"] = time.monotonic()
+            for p in range(n):
+                value = values.get(f"nanochat_alive/{p}")
+                if value != seen[p][0]:
+                    seen[p] = (value, now)
+                elif now - seen[p][1] > timeout_s:
+                    _leave_run(f"process {p} has not been heard from for {now - seen[p][1]:.0f}s")
+            count += 1
+            time.sleep(interval_s)
+
+    def guard():  # a key-value call that hangs is a lost coordinator too
+        while True:
+            time.sleep(interval_s)
+            if time.monotonic() - state["last_ok"] > timeout_s:
+                _leave_run(f"the coordinator, process 0, has not answered for {timeout_s:.0f}s")
+
+    for target in (beat, guard):
+        threading.Thread(target=target, daemon=True, name=f"nanochat-peer-{target.__name__}").start()
 
 
 def get_base_dir() -> str:

@@ -6,6 +6,11 @@ causal, n_kv_head dividing n_head. MLP: 4x width, relu^2. No biases, no learnabl
 
 Parameters are fp32 and carry logical axis names (`axes=`) that nanochat_jax.sharding maps onto a mesh.
 Weights are stored [in, out] (JAX's convention; torch's nn.Linear stores [out, in]).
+
+The blocks' parameters are stacked on a leading 'layers' axis (model.h.attn.c_q.kernel is [n_layer, in, out]) and the
+trunk is a lax.scan over them: one compiled block whatever the depth, so compile time stays flat. `remat` picks what
+the backward pass keeps of each block: 'none' (everything), 'dots' (the matmul outputs; the rest is recomputed) or
+'full' (only the block's input; the whole block is recomputed), trading compute for memory.
 """
 import math
 from dataclasses import dataclass
@@ -15,10 +20,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nanochat_jax.attention import attention
+from nanochat_jax.sharding import shard_rows
 
 SOFTCAP = 15.0
 ROPE_BASE = 10000.0
 PAD_VOCAB_TO = 64
+REMAT_POLICIES = {"none": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+                  "full": jax.checkpoint_policies.nothing_saveable}
 
 
 @dataclass(frozen=True)
@@ -94,15 +102,17 @@ def apply_rope(x_BTNH, cos_BTh, sin_BTh):
 
 
 class Linear(nnx.Module):
-    """Bias-free linear layer, kernel [in, out], nanochat's init: N(0, 1/sqrt(fan_in) * min(1, sqrt(fan_out/fan_in)))
-    or zeros (output projections and lm_head start at zero)."""
+    """Bias-free linear layer, kernel [in, out] ([layers, in, out] when `layers` are stacked), nanochat's init:
+    N(0, 1/sqrt(fan_in) * min(1, sqrt(fan_out/fan_in))) or zeros (output projections and lm_head start at zero)."""
 
-    def __init__(self, fan_in: int, fan_out: int, axes: tuple, *, rngs: nnx.Rngs, zero_init: bool = False):
+    def __init__(self, fan_in: int, fan_out: int, axes: tuple, *, rngs: nnx.Rngs, zero_init: bool = False,
+                 layers: int | None = None):
+        shape, axes = ((fan_in, fan_out), axes) if layers is None else ((layers, fan_in, fan_out), ("layers",) + axes)
         if zero_init:
-            kernel = jnp.zeros((fan_in, fan_out), jnp.float32)
+            kernel = jnp.zeros(shape, jnp.float32)
         else:
             std = fan_in ** -0.5 * min(1.0, math.sqrt(fan_out / fan_in))
-            kernel = std * jax.random.normal(rngs.params(), (fan_in, fan_out), jnp.float32)
+            kernel = std * jax.random.normal(rngs.params(), shape, jnp.float32)
         self.kernel = nnx.Param(kernel, axes=axes)
 
     def __call__(self, x):
@@ -110,14 +120,14 @@ class Linear(nnx.Module):
 
 
 class CausalSelfAttention(nnx.Module):
-    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs, attn_impl: str | None = None):
+    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs, attn_impl: str | None = None, layers: int | None = None):
         C, D = config.n_embd, config.head_dim
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, D
         self.attn_impl = attn_impl
-        self.c_q = Linear(C, config.n_head * D, ("embed", "heads"), rngs=rngs)
-        self.c_k = Linear(C, config.n_kv_head * D, ("embed", "kv_heads"), rngs=rngs)
-        self.c_v = Linear(C, config.n_kv_head * D, ("embed", "kv_heads"), rngs=rngs)
-        self.c_proj = Linear(config.n_head * D, C, ("heads", "embed"), rngs=rngs, zero_init=True)
+        self.c_q = Linear(C, config.n_head * D, ("embed", "heads"), rngs=rngs, layers=layers)
+        self.c_k = Linear(C, config.n_kv_head * D, ("embed", "kv_heads"), rngs=rngs, layers=layers)
+        self.c_v = Linear(C, config.n_kv_head * D, ("embed", "kv_heads"), rngs=rngs, layers=layers)
+        self.c_proj = Linear(config.n_head * D, C, ("heads", "embed"), rngs=rngs, zero_init=True, layers=layers)
 
     def __call__(self, x_BTC, cos, sin, kv=None, pos_B=None):
         """kv: None (training) or this layer's cache (k, v), each [B, S, K, D]; the new keys/values are written at
@@ -137,19 +147,22 @@ class CausalSelfAttention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs, layers: int | None = None):
         C = config.n_embd
-        self.c_fc = Linear(C, 4 * C, ("embed", "mlp"), rngs=rngs)
-        self.c_proj = Linear(4 * C, C, ("mlp", "embed"), rngs=rngs, zero_init=True)
+        self.c_fc = Linear(C, 4 * C, ("embed", "mlp"), rngs=rngs, layers=layers)
+        self.c_proj = Linear(4 * C, C, ("mlp", "embed"), rngs=rngs, zero_init=True, layers=layers)
 
     def __call__(self, x_BTC):
         return self.c_proj(jnp.square(jax.nn.relu(self.c_fc(x_BTC))))
 
 
 class Block(nnx.Module):
-    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs, attn_impl: str | None = None):
-        self.attn = CausalSelfAttention(config, rngs=rngs, attn_impl=attn_impl)
-        self.mlp = MLP(config, rngs=rngs)
+    """One transformer block; with `layers`, the parameters of that many blocks stacked on a leading axis (call it on
+    one layer's slice of its state, as GPT's scan does)."""
+
+    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs, attn_impl: str | None = None, layers: int | None = None):
+        self.attn = CausalSelfAttention(config, rngs=rngs, attn_impl=attn_impl, layers=layers)
+        self.mlp = MLP(config, rngs=rngs, layers=layers)
 
     def __call__(self, x, cos, sin, kv=None, pos_B=None):
         y, kv = self.attn(rms_norm(x), cos, sin, kv, pos_B)
@@ -158,30 +171,37 @@ class Block(nnx.Module):
 
 
 class GPT(nnx.Module):
-    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, attn_impl: str | None = None):
+    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, attn_impl: str | None = None,
+                 remat: str = "none"):
         """dtype: compute dtype (bf16 on GPU/TPU, fp32 on CPU); parameters are always fp32.
-        attn_impl: None picks by backend, or 'xla' / 'cudnn' (see nanochat_jax.attention)."""
-        self.config, self.dtype = config, dtype
+        attn_impl: None picks by backend, or 'xla' / 'cudnn' / 'splash' (see nanochat_jax.attention).
+        remat: what the backward pass keeps of each block, one of REMAT_POLICIES."""
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"unknown remat policy {remat!r}: expected one of {sorted(REMAT_POLICIES)}")
+        self.config, self.dtype, self.remat = config, dtype, remat
         Vp, C = config.padded_vocab_size, config.n_embd
         self.wte = nnx.Param(jax.random.normal(rngs.params(), (Vp, C), jnp.float32), axes=("vocab", "embed"))
-        self.h = nnx.List([Block(config, rngs=rngs, attn_impl=attn_impl) for _ in range(config.n_layer)])
+        self.h = Block(config, rngs=rngs, attn_impl=attn_impl, layers=config.n_layer)
         self.lm_head = Linear(C, Vp, ("embed", "vocab"), rngs=rngs, zero_init=True)
 
     def _trunk(self, idx_BT, positions_BT, cache=None, pos_B=None):
         cos, sin = rope_tables(positions_BT, self.config.head_dim)
-        x = rms_norm(jnp.take(self.wte[...], idx_BT, axis=0).astype(self.dtype))
-        new_k, new_v = [], []
-        for i, block in enumerate(self.h):
-            kv = None if cache is None else (cache["k"][i], cache["v"][i])
-            x, kv = block(x, cos, sin, kv, pos_B)
-            if kv is not None:
-                new_k.append(kv[0])
-                new_v.append(kv[1])
-        new_cache = None if cache is None else {"k": jnp.stack(new_k), "v": jnp.stack(new_v)}
-        return x, new_cache
+        x = shard_rows(rms_norm(jnp.take(self.wte[...], idx_BT, axis=0).astype(self.dtype)))
+        block_def, stacked = nnx.split(self.h)
+
+        def layer(x, params_and_kv):  # one block on its slice of the stacked parameters (and of the cache)
+            params, kv = params_and_kv
+            x, kv = nnx.merge(block_def, params)(x, cos, sin, kv, pos_B)
+            return shard_rows(x), kv
+
+        if self.remat != "none":
+            layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+        kv = None if cache is None else (cache["k"], cache["v"])
+        x, kv = jax.lax.scan(layer, x, (stacked, kv))
+        return x, None if cache is None else {"k": kv[0], "v": kv[1]}
 
     def _head(self, x):
-        logits = self.lm_head(rms_norm(x))[..., : self.config.vocab_size].astype(jnp.float32)
+        logits = shard_rows(self.lm_head(rms_norm(x))[..., : self.config.vocab_size].astype(jnp.float32))
         return SOFTCAP * jnp.tanh(logits / SOFTCAP)
 
     def __call__(self, idx_BT, targets_BT=None, loss_reduction: str = "mean"):

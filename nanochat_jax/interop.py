@@ -64,13 +64,12 @@ def state_dict_to_params(state_dict: dict[str, np.ndarray], config: GPTConfig) -
         if tuple(state_dict[key].shape) != shape:
             raise ValueError(f"{key} has shape {tuple(state_dict[key].shape)}, the model config implies {shape}")
     w = {k: np.asarray(v, dtype=np.float32) for k, v in state_dict.items()}
-    blocks = {}
-    for i in range(config.n_layer):
-        p = f"transformer.h.{i}."
-        blocks[i] = {
-            "attn": {name: {"kernel": w[p + f"attn.{name}.weight"].T} for name in ("c_q", "c_k", "c_v", "c_proj")},
-            "mlp": {name: {"kernel": w[p + f"mlp.{name}.weight"].T} for name in ("c_fc", "c_proj")},
-        }
+
+    def stacked(name):  # the kernels of every layer, [n_layer, in, out]
+        return {"kernel": np.stack([w[f"transformer.h.{i}.{name}.weight"].T for i in range(config.n_layer)])}
+
+    blocks = {"attn": {name: stacked(f"attn.{name}") for name in ("c_q", "c_k", "c_v", "c_proj")},
+              "mlp": {name: stacked(f"mlp.{name}") for name in ("c_fc", "c_proj")}}
     return {"wte": w["transformer.wte.weight"], "h": blocks, "lm_head": {"kernel": w["lm_head.weight"].T}}
 
 

@@ -118,7 +118,7 @@ def run(trainer: Trainer, params, opt_state, batches, cfg: LoopConfig, checkpoin
         lr_mult, momentum = cfg.schedule(step)
         tokens = batch["inputs"].size  # processed, padding included
         t0 = time.time()
-        params, opt_state, out = trainer.step(params, opt_state, batch, jnp.float32(lr_mult), jnp.float32(momentum))
+        params, opt_state, out = trainer.run_step(params, opt_state, batch, lr_mult, momentum)
         data_state = batches.get_state()
         batch = next_batch()  # host work overlaps the device's step
         loss, grad_norm, num_tokens = float(out["loss"]), float(out["grad_norm"]), int(out["num_tokens"])

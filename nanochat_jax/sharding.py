@@ -18,7 +18,9 @@ BATCH_AXES = MESH_AXES  # each example lives on exactly one device
 @dataclass(frozen=True)
 class ShardingRules:
     """Logical parameter axis -> mesh axis or axes (None = replicated). FSDP splits every matrix along its
-    model-width dim; data parallelism replicates parameters."""
+    model-width dim; data parallelism replicates parameters. The stacked blocks' 'layers' axis is never split (the
+    scan over layers reads one slice at a time)."""
+    layers: str | tuple | None = None
     embed: str | tuple | None = "fsdp"
     vocab: str | tuple | None = None
     heads: str | tuple | None = None
@@ -75,6 +77,31 @@ def param_shardings(state: nnx.State, mesh: Mesh, rules: ShardingRules = RULES):
         axes = variable.get_metadata().get("axes") or (None,) * variable.ndim
         return variable.replace(NamedSharding(mesh, logical_to_spec(axes, variable.shape, mesh, rules)))
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def target_platform() -> str:
+    """The platform the current trace compiles for: the context mesh's (jax.sharding.use_abstract_mesh, which may be
+    a TPU topology compiled ahead of time on a CPU host), else the default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+    return device.platform if device is not None else jax.default_backend()
+
+
+def context_batch_axes() -> tuple:
+    """The context mesh's batch axes of size > 1 (empty without a context mesh)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return () if mesh.empty else tuple(a for a in mesh.axis_names if a in BATCH_AXES and mesh.shape[a] > 1)
+
+
+def shard_rows(x):
+    """Pin an activation's leading (row) dim to the batch axes of the context mesh. Under FSDP the weights are split
+    on their width; without this the compiler may split activations on width too and gather whole batches instead of
+    gathering each weight."""
+    axes = context_batch_axes()
+    mesh = jax.sharding.get_abstract_mesh()
+    if not axes or x.shape[0] % int(np.prod([mesh.shape[a] for a in axes])):
+        return x
+    return jax.lax.with_sharding_constraint(x, P(axes))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

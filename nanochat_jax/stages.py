@@ -16,7 +16,7 @@ from flax import nnx
 
 from nanochat_jax.checkpoint import STAGE_DIRS, Checkpointer, stage_directory
 from nanochat_jax.common import get_base_dir, parse_dtype, print0
-from nanochat_jax.gpt import GPT, GPTConfig
+from nanochat_jax.gpt import GPT, REMAT_POLICIES, GPTConfig
 from nanochat_jax.optim import build_optimizer
 from nanochat_jax.sharding import make_mesh
 from nanochat_jax.tokenizer import Tokenizer
@@ -46,6 +46,8 @@ def add_run_flags(p: argparse.ArgumentParser):
     p.add_argument("--resume", action="store_true", help="continue from this run's latest checkpoint")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None, help="compute dtype (default: by backend)")
     p.add_argument("--mesh", default=None, help="data:8 | fsdp:8 | data:2,fsdp:4 ... (default: all devices on data)")
+    p.add_argument("--remat", choices=sorted(REMAT_POLICIES), default="none", help="what the backward pass keeps of "
+                   "each block: none (all activations), dots (matmul outputs), full (block inputs only; least memory)")
     p.add_argument("--run", default=None, help="wandb run name (logging is off unless given and wandb is installed)")
     p.add_argument("--seed", type=int, default=0)
 
@@ -75,7 +77,7 @@ def batch_geometry(args, num_devices: int) -> int:
 def make_trainer(args, config: GPTConfig, lr_scale: float = 1.0):
     """(trainer, make_model) for a model of `config` under --mesh/--dtype with the flags' learning rates."""
     dtype = parse_dtype(args.dtype)
-    make_model = lambda: GPT(config, rngs=nnx.Rngs(args.seed), dtype=dtype)  # noqa: E731
+    make_model = lambda: GPT(config, rngs=nnx.Rngs(args.seed), dtype=dtype, remat=args.remat)  # noqa: E731
     tx = build_optimizer(config.n_embd, args.embedding_lr * lr_scale, args.unembedding_lr * lr_scale,
                          args.matrix_lr * lr_scale, args.weight_decay, args.grad_clip)
     return Trainer.create(make_model, tx, make_mesh(args.mesh)), make_model

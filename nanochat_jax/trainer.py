@@ -9,7 +9,7 @@ own mean, which weighs tokens slightly differently when rows hold different numb
 applied. The step is jitted with the state donated (one compilation per batch shape); schedule values come in as
 arguments.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Callable
 
@@ -62,6 +62,7 @@ class Trainer:
     opt_sharding: Any
     abstract_params: Any  # pure dict of ShapeDtypeStruct (with shardings): the restore target
     abstract_opt_state: Any
+    compiled_steps: dict = field(default_factory=dict)  # batch shapes -> executables compiled ahead (compile_step)
 
     @classmethod
     def create(cls, make_model: Callable[[], nnx.Module], tx, mesh) -> "Trainer":
@@ -105,7 +106,13 @@ class Trainer:
         def loss_fn(params, micro):
             return micro_loss(nnx.merge(graphdef, params), micro)
 
+        mesh = self.mesh
+
         def step(params, opt_state, batch, lr_multiplier, muon_momentum):
+            with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # kernels in shard_map (splash) see the mesh
+                return train_step(params, opt_state, batch, lr_multiplier, muon_momentum)
+
+        def train_step(params, opt_state, batch, lr_multiplier, muon_momentum):
             def accumulate(grad_sum, micro):
                 loss, grads = jax.value_and_grad(loss_fn)(params, micro)
                 return jax.tree.map(jnp.add, grad_sum, grads), loss
@@ -121,21 +128,40 @@ class Trainer:
         return jax.jit(step, in_shardings=(self.params_sharding, self.opt_sharding, self.batch_sharding(), None, None),
                        out_shardings=(self.params_sharding, self.opt_sharding, None), donate_argnums=(0, 1))
 
+    def compile_step(self, rows: int, seq_len: int, accum: int):
+        """Compile the step ahead of time for batches [accum, rows, seq_len] (global rows) and keep the executable:
+        run_step uses it for batches of that shape, so reading its memory at start costs no second compilation.
+        Raises aot.DoesNotFit when the compiler says it cannot fit on a device."""
+        from nanochat_jax.aot import compile_timed, train_step_args
+        compiled, seconds = compile_timed(self.step, *train_step_args(self, rows, seq_len, accum))
+        self.compiled_steps[_batch_key(train_step_args(self, rows, seq_len, accum)[2])] = compiled
+        return compiled, seconds
+
+    def run_step(self, params, opt_state, batch, lr_multiplier, muon_momentum):
+        """Trainer.step, through the executable compile_step made for this batch shape when there is one."""
+        step = self.compiled_steps.get(_batch_key(batch), self.step)
+        return step(params, opt_state, batch, jnp.float32(lr_multiplier), jnp.float32(muon_momentum))
+
     @cached_property
     def eval_sums(self):
         """jitted (params, {"inputs", "targets"} [B, T], token_bytes) -> {"nats", "tokens", "bpb_nats", "bytes"}:
         summed loss and count over every counted target (-1 ignored), and the same for bits per byte, where special
         tokens (0 bytes) are left out too, as nanochat's evaluate_bpb does."""
-        graphdef = self.graphdef
+        graphdef, mesh = self.graphdef, self.mesh
 
         def sums(params, batch, token_bytes):
             y = batch["targets"]
-            loss = nnx.merge(graphdef, params)(batch["inputs"], y, loss_reduction="none")
+            with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+                loss = nnx.merge(graphdef, params)(batch["inputs"], y, loss_reduction="none")
             n_bytes = jnp.where(y >= 0, token_bytes[jnp.maximum(y, 0)], 0)
             return {"nats": loss.sum(), "tokens": jnp.sum(y >= 0),
                     "bpb_nats": jnp.sum(jnp.where(n_bytes > 0, loss, 0.0)), "bytes": jnp.sum(n_bytes)}
 
         return jax.jit(sums, in_shardings=(self.params_sharding, self.rows_sharding(), None))
+
+
+def _batch_key(batch: dict) -> tuple:
+    return tuple(sorted((name, tuple(a.shape), str(a.dtype)) for name, a in batch.items()))
 
 
 def micro_loss(model, micro: dict):

@@ -12,6 +12,9 @@
 #   MESH=                 device mesh, e.g. data:8 | fsdp:8 | data:2,fsdp:4 (default: every device on data)
 #   DEVICE_BATCH_SIZE=32  rows of 2048 tokens per device per micro-step (lower it when memory runs out: the step
 #                         accumulates gradients so the optimizer batch stays 524,288 tokens)
+#   REMAT=none            what the backward pass keeps of each block: none | dots | full (least memory, ~1/3 more
+#                         compute); train.base compiles its step first and refuses a run that does not fit, naming
+#                         the largest DEVICE_BATCH_SIZE that does
 #   NUM_SHARDS=240        FineWeb-edu training shards (about 250M characters each)
 #   TOKENIZER_CHARS=2000000000   characters to train the tokenizer on
 #   RL=0                  1 runs RL on GSM8K after SFT (single host), then its chat eval
@@ -24,6 +27,7 @@ cd "$(dirname "$0")/.."
 DEPTH="${DEPTH:-20}"
 MESH="${MESH:-}"
 DEVICE_BATCH_SIZE="${DEVICE_BATCH_SIZE:-32}"
+REMAT="${REMAT:-none}"
 NUM_SHARDS="${NUM_SHARDS:-240}"
 TOKENIZER_CHARS="${TOKENIZER_CHARS:-2000000000}"
 RL="${RL:-0}"
@@ -70,13 +74,15 @@ prepare() {
 
 train() {
     say "base model d$DEPTH (the data:parameter ratio of 20 sets the steps)"
-    python -m train.base --depth "$DEPTH" --device-batch-size "$DEVICE_BATCH_SIZE" "${mesh[@]}" "${run[@]}"
+    python -m train.base --depth "$DEPTH" --device-batch-size "$DEVICE_BATCH_SIZE" --remat "$REMAT" "${mesh[@]}" \
+        "${run[@]}"
     say "base evaluation: CORE, train/val bits per byte, samples"
     python -m evals.base -g "$tag" --batch-size 64 "${mesh[@]}"
     say "midtraining"
-    python -m train.mid --model-tag "$tag" --device-batch-size "$DEVICE_BATCH_SIZE" "${mesh[@]}" "${run[@]}"
+    python -m train.mid --model-tag "$tag" --device-batch-size "$DEVICE_BATCH_SIZE" --remat "$REMAT" "${mesh[@]}" \
+        "${run[@]}"
     say "supervised finetuning"
-    python -m train.sft --model-tag "$tag" "${mesh[@]}" "${run[@]}"
+    python -m train.sft --model-tag "$tag" --remat "$REMAT" "${mesh[@]}" "${run[@]}"
 }
 
 evaluate() {

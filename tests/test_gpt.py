@@ -1,11 +1,13 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
 from conftest import cached_step, logits_of, randomize, tiny_config
-from nanochat_jax.gpt import GPT, GPTConfig, apply_rope, config_from_depth, cross_entropy, init_cache, rope_tables
+from nanochat_jax.gpt import (GPT, GPTConfig, apply_rope, config_from_depth, cross_entropy, init_cache, rms_norm,
+                              rope_tables)
 from nanochat_jax.interop import state_dict_to_params
 from nanochat_jax.sharding import batch_sharding, create_sharded, make_mesh, param_shardings
 from reference import bf16_round, gpt_forward, random_state_dict, rope_angles, rotate
@@ -63,13 +65,12 @@ def test_gqa_equals_mha_with_repeated_kv_heads():
     g = nnx.to_pure_dict(nnx.state(gqa))
     D = gqa.config.head_dim
 
-    def repeat_heads(kernel):  # [C, K*D] -> [C, N*D], each kv head serving its group of query heads
-        C = kernel.shape[0]
-        return jnp.repeat(kernel.reshape(C, 2, D), 2, axis=1).reshape(C, 4 * D)
+    def repeat_heads(kernel):  # [L, C, K*D] -> [L, C, N*D], each kv head serving its group of query heads
+        L, C = kernel.shape[:2]
+        return jnp.repeat(kernel.reshape(L, C, 2, D), 2, axis=2).reshape(L, C, 4 * D)
 
-    for i in range(2):
-        for name in ("c_k", "c_v"):
-            g["h"][i]["attn"][name]["kernel"] = repeat_heads(g["h"][i]["attn"][name]["kernel"])
+    for name in ("c_k", "c_v"):
+        g["h"]["attn"][name]["kernel"] = repeat_heads(g["h"]["attn"][name]["kernel"])
     state = nnx.state(mha)
     nnx.replace_by_pure_dict(state, g)
     nnx.update(mha, state)
@@ -106,11 +107,13 @@ def test_init_and_sizes():
     model = GPT(cfg, rngs=nnx.Rngs(0))
     assert cfg.padded_vocab_size == 128
     assert model.wte[...].shape == (128, 128) and abs(float(model.wte[...].std()) - 1.0) < 0.02
-    c_fc = model.h[0].mlp.c_fc.kernel[...]  # fan_in 128, fan_out 512: std 1/sqrt(128)
+    c_fc = model.h.mlp.c_fc.kernel[...]  # [layers, in, out]; fan_in 128, fan_out 512: std 1/sqrt(128)
+    assert c_fc.shape == (2, 128, 512)
     assert abs(float(c_fc.std()) * np.sqrt(128) - 1.0) < 0.02
-    c_k = model.h[0].attn.c_k.kernel[...]  # fan_out 64 < fan_in 128: std 1/sqrt(128) * sqrt(64/128)
+    assert not np.allclose(c_fc[0], c_fc[1])  # each layer has its own draw
+    c_k = model.h.attn.c_k.kernel[...]  # fan_out 64 < fan_in 128: std 1/sqrt(128) * sqrt(64/128)
     assert abs(float(c_k.std()) / (128 ** -0.5 * 0.5 ** 0.5) - 1.0) < 0.05
-    for zero in (model.lm_head.kernel, model.h[0].attn.c_proj.kernel, model.h[1].mlp.c_proj.kernel):
+    for zero in (model.lm_head.kernel, model.h.attn.c_proj.kernel, model.h.mlp.c_proj.kernel):
         assert not np.any(np.asarray(zero[...]))
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(model)))
     assert cfg.num_params() == sum(x.size for x in jax.tree.leaves(nnx.state(model)))
@@ -169,8 +172,8 @@ def test_sharded_forward_equals_single_device(spec):
     graphdef, state = nnx.split(make())
     state = jax.device_put(state, param_shardings(state, mesh))
     if "fsdp" in spec:  # parameters really are split
-        kernel = state["h"][0]["mlp"]["c_fc"]["kernel"][...]
-        assert kernel.addressable_shards[0].data.shape[0] == 64 // mesh.shape["fsdp"]
+        kernel = state["h"]["mlp"]["c_fc"]["kernel"][...]  # [layers, embed, mlp]: embed split, layers whole
+        assert kernel.addressable_shards[0].data.shape[:2] == (2, 64 // mesh.shape["fsdp"])
 
     @jax.jit
     def loss_fn(state, idx):
@@ -198,3 +201,59 @@ def test_bf16_compute_keeps_fp32_params_and_logits():
     assert out16.dtype == jnp.float32
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(model16)))
     np.testing.assert_allclose(np.asarray(out16), np.asarray(logits_of(model32, idx)), atol=0.1)
+
+
+def unrolled_logits(model, idx_BT):
+    """The trunk written as a Python loop over layers (no scan), each block on its slice of the stacked parameters."""
+    B, T = idx_BT.shape
+    cos, sin = rope_tables(jnp.broadcast_to(jnp.arange(T), (B, T)), model.config.head_dim)
+    x = rms_norm(jnp.take(model.wte[...], idx_BT, axis=0).astype(model.dtype))
+    block_def, stacked = nnx.split(model.h)
+    for i in range(model.config.n_layer):
+        x, _ = nnx.merge(block_def, jax.tree.map(lambda a: a[i], stacked))(x, cos, sin)
+    return model._head(x)
+
+
+def test_scanned_trunk_equals_unrolled_loop_and_training_step():
+    cfg = tiny_config(n_layer=3)
+    model = randomize(GPT(cfg, rngs=nnx.Rngs(0)), std=0.1)
+    rng = np.random.default_rng(0)
+    idx, targets = jnp.asarray(rng.integers(0, 100, (2, 9))), jnp.asarray(rng.integers(0, 100, (2, 9)))
+    np.testing.assert_allclose(np.asarray(logits_of(model, idx)), np.asarray(jax.jit(unrolled_logits)(model, idx)),
+                               rtol=1e-6, atol=1e-6)
+    # one optimizer step: gradients through the scan equal gradients through the loop
+    graphdef, state = nnx.split(model)
+    params = nnx.to_pure_dict(state)
+    tx = optax.sgd(0.5)  # the optimizer is not under test here (bf16 Newton-Schulz would blur the comparison)
+
+    def one_step(forward):
+        def loss(p):
+            return cross_entropy(forward(nnx.merge(graphdef, p), idx), targets)
+        grads = jax.grad(loss)(params)
+        updates, _ = tx.update(grads, tx.init(params), params)
+        return grads, optax.apply_updates(params, updates)
+
+    scanned = jax.jit(lambda: one_step(lambda m, i: m(i)))()
+    unrolled = jax.jit(lambda: one_step(unrolled_logits))()
+    for a, b in zip(jax.tree.leaves(scanned[0]), jax.tree.leaves(unrolled[0])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(scanned[1]), jax.tree.leaves(unrolled[1])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_remat_changes_memory_not_numbers():
+    cfg = tiny_config(n_layer=4, sequence_len=64)
+    idx = jnp.asarray(np.random.default_rng(0).integers(0, 100, (8, 64)))
+    grads, temp_bytes = {}, {}
+    for policy in ("none", "dots", "full"):
+        model = randomize(GPT(cfg, rngs=nnx.Rngs(0), remat=policy), std=0.1)
+        graphdef, state = nnx.split(model)
+        grad_fn = jax.jit(jax.grad(lambda s: nnx.merge(graphdef, s)(idx, idx)))
+        grads[policy] = grad_fn(state)
+        temp_bytes[policy] = grad_fn.lower(state).compile().memory_analysis().temp_size_in_bytes
+    for policy in ("dots", "full"):
+        for a, b in zip(jax.tree.leaves(grads[policy]), jax.tree.leaves(grads["none"])):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    assert temp_bytes["full"] < temp_bytes["none"], temp_bytes
+    with pytest.raises(ValueError, match="unknown remat policy"):
+        GPT(cfg, rngs=nnx.Rngs(0), remat="some")

@@ -86,7 +86,7 @@ def test_import_script_writes_our_checkpoint(tmp_path, tokenizer):
     run_module("scripts.import_nanochat", "--src", str(tmp_path / "src"), "--dst", str(dst), check=True)
     model, tok, meta = load_model(str(dst), mesh=make_mesh("fsdp:8"))
     assert meta["step"] == 7 and meta["model_config"] == CFG and tok.get_vocab_size() == 512
-    assert model.h[0].mlp.c_fc.kernel[...].sharding.spec[0] == "fsdp"
+    assert model.h.mlp.c_fc.kernel[...].sharding.spec[1] == "fsdp"
     idx = np.random.default_rng(2).integers(0, 512, (8, 16))
     np.testing.assert_allclose(np.asarray(logits_of(model, jnp.asarray(idx))), gpt_forward(sd, CFG, idx),
                                rtol=1e-4, atol=1e-4)

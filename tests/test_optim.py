@@ -60,8 +60,8 @@ def test_groups_and_learning_rates():
     params = nnx.to_pure_dict(nnx.state(GPT(cfg, rngs=nnx.Rngs(0))))
     labels = jax.tree_util.tree_map_with_path(lambda p, _: param_label(p), params)
     assert labels["wte"] == "embedding" and labels["lm_head"]["kernel"] == "unembedding"
-    assert {labels["h"][0]["attn"][n]["kernel"] for n in ("c_q", "c_k", "c_v", "c_proj")} == {"matrix"}
-    assert labels["h"][1]["mlp"]["c_fc"]["kernel"] == "matrix"
+    assert {labels["h"]["attn"][n]["kernel"] for n in ("c_q", "c_k", "c_v", "c_proj")} == {"matrix"}
+    assert labels["h"]["mlp"]["c_fc"]["kernel"] == "matrix"
 
     tx = build_optimizer(cfg.n_embd, grad_clip=0.0)
     state = set_schedule(tx.init(params), 0.5, 0.95)
@@ -73,9 +73,19 @@ def test_groups_and_learning_rates():
     np.testing.assert_allclose(np.abs(np.asarray(updates["lm_head"]["kernel"])), 0.004 * scale * 0.5, rtol=1e-4)
     # Muon: lr 0.02 x 0.5, orthogonalized; c_fc [128, 512] also gets sqrt(512/128) = 2
     for name, factor in (("c_fc", 2.0), ("c_proj", 1.0)):
-        u = np.asarray(updates["h"][0]["mlp"][name]["kernel"]) / (0.02 * 0.5 * factor)
-        s = np.linalg.svd(u, compute_uv=False)
-        assert 0.5 < s.min() and s.max() < 1.5
+        for layer in range(cfg.n_layer):  # the blocks' kernels are stacked [layers, in, out]: each one on its own
+            u = np.asarray(updates["h"]["mlp"][name]["kernel"][layer]) / (0.02 * 0.5 * factor)
+            s = np.linalg.svd(u, compute_uv=False)
+            assert 0.5 < s.min() and s.max() < 1.5
+
+
+def test_muon_orthogonalizes_each_stacked_layer_on_its_own():
+    g = jnp.asarray(np.random.default_rng(2).standard_normal((3, 16, 40)), jnp.float32)
+    tx = muon(0.1, momentum=0.0)
+    stacked, _ = tx.update({"w": g}, tx.init({"w": g}))
+    for layer in range(3):
+        single, _ = tx.update({"w": g[layer]}, tx.init({"w": g[layer]}))
+        np.testing.assert_allclose(np.asarray(stacked["w"][layer]), np.asarray(single["w"]), rtol=1e-6, atol=1e-6)
 
 
 def test_grad_clipping():

@@ -10,7 +10,8 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ["runcpu.sh", "speedrun.sh", "run1000.sh", "speedrun_tpu.sh"]
-SAMPLES = {'"${mesh[@]}"': "--mesh data:8", '"${run[@]}"': "--run test", '"${core[@]}"': "--max-per-task 16"}
+SAMPLES = {'"${mesh[@]}"': "--mesh data:8", '"${run[@]}"': "--run test", '"${core[@]}"': "--max-per-task 16",
+           '"$REMAT"': "full"}
 
 
 def commands(script: str) -> list[list[str]]:

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from nanochat_jax import report
+from nanochat_jax.aot import check_training_memory
 from nanochat_jax.checkpoint import Checkpointer, model_meta
 from nanochat_jax.common import get_base_dir, init_distributed, parse_dtype, print0
 from nanochat_jax.dataloader import StepBatches, pretraining_batches
@@ -107,6 +108,8 @@ def main(argv=None):
            f"{num_iterations * args.total_batch_size:,} tokens ({num_iterations * args.total_batch_size / config.num_params():.2f}"
            f" per parameter)")
 
+    # compile the step now: print its memory per device, refuse a run that will not fit (before any state is made)
+    check_training_memory(trainer, args.device_batch_size, args.max_seq_len, accum_steps)
     model_tag = args.model_tag or f"d{args.depth}"
     checkpointer = Checkpointer(os.path.join(get_base_dir(), "base_checkpoints", model_tag))
     train_batches = StepBatches(pretraining_batches(tokenizer, "train", rows_per_process, args.max_seq_len), accum_steps)

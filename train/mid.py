@@ -17,6 +17,7 @@ import argparse
 import jax
 
 from nanochat_jax import report
+from nanochat_jax.aot import check_training_memory
 from nanochat_jax.checkpoint import model_meta
 from nanochat_jax.common import init_distributed, print0
 from nanochat_jax.conversations import PackedConversations, estimated_tokens
@@ -66,6 +67,7 @@ def main(argv=None):
     print0(f"midtraining {source.directory} (step {source.step}) -> {checkpointer.directory} | "
            f"{len(train_task):,} conversations | {accum_steps} micro-steps of {args.device_batch_size * jax.device_count()}"
            f" rows x {args.max_seq_len} | {num_iterations:,} steps")
+    check_training_memory(trainer, args.device_batch_size, args.max_seq_len, accum_steps)
     params, opt_state, start_step, loop_state = stage.params, stage.opt_state, stage.start_step, stage.loop_state
     process = dict(process_index=jax.process_index(), process_count=jax.process_count(), masked=not args.unmasked)
     train_batches = StepBatches(PackedConversations(train_task, tokenizer, rows, args.max_seq_len, **process),

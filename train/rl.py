@@ -24,7 +24,7 @@ from flax import nnx
 from nanochat_jax.chat_eval import generative_outcomes, pass_at_k
 from nanochat_jax import report
 from nanochat_jax.checkpoint import model_meta
-from nanochat_jax.common import print0
+from nanochat_jax.common import print0, single_host_only
 from nanochat_jax.dataloader import to_global_array
 from nanochat_jax.engine import Engine
 from nanochat_jax.loop import trim_metrics, write_metrics
@@ -62,8 +62,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    if jax.process_count() > 1:
-        raise SystemExit("train.rl samples on the local devices: run it as one process (one host)")
+    single_host_only("train.rl")
     source = Source(args.source, args.model_tag, args.step)
     config, tokenizer = source.config, source.tokenizer
     rows_per_micro_step = args.device_batch_size * jax.device_count()

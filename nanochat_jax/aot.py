@@ -1,0 +1,206 @@
+"""Ahead-of-time compilation of the real jitted programs, and what the compiler says about them.
+
+A program is lowered from abstract arguments (jax.ShapeDtypeStruct with shardings on a mesh) and compiled by XLA for
+the mesh's devices, which need not exist: `topology_devices("v5e:2x4")` gives a v5e-8's chips through libtpu's
+compiler on any host (`pip install "jax[tpu]"`). `report()` reads the executable's memory_analysis() (bytes per
+chip) and cost_analysis(), and estimates the step time.
+
+The step-time estimate: XLA's `optimal_seconds` where it is positive; else a roofline, max(FLOPs / peak FLOP/s,
+bytes accessed / HBM bandwidth) per chip. XLA counts the body of a loop once, whatever its trip count, and the
+training step loops over layers (the scan) and micro-steps, so the roofline takes its FLOPs and bytes from two small
+compiles, with 0 and 1 layers and one micro-step: cost(L layers) = cost(0) + L x (cost(1) - cost(0)), times the
+micro-steps (the optimizer update, counted with each micro-step, makes it a slight overestimate). Pallas kernels
+(splash attention) are invisible to the cost model: their FLOPs are added from the model's attention formula.
+"""
+import os
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# per chip: bf16 dense peak FLOP/s, HBM bandwidth (bytes/s), HBM bytes; keys are device_kind prefixes. v5e: the
+# 15.75 GiB its compiler says are available of the 16 GiB
+CHIPS = {"TPU v5 lite": (197e12, 819e9, 15.75 * 2**30), "TPU v5e": (197e12, 819e9, 15.75 * 2**30),
+         "TPU v5p": (459e12, 2765e9, 95 * 2**30), "TPU v5": (459e12, 2765e9, 95 * 2**30),
+         "TPU v6 lite": (918e12, 1640e9, 32 * 2**30), "TPU v6e": (918e12, 1640e9, 32 * 2**30),
+         "H100": (989e12, 3.35e12, 80e9), "H200": (989e12, 4.8e12, 141e9), "A100": (312e12, 2.0e12, 80e9)}
+
+
+def chip_specs(device) -> tuple | None:
+    """(peak FLOP/s, HBM bytes/s, HBM bytes) of a device, None where unknown (CPU)."""
+    kind = device.device_kind
+    return next((spec for name, spec in CHIPS.items() if kind.startswith(name) or name in kind), None)
+
+
+def device_memory_bytes(device) -> int | None:
+    """The memory a program may use on a device: $NANOCHAT_DEVICE_MEMORY (GiB) when set (to leave headroom, or on
+    a shared GPU), else what the device says it can hold (a real TPU or GPU), else the chip table's HBM size (a
+    topology device); None where nothing is known (CPU)."""
+    if os.environ.get("NANOCHAT_DEVICE_MEMORY"):
+        try:
+            return int(float(os.environ["NANOCHAT_DEVICE_MEMORY"]) * 2**30)
+        except ValueError:
+            raise SystemExit(f"NANOCHAT_DEVICE_MEMORY={os.environ['NANOCHAT_DEVICE_MEMORY']!r}: expected GiB, "
+                             "e.g. 70") from None
+    try:
+        stats = device.memory_stats()
+    except Exception:  # topology devices and some backends have none
+        stats = None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    spec = chip_specs(device)
+    return None if spec is None else spec[2]
+
+
+def topology_devices(name: str):
+    """The devices of a TPU topology such as 'v5e:2x4' (v5e-8), 'v5e:4x4' (v5e-16, 4 hosts), 'v5p:2x2x1' (v5p-8),
+    'v6e:2x4' (v6e-8), from libtpu's compiler; no TPU needed."""
+    from jax.experimental import topologies
+    try:
+        return topologies.get_topology_desc(topology_name=name, platform="tpu").devices
+    except Exception as e:
+        raise SystemExit(f"cannot make TPU topology {name!r} ({e}); it needs libtpu: pip install 'jax[tpu]' "
+                         "(in its own virtual environment on a machine without a TPU)") from None
+
+
+def with_sharding(tree, shardings):
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), tree, shardings)
+
+
+def train_step_args(trainer, rows: int, seq_len: int, accum: int = 1):
+    """Abstract arguments of Trainer.step: params, optimizer state, a batch [accum, rows, seq_len], the schedule."""
+    batch = {name: jax.ShapeDtypeStruct((accum, rows, seq_len), jnp.int32, sharding=trainer.batch_sharding())
+             for name in ("inputs", "targets")}
+    scalar = jax.ShapeDtypeStruct((), jnp.float32)
+    return trainer.abstract_params, trainer.abstract_opt_state, batch, scalar, scalar
+
+
+class DoesNotFit(Exception):
+    """The compiler refused the program: it needs more memory than a chip has."""
+
+
+def compile_timed(jitted, *args, **kwargs):
+    """(compiled executable, seconds); DoesNotFit when the compiler runs out of device memory."""
+    t0 = time.time()
+    try:
+        return jitted.lower(*args, **kwargs).compile(), time.time() - t0
+    except Exception as e:  # XlaRuntimeError; its type moved between jax versions
+        if "RESOURCE_EXHAUSTED" in str(e) or "exceeds available" in str(e):
+            raise DoesNotFit(str(e).split("\n")[0][:500]) from None
+        raise
+
+
+def _cost(compiled) -> dict:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return cost or {}
+
+
+def memory(compiled) -> dict:
+    m = compiled.memory_analysis()
+    out = {"argument_bytes": m.argument_size_in_bytes, "temp_bytes": m.temp_size_in_bytes,
+           "output_bytes": m.output_size_in_bytes, "alias_bytes": m.alias_size_in_bytes}
+    peak = getattr(m, "peak_memory_in_bytes", 0) or 0
+    # arguments and outputs live together except where donated buffers alias
+    out["peak_bytes"] = int(max(peak, out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"]
+                                + out["temp_bytes"]))
+    return out
+
+
+def refused_bytes(message: str) -> int | None:
+    """The bytes a RESOURCE_EXHAUSTED message says the program needs ('... temporaries (40.07G) exceeds ...')."""
+    m = re.search(r"\(([\d.]+)([KMGT])\) exceeds", message)
+    return None if m is None else int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2)))
+
+
+def report(compiled, device, compile_s: float, model_flops: float, n_chips: int, roofline_cost: dict | None = None,
+           repeat: int = 1) -> dict:
+    """The JSON-able facts about one compiled step: memory per chip, whether it fits, and the time estimate.
+    roofline_cost: {"flops", "bytes"} per chip for the whole step when the program's own counts are known to be
+    short (loops); repeat: how many times the compiled program runs per step (micro-steps)."""
+    out = {"compile_s": round(compile_s, 1), **memory(compiled)}
+    hbm = device_memory_bytes(device)
+    out["hbm_bytes"] = hbm
+    out["fits"] = None if hbm is None else out["peak_bytes"] <= hbm
+    out["model_flops_per_step"] = model_flops
+    cost, spec = _cost(compiled), chip_specs(device)
+    optimal = float(cost.get("optimal_seconds", -1.0) or -1.0)
+    if optimal > 0 and roofline_cost is None:
+        out["estimated_step_s"], out["estimate_from"] = optimal * repeat, "compiler (optimal_seconds)"
+    elif spec is not None:
+        flops = roofline_cost["flops"] if roofline_cost else float(cost.get("flops", 0.0)) * repeat
+        nbytes = roofline_cost["bytes"] if roofline_cost else float(cost.get("bytes accessed", 0.0)) * repeat
+        out["estimated_step_s"] = max(flops / spec[0], nbytes / spec[1])
+        why = ("it counts loop bodies once" if roofline_cost else "not positive")
+        out["estimate_from"] = (f"roofline ({'compute' if flops / spec[0] >= nbytes / spec[1] else 'memory'} bound; "
+                                f"the compiler's optimal_seconds, {optimal:.3g}, is not usable: {why})")
+        out["roofline_flops_per_chip"], out["roofline_bytes_per_chip"] = flops, nbytes
+    else:
+        out["estimated_step_s"], out["estimate_from"] = None, "no estimate for this device"
+    step_s = out["estimated_step_s"]
+    out["estimated_mfu"] = (None if not step_s or spec is None
+                            else round(100 * model_flops / (step_s * n_chips * spec[0]), 1))
+    return out
+
+
+def layer_scaled_cost(compile_cost_at, n_layer: int, accum: int, extra_flops: float = 0.0) -> dict:
+    """Per-chip FLOPs and bytes of a training step with n_layer layers and accum micro-steps, from compiles of the
+    same step with 0 and 1 layers and one micro-step (compile_cost_at(layers) -> cost dict)."""
+    c0, c1 = compile_cost_at(0), compile_cost_at(1)
+    per = {key: float(c1.get(name, 0.0)) - float(c0.get(name, 0.0))
+           for key, name in (("flops", "flops"), ("bytes", "bytes accessed"))}
+    return {key: accum * (float(c0.get(name, 0.0)) + n_layer * per[key]) + (extra_flops if key == "flops" else 0.0)
+            for key, name in (("flops", "flops"), ("bytes", "bytes accessed"))}
+
+
+def attention_flops_per_token(config, remat: str) -> float:
+    """Training FLOPs of the attention scores and weighted sums per token (the model formula, 12 L N D T), plus one
+    more forward when the block is recomputed (remat 'full')."""
+    per = 4 * config.n_layer * config.n_head * config.head_dim * config.sequence_len
+    return per * (3 + (remat == "full"))
+
+
+def largest_fitting(fits_at, start: int) -> int | None:
+    """The largest power-of-two device batch <= start for which fits_at(batch) is true (halving from start)."""
+    batch = 1 << int(np.log2(start))
+    while batch >= 1:
+        if fits_at(batch):
+            return batch
+        batch //= 2
+    return None
+
+
+def check_training_memory(trainer, device_batch_size: int, seq_len: int, accum: int) -> dict:
+    """At the start of a training run: compile its step (the run then uses that executable), print the memory per
+    device, and refuse with SystemExit, naming the largest device batch that fits, when the step does not fit."""
+    from nanochat_jax.common import print0
+    n, device = jax.device_count(), jax.devices()[0]
+    limit = device_memory_bytes(device)
+    try:
+        compiled, seconds = trainer.compile_step(device_batch_size * n, seq_len, accum)
+        mem = memory(compiled)
+        fits = limit is None or mem["peak_bytes"] <= limit
+    except DoesNotFit as e:
+        mem, seconds, fits = {"peak_bytes": refused_bytes(str(e)) or 0}, 0.0, False
+    of = "" if limit is None else f" of {limit / 2**30:.2f} GiB"
+    print0(f"memory per device: {mem['peak_bytes'] / 2**30:.2f} GiB{of} at --device-batch-size {device_batch_size} "
+           + (f"(arguments {mem['argument_bytes'] / 2**30:.2f}, temporaries {mem['temp_bytes'] / 2**30:.2f} GiB; "
+              f"compiled in {seconds:.0f}s)" if "temp_bytes" in mem else "(refused by the compiler)"))
+    if fits:
+        return mem
+
+    def fits_at(rows_per_device):
+        try:
+            exe, _ = compile_timed(trainer.step, *train_step_args(trainer, rows_per_device * n, seq_len, 1))
+        except DoesNotFit:
+            return False
+        return memory(exe)["peak_bytes"] <= limit
+
+    best = largest_fitting(fits_at, device_batch_size // 2) if device_batch_size > 1 else None
+    advice = (f"the largest that fits is --device-batch-size {best} (gradient accumulation keeps the tokens per "
+              "step)" if best else "not even one row per device fits: use a larger mesh, --remat full or a smaller "
+              "model")
+    raise SystemExit(f"this run does not fit: the training step needs {mem['peak_bytes'] / 2**30:.2f} GiB per device"
+                     f"{of}; {advice}")

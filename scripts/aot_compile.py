@@ -1,0 +1,176 @@
+"""Compile the real training step (with its optimizer) and the engine's prefill and decode for a device topology,
+from abstract shapes, with no device at all; print what the compiler says: memory per chip, whether it fits, the
+estimated step time and MFU.
+
+    # in a venv with jax[tpu] (libtpu), on any machine:
+    python -m scripts.aot_compile --topology v5e:2x4 --depth 20 --mesh fsdp:8 --device-batch-size 8 --remat full
+    python -m scripts.aot_compile --topology v5e:4x4 --depth 32 --mesh fsdp:16 --find-max-batch --json-out d32.json
+    python -m scripts.aot_compile --depth 4 --seq-len 256 --device-batch-size 4     # this machine's own devices
+
+See nanochat_jax/aot.py for how the estimate is made. Topologies: v5e:2x4 (v5e-8), v5e:4x4 (v5e-16, 4 hosts),
+v5p:2x2x1 (v5p-8, 4 chips), v6e:2x4 (v6e-8).
+"""
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nanochat_jax import aot
+from nanochat_jax.engine import decode, new_rows, prefill
+from nanochat_jax.gpt import GPT, REMAT_POLICIES, config_from_depth
+from nanochat_jax.optim import build_optimizer
+from nanochat_jax.sharding import make_mesh
+from nanochat_jax.trainer import Trainer
+
+PROGRAMS = ("train", "prefill", "decode")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="compile nanochat-jax's jitted programs ahead of time")
+    p.add_argument("--topology", default=None, help="TPU topology, e.g. v5e:2x4 (default: this machine's devices)")
+    p.add_argument("--depth", type=int, default=20)
+    p.add_argument("--vocab-size", type=int, default=65536)
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--mesh", default=None, help="e.g. fsdp:8, data:2,fsdp:4 (default: every device on data)")
+    p.add_argument("--device-batch-size", type=int, default=8, help="rows per chip per micro-step")
+    p.add_argument("--total-batch-size", type=int, default=524288, help="tokens per optimizer step")
+    p.add_argument("--remat", choices=sorted(REMAT_POLICIES), default="none")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    p.add_argument("--programs", default="train,prefill,decode", help=f"comma-separated, of {PROGRAMS}")
+    p.add_argument("--decode-batch", type=int, default=8, help="rows of the engine's decode step")
+    p.add_argument("--find-max-batch", action="store_true",
+                   help="when the step does not fit, halve the device batch until it does")
+    p.add_argument("--json-out", default=None)
+    args = p.parse_args(argv)
+    args.programs = [name.strip() for name in args.programs.split(",") if name.strip()]
+    if bad := [name for name in args.programs if name not in PROGRAMS]:
+        p.error(f"unknown --programs {bad}: expected some of {PROGRAMS}")
+    for name in ("depth", "seq_len", "device_batch_size", "total_batch_size", "decode_batch", "vocab_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be positive")
+    return args
+
+
+def train_program(args, config, devices, mesh, rows_per_chip: int) -> dict:
+    """Compile Trainer.step for rows_per_chip rows on every chip, one micro-step (the micro-step scan holds one
+    micro-batch at a time, so memory does not depend on the accumulation); DoesNotFit when it cannot."""
+    dtype = jnp.dtype(args.dtype)
+    n_chips = len(devices)
+    tokens_per_micro = rows_per_chip * n_chips * args.seq_len
+    if args.total_batch_size % tokens_per_micro:
+        raise SystemExit(f"--total-batch-size {args.total_batch_size} is not a multiple of {rows_per_chip} rows x "
+                         f"{n_chips} chips x {args.seq_len} tokens")
+    accum = args.total_batch_size // tokens_per_micro
+
+    def trainer_for(cfg):
+        make = lambda: GPT(cfg, rngs=nnx.Rngs(0), dtype=dtype, remat=args.remat)  # noqa: E731
+        return Trainer.create(make, build_optimizer(cfg.n_embd), mesh)
+
+    trainer = trainer_for(config)
+    compiled, compile_s = aot.compile_timed(trainer.step, *aot.train_step_args(trainer, rows_per_chip * n_chips,
+                                                                               args.seq_len))
+
+    def cost_at(layers):
+        small = trainer_for(dataclasses.replace(config, n_layer=layers))
+        exe, _ = aot.compile_timed(small.step, *aot.train_step_args(small, rows_per_chip * n_chips, args.seq_len))
+        return aot._cost(exe)
+
+    uses_splash = devices[0].platform == "tpu" and args.seq_len % 128 == 0
+    splash_flops = aot.attention_flops_per_token(config, args.remat) * args.total_batch_size / n_chips if uses_splash \
+        else 0.0
+    known_chip = aot.chip_specs(devices[0]) is not None  # no estimate to make for a CPU
+    roofline = aot.layer_scaled_cost(cost_at, config.n_layer, accum, splash_flops) if known_chip else None
+    out = aot.report(compiled, devices[0], compile_s, config.flops_per_token() * args.total_batch_size, n_chips,
+                     roofline, repeat=accum)
+    return {"device_batch_size": rows_per_chip, "grad_accum_steps": accum, "attention": "splash" if uses_splash
+            else "xla/cudnn", **out}
+
+
+def engine_programs(args, config, devices) -> dict:
+    """The engine's prefill (one prompt of seq_len tokens) and decode (16 tokens for --decode-batch rows) on one
+    chip, parameters replicated, as serving runs them."""
+    dtype, device, n = jnp.dtype(args.dtype), devices[0], args.decode_batch
+    one = jax.sharding.NamedSharding(make_mesh("data:1", devices=[device]), jax.sharding.PartitionSpec())
+    spec = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=one)  # noqa: E731
+    cache_len = -(-(config.sequence_len + 1) // 256) * 256
+    keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), n))
+
+    def compile_program(name, cfg, steps=16):
+        graphdef, state = nnx.split(nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0), dtype=dtype)))
+        params = jax.tree.map(lambda s: spec(s.shape, s.dtype), state)
+        if name == "prefill":
+            fn = jax.jit(partial(prefill, graphdef), static_argnames="cache_len")
+            return aot.compile_timed(fn, params, spec((1, cfg.sequence_len), jnp.int32), spec((), jnp.int32), keys,
+                                     spec((n,), jnp.float32), spec((n,), jnp.int32), spec((n,), jnp.float32),
+                                     cache_len=cache_len)
+        cache_shape = (cfg.n_layer, n, cache_len, cfg.n_kv_head, cfg.head_dim)
+        cache = {"k": spec(cache_shape, dtype), "v": spec(cache_shape, dtype)}
+        rows = jax.eval_shape(lambda: new_rows(jnp.zeros(n, jnp.int32), 1, 1, jax.random.split(jax.random.key(0), n),
+                                               1.0, 0, 1.0, jnp.zeros(2, jnp.int32)))
+        rows = jax.tree.map(lambda s: spec(s.shape, s.dtype), rows)
+        fn = jax.jit(partial(decode, graphdef), donate_argnums=(1,), static_argnames="steps")
+        return aot.compile_timed(fn, params, cache, rows, spec((3,), jnp.int32), steps=steps)
+
+    matmul_flops = 2 * (config.num_params() - config.padded_vocab_size * config.n_embd)
+    results = {}
+    for name, tokens, steps in (("prefill", config.sequence_len, 1), ("decode", n * 16, 16)):
+        if name not in args.programs:
+            continue
+        exe, secs = compile_program(name, config)
+        roofline = None
+        if aot.chip_specs(device) is not None:  # loops over layers (and decode steps): scale 0- and 1-layer costs
+            cost_at = lambda layers: aot._cost(compile_program(name, dataclasses.replace(config, n_layer=layers),  # noqa: E731
+                                                               steps=1)[0])
+            roofline = aot.layer_scaled_cost(cost_at, config.n_layer, steps)
+        results[name] = aot.report(exe, device, secs, matmul_flops * tokens, 1, roofline)
+        results[name]["tokens"] = tokens
+    return results
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    devices = aot.topology_devices(args.topology) if args.topology else jax.devices()
+    config = config_from_depth(args.depth, args.vocab_size, args.seq_len)
+    mesh = make_mesh(args.mesh, devices=devices)
+    result = {"topology": args.topology or f"local {jax.default_backend()}", "chips": len(devices),
+              "hosts": len({d.process_index for d in devices}), "device_kind": devices[0].device_kind,
+              "mesh": dict(mesh.shape), "depth": args.depth, "parameters": config.num_params(),
+              "seq_len": args.seq_len, "remat": args.remat, "dtype": args.dtype, "jax": jax.__version__}
+    if "train" in args.programs:
+        try:
+            result["train"] = train_program(args, config, devices, mesh, args.device_batch_size)
+        except aot.DoesNotFit as e:
+            result["train"] = {"device_batch_size": args.device_batch_size, "fits": False, "error": str(e),
+                               "needed_bytes": aot.refused_bytes(str(e))}
+        if args.find_max_batch and result["train"]["fits"] is False:
+            reports = {}
+
+            def fits_at(rows):
+                try:
+                    reports[rows] = train_program(args, config, devices, mesh, rows)
+                except aot.DoesNotFit:
+                    return False
+                return reports[rows]["fits"]
+
+            best = aot.largest_fitting(fits_at, args.device_batch_size // 2 or 1)
+            result["train"]["largest_fitting_device_batch"] = best
+            if best is not None:
+                result["train_at_largest_fitting_batch"] = reports[best]
+    result.update(engine_programs(args, config, devices))
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json_out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)
+        with open(args.json_out, "w") as f:
+            f.write(text + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)

@@ -1,0 +1,84 @@
+"""Ahead-of-time compilation: the report of scripts/aot_compile on this machine's devices, the memory check a
+training run makes at start (with a memory limit set through NANOCHAT_DEVICE_MEMORY), and, where libtpu is
+installed, a real TPU compile for a v5e-8 topology."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import REPO_ROOT, tiny_config
+from nanochat_jax import aot
+from nanochat_jax.gpt import GPT
+from nanochat_jax.optim import build_optimizer
+from nanochat_jax.sharding import make_mesh
+from nanochat_jax.trainer import Trainer
+from scripts import aot_compile
+
+TINY = ["--depth", "2", "--vocab-size", "512", "--seq-len", "128", "--device-batch-size", "2",
+        "--total-batch-size", "4096"]
+
+
+def test_report_on_local_devices(tmp_path):
+    out = aot_compile.main(TINY + ["--mesh", "fsdp:8", "--dtype", "float32", "--json-out", str(tmp_path / "r.json")])
+    assert json.loads((tmp_path / "r.json").read_text()) == out
+    train = out["train"]
+    assert train["grad_accum_steps"] == 2 and train["model_flops_per_step"] == 4096 * aot_compile.config_from_depth(
+        2, 512, 128).flops_per_token()
+    for name in ("train", "prefill", "decode"):
+        assert out[name]["peak_bytes"] >= out[name]["temp_bytes"] > 0 and out[name]["compile_s"] >= 0
+        assert out[name]["fits"] is None  # a CPU has no memory limit to check against
+    with pytest.raises(SystemExit):
+        aot_compile.parse_args(["--programs", "train,sample"])
+
+
+def test_refused_bytes_reads_the_compiler_message():
+    message = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+               "(40.07G) exceeds available HBM (15.75G).")
+    assert aot.refused_bytes(message) == int(40.07 * 2**30)
+    assert aot.largest_fitting(lambda b: b <= 3, 16) == 2
+
+
+def test_training_memory_check_refuses_and_names_the_batch_that_fits(monkeypatch):
+    cfg = tiny_config(sequence_len=64)
+    make = lambda: GPT(cfg, rngs=nnx.Rngs(0))  # noqa: E731
+    trainer = Trainer.create(make, build_optimizer(cfg.n_embd), make_mesh("data:8"))
+    peak = {rows: aot.memory(aot.compile_timed(trainer.step, *aot.train_step_args(trainer, rows * 8, 64))[0])
+            ["peak_bytes"] for rows in (2, 4)}
+    assert peak[2] < peak[4]
+    monkeypatch.setenv("NANOCHAT_DEVICE_MEMORY", str((peak[2] + peak[4]) / 2 / 2**30))
+    with pytest.raises(SystemExit, match="the largest that fits is --device-batch-size 2"):
+        aot.check_training_memory(trainer, 4, 64, 1)
+    monkeypatch.setenv("NANOCHAT_DEVICE_MEMORY", str(peak[4] * 2 / 2**30))
+    assert aot.check_training_memory(trainer, 4, 64, 1)["peak_bytes"] == peak[4]
+    # the run then steps through the executable compiled by the check: the jitted step never compiles
+    params, opt_state = trainer.init_state(make)
+    tokens = np.random.default_rng(0).integers(0, 100, (1, 32, 65)).astype(np.int32)
+    batch = jax.device_put({"inputs": tokens[..., :-1], "targets": tokens[..., 1:]}, trainer.batch_sharding())
+    _, _, out = trainer.run_step(params, opt_state, batch, 1.0, 0.9)
+    assert np.isfinite(float(out["loss"])) and trainer.step._cache_size() == 0
+    monkeypatch.setenv("NANOCHAT_DEVICE_MEMORY", "lots")
+    with pytest.raises(SystemExit, match="NANOCHAT_DEVICE_MEMORY"):
+        aot.device_memory_bytes(jax.devices()[0])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="the TPU compiler (pip install 'jax[tpu]')")
+def test_tiny_model_compiles_for_a_v5e_8(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_FLAGS", "JAX_PLATFORMS"))}
+    result = subprocess.run([sys.executable, "-m", "scripts.aot_compile", "--topology", "v5e:2x4", "--mesh", "fsdp:8",
+                             "--json-out", str(tmp_path / "tpu.json"), "--depth", "2", "--vocab-size", "512",
+                             "--seq-len", "256", "--device-batch-size", "2", "--total-batch-size", "8192"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=900,
+                            env=env | {"TPU_ACCELERATOR_TYPE": "v5litepod-8"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads((tmp_path / "tpu.json").read_text())
+    assert out["chips"] == 8 and out["device_kind"].startswith("TPU v5")
+    train = out["train"]
+    assert train["attention"] == "splash" and train["fits"] is True and 0 < train["estimated_mfu"] < 100
+    assert train["roofline_flops_per_chip"] >= train["model_flops_per_step"] / 8 * 0.9  # all the work is counted

@@ -1,0 +1,79 @@
+"""Several processes on this machine as the hosts of one run (2 CPU devices each): training on a global batch
+assembled from process-local rows equals one process, checkpoints move between process counts, and a process that
+dies ends the others with a clear message instead of a hang."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from nanochat_jax.common import PEER_LOST_EXIT_CODE
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(REPO, "tests", "multihost_worker.py")
+
+
+def launch(mode: str, directory, processes: int, devices_per_process: int, extra_env: dict | None = None):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_FLAGS", "JAX_", "NANOCHAT_MULTIHOST"))}
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=REPO, **(extra_env or {}),
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
+    if processes > 1:
+        with socket.socket() as s:
+            s.bind(("localhost", 0))
+            env |= {"JAX_COORDINATOR_ADDRESS": f"localhost:{s.getsockname()[1]}", "JAX_NUM_PROCESSES": str(processes)}
+    return [subprocess.Popen([sys.executable, WORKER, mode, str(directory)], env=env | {"JAX_PROCESS_ID": str(i)},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+            for i in range(processes)]
+
+
+def results(procs, timeout=300) -> list[dict]:
+    outs = []
+    for p in procs:
+        out, err = p.communicate(timeout=timeout)
+        assert p.returncode == 0, err[-3000:]
+        outs.append(json.loads(out.strip().splitlines()[-1]))
+    return outs
+
+
+def test_two_processes_equal_one_and_checkpoints_move_between_them(tmp_path):
+    two = results(launch("train", tmp_path / "two", processes=2, devices_per_process=2))
+    one = results(launch("train", tmp_path / "one", processes=1, devices_per_process=4))[0]
+    assert [r["rows"] for r in two] == [4, 4] and one["rows"] == 8  # each process fed only its own rows
+    for r in two:
+        assert r["losses"] == pytest.approx(one["losses"], rel=1e-5)
+        assert r["checksum"] == pytest.approx(one["checksum"], rel=1e-5)
+    # written by two processes, restored by one; written by one, restored by two
+    assert results(launch("restore", tmp_path / "two", 1, 4))[0]["checksum"] == pytest.approx(two[0]["checksum"],
+                                                                                               rel=1e-6)
+    for r in results(launch("restore", tmp_path / "one", 2, 2)):
+        assert r["checksum"] == pytest.approx(one["checksum"], rel=1e-6)
+
+
+@pytest.mark.parametrize("dies", [1, 0])  # a worker, and the coordinator
+def test_a_dead_process_ends_the_others_with_a_clear_error(tmp_path, dies):
+    start = time.monotonic()
+    procs = launch("die-after-step", tmp_path / "dead", processes=2, devices_per_process=2,
+                   extra_env={"NANOCHAT_PEER_TIMEOUT": "5", "DIE_PROCESS": str(dies)})
+    survivor = procs[1 - dies]
+    try:
+        _, err = survivor.communicate(timeout=240)
+    finally:
+        for p in procs:
+            p.kill()
+    if dies == 1:  # the watchdog notices the silent peer and says so
+        assert survivor.returncode == PEER_LOST_EXIT_CODE, err[-3000:]
+        assert "process 1 has not been heard from" in err and "--resume" in err, err[-3000:]
+    else:  # the coordinator's socket closes: JAX's client ends the process itself, at once, and says why
+        assert survivor.returncode != 0
+        assert "another task died" in err or "coordinator, process 0" in err, err[-3000:]
+    assert time.monotonic() - start < 240
+
+
+@pytest.mark.parametrize("module", ["evals.chat", "train.rl"])
+def test_single_host_entry_points_refuse_a_multi_host_launch(module):
+    result = subprocess.run([sys.executable, "-m", module], cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env=os.environ | {"NANOCHAT_MULTIHOST": "1"})
+    assert result.returncode != 0 and "runs on one host" in result.stderr, result.stderr[-2000:]
