@@ -30,13 +30,14 @@ def main():
     parser.add_argument("--steps", type=int, default=10, help="timed steps after two warm-up steps")
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default=None)
     parser.add_argument("--mesh", default=None)
+    parser.add_argument("--remat", choices=["none", "dots", "full"], default="none")
     args = parser.parse_args()
     if args.steps < 1:
         parser.error("--steps must be at least 1")
 
     config = config_from_depth(args.depth, args.vocab_size, args.max_seq_len)
     dtype, mesh = parse_dtype(args.dtype), make_mesh(args.mesh)
-    make_model = lambda: GPT(config, rngs=nnx.Rngs(0), dtype=dtype)  # noqa: E731
+    make_model = lambda: GPT(config, rngs=nnx.Rngs(0), dtype=dtype, remat=args.remat)  # noqa: E731
     trainer = Trainer.create(make_model, build_optimizer(config.n_embd), mesh)
     params, opt_state = trainer.init_state(make_model)
     rows = args.device_batch_size * jax.device_count()
@@ -63,7 +64,7 @@ def main():
     stats = jax.devices()[0].memory_stats() or {}
     memory = stats.get("peak_bytes_in_use")
     print(f"d{args.depth} ({config.num_params() / 1e6:.1f}M params) | {jax.device_count()} x "
-          f"{jax.devices()[0].device_kind} | {jnp.dtype(dtype).name} | batch {rows} x {args.max_seq_len}\n"
+          f"{jax.devices()[0].device_kind} | {jnp.dtype(dtype).name} | remat {args.remat} | batch {rows} x {args.max_seq_len}\n"
           f"compile {compile_s:.1f}s | step {dt * 1000:.1f}ms | {tokens / dt:,.0f} tokens/s | MFU {mfu} | peak memory "
           f"{'-' if memory is None else f'{memory / 2**30:.2f} GiB'}")
 

@@ -8,6 +8,7 @@ from flax import nnx
 from conftest import cached_step, logits_of, randomize, tiny_config
 from nanochat_jax.gpt import (GPT, GPTConfig, apply_rope, config_from_depth, cross_entropy, init_cache, rms_norm,
                               rope_tables)
+from nanochat_jax import gpt
 from nanochat_jax.interop import state_dict_to_params
 from nanochat_jax.sharding import batch_sharding, create_sharded, make_mesh, param_shardings
 from reference import bf16_round, gpt_forward, random_state_dict, rope_angles, rotate
@@ -257,3 +258,26 @@ def test_remat_changes_memory_not_numbers():
     assert temp_bytes["full"] < temp_bytes["none"], temp_bytes
     with pytest.raises(ValueError, match="unknown remat policy"):
         GPT(cfg, rngs=nnx.Rngs(0), remat="some")
+
+
+def test_chunked_loss_equals_the_whole_sequence_loss(monkeypatch):
+    """The training loss runs the head a chunk of positions at a time; with one chunk or four, loss and gradients
+    are those of the plain cross-entropy over all logits."""
+    cfg = tiny_config(sequence_len=64)
+    model = randomize(GPT(cfg, rngs=nnx.Rngs(0)), std=0.1)
+    rng = np.random.default_rng(0)
+    idx, targets = rng.integers(0, 100, (2, 64)), rng.integers(0, 100, (2, 64))
+    targets[0, :20] = -1
+    idx, targets = jnp.asarray(idx), jnp.asarray(targets)
+    graphdef, state = nnx.split(model)
+
+    def whole(s):
+        return cross_entropy(nnx.merge(graphdef, s)(idx), targets)
+
+    expected_loss, expected_grads = jax.jit(jax.value_and_grad(whole))(state)
+    for chunk in (64, 16, 24):  # one chunk; four; 24 does not divide 64, so 16
+        monkeypatch.setattr(gpt, "LOSS_CHUNK", chunk)
+        loss, grads = jax.jit(jax.value_and_grad(lambda s: nnx.merge(graphdef, s)(idx, targets)))(state)
+        np.testing.assert_allclose(float(loss), float(expected_loss), rtol=1e-6)
+        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(expected_grads)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
