@@ -3,7 +3,7 @@ from abstract shapes, with no device at all; print what the compiler says: memor
 estimated step time and MFU.
 
     # in a venv with jax[tpu] (libtpu), on any machine:
-    python -m scripts.aot_compile --topology v5e:2x4 --depth 20 --mesh fsdp:8 --device-batch-size 8 --remat full
+    python -m scripts.aot_compile --topology v5e:2x4 --depth 20 --mesh fsdp:8 --device-batch-size 16 --remat full
     python -m scripts.aot_compile --topology v5e:4x4 --depth 32 --mesh fsdp:16 --find-max-batch --json-out d32.json
     python -m scripts.aot_compile --depth 4 --seq-len 256 --device-batch-size 4     # this machine's own devices
 
