@@ -10,7 +10,10 @@ bytes accessed / HBM bandwidth) per chip. XLA counts the body of a loop once, wh
 training step loops over layers (the scan) and micro-steps, so the roofline takes its FLOPs and bytes from two small
 compiles, with 0 and 1 layers and one micro-step: cost(L layers) = cost(0) + L x (cost(1) - cost(0)), times the
 micro-steps (the optimizer update, counted with each micro-step, makes it a slight overestimate). Pallas kernels
-(splash attention) are invisible to the cost model: their FLOPs are added from the model's attention formula.
+(splash attention) are invisible to the cost model: their FLOPs are added from the model's attention formula. A
+one-layer probe lets the compiler merge a recomputed forward into the original (a loop of one trip is inlined), so
+the FLOPs used are at least what the step must compute (training_flops_per_token); its bytes may still miss some
+recomputation traffic, which makes the estimate a lower bound on step time (an upper bound on MFU).
 """
 import os
 import re
@@ -160,6 +163,15 @@ def attention_flops_per_token(config, remat: str) -> float:
     more forward when the block is recomputed (remat 'full')."""
     per = 4 * config.n_layer * config.n_head * config.head_dim * config.sequence_len
     return per * (3 + (remat == "full"))
+
+
+def training_flops_per_token(config, remat: str) -> float:
+    """What a training step must compute per token: 6N + attention (the model's count), plus what is computed again
+    in the backward pass: the blocks' forward under remat 'full', and the head's forward (the chunked loss)."""
+    head = 2 * config.padded_vocab_size * config.n_embd
+    blocks = 2 * (config.num_params() - 2 * config.padded_vocab_size * config.n_embd)
+    attention_forward = 4 * config.n_layer * config.n_head * config.head_dim * config.sequence_len
+    return config.flops_per_token() + head + (blocks + attention_forward if remat == "full" else 0)
 
 
 def largest_fitting(fits_at, start: int) -> int | None:

@@ -84,8 +84,13 @@ def train_program(args, config, devices, mesh, rows_per_chip: int) -> dict:
     uses_splash = devices[0].platform == "tpu" and args.seq_len % 128 == 0
     splash_flops = aot.attention_flops_per_token(config, args.remat) * args.total_batch_size / n_chips if uses_splash \
         else 0.0
-    known_chip = aot.chip_specs(devices[0]) is not None  # no estimate to make for a CPU
-    roofline = aot.layer_scaled_cost(cost_at, config.n_layer, accum, splash_flops) if known_chip else None
+    roofline = None
+    if aot.chip_specs(devices[0]) is not None:  # no estimate to make for a CPU
+        roofline = aot.layer_scaled_cost(cost_at, config.n_layer, accum, splash_flops)
+        # the probes count a loop (the loss's chunks) once and may merge a recomputed forward away: at least what
+        # the step must compute
+        needed = aot.training_flops_per_token(config, args.remat) * args.total_batch_size / n_chips
+        roofline["flops"] = max(roofline["flops"], needed)
     out = aot.report(compiled, devices[0], compile_s, config.flops_per_token() * args.total_batch_size, n_chips,
                      roofline, repeat=accum)
     return {"device_batch_size": rows_per_chip, "grad_accum_steps": accum, "attention": "splash" if uses_splash
