@@ -45,7 +45,7 @@ def parse_args(argv=None):
     p.add_argument("--programs", default="train,prefill,decode", help=f"comma-separated, of {PROGRAMS}")
     p.add_argument("--decode-batch", type=int, default=8, help="rows of the engine's decode step")
     p.add_argument("--find-max-batch", action="store_true",
-                   help="when the step does not fit, halve the device batch until it does")
+                   help="also find the largest device batch that fits (halving, or doubling while it fits)")
     p.add_argument("--json-out", default=None)
     args = p.parse_args(argv)
     args.programs = [name.strip() for name in args.programs.split(",") if name.strip()]
@@ -153,8 +153,8 @@ def main(argv=None):
         except aot.DoesNotFit as e:
             result["train"] = {"device_batch_size": args.device_batch_size, "fits": False, "error": str(e),
                                "needed_bytes": aot.refused_bytes(str(e))}
-        if args.find_max_batch and result["train"]["fits"] is False:
-            reports = {}
+        if args.find_max_batch and result["train"]["fits"] is not None:
+            reports = {args.device_batch_size: result["train"]}
 
             def fits_at(rows):
                 try:
@@ -163,9 +163,14 @@ def main(argv=None):
                     return False
                 return reports[rows]["fits"]
 
-            best = aot.largest_fitting(fits_at, args.device_batch_size // 2 or 1)
+            if result["train"]["fits"]:  # double while a step still takes at least one micro-batch
+                best = args.device_batch_size
+                while args.total_batch_size % (2 * best * len(devices) * args.seq_len) == 0 and fits_at(2 * best):
+                    best *= 2
+            else:
+                best = aot.largest_fitting(fits_at, args.device_batch_size // 2 or 1)
             result["train"]["largest_fitting_device_batch"] = best
-            if best is not None:
+            if best is not None and best != args.device_batch_size:
                 result["train_at_largest_fitting_batch"] = reports[best]
     result.update(engine_programs(args, config, devices))
     text = json.dumps(result, indent=2)
