@@ -75,7 +75,8 @@ def test_tiny_model_compiles_for_a_v5e_8(tmp_path):
                              "--json-out", str(tmp_path / "tpu.json"), "--depth", "2", "--vocab-size", "512",
                              "--seq-len", "256", "--device-batch-size", "2", "--total-batch-size", "8192"],
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=900,
-                            env=env | {"TPU_ACCELERATOR_TYPE": "v5litepod-8"})
+                            # compile only: another libtpu process (its lock file) is no reason to fail
+                            env=env | {"TPU_ACCELERATOR_TYPE": "v5litepod-8", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads((tmp_path / "tpu.json").read_text())
     assert out["chips"] == 8 and out["device_kind"].startswith("TPU v5")
