@@ -95,7 +95,8 @@ def compile_timed(jitted, *args, **kwargs):
         raise
 
 
-def _cost(compiled) -> dict:
+def cost_analysis(compiled) -> dict:
+    """The compiled program's cost analysis as one dict (FLOPs, bytes accessed, optimal_seconds ...)."""
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return cost or {}
@@ -128,7 +129,7 @@ def report(compiled, device, compile_s: float, model_flops: float, n_chips: int,
     out["hbm_bytes"] = hbm
     out["fits"] = None if hbm is None else out["peak_bytes"] <= hbm
     out["model_flops_per_step"] = model_flops
-    cost, spec = _cost(compiled), chip_specs(device)
+    cost, spec = cost_analysis(compiled), chip_specs(device)
     optimal = float(cost.get("optimal_seconds", -1.0) or -1.0)
     if optimal > 0 and roofline_cost is None:
         out["estimated_step_s"], out["estimate_from"] = optimal * repeat, "compiler (optimal_seconds)"

@@ -133,8 +133,9 @@ class Trainer:
         run_step uses it for batches of that shape, so reading its memory at start costs no second compilation.
         Raises aot.DoesNotFit when the compiler says it cannot fit on a device."""
         from nanochat_jax.aot import compile_timed, train_step_args
-        compiled, seconds = compile_timed(self.step, *train_step_args(self, rows, seq_len, accum))
-        self.compiled_steps[_batch_key(train_step_args(self, rows, seq_len, accum)[2])] = compiled
+        args = train_step_args(self, rows, seq_len, accum)
+        compiled, seconds = compile_timed(self.step, *args)
+        self.compiled_steps[_batch_key(args[2])] = compiled
         return compiled, seconds
 
     def run_step(self, params, opt_state, batch, lr_multiplier, muon_momentum):

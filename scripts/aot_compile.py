@@ -79,7 +79,7 @@ def train_program(args, config, devices, mesh, rows_per_chip: int) -> dict:
     def cost_at(layers):
         small = trainer_for(dataclasses.replace(config, n_layer=layers))
         exe, _ = aot.compile_timed(small.step, *aot.train_step_args(small, rows_per_chip * n_chips, args.seq_len))
-        return aot._cost(exe)
+        return aot.cost_analysis(exe)
 
     uses_splash = devices[0].platform == "tpu" and args.seq_len % 128 == 0
     splash_flops = aot.attention_flops_per_token(config, args.remat) * args.total_batch_size / n_chips if uses_splash \
@@ -130,7 +130,7 @@ def engine_programs(args, config, devices) -> dict:
         exe, secs = compile_program(name, config)
         roofline = None
         if aot.chip_specs(device) is not None:  # loops over layers (and decode steps): scale 0- and 1-layer costs
-            cost_at = lambda layers: aot._cost(compile_program(name, dataclasses.replace(config, n_layer=layers),  # noqa: E731
+            cost_at = lambda layers: aot.cost_analysis(compile_program(name, dataclasses.replace(config, n_layer=layers),  # noqa: E731
                                                                steps=1)[0])
             roofline = aot.layer_scaled_cost(cost_at, config.n_layer, steps)
         results[name] = aot.report(exe, device, secs, matmul_flops * tokens, 1, roofline)
