@@ -1,153 +1,535 @@
-"""Run model-written Python (HumanEval programs, tool calls) in a separate, limited process.
+"""Run model-written Python (HumanEval programs, tool calls) where the kernel, not the program, keeps it in.
 
     result = execute_code("print(sum(range(10)))", timeout=5.0)
-    result.status   # "ok" | "error" | "timeout" | "killed";  result.stdout, result.stderr, result.error
+    result.status   # "ok" | "error" | "timeout" | "memory" | "output-cap" | "refused"
+    result.stdout, result.stderr, result.error, result.mode ("kernel" | "unsafe" | None when it did not run)
 
-What is covered (Linux, no root needed):
-- a fresh `python -I` process (no user site, no PYTHON* variables) with a scrubbed environment, stdin closed, in a
-  temporary working directory that is removed afterwards; its own process group, killed whole on timeout;
-- wall-clock timeout, CPU-time limit, address-space limit (memory), file-size limit (which also caps stdout/stderr),
-  no core dumps;
-- no network: the process enters new user + network namespaces (no interfaces), where the kernel allows
-  unprivileged namespaces (it says so on stderr where it does not); in any case the audit hook refuses non-Unix
-  sockets, connect/bind/send and DNS;
-- an audit hook (installed before the program runs; its state lives in a closure, and the gc
-  object walk that could reach it is refused) refuses writes, renames, deletes, mode changes and directory
-  descriptors outside the temporary directory; process creation (fork, exec, spawn, system, subprocess); signals
-  to other processes (kill, and pidfd functions are removed); and native code (ctypes, _posixsubprocess).
+`python -m nanochat_jax.execution --check` prints which layers are active on this machine and what a call costs.
 
-What is not covered: reading files the user can read (e.g. the installed code); native extensions already importable
-that bypass Python's audit events; CPU/memory side channels; a kernel exploit. Without unprivileged user namespaces
-the network is blocked only by the audit hook. This keeps honest mistakes and ordinary misbehaviour of generated
-code contained; it is not a boundary against a determined attacker (use a VM or container for that).
+Kernel mode (the default; needs bubblewrap and unprivileged user namespaces):
+- bubblewrap starts the program in new user, mount, PID, network, IPC, UTS (and cgroup) namespaces: it is uid
+  1000 with no capabilities, sees only itself (its own /proc), has only a loopback network, and dies with the caller;
+- its filesystem is a read-only view of the system libraries and this Python (sys.base_prefix, sys.prefix), a
+  synthetic /etc (passwd, group, hosts: nothing of the host's), a minimal read-only /dev, and one writable tmpfs at
+  /tmp capped at `max_disk_bytes` in total (its working directory and HOME);
+- then, in the sandboxed interpreter before the program's first line (nanochat_jax/sandbox_guard.py): rlimits (CPU
+  time, address space, file size, threads, open files, no core dumps), Landlock where the kernel has it, and a
+  seccomp filter refusing new processes and exec, ptrace, other processes' limits, priority, affinity and signals,
+  mounts, namespaces, keyrings, bpf, io_uring, xattrs, chown, device nodes, memfd (the full list is in the guard);
+  the audit hook stays as a second layer that names what it refuses;
+- output comes back through pipes the caller owns, capped (`max_output_bytes` for each of stdout and stderr);
+  the wall-clock timeout runs from the program's first line; everything in its PID namespace is gone when the call
+  returns (checked: `leftover` counts processes that had to be killed after the call, normally 0).
+Not covered: reading what is visible (the system libraries, this Python's installed packages); CPU and memory side
+channels; kernel exploits reachable through the allowed system calls; the number of files it creates within its
+time limit (each costs kernel memory; the size cap bounds their bytes).
+
+Where the kernel refuses user namespaces (or bubblewrap is missing), model code is refused (status "refused", and a
+loud message once, naming the fix) unless the user opts in to unsafe mode: `--unsafe-sandbox` on the commands that
+run model code, `NANOCHAT_UNSAFE_SANDBOX=1`, or `allow_unsafe()`. Unsafe mode runs the same guard without
+bubblewrap: rlimits, new user + network namespaces if the kernel allows them after all, every capability dropped,
+Landlock (read-only system paths and a writable temporary directory; nothing else readable), the seccomp filter (no
+socket() at all) and the audit hook. It does not cover: the host's processes and /proc are visible (signals and
+limits to them are refused by seccomp); without Landlock (kernels before 5.13) the program reads whatever the user
+can and only the audit hook stops writes outside its directory; the directory's size is not capped.
 """
+import json
 import os
+import selectors
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
 
-# The child's own first lines: limits and namespaces (no preexec_fn: the parent may run threads), then the hook,
-# then the program. argv: timeout, memory bytes, output bytes, isolate network (0/1).
-_GUARD = r'''
-import os, sys, resource
-_timeout, _memory, _output, _isolate = float(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
-for _limit, _value in ((resource.RLIMIT_CPU, int(_timeout) + 1), (resource.RLIMIT_AS, _memory),
-                       (resource.RLIMIT_FSIZE, _output), (resource.RLIMIT_CORE, 0)):
-    resource.setrlimit(_limit, (_value, _value))
-if _isolate:
-    import ctypes
-    if ctypes.CDLL(None, use_errno=True).unshare(0x10000000 | 0x40000000) != 0:  # new user + network namespaces
-        print(f"sandbox: no network namespace ({os.strerror(ctypes.get_errno())}): the audit hook alone blocks "
-              "the network", file=sys.stderr)
-    del ctypes
-    for _name in [m for m in sys.modules if m.split(".")[0] in ("ctypes", "_ctypes")]:
-        del sys.modules[_name]  # a later `import ctypes` goes through the import hook again
-import posix, signal, _signal
-for _module, _names in ((os, ("pidfd_open",)), (posix, ("pidfd_open",)), (signal, ("pidfd_send_signal",)),
-                        (_signal, ("pidfd_send_signal",))):
-    for _name in _names:
-        if hasattr(_module, _name):
-            delattr(_module, _name)  # signals by pidfd are not audited: take the functions away
-
-def _install():
-    # Everything the hook uses lives in this closure, out of reach of the program's globals.
-    root = os.path.realpath(os.getcwd())
-    deny = frozenset({"os.system", "os.exec", "os.fork", "os.forkpty", "os.posix_spawn", "os.spawn",
-                      "subprocess.Popen", "os.kill", "os.killpg", "ctypes.dlopen", "ctypes.dlsym", "ctypes.cdata",
-                      "socket.connect", "socket.bind", "socket.getaddrinfo", "socket.gethostbyname", "socket.sendto",
-                      "socket.sendmsg", "sys.addaudithook", "gc.get_objects", "gc.get_referrers",
-                      "gc.get_referents", "os.setuid", "os.mkfifo", "os.mknod"})
-    path_events = frozenset({"os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.chmod", "os.chown", "os.symlink",
-                             "os.link", "os.truncate", "os.utime", "shutil.rmtree", "shutil.move", "shutil.copyfile",
-                             "os.chdir"})
-    no_import = frozenset({"ctypes", "_ctypes", "_posixsubprocess"})
-    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
-    realpath, isdir, fsdecode, sep = os.path.realpath, os.path.isdir, os.fsdecode, os.sep
-
-    def inside(path):
-        if isinstance(path, int):
-            return True  # an already-open descriptor
-        try:
-            real = realpath(fsdecode(path))
-        except (TypeError, ValueError):
-            return False
-        return real == root or real.startswith(root + sep)
-
-    def hook(event, args):
-        if event in deny:
-            raise PermissionError(f"sandbox: {event} is not allowed")
-        if event == "socket.__new__" and args[1] != 1:  # only AF_UNIX
-            raise PermissionError("sandbox: network sockets are not allowed")
-        if event == "import" and args[0].split(".")[0] in no_import:
-            raise ImportError(f"sandbox: importing {args[0]} is not allowed")
-        if event == "open" and args[0] is not None and not inside(args[0]):
-            mode, flags = args[1] or "", args[2] or 0
-            if any(c in mode for c in "wax+") or flags & write_flags:
-                raise PermissionError(f"sandbox: writing {args[0]!r} outside the working directory is not allowed")
-            if isdir(args[0]):  # a directory descriptor outside would let dir_fd= calls write there
-                raise PermissionError(f"sandbox: opening the directory {args[0]!r} is not allowed")
-        if event in path_events and not all(inside(a) for a in args[:2] if isinstance(a, (str, bytes, os.PathLike))):
-            raise PermissionError(f"sandbox: {event} outside the working directory is not allowed")
-
-    sys.addaudithook(hook)
-
-_install()
-del _install
-_source = open("program.py").read()
-exec(compile(_source, "program.py", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
-'''
+STATUSES = ("ok", "error", "timeout", "memory", "output-cap", "refused")
+UNSAFE_ENV = "NANOCHAT_UNSAFE_SANDBOX"
+SETUP_SECONDS = 60.0  # to reach the program's first line (a loaded machine can be slow to start Python)
+SANDBOX_UID = 1000
+_ETC = {"/etc/passwd": "root:x:0:0:root:/root:/bin/sh\nsandbox:x:1000:1000:sandbox:/tmp:/bin/sh\n"
+                       "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n",
+        "/etc/group": "root:x:0:\nsandbox:x:1000:\nnogroup:x:65534:\n",
+        "/etc/hosts": "127.0.0.1 localhost sandbox\n::1 localhost\n",
+        "/etc/hostname": "sandbox\n"}
+_unsafe_allowed = False
 
 
 @dataclass
 class ExecutionResult:
-    status: str  # "ok" | "error" (non-zero exit, e.g. an exception) | "timeout" | "killed" (by a signal or limit)
+    status: str  # one of STATUSES
     stdout: str
     stderr: str
-    error: str | None  # the last line of the traceback, or what stopped the process
+    error: str | None  # the last line of the traceback, or what stopped the program
     returncode: int | None
     duration: float
+    mode: str | None = None  # "kernel" | "unsafe" | None (the program did not run)
+    leftover: int = 0  # processes still alive after the program ended (killed); 0 unless something went wrong
 
     @property
     def success(self) -> bool:
         return self.status == "ok"
 
 
-def execute_code(code: str, timeout: float = 5.0, max_memory_bytes: int = 512 * 2**20,
-                 max_output_bytes: int = 2**20, isolate_network: bool = True) -> ExecutionResult:
-    workdir = tempfile.mkdtemp(prefix="nanochat_sandbox_")
-    start = time.time()
-    try:
-        with open(os.path.join(workdir, "program.py"), "w", encoding="utf-8") as f:
-            f.write(code)
-        out_path, err_path = os.path.join(workdir, ".stdout"), os.path.join(workdir, ".stderr")
-        env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8",
-               "PYTHONIOENCODING": "utf-8"}
-        with open(out_path, "wb") as out, open(err_path, "wb") as err:
-            argv = [sys.executable, "-I", "-c", _GUARD, str(timeout), str(max_memory_bytes), str(max_output_bytes),
-                    "1" if isolate_network else "0"]
-            proc = subprocess.Popen(argv, cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                    start_new_session=True)
-            timed_out = False
+def allow_unsafe(allowed: bool = True):
+    """Opt in to unsafe mode where the kernel sandbox is unavailable (what it covers is in the module docstring)."""
+    global _unsafe_allowed
+    _unsafe_allowed = allowed
+
+
+def unsafe_allowed() -> bool:
+    return _unsafe_allowed or os.environ.get(UNSAFE_ENV, "") not in ("", "0")
+
+
+def bwrap_path() -> str | None:
+    return os.environ.get("NANOCHAT_BWRAP") or shutil.which("bwrap")
+
+
+# ---- what the program sees
+def _python_dirs() -> list[str]:
+    dirs = []
+    for path in (sys.base_prefix, sys.prefix, os.path.dirname(os.path.dirname(os.path.realpath(sys.executable)))):
+        for p in {os.path.abspath(path), os.path.realpath(path)}:
+            if not any(p == d or p.startswith(d + os.sep) for d in dirs + ["/usr"]):
+                dirs.append(p)
+    return dirs
+
+
+@lru_cache(maxsize=1)
+def visible_paths() -> tuple[list[str], list[tuple[str, str]]]:
+    """(read-only directories and files, (symlink target, link) pairs) the program sees of the host."""
+    read, links = ["/usr"], []
+    for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
+        if os.path.islink(top):
+            links.append((os.readlink(top), top))
+        elif os.path.isdir(top):
+            read.append(top)
+    read += _python_dirs()
+    read += [p for p in ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/localtime") if os.path.exists(p)]
+    return read, links
+
+
+def _memfd(name: str, data: bytes) -> int:
+    fd = os.memfd_create(name, 0)  # not close-on-exec: bubblewrap reads it
+    os.write(fd, data)
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
+def _guard_config(workdir, program, timeout, memory, disk, unsafe, audit_hook, report, ready_fd):
+    read, _ = visible_paths()
+    # kernel mode: everything the mount namespace shows is readable; unsafe mode: the system paths only
+    read = read + list(_ETC) + ["/dev/urandom", "/dev/random"] if unsafe else ["/"]
+    return {"timeout": timeout, "memory": memory, "disk": disk, "threads": 64, "files": 256, "workdir": workdir,
+            "program": program, "read": read, "landlock": "optional", "unsafe": unsafe, "audit_hook": audit_hook,
+            "report": report, "ready_fd": ready_fd}
+
+
+def _guard_argv(cfg) -> list[str]:
+    source = (Path(__file__).with_name("sandbox_guard.py")).read_text()
+    return [sys.executable, "-I", "-u", "-c", source, json.dumps(cfg)]
+
+
+def _kernel_argv(bwrap, fds, info_fd, program_fd, disk, guard_argv) -> list[str]:
+    read, links = visible_paths()
+    argv = [bwrap, "--unshare-all", "--unshare-user", "--die-with-parent", "--new-session", "--clearenv",
+            "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID), "--hostname", "sandbox"]
+    for key, value in (("PATH", "/usr/bin:/bin"), ("HOME", "/tmp"), ("TMPDIR", "/tmp"), ("LANG", "C.UTF-8")):
+        argv += ["--setenv", key, value]
+    for path in read:
+        argv += ["--ro-bind", path, path]
+    for target, link in links:
+        argv += ["--symlink", target, link]
+    for path, fd in fds.items():
+        argv += ["--perms", "0444", "--ro-bind-data", str(fd), path]
+    argv += ["--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev", "--size", str(disk), "--tmpfs", "/tmp",
+             "--perms", "0444", "--ro-bind-data", str(program_fd), "/sandbox/program.py", "--chdir", "/tmp", "--info-fd", str(info_fd),
+             "--remount-ro", "/", "--"]
+    return argv + guard_argv
+
+
+# ---- one call
+def _read_until_done(proc, pipes, cap, timeout, ready_r):
+    """Collects stdout/stderr (at most cap bytes each) and the ready byte; stops the program at the timeout (counted
+    from its first line) or at the cap. Returns (outputs, ready, timed_out, capped)."""
+    sel = selectors.DefaultSelector()
+    out = {name: bytearray() for name in pipes}
+    for name, f in pipes.items():
+        os.set_blocking(f.fileno(), False)
+        sel.register(f.fileno(), selectors.EVENT_READ, name)
+    sel.register(ready_r, selectors.EVENT_READ, "ready")
+    ready, timed_out, capped, open_ = False, False, False, set(pipes) | {"ready"}
+    deadline = time.monotonic() + SETUP_SECONDS
+    exited_at = None
+    while open_:
+        now = time.monotonic()
+        if now >= deadline:
+            timed_out = ready  # (not ready by the deadline: the set-up hung, reported as refused)
+            break
+        if exited_at is None and proc.poll() is not None:
+            exited_at = now
+        if exited_at is not None and now - exited_at > 2.0:
+            break  # the process is gone; nothing alive should still hold the pipes
+        for key, _ in sel.select(timeout=min(deadline - now, 0.25)):
+            name = key.data
             try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-                os.killpg(proc.pid, 9)
-                proc.wait()
-        stdout, stderr = (open(p, encoding="utf-8", errors="replace").read() for p in (out_path, err_path))
-        rc = proc.returncode
-        if timed_out:
-            status, error = "timeout", f"timed out after {timeout:g}s"
-        elif rc < 0:
-            status, error = "killed", f"killed by signal {-rc} (a CPU, memory or output limit, or a crash)"
-        elif rc != 0:
-            lines = stderr.strip().splitlines()
-            status, error = "error", lines[-1] if lines else f"exit code {rc}"
+                chunk = os.read(key.fd, 65536)
+            except BlockingIOError:
+                continue
+            if not chunk:
+                sel.unregister(key.fd)
+                open_.discard(name)
+            elif name == "ready":
+                ready, deadline = True, time.monotonic() + timeout
+            else:
+                out[name] += chunk
+                if len(out[name]) > cap:
+                    capped = True
+        if capped:
+            break
+    sel.close()
+    return {name: bytes(buf[:cap]) for name, buf in out.items()}, ready, timed_out, capped
+
+
+def _has_address_space(pid: str) -> bool:
+    """False once a process is past the point of no return in its exit (the kernel has released its memory; the
+    rest of a namespace's teardown can take the kernel a second or two and runs no user code)."""
+    return "VmSize:" in Path(f"/proc/{pid}/status").read_text()
+
+
+def _processes(match) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if match(entry) and _has_address_space(entry):
+                    found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+def _kill_leftovers(match) -> int:
+    """Waits (up to 0.5 s) for the program's processes to go; kills whatever can still run after that and returns
+    how many there were."""
+    deadline = time.monotonic() + 0.5
+    while (alive := _processes(match)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    count, deadline = len(alive), time.monotonic() + 2.0
+    while alive and time.monotonic() < deadline:
+        for pid in alive:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        time.sleep(0.01)
+        alive = _processes(match)
+    return count
+
+
+def _classify(rc, stdout, stderr, ready, timed_out, capped, timeout, kernel):
+    lines = stderr.strip().splitlines()
+    last = lines[-1] if lines else ""
+    if not ready:
+        reason = next((line for line in reversed(lines) if line.startswith(("sandbox:", "bwrap:"))), last)
+        return "refused", f"the sandbox could not start the program: {reason or f'exit code {rc}'}"
+    if capped:
+        return "output-cap", "the output passed its cap; the program was stopped"
+    if timed_out:
+        return "timeout", f"timed out after {timeout:g}s"
+    if rc == 0:
+        return "ok", None
+    if "MemoryError" in last or "Cannot allocate memory" in last:
+        return "memory", last
+    sig = -rc if rc < 0 else (rc - 128 if kernel and rc > 128 and "Traceback" not in stderr else None)
+    if sig == signal.SIGXCPU:
+        return "timeout", f"CPU time limit ({int(timeout) + 1}s)"
+    if sig in (signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS) and "memory" in stderr.lower():
+        return "memory", last
+    if sig:
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = str(sig)
+        return "error", last if last.startswith("sandbox:") else f"killed by {name}"
+    return "error", last or f"exit code {rc}"
+
+
+def _run(code, timeout, memory, output, disk, kernel, audit_hook, report=False) -> ExecutionResult:
+    start = time.time()
+    ready_r, ready_w = os.pipe()
+    os.set_inheritable(ready_w, True)
+    fds, workdir, info_r = [], None, None
+    try:
+        if kernel:
+            info_r, info_w = os.pipe()
+            os.set_inheritable(info_w, True)
+            etc = {path: _memfd(path, text.encode()) for path, text in _ETC.items()}
+            program_fd = _memfd("program.py", code.encode("utf-8", errors="replace"))
+            fds = [info_w, program_fd, *etc.values()]
+            cfg = _guard_config("/tmp", "/sandbox/program.py", timeout, memory, disk, False, audit_hook, report,
+                                ready_w)
+            argv, cwd = _kernel_argv(bwrap_path(), etc, info_w, program_fd, disk, _guard_argv(cfg)), "/"
         else:
-            status, error = "ok", None
-        return ExecutionResult(status, stdout, stderr, error, None if timed_out else rc, time.time() - start)
+            workdir = tempfile.mkdtemp(prefix="nanochat_sandbox_")
+            program = os.path.join(workdir, "program.py")
+            Path(program).write_text(code, encoding="utf-8", errors="replace")
+            cfg = _guard_config(workdir, program, timeout, memory, disk, True, audit_hook, report, ready_w)
+            argv, cwd = _guard_argv(cfg), workdir
+        env = {"PATH": "/usr/bin:/bin", "HOME": cwd, "TMPDIR": cwd, "LANG": "C.UTF-8"}
+        proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, pass_fds=[ready_w, *fds], start_new_session=True)
+        for fd in [ready_w, *fds]:
+            os.close(fd)
+        ready_w, fds = None, []
+        try:
+            outputs, ready, timed_out, capped = _read_until_done(
+                proc, {"stdout": proc.stdout, "stderr": proc.stderr}, output, timeout, ready_r)
+        finally:
+            info = _read_info(info_r) if kernel else {}
+            if proc.poll() is None:  # stopped early: the namespace's init first (the kernel kills all it holds)
+                if "child-pid" in info:
+                    os.kill(info["child-pid"], signal.SIGKILL)
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            proc.stdout.close()
+            proc.stderr.close()
+        if kernel:
+            namespace = f"pid:[{info['pid-namespace']}]" if "pid-namespace" in info else None
+            leftover = _kill_leftovers(lambda p: os.readlink(f"/proc/{p}/ns/pid") == namespace) if namespace else 0
+        else:
+            session = proc.pid
+            leftover = _kill_leftovers(lambda p: int(Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[3])
+                                       == session)
+        stdout, stderr = (outputs[k].decode("utf-8", errors="replace") for k in ("stdout", "stderr"))
+        status, error = _classify(proc.returncode, stdout, stderr, ready, timed_out, capped, timeout, kernel)
+        return ExecutionResult(status, stdout, stderr, error, None if timed_out or capped else proc.returncode,
+                               time.time() - start, ("kernel" if kernel else "unsafe") if ready else None, leftover)
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        for fd in [ready_r, ready_w, info_r, *fds]:
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        if workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _read_info(fd) -> dict:
+    os.set_blocking(fd, False)
+    data = b""
+    try:
+        while chunk := os.read(fd, 65536):
+            data += chunk
+    except BlockingIOError:
+        pass
+    try:
+        return json.loads(data or b"{}")
+    except ValueError:
+        return {}
+
+
+# ---- which mode this machine gets
+def _diagnosis(stderr: str) -> str:
+    """Why the kernel sandbox does not start here, and the fix."""
+    def read(path):
+        try:
+            return Path(path).read_text().strip()
+        except OSError:
+            return None
+
+    if bwrap_path() is None or not os.path.exists(bwrap_path()):
+        return ("bubblewrap is not installed. Fix: `sudo apt-get install bubblewrap` (Debian/Ubuntu), "
+                "`sudo dnf install bubblewrap` (Fedora), `sudo pacman -S bubblewrap` (Arch).")
+    if "seccomp" in stderr:
+        return (f"the seccomp filter could not be built or loaded ({stderr.strip().splitlines()[-1]}). Fix: "
+                "`pip install pyseccomp` and the libseccomp2 package (`sudo apt-get install libseccomp2`).")
+    bwrap_lines = [line for line in stderr.splitlines() if line.startswith("bwrap:")]
+    if not bwrap_lines:
+        last = stderr.strip().splitlines()[-1] if stderr.strip() else "no message"
+        return f"the sandbox's set-up failed inside the sandbox ({last})."
+    fixes = []
+    if read("/proc/sys/kernel/unprivileged_userns_clone") == "0":
+        fixes.append("`sudo sysctl -w kernel.unprivileged_userns_clone=1`")
+    if read("/proc/sys/user/max_user_namespaces") == "0":
+        fixes.append("`sudo sysctl -w user.max_user_namespaces=15000`")
+    if read("/proc/sys/kernel/apparmor_restrict_unprivileged_userns") == "1":
+        fixes.append("`sudo sysctl -w kernel.apparmor_restrict_unprivileged_userns=0`, or an AppArmor profile that "
+                     "lets /usr/bin/bwrap create user namespaces (Ubuntu 24.04: install apparmor-profiles and load "
+                     "/usr/share/apparmor/extra-profiles/bwrap-userns-restrict)")
+    if not fixes:
+        fixes.append("inside a container, allow user namespaces (Docker: `--security-opt seccomp=unconfined "
+                     "--security-opt apparmor=unconfined`, or run on the host)")
+    last = bwrap_lines[-1]
+    return f"the kernel refused the sandbox's namespaces ({last}). Fix: " + "; or ".join(fixes) + "."
+
+
+@lru_cache(maxsize=1)
+def kernel_sandbox() -> tuple[bool, str]:
+    """(available, why not): whether kernel mode works here, found by running a trivial program in it."""
+    if bwrap_path() is None or not os.path.exists(bwrap_path()):
+        return False, _diagnosis("")
+    result = _run("pass", 10.0, 512 * 2**20, 2**16, 2**20, kernel=True, audit_hook=True)
+    if result.status == "ok":
+        return True, ""
+    return False, _diagnosis(result.stderr)
+
+
+def sandbox_mode() -> str:
+    """"kernel" | "unsafe" (the kernel sandbox is unavailable and the user opted in) | "unavailable"."""
+    if kernel_sandbox()[0]:
+        return "kernel"
+    return "unsafe" if unsafe_allowed() else "unavailable"
+
+
+def describe() -> str:
+    """One line for start-up messages: the mode and what it covers."""
+    mode = sandbox_mode()
+    if mode == "kernel":
+        return (f"sandbox: kernel mode (bubblewrap: user, mount, pid, net, ipc, uts namespaces; read-only system; "
+                f"capped tmpfs; seccomp; {_landlock_text()}; rlimits; audit hook)")
+    if mode == "unsafe":
+        return ("sandbox: UNSAFE mode, opted in (no namespaces from bubblewrap: seccomp, "
+                f"{_landlock_text()}, rlimits, capabilities dropped, audit hook; the host's processes are visible): "
+                + kernel_sandbox()[1])
+    return "sandbox: UNAVAILABLE, model code will not run: " + kernel_sandbox()[1]
+
+
+def _landlock_text() -> str:
+    try:
+        import landlock
+        return f"Landlock ABI {landlock.landlock_abi_version()}"
+    except Exception:  # noqa: BLE001 - no Landlock in this kernel (or no module)
+        return "no Landlock"
+
+
+_announced = set()
+
+
+def _announce(mode):
+    if mode in _announced:
+        return
+    _announced.add(mode)
+    line = "=" * 100
+    if mode == "unavailable":
+        print(f"{line}\nSANDBOX UNAVAILABLE: model-written code is refused (status 'refused').\n"
+              f"{kernel_sandbox()[1]}\nTo run it anyway with the weaker unsafe sandbox (see nanochat_jax/execution.py "
+              f"for what it does not cover): --unsafe-sandbox, or {UNSAFE_ENV}=1.\n{line}", file=sys.stderr)
+    elif mode == "unsafe":
+        print(f"{line}\nUNSAFE SANDBOX (opted in): {describe()}\n{line}", file=sys.stderr)
+
+
+def execute_code(code: str, timeout: float = 5.0, max_memory_bytes: int = 512 * 2**20,
+                 max_output_bytes: int = 2**20, max_disk_bytes: int = 64 * 2**20,
+                 audit_hook: bool = True) -> ExecutionResult:
+    """Runs `code` in the sandbox and never raises because of what the program did. `audit_hook=False` leaves out
+    the second layer (the tests use it to show the kernel layers hold alone)."""
+    mode = sandbox_mode()
+    if mode == "unavailable":
+        _announce(mode)
+        return ExecutionResult("refused", "", "", "sandbox unavailable: " + kernel_sandbox()[1], None, 0.0)
+    if mode == "unsafe":
+        _announce(mode)
+    try:
+        return _run(code, timeout, max_memory_bytes, max_output_bytes, max_disk_bytes, mode == "kernel", audit_hook)
+    except OSError as e:  # (the caller's own trouble, e.g. no file descriptors left: still not an exception)
+        return ExecutionResult("refused", "", "", f"the sandbox could not start: {e}", None, 0.0)
+
+
+# ---- python -m nanochat_jax.execution --check
+_PROBE = r'''
+import json, os, resource, socket
+facts = {}
+def fact(name, fn):
+    try:
+        facts[name] = fn()
+    except OSError as e:
+        facts[name] = "refused: " + (os.strerror(e.errno) if e.errno else str(e))
+fact("uid", os.getuid)
+fact("pid", os.getpid)
+fact("hostname", socket.gethostname)
+fact("namespaces", lambda: {n: os.readlink(f"/proc/self/ns/{n}") for n in ("user", "mnt", "pid", "net", "ipc", "uts")})
+fact("interfaces", lambda: ", ".join(sorted(l.split(":")[0].strip() for l in open("/proc/self/net/dev").readlines()[2:])))
+fact("status", lambda: {l.split(":")[0]: l.split(":")[1].strip() for l in open("/proc/self/status")})
+fact("processes", lambda: len([p for p in os.listdir("/proc") if p.isdigit()]))
+def write_system():
+    open("/usr/nanochat_probe", "w")
+    return "WRITABLE"
+fact("system", write_system)
+st = os.statvfs(os.getcwd())
+facts["workdir"] = [os.getcwd(), st.f_blocks * st.f_frsize]
+facts["rlimits"] = {n: resource.getrlimit(getattr(resource, "RLIMIT_" + n))[1]
+                    for n in ("CPU", "AS", "FSIZE", "NPROC", "NOFILE", "CORE")}
+print(json.dumps(facts))
+'''
+
+
+def _mib(n):
+    return "unlimited" if n < 0 else f"{n / 2**20:g} MiB"
+
+
+def check(unsafe: bool = False) -> int:
+    """Prints the mode and each layer as seen from inside a sandboxed program; 0 when model code can run."""
+    if unsafe:
+        allow_unsafe()
+    mode = sandbox_mode()
+    print(describe())
+    if mode == "unavailable":
+        print(f"(opt in to unsafe mode with --unsafe-sandbox or {UNSAFE_ENV}=1)")
+        return 1
+    kernel = mode == "kernel"
+    if kernel:
+        version = subprocess.run([bwrap_path(), "--version"], capture_output=True, text=True, timeout=30).stdout
+        print(f"  bubblewrap          {version.strip()} ({bwrap_path()})")
+    result = _run(_PROBE, 10.0, 512 * 2**20, 2**20, 64 * 2**20, kernel, False, report=True)
+    if result.status != "ok":
+        print(f"the probe failed: {result.status}: {result.error}\n{result.stderr}")
+        return 1
+    facts = json.loads(result.stdout)
+    layers = json.loads(next(line.split(" ", 1)[1] for line in result.stderr.splitlines()
+                             if line.startswith("sandbox-layers ")))
+    status = facts["status"] if isinstance(facts["status"], dict) else {}
+    if isinstance(facts["namespaces"], dict):
+        ours = {n: os.readlink(f"/proc/self/ns/{n}") for n in facts["namespaces"]}
+        fresh = [n for n, link in facts["namespaces"].items() if link != ours[n]]
+        namespaces = ", ".join(fresh) + " new" if fresh else "none new (the host's)"
+    else:
+        namespaces = f"cannot tell ({facts['namespaces']})"
+    limits = facts["rlimits"]
+    rows = [("namespaces", namespaces),
+            ("identity", f"uid {facts['uid']}, pid {facts['pid']}, host name {facts['hostname']!r}, "
+                         f"effective capabilities {status.get('CapEff', '?')}"),
+            ("processes it sees", facts["processes"]),
+            ("network", f"interfaces: {facts['interfaces']}"),
+            ("system files", facts["system"]),
+            ("writable", f"{facts['workdir'][0]} ({_mib(facts['workdir'][1])} in all)" if kernel
+             else f"{facts['workdir'][0]} (a host directory: files capped, the total not)"),
+            ("seccomp", f"mode {status['Seccomp']} (2 = filter), {status['Seccomp_filters']} filter(s)"
+                        if "Seccomp" in status else layers.get("seccomp", "off") + " (the guard loaded it)"),
+            ("landlock", layers.get("landlock", "off")),
+            ("rlimits", f"cpu {limits['CPU']} s, address space {_mib(limits['AS'])}, file size "
+                        f"{_mib(limits['FSIZE'])}, threads {limits['NPROC']}, open files {limits['NOFILE']}, "
+                        f"core {limits['CORE']}"),
+            ("audit hook", "on in every call (a second layer; this probe runs without it)")]
+    if not kernel:
+        rows.insert(1, ("user+net namespaces", layers.get("user+net namespaces", "off")))
+    for name, value in rows:
+        print(f"  {name:<20}{value}")
+    times = sorted(_run("pass", 10.0, 512 * 2**20, 2**16, 2**20, kernel, True).duration for _ in range(5))
+    print(f"  round trip          {1000 * times[2]:.0f} ms for a trivial program (median of 5)")
+    return 0
+
+
+if __name__ == "__main__":
+    import argparse
+    parser = argparse.ArgumentParser(description="the code sandbox: which layers are active here")
+    parser.add_argument("--check", action="store_true", help="print the mode and its layers, as a program sees them")
+    parser.add_argument("--unsafe-sandbox", action="store_true", help="allow unsafe mode where kernel mode fails")
+    args = parser.parse_args()
+    if not args.check:
+        parser.error("nothing to do: pass --check")
+    sys.exit(check(args.unsafe_sandbox))

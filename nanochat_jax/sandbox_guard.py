@@ -1,0 +1,244 @@
+"""The first lines of every sandboxed interpreter: the kernel layers it applies to itself, then the program.
+
+`nanochat_jax.execution` runs this file's text as `python -I -c <text> <config json>`, inside bubblewrap's namespaces
+(kernel mode) or directly (unsafe mode). It uses only the standard library, pyseccomp and landlock (no project
+imports: the project is not visible inside the sandbox). Order:
+  1. rlimits (CPU seconds, address space, file size, threads, open files, no core dumps);
+  2. unsafe mode only: new user + network namespaces where the kernel allows them, then every capability dropped;
+  3. Landlock (where the kernel has it): read and execute only beneath the visible system paths, write only beneath
+     the working directory (and to /dev/null, /dev/zero, /dev/full);
+  4. a seccomp filter (libseccomp) that refuses what a program never needs: new processes and exec, ptrace and
+     other processes' memory, limits/priority/affinity of other processes, signals to other processes, mounts and
+     namespaces, keyrings, bpf, perf, io_uring, userfaultfd, xattrs, chown, device nodes, memfd, kernel modules,
+     clocks, hostnames, sockets other than Unix/IPv4/IPv6 (in unsafe mode: no socket() at all, only socketpair),
+     syscalls newer than the filter knows;
+  5. the audit hook (a second layer only: it names what it refuses, the layers above hold without it);
+  6. one byte on the ready pipe (the caller knows the layers are in place), then the program.
+Limits, Landlock rules and seccomp filters cannot be lifted by the process that received them. A layer that fails
+to apply stops here with exit code SETUP_FAILED and the program never runs.
+"""
+import json
+import os
+import resource
+import sys
+
+SETUP_FAILED = 125
+
+
+def fail(layer, error):
+    print(f"sandbox: could not apply {layer}: {error}", file=sys.stderr, flush=True)
+    os._exit(SETUP_FAILED)
+
+
+def set_limits(cfg):
+    limits = [(resource.RLIMIT_CPU, int(cfg["timeout"]) + 1), (resource.RLIMIT_AS, cfg["memory"]),
+              (resource.RLIMIT_FSIZE, cfg["disk"]), (resource.RLIMIT_CORE, 0),
+              (resource.RLIMIT_NPROC, cfg["threads"]), (resource.RLIMIT_NOFILE, cfg["files"])]
+    for which, value in limits:
+        resource.setrlimit(which, (value, value))
+
+
+def unshare_user_and_net():
+    """Unsafe mode: where the kernel allows it, a user namespace (no capabilities outside) with a network of its own."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(0x10000000 | 0x40000000) != 0:  # CLONE_NEWUSER | CLONE_NEWNET
+        return os.strerror(ctypes.get_errno())
+    return None
+
+
+def drop_capabilities():
+    """Unsafe mode when started with capabilities (as root): empty the bounding, ambient, effective, permitted and
+    inheritable sets, and lock the securebits so nothing regains them."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(47, 4, 0, 0, 0)  # PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL
+    for cap in range(64):
+        libc.prctl(24, cap, 0, 0, 0)  # PR_CAPBSET_DROP (fails quietly past the last capability)
+    libc.prctl(28, 0x2f, 0, 0, 0)  # PR_SET_SECUREBITS: NOROOT, NO_SETUID_FIXUP, KEEP_CAPS_LOCKED and their locks
+
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class Data(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+    header, data = Header(0x20080522, 0), (Data * 2)()  # _LINUX_CAPABILITY_VERSION_3
+    if libc.capset(ctypes.byref(header), data) != 0:
+        raise OSError(ctypes.get_errno(), "capset: " + os.strerror(ctypes.get_errno()))
+    status = open("/proc/self/status").read()
+    if any(line.split()[1].strip("0") for line in status.splitlines() if line.startswith(("CapEff", "CapPrm"))):
+        raise OSError("capabilities remain after capset")
+
+
+def apply_landlock(cfg):
+    """Returns the Landlock ABI applied, or 0 where the kernel has no Landlock."""
+    import ctypes
+
+    import landlock
+    ctypes.set_errno(0)  # the landlock package reads ctypes' errno after each call: start it clean
+    try:
+        abi = landlock.landlock_abi_version()
+    except OSError:
+        return 0
+    access = landlock.FSAccess
+    ruleset = landlock.Ruleset()  # handles every filesystem right this ABI knows
+    read_file = access.READ_FILE | access.EXECUTE
+    for path in cfg["read"]:
+        if os.path.exists(path):  # a rule on a file may hold only file rights
+            ruleset.allow(path, rules=read_file | access.READ_DIR if os.path.isdir(path) else read_file)
+    for path in ("/dev/null", "/dev/zero", "/dev/full"):
+        if os.path.exists(path):
+            ruleset.allow(path, rules=access.all_file() & ~access.EXECUTE)
+    ruleset.allow(cfg["workdir"])
+    ruleset.apply()
+    return abi
+
+
+# (syscall, refused when) pairs: None = always, else ("ne", i, v) / ("eq", i, v) / ("mask", i, bits) on argument i
+ALWAYS = """ptrace process_vm_readv process_vm_writev kcmp pidfd_getfd pidfd_open pidfd_send_signal process_madvise
+process_mrelease mount umount2 pivot_root chroot move_mount open_tree fsopen fsconfig fsmount fspick mount_setattr
+unshare setns keyctl add_key request_key bpf perf_event_open userfaultfd fanotify_init io_uring_setup io_uring_enter
+io_uring_register setxattr lsetxattr fsetxattr removexattr lremovexattr fremovexattr chown fchown lchown fchownat
+mknod mknodat kexec_load kexec_file_load init_module finit_module delete_module reboot swapon swapoff acct quotactl
+quotactl_fd syslog settimeofday clock_settime clock_adjtime adjtimex sethostname setdomainname iopl ioperm
+modify_ldt personality name_to_handle_at open_by_handle_at lookup_dcookie vhangup uselib nfsservctl fork vfork
+execve execveat memfd_create memfd_secret tkill""".split()
+OWN_PROCESS_ONLY = ["prlimit64", "sched_setaffinity", "sched_setscheduler", "sched_setparam", "sched_setattr",
+                    "migrate_pages", "move_pages"]  # argument 0 is a pid: only 0 (this process) is allowed
+CLONE_THREAD = 0x00010000
+CLONE_NAMESPACES = [0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x10000000, 0x20000000, 0x40000000, 0x00000080]
+NEWEST_KNOWN = 449  # syscalls numbered above this (the same numbers on every architecture) answer ENOSYS
+TIOCSTI, TIOCLINUX = 0x5412, 0x541C
+
+
+def apply_seccomp(own_pid, sockets):
+    import errno
+
+    import pyseccomp as sc
+    f = sc.SyscallFilter(sc.ALLOW)
+    eperm = sc.ERRNO(errno.EPERM)
+
+    def refuse(name, *args, action=eperm):
+        number = sc.resolve_syscall(sc.Arch.NATIVE, name) if isinstance(name, str) else name
+        if number >= 0:  # names this architecture lacks (fork on arm64) are skipped
+            f.add_rule(action, number, *args)
+
+    for name in ALWAYS:
+        refuse(name)
+    for name in OWN_PROCESS_ONLY:
+        refuse(name, sc.Arg(0, sc.NE, 0))
+    refuse("setpriority", sc.Arg(0, sc.NE, 0))  # only PRIO_PROCESS ...
+    refuse("setpriority", sc.Arg(1, sc.NE, 0))  # ... of this process
+    refuse("ioprio_set", sc.Arg(0, sc.NE, 1))  # only IOPRIO_WHO_PROCESS ...
+    refuse("ioprio_set", sc.Arg(1, sc.NE, 0))  # ... of this process
+    for name in ("kill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo"):
+        refuse(name, sc.Arg(0, sc.NE, own_pid))  # signals to itself only
+    refuse("clone", sc.Arg(0, sc.MASKED_EQ, CLONE_THREAD, 0))  # threads yes, processes no
+    for bit in CLONE_NAMESPACES:
+        refuse("clone", sc.Arg(0, sc.MASKED_EQ, bit, bit))
+    refuse("clone3", action=sc.ERRNO(errno.ENOSYS))  # its flags live in memory a filter cannot read; libc falls back
+    for request in (TIOCSTI, TIOCLINUX):
+        refuse("ioctl", sc.Arg(1, sc.MASKED_EQ, 0xFFFFFFFF, request))
+    allowed = {1, 2, 10} if sockets else {1}  # AF_UNIX, AF_INET, AF_INET6
+    for name in ("socket", "socketpair"):
+        refuse(name, sc.Arg(0, sc.GT, 10), action=sc.ERRNO(errno.EAFNOSUPPORT))
+        for family in set(range(11)) - allowed:
+            refuse(name, sc.Arg(0, sc.EQ, family), action=sc.ERRNO(errno.EAFNOSUPPORT))
+    if not sockets:
+        refuse("socket", action=sc.ERRNO(errno.EACCES))  # unsafe mode: not even a Unix socket to a path outside
+    for number in range(NEWEST_KNOWN + 1, 600):
+        refuse(number, action=sc.ERRNO(errno.ENOSYS))
+    f.load()
+
+
+def audit_hook(workdir):
+    """The second layer: refuses, with a message naming it, what the program should not try. Its state lives in this
+    closure; the kernel layers above do not depend on it."""
+    root = os.path.realpath(workdir)
+    deny = frozenset({"os.system", "os.exec", "os.fork", "os.forkpty", "os.posix_spawn", "os.spawn",
+                      "subprocess.Popen", "os.kill", "os.killpg", "ctypes.dlopen", "ctypes.dlsym", "ctypes.cdata",
+                      "socket.connect", "socket.bind", "socket.getaddrinfo", "socket.gethostbyname", "socket.sendto",
+                      "socket.sendmsg", "sys.addaudithook", "gc.get_objects", "gc.get_referrers",
+                      "gc.get_referents", "os.setuid", "os.mkfifo", "os.mknod"})
+    path_events = frozenset({"os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.chmod", "os.chown", "os.symlink",
+                             "os.link", "os.truncate", "os.utime", "shutil.rmtree", "shutil.move", "shutil.copyfile",
+                             "os.chdir"})
+    no_import = frozenset({"ctypes", "_ctypes", "_posixsubprocess", "pyseccomp", "landlock"})
+    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+    realpath, fsdecode, sep = os.path.realpath, os.fsdecode, os.sep
+
+    def inside(path):
+        if isinstance(path, int):
+            return True
+        try:
+            real = realpath(fsdecode(path))
+        except (TypeError, ValueError):
+            return False
+        return real == root or real.startswith(root + sep)
+
+    def hook(event, args):
+        if event in deny:
+            raise PermissionError(f"sandbox: {event} is not allowed")
+        if event == "socket.__new__" and args[1] != 1:
+            raise PermissionError("sandbox: network sockets are not allowed")
+        if event == "import" and args[0].split(".")[0] in no_import:
+            raise ImportError(f"sandbox: importing {args[0]} is not allowed")
+        if event == "open" and args[0] is not None and not inside(args[0]):
+            mode, flags = args[1] or "", args[2] or 0
+            if any(c in mode for c in "wax+") or flags & write_flags:
+                raise PermissionError(f"sandbox: writing {args[0]!r} outside the working directory is not allowed")
+        if event in path_events and not all(inside(a) for a in args[:2] if isinstance(a, (str, bytes, os.PathLike))):
+            raise PermissionError(f"sandbox: {event} outside the working directory is not allowed")
+
+    for module in [m for m in sys.modules if m.split(".")[0] in no_import]:
+        del sys.modules[module]  # a later import goes through the hook
+    sys.addaudithook(hook)
+
+
+def main():
+    cfg = json.loads(sys.argv[1])
+    with open(cfg["program"], encoding="utf-8") as f:
+        program = f.read()
+    layers = {}
+    try:
+        set_limits(cfg)
+    except (OSError, ValueError) as e:
+        fail("rlimits", e)
+    layers["rlimits"] = "on"
+    if cfg["unsafe"]:
+        error = unshare_user_and_net()
+        layers["user+net namespaces"] = "off: " + error if error else "on"
+        try:
+            drop_capabilities()
+        except OSError as e:
+            fail("capability drop", e)
+    if cfg["landlock"]:
+        try:
+            abi = apply_landlock(cfg)
+        except Exception as e:  # noqa: BLE001 - any failure to confine stops the run
+            fail("landlock", e)
+        layers["landlock"] = f"ABI {abi}" if abi else "off: this kernel has no Landlock"
+        if cfg["landlock"] == "required" and not abi:
+            fail("landlock", "the kernel has no Landlock")
+    try:
+        apply_seccomp(os.getpid(), sockets=not cfg["unsafe"])
+    except Exception as e:  # noqa: BLE001
+        fail("seccomp", e)
+    layers["seccomp"] = "on"
+    if cfg["audit_hook"]:
+        audit_hook(cfg["workdir"])
+        layers["audit hook"] = "on"
+    if cfg["report"]:
+        print("sandbox-layers " + json.dumps(layers), file=sys.stderr, flush=True)
+    sys.argv = ["program.py"]
+    os.write(cfg["ready_fd"], b"1")
+    os.close(cfg["ready_fd"])
+    for name in [n for n in globals() if not n.startswith("__")]:
+        del globals()[name]  # the program starts with a clean __main__
+    return program
+
+
+if __name__ == "__main__":
+    _program = main()
+    exec(compile(_program, "program.py", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
