@@ -8,7 +8,8 @@
 
 Kernel mode (the default; needs bubblewrap and unprivileged user namespaces):
 - bubblewrap starts the program in new user, mount, PID, network, IPC, UTS (and cgroup) namespaces: it is uid
-  1000 with no capabilities, sees only itself (its own /proc), has only a loopback network, and dies with the caller;
+  1000 with no capabilities, the namespace's only process (pid 1: no unconfined helper shares it; its own /proc),
+  has only a loopback network, and dies with the caller;
 - its filesystem is a read-only view of the system libraries and this Python (sys.base_prefix, sys.prefix), a
   synthetic /etc (passwd, group, hosts: nothing of the host's), a minimal read-only /dev, and one writable tmpfs at
   /tmp capped at `max_disk_bytes` in total (its working directory and HOME);
@@ -135,7 +136,7 @@ def _guard_argv(cfg) -> list[str]:
 
 def _kernel_argv(bwrap, fds, info_fd, program_fd, disk, guard_argv) -> list[str]:
     read, links = visible_paths()
-    argv = [bwrap, "--unshare-all", "--unshare-user", "--die-with-parent", "--new-session", "--clearenv",
+    argv = [bwrap, "--unshare-all", "--unshare-user", "--die-with-parent", "--as-pid-1", "--new-session", "--clearenv",
             "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID), "--hostname", "sandbox"]
     for key, value in (("PATH", "/usr/bin:/bin"), ("HOME", "/tmp"), ("TMPDIR", "/tmp"), ("LANG", "C.UTF-8")):
         argv += ["--setenv", key, value]
@@ -289,8 +290,8 @@ def _run(code, timeout, memory, output, disk, kernel, audit_hook, report=False) 
             outputs, ready, timed_out, capped = _read_until_done(
                 proc, {"stdout": proc.stdout, "stderr": proc.stderr}, output, timeout, ready_r)
         finally:
-            info = _read_info(info_r) if kernel else {}
-            if proc.poll() is None:  # stopped early: the namespace's init first (the kernel kills all it holds)
+            info = _read_info(info_r, proc.pid) if kernel else {}
+            if proc.poll() is None:  # stopped early: the namespace's pid 1 first (the kernel kills all it holds)
                 if "child-pid" in info:
                     os.kill(info["child-pid"], signal.SIGKILL)
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -319,7 +320,10 @@ def _run(code, timeout, memory, output, disk, kernel, audit_hook, report=False) 
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _read_info(fd) -> dict:
+def _read_info(fd, bwrap_pid) -> dict:
+    """bubblewrap's report (the sandbox's pid on the host, its namespaces), kept only if it checks out: the pid is
+    bubblewrap's child and its PID namespace is not ours (nothing the program writes can point the caller's kills
+    elsewhere; the program never holds this pipe)."""
     os.set_blocking(fd, False)
     data = b""
     try:
@@ -328,9 +332,20 @@ def _read_info(fd) -> dict:
     except BlockingIOError:
         pass
     try:
-        return json.loads(data or b"{}")
-    except ValueError:
+        info = json.JSONDecoder().raw_decode(data.decode())[0] if data else {}
+        pid, namespace = int(info["child-pid"]), int(info["pid-namespace"])
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
         return {}
+    if namespace == os.stat("/proc/self/ns/pid").st_ino:
+        return {}
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        parent = int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
+        if parent != bwrap_pid:
+            pid = None
+    except (OSError, StopIteration, ValueError):
+        pid = None  # (already gone)
+    return {"pid-namespace": namespace} | ({"child-pid": pid} if pid else {})
 
 
 # ---- which mode this machine gets

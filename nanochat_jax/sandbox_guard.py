@@ -10,8 +10,8 @@ imports: the project is not visible inside the sandbox). Order:
   4. a seccomp filter (libseccomp) that refuses what a program never needs: new processes and exec, ptrace and
      other processes' memory, limits/priority/affinity of other processes, signals to other processes, mounts and
      namespaces, keyrings, bpf, perf, io_uring, userfaultfd, xattrs, chown, device nodes, memfd, kernel modules,
-     clocks, hostnames, sockets other than Unix/IPv4/IPv6 (in unsafe mode: no socket() at all, only socketpair),
-     syscalls newer than the filter knows;
+     clocks, hostnames, inode flags, sockets other than Unix/IPv4/IPv6, syscalls newer than the filter knows;
+     in unsafe mode also socket() (socketpair stays) and changes of file modes and times;
   5. the audit hook (a second layer only: it names what it refuses, the layers above hold without it);
   6. one byte on the ready pipe (the caller knows the layers are in place), then the program.
 Limits, Landlock rules and seccomp filters cannot be lifted by the process that received them. A layer that fails
@@ -31,11 +31,13 @@ def fail(layer, error):
 
 
 def set_limits(cfg):
-    limits = [(resource.RLIMIT_CPU, int(cfg["timeout"]) + 1), (resource.RLIMIT_AS, cfg["memory"]),
-              (resource.RLIMIT_FSIZE, cfg["disk"]), (resource.RLIMIT_CORE, 0),
-              (resource.RLIMIT_NPROC, cfg["threads"]), (resource.RLIMIT_NOFILE, cfg["files"])]
-    for which, value in limits:
-        resource.setrlimit(which, (value, value))
+    cpu = int(cfg["timeout"]) + 1  # SIGXCPU at the soft limit (reported as a timeout), SIGKILL a second later
+    limits = [(resource.RLIMIT_CPU, cpu, cpu + 1), (resource.RLIMIT_AS, cfg["memory"], cfg["memory"]),
+              (resource.RLIMIT_FSIZE, cfg["disk"], cfg["disk"]), (resource.RLIMIT_CORE, 0, 0),
+              (resource.RLIMIT_NPROC, cfg["threads"], cfg["threads"]),
+              (resource.RLIMIT_NOFILE, cfg["files"], cfg["files"])]
+    for which, soft, hard in limits:
+        resource.setrlimit(which, (soft, hard))
 
 
 def unshare_user_and_net():
@@ -92,6 +94,7 @@ def apply_landlock(cfg):
             ruleset.allow(path, rules=access.all_file() & ~access.EXECUTE)
     ruleset.allow(cfg["workdir"])
     ruleset.apply()
+    os.close(ruleset._fd)  # (the package keeps the ruleset's descriptor open)
     return abi
 
 
@@ -110,9 +113,12 @@ CLONE_THREAD = 0x00010000
 CLONE_NAMESPACES = [0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x10000000, 0x20000000, 0x40000000, 0x00000080]
 NEWEST_KNOWN = 449  # syscalls numbered above this (the same numbers on every architecture) answer ENOSYS
 TIOCSTI, TIOCLINUX = 0x5412, 0x541C
+FS_IOC_SETFLAGS, FS_IOC_FSSETXATTR = 0x40086602, 0x401C5820  # inode flags (append-only, noatime, ...)
+# unsafe mode only: the host's files are visible and Landlock does not govern metadata, so no mode or time changes
+METADATA = "chmod fchmod fchmodat utime utimes utimensat futimesat".split()
 
 
-def apply_seccomp(own_pid, sockets):
+def apply_seccomp(own_pid, unsafe):
     import errno
 
     import pyseccomp as sc
@@ -138,15 +144,17 @@ def apply_seccomp(own_pid, sockets):
     for bit in CLONE_NAMESPACES:
         refuse("clone", sc.Arg(0, sc.MASKED_EQ, bit, bit))
     refuse("clone3", action=sc.ERRNO(errno.ENOSYS))  # its flags live in memory a filter cannot read; libc falls back
-    for request in (TIOCSTI, TIOCLINUX):
+    for request in (TIOCSTI, TIOCLINUX, FS_IOC_SETFLAGS, FS_IOC_FSSETXATTR):
         refuse("ioctl", sc.Arg(1, sc.MASKED_EQ, 0xFFFFFFFF, request))
-    allowed = {1, 2, 10} if sockets else {1}  # AF_UNIX, AF_INET, AF_INET6
+    allowed = {1} if unsafe else {1, 2, 10}  # AF_UNIX, AF_INET, AF_INET6
     for name in ("socket", "socketpair"):
         refuse(name, sc.Arg(0, sc.GT, 10), action=sc.ERRNO(errno.EAFNOSUPPORT))
         for family in set(range(11)) - allowed:
             refuse(name, sc.Arg(0, sc.EQ, family), action=sc.ERRNO(errno.EAFNOSUPPORT))
-    if not sockets:
-        refuse("socket", action=sc.ERRNO(errno.EACCES))  # unsafe mode: not even a Unix socket to a path outside
+    if unsafe:
+        refuse("socket", action=sc.ERRNO(errno.EACCES))  # not even a Unix socket to a path outside
+        for name in METADATA:
+            refuse(name)
     for number in range(NEWEST_KNOWN + 1, 600):
         refuse(number, action=sc.ERRNO(errno.ENOSYS))
     f.load()
@@ -166,7 +174,7 @@ def audit_hook(workdir):
                              "os.chdir"})
     no_import = frozenset({"ctypes", "_ctypes", "_posixsubprocess", "pyseccomp", "landlock"})
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
-    realpath, fsdecode, sep = os.path.realpath, os.fsdecode, os.sep
+    realpath, fsdecode, sep, path_types = os.path.realpath, os.fsdecode, os.sep, (str, bytes, os.PathLike)
 
     def inside(path):
         if isinstance(path, int):
@@ -188,7 +196,7 @@ def audit_hook(workdir):
             mode, flags = args[1] or "", args[2] or 0
             if any(c in mode for c in "wax+") or flags & write_flags:
                 raise PermissionError(f"sandbox: writing {args[0]!r} outside the working directory is not allowed")
-        if event in path_events and not all(inside(a) for a in args[:2] if isinstance(a, (str, bytes, os.PathLike))):
+        if event in path_events and not all(inside(a) for a in args[:2] if isinstance(a, path_types)):
             raise PermissionError(f"sandbox: {event} outside the working directory is not allowed")
 
     for module in [m for m in sys.modules if m.split(".")[0] in no_import]:
@@ -222,7 +230,7 @@ def main():
         if cfg["landlock"] == "required" and not abi:
             fail("landlock", "the kernel has no Landlock")
     try:
-        apply_seccomp(os.getpid(), sockets=not cfg["unsafe"])
+        apply_seccomp(os.getpid(), unsafe=cfg["unsafe"])
     except Exception as e:  # noqa: BLE001
         fail("seccomp", e)
     layers["seccomp"] = "on"
