@@ -13,11 +13,12 @@ Kernel mode (the default; needs bubblewrap and unprivileged user namespaces):
 - its filesystem is a read-only view of the system libraries and this Python (sys.base_prefix, sys.prefix), a
   synthetic /etc (passwd, group, hosts: nothing of the host's), a minimal read-only /dev, and one writable tmpfs at
   /tmp capped at `max_disk_bytes` in total (its working directory and HOME);
-- then, in the sandboxed interpreter before the program's first line (nanochat_jax/sandbox_guard.py): rlimits (CPU
-  time, address space, file size, threads, open files, no core dumps), Landlock where the kernel has it, and a
-  seccomp filter refusing new processes and exec, ptrace, other processes' limits, priority, affinity and signals,
-  mounts, namespaces, keyrings, bpf, io_uring, xattrs, chown, device nodes, memfd (the full list is in the guard);
-  the audit hook stays as a second layer that names what it refuses;
+- a seccomp filter (libseccomp, loaded by bubblewrap before Python starts) refusing new processes, ptrace, other
+  processes' limits, priority, affinity and signals, mounts, namespaces, keyrings, bpf, io_uring, xattrs, chown,
+  device nodes, memfd (the full list is in nanochat_jax/sandbox_guard.py);
+- then, in the sandboxed interpreter before the program's first line (the guard): rlimits (CPU time, address space,
+  file size, threads, open files, no core dumps) and Landlock where the kernel has it; the audit hook stays as a
+  second layer that names what it refuses;
 - output comes back through pipes the caller owns, capped (`max_output_bytes` for each of stdout and stderr);
   the wall-clock timeout runs from the program's first line; everything in its PID namespace is gone when the call
   returns (checked: `leftover` counts processes that had to be killed after the call, normally 0).
@@ -34,7 +35,9 @@ socket() at all) and the audit hook. It does not cover: the host's processes and
 limits to them are refused by seccomp); without Landlock (kernels before 5.13) the program reads whatever the user
 can and only the audit hook stops writes outside its directory; the directory's size is not capped.
 """
+import ast
 import json
+import marshal
 import os
 import selectors
 import shutil
@@ -100,6 +103,13 @@ def _python_dirs() -> list[str]:
 
 
 @lru_cache(maxsize=1)
+def _site_packages() -> list[str]:
+    """This Python's site-packages, put on the program's sys.path by the guard (the interpreter starts with -S)."""
+    import site
+    return [p for p in site.getsitepackages() if os.path.isdir(p)]
+
+
+@lru_cache(maxsize=1)
 def visible_paths() -> tuple[list[str], list[tuple[str, str]]]:
     """(read-only directories and files, (symlink target, link) pairs) the program sees of the host."""
     read, links = ["/usr"], []
@@ -125,16 +135,30 @@ def _guard_config(workdir, program, timeout, memory, disk, unsafe, audit_hook, r
     # kernel mode: everything the mount namespace shows is readable; unsafe mode: the system paths only
     read = read + list(_ETC) + ["/dev/urandom", "/dev/random"] if unsafe else ["/"]
     return {"timeout": timeout, "memory": memory, "disk": disk, "threads": 64, "files": 256, "workdir": workdir,
-            "program": program, "read": read, "landlock": "optional", "unsafe": unsafe, "audit_hook": audit_hook,
-            "report": report, "ready_fd": ready_fd}
+            "program": program, "read": read, "unsafe": unsafe, "audit_hook": audit_hook,
+            "report": report, "ready_fd": ready_fd, "site": _site_packages()}
+
+
+@lru_cache(maxsize=1)
+def _guard_source() -> str:
+    return Path(__file__).with_name("sandbox_guard.py").read_text()
 
 
 def _guard_argv(cfg) -> list[str]:
-    source = (Path(__file__).with_name("sandbox_guard.py")).read_text()
-    return [sys.executable, "-I", "-u", "-c", source, json.dumps(cfg)]
+    return [sys.executable, "-I", "-S", "-u", "-c", _guard_source(), marshal.dumps(cfg).hex()]
 
 
-def _kernel_argv(bwrap, fds, info_fd, program_fd, disk, guard_argv) -> list[str]:
+@lru_cache(maxsize=1)
+def _kernel_bpf() -> bytes:
+    """The seccomp filter for kernel mode as BPF (bubblewrap loads it before Python starts; the program is pid 1)."""
+    from nanochat_jax.sandbox_guard import seccomp_filter
+    with tempfile.TemporaryFile() as f:
+        seccomp_filter(1, unsafe=False).export_bpf(f)
+        f.seek(0)
+        return f.read()
+
+
+def _kernel_argv(bwrap, fds, info_fd, program_fd, seccomp_fd, disk, guard_argv) -> list[str]:
     read, links = visible_paths()
     argv = [bwrap, "--unshare-all", "--unshare-user", "--die-with-parent", "--as-pid-1", "--new-session", "--clearenv",
             "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID), "--hostname", "sandbox"]
@@ -147,8 +171,8 @@ def _kernel_argv(bwrap, fds, info_fd, program_fd, disk, guard_argv) -> list[str]
     for path, fd in fds.items():
         argv += ["--perms", "0444", "--ro-bind-data", str(fd), path]
     argv += ["--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev", "--size", str(disk), "--tmpfs", "/tmp",
-             "--perms", "0444", "--ro-bind-data", str(program_fd), "/sandbox/program.py", "--chdir", "/tmp", "--info-fd", str(info_fd),
-             "--remount-ro", "/", "--"]
+             "--perms", "0444", "--ro-bind-data", str(program_fd), "/sandbox/program.py", "--chdir", "/tmp",
+             "--info-fd", str(info_fd), "--seccomp", str(seccomp_fd), "--remount-ro", "/", "--"]
     return argv + guard_argv
 
 
@@ -270,10 +294,12 @@ def _run(code, timeout, memory, output, disk, kernel, audit_hook, report=False) 
             os.set_inheritable(info_w, True)
             etc = {path: _memfd(path, text.encode()) for path, text in _ETC.items()}
             program_fd = _memfd("program.py", code.encode("utf-8", errors="replace"))
-            fds = [info_w, program_fd, *etc.values()]
+            seccomp_fd = _memfd("seccomp", _kernel_bpf())
+            fds = [info_w, program_fd, seccomp_fd, *etc.values()]
             cfg = _guard_config("/tmp", "/sandbox/program.py", timeout, memory, disk, False, audit_hook, report,
                                 ready_w)
-            argv, cwd = _kernel_argv(bwrap_path(), etc, info_w, program_fd, disk, _guard_argv(cfg)), "/"
+            argv = _kernel_argv(bwrap_path(), etc, info_w, program_fd, seccomp_fd, disk, _guard_argv(cfg))
+            cwd = "/"
         else:
             workdir = tempfile.mkdtemp(prefix="nanochat_sandbox_")
             program = os.path.join(workdir, "program.py")
@@ -388,6 +414,10 @@ def kernel_sandbox() -> tuple[bool, str]:
     """(available, why not): whether kernel mode works here, found by running a trivial program in it."""
     if bwrap_path() is None or not os.path.exists(bwrap_path()):
         return False, _diagnosis("")
+    try:
+        _kernel_bpf()
+    except Exception as e:  # noqa: BLE001 - no pyseccomp, or no libseccomp
+        return False, _diagnosis(f"sandbox: could not apply seccomp: {type(e).__name__}: {e}")
     result = _run("pass", 10.0, 512 * 2**20, 2**16, 2**20, kernel=True, audit_hook=True)
     if result.status == "ok":
         return True, ""
@@ -414,12 +444,17 @@ def describe() -> str:
     return "sandbox: UNAVAILABLE, model code will not run: " + kernel_sandbox()[1]
 
 
+def landlock_abi() -> int:
+    """The Landlock ABI this kernel offers (0: none)."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    return max(0, libc.syscall(444, None, ctypes.c_size_t(0), ctypes.c_uint32(1)))
+
+
 def _landlock_text() -> str:
-    try:
-        import landlock
-        return f"Landlock ABI {landlock.landlock_abi_version()}"
-    except Exception:  # noqa: BLE001 - no Landlock in this kernel (or no module)
-        return "no Landlock"
+    abi = landlock_abi()
+    return f"Landlock ABI {abi}" if abi else "no Landlock in this kernel"
 
 
 _announced = set()
@@ -505,8 +540,8 @@ def check(unsafe: bool = False) -> int:
         print(f"the probe failed: {result.status}: {result.error}\n{result.stderr}")
         return 1
     facts = json.loads(result.stdout)
-    layers = json.loads(next(line.split(" ", 1)[1] for line in result.stderr.splitlines()
-                             if line.startswith("sandbox-layers ")))
+    layers = ast.literal_eval(next(line.split(" ", 1)[1] for line in result.stderr.splitlines()
+                                   if line.startswith("sandbox-layers ")))
     status = facts["status"] if isinstance(facts["status"], dict) else {}
     if isinstance(facts["namespaces"], dict):
         ours = {n: os.readlink(f"/proc/self/ns/{n}") for n in facts["namespaces"]}

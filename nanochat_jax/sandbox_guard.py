@@ -1,23 +1,26 @@
 """The first lines of every sandboxed interpreter: the kernel layers it applies to itself, then the program.
 
-`nanochat_jax.execution` runs this file's text as `python -I -c <text> <config json>`, inside bubblewrap's namespaces
-(kernel mode) or directly (unsafe mode). It uses only the standard library, pyseccomp and landlock (no project
-imports: the project is not visible inside the sandbox). Order:
+`nanochat_jax.execution` runs this file's text as `python -I -S -u -c <text> <config>`, inside bubblewrap's
+namespaces (kernel mode) or directly (unsafe mode); the config is a marshal-encoded dict in hex. It imports only the
+standard library, and pyseccomp in unsafe mode (the project is not visible inside the sandbox). Order:
   1. rlimits (CPU seconds, address space, file size, threads, open files, no core dumps);
   2. unsafe mode only: new user + network namespaces where the kernel allows them, then every capability dropped;
-  3. Landlock (where the kernel has it): read and execute only beneath the visible system paths, write only beneath
-     the working directory (and to /dev/null, /dev/zero, /dev/full);
-  4. a seccomp filter (libseccomp) that refuses what a program never needs: new processes and exec, ptrace and
-     other processes' memory, limits/priority/affinity of other processes, signals to other processes, mounts and
-     namespaces, keyrings, bpf, perf, io_uring, userfaultfd, xattrs, chown, device nodes, memfd, kernel modules,
-     clocks, hostnames, inode flags, sockets other than Unix/IPv4/IPv6, syscalls newer than the filter knows;
-     in unsafe mode also socket() (socketpair stays) and changes of file modes and times;
+  3. Landlock where the kernel has it (its three system calls, made here directly): read and execute only beneath
+     the visible paths, write only beneath the working directory and to /dev/null, /dev/zero, /dev/full; signals
+     and abstract Unix sockets scoped to the sandbox (ABI 6+);
+  4. the seccomp filter `seccomp_filter` builds (libseccomp): refuses what a program never needs: new processes,
+     ptrace and other processes' memory, limits/priority/affinity of other processes, signals to other processes,
+     mounts and namespaces, keyrings, bpf, perf, io_uring, userfaultfd, xattrs, chown, device nodes, memfd, kernel
+     modules, clocks, hostnames, inode flags, sockets other than Unix/IPv4/IPv6, syscalls newer than it knows; in
+     unsafe mode also exec, socket() (socketpair stays) and changes of file modes and times. Kernel mode: bubblewrap
+     loads it before Python starts (exec stays allowed there: with no new processes, an exec only replaces the
+     sandboxed program inside the same namespaces and filter) and this guard checks that it is in place;
   5. the audit hook (a second layer only: it names what it refuses, the layers above hold without it);
   6. one byte on the ready pipe (the caller knows the layers are in place), then the program.
-Limits, Landlock rules and seccomp filters cannot be lifted by the process that received them. A layer that fails
+Limits, Landlock domains and seccomp filters cannot be lifted by the process that received them. A layer that fails
 to apply stops here with exit code SETUP_FAILED and the program never runs.
 """
-import json
+import marshal
 import os
 import resource
 import sys
@@ -73,28 +76,58 @@ def drop_capabilities():
         raise OSError("capabilities remain after capset")
 
 
+LANDLOCK_FS = [1 << i for i in range(13)]  # EXECUTE .. MAKE_SYM (ABI 1)
+LANDLOCK_FS_BY_ABI = {2: 1 << 13, 3: 1 << 14, 5: 1 << 15}  # REFER, TRUNCATE, IOCTL_DEV
+LANDLOCK_FILE_RIGHTS = (1 << 0) | (1 << 1) | (1 << 2) | (1 << 14) | (1 << 15)  # what a rule on a file may hold
+EXECUTE, WRITE_FILE, READ_FILE, READ_DIR = 1 << 0, 1 << 1, 1 << 2, 1 << 3
+
+
 def apply_landlock(cfg):
     """Returns the Landlock ABI applied, or 0 where the kernel has no Landlock."""
     import ctypes
-
-    import landlock
-    ctypes.set_errno(0)  # the landlock package reads ctypes' errno after each call: start it clean
-    try:
-        abi = landlock.landlock_abi_version()
-    except OSError:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    abi = libc.syscall(444, None, ctypes.c_size_t(0), ctypes.c_uint32(1))  # LANDLOCK_CREATE_RULESET_VERSION
+    if abi <= 0:
         return 0
-    access = landlock.FSAccess
-    ruleset = landlock.Ruleset()  # handles every filesystem right this ABI knows
-    read_file = access.READ_FILE | access.EXECUTE
+    handled = sum(LANDLOCK_FS) + sum(bit for version, bit in LANDLOCK_FS_BY_ABI.items() if abi >= version)
+    scoped = 0b11 if abi >= 6 else 0  # abstract Unix sockets and signals: only within the sandbox
+
+    class RulesetAttr(ctypes.Structure):
+        _fields_ = [("fs", ctypes.c_uint64), ("net", ctypes.c_uint64), ("scoped", ctypes.c_uint64)]
+
+    class PathBeneath(ctypes.Structure):
+        _pack_ = 1
+        _fields_ = [("allowed", ctypes.c_uint64), ("fd", ctypes.c_int32)]
+
+    attr = RulesetAttr(handled, 0, scoped)
+    size = 24 if abi >= 6 else 16 if abi >= 4 else 8  # the struct as this ABI knows it
+    ruleset = libc.syscall(444, ctypes.byref(attr), ctypes.c_size_t(size), ctypes.c_uint32(0))
+    if ruleset < 0:
+        raise OSError(ctypes.get_errno(), "landlock_create_ruleset: " + os.strerror(ctypes.get_errno()))
+
+    def allow(path, rights):
+        if not os.path.exists(path):
+            return
+        if not os.path.isdir(path):
+            rights &= LANDLOCK_FILE_RIGHTS
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        try:
+            rule = PathBeneath(rights & handled, fd)
+            if libc.syscall(445, ruleset, 1, ctypes.byref(rule), ctypes.c_uint32(0)) != 0:  # PATH_BENEATH
+                raise OSError(ctypes.get_errno(), f"landlock_add_rule {path}: " + os.strerror(ctypes.get_errno()))
+        finally:
+            os.close(fd)
+
     for path in cfg["read"]:
-        if os.path.exists(path):  # a rule on a file may hold only file rights
-            ruleset.allow(path, rules=read_file | access.READ_DIR if os.path.isdir(path) else read_file)
+        allow(path, READ_FILE | READ_DIR | EXECUTE)
     for path in ("/dev/null", "/dev/zero", "/dev/full"):
-        if os.path.exists(path):
-            ruleset.allow(path, rules=access.all_file() & ~access.EXECUTE)
-    ruleset.allow(cfg["workdir"])
-    ruleset.apply()
-    os.close(ruleset._fd)  # (the package keeps the ruleset's descriptor open)
+        allow(path, LANDLOCK_FILE_RIGHTS & ~EXECUTE)
+    allow(cfg["workdir"], handled)
+    libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS (Landlock requires it; bubblewrap has set it already)
+    if libc.syscall(446, ruleset, ctypes.c_uint32(0)) != 0:
+        raise OSError(ctypes.get_errno(), "landlock_restrict_self: " + os.strerror(ctypes.get_errno()))
+    os.close(ruleset)
     return abi
 
 
@@ -106,7 +139,7 @@ io_uring_register setxattr lsetxattr fsetxattr removexattr lremovexattr fremovex
 mknod mknodat kexec_load kexec_file_load init_module finit_module delete_module reboot swapon swapoff acct quotactl
 quotactl_fd syslog settimeofday clock_settime clock_adjtime adjtimex sethostname setdomainname iopl ioperm
 modify_ldt personality name_to_handle_at open_by_handle_at lookup_dcookie vhangup uselib nfsservctl fork vfork
-execve execveat memfd_create memfd_secret tkill""".split()
+memfd_create memfd_secret tkill""".split()
 OWN_PROCESS_ONLY = ["prlimit64", "sched_setaffinity", "sched_setscheduler", "sched_setparam", "sched_setattr",
                     "migrate_pages", "move_pages"]  # argument 0 is a pid: only 0 (this process) is allowed
 CLONE_THREAD = 0x00010000
@@ -118,10 +151,18 @@ FS_IOC_SETFLAGS, FS_IOC_FSSETXATTR = 0x40086602, 0x401C5820  # inode flags (appe
 METADATA = "chmod fchmod fchmodat utime utimes utimensat futimesat".split()
 
 
-def apply_seccomp(own_pid, unsafe):
+def seccomp_filter(own_pid, unsafe):
+    """The filter (a pyseccomp SyscallFilter: `.load()` it, or `.export_bpf(file)` for bubblewrap's --seccomp).
+    own_pid: the sandboxed process's pid as it sees itself (1 in kernel mode: the PID namespace's only process)."""
+    import ctypes.util
     import errno
-
-    import pyseccomp as sc
+    find_library = ctypes.util.find_library  # pyseccomp looks its libraries up at import: skip ldconfig's subprocess
+    ctypes.util.find_library = lambda name: {"c": "libc.so.6", "seccomp": "libseccomp.so.2"}.get(name) or \
+        find_library(name)
+    try:
+        import pyseccomp as sc
+    finally:
+        ctypes.util.find_library = find_library
     f = sc.SyscallFilter(sc.ALLOW)
     eperm = sc.ERRNO(errno.EPERM)
 
@@ -153,11 +194,16 @@ def apply_seccomp(own_pid, unsafe):
             refuse(name, sc.Arg(0, sc.EQ, family), action=sc.ERRNO(errno.EAFNOSUPPORT))
     if unsafe:
         refuse("socket", action=sc.ERRNO(errno.EACCES))  # not even a Unix socket to a path outside
-        for name in METADATA:
+        for name in METADATA + ["execve", "execveat"]:
             refuse(name)
     for number in range(NEWEST_KNOWN + 1, 600):
         refuse(number, action=sc.ERRNO(errno.ENOSYS))
-    f.load()
+    return f
+
+
+def seccomp_in_place() -> bool:
+    with open("/proc/self/status") as f:
+        return any(line.split() == ["Seccomp:", "2"] for line in f)
 
 
 def audit_hook(workdir):
@@ -172,7 +218,7 @@ def audit_hook(workdir):
     path_events = frozenset({"os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.chmod", "os.chown", "os.symlink",
                              "os.link", "os.truncate", "os.utime", "shutil.rmtree", "shutil.move", "shutil.copyfile",
                              "os.chdir"})
-    no_import = frozenset({"ctypes", "_ctypes", "_posixsubprocess", "pyseccomp", "landlock"})
+    no_import = frozenset({"ctypes", "_ctypes", "_posixsubprocess", "pyseccomp"})
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
     realpath, fsdecode, sep, path_types = os.path.realpath, os.fsdecode, os.sep, (str, bytes, os.PathLike)
 
@@ -205,8 +251,9 @@ def audit_hook(workdir):
 
 
 def main():
-    cfg = json.loads(sys.argv[1])
-    with open(cfg["program"], encoding="utf-8") as f:
+    cfg = marshal.loads(bytes.fromhex(sys.argv[1]))
+    sys.path.extend(p for p in cfg["site"] if p not in sys.path)  # (started with -S: no .pth processing)
+    with open(cfg["program"], encoding="utf-8", errors="replace") as f:
         program = f.read()
     layers = {}
     try:
@@ -221,24 +268,24 @@ def main():
             drop_capabilities()
         except OSError as e:
             fail("capability drop", e)
-    if cfg["landlock"]:
-        try:
-            abi = apply_landlock(cfg)
-        except Exception as e:  # noqa: BLE001 - any failure to confine stops the run
-            fail("landlock", e)
-        layers["landlock"] = f"ABI {abi}" if abi else "off: this kernel has no Landlock"
-        if cfg["landlock"] == "required" and not abi:
-            fail("landlock", "the kernel has no Landlock")
     try:
-        apply_seccomp(os.getpid(), unsafe=cfg["unsafe"])
-    except Exception as e:  # noqa: BLE001
-        fail("seccomp", e)
+        abi = apply_landlock(cfg)
+    except Exception as e:  # noqa: BLE001 - any failure to confine stops the run
+        fail("landlock", e)
+    layers["landlock"] = f"ABI {abi}" if abi else "off: this kernel has no Landlock"
+    if cfg["unsafe"]:
+        try:
+            seccomp_filter(os.getpid(), unsafe=True).load()
+        except Exception as e:  # noqa: BLE001
+            fail("seccomp", e)
+    elif not seccomp_in_place():
+        fail("seccomp", "bubblewrap did not load the filter")
     layers["seccomp"] = "on"
     if cfg["audit_hook"]:
         audit_hook(cfg["workdir"])
         layers["audit hook"] = "on"
     if cfg["report"]:
-        print("sandbox-layers " + json.dumps(layers), file=sys.stderr, flush=True)
+        print("sandbox-layers " + repr(layers), file=sys.stderr, flush=True)
     sys.argv = ["program.py"]
     os.write(cfg["ready_fd"], b"1")
     os.close(cfg["ready_fd"])
