@@ -1,6 +1,7 @@
 """Evaluate a chat model: ARC-Easy, ARC-Challenge, MMLU (categorical: the answer letter with the highest logit),
 GSM8K, HumanEval, SpellingBee (generative: sampled with the engine, tool use on; HumanEval's tests run in the
-sandbox); with all six, ChatCORE (the mean accuracy centered by each task's chance level, as nanochat computes it).
+sandbox, nanochat_jax/execution.py: kernel mode, or with --unsafe-sandbox the weaker unsafe mode where the kernel
+refuses namespaces); with all six, ChatCORE (the mean accuracy centered by each task's chance level, as nanochat computes it).
 Two LOCAL STAND-INS for a machine with no network, never in ChatCORE: Arithmetic (generated word problems in GSM8K's
 format) and LocalSpellingBee (SpellingBee over words from Python's docstrings); see nanochat_jax/tasks/local.py.
 
@@ -13,7 +14,7 @@ import json
 import time
 from functools import partial
 
-from nanochat_jax import report
+from nanochat_jax import execution, report
 from nanochat_jax.chat_eval import categorical_outcomes, generative_outcomes
 from nanochat_jax.checkpoint import STAGE_DIRS, load_stage
 from nanochat_jax.common import parse_dtype, print0, single_host_only
@@ -57,6 +58,9 @@ def parse_args(argv=None):
     p.add_argument("-x", "--max-problems", type=int, default=None, help="at most this many problems per task")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None)
     p.add_argument("--json-out", default=None, help="write the results here as JSON")
+    p.add_argument("--unsafe-sandbox", action="store_true",
+                   help="where the kernel sandbox is unavailable, run HumanEval's programs in the weaker unsafe mode "
+                        "(see nanochat_jax/execution.py) instead of refusing")
     args = p.parse_args(argv)
     names = list(TASKS) if args.task_name is None else args.task_name.split("|")
     unknown = [n for n in names if n not in TASKS and n not in STANDINS]
@@ -75,6 +79,8 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     single_host_only("evals.chat")
+    if "HumanEval" in args.tasks:  # before the model loads: say which sandbox runs its programs, or stop here
+        execution.require(args.unsafe_sandbox, "HumanEval")
     model, tokenizer, meta = load_stage(args.source, args.model_tag, args.step, dtype=parse_dtype(args.dtype))
     engine = Engine(model, tokenizer)
     results = {}

@@ -457,6 +457,19 @@ def _landlock_text() -> str:
     return f"Landlock ABI {abi}" if abi else "no Landlock in this kernel"
 
 
+def require(unsafe: bool = False, who: str = "this run") -> str:
+    """For commands that will run model code: opts in to unsafe mode if asked, prints the mode, and stops with the
+    fix where model code would be refused. Returns the mode."""
+    if unsafe:
+        allow_unsafe()
+    print(describe(), file=sys.stderr, flush=True)
+    if sandbox_mode() == "unavailable":
+        raise SystemExit(f"{who} runs model-written code, and the sandbox is unavailable here: {kernel_sandbox()[1]}\n"
+                         f"Fix that, or pass --unsafe-sandbox ({UNSAFE_ENV}=1) to run it with the weaker unsafe "
+                         "sandbox (what it does not cover: nanochat_jax/execution.py).")
+    return sandbox_mode()
+
+
 _announced = set()
 
 

@@ -43,6 +43,12 @@ case "$MIXTURE" in
            say "chat data: the LOCAL STAND-IN mixture (generated identity, arithmetic and spelling conversations)" ;;
     *) echo "MIXTURE must be local or classic, got $MIXTURE" >&2; exit 2 ;;
 esac
+# HumanEval's programs run in the code sandbox: find out now whether it works here (UNSAFE_SANDBOX=1 opts in to the
+# weaker unsafe mode where the kernel refuses namespaces)
+sandbox=(); [ "${UNSAFE_SANDBOX:-0}" = 1 ] && sandbox=(--unsafe-sandbox)
+if [[ "$chat_tasks" == *HumanEval* ]]; then
+    python -m nanochat_jax.execution --check "${sandbox[@]}" || exit 1
+fi
 
 for stage in base mid chatsft chatrl; do
     if [ -d "$base/${stage}_checkpoints/runcpu" ]; then
@@ -82,7 +88,7 @@ python -m train.mid --model-tag runcpu --mixture "$MIXTURE" --device-batch-size 
     --max-seq-len "$seq" --num-iterations "$mid_steps" --eval-every "$stage_eval" --eval-tokens "$eval_tokens"
 
 say "6/10 chat evaluation of the midtrained model"
-python -m evals.chat -g runcpu -i mid -a "$chat_tasks" -x "$problems" -m "$new_tokens"
+python -m evals.chat -g runcpu -i mid -a "$chat_tasks" -x "$problems" -m "$new_tokens" "${sandbox[@]}"
 
 say "7/10 supervised finetuning ($MIXTURE chat data): $sft_steps steps"
 python -m train.sft --model-tag runcpu --mixture "$MIXTURE" --device-batch-size 4 \
@@ -90,12 +96,12 @@ python -m train.sft --model-tag runcpu --mixture "$MIXTURE" --device-batch-size 
     --eval-every "$stage_eval" --eval-steps 2 --eval-metrics-every -1 --eval-metrics-max-problems "$problems"
 
 say "8/10 chat evaluation of the SFT model"
-python -m evals.chat -g runcpu -i sft -a "$chat_tasks" -x "$problems" -m "$new_tokens"
+python -m evals.chat -g runcpu -i sft -a "$chat_tasks" -x "$problems" -m "$new_tokens" "${sandbox[@]}"
 
 say "9/10 reinforcement learning on $rl_task: $rl_steps steps, then its chat evaluation"
 python -m train.rl --model-tag runcpu --task "$rl_task" --examples-per-step 2 --num-samples 4 --device-batch-size 2 \
     --max-new-tokens "$rl_tokens" --num-iterations "$rl_steps" --eval-every -1 --eval-examples 4
-python -m evals.chat -g runcpu -i rl -a "$chat_tasks" -x "$problems" -m "$new_tokens"
+python -m evals.chat -g runcpu -i rl -a "$chat_tasks" -x "$problems" -m "$new_tokens" "${sandbox[@]}"
 
 say "10/10 a chat reply, and the report card"
 python -m serve.cli -g runcpu -i rl -p "What is 12 plus 7?" -t 0 -m 32

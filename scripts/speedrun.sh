@@ -19,6 +19,9 @@
 #   TOKENIZER_CHARS=2000000000   characters to train the tokenizer on
 #   RL=0                  1 runs RL on GSM8K after SFT (single host), then its chat eval
 #   EXTRA=gpu             which jax to install: gpu (CUDA 12) | tpu | none (use the environment as it is)
+#   UNSAFE_SANDBOX=0      1 lets HumanEval's programs run in the weaker unsafe sandbox where the kernel refuses the
+#                         code sandbox's namespaces (checked before anything else: python -m nanochat_jax.execution
+#                         --check)
 #   PHASE=all             all | prepare | train | evaluate; several hosts run `prepare` on one host, `train` on every
 #                         host (NANOCHAT_MULTIHOST=1, NANOCHAT_BASE_DIR on a filesystem they share), `evaluate` on one
 #   NANOCHAT_BASE_DIR     where data, checkpoints and the report go (default ~/.cache/nanochat_jax)
@@ -48,6 +51,12 @@ if [ "$EXTRA" != none ]; then
     . .venv/bin/activate
     pip install --quiet --upgrade pip
     pip install --quiet -e ".[$EXTRA]"
+fi
+# the chat evaluations run HumanEval's programs in the code sandbox: find out now, not after hours of training
+sandbox=(); [ "${UNSAFE_SANDBOX:-0}" = 1 ] && sandbox=(--unsafe-sandbox)
+if [ "$PHASE" = all ] || [ "$PHASE" = evaluate ]; then
+    python -m nanochat_jax.execution --check "${sandbox[@]}" || {
+        echo "the code sandbox is not available (above: why, and the fix); or UNSAFE_SANDBOX=1 to opt in" >&2; exit 1; }
 fi
 if [ "${NANOCHAT_MULTIHOST:-0}" != 1 ]; then  # (a multi-host process sees its peers only after jax.distributed)
     python -c "import jax; print(f'jax {jax.__version__}: {jax.device_count()} x {jax.devices()[0].device_kind}')"
@@ -87,12 +96,12 @@ train() {
 
 evaluate() {
     say "chat evaluation: mid, then SFT"
-    python -m evals.chat -g "$tag" -i mid
-    python -m evals.chat -g "$tag" -i sft
+    python -m evals.chat -g "$tag" -i mid "${sandbox[@]}"
+    python -m evals.chat -g "$tag" -i sft "${sandbox[@]}"
     if [ "$RL" = 1 ]; then
         say "reinforcement learning on GSM8K, then its chat evaluation"
         python -m train.rl --model-tag "$tag" "${run[@]}"
-        python -m evals.chat -g "$tag" -i rl
+        python -m evals.chat -g "$tag" -i rl "${sandbox[@]}"
     fi
     say "report card"
     python -m scripts.report generate

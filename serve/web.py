@@ -348,6 +348,8 @@ def main(argv=None):
     app = create_app(batched, tokenizer, name, {"temperature": args.temperature, "top_k": args.top_k,
                                                 "max_tokens": args.max_tokens})
     print(f"serving {name} (step {meta['step']}) at http://{args.host}:{args.port}", flush=True)
+    print("tool calls: the calculator (arithmetic and str.count, evaluated from the syntax tree: no model-written "
+          "code is executed, so no sandbox is needed)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 

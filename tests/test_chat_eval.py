@@ -84,3 +84,21 @@ def test_evals_chat_end_to_end(tmp_path, monkeypatch, tokenizer):
     assert chat.main(["-i", "base", "-a", "MMLU", "-x", "2"])["ChatCORE"] is None  # only with all six
     with pytest.raises(SystemExit):
         chat.main(["-a", "MMLU|Nope"])
+
+
+def test_evals_chat_refuses_humaneval_where_the_sandbox_is_unavailable(tmp_path, monkeypatch):
+    import pytest
+
+    from evals import chat
+    from nanochat_jax import execution
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))  # no checkpoint here: the sandbox is checked first
+    monkeypatch.delenv(execution.UNSAFE_ENV, raising=False)
+    monkeypatch.setattr(execution, "kernel_sandbox", lambda: (False, "the kernel refused (a test)"))
+    with pytest.raises(SystemExit, match="sandbox is unavailable here: the kernel refused"):
+        chat.main(["-i", "base", "-a", "HumanEval"])
+    try:
+        with pytest.raises(FileNotFoundError):  # opted in: on to loading the model (there is none)
+            chat.main(["-i", "base", "-a", "HumanEval", "--unsafe-sandbox"])
+        assert execution.sandbox_mode() == "unsafe"
+    finally:
+        execution.allow_unsafe(False)

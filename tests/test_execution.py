@@ -445,3 +445,19 @@ def test_check_prints_the_layers():
             assert layer in out.stdout, out.stdout
     else:
         assert out.returncode == 1 and "UNAVAILABLE" in out.stdout
+
+
+@needs_bwrap
+def test_humaneval_scoring_survives_hostile_completions():
+    from nanochat_jax.tasks.humaneval import HumanEval
+    task = object.__new__(HumanEval)  # (evaluate needs no rows)
+    conversation = {"messages": [{"role": "user", "content": "def add(a, b):\n"}], "entry_point": "add",
+                    "test": "def check(f):\n    assert f(2, 3) == 5\n"}
+    good = "def add(a, b):\n    return a + b\n"
+    hostile = ["import os\nos.symlink('/dev/zero', '.stdout')\nprint('x' * 10**8)\n" + good,
+               "import os\nos.close(1)\nos.close(2)\n" + good.replace("a + b", "a - b"),
+               "while True: pass\n",
+               "import sys\nsys.setrecursionlimit(10**6)\ndef add(a, b):\n    return add(a, b)\n",
+               "\0\ud800 not even python"]
+    assert task.evaluate(conversation, good) is True
+    assert [task.evaluate(conversation, c) for c in hostile] == [False] * len(hostile)

@@ -11,7 +11,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ["runcpu.sh", "speedrun.sh", "run1000.sh", "speedrun_tpu.sh"]
 SAMPLES = {'"${mesh[@]}"': "--mesh data:8", '"${run[@]}"': "--run test", '"${core[@]}"': "--max-per-task 16",
-           '"$REMAT"': "full"}
+           '"$REMAT"': "full", '"${sandbox[@]}"': "--unsafe-sandbox"}
 
 
 def commands(script: str) -> list[list[str]]:
