@@ -12,7 +12,8 @@ Kernel mode (the default; needs bubblewrap and unprivileged user namespaces):
   has only a loopback network, and dies with the caller;
 - its filesystem is a read-only view of the system libraries and this Python (sys.base_prefix, sys.prefix), a
   synthetic /etc (passwd, group, hosts: nothing of the host's), a minimal read-only /dev, and one writable tmpfs at
-  /tmp capped at `max_disk_bytes` in total (its working directory and HOME);
+  /tmp capped at `max_disk_bytes` and `max_files` in total (its working directory and HOME; the file cap needs
+  util-linux's unshare and mount, else only the size is capped);
 - a seccomp filter (libseccomp, loaded by bubblewrap before Python starts) refusing new processes, ptrace, other
   processes' limits, priority, affinity and signals, mounts, namespaces, keyrings, bpf, io_uring, xattrs, chown,
   device nodes, memfd (the full list is in nanochat_jax/sandbox_guard.py);
@@ -23,8 +24,7 @@ Kernel mode (the default; needs bubblewrap and unprivileged user namespaces):
   the wall-clock timeout runs from the program's first line; everything in its PID namespace is gone when the call
   returns (checked: `leftover` counts processes that had to be killed after the call, normally 0).
 Not covered: reading what is visible (the system libraries, this Python's installed packages); CPU and memory side
-channels; kernel exploits reachable through the allowed system calls; the number of files it creates within its
-time limit (each costs kernel memory; the size cap bounds their bytes).
+channels; kernel exploits reachable through the allowed system calls.
 
 Where the kernel refuses user namespaces (or bubblewrap is missing), model code is refused (status "refused", and a
 loud message once, naming the fix) unless the user opts in to unsafe mode: `--unsafe-sandbox` on the commands that
@@ -158,8 +158,30 @@ def _kernel_bpf() -> bytes:
         return f.read()
 
 
-def _kernel_argv(bwrap, fds, info_fd, program_fd, seccomp_fd, disk, guard_argv) -> list[str]:
+@lru_cache(maxsize=1)
+def _tmpfs_tools() -> tuple[str, str, str, str] | None:
+    """(unshare, sh, mount, an empty host directory) to mount the sandbox's tmpfs with a file-count cap as well as a
+    size cap (bubblewrap's own --tmpfs takes only a size), or None where a tool is missing."""
+    tools = [shutil.which("unshare"), "/bin/sh" if os.path.exists("/bin/sh") else None, shutil.which("mount")]
+    if None in tools:
+        return None
+    return (*tools, tempfile.mkdtemp(prefix="nanochat_sandbox_mnt_"))  # stays empty: mounts land in a namespace
+
+
+_inode_cap = [True]  # cleared by kernel_sandbox() where the capped tmpfs cannot be mounted
+
+
+def _kernel_argv(bwrap, fds, info_fd, program_fd, seccomp_fd, disk, files, guard_argv) -> list[str]:
+    """bubblewrap's command line; where it can, first a user + mount namespace of our own (util-linux unshare) in
+    which a tmpfs capped in bytes and in files is mounted, for bubblewrap to bind as the sandbox's /tmp."""
     read, links = visible_paths()
+    tools = _tmpfs_tools() if _inode_cap[0] else None
+    prefix, tmp = [], ["--size", str(disk), "--tmpfs", "/tmp"]
+    if tools:
+        unshare, sh, mount, mnt = tools
+        script = (f"{mount} -t tmpfs -o size={int(disk)},nr_inodes={int(files)},mode=0700 nanochat-sandbox {mnt} "
+                  '&& exec "$0" "$@"')
+        prefix, tmp = [unshare, "--user", "--map-root-user", "--mount", "--", sh, "-c", script], ["--bind", mnt, "/tmp"]
     argv = [bwrap, "--unshare-all", "--unshare-user", "--die-with-parent", "--as-pid-1", "--new-session", "--clearenv",
             "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID), "--hostname", "sandbox"]
     for key, value in (("PATH", "/usr/bin:/bin"), ("HOME", "/tmp"), ("TMPDIR", "/tmp"), ("LANG", "C.UTF-8")):
@@ -170,10 +192,10 @@ def _kernel_argv(bwrap, fds, info_fd, program_fd, seccomp_fd, disk, guard_argv) 
         argv += ["--symlink", target, link]
     for path, fd in fds.items():
         argv += ["--perms", "0444", "--ro-bind-data", str(fd), path]
-    argv += ["--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev", "--size", str(disk), "--tmpfs", "/tmp",
+    argv += ["--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev", *tmp,
              "--perms", "0444", "--ro-bind-data", str(program_fd), "/sandbox/program.py", "--chdir", "/tmp",
              "--info-fd", str(info_fd), "--seccomp", str(seccomp_fd), "--remount-ro", "/", "--"]
-    return argv + guard_argv
+    return prefix + argv + guard_argv
 
 
 # ---- one call
@@ -283,7 +305,7 @@ def _classify(rc, stdout, stderr, ready, timed_out, capped, timeout, kernel):
     return "error", last or f"exit code {rc}"
 
 
-def _run(code, timeout, memory, output, disk, kernel, audit_hook, report=False) -> ExecutionResult:
+def _run(code, timeout, memory, output, disk, kernel, audit_hook, report=False, files=10_000) -> ExecutionResult:
     start = time.time()
     ready_r, ready_w = os.pipe()
     os.set_inheritable(ready_w, True)
@@ -298,7 +320,7 @@ def _run(code, timeout, memory, output, disk, kernel, audit_hook, report=False) 
             fds = [info_w, program_fd, seccomp_fd, *etc.values()]
             cfg = _guard_config("/tmp", "/sandbox/program.py", timeout, memory, disk, False, audit_hook, report,
                                 ready_w)
-            argv = _kernel_argv(bwrap_path(), etc, info_w, program_fd, seccomp_fd, disk, _guard_argv(cfg))
+            argv = _kernel_argv(bwrap_path(), etc, info_w, program_fd, seccomp_fd, disk, files, _guard_argv(cfg))
             cwd = "/"
         else:
             workdir = tempfile.mkdtemp(prefix="nanochat_sandbox_")
@@ -419,8 +441,12 @@ def kernel_sandbox() -> tuple[bool, str]:
     except Exception as e:  # noqa: BLE001 - no pyseccomp, or no libseccomp
         return False, _diagnosis(f"sandbox: could not apply seccomp: {type(e).__name__}: {e}")
     result = _run("pass", 10.0, 512 * 2**20, 2**16, 2**20, kernel=True, audit_hook=True)
+    if result.status != "ok" and _inode_cap[0]:  # without our own tmpfs (no unshare or mount here): size cap only
+        _inode_cap[0] = False
+        result = _run("pass", 10.0, 512 * 2**20, 2**16, 2**20, kernel=True, audit_hook=True)
     if result.status == "ok":
         return True, ""
+    _inode_cap[0] = True
     return False, _diagnosis(result.stderr)
 
 
@@ -487,7 +513,7 @@ def _announce(mode):
 
 
 def execute_code(code: str, timeout: float = 5.0, max_memory_bytes: int = 512 * 2**20,
-                 max_output_bytes: int = 2**20, max_disk_bytes: int = 64 * 2**20,
+                 max_output_bytes: int = 2**20, max_disk_bytes: int = 64 * 2**20, max_files: int = 10_000,
                  audit_hook: bool = True) -> ExecutionResult:
     """Runs `code` in the sandbox and never raises because of what the program did. `audit_hook=False` leaves out
     the second layer (the tests use it to show the kernel layers hold alone)."""
@@ -498,7 +524,8 @@ def execute_code(code: str, timeout: float = 5.0, max_memory_bytes: int = 512 * 
     if mode == "unsafe":
         _announce(mode)
     try:
-        return _run(code, timeout, max_memory_bytes, max_output_bytes, max_disk_bytes, mode == "kernel", audit_hook)
+        return _run(code, timeout, max_memory_bytes, max_output_bytes, max_disk_bytes, mode == "kernel", audit_hook,
+                    files=max_files)
     except OSError as e:  # (the caller's own trouble, e.g. no file descriptors left: still not an exception)
         return ExecutionResult("refused", "", "", f"the sandbox could not start: {e}", None, 0.0)
 
@@ -524,7 +551,7 @@ def write_system():
     return "WRITABLE"
 fact("system", write_system)
 st = os.statvfs(os.getcwd())
-facts["workdir"] = [os.getcwd(), st.f_blocks * st.f_frsize]
+facts["workdir"] = [os.getcwd(), st.f_blocks * st.f_frsize, st.f_files]
 facts["rlimits"] = {n: resource.getrlimit(getattr(resource, "RLIMIT_" + n))[1]
                     for n in ("CPU", "AS", "FSIZE", "NPROC", "NOFILE", "CORE")}
 print(json.dumps(facts))
@@ -569,7 +596,8 @@ def check(unsafe: bool = False) -> int:
             ("processes it sees", facts["processes"]),
             ("network", f"interfaces: {facts['interfaces']}"),
             ("system files", facts["system"]),
-            ("writable", f"{facts['workdir'][0]} ({_mib(facts['workdir'][1])} in all)" if kernel
+            ("writable", f"{facts['workdir'][0]} ({_mib(facts['workdir'][1])} and "
+                         f"{facts['workdir'][2] if _inode_cap[0] else 'uncapped'} files in all)" if kernel
              else f"{facts['workdir'][0]} (a host directory: files capped, the total not)"),
             ("seccomp", f"mode {status['Seccomp']} (2 = filter), {status['Seccomp_filters']} filter(s)"
                         if "Seccomp" in status else layers.get("seccomp", "off") + " (the guard loaded it)"),

@@ -461,3 +461,35 @@ def test_humaneval_scoring_survives_hostile_completions():
                "\0\ud800 not even python"]
     assert task.evaluate(conversation, good) is True
     assert [task.evaluate(conversation, c) for c in hostile] == [False] * len(hostile)
+
+
+@needs_bwrap
+def test_the_number_of_files_is_capped_too():
+    if execution._tmpfs_tools() is None:
+        pytest.skip("no util-linux unshare/mount here: only the size is capped")
+    result = execute_code("""
+import os
+n = 0
+try:
+    while True:
+        os.close(os.open(f"f{n}", os.O_CREAT | os.O_WRONLY))
+        n += 1
+except OSError as e:
+    print(n, e.strerror)
+""", max_files=500, audit_hook=False)
+    count, error = result.stdout.split(" ", 1)
+    assert int(count) < 500 and error.strip() == "No space left on device", result
+
+
+@needs_bwrap
+def test_where_the_capped_tmpfs_cannot_be_mounted_the_size_cap_still_holds(monkeypatch):
+    monkeypatch.setattr(execution, "_tmpfs_tools", lambda: (shutil.which("unshare") or "/usr/bin/unshare", "/bin/sh",
+                                                            "/bin/false", "/nonexistent"))
+    monkeypatch.setattr(execution, "_inode_cap", [True])
+    execution.kernel_sandbox.cache_clear()
+    try:
+        assert execution.kernel_sandbox() == (True, "") and execution._inode_cap == [False]
+        result = execute_code("open('big', 'wb').write(b'x' * 2**21)", max_disk_bytes=2**20, audit_hook=False)
+        assert result.status == "error" and ("No space left" in result.error or "too large" in result.error)
+    finally:
+        execution.kernel_sandbox.cache_clear()
