@@ -36,6 +36,7 @@ limits to them are refused by seccomp); without Landlock (kernels before 5.13) t
 can and only the audit hook stops writes outside its directory; the directory's size is not capped.
 """
 import ast
+import atexit
 import json
 import marshal
 import os
@@ -165,7 +166,9 @@ def _tmpfs_tools() -> tuple[str, str, str, str] | None:
     tools = [shutil.which("unshare"), "/bin/sh" if os.path.exists("/bin/sh") else None, shutil.which("mount")]
     if None in tools:
         return None
-    return (*tools, tempfile.mkdtemp(prefix="nanochat_sandbox_mnt_"))  # stays empty: mounts land in a namespace
+    mountpoint = tempfile.mkdtemp(prefix="nanochat_sandbox_mnt_")  # stays empty: the mounts land in a namespace
+    atexit.register(lambda: shutil.rmtree(mountpoint, ignore_errors=True))
+    return (*tools, mountpoint)
 
 
 _inode_cap = [True]  # cleared by kernel_sandbox() where the capped tmpfs cannot be mounted
@@ -526,8 +529,8 @@ def execute_code(code: str, timeout: float = 5.0, max_memory_bytes: int = 512 * 
     try:
         return _run(code, timeout, max_memory_bytes, max_output_bytes, max_disk_bytes, mode == "kernel", audit_hook,
                     files=max_files)
-    except OSError as e:  # (the caller's own trouble, e.g. no file descriptors left: still not an exception)
-        return ExecutionResult("refused", "", "", f"the sandbox could not start: {e}", None, 0.0)
+    except Exception as e:  # noqa: BLE001 - the caller's own trouble (no descriptors left, a bad argument): a result
+        return ExecutionResult("refused", "", "", f"the sandbox could not start: {type(e).__name__}: {e}", None, 0.0)
 
 
 # ---- python -m nanochat_jax.execution --check
