@@ -36,9 +36,16 @@ class Request:
     cancelled: bool = False
     slots: list[int] = field(default_factory=list)
     finished: set = field(default_factory=set)
+    listener: object = None  # called (from the engine's thread) after each event: e.g. to wake an asyncio task
+    wake: object = None  # the server's asyncio.Event for this request
 
     def cancel(self):
         self.cancelled = True
+
+    def put(self, event):
+        self.events.put(event)
+        if self.listener is not None:
+            self.listener()
 
 
 def _admit(cache, rows, row_cache, row, slot):
@@ -116,7 +123,7 @@ class BatchedEngine:
             except Exception as error:  # never let one bad batch take the server down
                 message = f"engine error: {type(error).__name__}: {error}"
                 for request in {o for o in self.owner if o is not None} | ({self._admitting} - {None}):
-                    request.events.put((-1, None, message))
+                    request.put((-1, None, message))
                 self.owner, self.pending, self._admitting = [None] * self.n_slots, [False] * self.n_slots, None
                 cache, rows = self._empty_state()  # the old buffers may have been donated to the failed call
 
@@ -154,13 +161,13 @@ class BatchedEngine:
         if token in self.engine.stops:
             self._finish(request, sample, "stop")
             return
-        request.events.put((sample, token, forced))
+        request.put((sample, token, forced))
         self.stats["tokens_generated"] += 1
 
     def _finish(self, request, sample, reason):
         if sample not in request.finished:
             request.finished.add(sample)
-            request.events.put((sample, None, reason))
+            request.put((sample, None, reason))
             if len(request.finished) == request.n:
                 self.stats["requests_served"] += 1
 

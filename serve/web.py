@@ -5,7 +5,10 @@
 
 Endpoints: GET / (chat page), POST /chat/completions (nanochat's SSE: data: {"token": ...} ... data: [DONE]),
 POST /v1/chat/completions and GET /v1/models (OpenAI-compatible, streaming or not), GET /health, GET /stats.
-Requests are validated with nanochat's limits; a bad one gets a 4xx with the reason, and the server keeps serving.
+Requests are validated with nanochat's limits; a bad one gets a 4xx with the reason in OpenAI's error body, and the
+server keeps serving. Safe to expose (serve/guard.py): `--api-key` (or NANOCHAT_API_KEY) for Bearer auth on the API
+and the page, a capped request body, deadlines for slow clients, a Host allow-list on loopback, no /docs unless
+asked; prompts are rendered off the event loop, so /health answers at once under load.
 """
 import argparse
 import asyncio
@@ -13,6 +16,8 @@ import json
 import os
 import queue
 import random
+import socket
+import sys
 import time
 import uuid
 from typing import Literal
@@ -21,19 +26,22 @@ from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nanochat_jax.chat import prompt_for_reply
 from nanochat_jax.engine import MAX_TOP_K
 from nanochat_jax.serving import BatchedEngine, QueueFull, Request
+from serve.guard import Guard, GuardedH11Protocol, is_loopback, openai_error
 
 MAX_MESSAGES, MAX_MESSAGE_CHARS, MAX_TOTAL_CHARS, MAX_MAX_TOKENS = 500, 8000, 32000, 4096
 UI_PATH = os.path.join(os.path.dirname(__file__), "ui.html")
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.param, self.code = status, message, param, code
 
 
 class TextPart(BaseModel):
@@ -128,31 +136,59 @@ def render_reply(tokenizer, tokens: list[int]) -> str:
     return reply.text()
 
 
-def create_app(batched: BatchedEngine, tokenizer, model_name: str, defaults: dict) -> FastAPI:
-    app = FastAPI(title="nanochat-jax")
+def create_app(batched: BatchedEngine, tokenizer, model_name: str, defaults: dict, api_key: str | None = None,
+               allowed_hosts: set[str] | None = None, max_body: int = 1 << 20, docs: bool = False) -> FastAPI:
+    """The app. allowed_hosts: the Host names it answers to (None: any); api_key: required on everything but
+    /health; docs: serve /docs and /openapi.json."""
+    app = FastAPI(title="nanochat-jax", docs_url="/docs" if docs else None, redoc_url=None,
+                  openapi_url="/openapi.json" if docs else None)
+    app.add_middleware(Guard, api_key=api_key, allowed_hosts=allowed_hosts, max_body=max_body)
     context = batched.engine.config.sequence_len
 
     @app.exception_handler(APIError)
     async def api_error(_, error: APIError):
-        return JSONResponse({"error": {"message": error.message, "type": "invalid_request_error"}}, error.status)
+        return JSONResponse(openai_error(error.status, error.message, param=error.param, code=error.code),
+                            error.status)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_, error: RequestValidationError):
-        reasons = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in error.errors())
-        return JSONResponse({"error": {"message": reasons, "type": "invalid_request_error"}}, 400)
+        errors = error.errors()
+        reasons = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in errors)
+        param = ".".join(str(p) for p in errors[0]["loc"][1:]) or None if errors else None
+        return JSONResponse(openai_error(400, reasons, param=param), 400)
 
-    def prompt(messages: list[dict], max_tokens: int, drop_old: bool):
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_, error: StarletteHTTPException):
+        message = {404: "no such endpoint", 405: "method not allowed on this endpoint"}.get(error.status_code,
+                                                                                         str(error.detail))
+        return JSONResponse(openai_error(error.status_code, message), error.status_code,
+                            headers=getattr(error, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def server_error(_, error: Exception):
+        return JSONResponse(openai_error(500, f"internal error: {type(error).__name__}"), 500)
+
+    def render(messages: list[Message], max_tokens: int, drop_old: bool):
+        """Validation, the chat template and the fit to the context: run off the event loop."""
+        checked = check_messages(messages)
         try:
-            ids, dropped = prompt_for_reply(tokenizer, messages, context, min(max_tokens, context // 2))
+            ids, dropped = prompt_for_reply(tokenizer, checked, context, min(max_tokens, context // 2))
         except ValueError as e:
-            raise APIError(400, str(e)) from None
+            raise APIError(400, str(e), param="messages") from None
         if dropped and not drop_old:
-            raise APIError(400, f"the conversation does not fit the model's context of {context} tokens")
+            raise APIError(400, f"the conversation does not fit the model's context of {context} tokens",
+                           param="messages", code="context_length_exceeded")
         return ids, dropped
+
+    async def prompt(messages: list[Message], max_tokens: int, drop_old: bool):
+        return await run_in_threadpool(render, messages, max_tokens, drop_old)
 
     def submit(ids, n, max_tokens, temperature, top_k, top_p, seed) -> Request:
         request = Request(ids, n, max_tokens, temperature, top_k, top_p,
                           random.randint(0, 2**31 - 1) if seed is None else seed)
+        loop, wake = asyncio.get_running_loop(), asyncio.Event()
+        request.wake = wake
+        request.listener = lambda: loop.call_soon_threadsafe(wake.set)
         try:
             return batched.submit(request)
         except QueueFull as e:
@@ -163,17 +199,21 @@ def create_app(batched: BatchedEngine, tokenizer, model_name: str, defaults: dic
     async def events(request: Request, http: HTTPRequest):
         """(sample, token, forced) / (sample, None, finish_reason) until every sample finished, or (-1, None,
         message) if the engine failed; cancels the request when the client goes away (its slots are freed at the
-        engine's next step)."""
-        done, polls = 0, 0
+        engine's next step). Waits on the engine's wake-ups, never polls the queue."""
+        done = 0
         try:
             while done < request.n:
                 try:
                     event = request.events.get_nowait()
                 except queue.Empty:
-                    polls += 1
-                    if polls % 100 == 0 and await http.is_disconnected():
-                        return
-                    await asyncio.sleep(0.005)
+                    request.wake.clear()
+                    if not request.events.empty():
+                        continue
+                    try:
+                        await asyncio.wait_for(request.wake.wait(), timeout=1.0)
+                    except asyncio.TimeoutError:
+                        if await http.is_disconnected():
+                            return
                     continue
                 yield event
                 if event[0] == -1:
@@ -203,9 +243,8 @@ def create_app(batched: BatchedEngine, tokenizer, model_name: str, defaults: dic
 
     @app.post("/chat/completions")
     async def chat(body: ChatRequest, http: HTTPRequest):
-        messages = check_messages(body.messages)
         max_tokens = body.max_tokens or defaults["max_tokens"]
-        ids, dropped = prompt(messages, max_tokens, drop_old=True)
+        ids, dropped = await prompt(body.messages, max_tokens, drop_old=True)
         temperature = defaults["temperature"] if body.temperature is None else body.temperature
         request = submit(ids, 1, max_tokens, temperature, body.top_k or defaults["top_k"], 1.0, None)
 
@@ -232,11 +271,11 @@ def create_app(batched: BatchedEngine, tokenizer, model_name: str, defaults: dic
 
     @app.post("/v1/chat/completions")
     async def openai_chat(body: OpenAIChatRequest, http: HTTPRequest):
-        messages = check_messages(body.messages)
         if body.model not in (None, model_name):
-            raise APIError(404, f"unknown model {body.model!r}; this server serves {model_name!r}")
+            raise APIError(404, f"unknown model {body.model!r}; this server serves {model_name!r}", param="model",
+                           code="model_not_found")
         max_tokens = body.max_completion_tokens or body.max_tokens or defaults["max_tokens"]
-        ids, _ = prompt(messages, max_tokens, drop_old=False)
+        ids, _ = await prompt(body.messages, max_tokens, drop_old=False)
         temperature = defaults["temperature"] if body.temperature is None else body.temperature
         request = submit(ids, body.n, max_tokens, temperature, body.top_k, body.top_p or 1.0, body.seed)
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -297,7 +336,7 @@ def create_app(batched: BatchedEngine, tokenizer, model_name: str, defaults: dic
                         if new or reason:
                             yield chunk(sample, {"content": new} if new else {}, reason)
                 except APIError as error:  # the headers are sent: report it in the stream
-                    yield f"data: {json.dumps({'error': {'message': error.message, 'type': 'server_error'}})}\n\n"
+                    yield f"data: {json.dumps(openai_error(500, error.message))}\n\n"
                 finally:
                     request.cancel()
                 yield "data: [DONE]\n\n"
@@ -329,11 +368,31 @@ def main(argv=None):
     parser.add_argument("-m", "--max-tokens", type=int, default=512, help="default longest reply")
     parser.add_argument("--slots", type=int, default=8, help="requests decoded together")
     parser.add_argument("--max-waiting", type=int, default=64, help="queued requests beyond which the server says 503")
+    parser.add_argument("--api-key", default=os.environ.get("NANOCHAT_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' on the API and the page (default: $NANOCHAT_API_KEY)")
+    parser.add_argument("--allowed-hosts", default=None,
+                        help="comma-separated Host names to answer to (default on loopback: localhost names only)")
+    parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (413 beyond)")
+    parser.add_argument("--docs", action="store_true", help="serve /docs and /openapi.json")
     args = parser.parse_args(argv)
     if not 0 <= args.temperature <= 2 or not 1 <= args.top_k <= MAX_TOP_K or not 1 <= args.max_tokens <= MAX_MAX_TOKENS:
         parser.error(f"--temperature in 0..2, --top-k in 1..{MAX_TOP_K}, --max-tokens in 1..{MAX_MAX_TOKENS}")
-    if args.slots < 1 or args.max_waiting < 1:
-        parser.error("--slots and --max-waiting must be positive")
+    if args.slots < 1 or args.max_waiting < 1 or args.max_body_bytes < 1024:
+        parser.error("--slots and --max-waiting must be positive, --max-body-bytes at least 1024")
+    if args.api_key is not None and len(args.api_key) < 8:
+        parser.error("--api-key must be at least 8 characters")
+    allowed = set(args.allowed_hosts.split(",")) if args.allowed_hosts else None
+    if allowed is None and is_loopback(args.host):
+        allowed = {"localhost", "127.0.0.1", "::1"}
+    if not is_loopback(args.host) and args.api_key is None:
+        print(f"WARNING: serving on {args.host} without --api-key: anyone who can reach this port can use the model",
+              file=sys.stderr, flush=True)
+    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:  # before the model loads: a port in use is one line and exit code 1, not a crash minutes later
+        sock.bind((args.host, args.port))
+    except OSError as e:
+        parser.exit(1, f"cannot listen on {args.host}:{args.port}: {e.strerror}\n")
 
     import uvicorn
 
@@ -346,11 +405,17 @@ def main(argv=None):
     batched = BatchedEngine(Engine(model, tokenizer), slots=args.slots, max_waiting=args.max_waiting).start()
     name = f"nanochat-jax-{args.source}-d{model.config.n_layer}"
     app = create_app(batched, tokenizer, name, {"temperature": args.temperature, "top_k": args.top_k,
-                                                "max_tokens": args.max_tokens})
-    print(f"serving {name} (step {meta['step']}) at http://{args.host}:{args.port}", flush=True)
+                                                "max_tokens": args.max_tokens}, api_key=args.api_key,
+                     allowed_hosts=allowed, max_body=args.max_body_bytes, docs=args.docs)
+    print(f"serving {name} (step {meta['step']}) at http://{args.host}:{args.port}"
+          + (" (API key required)" if args.api_key else ""), flush=True)
     print("tool calls: the calculator (arithmetic and str.count, evaluated from the syntax tree: no model-written "
           "code is executed, so no sandbox is needed)", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    server = uvicorn.Server(uvicorn.Config(app, http=GuardedH11Protocol, log_level="warning", timeout_keep_alive=5))
+    try:
+        server.run(sockets=[sock])
+    finally:
+        batched.stop()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,173 @@
+"""What makes the chat server safe to expose: OpenAI-style errors, a capped request body, connection deadlines,
+Bearer-key auth, and a Host allow-list against DNS rebinding.
+
+- `openai_error(status, message, type, param, code)`: the one error body every failure gets,
+  {"error": {"message", "type", "param", "code"}}.
+- `Guard` (ASGI middleware, outermost): Host allow-list (when bound to loopback, only localhost names reach the
+  app), the API key (`Authorization: Bearer KEY`, or the cookie the page sets after `/?key=KEY`), and the body cap
+  (413 before more than `max_body` bytes are read, whatever Content-Length says).
+- `GuardedH11Protocol` (uvicorn's h11 protocol with deadlines): a connection must finish its request headers within
+  `header_timeout` seconds of connecting (or of its last response) and its body within `body_timeout`, else it is
+  closed; uvicorn alone waits forever for a client that connects and sends nothing, or one byte at a time.
+"""
+import hmac
+import ipaddress
+import json
+from http.cookies import SimpleCookie
+from urllib.parse import parse_qs
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+COOKIE = "nanochat_key"
+OPEN_PATHS = ("/health", "/favicon.ico", "/favicon.svg")  # no key needed (nothing in them is private)
+TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+         405: "invalid_request_error", 408: "timeout_error", 413: "invalid_request_error", 422: "invalid_request_error",
+         429: "rate_limit_error", 503: "server_busy"}
+
+
+def openai_error(status: int, message: str, type: str | None = None, param: str | None = None,
+                 code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type or TYPES.get(status, "server_error"), "param": param,
+                      "code": code}}
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _host_name(value: str) -> str:
+    """The name part of a Host header: 'localhost:8000' -> 'localhost', '[::1]:80' -> '::1'."""
+    if value.startswith("["):
+        return value[1:value.find("]")] if "]" in value else value
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+async def _send_json(send, status: int, body: dict, headers=()):
+    data = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
+                            *headers]})
+    await send({"type": "http.response.body", "body": data})
+
+
+class Guard:
+    def __init__(self, app, api_key: str | None = None, allowed_hosts: set[str] | None = None,
+                 max_body: int = 1 << 20):
+        self.app, self.api_key, self.max_body = app, api_key, max_body
+        self.allowed_hosts = None if allowed_hosts is None else {h.lower() for h in allowed_hosts}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if self.allowed_hosts is not None and _host_name(headers.get("host", "")).lower() not in self.allowed_hosts:
+            return await _send_json(send, 400, openai_error(
+                400, "this server answers only to its own host names (a DNS-rebinding guard); start it with "
+                     "--allowed-hosts to add one", param="Host", code="host_not_allowed"))
+        if self.api_key is not None and scope["path"] not in OPEN_PATHS:
+            query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+            if scope["path"] == "/" and self._matches(query.get("key", [""])[0]):  # the page, opened with its key
+                cookie = f"{COOKIE}={self.api_key}; HttpOnly; SameSite=Strict; Path=/"
+                await send({"type": "http.response.start", "status": 303,
+                            "headers": [(b"location", b"/"), (b"set-cookie", cookie.encode("latin-1")),
+                                        (b"content-length", b"0")]})
+                return await send({"type": "http.response.body", "body": b""})
+            if not self._authorized(headers):
+                return await _send_json(send, 401, openai_error(
+                    401, "a valid API key is required: send 'Authorization: Bearer <key>' (or open the page as "
+                         "/?key=<key>)", code="invalid_api_key"), [(b"www-authenticate", b"Bearer")])
+        length = headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_body):
+            return await _send_json(send, 413, openai_error(
+                413, f"the request body is larger than {self.max_body} bytes", code="request_too_large"))
+        if scope["method"] in ("POST", "PUT", "PATCH"):
+            body, more = b"", True
+            while more:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                body += message.get("body", b"")
+                more = message.get("more_body", False)
+                if len(body) > self.max_body:
+                    return await _send_json(send, 413, openai_error(
+                        413, f"the request body is larger than {self.max_body} bytes", code="request_too_large"))
+            receive = _replay(body, receive)
+        return await self.app(scope, receive, send)
+
+    def _matches(self, key: str) -> bool:
+        return bool(key) and hmac.compare_digest(key.encode(), self.api_key.encode())
+
+    def _authorized(self, headers: dict) -> bool:
+        auth = headers.get("authorization", "")
+        if auth[:7].lower() == "bearer " and self._matches(auth[7:].strip()):
+            return True
+        cookie = SimpleCookie()
+        try:
+            cookie.load(headers.get("cookie", ""))
+        except Exception:  # noqa: BLE001 - a malformed cookie header is no key
+            return False
+        return COOKIE in cookie and self._matches(cookie[COOKIE].value)
+
+
+def _replay(body: bytes, receive):
+    """The body, already read (and capped), handed to the app as one message; then the real channel (disconnects)."""
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+    return replay
+
+
+class GuardedH11Protocol(H11Protocol):
+    header_timeout = 10.0  # seconds to send a request's headers (after connecting, or after the last response)
+    body_timeout = 30.0  # seconds to send its body
+
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        self._deadline, self._phase = None, None
+        self._arm("headers", self.header_timeout)
+
+    def _arm(self, phase, seconds):
+        self._disarm()
+        self._phase, self._deadline = phase, self.loop.call_later(seconds, self._too_slow)
+
+    def _disarm(self):
+        if self._deadline is not None:
+            self._deadline.cancel()
+        self._deadline, self._phase = None, None
+
+    def _too_slow(self):
+        self._deadline = None
+        if not self.transport.is_closing() and self.conn.their_state in (h11.IDLE, h11.SEND_BODY):
+            self.transport.close()  # (a client still sending its request; responses in flight are left alone)
+
+    def data_received(self, data):
+        super().data_received(data)
+        state = self.conn.their_state
+        if state is h11.IDLE:
+            if self._phase != "headers":
+                self._arm("headers", self.header_timeout)
+        elif state is h11.SEND_BODY:
+            if self._phase != "body":
+                self._arm("body", self.body_timeout)
+        else:
+            self._disarm()
+
+    def on_response_complete(self):
+        super().on_response_complete()
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self._arm("headers", self.header_timeout + self.timeout_keep_alive)
+
+    def connection_lost(self, exc):
+        self._disarm()
+        super().connection_lost(exc)
