@@ -25,6 +25,8 @@ from nanochat_jax.gpt import init_cache
 
 MAX_TOP_K = 200  # top-k is applied among the 200 best logits, so k can change without recompiling
 FORCED_SLOTS = 32  # tokens of tool output a row can be forced to emit after one call
+TOP_LOGPROBS = 20  # alternatives reported with each token's log-probability (OpenAI's largest top_logprobs)
+BIAS_SLOTS = 300  # logit_bias entries a row can hold
 
 
 # ---- the calculator tool
@@ -89,22 +91,46 @@ def sample(logits_BV, keys_B, temperature_B, top_k_B, top_p_B):
     return jnp.where(temperature_B > 0, sampled, greedy).astype(jnp.int32)
 
 
-def prefill(graphdef, params, ids_1L, length, keys_N, temperature_N, top_k_N, top_p_N, cache_len: int):
-    """Run one padded prompt into a fresh one-row cache; sample the first token of each of N rows from it."""
+def adjust(logits_BV, r):
+    """A row's logit_bias (sparse: ids and values, padding adds 0 to token 0) and its presence/frequency penalties
+    over the tokens it has generated. With none set the logits are unchanged, bit for bit."""
+    rows = jnp.arange(logits_BV.shape[0])[:, None]
+    logits_BV = logits_BV.at[rows, r["bias_ids"]].add(r["bias_vals"])
+    return logits_BV - r["frequency"][:, None] * r["counts"] - r["presence"][:, None] * (r["counts"] > 0)
+
+
+def token_logprobs(logits_BV, token_B):
+    """The model's log-probability of each row's token, and its TOP_LOGPROBS most likely tokens (before any
+    sampling setting or bias)."""
+    logp = jax.nn.log_softmax(logits_BV.astype(jnp.float32), axis=-1)
+    top_lp, top_ids = jax.lax.top_k(logp, min(TOP_LOGPROBS, logp.shape[-1]))
+    return jnp.take_along_axis(logp, token_B[:, None], axis=-1)[:, 0], top_ids, top_lp
+
+
+def prefill(graphdef, params, ids_1L, length, keys_N, temperature_N, top_k_N, top_p_N, bias_ids_N, bias_vals_N,
+            cache_len: int):
+    """Run one padded prompt into a fresh one-row cache; sample the first token of each of N rows from it.
+    Returns (cache, first [N], (logprob [N], top_ids [N, K], top_logprobs [N, K]))."""
     model = nnx.merge(graphdef, params)
     cache = init_cache(model.config, 1, cache_len, model.dtype)
     logits, cache = model.forward_cached(ids_1L, cache, jnp.zeros(1, jnp.int32))
     n = keys_N.shape[0]
     step_keys = jax.vmap(jax.random.fold_in)(keys_N, jnp.full(n, length))
     last = jnp.broadcast_to(logits[0, length - 1], (n, logits.shape[-1]))
-    return cache, sample(last, step_keys, temperature_N, top_k_N, top_p_N)
+    zeros = jnp.zeros(n, jnp.float32)
+    biased = adjust(last, {"bias_ids": bias_ids_N, "bias_vals": bias_vals_N, "frequency": zeros, "presence": zeros,
+                           "counts": jnp.zeros((1, 1), jnp.float32)})
+    first = sample(biased, step_keys, temperature_N, top_k_N, top_p_N)
+    return cache, first, token_logprobs(last, first)
 
 
 def decode(graphdef, params, cache, rows, pause_tokens, steps: int):
     """Up to `steps` tokens per row. rows: per-row arrays [B]: last (the token to feed next), pos (its position),
-    active, budget (tokens it may still emit), key, temperature, top_k, top_p, and the tool's forced tokens
-    (forced [B, FORCED_SLOTS], n_forced, forced_at). A row pauses after emitting one of pause_tokens.
-    Returns (cache, rows, tokens [B, steps] with -1 where a row emitted nothing, forced [B, steps])."""
+    active, budget (tokens it may still emit), key, temperature, top_k, top_p, logit bias (bias_ids, bias_vals
+    [B, BIAS_SLOTS]), presence and frequency penalties with the row's generated-token counts [B, V], and the tool's
+    forced tokens (forced [B, FORCED_SLOTS], n_forced, forced_at). A row pauses after emitting one of pause_tokens.
+    Returns (cache, rows, out): out["tokens"] [B, steps] (-1 where a row emitted nothing), out["forced"],
+    out["logprob"] [B, steps], out["top_ids"] and out["top_logprobs"] [B, steps, TOP_LOGPROBS]."""
     model = nnx.merge(graphdef, params)
     max_pos = cache["k"].shape[2] - 1
 
@@ -112,26 +138,57 @@ def decode(graphdef, params, cache, rows, pause_tokens, steps: int):
         cache, r = carry
         logits, cache = model.forward_cached(r["last"][:, None], cache, r["pos"])
         keys = jax.vmap(jax.random.fold_in)(r["key"], r["pos"] + 1)  # a row's draws depend on its own state only
-        sampled = sample(logits[:, -1], keys, r["temperature"], r["top_k"], r["top_p"])
+        sampled = sample(adjust(logits[:, -1], r), keys, r["temperature"], r["top_k"], r["top_p"])
         use_forced = r["forced_at"] < r["n_forced"]
         forced = jnp.take_along_axis(r["forced"], jnp.minimum(r["forced_at"], FORCED_SLOTS - 1)[:, None], 1)[:, 0]
         token = jnp.where(use_forced, forced, sampled)
         emit = r["active"] & (r["budget"] > 0) & (r["pos"] < max_pos)
+        counts = r["counts"].at[jnp.arange(token.shape[0]), token].add(emit.astype(jnp.float32))
         r = dict(r, last=jnp.where(emit, token, r["last"]), pos=r["pos"] + emit, budget=r["budget"] - emit,
-                 forced_at=r["forced_at"] + (emit & use_forced), active=emit & ~jnp.isin(token, pause_tokens))
-        return (cache, r), (jnp.where(emit, token, -1), use_forced)
+                 forced_at=r["forced_at"] + (emit & use_forced), active=emit & ~jnp.isin(token, pause_tokens),
+                 counts=counts)
+        logprob, top_ids, top_lp = token_logprobs(logits[:, -1], token)
+        return (cache, r), {"tokens": jnp.where(emit, token, -1), "forced": use_forced, "logprob": logprob,
+                            "top_ids": top_ids, "top_logprobs": top_lp}
 
-    (cache, rows), (tokens, forced) = jax.lax.scan(step, (cache, rows), None, length=steps)
-    return cache, rows, tokens.T, forced.T
+    (cache, rows), out = jax.lax.scan(step, (cache, rows), None, length=steps)
+    return cache, rows, jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), out)
 
 
-def new_rows(first, prompt_len: int, budget: int, keys, temperature, top_k, top_p, stop_tokens):
+def score(graphdef, params, ids_1L):
+    """Per position i: the model's log-probability of token i+1 and its top alternatives (the last position's
+    entries are meaningless: nothing follows it)."""
+    model = nnx.merge(graphdef, params)
+    logits = model(ids_1L)[0]
+    nxt = jnp.concatenate([ids_1L[0, 1:], ids_1L[0, -1:]])
+    return token_logprobs(logits, nxt)
+
+
+def new_rows(first, prompt_len: int, budget: int, keys, temperature, top_k, top_p, stop_tokens, vocab_size: int,
+             bias=None, presence: float = 0.0, frequency: float = 0.0):
+    """The decode state of n new rows after their first token. bias: {token id: value} (at most BIAS_SLOTS)."""
     n = first.shape[0]
+    bias_ids, bias_vals = bias_arrays(bias, n)
+    counts = jnp.zeros((n, vocab_size), jnp.float32).at[jnp.arange(n), first].add(1.0)
     return {"last": first, "pos": jnp.full(n, prompt_len, jnp.int32), "active": ~jnp.isin(first, stop_tokens),
             "budget": jnp.full(n, budget, jnp.int32), "key": keys,
             "temperature": jnp.full(n, temperature, jnp.float32), "top_k": jnp.full(n, top_k, jnp.int32),
             "top_p": jnp.full(n, top_p, jnp.float32), "forced": jnp.zeros((n, FORCED_SLOTS), jnp.int32),
-            "n_forced": jnp.zeros(n, jnp.int32), "forced_at": jnp.zeros(n, jnp.int32)}
+            "n_forced": jnp.zeros(n, jnp.int32), "forced_at": jnp.zeros(n, jnp.int32),
+            "bias_ids": bias_ids, "bias_vals": bias_vals, "presence": jnp.full(n, presence, jnp.float32),
+            "frequency": jnp.full(n, frequency, jnp.float32), "counts": counts}
+
+
+def bias_arrays(bias, n: int):
+    """{token id: value} -> (ids, values) [n, BIAS_SLOTS] (padding: token 0, value 0)."""
+    items = sorted((bias or {}).items())
+    if len(items) > BIAS_SLOTS:
+        raise ValueError(f"logit_bias takes at most {BIAS_SLOTS} tokens")
+    ids = np.zeros(BIAS_SLOTS, np.int32)
+    vals = np.zeros(BIAS_SLOTS, np.float32)
+    for i, (t, v) in enumerate(items):
+        ids[i], vals[i] = t, v
+    return jnp.broadcast_to(jnp.asarray(ids), (n, BIAS_SLOTS)), jnp.broadcast_to(jnp.asarray(vals), (n, BIAS_SLOTS))
 
 
 def _round_up(n: int, base: int) -> int:
@@ -150,6 +207,7 @@ class Engine:
         self.pause_tokens = jnp.array((self.python_end,) + self.stops, jnp.int32)
         self.prefill = jax.jit(partial(prefill, self.graphdef), static_argnames="cache_len")
         self.decode = jax.jit(partial(decode, self.graphdef), donate_argnums=(1,), static_argnames="steps")
+        self._score = jax.jit(partial(score, self.graphdef))
 
     def check_request(self, tokens, max_tokens, temperature, top_k, top_p=1.0) -> int:
         """Validates a request; returns the token budget that fits the model's context."""
@@ -164,21 +222,49 @@ class Engine:
             raise ValueError(f"the prompt has {len(tokens)} tokens; the model's context is {self.config.sequence_len}")
         return room if max_tokens is None else min(max_tokens, room)
 
-    def start(self, tokens, keys, max_tokens, temperature, top_k, top_p, cache_len):
-        """Prefill a prompt for len(keys) rows: (one-row cache, rows) ready for decode once the cache is
-        broadcast to the rows."""
+    def start(self, tokens, keys, max_tokens, temperature, top_k, top_p, cache_len, bias=None, presence=0.0,
+              frequency=0.0):
+        """Prefill a prompt for len(keys) rows: (one-row cache, rows ready for decode once the cache is broadcast to
+        the rows, (logprob, top_ids, top_logprobs) of each row's first token)."""
         # prompt lengths share a few compiled shapes: powers of two (within the cache)
         bucket = min(max(16, 1 << (len(tokens) - 1).bit_length()), cache_len)
         ids = jnp.asarray([list(tokens) + [0] * (bucket - len(tokens))], jnp.int32)
         n = keys.shape[0]
         padded = 1 << (n - 1).bit_length()  # sample counts share a few compiled shapes too
         keys = jnp.concatenate([keys, jnp.broadcast_to(keys[:1], (padded - n,))]) if padded > n else keys
-        cache, first = self.prefill(self.params, ids, len(tokens), keys, jnp.full(padded, temperature, jnp.float32),
-                                    jnp.full(padded, top_k or 0, jnp.int32), jnp.full(padded, top_p, jnp.float32),
-                                    cache_len=cache_len)
+        bias_ids, bias_vals = bias_arrays(bias, padded)
+        cache, first, info = self.prefill(self.params, ids, len(tokens), keys,
+                                          jnp.full(padded, temperature, jnp.float32),
+                                          jnp.full(padded, top_k or 0, jnp.int32), jnp.full(padded, top_p, jnp.float32),
+                                          bias_ids, bias_vals, cache_len=cache_len)
         keys, first = keys[:n], first[:n]
-        return cache, new_rows(first, len(tokens), max_tokens - 1, keys, temperature, top_k or 0, top_p,
-                               jnp.asarray(self.stops + (self.python_end,)))
+        rows = new_rows(first, len(tokens), max_tokens - 1, keys, temperature, top_k or 0, top_p,
+                        jnp.asarray(self.stops + (self.python_end,)), self.config.vocab_size, bias, presence, frequency)
+        return cache, rows, jax.tree.map(lambda x: x[:n], info)
+
+    def score(self, tokens) -> list[tuple[float, tuple]]:
+        """The model's view of a given text: for each token after the first, (its log-probability given those
+        before it, ((id, log-probability), ...) the TOP_LOGPROBS likeliest tokens at that position)."""
+        if len(tokens) < 2:
+            return []
+        bucket = max(16, 1 << (len(tokens) - 1).bit_length())
+        ids = jnp.asarray([list(tokens) + [0] * (bucket - len(tokens))], jnp.int32)
+        logprob, top_ids, top_lp = (np.asarray(x) for x in self._score(self.params, ids))
+        n = len(tokens) - 1
+        return [(float(logprob[i]), tuple((int(a), float(b)) for a, b in zip(top_ids[i], top_lp[i])))
+                for i in range(n)]
+
+    def check_sampling(self, bias=None, presence=0.0, frequency=0.0):
+        """Validates logit_bias ({token id: -100..100}) and the presence/frequency penalties (-2..2)."""
+        for token, value in (bias or {}).items():
+            if not isinstance(token, (int, np.integer)) or not 0 <= token < self.tokenizer.get_vocab_size():
+                raise ValueError(f"logit_bias: {token!r} is not a token id of this model")
+            if not -100 <= value <= 100:
+                raise ValueError(f"logit_bias: the bias of token {token} must be in -100..100")
+        if len(bias or {}) > BIAS_SLOTS:
+            raise ValueError(f"logit_bias takes at most {BIAS_SLOTS} tokens")
+        if not -2 <= presence <= 2 or not -2 <= frequency <= 2:
+            raise ValueError("presence_penalty and frequency_penalty must be in -2..2")
 
     def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
         """Streams (token_column, mask_column): one token per sample per step (mask 1 sampled, 0 forced by the
@@ -186,8 +272,8 @@ class Engine:
         max_tokens = self.check_request(tokens, max_tokens, temperature, top_k)
         keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(seed), jnp.arange(num_samples))
         # one cache length per model: a growing conversation never recompiles the decode step
-        cache, rows = self.start(tokens, keys, max_tokens, temperature, top_k, 1.0,
-                                 _round_up(self.config.sequence_len + 1, 256))
+        cache, rows, _ = self.start(tokens, keys, max_tokens, temperature, top_k, 1.0,
+                                    _round_up(self.config.sequence_len + 1, 256))
         cache = jax.tree.map(lambda c: jnp.repeat(c, num_samples, axis=1), cache)
         first = np.asarray(rows["last"])
         queues = [[(int(t), 1)] for t in first]  # per sample: (token, mask) not yet yielded
@@ -209,9 +295,8 @@ class Engine:
             rows = self.resume_tool_calls(rows, history, pending)
             if not bool(jnp.any(rows["active"])):
                 return  # every unfinished row is out of budget or cache
-            cache, rows, chunk_tokens, chunk_forced = self.decode(self.params, cache, rows, self.pause_tokens,
-                                                                  steps=self.chunk)
-            for i, (row_tokens, row_forced) in enumerate(zip(np.asarray(chunk_tokens), np.asarray(chunk_forced))):
+            cache, rows, out = self.decode(self.params, cache, rows, self.pause_tokens, steps=self.chunk)
+            for i, (row_tokens, row_forced) in enumerate(zip(np.asarray(out["tokens"]), np.asarray(out["forced"]))):
                 for t, f in zip(row_tokens, row_forced):
                     if t >= 0:
                         queues[i].append((int(t), 0 if f else 1))

@@ -189,13 +189,14 @@ def _kernel_argv(bwrap, fds, info_fd, program_fd, seccomp_fd, disk, files, guard
             "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID), "--hostname", "sandbox"]
     for key, value in (("PATH", "/usr/bin:/bin"), ("HOME", "/tmp"), ("TMPDIR", "/tmp"), ("LANG", "C.UTF-8")):
         argv += ["--setenv", key, value]
+    argv += tmp  # first: a Python installed under /tmp (a CI runner's venv) is bound on top of it, not hidden by it
     for path in read:
         argv += ["--ro-bind", path, path]
     for target, link in links:
         argv += ["--symlink", target, link]
     for path, fd in fds.items():
         argv += ["--perms", "0444", "--ro-bind-data", str(fd), path]
-    argv += ["--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev", *tmp,
+    argv += ["--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev",
              "--perms", "0444", "--ro-bind-data", str(program_fd), "/sandbox/program.py", "--chdir", "/tmp",
              "--info-fd", str(info_fd), "--seccomp", str(seccomp_fd), "--remount-ro", "/", "--"]
     return prefix + argv + guard_argv
@@ -427,6 +428,9 @@ def _diagnosis(stderr: str) -> str:
         fixes.append("`sudo sysctl -w kernel.apparmor_restrict_unprivileged_userns=0`, or an AppArmor profile that "
                      "lets /usr/bin/bwrap create user namespaces (Ubuntu 24.04: install apparmor-profiles and load "
                      "/usr/share/apparmor/extra-profiles/bwrap-userns-restrict)")
+    namespace_words = ("uid map", "namespace", "No permissions", "Operation not permitted", "unshare", "setns")
+    if not fixes and not any(word in line for line in bwrap_lines for word in namespace_words):
+        return f"bubblewrap failed ({bwrap_lines[-1]})."
     if not fixes:
         fixes.append("inside a container, allow user namespaces (Docker: `--security-opt seccomp=unconfined "
                      "--security-opt apparmor=unconfined`, or run on the host)")

@@ -4,7 +4,8 @@ A request (a prompt, n samples, sampling settings) waits in a bounded queue; the
 of one shared KV cache [layers, slots, max_len, kv_heads, head_dim] and from then on every decode call advances all
 busy slots together. A finished or cancelled request frees its slots at once; a new one joins at the next call.
 Each row samples with its own key (seed, sample index), so a seeded request gives the same reply whatever else is
-in the batch. Tokens reach the caller through `Request.events` (a queue.Queue, read from any thread).
+in the batch. Tokens reach the caller through `Request.events` (a queue.Queue, read from any thread) as typed
+records: Token (with the model's log-probability and its TOP_LOGPROBS alternatives), Finished, Failed.
 """
 import queue
 import threading
@@ -14,12 +15,32 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nanochat_jax.engine import FORCED_SLOTS, Engine, _round_up
+from nanochat_jax.engine import BIAS_SLOTS, FORCED_SLOTS, Engine, _round_up
 from nanochat_jax.gpt import init_cache
 
 
 class QueueFull(Exception):
     pass
+
+
+@dataclass(frozen=True)
+class Token:
+    sample: int
+    id: int
+    forced: bool  # emitted by the tool, not sampled
+    logprob: float  # the model's log-probability of this token
+    top: tuple  # ((token id, log-probability), ...) the model's most likely tokens at this position, best first
+
+
+@dataclass(frozen=True)
+class Finished:
+    sample: int
+    reason: str  # "stop" | "length" | "cancelled"
+
+
+@dataclass(frozen=True)
+class Failed:
+    message: str  # the engine failed; the request is over
 
 
 @dataclass(eq=False)  # compared and hashed by identity
@@ -31,7 +52,10 @@ class Request:
     top_k: int | None
     top_p: float
     seed: int
-    # (sample, token, forced) ... then (sample, None, finish reason); (-1, None, message) if the engine failed
+    bias: dict = field(default_factory=dict)  # logit_bias: {token id: -100..100}
+    presence: float = 0.0  # penalties over the tokens generated so far
+    frequency: float = 0.0
+    # Token ... then Finished per sample; Failed if the engine failed
     events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: bool = False
     slots: list[int] = field(default_factory=list)
@@ -45,7 +69,10 @@ class Request:
     def put(self, event):
         self.events.put(event)
         if self.listener is not None:
-            self.listener()
+            try:
+                self.listener()
+            except RuntimeError:  # (the listener's event loop has closed: nobody is waiting any more)
+                pass
 
 
 def _admit(cache, rows, row_cache, row, slot):
@@ -84,6 +111,7 @@ class BatchedEngine:
             raise ValueError(f"n={request.n} is more than the server's {self.n_slots} decode slots")
         request.max_tokens = self.engine.check_request(request.tokens, request.max_tokens, request.temperature,
                                                        request.top_k, request.top_p)
+        self.engine.check_sampling(request.bias, request.presence, request.frequency)
         try:
             self.waiting.put_nowait(request)
         except queue.Full:
@@ -103,7 +131,10 @@ class BatchedEngine:
                 "key": jax.random.split(jax.random.key(0), self.n_slots), "temperature": zeros(self.n_slots, jnp.float32),
                 "top_k": zeros(self.n_slots, jnp.int32), "top_p": jnp.ones(self.n_slots, jnp.float32),
                 "forced": zeros((self.n_slots, FORCED_SLOTS), jnp.int32), "n_forced": zeros(self.n_slots, jnp.int32),
-                "forced_at": zeros(self.n_slots, jnp.int32)}
+                "forced_at": zeros(self.n_slots, jnp.int32), "bias_ids": zeros((self.n_slots, BIAS_SLOTS), jnp.int32),
+                "bias_vals": zeros((self.n_slots, BIAS_SLOTS), jnp.float32),
+                "presence": zeros(self.n_slots, jnp.float32), "frequency": zeros(self.n_slots, jnp.float32),
+                "counts": zeros((self.n_slots, e.config.vocab_size), jnp.float32)}
         return cache, rows
 
     def _loop(self):
@@ -118,12 +149,12 @@ class BatchedEngine:
                     self._wake.clear()
                     continue
                 rows = e.resume_tool_calls(rows, self.history, self.pending)
-                cache, rows, tokens, forced = e.decode(e.params, cache, rows, e.pause_tokens, steps=self.chunk)
-                rows = self._deliver(rows, np.asarray(tokens), np.asarray(forced))
+                cache, rows, out = e.decode(e.params, cache, rows, e.pause_tokens, steps=self.chunk)
+                rows = self._deliver(rows, jax.tree.map(np.asarray, out))
             except Exception as error:  # never let one bad batch take the server down
                 message = f"engine error: {type(error).__name__}: {error}"
                 for request in {o for o in self.owner if o is not None} | ({self._admitting} - {None}):
-                    request.put((-1, None, message))
+                    request.put(Failed(message))
                 self.owner, self.pending, self._admitting = [None] * self.n_slots, [False] * self.n_slots, None
                 cache, rows = self._empty_state()  # the old buffers may have been donated to the failed call
 
@@ -140,34 +171,36 @@ class BatchedEngine:
             self._admitting = self.waiting.get_nowait()
             slots = free[:request.n]
             keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(request.seed), jnp.arange(request.n))
-            row_cache, new_rows = e.start(request.tokens, keys, request.max_tokens, request.temperature,
-                                          request.top_k, request.top_p, self.max_len)
+            row_cache, new_rows, info = e.start(request.tokens, keys, request.max_tokens, request.temperature,
+                                                request.top_k, request.top_p, self.max_len, request.bias,
+                                                request.presence, request.frequency)
             for i, slot in enumerate(slots):
                 cache, rows = self.admit(cache, rows, row_cache, jax.tree.map(lambda r: r[i], new_rows), slot)
             self._admitting = None
             request.slots = slots
             first = np.asarray(new_rows["last"])
+            logprob, top_ids, top_lp = (np.asarray(x) for x in info)
             for i, slot in enumerate(slots):
                 self.owner[slot] = request
                 self.history[slot] = list(request.tokens) + [int(first[i])]
                 self.pending[slot] = int(first[i]) == e.python_end
-                self._emit(request, i, int(first[i]), False)
+                self._emit(request, Token(i, int(first[i]), False, float(logprob[i]), _top(top_ids[i], top_lp[i])))
             rows = self._finish_rows(rows, request)
         return cache, rows
 
-    def _emit(self, request, sample, token, forced):
-        if sample in request.finished:
+    def _emit(self, request, token: Token):
+        if token.sample in request.finished:
             return
-        if token in self.engine.stops:
-            self._finish(request, sample, "stop")
+        if token.id in self.engine.stops:
+            self._finish(request, token.sample, "stop")
             return
-        request.put((sample, token, forced))
+        request.put(token)
         self.stats["tokens_generated"] += 1
 
     def _finish(self, request, sample, reason):
         if sample not in request.finished:
             request.finished.add(sample)
-            request.put((sample, None, reason))
+            request.put(Finished(sample, reason))
             if len(request.finished) == request.n:
                 self.stats["requests_served"] += 1
 
@@ -194,17 +227,22 @@ class BatchedEngine:
             rows = self._finish_rows(rows, request)
         return rows
 
-    def _deliver(self, rows, tokens, forced):
+    def _deliver(self, rows, out):
         for slot, owner in enumerate(self.owner):
             if owner is None:
                 continue
             sample = owner.slots.index(slot)
-            for t, f in zip(tokens[slot], forced[slot]):
+            for step, t in enumerate(out["tokens"][slot]):
                 if t >= 0:
+                    forced = bool(out["forced"][slot, step])
                     self.history[slot].append(int(t))
-                    self.pending[slot] = int(t) == self.engine.python_end and not f
-                    self._emit(owner, sample, int(t), bool(f))
+                    self.pending[slot] = int(t) == self.engine.python_end and not forced
+                    self._emit(owner, Token(sample, int(t), forced, float(out["logprob"][slot, step]),
+                                            _top(out["top_ids"][slot, step], out["top_logprobs"][slot, step])))
         for request in {owner for owner in self.owner if owner is not None}:
             rows = self._finish_rows(rows, request)
         return rows
 
+
+def _top(ids, logprobs) -> tuple:
+    return tuple((int(i), float(lp)) for i, lp in zip(ids, logprobs))

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nanochat_jax import aot
-from nanochat_jax.engine import decode, new_rows, prefill
+from nanochat_jax.engine import BIAS_SLOTS, decode, new_rows, prefill
 from nanochat_jax.gpt import GPT, REMAT_POLICIES, config_from_depth
 from nanochat_jax.optim import build_optimizer
 from nanochat_jax.sharding import make_mesh
@@ -113,11 +113,12 @@ def engine_programs(args, config, devices) -> dict:
             fn = jax.jit(partial(prefill, graphdef), static_argnames="cache_len")
             return aot.compile_timed(fn, params, spec((1, cfg.sequence_len), jnp.int32), spec((), jnp.int32), keys,
                                      spec((n,), jnp.float32), spec((n,), jnp.int32), spec((n,), jnp.float32),
+                                     spec((n, BIAS_SLOTS), jnp.int32), spec((n, BIAS_SLOTS), jnp.float32),
                                      cache_len=cache_len)
         cache_shape = (cfg.n_layer, n, cache_len, cfg.n_kv_head, cfg.head_dim)
         cache = {"k": spec(cache_shape, dtype), "v": spec(cache_shape, dtype)}
         rows = jax.eval_shape(lambda: new_rows(jnp.zeros(n, jnp.int32), 1, 1, jax.random.split(jax.random.key(0), n),
-                                               1.0, 0, 1.0, jnp.zeros(2, jnp.int32)))
+                                               1.0, 0, 1.0, jnp.zeros(2, jnp.int32), cfg.vocab_size))
         rows = jax.tree.map(lambda s: spec(s.shape, s.dtype), rows)
         fn = jax.jit(partial(decode, graphdef), donate_argnums=(1,), static_argnames="steps")
         return aot.compile_timed(fn, params, cache, rows, spec((3,), jnp.int32), steps=steps)

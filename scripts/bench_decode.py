@@ -65,17 +65,17 @@ def main():
             keys = jax.random.split(jax.random.key(0), batch)
             start = lambda: engine.start(prompt, keys, args.decode_tokens + 1, 1.0, None, 1.0, cache_len)  # noqa
             prefill_s = timed(start, 3)
-            cache, rows = start()
+            cache, rows, _ = start()
             steps = args.decode_tokens // args.chunk
 
             def run():
                 nonlocal cache, rows
                 for _ in range(steps):
-                    cache, rows, tokens, _ = engine.decode(engine.params, cache, rows, never, steps=args.chunk)
-                return tokens
+                    cache, rows, out = engine.decode(engine.params, cache, rows, never, steps=args.chunk)
+                return out["tokens"]
 
             run()  # compile
-            cache, rows = start()
+            cache, rows, _ = start()
             t0 = time.time()
             jax.block_until_ready(run())
             dt = time.time() - t0

@@ -18,30 +18,25 @@ import queue
 import random
 import socket
 import sys
-import time
-import uuid
+from types import SimpleNamespace
 from typing import Literal
 
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nanochat_jax.chat import prompt_for_reply
 from nanochat_jax.engine import MAX_TOP_K
-from nanochat_jax.serving import BatchedEngine, QueueFull, Request
+from nanochat_jax.serving import BatchedEngine, Failed, Finished, QueueFull, Request, Token
+from serve import openai_api
 from serve.guard import Guard, GuardedH11Protocol, is_loopback, openai_error
+from serve.openai_api import MAX_MAX_TOKENS, APIError
 
-MAX_MESSAGES, MAX_MESSAGE_CHARS, MAX_TOTAL_CHARS, MAX_MAX_TOKENS = 500, 8000, 32000, 4096
+MAX_MESSAGES, MAX_MESSAGE_CHARS, MAX_TOTAL_CHARS = 500, 8000, 32000
 UI_PATH = os.path.join(os.path.dirname(__file__), "ui.html")
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
 
 
 class TextPart(BaseModel):
@@ -68,33 +63,16 @@ class ChatRequest(BaseModel):
     max_tokens: int | None = Field(None, ge=1, le=MAX_MAX_TOKENS)
 
 
-class OpenAIChatRequest(ChatRequest):
-    model: str | None = None
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0, lt=2**63)
-    n: int = Field(1, ge=1)
-    stream: bool = False
-    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_MAX_TOKENS)
-    user: str | None = None
-
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, value):
-        stops = [value] if isinstance(value, str) else (value or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("stop takes at most 4 non-empty strings")
-        return stops
-
-
-def check_messages(messages: list[Message]) -> list[dict]:
+def check_messages(messages: list) -> list[dict]:
+    """nanochat's limits on a conversation (Message models or {"role", "content"} dicts with text content)."""
+    messages = [m if isinstance(m, dict) else {"role": m.role, "content": m.text()} for m in messages]
     if not messages:
         raise APIError(400, "at least one message is required")
     if len(messages) > MAX_MESSAGES:
         raise APIError(400, f"too many messages: at most {MAX_MESSAGES}")
     total = 0
     for i, m in enumerate(messages):
-        text = m.text()
+        text = m["content"]
         if not text.strip():
             raise APIError(400, f"message {i} has empty content")
         if len(text) > MAX_MESSAGE_CHARS:
@@ -102,9 +80,9 @@ def check_messages(messages: list[Message]) -> list[dict]:
         total += len(text)
     if total > MAX_TOTAL_CHARS:
         raise APIError(400, f"the conversation is too long: at most {MAX_TOTAL_CHARS} characters")
-    if messages[-1].role != "user":
-        raise APIError(400, "the last message must be from the user")
-    return [{"role": m.role, "content": m.text()} for m in messages]
+    if messages[-1]["role"] != "user":
+        raise APIError(400, "the last message must be from the user", param="messages")
+    return messages
 
 
 class ReplyText:
@@ -168,7 +146,7 @@ def create_app(batched: BatchedEngine, tokenizer, model_name: str, defaults: dic
     async def server_error(_, error: Exception):
         return JSONResponse(openai_error(500, f"internal error: {type(error).__name__}"), 500)
 
-    def render(messages: list[Message], max_tokens: int, drop_old: bool):
+    def render(messages: list, max_tokens: int, drop_old: bool):
         """Validation, the chat template and the fit to the context: run off the event loop."""
         checked = check_messages(messages)
         try:
@@ -180,12 +158,12 @@ def create_app(batched: BatchedEngine, tokenizer, model_name: str, defaults: dic
                            param="messages", code="context_length_exceeded")
         return ids, dropped
 
-    async def prompt(messages: list[Message], max_tokens: int, drop_old: bool):
+    async def prompt(messages: list, max_tokens: int, drop_old: bool):
         return await run_in_threadpool(render, messages, max_tokens, drop_old)
 
-    def submit(ids, n, max_tokens, temperature, top_k, top_p, seed) -> Request:
+    def submit(ids, n, max_tokens, temperature, top_k, top_p, seed, bias=None, presence=0.0, frequency=0.0):
         request = Request(ids, n, max_tokens, temperature, top_k, top_p,
-                          random.randint(0, 2**31 - 1) if seed is None else seed)
+                          random.randint(0, 2**31 - 1) if seed is None else seed, bias or {}, presence, frequency)
         loop, wake = asyncio.get_running_loop(), asyncio.Event()
         request.wake = wake
         request.listener = lambda: loop.call_soon_threadsafe(wake.set)
@@ -197,9 +175,8 @@ def create_app(batched: BatchedEngine, tokenizer, model_name: str, defaults: dic
             raise APIError(400, str(e)) from None
 
     async def events(request: Request, http: HTTPRequest):
-        """(sample, token, forced) / (sample, None, finish_reason) until every sample finished, or (-1, None,
-        message) if the engine failed; cancels the request when the client goes away (its slots are freed at the
-        engine's next step). Waits on the engine's wake-ups, never polls the queue."""
+        """Token ... Finished per sample, or Failed if the engine failed; cancels the request when the client goes
+        away (its slots are freed at the engine's next step). Waits on the engine's wake-ups, never polls."""
         done = 0
         try:
             while done < request.n:
@@ -216,9 +193,9 @@ def create_app(batched: BatchedEngine, tokenizer, model_name: str, defaults: dic
                             return
                     continue
                 yield event
-                if event[0] == -1:
+                if isinstance(event, Failed):
                     return
-                done += event[1] is None
+                done += isinstance(event, Finished)
         finally:
             request.cancel()
 
@@ -236,11 +213,6 @@ def create_app(batched: BatchedEngine, tokenizer, model_name: str, defaults: dic
         return {**batched.stats, "queue_length": batched.waiting.qsize(), "slots_busy": batched.busy_slots(),
                 "slots": batched.n_slots}
 
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
-                                            "owned_by": "nanochat-jax"}]}
-
     @app.post("/chat/completions")
     async def chat(body: ChatRequest, http: HTTPRequest):
         max_tokens = body.max_tokens or defaults["max_tokens"]
@@ -254,12 +226,12 @@ def create_app(batched: BatchedEngine, tokenizer, model_name: str, defaults: dic
                     note = f"dropped the oldest {dropped} messages to fit the context"
                     yield f"data: {json.dumps({'notice': note})}\n\n"
                 reply, shown = ReplyText(tokenizer), ""
-                async for sample, token, reason in events(request, http):
-                    if sample == -1:
-                        yield f"data: {json.dumps({'error': reason})}\n\n"
-                    if token is None:
+                async for event in events(request, http):
+                    if isinstance(event, Failed):
+                        yield f"data: {json.dumps({'error': event.message})}\n\n"
+                    if not isinstance(event, Token):
                         break
-                    text = reply.add(token)
+                    text = reply.add(event.id)
                     if not text.endswith("\ufffd") and len(text) > len(shown):
                         yield f"data: {json.dumps({'token': text[len(shown):]}, ensure_ascii=False)}\n\n"
                         shown = text
@@ -269,90 +241,9 @@ def create_app(batched: BatchedEngine, tokenizer, model_name: str, defaults: dic
 
         return StreamingResponse(stream(), media_type="text/event-stream")
 
-    @app.post("/v1/chat/completions")
-    async def openai_chat(body: OpenAIChatRequest, http: HTTPRequest):
-        if body.model not in (None, model_name):
-            raise APIError(404, f"unknown model {body.model!r}; this server serves {model_name!r}", param="model",
-                           code="model_not_found")
-        max_tokens = body.max_completion_tokens or body.max_tokens or defaults["max_tokens"]
-        ids, _ = await prompt(body.messages, max_tokens, drop_old=False)
-        temperature = defaults["temperature"] if body.temperature is None else body.temperature
-        request = submit(ids, body.n, max_tokens, temperature, body.top_k, body.top_p or 1.0, body.seed)
-        completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        replies = [ReplyText(tokenizer) for _ in range(body.n)]
-        n_tokens, sent, reasons = [0] * body.n, [""] * body.n, [None] * body.n
-        hold = max((len(s) for s in body.stop or []), default=1) - 1  # a stop string may still be forming
-
-        def advance(sample, token=None):
-            """Adds a token (None: the sample finished); returns the new text that is safe to send: text before
-            a stop string, never a half character, and nothing that could be the start of a stop string."""
-            if token is not None:
-                n_tokens[sample] += 1
-                replies[sample].add(token)
-            text = replies[sample].text()
-            cut = min((text.find(s) for s in body.stop or [] if s in text), default=-1)
-            if cut >= 0:
-                text, reasons[sample] = text[:cut], "stop"
-            elif token is not None:
-                text = text[:len(text) - hold] if hold else text
-                if text.endswith("\ufffd"):
-                    return ""
-            new = text[len(sent[sample]):] if len(text) > len(sent[sample]) else ""
-            sent[sample] += new
-            return new
-
-        def chunk(sample, delta, reason=None):
-            return "data: " + json.dumps({"id": completion_id, "object": "chat.completion.chunk", "created": created,
-                                          "model": model_name, "choices": [{"index": sample, "delta": delta,
-                                                                            "finish_reason": reason}]},
-                                         ensure_ascii=False) + "\n\n"
-
-        async def collect():
-            async for sample, token, reason in events(request, http):
-                if sample == -1:
-                    raise APIError(500, reason)
-                if reasons[sample] is not None:
-                    continue
-                if token is None:
-                    new = advance(sample)  # flush what was held back
-                    reasons[sample] = reasons[sample] or reason
-                    yield sample, new, reasons[sample]
-                    continue
-                new = advance(sample, token)
-                yield sample, new, reasons[sample]
-                if all(r is not None for r in reasons):
-                    return
-
-        def usage():
-            completion = sum(n_tokens)
-            return {"prompt_tokens": len(ids), "completion_tokens": completion, "total_tokens": len(ids) + completion}
-
-        if body.stream:
-            async def stream():
-                for sample in range(body.n):
-                    yield chunk(sample, {"role": "assistant", "content": ""})
-                try:
-                    async for sample, new, reason in collect():
-                        if new or reason:
-                            yield chunk(sample, {"content": new} if new else {}, reason)
-                except APIError as error:  # the headers are sent: report it in the stream
-                    yield f"data: {json.dumps(openai_error(500, error.message))}\n\n"
-                finally:
-                    request.cancel()
-                yield "data: [DONE]\n\n"
-            return StreamingResponse(stream(), media_type="text/event-stream")
-
-        try:
-            async for _ in collect():
-                pass
-        finally:
-            request.cancel()
-        return {"id": completion_id, "object": "chat.completion", "created": created, "model": model_name,
-                "choices": [{"index": i, "message": {"role": "assistant", "content": sent[i]},
-                             "finish_reason": reasons[i] if reasons[i] in ("stop", "length") else "stop"}
-                            for i in range(body.n)],
-                "usage": usage()}
-
+    openai_api.add_routes(app, SimpleNamespace(model_name=model_name, tokenizer=tokenizer, defaults=defaults,
+                                               render_reply=ReplyText, prompt=prompt, submit=submit, events=events,
+                                               engine=batched.engine))
     return app
 
 

@@ -1,4 +1,5 @@
 """The HTTP server against a tiny random model: endpoints, formats, validation, concurrency, disconnects, 503."""
+import functools
 import json
 import threading
 import time
@@ -17,6 +18,10 @@ from nanochat_jax.serving import BatchedEngine, Request
 from serve.web import create_app, render_reply
 
 DEFAULTS = {"temperature": 0.8, "top_k": 50, "max_tokens": 64}
+TIMEOUT = httpx.Timeout(120.0)  # generous: compiles run in the first requests, and CI machines are busy
+get = functools.partial(httpx.get, timeout=TIMEOUT)
+post = functools.partial(httpx.post, timeout=TIMEOUT)
+stream = functools.partial(httpx.stream, timeout=TIMEOUT)
 HELLO = {"messages": [{"role": "user", "content": "hello there"}]}
 
 
@@ -41,6 +46,7 @@ def serve(app):
 def url(engine, tokenizer):
     batched = BatchedEngine(engine, slots=2, max_waiting=16).start()
     server, thread, base = serve(create_app(batched, tokenizer, "tiny", DEFAULTS))
+    assert post(base + "/v1/chat/completions", json=HELLO | {"max_tokens": 2}).status_code == 200  # warm up
     yield base
     server.should_exit = True
     thread.join(5)
@@ -52,16 +58,16 @@ def sse(lines):
 
 
 def test_pages_and_metadata(url):
-    page = httpx.get(url + "/")
+    page = get(url + "/")
     assert page.status_code == 200 and "<textarea" in page.text and "/chat/completions" in page.text
-    assert httpx.get(url + "/health").json()["status"] == "ok"
-    assert httpx.get(url + "/v1/models").json()["data"][0]["id"] == "tiny"
-    stats = httpx.get(url + "/stats").json()
+    assert get(url + "/health").json()["status"] == "ok"
+    assert get(url + "/v1/models").json()["data"][0]["id"] == "tiny"
+    stats = get(url + "/stats").json()
     assert {"requests_served", "tokens_generated", "queue_length", "slots_busy"} <= set(stats)
 
 
 def test_nanochat_stream_matches_the_engine(url, engine, tokenizer):
-    with httpx.stream("POST", url + "/chat/completions", json=HELLO | {"temperature": 0, "max_tokens": 20}) as r:
+    with stream("POST", url + "/chat/completions", json=HELLO | {"temperature": 0, "max_tokens": 20}) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         events = sse(r.iter_lines())
     assert events[-1] == "[DONE]"
@@ -73,17 +79,17 @@ def test_nanochat_stream_matches_the_engine(url, engine, tokenizer):
 
 def test_openai_completions(url):
     body = HELLO | {"max_tokens": 5, "n": 2, "seed": 7, "temperature": 1.0}
-    a, b = httpx.post(url + "/v1/chat/completions", json=body).json(), \
-        httpx.post(url + "/v1/chat/completions", json=body).json()
+    a, b = post(url + "/v1/chat/completions", json=body).json(), \
+        post(url + "/v1/chat/completions", json=body).json()
     assert a["object"] == "chat.completion" and len(a["choices"]) == 2
     assert [c["message"]["content"] for c in a["choices"]] == [c["message"]["content"] for c in b["choices"]]
     assert a["usage"]["completion_tokens"] <= 10 and a["usage"]["prompt_tokens"] > 0
     assert a["usage"]["total_tokens"] == a["usage"]["prompt_tokens"] + a["usage"]["completion_tokens"]
     assert all(c["finish_reason"] in ("stop", "length") for c in a["choices"])
 
-    single = httpx.post(url + "/v1/chat/completions", json=HELLO | {"max_tokens": 12, "seed": 1}).json()
+    single = post(url + "/v1/chat/completions", json=HELLO | {"max_tokens": 12, "seed": 1}).json()
     text = single["choices"][0]["message"]["content"]
-    with httpx.stream("POST", url + "/v1/chat/completions",
+    with stream("POST", url + "/v1/chat/completions",
                       json=HELLO | {"max_tokens": 12, "seed": 1, "stream": True}) as r:
         events = sse(r.iter_lines())
     assert events[-1] == "[DONE]"
@@ -93,10 +99,10 @@ def test_openai_completions(url):
     assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
 
     if len(text) > 3:  # a stop string cuts the reply there
-        cut = httpx.post(url + "/v1/chat/completions",
+        cut = post(url + "/v1/chat/completions",
                          json=HELLO | {"max_tokens": 12, "seed": 1, "stop": [text[2:4]]}).json()["choices"][0]
         assert cut["message"]["content"] == text[:text.find(text[2:4])] and cut["finish_reason"] == "stop"
-        with httpx.stream("POST", url + "/v1/chat/completions",
+        with stream("POST", url + "/v1/chat/completions",
                           json=HELLO | {"max_tokens": 12, "seed": 1, "stop": [text[2:4]], "stream": True}) as r:
             streamed = [json.loads(e) for e in sse(r.iter_lines())[:-1]]
         assert "".join(c["choices"][0]["delta"].get("content", "") for c in streamed) == cut["message"]["content"]
@@ -124,34 +130,34 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(url, body, message):
     for path in ("/v1/chat/completions", "/chat/completions"):
         if path == "/chat/completions" and any(k in body for k in ("n", "stop")):
             continue
-        r = httpx.post(url + path, json=body)
+        r = post(url + path, json=body)
         assert r.status_code == 400, (path, r.text)
         assert message in r.json()["error"]["message"], r.text
-    assert httpx.post(url + "/v1/chat/completions", content=b"{not json",
+    assert post(url + "/v1/chat/completions", content=b"{not json",
                       headers={"content-type": "application/json"}).status_code == 400
-    assert httpx.post(url + "/v1/chat/completions", json=HELLO | {"model": "gpt-9"}).status_code == 404
-    assert httpx.post(url + "/v1/chat/completions", json=HELLO | {"max_tokens": 2}).status_code == 200
+    assert post(url + "/v1/chat/completions", json=HELLO | {"model": "gpt-9"}).status_code == 404
+    assert post(url + "/v1/chat/completions", json=HELLO | {"max_tokens": 2}).status_code == 200
 
 
 def test_concurrent_requests_share_the_slots(url):
     def one(seed):
-        return httpx.post(url + "/v1/chat/completions", json=HELLO | {"max_tokens": 16, "seed": seed}, timeout=120)
+        return post(url + "/v1/chat/completions", json=HELLO | {"max_tokens": 16, "seed": seed}, timeout=120)
     with ThreadPoolExecutor(6) as pool:
         replies = list(pool.map(one, range(6)))
     assert all(r.status_code == 200 for r in replies)
     alone = one(3).json()["choices"][0]["message"]["content"]
     assert replies[3].json()["choices"][0]["message"]["content"] == alone  # seeded: independent of batch-mates
-    assert httpx.get(url + "/stats").json()["slots_busy"] == 0
+    assert get(url + "/stats").json()["slots_busy"] == 0
 
 
 def test_client_disconnect_frees_the_slot(url):
-    before = httpx.get(url + "/stats").json()["tokens_generated"]
-    with httpx.stream("POST", url + "/chat/completions", json=HELLO | {"max_tokens": 4000, "temperature": 1.0}) as r:
+    before = get(url + "/stats").json()["tokens_generated"]
+    with stream("POST", url + "/chat/completions", json=HELLO | {"max_tokens": 4000, "temperature": 1.0}) as r:
         next(r.iter_lines())
     deadline = time.time() + 20
-    while httpx.get(url + "/stats").json()["slots_busy"] and time.time() < deadline:
+    while get(url + "/stats").json()["slots_busy"] and time.time() < deadline:
         time.sleep(0.05)
-    stats = httpx.get(url + "/stats").json()
+    stats = get(url + "/stats").json()
     assert stats["slots_busy"] == 0
     assert stats["tokens_generated"] - before < 400  # it stopped early, not at the end of the budget
 
@@ -161,7 +167,7 @@ def test_full_queue_gets_503(engine, tokenizer):
     batched.submit(Request([1, 2, 3], 1, 4, 0.0, None, 1.0, 0))
     server, thread, base = serve(create_app(batched, tokenizer, "tiny", DEFAULTS))
     try:
-        r = httpx.post(base + "/v1/chat/completions", json=HELLO)
+        r = post(base + "/v1/chat/completions", json=HELLO)
         assert r.status_code == 503 and "busy" in r.json()["error"]["message"]
     finally:
         server.should_exit = True
