@@ -1,13 +1,20 @@
 """Chat with a model in the terminal.
 
     python -m serve.cli                       # the latest SFT model; 'clear' starts over, 'quit' leaves
-    python -m serve.cli -i base -p "The capital of France is"   # answer once and exit
+    python -m serve.cli -i base -p "The capital of France is"   # answer once (question and reply) and exit
 
 Replies stream as they are generated; python tool calls run with the calculator and their results show inline.
-A conversation longer than the model's context loses its oldest exchanges (with a notice).
+Line editing and history (readline: arrows, Ctrl-R); Ctrl-C during a reply stops it and keeps the conversation
+(with the part already said), Ctrl-C or Ctrl-D at the prompt leaves. A conversation longer than the model's context
+loses its oldest exchanges (with a notice).
 """
 import argparse
 import sys
+
+try:
+    import readline  # noqa: F401 - line editing and history for input()
+except ImportError:  # (not on every platform)
+    readline = None
 
 from nanochat_jax.chat import prompt_for_reply, reply_parts
 from nanochat_jax.checkpoint import STAGE_DIRS, load_stage
@@ -15,20 +22,26 @@ from nanochat_jax.engine import MAX_TOP_K, Engine
 
 
 def stream_reply(engine, tokenizer, prompt_ids, max_tokens, temperature, top_k, seed, out=sys.stdout):
-    """Prints the reply as it comes; returns its token ids (stop token excluded)."""
+    """Prints the reply as it comes; returns (its token ids, stop token excluded; whether Ctrl-C stopped it)."""
     reply, shown = [], ""
-    for column, _ in engine.generate(prompt_ids, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
-                                     seed=seed):
-        if column[0] in engine.stops:
-            break
-        reply.append(column[0])
-        text = tokenizer.decode(reply)
-        if not text.endswith("\ufffd"):  # hold back half a multi-byte character
-            out.write(text[len(shown):])
-            out.flush()
-            shown = text
+    tokens = engine.generate(prompt_ids, max_tokens=max_tokens, temperature=temperature, top_k=top_k, seed=seed)
+    try:
+        for column, _ in tokens:
+            if column[0] in engine.stops:
+                break
+            reply.append(column[0])
+            text = tokenizer.decode(reply)
+            if not text.endswith("\ufffd"):  # hold back half a multi-byte character
+                out.write(text[len(shown):])
+                out.flush()
+                shown = text
+    except KeyboardInterrupt:
+        tokens.close()
+        out.write(tokenizer.decode(reply)[len(shown):] + " (stopped)\n")
+        out.flush()
+        return reply, True
     out.write(tokenizer.decode(reply)[len(shown):] + "\n")
-    return reply
+    return reply, False
 
 
 def main(argv=None):
@@ -82,14 +95,23 @@ def main(argv=None):
         if dropped:
             messages = messages[dropped:]
             print(f"(the conversation outgrew the {context}-token context: dropped the oldest {dropped} messages)")
-        if not args.prompt:
-            print("\nAssistant: ", end="", flush=True)
-        reply = stream_reply(engine, tokenizer, prompt_ids, max_tokens, args.temperature, args.top_k, seed=turn)
-        messages.append({"role": "assistant", "content": reply_parts(tokenizer, reply)})
+        if args.prompt:
+            print(f"User: {text}")
+        print("Assistant: " if args.prompt else "\nAssistant: ", end="", flush=True)
+        reply, stopped = stream_reply(engine, tokenizer, prompt_ids, max_tokens, args.temperature, args.top_k,
+                                      seed=turn)
+        if reply:
+            messages.append({"role": "assistant", "content": reply_parts(tokenizer, reply)})
+        else:  # stopped before a word: as if the question had not been asked
+            messages.pop()
         turn += 1
         if args.prompt:
             return
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # (while the model loads)
+        print()
+        sys.exit(130)

@@ -23,7 +23,7 @@ from typing import Literal
 
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -37,6 +37,9 @@ from serve.openai_api import MAX_MAX_TOKENS, APIError
 
 MAX_MESSAGES, MAX_MESSAGE_CHARS, MAX_TOTAL_CHARS = 500, 8000, 32000
 UI_PATH = os.path.join(os.path.dirname(__file__), "ui.html")
+FAVICON = ('<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 32 32"><rect width="32" height="32" rx="7" '
+           'fill="#0a66c2"/><text x="16" y="22" font-size="16" text-anchor="middle" fill="#fff" '
+           'font-family="sans-serif">nc</text></svg>')
 
 
 class TextPart(BaseModel):
@@ -203,6 +206,11 @@ def create_app(batched: BatchedEngine, tokenizer, model_name: str, defaults: dic
     async def ui():
         with open(UI_PATH, encoding="utf-8") as f:
             return f.read()
+
+    @app.get("/favicon.svg")
+    @app.get("/favicon.ico")
+    async def favicon():
+        return Response(FAVICON, media_type="image/svg+xml", headers={"cache-control": "max-age=86400"})
 
     @app.get("/health")
     async def health():

@@ -72,3 +72,78 @@ def subprocess_input(args, stdin, env):
 def test_cli_without_checkpoint(tmp_path):
     result = run_module("serve.cli", "-p", "hi", env={"NANOCHAT_BASE_DIR": str(tmp_path)})
     assert result.returncode == 1 and "no checkpoints in" in result.stderr and "import_nanochat" in result.stderr
+
+
+def test_cli_question_and_reply_with_p(sft_checkpoint):
+    once = run_module("serve.cli", "-p", "hello", "-t", "0", "-m", "8", env=sft_checkpoint, check=True)
+    lines = once.stdout.strip().splitlines()
+    assert lines[0] == "User: hello" and lines[1].startswith("Assistant: ")
+
+
+def test_cli_in_a_terminal(sft_checkpoint):
+    """Through a pty, as a person types: Ctrl-C during a reply stops that reply and the conversation goes on;
+    readline recalls the last line with the up arrow; Ctrl-C at the prompt leaves cleanly."""
+    import os
+    import pty
+    import select
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO_ROOT
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "serve.cli", "-m", "24", "-t", "1.0"], stdin=slave, stdout=slave,
+                            stderr=slave, cwd=REPO_ROOT, env=os.environ | sft_checkpoint, start_new_session=True)
+    os.close(slave)
+    seen = b""
+
+    def read_until(marker: bytes, timeout=300):
+        nonlocal seen
+        deadline = time.time() + timeout
+        while marker not in seen:
+            assert time.time() < deadline, f"no {marker!r} in {seen[-500:]!r}"
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if ready:
+                try:
+                    seen += os.read(master, 4096)
+                except OSError:  # the child closed the terminal
+                    break
+        assert marker in seen, seen[-500:]
+
+    def type_(data: bytes):
+        os.write(master, data)
+
+    try:
+        read_until(b"User: ")
+        type_(b"hello\r")
+        read_until(b"Assistant: ")
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C while it answers (the first reply compiles: seconds)
+        read_until(b"(stopped)")
+        read_until(b"User: ", timeout=60)
+        start = len(seen)
+        type_(b"clear\r")
+        read_until(b"(new conversation)")
+        type_(b"\x1b[A\r")  # the up arrow: readline brings back "clear"
+        deadline = time.time() + 60
+        while seen[start:].count(b"(new conversation)") < 2 and time.time() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if ready:
+                seen += os.read(master, 4096)
+        assert seen[start:].count(b"(new conversation)") == 2, seen[start:]
+        time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C at the prompt: leave
+        deadline = time.time() + 60
+        while proc.poll() is None and time.time() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.2)
+            if ready:
+                try:
+                    seen += os.read(master, 4096)
+                except OSError:
+                    break
+        assert proc.wait(timeout=10) == 0, seen[-800:]
+        assert b"Traceback" not in seen
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)

@@ -187,34 +187,70 @@ def test_official_openai_client(url):
         client.chat.completions.create(model="tiny", messages=HELLO["messages"], temperature=9)
 
 
-def test_chat_page_in_a_headless_browser(url):
-    """Type a message in the real page and see the streamed reply (Chromium from the system packages)."""
+def headless_chromium():
     import shutil
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is in the dev extra")
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     driver_path = shutil.which("chromedriver")
     if not (chromium and driver_path):
         pytest.skip("no system Chromium/chromedriver (.ci/run installs the Debian packages chromium, chromium-driver)")
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                  "--disable-background-networking", "--disable-component-update", "--no-first-run"):
         options.add_argument(flag)
-    browser = webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver_path), options=options)
+    return webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver_path), options=options)
+
+
+def test_chat_page_in_a_headless_browser(url):
+    """The real page in Chromium: a streamed reply; a refused send that leaves the conversation as it was (its text
+    back in the box) and the next send working; Stop freeing the server's slot; New chat; the favicon."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    browser = headless_chromium()
+    wait = WebDriverWait(browser, 120)
+    css = lambda selector: browser.find_elements(By.CSS_SELECTOR, selector)  # noqa: E731
+    idle = lambda b: b.find_element(By.ID, "send").text == "Send"  # noqa: E731
     try:
         browser.get(url + "/")
+        assert browser.find_element(By.CSS_SELECTOR, "link[rel=icon]").get_attribute("href").endswith("/favicon.svg")
+        assert get(url + "/favicon.svg").status_code == 200
         box = browser.find_element(By.ID, "input")
+        one_line = box.size["height"]
         box.send_keys("hello there")
         browser.find_element(By.ID, "send").click()
-        wait = WebDriverWait(browser, 60)
-        wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, ".msg.user")
-                   and b.find_elements(By.CSS_SELECTOR, ".msg.assistant")
-                   and b.find_element(By.ID, "regen").is_enabled())
-        assert browser.find_element(By.CSS_SELECTOR, ".msg.user").text == "hello there"
-        assert browser.find_element(By.CSS_SELECTOR, ".msg.assistant").text.strip()
+        wait.until(lambda b: idle(b) and css(".msg.assistant") and b.find_element(By.ID, "regen").is_enabled())
+        assert [m.text for m in css(".msg.user")] == ["hello there"] and css(".msg.assistant")[0].text.strip()
+        first_reply = css(".msg.assistant")[0].text
+
+        # a send the server refuses (too long): an error shows, the conversation and the text come back
+        browser.execute_script("const i = document.getElementById('input'); i.value = 'word '.repeat(2000);"
+                               "i.dispatchEvent(new Event('input'));")
+        browser.find_element(By.ID, "send").click()
+        wait.until(lambda b: idle(b) and css(".error"))
+        assert "too long" in css(".error")[0].text
+        assert [m.text for m in css(".msg.user")] == ["hello there"] and css(".msg.assistant")[0].text == first_reply
+        assert box.get_attribute("value").startswith("word word")
+        browser.execute_script("document.getElementById('input').value = ''")
+        box.send_keys("and again")
+        browser.find_element(By.ID, "send").click()
+        wait.until(lambda b: idle(b) and len(css(".msg.assistant")) == 2)
+        assert [m.text for m in css(".msg.user")] == ["hello there", "and again"]
+        assert box.get_attribute("value") == "" and box.size["height"] == one_line
+
+        # Stop: the reply ends at once and the server frees its slot
+        box.send_keys("tell me a long story")
+        browser.find_element(By.ID, "send").click()
+        wait.until(lambda b: b.find_element(By.ID, "send").text == "Stop")
+        browser.find_element(By.ID, "send").click()
+        wait.until(idle)
+        deadline = time.time() + 60
+        while get(url + "/stats").json()["slots_busy"] and time.time() < deadline:
+            time.sleep(0.05)
+        assert get(url + "/stats").json()["slots_busy"] == 0
+        assert len(css(".msg.user")) == len(css(".msg.assistant"))  # still a whole conversation
+
         browser.find_element(By.ID, "new").click()
-        assert not browser.find_elements(By.CSS_SELECTOR, ".msg")
+        assert not css(".msg") and box.get_attribute("value") == ""
     finally:
         browser.quit()
