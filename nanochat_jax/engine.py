@@ -13,7 +13,9 @@ row resumes with <|output_start|> result <|output_end|> forced into it (mask 0).
 <|bos|>, its token budget or the end of its cache.
 """
 import ast
+import dataclasses
 import operator
+from dataclasses import dataclass
 from functools import partial
 
 import jax
@@ -91,12 +93,17 @@ def sample(logits_BV, keys_B, temperature_B, top_k_B, top_p_B):
     return jnp.where(temperature_B > 0, sampled, greedy).astype(jnp.int32)
 
 
-def adjust(logits_BV, r):
-    """A row's logit_bias (sparse: ids and values, padding adds 0 to token 0) and its presence/frequency penalties
-    over the tokens it has generated. With none set the logits are unchanged, bit for bit."""
+def adjust(logits_BV, bias_ids, bias_vals=None, frequency=None, presence=None, counts=None):
+    """logit_bias (sparse: ids and values, padding adds 0 to token 0) and the presence/frequency penalties over the
+    tokens generated so far. With none set the logits are unchanged, bit for bit. (Also takes a DecodeState.)"""
+    if isinstance(bias_ids, DecodeState):
+        r = bias_ids
+        bias_ids, bias_vals, frequency, presence, counts = r.bias_ids, r.bias_vals, r.frequency, r.presence, r.counts
     rows = jnp.arange(logits_BV.shape[0])[:, None]
-    logits_BV = logits_BV.at[rows, r["bias_ids"]].add(r["bias_vals"])
-    return logits_BV - r["frequency"][:, None] * r["counts"] - r["presence"][:, None] * (r["counts"] > 0)
+    logits_BV = logits_BV.at[rows, bias_ids].add(bias_vals)
+    if counts is None:
+        return logits_BV
+    return logits_BV - frequency[:, None] * counts - presence[:, None] * (counts > 0)
 
 
 def token_logprobs(logits_BV, token_B):
@@ -117,42 +124,103 @@ def prefill(graphdef, params, ids_1L, length, keys_N, temperature_N, top_k_N, to
     n = keys_N.shape[0]
     step_keys = jax.vmap(jax.random.fold_in)(keys_N, jnp.full(n, length))
     last = jnp.broadcast_to(logits[0, length - 1], (n, logits.shape[-1]))
-    zeros = jnp.zeros(n, jnp.float32)
-    biased = adjust(last, {"bias_ids": bias_ids_N, "bias_vals": bias_vals_N, "frequency": zeros, "presence": zeros,
-                           "counts": jnp.zeros((1, 1), jnp.float32)})
-    first = sample(biased, step_keys, temperature_N, top_k_N, top_p_N)
+    first = sample(adjust(last, bias_ids_N, bias_vals_N), step_keys, temperature_N, top_k_N, top_p_N)
     return cache, first, token_logprobs(last, first)
 
 
-def decode(graphdef, params, cache, rows, pause_tokens, steps: int):
-    """Up to `steps` tokens per row. rows: per-row arrays [B]: last (the token to feed next), pos (its position),
-    active, budget (tokens it may still emit), key, temperature, top_k, top_p, logit bias (bias_ids, bias_vals
-    [B, BIAS_SLOTS]), presence and frequency penalties with the row's generated-token counts [B, V], and the tool's
-    forced tokens (forced [B, FORCED_SLOTS], n_forced, forced_at). A row pauses after emitting one of pause_tokens.
-    Returns (cache, rows, out): out["tokens"] [B, steps] (-1 where a row emitted nothing), out["forced"],
-    out["logprob"] [B, steps], out["top_ids"] and out["top_logprobs"] [B, steps, TOP_LOGPROBS]."""
-    model = nnx.merge(graphdef, params)
-    max_pos = cache["k"].shape[2] - 1
+ROW_FIELDS = ("last", "pos", "active", "budget", "key", "temperature", "top_k", "top_p", "forced", "n_forced",
+              "forced_at", "bias_ids", "bias_vals", "presence", "frequency", "counts")
 
-    def step(carry, _):
-        cache, r = carry
-        logits, cache = model.forward_cached(r["last"][:, None], cache, r["pos"])
-        keys = jax.vmap(jax.random.fold_in)(r["key"], r["pos"] + 1)  # a row's draws depend on its own state only
-        sampled = sample(adjust(logits[:, -1], r), keys, r["temperature"], r["top_k"], r["top_p"])
-        use_forced = r["forced_at"] < r["n_forced"]
-        forced = jnp.take_along_axis(r["forced"], jnp.minimum(r["forced_at"], FORCED_SLOTS - 1)[:, None], 1)[:, 0]
-        token = jnp.where(use_forced, forced, sampled)
-        emit = r["active"] & (r["budget"] > 0) & (r["pos"] < max_pos)
-        counts = r["counts"].at[jnp.arange(token.shape[0]), token].add(emit.astype(jnp.float32))
-        r = dict(r, last=jnp.where(emit, token, r["last"]), pos=r["pos"] + emit, budget=r["budget"] - emit,
-                 forced_at=r["forced_at"] + (emit & use_forced), active=emit & ~jnp.isin(token, pause_tokens),
-                 counts=counts)
-        logprob, top_ids, top_lp = token_logprobs(logits[:, -1], token)
-        return (cache, r), {"tokens": jnp.where(emit, token, -1), "forced": use_forced, "logprob": logprob,
-                            "top_ids": top_ids, "top_logprobs": top_lp}
 
-    (cache, rows), out = jax.lax.scan(step, (cache, rows), None, length=steps)
-    return cache, rows, jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), out)
+@partial(jax.tree_util.register_dataclass, data_fields=["cache", *ROW_FIELDS], meta_fields=[])
+@dataclass(frozen=True)
+class DecodeState:
+    """Everything the device holds for B decoding rows, as one pytree (donated to every step): the KV cache
+    {"k", "v"} [layers, B, max_len, kv_heads, head_dim] (None for rows not yet admitted) and per row: last (the token
+    to feed next), pos (its position), active, budget (tokens it may still emit), key, temperature, top_k, top_p,
+    the tool's forced tokens (forced [B, FORCED_SLOTS], n_forced, forced_at), logit bias (bias_ids, bias_vals
+    [B, BIAS_SLOTS]), presence and frequency penalties and the generated-token counts [B, V] they act on."""
+    cache: dict | None
+    last: jax.Array
+    pos: jax.Array
+    active: jax.Array
+    budget: jax.Array
+    key: jax.Array
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+    forced: jax.Array
+    n_forced: jax.Array
+    forced_at: jax.Array
+    bias_ids: jax.Array
+    bias_vals: jax.Array
+    presence: jax.Array
+    frequency: jax.Array
+    counts: jax.Array
+
+    def replace(self, **changes) -> "DecodeState":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def empty(cls, config, rows: int, max_len: int, dtype) -> "DecodeState":
+        """B idle rows and an empty cache."""
+        z = jnp.zeros
+        return cls(init_cache(config, rows, max_len, dtype), z(rows, jnp.int32), z(rows, jnp.int32), z(rows, bool),
+                   z(rows, jnp.int32), jax.random.split(jax.random.key(0), rows), z(rows, jnp.float32),
+                   z(rows, jnp.int32), jnp.ones(rows, jnp.float32), z((rows, FORCED_SLOTS), jnp.int32),
+                   z(rows, jnp.int32), z(rows, jnp.int32), z((rows, BIAS_SLOTS), jnp.int32),
+                   z((rows, BIAS_SLOTS), jnp.float32), z(rows, jnp.float32), z(rows, jnp.float32),
+                   z((rows, config.vocab_size), jnp.float32))
+
+    @classmethod
+    def new(cls, first, prompt_len: int, budget: int, keys, temperature, top_k, top_p, stop_tokens, vocab_size: int,
+            bias=None, presence: float = 0.0, frequency: float = 0.0) -> "DecodeState":
+        """n rows just prefilled (no cache of their own yet): first is each row's first token."""
+        n = first.shape[0]
+        bias_ids, bias_vals = bias_arrays(bias, n)
+        return cls(None, first, jnp.full(n, prompt_len, jnp.int32), ~jnp.isin(first, stop_tokens),
+                   jnp.full(n, budget, jnp.int32), keys, jnp.full(n, temperature, jnp.float32),
+                   jnp.full(n, top_k, jnp.int32), jnp.full(n, top_p, jnp.float32),
+                   jnp.zeros((n, FORCED_SLOTS), jnp.int32), jnp.zeros(n, jnp.int32), jnp.zeros(n, jnp.int32),
+                   bias_ids, bias_vals, jnp.full(n, presence, jnp.float32), jnp.full(n, frequency, jnp.float32),
+                   jnp.zeros((n, vocab_size), jnp.float32).at[jnp.arange(n), first].add(1.0))
+
+    def admit(self, row_cache, rows: "DecodeState", i, slot) -> "DecodeState":
+        """Row i of `rows` with the one-row prefill cache, into `slot` (one compiled shape for every request)."""
+        cache = jax.tree.map(lambda c, n: jax.lax.dynamic_update_slice_in_dim(c, n, slot, axis=1), self.cache,
+                             row_cache)
+        fields = {f: getattr(self, f).at[slot].set(jax.lax.dynamic_index_in_dim(getattr(rows, f), i, 0, False))
+                  for f in ROW_FIELDS}
+        return DecodeState(cache, **fields)
+
+    def step(self, model, pause_tokens, steps: int):
+        """Up to `steps` tokens per row; a row pauses after emitting one of pause_tokens. Returns (state, out):
+        out["tokens"] [B, steps] (-1 where a row emitted nothing), out["forced"], out["logprob"] [B, steps],
+        out["top_ids"] and out["top_logprobs"] [B, steps, TOP_LOGPROBS]."""
+        max_pos = self.cache["k"].shape[2] - 1
+
+        def one(r, _):
+            logits, cache = model.forward_cached(r.last[:, None], r.cache, r.pos)
+            keys = jax.vmap(jax.random.fold_in)(r.key, r.pos + 1)  # a row's draws depend on its own state only
+            sampled = sample(adjust(logits[:, -1], r), keys, r.temperature, r.top_k, r.top_p)
+            use_forced = r.forced_at < r.n_forced
+            forced = jnp.take_along_axis(r.forced, jnp.minimum(r.forced_at, FORCED_SLOTS - 1)[:, None], 1)[:, 0]
+            token = jnp.where(use_forced, forced, sampled)
+            emit = r.active & (r.budget > 0) & (r.pos < max_pos)
+            r = r.replace(cache=cache, last=jnp.where(emit, token, r.last), pos=r.pos + emit, budget=r.budget - emit,
+                          forced_at=r.forced_at + (emit & use_forced), active=emit & ~jnp.isin(token, pause_tokens),
+                          counts=r.counts.at[jnp.arange(token.shape[0]), token].add(emit.astype(jnp.float32)))
+            logprob, top_ids, top_lp = token_logprobs(logits[:, -1], token)
+            return r, {"tokens": jnp.where(emit, token, -1), "forced": use_forced, "logprob": logprob,
+                       "top_ids": top_ids, "top_logprobs": top_lp}
+
+        state, out = jax.lax.scan(one, self, None, length=steps)
+        return state, jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), out)
+
+
+def decode(graphdef, params, state: DecodeState, pause_tokens, steps: int):
+    """DecodeState.step with the model rebuilt from its parameters (the jitted entry point)."""
+    return state.step(nnx.merge(graphdef, params), pause_tokens, steps)
 
 
 def score(graphdef, params, ids_1L):
@@ -162,21 +230,6 @@ def score(graphdef, params, ids_1L):
     logits = model(ids_1L)[0]
     nxt = jnp.concatenate([ids_1L[0, 1:], ids_1L[0, -1:]])
     return token_logprobs(logits, nxt)
-
-
-def new_rows(first, prompt_len: int, budget: int, keys, temperature, top_k, top_p, stop_tokens, vocab_size: int,
-             bias=None, presence: float = 0.0, frequency: float = 0.0):
-    """The decode state of n new rows after their first token. bias: {token id: value} (at most BIAS_SLOTS)."""
-    n = first.shape[0]
-    bias_ids, bias_vals = bias_arrays(bias, n)
-    counts = jnp.zeros((n, vocab_size), jnp.float32).at[jnp.arange(n), first].add(1.0)
-    return {"last": first, "pos": jnp.full(n, prompt_len, jnp.int32), "active": ~jnp.isin(first, stop_tokens),
-            "budget": jnp.full(n, budget, jnp.int32), "key": keys,
-            "temperature": jnp.full(n, temperature, jnp.float32), "top_k": jnp.full(n, top_k, jnp.int32),
-            "top_p": jnp.full(n, top_p, jnp.float32), "forced": jnp.zeros((n, FORCED_SLOTS), jnp.int32),
-            "n_forced": jnp.zeros(n, jnp.int32), "forced_at": jnp.zeros(n, jnp.int32),
-            "bias_ids": bias_ids, "bias_vals": bias_vals, "presence": jnp.full(n, presence, jnp.float32),
-            "frequency": jnp.full(n, frequency, jnp.float32), "counts": counts}
 
 
 def bias_arrays(bias, n: int):
@@ -196,9 +249,14 @@ def _round_up(n: int, base: int) -> int:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, chunk: int = 16):
+    def __init__(self, model, tokenizer, chunk: int = 16, compute_dtype_weights: bool = False):
+        """compute_dtype_weights: keep the weights in the model's compute dtype (bf16 on GPU/TPU) rather than
+        casting the fp32 master weights at every matmul of every step (serving: half the weight reads)."""
         self.graphdef, self.params = nnx.split(model)
         self.config, self.dtype = model.config, model.dtype
+        if compute_dtype_weights and jnp.dtype(self.dtype) != jnp.float32:
+            self.params = jax.tree.map(lambda p: p.astype(self.dtype) if jnp.issubdtype(p.dtype, jnp.floating)
+                                       else p, self.params)
         self.tokenizer, self.chunk = tokenizer, chunk
         special = tokenizer.encode_special
         self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
@@ -207,7 +265,9 @@ class Engine:
         self.pause_tokens = jnp.array((self.python_end,) + self.stops, jnp.int32)
         self.prefill = jax.jit(partial(prefill, self.graphdef), static_argnames="cache_len")
         self.decode = jax.jit(partial(decode, self.graphdef), donate_argnums=(1,), static_argnames="steps")
+        self.admit = jax.jit(DecodeState.admit, donate_argnums=(0,))
         self._score = jax.jit(partial(score, self.graphdef))
+        self.max_len = _round_up(self.config.sequence_len + 1, 256)  # one cache length: a conversation never recompiles
 
     def check_request(self, tokens, max_tokens, temperature, top_k, top_p=1.0) -> int:
         """Validates a request; returns the token budget that fits the model's context."""
@@ -238,8 +298,9 @@ class Engine:
                                           jnp.full(padded, top_k or 0, jnp.int32), jnp.full(padded, top_p, jnp.float32),
                                           bias_ids, bias_vals, cache_len=cache_len)
         keys, first = keys[:n], first[:n]
-        rows = new_rows(first, len(tokens), max_tokens - 1, keys, temperature, top_k or 0, top_p,
-                        jnp.asarray(self.stops + (self.python_end,)), self.config.vocab_size, bias, presence, frequency)
+        rows = DecodeState.new(first, len(tokens), max_tokens - 1, keys, temperature, top_k or 0, top_p,
+                               jnp.asarray(self.stops + (self.python_end,)), self.config.vocab_size, bias, presence,
+                               frequency)
         return cache, rows, jax.tree.map(lambda x: x[:n], info)
 
     def score(self, tokens) -> list[tuple[float, tuple]]:
@@ -268,61 +329,40 @@ class Engine:
 
     def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
         """Streams (token_column, mask_column): one token per sample per step (mask 1 sampled, 0 forced by the
-        tool). A finished sample repeats its stop token with mask 0 until all have finished."""
+        tool). A finished sample repeats its stop token with mask 0 until all have finished. A one-request client
+        of the slot loop that serving runs (nanochat_jax/serving.py), with a slot per sample."""
+        from nanochat_jax.serving import Failed, Finished, Request, SlotLoop
         max_tokens = self.check_request(tokens, max_tokens, temperature, top_k)
-        keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(seed), jnp.arange(num_samples))
-        # one cache length per model: a growing conversation never recompiles the decode step
-        cache, rows, _ = self.start(tokens, keys, max_tokens, temperature, top_k, 1.0,
-                                    _round_up(self.config.sequence_len + 1, 256))
-        cache = jax.tree.map(lambda c: jnp.repeat(c, num_samples, axis=1), cache)
-        first = np.asarray(rows["last"])
-        queues = [[(int(t), 1)] for t in first]  # per sample: (token, mask) not yet yielded
-        history = [list(tokens) + [int(t)] for t in first]
-        pending = [int(t) == self.python_end for t in first]  # rows waiting for the tool
-        done = [False] * num_samples
-        emitted = 0
-        while True:
-            while all(queues):  # a full column is ready
-                column = [q.pop(0) for q in queues]
-                yield [t for t, _ in column], [m for _, m in column]
-                emitted += 1
-                for i, (t, _) in enumerate(column):
-                    done[i] = done[i] or t in self.stops
-                    if done[i] and not queues[i]:
-                        queues[i].append((t if t in self.stops else self.stops[0], 0))
-                if all(done) or emitted >= max_tokens:
-                    return
-            rows = self.resume_tool_calls(rows, history, pending)
-            if not bool(jnp.any(rows["active"])):
-                return  # every unfinished row is out of budget or cache
-            cache, rows, out = self.decode(self.params, cache, rows, self.pause_tokens, steps=self.chunk)
-            for i, (row_tokens, row_forced) in enumerate(zip(np.asarray(out["tokens"]), np.asarray(out["forced"]))):
-                for t, f in zip(row_tokens, row_forced):
-                    if t >= 0:
-                        queues[i].append((int(t), 0 if f else 1))
-                        history[i].append(int(t))
-                        pending[i] = int(t) == self.python_end and not f
-
-    def resume_tool_calls(self, rows, history, pending):
-        """Rows paused on <|python_end|>: evaluate the expression since the last <|python_start|> and force
-        <|output_start|> result <|output_end|> into the row (nothing when the calculator refuses it)."""
-        calls = [i for i, waiting in enumerate(pending) if waiting]
-        if not calls:
-            return rows
-        forced, n_forced = np.asarray(rows["forced"]).copy(), np.asarray(rows["n_forced"]).copy()
-        forced_at, active, budget = np.asarray(rows["forced_at"]).copy(), np.asarray(rows["active"]).copy(), \
-            np.asarray(rows["budget"])
-        for i in calls:
-            pending[i] = False
-            seq = history[i]
-            starts = [j for j, t in enumerate(seq) if t == self.python_start]
-            result = use_calculator(self.tokenizer.decode(seq[starts[-1] + 1:-1])) if starts else None
-            inject = [] if result is None else self.tokenizer.encode(str(result))[:FORCED_SLOTS - 2]
-            inject = [self.output_start] + inject + [self.output_end] if result is not None else []
-            forced[i, :len(inject)], n_forced[i], forced_at[i] = inject, len(inject), 0
-            active[i] = budget[i] > 0
-        return dict(rows, active=jnp.asarray(active), forced=jnp.asarray(forced), n_forced=jnp.asarray(n_forced),
-                    forced_at=jnp.asarray(forced_at))
+        loop = SlotLoop(self, slots=num_samples, chunk=self.chunk)
+        request = loop.submit(Request(list(tokens), num_samples, max_tokens, temperature, top_k, 1.0, seed))
+        queues = [[] for _ in range(num_samples)]  # per sample: (token, mask) not yet yielded
+        finished, emitted = [False] * num_samples, 0
+        try:
+            while True:
+                while not request.events.empty():
+                    event = request.events.get_nowait()
+                    if isinstance(event, Failed):
+                        raise RuntimeError(event.message)
+                    if isinstance(event, Finished):
+                        finished[event.sample] = True
+                        if event.token is not None:
+                            queues[event.sample].append((event.token, 1))
+                    else:
+                        queues[event.sample].append((event.id, 0 if event.forced else 1))
+                while all(queues):  # a full column is ready
+                    column = [q.pop(0) for q in queues]
+                    yield [t for t, _ in column], [m for _, m in column]
+                    emitted += 1
+                    for i, (t, _) in enumerate(column):
+                        if t in self.stops and not queues[i]:
+                            queues[i].append((t, 0))  # a finished sample repeats its stop token
+                    if emitted >= max_tokens or all(finished) and all(t in self.stops for t, _ in column):
+                        return
+                if all(finished) and request.events.empty():
+                    return  # (out of budget or cache: no full column will come)
+                loop.tick()
+        finally:
+            request.cancel()
 
     def generate_batch(self, tokens, num_samples=1, **kwargs):
         """(sequences, masks): each the prompt followed by its completion, without the final stop token."""

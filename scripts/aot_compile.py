@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nanochat_jax import aot
-from nanochat_jax.engine import BIAS_SLOTS, decode, new_rows, prefill
+from nanochat_jax.engine import BIAS_SLOTS, DecodeState, decode, prefill
 from nanochat_jax.gpt import GPT, REMAT_POLICIES, config_from_depth
 from nanochat_jax.optim import build_optimizer
 from nanochat_jax.sharding import make_mesh
@@ -117,11 +117,12 @@ def engine_programs(args, config, devices) -> dict:
                                      cache_len=cache_len)
         cache_shape = (cfg.n_layer, n, cache_len, cfg.n_kv_head, cfg.head_dim)
         cache = {"k": spec(cache_shape, dtype), "v": spec(cache_shape, dtype)}
-        rows = jax.eval_shape(lambda: new_rows(jnp.zeros(n, jnp.int32), 1, 1, jax.random.split(jax.random.key(0), n),
-                                               1.0, 0, 1.0, jnp.zeros(2, jnp.int32), cfg.vocab_size))
-        rows = jax.tree.map(lambda s: spec(s.shape, s.dtype), rows)
+        rows = jax.eval_shape(lambda: DecodeState.new(jnp.zeros(n, jnp.int32), 1, 1,
+                                                      jax.random.split(jax.random.key(0), n), 1.0, 0, 1.0,
+                                                      jnp.zeros(2, jnp.int32), cfg.vocab_size))
+        state = jax.tree.map(lambda s: spec(s.shape, s.dtype), rows).replace(cache=cache)
         fn = jax.jit(partial(decode, graphdef), donate_argnums=(1,), static_argnames="steps")
-        return aot.compile_timed(fn, params, cache, rows, spec((3,), jnp.int32), steps=steps)
+        return aot.compile_timed(fn, params, state, spec((3,), jnp.int32), steps=steps)
 
     matmul_flops = 2 * (config.num_params() - config.padded_vocab_size * config.n_embd)
     results = {}

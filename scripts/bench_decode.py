@@ -63,19 +63,24 @@ def main():
         never = jnp.array([-1], jnp.int32)  # no pause tokens: every row keeps decoding
         for batch in args.batches:
             keys = jax.random.split(jax.random.key(0), batch)
-            start = lambda: engine.start(prompt, keys, args.decode_tokens + 1, 1.0, None, 1.0, cache_len)  # noqa
+            start = lambda: engine.start(prompt, jax.random.clone(keys), args.decode_tokens + 1, 1.0, None, 1.0,  # noqa
+                                         cache_len)
             prefill_s = timed(start, 3)
-            cache, rows, _ = start()
+
+            def fresh():  # the prompt's cache in every row, as the slot loop admits a request's samples
+                cache, rows, _ = start()
+                return rows.replace(cache=jax.tree.map(lambda c: jnp.repeat(c, batch, axis=1), cache))
+            state = fresh()
             steps = args.decode_tokens // args.chunk
 
             def run():
-                nonlocal cache, rows
+                nonlocal state
                 for _ in range(steps):
-                    cache, rows, out = engine.decode(engine.params, cache, rows, never, steps=args.chunk)
+                    state, out = engine.decode(engine.params, state, never, steps=args.chunk)
                 return out["tokens"]
 
             run()  # compile
-            cache, rows, _ = start()
+            state = fresh()
             t0 = time.time()
             jax.block_until_ready(run())
             dt = time.time() - t0

@@ -60,7 +60,7 @@ def main(argv=None):
         model, tokenizer, meta = load_stage(args.source, args.model_tag, args.step)
     except FileNotFoundError as e:
         parser.exit(1, f"{e}\n")
-    engine = Engine(model, tokenizer)
+    engine = Engine(model, tokenizer, compute_dtype_weights=True)
     context = model.config.sequence_len
     max_tokens = min(args.max_tokens, context // 2)
     if not args.prompt:

@@ -301,7 +301,8 @@ def main(argv=None):
         model, tokenizer, meta = load_stage(args.source, args.model_tag, args.step)
     except FileNotFoundError as e:
         parser.exit(1, f"{e}\n")
-    batched = BatchedEngine(Engine(model, tokenizer), slots=args.slots, max_waiting=args.max_waiting).start()
+    batched = BatchedEngine(Engine(model, tokenizer, compute_dtype_weights=True), slots=args.slots,
+                            max_waiting=args.max_waiting).start()
     name = f"nanochat-jax-{args.source}-d{model.config.n_layer}"
     app = create_app(batched, tokenizer, name, {"temperature": args.temperature, "top_k": args.top_k,
                                                 "max_tokens": args.max_tokens}, api_key=args.api_key,

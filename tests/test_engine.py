@@ -121,3 +121,24 @@ def test_top_k_never_samples_outside_the_top_k():
     for step in range(30):
         key = jax.vmap(jax.random.fold_in)(keys[:1], jnp.full(1, step))
         assert int(sample(peaked, key, jnp.ones(1), jnp.zeros(1, jnp.int32), jnp.full(1, 0.5))[0]) == 0
+
+
+def test_serving_weights_in_the_compute_dtype(tokenizer):
+    """With bf16 compute the server holds bf16 weights (no fp32 cast per step) and greedy replies stay those of
+    the fp32-master engine (which casts each kernel to bf16 at its matmul anyway)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from conftest import randomize, tiny_config
+    from nanochat_jax.engine import Engine
+    from nanochat_jax.gpt import GPT
+    model = randomize(GPT(tiny_config(vocab_size=tokenizer.get_vocab_size(), sequence_len=64), rngs=nnx.Rngs(0),
+                          dtype=jnp.bfloat16), std=0.4)
+    master, served = Engine(model, tokenizer), Engine(model, tokenizer, compute_dtype_weights=True)
+    import jax
+    assert {p.dtype for p in jax.tree.leaves(served.params)} == {jnp.dtype(jnp.bfloat16)}
+    assert {p.dtype for p in jax.tree.leaves(master.params)} == {jnp.dtype(jnp.float32)}
+    prompt = tokenizer.encode("hello there", prepend="<|bos|>")
+    a, _ = master.generate_batch(prompt, max_tokens=12, temperature=0.0)
+    b, _ = served.generate_batch(prompt, max_tokens=12, temperature=0.0)
+    assert a == b
