@@ -3,7 +3,9 @@
     python -m serve.web --port 8000 &
     python -m scripts.bench_serve --url http://127.0.0.1:8000 --clients 16 --requests 64 --max-tokens 128
 
-Each client streams /v1/chat/completions requests one after another; the prompt varies per request.
+Each client streams /v1/chat/completions requests one after another; the prompt varies per request (--history N
+puts N earlier exchanges before it: long conversations to render). Meanwhile /health is asked every 50 ms and its
+latency reported: the event loop should never wait on the engine or on prompt rendering.
 """
 import argparse
 import json
@@ -13,10 +15,12 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 
-def one_request(url: str, index: int, max_tokens: int):
+def one_request(url: str, index: int, max_tokens: int, history: int = 0):
     import httpx
-    body = {"messages": [{"role": "user", "content": f"Tell me about the number {index}."}], "max_tokens": max_tokens,
-            "temperature": 1.0, "stream": True, "seed": index}
+    earlier = [{"role": role, "content": f"{role} turn {i}: " + "some words here " * 18}
+               for i in range(history) for role in ("user", "assistant")]
+    body = {"messages": earlier + [{"role": "user", "content": f"Tell me about the number {index}."}],
+            "max_tokens": max_tokens, "temperature": 1.0, "stream": True, "seed": index}
     t0, first, tokens = time.time(), None, 0
     with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as r:
         r.raise_for_status()
@@ -36,16 +40,35 @@ def main():
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--history", type=int, default=0, help="earlier exchanges in every conversation")
     args = parser.parse_args()
+    import threading
+
+    import httpx
+    health, done = [], threading.Event()
+
+    def probe():
+        while not done.is_set():
+            t = time.time()
+            httpx.get(args.url + "/health", timeout=60)
+            health.append(time.time() - t)
+            time.sleep(0.05)
+    prober = threading.Thread(target=probe, daemon=True)
     t0 = time.time()
+    prober.start()
     with ThreadPoolExecutor(args.clients) as pool:
-        results = list(pool.map(lambda i: one_request(args.url, i, args.max_tokens), range(args.requests)))
+        results = list(pool.map(lambda i: one_request(args.url, i, args.max_tokens, args.history),
+                                range(args.requests)))
     wall = time.time() - t0
+    done.set()
+    prober.join()
     ttft, latency, tokens = (np.array(x) for x in zip(*results))
     print(f"{args.requests} requests, {args.clients} clients, {wall:.1f}s: {args.requests / wall:.2f} requests/s, "
           f"{tokens.sum() / wall:,.0f} tokens/s\n"
           f"time to first token p50 {np.percentile(ttft, 50) * 1000:.0f} ms, p99 {np.percentile(ttft, 99) * 1000:.0f} ms"
-          f" | latency p50 {np.percentile(latency, 50):.2f} s, p99 {np.percentile(latency, 99):.2f} s")
+          f" | latency p50 {np.percentile(latency, 50):.2f} s, p99 {np.percentile(latency, 99):.2f} s\n"
+          f"/health during the run: p50 {np.percentile(health, 50) * 1000:.1f} ms, p99 "
+          f"{np.percentile(health, 99) * 1000:.1f} ms, max {max(health) * 1000:.1f} ms ({len(health)} probes)")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ Line editing and history (readline: arrows, Ctrl-R); Ctrl-C during a reply stops
 loses its oldest exchanges (with a notice).
 """
 import argparse
+import signal
 import sys
 
 try:
@@ -22,12 +23,18 @@ from nanochat_jax.engine import MAX_TOP_K, Engine
 
 
 def stream_reply(engine, tokenizer, prompt_ids, max_tokens, temperature, top_k, seed, out=sys.stdout):
-    """Prints the reply as it comes; returns (its token ids, stop token excluded; whether Ctrl-C stopped it)."""
-    reply, shown = [], ""
+    """Prints the reply as it comes; returns (its token ids, stop token excluded; whether Ctrl-C stopped it).
+    Ctrl-C only raises a flag that the loop checks between tokens (an exception could land in a callback, e.g. JAX's
+    garbage-collection hook, and be swallowed there)."""
+    reply, shown, stop = [], "", []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda *_: stop.append(True))
+    except ValueError:  # (not the main thread: Ctrl-C stays an exception)
+        previous = None
     tokens = engine.generate(prompt_ids, max_tokens=max_tokens, temperature=temperature, top_k=top_k, seed=seed)
     try:
         for column, _ in tokens:
-            if column[0] in engine.stops:
+            if stop or column[0] in engine.stops:
                 break
             reply.append(column[0])
             text = tokenizer.decode(reply)
@@ -36,12 +43,14 @@ def stream_reply(engine, tokenizer, prompt_ids, max_tokens, temperature, top_k, 
                 out.flush()
                 shown = text
     except KeyboardInterrupt:
+        stop.append(True)
+    finally:
         tokens.close()
-        out.write(tokenizer.decode(reply)[len(shown):] + " (stopped)\n")
-        out.flush()
-        return reply, True
-    out.write(tokenizer.decode(reply)[len(shown):] + "\n")
-    return reply, False
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    out.write(tokenizer.decode(reply)[len(shown):] + (" (stopped)\n" if stop else "\n"))
+    out.flush()
+    return reply, bool(stop)
 
 
 def main(argv=None):
