@@ -113,6 +113,23 @@ class SlotLoop:
     def busy_slots(self) -> int:
         return sum(s is not None for s in self.slots)
 
+    def warm_up(self) -> int:
+        """Compile what requests will need before the first one comes: the prefill at every prompt-length bucket
+        (one sample), the admission and the decode step. Run it before `start()`. Returns how many prompts it ran."""
+        e, length, ran = self.engine, 16, 0
+        while True:
+            n = min(length, e.config.sequence_len - 1)
+            request = self.submit(Request([e.tokenizer.get_bos_token_id()] * n, 1, 1, 0.0, None, 1.0, 0))
+            while len(request.finished) < request.n:
+                if not self.tick() and self.waiting.empty():
+                    break
+            ran += 1
+            if n >= e.config.sequence_len - 1 or length >= e.max_len:
+                break
+            length *= 2
+        self.stats = {"requests_served": 0, "tokens_generated": 0}
+        return ran
+
     def tick(self) -> bool:
         """One round: admit what fits, drop the cancelled, run the tool, one decode call, deliver the tokens.
         Returns False when there was nothing to decode."""

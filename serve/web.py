@@ -302,7 +302,10 @@ def main(argv=None):
     except FileNotFoundError as e:
         parser.exit(1, f"{e}\n")
     batched = BatchedEngine(Engine(model, tokenizer, compute_dtype_weights=True), slots=args.slots,
-                            max_waiting=args.max_waiting).start()
+                            max_waiting=args.max_waiting)
+    print(f"compiling the engine for prompts up to {model.config.sequence_len} tokens ...", flush=True)
+    batched.warm_up()  # (so the first clients do not wait on compiles, nor stall the event loop)
+    batched.start()
     name = f"nanochat-jax-{args.source}-d{model.config.n_layer}"
     app = create_app(batched, tokenizer, name, {"temperature": args.temperature, "top_k": args.top_k,
                                                 "max_tokens": args.max_tokens}, api_key=args.api_key,

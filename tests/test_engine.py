@@ -142,3 +142,16 @@ def test_serving_weights_in_the_compute_dtype(tokenizer):
     a, _ = master.generate_batch(prompt, max_tokens=12, temperature=0.0)
     b, _ = served.generate_batch(prompt, max_tokens=12, temperature=0.0)
     assert a == b
+
+
+def test_the_slot_loop_warms_up_every_prompt_bucket(tokenizer):
+    from flax import nnx
+
+    from conftest import randomize, tiny_config
+    from nanochat_jax.engine import Engine
+    from nanochat_jax.gpt import GPT
+    from nanochat_jax.serving import SlotLoop
+    model = randomize(GPT(tiny_config(vocab_size=tokenizer.get_vocab_size(), sequence_len=100), rngs=nnx.Rngs(0)))
+    loop = SlotLoop(Engine(model, tokenizer), slots=2)
+    assert loop.warm_up() == 4  # prompts of 16, 32, 64 and 99 tokens: buckets 16 .. 128
+    assert loop.busy_slots() == 0 and loop.waiting.empty() and loop.stats["requests_served"] == 0
