@@ -367,7 +367,7 @@ def add_routes(app, ctx):
         bos = tokenizer.get_bos_token_id()
         return [[bos] + tokenizer.encode(t) for t in texts]
 
-    def legacy_logprobs(tokens: list[int], scores, top: int, offset0: int, prompt_len: int):
+    def legacy_logprobs(tokens: list[int], scores, top: int, offset0: int):
         """OpenAI's completions logprobs: tokens, token_logprobs, top_logprobs, text_offset."""
         out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         offset = offset0
@@ -415,10 +415,10 @@ def add_routes(app, ctx):
             prompt_index = c.index // body.n
             offset = len(texts[prompt_index]) if body.echo else 0
             scores = [(t.logprob, t.top) for t in tokens]
-            lp = legacy_logprobs([t.id for t in tokens], scores, top, offset, 0)
+            lp = legacy_logprobs([t.id for t in tokens], scores, top, offset)
             if with_prompt and prompt_scores is not None:
                 ids = prompts[prompt_index][1:]
-                head = legacy_logprobs(ids, [(None, None)] + prompt_scores[prompt_index][:len(ids) - 1], top, 0, 0)
+                head = legacy_logprobs(ids, [(None, None)] + prompt_scores[prompt_index][:len(ids) - 1], top, 0)
                 lp = {k: head[k] + lp[k] for k in lp}
             return lp
 
