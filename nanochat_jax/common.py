@@ -1,5 +1,6 @@
 """Small helpers shared by every stage: joining a multi-process run (and leaving it when a peer dies), the base
 directory, logging on process 0, the default compute dtype."""
+import atexit
 import os
 import sys
 import threading
@@ -53,11 +54,12 @@ def start_peer_watchdog(timeout_s: float, interval_s: float = 1.0):
     from jax._src.distributed import global_state
     client, me, n = global_state.client, jax.process_index(), jax.process_count()
     state = {"last_ok": time.monotonic()}
+    stop = threading.Event()
     seen = {p: (None, time.monotonic()) for p in range(n)}  # process -> (last counter value, when it changed)
 
     def beat():
         count = 0
-        while True:
+        while not stop.is_set():
             try:
                 client.key_value_set(f"nanochat_alive/{me}", str(count), allow_overwrite=True)
                 values = dict(client.key_value_dir_get("nanochat_alive/"))
@@ -71,16 +73,22 @@ def start_peer_watchdog(timeout_s: float, interval_s: float = 1.0):
                 elif now - seen[p][1] > timeout_s:
                     _leave_run(f"process {p} has not been heard from for {now - seen[p][1]:.0f}s")
             count += 1
-            time.sleep(interval_s)
+            stop.wait(interval_s)
 
     def guard():  # a key-value call that hangs is a lost coordinator too
-        while True:
-            time.sleep(interval_s)
+        while not stop.wait(interval_s):
             if time.monotonic() - state["last_ok"] > timeout_s:
                 _leave_run(f"the coordinator, process 0, has not answered for {timeout_s:.0f}s")
 
-    for target in (beat, guard):
-        threading.Thread(target=target, daemon=True, name=f"nanochat-peer-{target.__name__}").start()
+    threads = [threading.Thread(target=t, daemon=True, name=f"nanochat-peer-{t.__name__}") for t in (beat, guard)]
+    for thread in threads:
+        thread.start()
+
+    def quit_watching():  # at exit, before JAX shuts its client down (atexit runs last-registered first): a thread
+        stop.set()  # still inside a key-value call while the interpreter finalizes aborts the process
+        for thread in threads:
+            thread.join(timeout=10)
+    atexit.register(quit_watching)
 
 
 def get_base_dir() -> str:
