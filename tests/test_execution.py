@@ -3,7 +3,6 @@ and affinity, other processes, the network), in kernel mode with and without the
 hold alone), and where it applies in unsafe mode too."""
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
