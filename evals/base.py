@@ -19,19 +19,14 @@ import urllib.request
 import zipfile
 
 import jax
-import optax
-from flax import nnx
 
 from nanochat_jax import core_eval, report
+from nanochat_jax.base_eval import bits_per_byte, loss_sums, print_samples
 from nanochat_jax.checkpoint import STAGE_DIRS, load_model, stage_directory
-from nanochat_jax.common import get_base_dir, init_distributed, parse_dtype, print0
+from nanochat_jax.common import CompileCount, get_base_dir, init_distributed, parse_dtype, print0
 from nanochat_jax.dataloader import pretraining_batches
 from nanochat_jax.dataset import standin_corpus
-from nanochat_jax.gpt import GPT
-from nanochat_jax.loop import bits_per_byte, eval_sums
 from nanochat_jax.sharding import make_mesh
-from nanochat_jax.trainer import Trainer
-from train.base import make_sampler
 
 
 def parse_args(argv=None):
@@ -66,7 +61,7 @@ def load(args, mesh, dtype):
     directory = args.checkpoint or stage_directory(args.source, args.model_tag)
     if glob.glob(os.path.join(os.path.expanduser(directory), "model_*.pt")):  # nanochat's format
         from nanochat_jax.interop import import_nanochat
-        model, tokenizer, meta = import_nanochat(directory, args.step, dtype=dtype)
+        model, tokenizer, meta = import_nanochat(directory, args.step, dtype=dtype, mesh=mesh)
         if tokenizer is None:
             raise SystemExit(f"no tokenizer.pkl next to {directory} nor in nanochat's <base>/tokenizer/")
         return model, tokenizer, f"nanochat {directory} step {meta['step']}"
@@ -114,15 +109,15 @@ def core(model, tokenizer, args, mesh) -> dict:
     return {"core_metric": sum(centered.values()) / len(centered), "results": results, "centered_results": centered}
 
 
-def bpb(trainer, params, tokenizer, args) -> dict:
-    seq_len = args.seq_len
-    rows = args.device_batch_size * jax.local_device_count()
-    num_batches = max(1, args.eval_tokens // (rows * jax.process_count() * seq_len))
+def bpb(model, tokenizer, args) -> dict:
+    seq_len = args.max_seq_len or model.config.sequence_len
+    rows_per_process = args.device_batch_size * jax.local_device_count()
+    num_batches = max(1, args.eval_tokens // (rows_per_process * jax.process_count() * seq_len))
     token_bytes = tokenizer.token_bytes()
     out = {}
     for split in ("train", "val"):
-        batches = pretraining_batches(tokenizer, split, rows, seq_len)
-        out[f"{split}_bpb"] = bits_per_byte(eval_sums(trainer, params, batches, num_batches, token_bytes))
+        batches = pretraining_batches(tokenizer, split, rows_per_process, seq_len)
+        out[f"{split}_bpb"] = bits_per_byte(loss_sums(model, batches, num_batches, token_bytes))
         print0(f"{split} bpb: {out[f'{split}_bpb']:.4f}")
     return out
 
@@ -133,19 +128,16 @@ def main(argv=None):
     mesh, dtype = make_mesh(args.mesh), parse_dtype(args.dtype)
     model, tokenizer, description = load(args, mesh, dtype)
     print0(f"evaluating {description}")
-    # the training-step view of the same weights: bpb and the sampler run on it
-    trainer = Trainer.create(lambda: GPT(model.config, rngs=nnx.Rngs(0), dtype=model.dtype), optax.identity(), mesh)
-    params = jax.device_put(nnx.to_pure_dict(nnx.state(model)), trainer.params_sharding)
-    args.seq_len = args.max_seq_len or model.config.sequence_len
     summary = {"model": description}
     if args.eval_tokens > 0:
-        summary |= bpb(trainer, params, tokenizer, args)
+        summary |= bpb(model, tokenizer, args)
     if not args.no_core:
-        summary |= core(model, tokenizer, args, mesh)
-        print0(f"CORE metric: {summary['core_metric']:.4f}")
-    make_sampler(trainer, tokenizer)(params)
-    report.log("Base model evaluation", {"model": description},
-               {"CORE": summary.get("core_metric"), "train bpb": summary.get("train_bpb"),
+        with CompileCount() as compiled:  # bounded by the row-length buckets, not one per example
+            summary |= core(model, tokenizer, args, mesh)
+        print0(f"CORE metric: {summary['core_metric']:.4f} ({compiled})")
+    print_samples(model, tokenizer)
+    report.log(report.BASE_EVALUATION, {"model": description},
+               {report.CORE: summary.get("core_metric"), "train bpb": summary.get("train_bpb"),
                 "val bpb": summary.get("val_bpb")}, summary.get("centered_results", {}),
                report.standin(standin_corpus() if args.eval_tokens > 0 else None))
     if args.json_out:

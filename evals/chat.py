@@ -12,36 +12,14 @@ format) and LocalSpellingBee (SpellingBee over words from Python's docstrings); 
 import argparse
 import json
 import time
-from functools import partial
 
 from nanochat_jax import execution, report
 from nanochat_jax.chat_eval import categorical_outcomes, generative_outcomes
 from nanochat_jax.checkpoint import STAGE_DIRS, load_stage
-from nanochat_jax.common import parse_dtype, print0, single_host_only
+from nanochat_jax.common import CompileCount, parse_dtype, print0, single_host_only
 from nanochat_jax.engine import Engine
-from nanochat_jax.tasks.choice import ARC, MMLU
-from nanochat_jax.tasks.gsm8k import GSM8K
-from nanochat_jax.tasks.humaneval import HumanEval
-from nanochat_jax.tasks.local import EVAL_TASKS
-from nanochat_jax.tasks.spelling import SpellingBee
-
-TASKS = {
-    "ARC-Easy": partial(ARC, "ARC-Easy", "test"),
-    "ARC-Challenge": partial(ARC, "ARC-Challenge", "test"),
-    "MMLU": partial(MMLU, "all", "test"),
-    "GSM8K": partial(GSM8K, "main", "test"),
-    "HumanEval": HumanEval,
-    "SpellingBee": partial(SpellingBee, size=256, split="test"),
-}
-CHANCE = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0, "SpellingBee": 0.0}
-STANDINS = EVAL_TASKS
-
-
-def chatcore(results: dict) -> float | None:
-    """The mean of (accuracy - chance) / (1 - chance) over nanochat's six tasks; None unless all six were evaluated."""
-    if not set(CHANCE) <= set(results):
-        return None
-    return sum((results[name] - chance) / (1 - chance) for name, chance in CHANCE.items()) / len(CHANCE)
+from nanochat_jax.stages import check_flags
+from nanochat_jax.tasks.registry import CHAT_TASKS, CHATCORE_TASKS, STANDINS, chatcore
 
 
 def parse_args(argv=None):
@@ -62,17 +40,14 @@ def parse_args(argv=None):
                    help="where the kernel sandbox is unavailable, run HumanEval's programs in the weaker unsafe mode "
                         "(see nanochat_jax/execution.py) instead of refusing")
     args = p.parse_args(argv)
-    names = list(TASKS) if args.task_name is None else args.task_name.split("|")
-    unknown = [n for n in names if n not in TASKS and n not in STANDINS]
+    names = list(CHATCORE_TASKS) if args.task_name is None else args.task_name.split("|")
+    unknown = [n for n in names if n not in CHAT_TASKS]
     if unknown:
-        p.error(f"unknown task(s) {unknown}: choose from {'|'.join(TASKS)} (or the local stand-ins "
+        p.error(f"unknown task(s) {unknown}: choose from {'|'.join(CHATCORE_TASKS)} (or the local stand-ins "
                 f"{'|'.join(STANDINS)})")
     args.tasks = names
-    for name in ("max_new_tokens", "num_samples", "batch_size", "max_problems", "top_k"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be positive")
-    if args.temperature < 0:
-        p.error("--temperature must be >= 0")
+    check_flags(p, args, positive=("max_new_tokens", "num_samples", "batch_size", "max_problems", "top_k"),
+                nonnegative=("temperature",))
     return args
 
 
@@ -85,20 +60,22 @@ def main(argv=None):
     engine = Engine(model, tokenizer)
     results = {}
     for name in args.tasks:
-        task, t0 = (TASKS | STANDINS)[name](), time.time()
-        if task.eval_type == "categorical":
-            outcomes = categorical_outcomes(model, tokenizer, task, args.batch_size, args.max_problems)
-        else:
-            outcomes = [any(o) for o in generative_outcomes(
-                engine, tokenizer, task, args.num_samples, args.max_new_tokens, args.temperature, args.top_k,
-                args.max_problems)]
+        task, t0 = CHAT_TASKS[name].make("test"), time.time()
+        with CompileCount() as compiled:  # bounded by the length buckets, not one per problem
+            if task.eval_type == "categorical":
+                outcomes = categorical_outcomes(model, tokenizer, task, args.batch_size, args.max_problems)
+            else:
+                outcomes = [any(o) for o in generative_outcomes(
+                    engine, tokenizer, task, args.num_samples, args.max_new_tokens, args.temperature, args.top_k,
+                    args.max_problems)]
         results[name] = sum(outcomes) / len(outcomes)
-        print0(f"{name}: {sum(outcomes)}/{len(outcomes)} = {100 * results[name]:.2f}% ({time.time() - t0:.0f}s)")
+        print0(f"{name}: {sum(outcomes)}/{len(outcomes)} = {100 * results[name]:.2f}% ({time.time() - t0:.0f}s; "
+               f"{compiled})")
     summary = {"source": args.source, "step": meta["step"], "results": results, "ChatCORE": chatcore(results)}
     if summary["ChatCORE"] is not None:
         print0(f"ChatCORE: {summary['ChatCORE']:.4f}")
-    report.log(f"Chat evaluation {args.source}", {"model step": meta["step"], "max problems": args.max_problems},
-               results, {"ChatCORE": summary["ChatCORE"]},
+    report.log(report.chat_evaluation(args.source), {"model step": meta["step"], "max problems": args.max_problems},
+               results, {report.CHATCORE: summary["ChatCORE"]},
                report.standin("; ".join(f"{name}: generated on this machine (tasks/local.py)" for name in results
                                         if name in STANDINS)))
     if args.json_out:

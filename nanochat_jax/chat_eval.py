@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nanochat_jax.common import print0
+from nanochat_jax.common import bucket, print0
 from nanochat_jax.tasks.base import Task
 
 
@@ -37,7 +37,7 @@ def categorical_outcomes(model, tokenizer, task: Task, batch_size: int = 8, max_
         conversations = [task[i] for i in range(start, min(start + batch_size, n))]
         prompts = [tokenizer.render_for_completion(c) for c in conversations]
         # prompts longer than the model's context are scored all the same (rotary positions extend), as nanochat does
-        length = max(16, 1 << (max(len(p) for p in prompts) - 1).bit_length())
+        length = bucket(max(len(p) for p in prompts))
         ids = np.full((batch_size, length), bos, np.int32)  # a full batch each time: one compiled shape per length
         at = np.zeros(batch_size, np.int32)
         for row, prompt in enumerate(prompts):

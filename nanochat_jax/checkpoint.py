@@ -1,24 +1,32 @@
 """Our checkpoints: an orbax CheckpointManager directory per run, plus the run's tokenizer.
 
-    <checkpoint_dir>/<step>/params  the parameters (and opt_state: the optimizer state, for training runs)
+    <checkpoint_dir>/<step>/params  the parameters
     <checkpoint_dir>/<step>/meta    JSON: {"model_config": {...}, "step": ..., ...}
+    training runs also:
+    <checkpoint_dir>/<step>/opt_state  the optimizer state
+    <checkpoint_dir>/<step>/data       each process's data position (grain's handler: process_<i>-of-<n>.json)
+    and meta["loop_state"] (trainer.LoopState)
     <checkpoint_dir>/tokenizer/     the tokenizer the model was trained with
 
 Orbax writes each step into a temporary directory and renames it when complete, so a crash during a save leaves
 the previous steps loadable. Restoring takes a target of ShapeDtypeStructs with shardings, so a checkpoint loads onto
-any mesh shape.
+any mesh shape. A training run goes through save_training/restore_training: one call each way for everything a
+resume needs.
 """
+import glob
 import os
 from dataclasses import asdict
 
+import grain
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
 from nanochat_jax.common import default_dtype
 from nanochat_jax.gpt import GPT, GPTConfig
-from nanochat_jax.sharding import make_mesh, param_shardings
+from nanochat_jax.sharding import abstract_params, make_mesh
 from nanochat_jax.tokenizer import Tokenizer
+from nanochat_jax.trainer import LoopState, TrainState
 
 STAGE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints",
               "rl": "chatrl_checkpoints"}
@@ -49,7 +57,8 @@ class Checkpointer:
         steps = self.manager.all_steps()
         return max(steps) if steps else None
 
-    def _step(self, step: int | None) -> int:
+    def resolve_step(self, step: int | None) -> int:
+        """`step` if this directory holds it (None: the latest), else FileNotFoundError naming the steps present."""
         step = self.latest_step() if step is None else step
         if step is None or step not in self.manager.all_steps():
             have = self.manager.all_steps()
@@ -57,16 +66,39 @@ class Checkpointer:
         return step
 
     def meta(self, step: int | None = None) -> dict:
-        step = self._step(step)
+        step = self.resolve_step(step)
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
     def restore(self, targets: dict, step: int | None = None) -> tuple[dict, dict]:
         """targets: item name -> tree of jax.ShapeDtypeStruct (shape, dtype, sharding) for the items wanted.
         Returns ({name: restored tree}, meta)."""
-        step = self._step(step)
+        step = self.resolve_step(step)
         args = {name: ocp.args.StandardRestore(target) for name, target in targets.items()}
         restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore(), **args))
         return {name: restored[name] for name in targets}, restored.meta
+
+    def save_training(self, state: TrainState, data_position, meta: dict):
+        """Save a training run at state.step: params, optimizer state, this process's data position (the JSON state
+        of its batch source: every process writes its own) and meta with the loop's totals."""
+        args = {"params": ocp.args.StandardSave(state.params), "opt_state": ocp.args.StandardSave(state.opt_state),
+                "data": grain.checkpoint.CheckpointSave(_Position(data_position)),
+                "meta": ocp.args.JsonSave({**meta, "step": state.step, "loop_state": asdict(state.loop)})}
+        self.manager.save(state.step, args=ocp.args.Composite(**args), force=True)
+
+    def restore_training(self, step: int, abstract_params, abstract_opt_state, batches) -> TrainState:
+        """The run saved at `step`, onto the shardings of the abstract trees; `batches` (get_state/set_state) is
+        moved to this process's saved data position."""
+        saved = glob.glob(os.path.join(self.directory, str(step), "data", "process_*-of-*.json"))
+        if len(saved) != jax.process_count():
+            raise SystemExit(f"--resume: step {step} of {self.directory} holds the data positions of {len(saved)} "
+                             f"processes, this run has {jax.process_count()}: the data cannot be split differently")
+        position = _Position()
+        args = {"params": ocp.args.StandardRestore(abstract_params),
+                "opt_state": ocp.args.StandardRestore(abstract_opt_state),
+                "data": grain.checkpoint.CheckpointRestore(position), "meta": ocp.args.JsonRestore()}
+        restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+        batches.set_state(position.get_state())
+        return TrainState(restored["params"], restored["opt_state"], step, LoopState(**restored.meta["loop_state"]))
 
     def wait(self):
         self.manager.wait_until_finished()
@@ -75,33 +107,42 @@ class Checkpointer:
         self.manager.close()
 
 
+class _Position(grain.DatasetIterator):
+    """A data position as grain's orbax handler saves and restores an iterator's state (JSON, one file per
+    process). The loop saves the position of the next batch to train on, which it records before drawing ahead, so
+    the handler is given that state rather than the live iterator."""
+
+    def __init__(self, state=None):
+        super().__init__()
+        self.state = state
+
+    def __next__(self):
+        raise StopIteration
+
+    def get_state(self):
+        return self.state
+
+    def set_state(self, state):
+        self.state = state
+
+
 def model_meta(config: GPTConfig, step: int, **extra) -> dict:
     return {"model_config": asdict(config), "step": step, **extra}
-
-
-def abstract_model(config: GPTConfig, mesh, dtype=None, attn_impl: str | None = None):
-    """(graphdef, abstract state, target): target is the parameter tree as ShapeDtypeStructs placed on `mesh`."""
-    dtype = default_dtype() if dtype is None else dtype
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(0), dtype=dtype,
-                                                           attn_impl=attn_impl)))
-    shardings = nnx.to_pure_dict(param_shardings(state, mesh))
-    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                          nnx.to_pure_dict(state), shardings)
-    return graphdef, state, target
 
 
 def load_model(checkpoint_dir: str, step: int | None = None, mesh=None, dtype=None, attn_impl: str | None = None):
     """(model, tokenizer, meta) from one of our checkpoint directories; parameters placed on `mesh`
     (default: every device on the data axis, i.e. replicated)."""
     checkpointer = Checkpointer(checkpoint_dir, max_to_keep=None, async_save=False, create=False)
-    step = checkpointer._step(step)
+    step = checkpointer.resolve_step(step)
     config = GPTConfig(**checkpointer.meta(step)["model_config"])
-    graphdef, state, params_target = abstract_model(config, make_mesh() if mesh is None else mesh, dtype, attn_impl)
-    restored, meta = checkpointer.restore({"params": params_target}, step)
-    nnx.replace_by_pure_dict(state, restored["params"])
+    dtype = default_dtype() if dtype is None else dtype
+    graphdef, target = abstract_params(lambda: GPT(config, rngs=nnx.Rngs(0), dtype=dtype, attn_impl=attn_impl),
+                                       make_mesh() if mesh is None else mesh)
+    restored, meta = checkpointer.restore({"params": target}, step)
     tokenizer = Tokenizer.load(os.path.join(checkpointer.directory, "tokenizer"))
     checkpointer.close()
-    return nnx.merge(graphdef, state), tokenizer, meta
+    return nnx.merge(graphdef, restored["params"]), tokenizer, meta
 
 
 def find_model_tag(stage_dir: str) -> str:

@@ -98,6 +98,14 @@ def get_base_dir() -> str:
     return base_dir
 
 
+def use_compilation_cache():
+    """JAX's persistent compilation cache in $NANOCHAT_BASE_DIR/jax_cache (unless $JAX_COMPILATION_CACHE_DIR names
+    another): a program compiled by one run is read back by the next, so a restarted server or CLI does not wait on
+    the compiler again."""
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        jax.config.update("jax_compilation_cache_dir", os.path.join(get_base_dir(), "jax_cache"))
+
+
 def print0(*args, **kwargs):
     """print on the first process only (multi-host runs would otherwise print everything N times)."""
     if jax.process_index() == 0:
@@ -117,3 +125,31 @@ def parse_dtype(name: str | None) -> jnp.dtype:
     if name not in dtypes:
         raise ValueError(f"unknown dtype {name!r}: expected one of {sorted(dtypes)}")
     return dtypes[name]
+
+
+def bucket(n: int, minimum: int = 16, maximum: int | None = None) -> int:
+    """The power of two at or above n (at least `minimum`, at most `maximum`): lengths and batch sizes padded to
+    it share a few compiled programs instead of one each."""
+    size = max(minimum, 1 << max(n - 1, 0).bit_length())
+    return size if maximum is None else min(size, maximum)
+
+
+class CompileCount:
+    """Counts the programs XLA compiles (or reads back from the persistent cache) inside a with-block, and their
+    seconds: evaluations print it, since a new shape per example would make them compile-bound."""
+    EVENT = "/jax/core/compile/backend_compile_duration"
+
+    def __enter__(self):
+        self.programs, self.seconds = 0, 0.0
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+        return self
+
+    def _listen(self, event: str, seconds: float, **kwargs):
+        if event == self.EVENT:
+            self.programs, self.seconds = self.programs + 1, self.seconds + seconds
+
+    def __exit__(self, *exc):
+        jax.monitoring.unregister_event_duration_listener(self._listen)
+
+    def __str__(self) -> str:
+        return f"{self.programs} programs compiled ({self.seconds:.1f}s)"

@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from nanochat_jax.common import bucket
 from nanochat_jax.sharding import BATCH_AXES
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
@@ -104,7 +105,7 @@ def score_rows(model, rows, pad_id: int, batch_size: int, mesh=None):
     losses, exacts = [], []
     for first in range(0, len(rows), batch_size):
         chunk = rows[first:first + batch_size]
-        length = max(16, 1 << (max(len(t) for t, _, _ in chunk) - 1).bit_length())
+        length = bucket(max(len(t) for t, _, _ in chunk))
         ids = np.full((batch_size, length + 1), pad_id, np.int32)  # +1: the last position is only a target
         starts, ends = np.ones(batch_size, np.int32), np.ones(batch_size, np.int32)
         for r, (tokens, start, end) in enumerate(chunk):

@@ -143,7 +143,7 @@ class StepBatches:
     """One training step's batch from an iterator of micro-batches (dicts of [rows, T] arrays): the dicts of
     `accum_steps` micro-batches stacked to [accum_steps, rows, T]. Shorter micro-batches are padded at the end to the
     longest (inputs with 0, targets with -1: never counted, and causal attention keeps them out of earlier
-    positions). The state is the micro-batch iterator's."""
+    positions). The state is the micro-batch iterator's: the position of the next step's first micro-batch."""
 
     def __init__(self, micro_batches, accum_steps: int):
         self.micro_batches, self.accum_steps = micro_batches, accum_steps
@@ -157,6 +157,10 @@ class StepBatches:
         pad = lambda a, value: np.pad(a, ((0, 0), (0, T - a.shape[1])), constant_values=value)  # noqa: E731
         return {"inputs": np.stack([pad(m["inputs"], 0) for m in micro]),
                 "targets": np.stack([pad(m["targets"], -1) for m in micro])}
+
+    def next_batch(self, params=None) -> tuple[dict, dict]:
+        """The training loop's call: the next step's batch and no stats (a supervised source needs no params)."""
+        return next(self), {}
 
     def get_state(self):
         return self.micro_batches.get_state()

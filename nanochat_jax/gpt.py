@@ -130,9 +130,11 @@ class CausalSelfAttention(nnx.Module):
         self.c_v = Linear(C, config.n_kv_head * D, ("embed", "kv_heads"), rngs=rngs, layers=layers)
         self.c_proj = Linear(config.n_head * D, C, ("heads", "embed"), rngs=rngs, zero_init=True, layers=layers)
 
-    def __call__(self, x_BTC, cos, sin, kv=None, pos_B=None):
+    def __call__(self, x_BTC, cos, sin, kv=None, pos_B=None, attend_len=None):
         """kv: None (training) or this layer's cache (k, v), each [B, S, K, D]; the new keys/values are written at
-        pos_B[b] .. pos_B[b]+T-1 and the updated cache is returned alongside the output."""
+        pos_B[b] .. pos_B[b]+T-1 and the updated cache is returned alongside the output. attend_len (static): the
+        queries attend to the cache's first attend_len positions only (the caller keeps pos_B + T <= attend_len), so
+        a decode step reads the filled part of the cache, not all of it."""
         B, T, _ = x_BTC.shape
         q = self.c_q(x_BTC).reshape(B, T, self.n_head, self.head_dim)
         k = self.c_k(x_BTC).reshape(B, T, self.n_kv_head, self.head_dim)
@@ -143,6 +145,8 @@ class CausalSelfAttention(nnx.Module):
             k = write(kv[0], k.astype(kv[0].dtype), pos_B)
             v = write(kv[1], v.astype(kv[1].dtype), pos_B)
             kv = (k, v)
+            if attend_len is not None:
+                k, v = k[:, :attend_len], v[:, :attend_len]
         y = attention(q, k.astype(q.dtype), v.astype(q.dtype), q_offset_B=pos_B, impl=self.attn_impl)
         return self.c_proj(y.reshape(B, T, -1)), kv
 
@@ -165,8 +169,8 @@ class Block(nnx.Module):
         self.attn = CausalSelfAttention(config, rngs=rngs, attn_impl=attn_impl, layers=layers)
         self.mlp = MLP(config, rngs=rngs, layers=layers)
 
-    def __call__(self, x, cos, sin, kv=None, pos_B=None):
-        y, kv = self.attn(rms_norm(x), cos, sin, kv, pos_B)
+    def __call__(self, x, cos, sin, kv=None, pos_B=None, attend_len=None):
+        y, kv = self.attn(rms_norm(x), cos, sin, kv, pos_B, attend_len)
         x = x + y
         return x + self.mlp(rms_norm(x)), kv
 
@@ -185,14 +189,14 @@ class GPT(nnx.Module):
         self.h = Block(config, rngs=rngs, attn_impl=attn_impl, layers=config.n_layer)
         self.lm_head = Linear(C, Vp, ("embed", "vocab"), rngs=rngs, zero_init=True)
 
-    def _trunk(self, idx_BT, positions_BT, cache=None, pos_B=None):
+    def _trunk(self, idx_BT, positions_BT, cache=None, pos_B=None, attend_len=None):
         cos, sin = rope_tables(positions_BT, self.config.head_dim)
         x = shard_rows(rms_norm(jnp.take(self.wte[...], idx_BT, axis=0).astype(self.dtype)))
         block_def, stacked = nnx.split(self.h)
 
         def layer(x, params_and_kv):  # one block on its slice of the stacked parameters (and of the cache)
             params, kv = params_and_kv
-            x, kv = nnx.merge(block_def, params)(x, cos, sin, kv, pos_B)
+            x, kv = nnx.merge(block_def, params)(x, cos, sin, kv, pos_B, attend_len)
             return shard_rows(x), kv
 
         if self.remat != "none":
@@ -236,13 +240,13 @@ class GPT(nnx.Module):
         x, _ = self._trunk(idx_BT, jnp.broadcast_to(jnp.arange(T), (B, T)))
         return self._head(x[jnp.arange(B), at_B])
 
-    def forward_cached(self, idx_BT, cache, pos_B):
+    def forward_cached(self, idx_BT, cache, pos_B, attend_len: int | None = None):
         """Run T new tokens per row starting at positions pos_B [B] against a KV cache
         {'k','v': [n_layer, B, max_len, n_kv_head, head_dim]}; returns (logits [B, T, vocab], updated cache).
-        The caller keeps pos_B + T <= max_len."""
+        The caller keeps pos_B + T <= max_len (and <= attend_len: attention reads that many positions, default all)."""
         T = idx_BT.shape[1]
         positions = pos_B[:, None] + jnp.arange(T)[None, :]
-        x, cache = self._trunk(idx_BT, positions, cache, pos_B)
+        x, cache = self._trunk(idx_BT, positions, cache, pos_B, attend_len)
         return self._head(x), cache
 
 

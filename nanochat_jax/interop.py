@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from nanochat_jax.gpt import GPT, GPTConfig
+from nanochat_jax.sharding import abstract_params, make_mesh, shardings_of
 from nanochat_jax.tokenizer import Tokenizer
 
 
@@ -93,8 +94,9 @@ def find_tokenizer(checkpoint_dir: str) -> str | None:
     return None
 
 
-def import_nanochat(checkpoint_dir: str, step: int | None = None, dtype=jnp.float32):
-    """Returns (model, tokenizer or None when no tokenizer.pkl is found, meta dict); the model's weights are fp32."""
+def import_nanochat(checkpoint_dir: str, step: int | None = None, dtype=jnp.float32, mesh=None):
+    """Returns (model, tokenizer or None when no tokenizer.pkl is found, meta dict); the model's weights are fp32,
+    placed on `mesh` (default: every device on the data axis, i.e. replicated)."""
     checkpoint_dir = os.path.expanduser(checkpoint_dir)
     torch = _torch()
     step = find_last_step(checkpoint_dir) if step is None else step
@@ -109,10 +111,10 @@ def import_nanochat(checkpoint_dir: str, step: int | None = None, dtype=jnp.floa
     state_dict = torch.load(model_path, map_location="cpu", weights_only=True)
     params = state_dict_to_params({k: v.float().numpy() for k, v in state_dict.items()}, config)
 
-    model = nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(0), dtype=dtype))
-    state = nnx.state(model)
-    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
-    nnx.update(model, state)
+    # the same form as checkpoint.load_model's: the parameters placed on the mesh by the sharding rules
+    graphdef, target = abstract_params(lambda: GPT(config, rngs=nnx.Rngs(0), dtype=dtype),
+                                       make_mesh() if mesh is None else mesh)
+    model = nnx.merge(graphdef, jax.device_put(params, shardings_of(target)))
 
     tokenizer = None
     if (tok_path := find_tokenizer(checkpoint_dir)) is not None:
@@ -122,3 +124,25 @@ def import_nanochat(checkpoint_dir: str, step: int | None = None, dtype=jnp.floa
             raise ValueError(f"{tok_path} has {tokenizer.get_vocab_size()} tokens but the model expects "
                              f"{config.vocab_size}")
     return model, tokenizer, meta
+
+
+def write_random_nanochat(directory: str, tokenizer, TorchGPT, TorchConfig, std: float = 0.3, **config):
+    """A nanochat GPT (nanochat.gpt's classes, passed in) with random weights everywhere (nanochat's own init
+    zeroes the head, which would hide differences), saved in nanochat's format with the tokenizer: what the parity
+    scripts and bench_decode load on both sides. Returns the torch model, in eval mode."""
+    torch = _torch()
+    config = dict(sequence_len=2048, vocab_size=tokenizer.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=1,
+                  n_embd=128) | config
+    torch.manual_seed(0)
+    ref_model = TorchGPT(TorchConfig(**config))
+    ref_model.init_weights()
+    with torch.no_grad():
+        for param in ref_model.parameters():
+            param.normal_(0, std)
+    ref_model.eval()
+    torch.save(ref_model.state_dict(), os.path.join(directory, "model_000000.pt"))
+    with open(os.path.join(directory, "meta_000000.json"), "w") as f:
+        json.dump({"model_config": config, "step": 0}, f)
+    with open(os.path.join(directory, "tokenizer.pkl"), "wb") as f:
+        pickle.dump(tokenizer.enc, f)
+    return ref_model

@@ -7,6 +7,7 @@ quintic Newton-Schulz steps in bf16, scaled by sqrt(max(1, fan_out/fan_in)). Our
 weights are [out, in]), so nanochat's rows/cols are our cols/rows.
 """
 import math
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import jax
@@ -103,3 +104,18 @@ def muon_momentum(step: int) -> float:
     """0.85 -> 0.95 linearly over the first 300 steps."""
     frac = min(step / 300, 1.0)
     return (1 - frac) * 0.85 + frac * 0.95
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A stage's schedule: step -> (learning-rate multiplier, Muon momentum). momentum None: muon_momentum's ramp
+    (pretraining and midtraining), else that constant (SFT and RL: 0.95)."""
+    num_iterations: int
+    warmup_ratio: float = 0.0
+    warmdown_ratio: float = 0.2
+    final_lr_frac: float = 0.0
+    momentum: float | None = None
+
+    def __call__(self, step: int) -> tuple[float, float]:
+        lr = lr_multiplier(step, self.num_iterations, self.warmup_ratio, self.warmdown_ratio, self.final_lr_frac)
+        return lr, muon_momentum(step) if self.momentum is None else self.momentum

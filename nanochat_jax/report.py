@@ -18,14 +18,25 @@ import subprocess
 import jax
 
 from nanochat_jax.common import get_base_dir
+from nanochat_jax.tasks.registry import CHATCORE_TASKS, STANDINS
 
-ORDER = ["tokenizer-training", "tokenizer-evaluation", "base-model-training", "base-model-evaluation",
-         "midtraining", "chat-evaluation-mid", "chat-sft", "chat-evaluation-sft", "chat-rl", "chat-evaluation-rl"]
-SUMMARY_METRICS = ["CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "ChatCORE",
-                   "Arithmetic", "LocalSpellingBee"]  # the last two: local stand-ins (tasks/local.py)
+# the section titles, which every entry point passes to log() by these names; the report keeps this order
+TOKENIZER_TRAINING, TOKENIZER_EVALUATION = "Tokenizer training", "Tokenizer evaluation"
+BASE_TRAINING, BASE_EVALUATION = "Base model training", "Base model evaluation"
+MIDTRAINING, SFT, RL = "Midtraining", "Chat SFT", "Chat RL"
+
+
+def chat_evaluation(stage: str) -> str:
+    """The section of `python -m evals.chat -i <stage>`."""
+    return f"Chat evaluation {stage}"
+
+
+STAGES = {"base": (BASE_TRAINING, BASE_EVALUATION), "mid": (MIDTRAINING, chat_evaluation("mid")),
+          "sft": (SFT, chat_evaluation("sft")), "rl": (RL, chat_evaluation("rl"))}  # stage: (training, evaluation)
+ORDER = [TOKENIZER_TRAINING, TOKENIZER_EVALUATION] + [title for pair in STAGES.values() for title in pair]
+CORE, CHATCORE = "CORE", "ChatCORE"  # the summary's keys for the two aggregate scores
+SUMMARY_METRICS = [CORE, *CHATCORE_TASKS, CHATCORE, *STANDINS]  # the stand-ins last
 STANDIN = "stand-in"  # a section's key saying that its data was a local stand-in, and which
-STAGES = {"base": ("base-model-training", "base-model-evaluation"), "mid": ("midtraining", "chat-evaluation-mid"),
-          "sft": ("chat-sft", "chat-evaluation-sft"), "rl": ("chat-rl", "chat-evaluation-rl")}
 # on-demand prices per accelerator-hour (USD), for the estimate
 HOURLY = {"H100": 3.0, "H200": 3.5, "A100": 1.8, "TPU v5 lite": 1.2, "TPU v5e": 1.2, "TPU v6": 2.7}
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
@@ -109,7 +120,7 @@ def _format(value) -> str:
 
 def _sections() -> dict:
     sections = {}
-    for slug in ORDER:
+    for slug in map(slugify, ORDER):
         path = os.path.join(report_dir(), slug + ".json")
         if os.path.exists(path):
             with open(path, encoding="utf-8") as f:
@@ -122,7 +133,7 @@ def summary(sections: dict) -> dict:
     table = {}
     for stage, (_, evaluation) in STAGES.items():
         found = {}
-        for item in sections.get(evaluation, {}).get("data", []):
+        for item in sections.get(slugify(evaluation), {}).get("data", []):
             found.update({k: v for k, v in item.items() if k in SUMMARY_METRICS and v is not None})
         if found:
             table[stage] = found
@@ -213,7 +224,7 @@ def make_plots(sections: dict, table: dict) -> list[str]:
         return []
     names = []
     for stage, (training, _) in STAGES.items():
-        records = _metrics(sections.get(training, {}))
+        records = _metrics(sections.get(slugify(training), {}))
         curves = {key: [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
                   for key in ("loss", "reward", "val_bpb", "val_loss", "pass@1")}
         curves = {k: v for k, v in curves.items() if v}

@@ -6,12 +6,16 @@ For one question, `rollouts` samples completions with the engine (tool use on) a
 reward. `policy_batch` turns the rollouts of a step into a training batch for Trainer.step: inputs/targets
 [accum, rows, T] where only the sampled tokens are targets (the prompt and the tool's forced outputs are -1), and
 "weights" [accum, rows] = each row's advantage, so a micro-step's loss is -sum(advantage x log p(token)) / tokens.
+RolloutBatches is the batch source train.rl hands the training loop.
 """
+import time
 from dataclasses import dataclass
 
 import numpy as np
 
-from nanochat_jax.conversations import masked_targets
+from nanochat_jax.common import bucket
+from nanochat_jax.chat_batches import masked_targets
+from nanochat_jax.engine import Engine
 
 
 @dataclass
@@ -46,7 +50,7 @@ def policy_batch(step_rollouts: list[Rollouts], rows_per_micro_step: int, pad_id
     if len(rows) % rows_per_micro_step:
         raise ValueError(f"{len(rows)} sequences do not split into micro-steps of {rows_per_micro_step} rows")
     longest = max(len(seq) - 1 for seq, _, _ in rows)
-    length = min(max_len, max(16, 1 << (longest - 1).bit_length()))
+    length = bucket(longest, maximum=max_len)
     inputs = np.full((len(rows), length), pad_id, np.int32)
     targets = np.full((len(rows), length), -1, np.int32)
     for i, (seq, mask, _) in enumerate(rows):
@@ -57,3 +61,47 @@ def policy_batch(step_rollouts: list[Rollouts], rows_per_micro_step: int, pad_id
     shape = (len(rows) // rows_per_micro_step, rows_per_micro_step)
     return {"inputs": inputs.reshape(*shape, length), "targets": targets.reshape(*shape, length),
             "weights": weights.reshape(shape)}
+
+
+class RolloutBatches:
+    """RL's batch source for the training loop: step k's batch is the rollouts of questions k x per_step ... of the
+    task (cycling), sampled from the params the loop hands over (on-policy), as policy_batch. Its position is the
+    index k of the next step's questions."""
+
+    def __init__(self, trainer, tokenizer, task, per_step: int, num_samples: int, max_new_tokens: int,
+                 temperature: float, top_k: int | None, seed: int, rows_per_micro_step: int):
+        self.trainer, self.tokenizer, self.task, self.engine = trainer, tokenizer, task, None
+        self.per_step, self.num_samples, self.max_new_tokens = per_step, num_samples, max_new_tokens
+        self.temperature, self.top_k, self.seed, self.rows_per_micro_step = temperature, top_k, seed, rows_per_micro_step
+        self.pad_id = tokenizer.encode_special("<|assistant_end|>")  # never a target: any id would do
+        self.position = 0
+
+    def engine_for(self, model) -> Engine:
+        """The one engine (its programs compile once), sampling from `model` (also RL's evaluation)."""
+        if self.engine is None:
+            self.engine = Engine(model, self.tokenizer)
+        self.engine.use(model)
+        return self.engine
+
+    def next_batch(self, params) -> tuple[dict, dict]:
+        t0 = time.time()
+        self.engine_for(self.trainer.model(params))
+        step, self.position = self.position, self.position + 1
+        batch_rollouts = []
+        for j in range(self.per_step):
+            index = (step * self.per_step + j) % len(self.task)
+            seed = hash((self.seed, step, index)) & 0x7FFFFFFF  # ints hash the same in every process and run
+            batch_rollouts.append(rollouts(self.engine, self.tokenizer, self.task, index, self.num_samples,
+                                           self.max_new_tokens, self.temperature, self.top_k, seed))
+        stats = {"reward": float(np.mean([r.rewards.mean() for r in batch_rollouts])),
+                 "completion_length": float(np.mean([len(s) - r.prompt_len for r in batch_rollouts
+                                                     for s in r.sequences])),
+                 "sampling_s": time.time() - t0}
+        batch = policy_batch(batch_rollouts, self.rows_per_micro_step, self.pad_id, self.engine.config.sequence_len)
+        return batch, stats
+
+    def get_state(self) -> dict:
+        return {"position": self.position}
+
+    def set_state(self, state: dict):
+        self.position = int(state["position"])

@@ -11,7 +11,11 @@ gives the same reply whatever else is in the batch.
 thread of its own for the server, and `Engine.generate` runs them itself for one request. Tokens reach the caller
 through `Request.events` (a queue.Queue, read from any thread) as typed records: Token (with the model's
 log-probability and its TOP_LOGPROBS alternatives), Finished, Failed.
+
+A freed slot keeps its cache row: the next turn of the same conversation, whose prompt starts with the tokens that
+row holds, is admitted there and prefills only the new tokens (time to first token does not grow with the turns).
 """
+import itertools
 import queue
 import threading
 from dataclasses import dataclass, field
@@ -20,7 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nanochat_jax.engine import FORCED_SLOTS, DecodeState, Engine, use_calculator
+from nanochat_jax.decoding import FORCED_SLOTS, DecodeState, use_calculator
+
+MIN_REUSE = 16  # prompt tokens a parked cache row must hold for a request to start from it
 
 
 class QueueFull(Exception):
@@ -90,13 +96,18 @@ class Slot:
 
 
 class SlotLoop:
-    def __init__(self, engine: Engine, slots: int = 8, max_waiting: int = 64, chunk: int = 8):
+    """Decode slots over one engine.Engine (its programs and checks); see the module docstring."""
+
+    def __init__(self, engine, slots: int = 8, max_waiting: int = 64, chunk: int = 8):
         self.engine, self.n_slots, self.chunk = engine, slots, chunk
         self.waiting: queue.Queue = queue.Queue(max_waiting)
         self.slots: list[Slot | None] = [None] * slots
-        self.stats = {"requests_served": 0, "tokens_generated": 0}
+        self.stats = {"requests_served": 0, "tokens_generated": 0, "prompt_tokens_reused": 0}
         self.state = DecodeState.empty(engine.config, slots, engine.max_len, engine.dtype)
         self._admitting = None  # the request being prefilled (told if that fails)
+        # per free slot: (the tokens its cache row still holds, the engine's weights version, when it was freed)
+        self.parked: list[tuple | None] = [None] * slots
+        self._freed = itertools.count()
 
     def submit(self, request: Request) -> Request:
         if request.n > self.n_slots:
@@ -115,7 +126,8 @@ class SlotLoop:
 
     def warm_up(self) -> int:
         """Compile what requests will need before the first one comes: the prefill at every prompt-length bucket
-        (one sample), the admission and the decode step. Run it before `start()`. Returns how many prompts it ran."""
+        (one sample; fresh, and onto a parked row), the admission and the decode step at every attention length.
+        Run it before `start()`. Returns how many prompts it ran."""
         e, length, ran = self.engine, 16, 0
         while True:
             n = min(length, e.config.sequence_len - 1)
@@ -127,7 +139,15 @@ class SlotLoop:
             if n >= e.config.sequence_len - 1 or length >= e.max_len:
                 break
             length *= 2
-        self.stats = {"requests_served": 0, "tokens_generated": 0}
+        length, keys = 16, jax.random.split(jax.random.key(0), 1)
+        while length < e.max_len:  # the prefill of a later turn's new tokens onto a parked row, at every length
+            e.start([e.tokenizer.get_bos_token_id()] * (length + 1), keys, 1, 0.0, None, 1.0, e.max_len,
+                    reuse=(e.row_cache(self.state, 0), 1))
+            length *= 2
+        for attend_len in e.attend_buckets:  # every decode program (on idle rows: nothing is emitted)
+            self.state, _ = e.decode(e.params, self.state, e.pause_tokens, steps=self.chunk, attend_len=attend_len)
+        self.stats = {"requests_served": 0, "tokens_generated": 0, "prompt_tokens_reused": 0}
+        self.parked = [None] * self.n_slots
         return ran
 
     def tick(self) -> bool:
@@ -139,7 +159,10 @@ class SlotLoop:
         if self.busy_slots() == 0:
             return False
         self._resume_tool_calls()
-        self.state, out = e.decode(e.params, self.state, e.pause_tokens, steps=self.chunk)
+        # attention reads the cache up to the longest row after this chunk (a bucket), not the whole cache
+        longest = max(len(s.history) for s in self.slots if s is not None) + self.chunk
+        self.state, out = e.decode(e.params, self.state, e.pause_tokens, steps=self.chunk,
+                                   attend_len=e.attend_len(longest))
         self._deliver(jax.tree.map(np.asarray, out))
         return True
 
@@ -148,7 +171,7 @@ class SlotLoop:
         been donated to the call that failed)."""
         for request in {s.request for s in self.slots if s is not None} | ({self._admitting} - {None}):
             request.put(Failed(message))
-        self.slots, self._admitting = [None] * self.n_slots, None
+        self.slots, self._admitting, self.parked = [None] * self.n_slots, None, [None] * self.n_slots
         self.state = DecodeState.empty(self.engine.config, self.n_slots, self.engine.max_len, self.engine.dtype)
 
     # ---- the steps of a tick
@@ -164,20 +187,45 @@ class SlotLoop:
                 break
             self._admitting = self.waiting.get_nowait()
             keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(request.seed), jnp.arange(request.n))
-            row_cache, rows, info = e.start(request.tokens, keys, request.max_tokens, request.temperature,
-                                            request.top_k, request.top_p, e.max_len, request.bias, request.presence,
-                                            request.frequency)
-            request.slots = free[:request.n]
+            request.slots, reuse = self._choose_slots(request, free)
+            row_cache, prefilled, info = e.start(request.tokens, keys, request.max_tokens, request.temperature,
+                                                 request.top_k, request.top_p, e.max_len, request.bias,
+                                                 request.presence, request.frequency, reuse)
             for i, slot in enumerate(request.slots):
-                self.state = e.admit(self.state, row_cache, rows, i, slot)
+                self.state = e.admit(self.state, row_cache, prefilled, i, slot)
             self._admitting = None
-            first = np.asarray(rows.last)
+            first = np.asarray(prefilled.last)
             logprob, top_ids, top_lp = (np.asarray(x) for x in info)
             for i, slot in enumerate(request.slots):
                 token = int(first[i])
                 self.slots[slot] = Slot(request, i, list(request.tokens) + [token], token == e.python_end)
                 self._emit(request, Token(i, token, False, float(logprob[i]), _top(top_ids[i], top_lp[i])))
             self._free_finished(request)
+
+    def _choose_slots(self, request, free: list[int]):
+        """(slots for the request's samples, reuse for Engine.start). A one-sample request whose prompt starts with
+        what a free slot's cache still holds (the same conversation's earlier turns) goes there and prefills only
+        the rest; otherwise the slots freed longest ago are taken, so recent conversations stay parked."""
+        e = self.engine
+
+        def held(slot) -> int:  # how many of the prompt's first tokens the slot's cache row holds
+            parked = self.parked[slot]
+            if parked is None or parked[1] != e.weights_version:
+                return 0
+            tokens, n = parked[0], min(len(parked[0]), len(request.tokens) - 1)  # the last token is always run
+            return next((i for i in range(n) if tokens[i] != request.tokens[i]), n)
+
+        if request.n == 1:
+            best = max(free, key=held)
+            if held(best) >= MIN_REUSE:
+                n = held(best)
+                self.stats["prompt_tokens_reused"] += n
+                self.parked[best] = None
+                return [best], (e.row_cache(self.state, best), n)
+        order = sorted(free, key=lambda s: -1 if self.parked[s] is None else self.parked[s][2])
+        for slot in order[:request.n]:
+            self.parked[slot] = None
+        return order[:request.n], None
 
     def _release_cancelled(self):
         for request in {s.request for s in self.slots if s is not None and s.request.cancelled}:
@@ -249,6 +297,9 @@ class SlotLoop:
             if i not in request.finished and budget[slot] <= 0 and not s.waiting_for_tool:
                 self._finish(request, i, "length")
             if i in request.finished:
+                # its cache row keeps every token but the last emitted one (never fed back): the next turn of the
+                # same conversation can start from there
+                self.parked[slot] = (s.history[:-1], self.engine.weights_version, next(self._freed))
                 self.slots[slot] = None
                 free.append(slot)
         if free:
@@ -258,7 +309,7 @@ class SlotLoop:
 class BatchedEngine(SlotLoop):
     """The slot loop on a thread of its own (the chat server): requests come from any thread."""
 
-    def __init__(self, engine: Engine, slots: int = 8, max_waiting: int = 64, chunk: int = 8):
+    def __init__(self, engine, slots: int = 8, max_waiting: int = 64, chunk: int = 8):
         super().__init__(engine, slots, max_waiting, chunk)
         self._wake = threading.Event()
         self._stop = False

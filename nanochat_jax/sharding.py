@@ -108,10 +108,24 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES))
 
 
+def abstract_params(make_model, mesh: Mesh, rules: ShardingRules = RULES):
+    """(graphdef, params) of the model make_model() builds, without building it: params is a pure dict of
+    jax.ShapeDtypeStructs that carry their NamedShardings on `mesh`. The one description of where parameters live:
+    the target a checkpoint is restored onto, the template of a sharded init and of an ahead-of-time compile."""
+    graphdef, abstract = nnx.split(nnx.eval_shape(make_model))
+    shardings = nnx.to_pure_dict(param_shardings(abstract, mesh, rules))
+    return graphdef, jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                  nnx.to_pure_dict(abstract), shardings)
+
+
+def shardings_of(tree):
+    """The shardings of a tree of arrays or ShapeDtypeStructs."""
+    return jax.tree.map(lambda leaf: leaf.sharding, tree)
+
+
 def create_sharded(make_model, mesh: Mesh, rules: ShardingRules = RULES):
-    """Build a model with its parameters initialised directly in their shards (no full copy on one device).
-    make_model: a zero-argument function returning the nnx.Module. Returns (graphdef, state)."""
-    graphdef, abstract_state = nnx.split(nnx.eval_shape(make_model))
-    shardings = param_shardings(abstract_state, mesh, rules)
-    state = jax.jit(lambda: nnx.state(make_model()), out_shardings=shardings)()
-    return graphdef, state
+    """(graphdef, params): a model's parameters (a pure dict) initialised directly in their shards, never whole on
+    one device. make_model: a zero-argument function returning the nnx.Module."""
+    graphdef, abstract = abstract_params(make_model, mesh, rules)
+    params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(make_model())), out_shardings=shardings_of(abstract))()
+    return graphdef, params

@@ -1,5 +1,5 @@
-"""What the training entry points share: common flags, building the trainer, starting from the previous stage's
-checkpoint, resuming a run, and wandb.
+"""What the training entry points share: the flag groups and their checks, building the trainer, the previous
+stage's checkpoint, starting or resuming a run, and wandb.
 
 A chat stage (train.mid, train.sft, train.rl) reads the latest checkpoint of the stage before it (--source,
 --model-tag, --step) and writes to $NANOCHAT_BASE_DIR/<stage dir>/<the same model tag>/. It starts from those
@@ -8,8 +8,7 @@ data position).
 """
 import argparse
 import os
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import asdict
 
 import jax
 from flax import nnx
@@ -20,7 +19,15 @@ from nanochat_jax.gpt import GPT, REMAT_POLICIES, GPTConfig
 from nanochat_jax.optim import build_optimizer
 from nanochat_jax.sharding import make_mesh
 from nanochat_jax.tokenizer import Tokenizer
-from nanochat_jax.trainer import Trainer
+from nanochat_jax.trainer import Trainer, TrainState
+
+
+def add_optimizer_flags(p: argparse.ArgumentParser, grad_clip: float):
+    p.add_argument("--embedding-lr", type=float, default=0.2)
+    p.add_argument("--unembedding-lr", type=float, default=0.004)
+    p.add_argument("--matrix-lr", type=float, default=0.02)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--grad-clip", type=float, default=grad_clip, help="global-norm clip (0: off)")
 
 
 def add_chat_stage_flags(p: argparse.ArgumentParser, sources: list[str], device_batch_size: int,
@@ -31,12 +38,8 @@ def add_chat_stage_flags(p: argparse.ArgumentParser, sources: list[str], device_
     p.add_argument("--step", type=int, default=None, help="the source checkpoint's step (default: the latest)")
     p.add_argument("--device-batch-size", type=int, default=device_batch_size, help="rows per device per micro-step")
     p.add_argument("--num-iterations", type=int, default=-1, help="steps (-1: one epoch of the data)")
-    p.add_argument("--embedding-lr", type=float, default=0.2)
-    p.add_argument("--unembedding-lr", type=float, default=0.004)
-    p.add_argument("--matrix-lr", type=float, default=0.02)
-    p.add_argument("--weight-decay", type=float, default=0.0)
+    add_optimizer_flags(p, grad_clip=0.0)  # nanochat clips only in pretraining
     p.add_argument("--init-lr-frac", type=float, default=init_lr_frac, help="learning rates x this")
-    p.add_argument("--grad-clip", type=float, default=0.0, help="global-norm clip (0: off, as nanochat)")
     p.add_argument("--eval-every", type=int, default=eval_every, help="steps between evaluations (-1: only at the end)")
     p.add_argument("--save-every", type=int, default=-1, help="steps between checkpoints (-1: only at the end)")
     add_run_flags(p)
@@ -52,11 +55,14 @@ def add_run_flags(p: argparse.ArgumentParser):
     p.add_argument("--seed", type=int, default=0)
 
 
-def check_flags(p: argparse.ArgumentParser, args, positive=(), every=()):
-    """Flags that must be positive, and flags that take a positive number or -1."""
+def check_flags(p: argparse.ArgumentParser, args, positive=(), every=(), nonnegative=()):
+    """Flags that must be positive (or unset), that take a positive number or -1, and that must be >= 0."""
     for name in positive:
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
+    for name in nonnegative:
+        if getattr(args, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must be >= 0")
     for name in every:
         if getattr(args, name) == 0 or getattr(args, name) < -1:
             p.error(f"--{name.replace('_', '-')} must be positive, or -1")
@@ -89,7 +95,7 @@ class Source:
     def __init__(self, source: str, model_tag: str | None, step: int | None):
         self.stage, self.directory = source, stage_directory(source, model_tag)
         self.checkpointer = Checkpointer(self.directory, max_to_keep=None, async_save=False, create=False)
-        self.step = self.checkpointer._step(step)
+        self.step = self.checkpointer.resolve_step(step)
         self.meta = self.checkpointer.meta(self.step)
         self.config = GPTConfig(**self.meta["model_config"])
         self.tokenizer = Tokenizer.load(os.path.join(self.directory, "tokenizer"))
@@ -103,74 +109,62 @@ class Source:
         return {"stage": self.stage, "directory": self.directory, "step": self.step}
 
 
-@dataclass
-class StageRun:
-    trainer: Trainer
-    checkpointer: Checkpointer
-    params: Any
-    opt_state: Any
-    start_step: int
-    loop_state: dict | None  # None on a fresh start
-    data_state: Any  # this process's data-loader state when resuming, else None
-
-
-def start_chat_stage(args, stage: str, source: Source, num_iterations: int) -> StageRun:
-    """The trainer (learning rates x --init-lr-frac) and the state to train from: the source's parameters with a
-    fresh optimizer, or with --resume this stage's latest checkpoint."""
+def open_chat_stage(args, stage: str) -> tuple[Source, Trainer, Checkpointer]:
+    """A chat stage's source checkpoint (--source, --model-tag, --step), its trainer (learning rates x
+    --init-lr-frac) and where it writes: $NANOCHAT_BASE_DIR/<stage dir>/<the source's model tag>/. A --max-seq-len
+    left unset becomes the model's context."""
+    source = Source(args.source, args.model_tag, args.step)
+    if getattr(args, "max_seq_len", 0) is None:
+        args.max_seq_len = source.config.sequence_len
     trainer, _ = make_trainer(args, source.config, args.init_lr_frac)
-    checkpointer = Checkpointer(os.path.join(get_base_dir(), STAGE_DIRS[stage], source.model_tag))
-
-    def fresh():
-        checkpointer.save_tokenizer(source.tokenizer)
-        params = source.params(trainer)
-        return params, trainer.init_opt_state(params)
-
-    state = resume_or_start(args.resume, checkpointer, trainer, source.config, num_iterations, fresh,
-                            same_data={k: getattr(args, k) for k in ("mixture", "task") if hasattr(args, k)})
-    return StageRun(trainer, checkpointer, *state)
+    return source, trainer, Checkpointer(os.path.join(get_base_dir(), STAGE_DIRS[stage], source.model_tag))
 
 
-def resume_or_start(resume: bool, checkpointer: Checkpointer, trainer: Trainer, config: GPTConfig,
-                    num_iterations: int, fresh, same_data: dict | None = None):
-    """(params, opt_state, start_step, loop_state, data_state). With resume: the latest checkpoint of this run (its
-    loop_state, and this process's data-loader state, or None); else fresh() -> (params, opt_state) from step 0, which
-    refuses to mix into a directory that already holds checkpoints. same_data: training flags that must match the
-    saved run's for its data position to mean anything (e.g. the mixture)."""
-    if not resume:
+def epoch_steps(args, num_examples: int, per_step: int) -> int:
+    """--num-iterations when given, else the steps of --num-epochs passes over num_examples at per_step a step."""
+    return args.num_iterations if args.num_iterations > 0 else max(1, num_examples // per_step * args.num_epochs)
+
+
+def run_meta(args, config: GPTConfig, source: Source | None = None) -> dict:
+    """What every checkpoint of the run records besides its step and metrics."""
+    return {"model_config": asdict(config), "train_config": vars(args)} | ({} if source is None else
+                                                                          {"source": source.info()})
+
+
+def begin_run(args, trainer: Trainer, checkpointer: Checkpointer, batches, tokenizer, config: GPTConfig,
+              num_iterations: int, source: Source | None = None, make_model=None) -> TrainState:
+    """The state a run trains from. With --resume: the run's latest checkpoint (params, optimizer state, the loop's
+    totals), and `batches` moved to its data position. Else step 0 of a new run, in a directory holding no
+    checkpoints: the source's params with a fresh optimizer (a chat stage), or a fresh model (pretraining)."""
+    if not args.resume:
         if checkpointer.latest_step() is not None:
             raise SystemExit(f"{checkpointer.directory} already holds checkpoints (steps "
                              f"{checkpointer.manager.all_steps()}): continue it with --resume, or move that directory "
                              "away to start over")
-        params, opt_state = fresh()
-        return params, opt_state, 0, None, None
-    start_step = checkpointer.latest_step()
-    if start_step is None:
+        checkpointer.save_tokenizer(tokenizer)
+        return trainer.start_from(source.params(trainer)) if source is not None else trainer.init_state(make_model)
+    step = checkpointer.latest_step()
+    if step is None:
         raise SystemExit(f"--resume: no checkpoint in {checkpointer.directory}")
-    saved = checkpointer.meta(start_step)
+    saved = checkpointer.meta(step)
     if "loop_state" not in saved:
-        raise SystemExit(f"--resume: step {start_step} in {checkpointer.directory} is not a training checkpoint "
+        raise SystemExit(f"--resume: step {step} in {checkpointer.directory} is not a training checkpoint "
                          "(no optimizer or data state; an imported model?)")
     if saved["model_config"] != asdict(config):
         raise SystemExit(f"--resume: {checkpointer.directory} holds a model {saved['model_config']}, but this run "
                          f"makes {asdict(config)}; use the same model flags or another --model-tag")
+    # a saved data position means nothing under another data flag (mid/sft's --mixture, rl's --task)
     saved_config = saved.get("train_config", {})
-    for flag, value in (same_data or {}).items():
-        if flag in saved_config and saved_config[flag] != value:
-            raise SystemExit(f"--resume: the run was trained with --{flag} {saved_config[flag]}, not {value}")
-    if start_step > num_iterations:
-        raise SystemExit(f"--resume: the checkpoint is at step {start_step}, beyond this run's {num_iterations} "
+    for flag in ("mixture", "task"):
+        if flag in saved_config and saved_config[flag] != getattr(args, flag, None):
+            raise SystemExit(f"--resume: the run was trained with --{flag} {saved_config[flag]}, not "
+                             f"{getattr(args, flag, None)}")
+    if step > num_iterations:
+        raise SystemExit(f"--resume: the checkpoint is at step {step}, beyond this run's {num_iterations} "
                          "steps (a smaller --num-iterations or a different batch size?)")
-    data_states = saved["loop_state"].get("data_states")
-    if data_states is not None and len(data_states) != jax.process_count():
-        raise SystemExit(f"--resume: the run was saved by {len(data_states)} processes, this one has "
-                         f"{jax.process_count()}: the data position cannot be split differently")
-    state, meta = checkpointer.restore({"params": trainer.abstract_params, "opt_state": trainer.abstract_opt_state},
-                                       start_step)
-    loop_state = meta["loop_state"]
-    data_states = loop_state.pop("data_states", None)
-    print0(f"resumed from step {start_step} of {checkpointer.directory}")
-    return (state["params"], state["opt_state"], start_step, loop_state,
-            None if data_states is None else data_states[jax.process_index()])
+    state = checkpointer.restore_training(step, trainer.abstract_params, trainer.abstract_opt_state, batches)
+    print0(f"resumed from step {step} of {checkpointer.directory}")
+    return state
 
 
 def start_wandb(args, project: str):

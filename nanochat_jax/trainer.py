@@ -1,12 +1,12 @@
-"""One training step and its state, shared by every training stage (base, mid, SFT).
+"""One training step and its state, shared by every training stage (base, mid, SFT, RL).
 
-State: params (a pure dict of fp32 arrays: 'wte', 'h', 'lm_head') and the optax state, both placed on the mesh
+TrainState: params (a pure dict of fp32 arrays: 'wte', 'h', 'lm_head') and the optax state, both placed on the mesh
 (params by RULES, optimizer state by OPT_STATE_RULES). The step takes a batch dict of arrays with a leading
 micro-step axis: "inputs" and "targets" [accum, rows, T] (target -1 = ignored), and optionally "weights" [accum, rows]
 (per-row loss weights: RL advantages). Each micro-step's loss is sum(weight x token loss) / number of counted targets
 (without weights: the mean token loss), counted over the whole global micro-batch (nanochat averages each rank's
-own mean, which weighs tokens slightly differently when rows hold different numbers of targets); gradients are averaged over the micro-steps with lax.scan, clipped and
-applied. The step is jitted with the state donated (one compilation per batch shape); schedule values come in as
+own mean, which weighs tokens slightly differently when rows hold different numbers of targets); gradients are
+averaged over the micro-steps with lax.scan, clipped and applied. The step is jitted with the state donated (one compilation per batch shape); schedule values come in as
 arguments.
 """
 from dataclasses import dataclass, field
@@ -19,8 +19,9 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from nanochat_jax import sharding
 from nanochat_jax.optim import set_schedule
-from nanochat_jax.sharding import BATCH_AXES, OPT_STATE_RULES, RULES, param_shardings
+from nanochat_jax.sharding import BATCH_AXES, OPT_STATE_RULES, RULES
 
 # bf16 dense peak per device (no sparsity), for MFU; None where it means nothing (CPU)
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12,
@@ -54,6 +55,24 @@ def _shard_like_params(opt_state, params, shardings, replicated):
 
 
 @dataclass
+class LoopState:
+    """What the training loop carries from step to step besides the arrays (saved in each checkpoint's meta)."""
+    total_time: float = 0.0  # seconds spent in training steps, the first (compiling) step left out
+    min_val_bpb: float | None = None
+    last_eval: dict = field(default_factory=dict)  # the latest evaluation's metrics
+
+
+@dataclass
+class TrainState:
+    """A training run at one step: the arrays (on the mesh) and the loop's totals. The data position is not here:
+    the batch source holds it, and the checkpointer saves it beside these."""
+    params: Any
+    opt_state: Any
+    step: int = 0  # optimizer steps taken
+    loop: LoopState = field(default_factory=LoopState)
+
+
+@dataclass
 class Trainer:
     graphdef: Any
     tx: optax.GradientTransformation
@@ -66,30 +85,26 @@ class Trainer:
 
     @classmethod
     def create(cls, make_model: Callable[[], nnx.Module], tx, mesh) -> "Trainer":
-        graphdef, abstract = nnx.split(nnx.eval_shape(make_model))
-        abstract_params = nnx.to_pure_dict(abstract)
-        p_shard = nnx.to_pure_dict(param_shardings(abstract, mesh, RULES))
-        opt_param_shard = nnx.to_pure_dict(param_shardings(abstract, mesh, OPT_STATE_RULES))
+        graphdef, abstract_params = sharding.abstract_params(make_model, mesh, RULES)
+        # the optimizer's moments follow OPT_STATE_RULES (split over every device), not the parameters' RULES
+        _, opt_like_params = sharding.abstract_params(make_model, mesh, OPT_STATE_RULES)
         abstract_opt = jax.eval_shape(tx.init, abstract_params)
-        o_shard = _shard_like_params(abstract_opt, abstract_params, opt_param_shard, NamedSharding(mesh, P()))
-        with_sharding = lambda tree, shardings: jax.tree.map(  # noqa: E731
-            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), tree, shardings)
-        return cls(graphdef, tx, mesh, p_shard, o_shard, with_sharding(abstract_params, p_shard),
-                   with_sharding(abstract_opt, o_shard))
+        o_shard = _shard_like_params(abstract_opt, abstract_params, sharding.shardings_of(opt_like_params),
+                                     NamedSharding(mesh, P()))
+        return cls(graphdef, tx, mesh, sharding.shardings_of(abstract_params), o_shard, abstract_params,
+                   jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract_opt, o_shard))
 
-    def init_state(self, make_model):
-        """Fresh params and optimizer state, created directly in their shards."""
-        def init():
-            params = nnx.to_pure_dict(nnx.state(make_model()))
-            return params, self.tx.init(params)
-        return jax.jit(init, out_shardings=(self.params_sharding, self.opt_sharding))()
+    def init_state(self, make_model) -> "TrainState":
+        """Step 0 of a new run: fresh params, created directly in their shards."""
+        return self.start_from(sharding.create_sharded(make_model, self.mesh, RULES)[1])
+
+    def start_from(self, params) -> "TrainState":
+        """Step 0 of a run from existing params (a later stage starts from the one before) with a fresh optimizer."""
+        return TrainState(params, jax.jit(self.tx.init, out_shardings=self.opt_sharding)(params))
 
     def model(self, params) -> nnx.Module:
+        """The nnx form of params (what evaluation, sampling and the engine take); no copy."""
         return nnx.merge(self.graphdef, params)
-
-    def init_opt_state(self, params):
-        """A fresh optimizer state for existing params (a later training stage starting from a checkpoint)."""
-        return jax.jit(self.tx.init, out_shardings=self.opt_sharding)(params)
 
     def batch_sharding(self) -> NamedSharding:
         """[accum, rows, ...]: rows split over the mesh."""
@@ -117,9 +132,11 @@ class Trainer:
                 loss, grads = jax.value_and_grad(loss_fn)(params, micro)
                 return jax.tree.map(jnp.add, grad_sum, grads), loss
 
+            # a scan over the micro-steps, not a Python loop: one compiled body, and one set of gradient buffers
+            # summed into, whatever the accumulation count
             grads, losses = jax.lax.scan(accumulate, jax.tree.map(jnp.zeros_like, params), batch)
             grads = jax.tree.map(lambda g: g / losses.shape[0], grads)
-            opt_state = set_schedule(opt_state, lr_multiplier, muon_momentum)
+            opt_state = set_schedule(opt_state, lr_multiplier, muon_momentum)  # traced values: no recompile
             updates, opt_state = tx.update(grads, opt_state, params)
             params = optax.apply_updates(params, updates)
             return params, opt_state, {"loss": losses.mean(), "grad_norm": optax.tree.norm(grads),
@@ -142,23 +159,6 @@ class Trainer:
         """Trainer.step, through the executable compile_step made for this batch shape when there is one."""
         step = self.compiled_steps.get(_batch_key(batch), self.step)
         return step(params, opt_state, batch, jnp.float32(lr_multiplier), jnp.float32(muon_momentum))
-
-    @cached_property
-    def eval_sums(self):
-        """jitted (params, {"inputs", "targets"} [B, T], token_bytes) -> {"nats", "tokens", "bpb_nats", "bytes"}:
-        summed loss and count over every counted target (-1 ignored), and the same for bits per byte, where special
-        tokens (0 bytes) are left out too, as nanochat's evaluate_bpb does."""
-        graphdef, mesh = self.graphdef, self.mesh
-
-        def sums(params, batch, token_bytes):
-            y = batch["targets"]
-            with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-                loss = nnx.merge(graphdef, params)(batch["inputs"], y, loss_reduction="none")
-            n_bytes = jnp.where(y >= 0, token_bytes[jnp.maximum(y, 0)], 0)
-            return {"nats": loss.sum(), "tokens": jnp.sum(y >= 0),
-                    "bpb_nats": jnp.sum(jnp.where(n_bytes > 0, loss, 0.0)), "bytes": jnp.sum(n_bytes)}
-
-        return jax.jit(sums, in_shardings=(self.params_sharding, self.rows_sharding(), None))
 
 
 def _batch_key(batch: dict) -> tuple:

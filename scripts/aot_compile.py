@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nanochat_jax import aot
-from nanochat_jax.engine import BIAS_SLOTS, DecodeState, decode, prefill
+from nanochat_jax.decoding import BIAS_SLOTS, DecodeState, decode, prefill
 from nanochat_jax.gpt import GPT, REMAT_POLICIES, config_from_depth
 from nanochat_jax.optim import build_optimizer
 from nanochat_jax.sharding import make_mesh

@@ -1,48 +1,84 @@
-"""Engine speed: prefill time and decode tokens/s at batch 1 and batch 32, per depth.
+"""Engine speed: prefill time and decode tokens/s per batch and depth, and against nanochat's Engine.
 
-    python -m scripts.bench_decode --depths 12 20 --prompt-len 512        # GPU (bf16)
+    python -m scripts.bench_decode --depths 12 20 --prompt-len 512        # GPU (bf16): the programs alone
     python -m scripts.bench_decode --depths 4 --prompt-len 128 --batches 1 8   # CPU
+    python -m scripts.bench_decode --nanochat /tmp/nanochat --depths 4 --batches 1 8   # ours against nanochat's
+        Engine.generate, the same random weights (saved in nanochat's format, imported here) and the same prompt
 
-Random weights and tokens; stop tokens are ignored so every row decodes the whole time. Needs only jax, flax,
-optax and numpy.
+Random weights and tokens. Without --nanochat: the jitted prefill and decode programs, no stop tokens, each batch
+against the memory-bandwidth bound where the device's bandwidth is known (nanochat_jax/speed.py). With --nanochat:
+the user-facing generate() of both engines (sampling at temperature 1, top-k 50, the host loop included), tokens/s
+over the tokens each emitted. Without --nanochat it needs only jax, flax, optax and numpy.
 """
 import argparse
+import os
+import sys
+import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
+from nanochat_jax import speed
 from nanochat_jax.common import parse_dtype
-from nanochat_jax.engine import Engine
-from nanochat_jax.gpt import GPT, config_from_depth
+from nanochat_jax.gpt import config_from_depth
 
 
-class _Ids:
-    """Stands in for a tokenizer: the engine only needs the special token ids (the last ids of the vocab)."""
-
-    def __init__(self, vocab_size: int):
-        self.vocab_size = vocab_size
-
-    def encode_special(self, name: str) -> int:
-        return self.vocab_size - 1 - ["<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>",
-                                      "<|assistant_end|>"].index(name)
-
-    def get_bos_token_id(self) -> int:
-        return self.vocab_size - 6
+def generate_speed(engine, prompt, batch: int, max_tokens: int) -> float:
+    """Tokens per second of engine.generate (nanochat's interface) over the tokens it emitted."""
+    t0, emitted = time.perf_counter(), 0
+    for column, _ in engine.generate(prompt, num_samples=batch, max_tokens=max_tokens, temperature=1.0, top_k=50,
+                                     seed=42):
+        emitted += len(column)
+    return emitted / (time.perf_counter() - t0)
 
 
-def timed(fn, repeats: int) -> float:
-    out = fn()
-    jax.block_until_ready(out)
-    t0 = time.time()
-    for _ in range(repeats):
-        out = fn()
-    jax.block_until_ready(out)
-    return (time.time() - t0) / repeats
+def against_nanochat(args):
+    sys.path.insert(0, os.path.abspath(args.nanochat))
+    import torch
+    from nanochat.engine import Engine as TorchEngine
+    from nanochat.gpt import GPT as TorchGPT, GPTConfig as TorchConfig
+    from nanochat.tokenizer import RustBPETokenizer
+
+    from nanochat_jax.engine import Engine
+    from nanochat_jax.interop import import_nanochat, write_random_nanochat
+    from nanochat_jax.tokenizer import get_tokenizer
+    torch.set_num_threads(os.cpu_count())
+    tokenizer = get_tokenizer()
+    prompt = [tokenizer.get_bos_token_id()] + tokenizer.encode("The chemical symbol of gold is " * 200)
+    prompt = prompt[:args.prompt_len]
+    for depth in args.depths:
+        with tempfile.TemporaryDirectory() as directory:
+            ref_model = write_random_nanochat(directory, tokenizer, TorchGPT, TorchConfig, n_layer=depth,
+                                              n_head=max(1, depth * 64 // 128), n_kv_head=max(1, depth * 64 // 128),
+                                              n_embd=depth * 64, sequence_len=args.prompt_len + args.decode_tokens + 16)
+            model, _, _ = import_nanochat(directory)
+        ours, ref = Engine(model, tokenizer, chunk=args.chunk), TorchEngine(ref_model, RustBPETokenizer(tokenizer.enc,
+                                                                                                         "<|bos|>"))
+        for batch in args.batches:
+            generate_speed(ours, prompt, batch, 8)  # compile the prefill and decode programs first
+            with torch.no_grad():
+                theirs = generate_speed(ref, prompt, batch, args.decode_tokens)
+            mine = generate_speed(ours, prompt, batch, args.decode_tokens)
+            print(f"d{depth} batch {batch:3d}: nanochat {theirs:8,.1f} tokens/s | ours {mine:8,.1f} tokens/s | "
+                  f"ratio {mine / theirs:.2f}")
 
 
-def main():
+def programs(args):
+    dtype = parse_dtype(args.dtype)
+    print(f"{jax.devices()[0].device_kind} | {jnp.dtype(dtype).name} | prompt {args.prompt_len} tokens")
+    for depth in args.depths:
+        config = config_from_depth(depth, args.vocab_size, sequence_len=args.prompt_len + args.decode_tokens + 16)
+        out = speed.engine_speed(config, dtype, args.prompt_len, args.batches, args.decode_tokens, args.chunk)
+        for row in out["decode"]:
+            bound = row.get("fraction_of_bound")
+            print(f"d{depth} ({config.num_params() / 1e6:.0f}M) batch {row['batch']:3d}: prefill "
+                  f"{out['prefill_ms']:8.1f} ms | decode {row['tokens_per_s']:10,.0f} tokens/s "
+                  f"({row['ms_per_step']:.2f} ms/step, attention over {row['attend_len']})"
+                  + ("" if bound is None else f" | {100 * bound:.0f}% of the bandwidth bound"))
+
+
+def main(argv=None):
     parser = argparse.ArgumentParser(description="benchmark prefill and decode")
     parser.add_argument("--depths", type=int, nargs="+", default=[12, 20])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
@@ -51,42 +87,12 @@ def main():
     parser.add_argument("--chunk", type=int, default=16)
     parser.add_argument("--vocab-size", type=int, default=65536)
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default=None)
-    args = parser.parse_args()
-    dtype = parse_dtype(args.dtype)
-    print(f"{jax.devices()[0].device_kind} | {jnp.dtype(dtype).name} | prompt {args.prompt_len} tokens")
-    for depth in args.depths:
-        config = config_from_depth(depth, args.vocab_size, sequence_len=args.prompt_len + args.decode_tokens + 16)
-        model = GPT(config, rngs=nnx.Rngs(0), dtype=dtype)
-        engine = Engine(model, _Ids(args.vocab_size), chunk=args.chunk)
-        prompt = list(range(1, args.prompt_len + 1))
-        cache_len = -(-(args.prompt_len + args.decode_tokens + 1) // 256) * 256
-        never = jnp.array([-1], jnp.int32)  # no pause tokens: every row keeps decoding
-        for batch in args.batches:
-            keys = jax.random.split(jax.random.key(0), batch)
-            start = lambda: engine.start(prompt, jax.random.clone(keys), args.decode_tokens + 1, 1.0, None, 1.0,  # noqa
-                                         cache_len)
-            prefill_s = timed(start, 3)
-
-            def fresh():  # the prompt's cache in every row, as the slot loop admits a request's samples
-                cache, rows, _ = start()
-                return rows.replace(cache=jax.tree.map(lambda c: jnp.repeat(c, batch, axis=1), cache))
-            state = fresh()
-            steps = args.decode_tokens // args.chunk
-
-            def run():
-                nonlocal state
-                for _ in range(steps):
-                    state, out = engine.decode(engine.params, state, never, steps=args.chunk)
-                return out["tokens"]
-
-            run()  # compile
-            state = fresh()
-            t0 = time.time()
-            jax.block_until_ready(run())
-            dt = time.time() - t0
-            print(f"d{depth} ({config.num_params() / 1e6:.0f}M) batch {batch:3d}: prefill {prefill_s * 1000:8.1f} ms | "
-                  f"decode {batch * steps * args.chunk / dt:10,.0f} tokens/s ({dt / (steps * args.chunk) * 1000:.2f} "
-                  f"ms/step)")
+    parser.add_argument("--nanochat", default=None, help="a nanochat checkout (e1770a3): compare with its Engine")
+    args = parser.parse_args(argv)
+    if args.nanochat:
+        against_nanochat(args)
+    else:
+        programs(args)
 
 
 if __name__ == "__main__":

@@ -11,18 +11,16 @@ nanochat GPT saved in nanochat's format and loaded here through import_nanochat.
 """
 import argparse
 import importlib.util
-import json
 import os
-import pickle
 import sys
 import tempfile
 import time
 
 from nanochat_jax.chat_eval import categorical_outcomes, generative_outcomes
 from nanochat_jax.engine import Engine
-from nanochat_jax.interop import import_nanochat
+from nanochat_jax.interop import import_nanochat, write_random_nanochat
 from nanochat_jax.tokenizer import get_tokenizer
-from evals.chat import TASKS
+from nanochat_jax.tasks.registry import CHAT_TASKS, CHATCORE_TASKS
 
 
 class Recorder:
@@ -43,28 +41,10 @@ class Recorder:
         return self.task.evaluate(conversation, answer)
 
 
-def random_nanochat_model(tokenizer, torch, TorchGPT, TorchConfig, directory):
-    config = dict(sequence_len=2048, vocab_size=tokenizer.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=1,
-                  n_embd=128)
-    torch.manual_seed(0)
-    ref_model = TorchGPT(TorchConfig(**config))
-    ref_model.init_weights()
-    with torch.no_grad():  # random everywhere (nanochat's init zeroes the head)
-        for param in ref_model.parameters():
-            param.normal_(0, 0.3)
-    ref_model.eval()
-    torch.save(ref_model.state_dict(), os.path.join(directory, "model_000000.pt"))
-    with open(os.path.join(directory, "meta_000000.json"), "w") as f:
-        json.dump({"model_config": config, "step": 0}, f)
-    with open(os.path.join(directory, "tokenizer.pkl"), "wb") as f:
-        pickle.dump(tokenizer.enc, f)
-    return ref_model
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--nanochat", required=True, help="a nanochat checkout (e1770a3)")
-    p.add_argument("-a", "--task-name", default="|".join(TASKS))
+    p.add_argument("-a", "--task-name", default="|".join(CHATCORE_TASKS))
     p.add_argument("-x", "--max-problems", type=int, default=64)
     p.add_argument("-m", "--max-new-tokens", type=int, default=48)
     p.add_argument("--unsafe-sandbox", action="store_true", help="allow the unsafe sandbox for HumanEval")
@@ -84,14 +64,14 @@ def main(argv=None):
 
     tokenizer = get_tokenizer()
     with tempfile.TemporaryDirectory() as directory:
-        ref_model = random_nanochat_model(tokenizer, torch, TorchGPT, TorchConfig, directory)
+        ref_model = write_random_nanochat(directory, tokenizer, TorchGPT, TorchConfig)
         model, _, _ = import_nanochat(directory)
     ref_tokenizer = RustBPETokenizer(tokenizer.enc, "<|bos|>")
     ref_engine, engine = TorchEngine(ref_model, ref_tokenizer), Engine(model, tokenizer)
 
     total = differing = 0
     for name in args.task_name.split("|"):
-        task = TASKS[name]()
+        task = CHAT_TASKS[name].make("test")
         ref, ours = Recorder(task), Recorder(task)
         t0 = time.time()
         with torch.no_grad():

@@ -9,16 +9,14 @@ Uses $NANOCHAT_BASE_DIR/tokenizer/ and eval_bundle/. The weights are a small ran
 checkpoint format and loaded here through import_nanochat.
 """
 import argparse
-import json
 import os
-import pickle
 import sys
 import tempfile
 import time
 
 from nanochat_jax import core_eval
 from nanochat_jax.common import get_base_dir
-from nanochat_jax.interop import import_nanochat
+from nanochat_jax.interop import import_nanochat, write_random_nanochat
 from nanochat_jax.tokenizer import get_tokenizer
 
 
@@ -34,21 +32,8 @@ def main(argv=None):
     from nanochat.tokenizer import RustBPETokenizer
 
     tokenizer = get_tokenizer()
-    config = dict(sequence_len=2048, vocab_size=tokenizer.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=1,
-                  n_embd=128)
-    torch.manual_seed(0)
-    ref_model = TorchGPT(TorchConfig(**config))
-    ref_model.init_weights()
-    with torch.no_grad():  # random everywhere (nanochat's init zeroes the head: every choice would tie)
-        for param in ref_model.parameters():
-            param.normal_(0, 0.3)
-    ref_model.eval()
     with tempfile.TemporaryDirectory() as directory:
-        torch.save(ref_model.state_dict(), os.path.join(directory, "model_000000.pt"))
-        with open(os.path.join(directory, "meta_000000.json"), "w") as f:
-            json.dump({"model_config": config, "step": 0}, f)
-        with open(os.path.join(directory, "tokenizer.pkl"), "wb") as f:
-            pickle.dump(tokenizer.enc, f)
+        ref_model = write_random_nanochat(directory, tokenizer, TorchGPT, TorchConfig)
         model, _, _ = import_nanochat(directory)
     ref_tokenizer = RustBPETokenizer(tokenizer.enc, "<|bos|>")
 

@@ -43,7 +43,7 @@ def main(argv=None):
         module.load_dataset = load
 
     from nanochat_jax.tasks.base import TaskMixture
-    from nanochat_jax.tasks.chat_data import CustomJSON
+    from nanochat_jax.tasks.smoltalk import CustomJSON
     from nanochat_jax.tasks.choice import ARC, MMLU
     from nanochat_jax.tasks.gsm8k import GSM8K
     from nanochat_jax.tokenizer import get_tokenizer

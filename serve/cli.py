@@ -11,15 +11,18 @@ loses its oldest exchanges (with a notice).
 import argparse
 import signal
 import sys
+import time
 
 try:
     import readline  # noqa: F401 - line editing and history for input()
 except ImportError:  # (not on every platform)
     readline = None
 
-from nanochat_jax.chat import prompt_for_reply, reply_parts
+from nanochat_jax.frontend import prompt_for_reply, reply_parts
 from nanochat_jax.checkpoint import STAGE_DIRS, load_stage
-from nanochat_jax.engine import MAX_TOP_K, Engine
+from nanochat_jax.common import use_compilation_cache
+from nanochat_jax.decoding import MAX_TOP_K
+from nanochat_jax.engine import Engine
 
 
 def stream_reply(engine, tokenizer, prompt_ids, max_tokens, temperature, top_k, seed, out=sys.stdout):
@@ -65,11 +68,17 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.temperature < 0 or not 1 <= args.top_k <= MAX_TOP_K or args.max_tokens < 1:
         parser.error(f"--temperature must be >= 0, --top-k in 1..{MAX_TOP_K}, --max-tokens >= 1")
+    use_compilation_cache()  # a second start reads the programs back instead of compiling them
     try:
         model, tokenizer, meta = load_stage(args.source, args.model_tag, args.step)
     except FileNotFoundError as e:
         parser.exit(1, f"{e}\n")
     engine = Engine(model, tokenizer, compute_dtype_weights=True)
+    t0 = time.time()
+    print(f"compiling the engine for prompts up to {model.config.sequence_len} tokens ...", end=" ", flush=True,
+          file=sys.stderr)
+    engine.warm_up()  # now, so that no reply waits on the compiler
+    print(f"{time.time() - t0:.0f}s", file=sys.stderr, flush=True)
     context = model.config.sequence_len
     max_tokens = min(args.max_tokens, context // 2)
     if not args.prompt:

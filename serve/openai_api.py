@@ -21,7 +21,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 
-from nanochat_jax.engine import MAX_TOP_K, TOP_LOGPROBS
+from nanochat_jax.decoding import MAX_TOP_K, TOP_LOGPROBS
 from nanochat_jax.serving import Failed, Finished, Token
 from serve.guard import openai_error
 

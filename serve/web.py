@@ -18,6 +18,7 @@ import queue
 import random
 import socket
 import sys
+import time
 from types import SimpleNamespace
 from typing import Literal
 
@@ -28,8 +29,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from nanochat_jax.chat import prompt_for_reply
-from nanochat_jax.engine import MAX_TOP_K
+from nanochat_jax.frontend import prompt_for_reply
+from nanochat_jax.decoding import MAX_TOP_K
 from nanochat_jax.serving import BatchedEngine, Failed, Finished, QueueFull, Request, Token
 from serve import openai_api
 from serve.guard import Guard, GuardedH11Protocol, is_loopback, openai_error
@@ -66,7 +67,7 @@ class ChatRequest(BaseModel):
     max_tokens: int | None = Field(None, ge=1, le=MAX_MAX_TOKENS)
 
 
-def check_messages(messages: list) -> list[dict]:
+def check_request_messages(messages: list) -> list[dict]:
     """nanochat's limits on a conversation (Message models or {"role", "content"} dicts with text content)."""
     messages = [m if isinstance(m, dict) else {"role": m.role, "content": m.text()} for m in messages]
     if not messages:
@@ -151,7 +152,7 @@ def create_app(batched: BatchedEngine, tokenizer, model_name: str, defaults: dic
 
     def render(messages: list, max_tokens: int, drop_old: bool):
         """Validation, the chat template and the fit to the context: run off the event loop."""
-        checked = check_messages(messages)
+        checked = check_request_messages(messages)
         try:
             ids, dropped = prompt_for_reply(tokenizer, checked, context, min(max_tokens, context // 2))
         except ValueError as e:
@@ -296,7 +297,9 @@ def main(argv=None):
     import uvicorn
 
     from nanochat_jax.checkpoint import load_stage
+    from nanochat_jax.common import use_compilation_cache
     from nanochat_jax.engine import Engine
+    use_compilation_cache()  # a restarted server reads its programs back instead of compiling them
     try:
         model, tokenizer, meta = load_stage(args.source, args.model_tag, args.step)
     except FileNotFoundError as e:
@@ -304,7 +307,9 @@ def main(argv=None):
     batched = BatchedEngine(Engine(model, tokenizer, compute_dtype_weights=True), slots=args.slots,
                             max_waiting=args.max_waiting)
     print(f"compiling the engine for prompts up to {model.config.sequence_len} tokens ...", flush=True)
+    t0 = time.time()
     batched.warm_up()  # (so the first clients do not wait on compiles, nor stall the event loop)
+    print(f"compiled in {time.time() - t0:.0f}s", flush=True)
     batched.start()
     name = f"nanochat-jax-{args.source}-d{model.config.n_layer}"
     app = create_app(batched, tokenizer, name, {"temperature": args.temperature, "top_k": args.top_k,

@@ -7,6 +7,11 @@ import tempfile
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ["NANOCHAT_BASE_DIR"] = tempfile.mkdtemp(prefix="nanochat_jax_tests_")  # never touch the user's cache
+# XLA compiles dominate the suite's time and many tests compile the same programs (every run of an entry point
+# builds its step afresh): a compilation cache of this run's own, which the entry points the tests start inherit
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(os.environ["NANOCHAT_BASE_DIR"], "jax_compilation_cache")
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 import random  # noqa: E402
 

@@ -13,7 +13,6 @@ import signal
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -51,7 +50,8 @@ def main(mode: str, directory: str):
         state, _ = checkpointer.restore({"params": trainer.abstract_params})
         print(json.dumps({"checksum": checksum(state["params"])}), flush=True)
         return
-    params, opt_state = trainer.init_state(make_model)
+    state = trainer.init_state(make_model)
+    params, opt_state = state.params, state.opt_state
     tokens = np.random.default_rng(0).integers(0, 100, (1, GLOBAL_ROWS, CONFIG.sequence_len + 1)).astype(np.int32)
     sharding = trainer.batch_sharding()
     batch = {"inputs": local_rows(sharding, tokens[..., :-1]), "targets": local_rows(sharding, tokens[..., 1:])}

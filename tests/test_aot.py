@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -58,7 +57,8 @@ def test_training_memory_check_refuses_and_names_the_batch_that_fits(monkeypatch
     monkeypatch.setenv("NANOCHAT_DEVICE_MEMORY", str(peak[4] * 2 / 2**30))
     assert aot.check_training_memory(trainer, 4, 64, 1)["peak_bytes"] == peak[4]
     # the run then steps through the executable compiled by the check: the jitted step never compiles
-    params, opt_state = trainer.init_state(make)
+    state = trainer.init_state(make)
+    params, opt_state = state.params, state.opt_state
     tokens = np.random.default_rng(0).integers(0, 100, (1, 32, 65)).astype(np.int32)
     batch = jax.device_put({"inputs": tokens[..., :-1], "targets": tokens[..., 1:]}, trainer.batch_sharding())
     _, _, out = trainer.run_step(params, opt_state, batch, 1.0, 0.9)

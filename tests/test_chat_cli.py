@@ -1,8 +1,9 @@
+import numpy as np
 import pytest
 from flax import nnx
 
 from conftest import randomize, run_module, tiny_config
-from nanochat_jax.chat import prompt_for_reply, reply_parts
+from nanochat_jax.frontend import prompt_for_reply, reply_parts
 from nanochat_jax.checkpoint import Checkpointer, model_meta
 from nanochat_jax.gpt import GPT
 
@@ -80,7 +81,24 @@ def test_cli_question_and_reply_with_p(sft_checkpoint):
     assert lines[0] == "User: hello" and lines[1].startswith("Assistant: ")
 
 
-def test_cli_in_a_terminal(sft_checkpoint):
+@pytest.fixture
+def long_reply_checkpoint(tmp_path, tokenizer):
+    """A model whose replies run long (its stop tokens' logits are 0 among random ones): a reply takes long enough
+    for a Ctrl-C to land in it, now that no reply waits on the compiler."""
+    cfg = tiny_config(vocab_size=tokenizer.get_vocab_size(), sequence_len=512)
+    model = randomize(GPT(cfg, rngs=nnx.Rngs(0)), std=0.3)
+    stops = [tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()]
+    kernel = np.array(model.lm_head.kernel[...])
+    kernel[..., stops] = 0.0
+    model.lm_head.kernel[...] = kernel
+    ckpt = Checkpointer(str(tmp_path / "chatsft_checkpoints" / "d2"))
+    ckpt.save_tokenizer(tokenizer)
+    ckpt.save(3, {"params": nnx.to_pure_dict(nnx.state(model))}, model_meta(cfg, 3))
+    ckpt.wait()
+    return {"NANOCHAT_BASE_DIR": str(tmp_path)}
+
+
+def test_cli_in_a_terminal(long_reply_checkpoint):
     """Through a pty, as a person types: Ctrl-C during a reply stops that reply and the conversation goes on;
     readline recalls the last line with the up arrow; Ctrl-C at the prompt leaves cleanly."""
     import os
@@ -93,8 +111,9 @@ def test_cli_in_a_terminal(sft_checkpoint):
 
     from conftest import REPO_ROOT
     master, slave = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "serve.cli", "-m", "24", "-t", "1.0"], stdin=slave, stdout=slave,
-                            stderr=slave, cwd=REPO_ROOT, env=os.environ | sft_checkpoint, start_new_session=True)
+    proc = subprocess.Popen([sys.executable, "-m", "serve.cli", "-m", "256", "-t", "1.0"], stdin=slave, stdout=slave,
+                            stderr=slave, cwd=REPO_ROOT, env=os.environ | long_reply_checkpoint,
+                            start_new_session=True)
     os.close(slave)
     seen = b""
 
@@ -118,7 +137,7 @@ def test_cli_in_a_terminal(sft_checkpoint):
         read_until(b"User: ")
         type_(b"hello\r")
         read_until(b"Assistant: ")
-        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C while it answers (the first reply compiles: seconds)
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C while it answers (256 tokens: a second or more)
         read_until(b"(stopped)")
         read_until(b"User: ", timeout=60)
         start = len(seen)

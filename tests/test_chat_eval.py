@@ -71,6 +71,7 @@ def test_evals_chat_end_to_end(tmp_path, monkeypatch, tokenizer):
     import pytest
 
     from evals import chat
+    from nanochat_jax.tasks.registry import CHAT_TASKS, CHATCORE_TASKS
     from task_files import write_all_tasks, write_base_checkpoint
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
     write_all_tasks(tmp_path)
@@ -78,8 +79,8 @@ def test_evals_chat_end_to_end(tmp_path, monkeypatch, tokenizer):
     out = tmp_path / "chat.json"
     summary = chat.main(["-i", "base", "-x", "3", "-m", "4", "--json-out", str(out)])
     results = summary["results"]
-    assert list(results) == list(chat.TASKS) and all(0 <= v <= 1 for v in results.values())
-    expected = sum((results[t] - c) / (1 - c) for t, c in chat.CHANCE.items()) / 6
+    assert list(results) == CHATCORE_TASKS and all(0 <= v <= 1 for v in results.values())
+    expected = sum((results[t] - CHAT_TASKS[t].chance) / (1 - CHAT_TASKS[t].chance) for t in CHATCORE_TASKS) / 6
     assert summary["ChatCORE"] == pytest.approx(expected) and json.loads(out.read_text())["results"] == results
     assert chat.main(["-i", "base", "-a", "MMLU", "-x", "2"])["ChatCORE"] is None  # only with all six
     with pytest.raises(SystemExit):

@@ -1,10 +1,12 @@
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from conftest import logits_of, randomize, tiny_config
-from nanochat_jax.engine import Engine, use_calculator
+from nanochat_jax.decoding import use_calculator
+from nanochat_jax.engine import Engine
 from nanochat_jax.gpt import GPT
 
 
@@ -64,7 +66,7 @@ class ScriptedModel(nnx.Module):
         self.config, self.dtype = config, jnp.float32
         self.script = nnx.Variable(jnp.asarray(script, jnp.int32))
 
-    def forward_cached(self, idx_BT, cache, pos_B):
+    def forward_cached(self, idx_BT, cache, pos_B, attend_len=None):
         positions = pos_B[:, None] + jnp.arange(idx_BT.shape[1])[None, :] + 1
         nxt = self.script[...][jnp.minimum(positions, self.script.shape[0] - 1)]
         return 10.0 * jnp.eye(self.config.vocab_size)[nxt], cache
@@ -105,7 +107,7 @@ def test_calculator_refuses(expr):
 
 def test_top_k_never_samples_outside_the_top_k():
     import jax
-    from nanochat_jax.engine import sample
+    from nanochat_jax.decoding import sample
     sample = jax.jit(sample)
     rng = np.random.default_rng(0)
     logits = jnp.asarray(rng.standard_normal((4, 300)), jnp.float32)
@@ -155,3 +157,69 @@ def test_the_slot_loop_warms_up_every_prompt_bucket(tokenizer):
     loop = SlotLoop(Engine(model, tokenizer), slots=2)
     assert loop.warm_up() == 4  # prompts of 16, 32, 64 and 99 tokens: buckets 16 .. 128
     assert loop.busy_slots() == 0 and loop.waiting.empty() and loop.stats["requests_served"] == 0
+
+
+def test_decode_reads_only_the_filled_cache_and_crosses_buckets(tokenizer):
+    """A context of 600 gives a cache of 768 and attention lengths 256, 512, 768: greedy decoding from position 240
+    to 280 switches programs mid-way and still equals decoding over the whole cache and full-forward decoding."""
+    model = randomize(GPT(tiny_config(vocab_size=tokenizer.get_vocab_size(), sequence_len=600), rngs=nnx.Rngs(1)),
+                      std=0.5)
+    engine = Engine(model, tokenizer, chunk=8)
+    assert engine.max_len == 768 and engine.attend_buckets == [256, 512, 768]
+    assert [engine.attend_len(n) for n in (1, 256, 257, 700, 9999)] == [256, 256, 512, 768, 768]
+    prompt = [int(t) for t in np.random.default_rng(0).integers(0, 256, 240)]
+    never = jnp.array([-1], jnp.int32)  # no pause or stop token: every step emits
+
+    def decode(bucketed: bool) -> list[int]:
+        cache, state, _ = engine.start(prompt, jax.random.split(jax.random.key(0), 1), 41, 0.0, None, 1.0,
+                                       engine.max_len)
+        state, tokens, lengths = state.replace(cache=cache), [int(state.last[0])], set()
+        for _ in range(5):
+            attend = engine.attend_len(int(state.pos[0]) + 1 + 8) if bucketed else None
+            lengths.add(attend)
+            state, out = engine.decode(engine.params, state, never, steps=8, attend_len=attend)
+            tokens += [int(t) for t in out["tokens"][0]]
+        return tokens, lengths
+
+    bucketed, lengths = decode(True)
+    assert lengths == {256, 512} and bucketed == decode(False)[0]
+    ids = list(prompt)
+    for _ in range(len(bucketed)):  # naive: a full forward per token, no cache (one padded shape: causal)
+        logits = np.asarray(logits_of(model, jnp.asarray([ids + [0] * (320 - len(ids))])))
+        ids.append(int(np.argmax(logits[0, len(ids) - 1])))
+    assert ids[len(prompt):] == bucketed
+
+
+def test_a_later_turn_starts_from_the_parked_cache(engine, tokenizer):
+    """Turn 2's prompt is turn 1's prompt and reply plus a new message: the slot that served turn 1 still holds
+    those tokens, so only the new ones are prefilled, and the reply equals one from a fresh prefill."""
+    from nanochat_jax.serving import Finished, Request, SlotLoop, Token
+
+    def reply(loop, tokens):
+        request = loop.submit(Request(list(tokens), 1, 10, 0.0, None, 1.0, 0))
+        out = []
+        while len(request.finished) < 1:
+            loop.tick()
+            while not request.events.empty():
+                event = request.events.get_nowait()
+                if isinstance(event, Token):
+                    out.append(event.id)
+                elif isinstance(event, Finished) and event.token is not None:
+                    out.append(event.token)
+        return out
+
+    loop = SlotLoop(engine, slots=2, chunk=4)
+    turn1 = tokenizer.encode("the model reads every token once and predicts what comes next while the optimizer "
+                             "keeps two moments", prepend="<|bos|>")
+    first = reply(loop, turn1)
+    turn2 = turn1 + first + tokenizer.encode(" hello world")
+    assert loop.stats["prompt_tokens_reused"] == 0 and len(turn1) >= 16
+    second = reply(loop, turn2)
+    assert loop.stats["prompt_tokens_reused"] == len(turn1) + len(first) - 1  # all but the last emitted token
+    assert second == reply(SlotLoop(engine, slots=2, chunk=4), turn2)  # as from a fresh prefill
+    other = tokenizer.encode("a different conversation entirely, longer than sixteen tokens", prepend="<|bos|>")
+    reply(loop, other)  # shares only <|bos|>: a fresh prefill, into the slot freed longest ago
+    assert loop.stats["prompt_tokens_reused"] == len(turn1) + len(first) - 1
+    engine.use(nnx.merge(engine.graphdef, engine.params))  # new weights: every parked row is stale
+    reply(loop, turn2 + second)
+    assert loop.stats["prompt_tokens_reused"] == len(turn1) + len(first) - 1

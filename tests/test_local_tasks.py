@@ -5,13 +5,14 @@ import re
 import subprocess
 import sys
 
-from nanochat_jax.engine import use_calculator
+from nanochat_jax.decoding import use_calculator
 from nanochat_jax.stdlib_text import stdlib_words
 from nanochat_jax.tasks import mixtures
-from nanochat_jax.tasks.chat_data import check_messages
+from nanochat_jax.tasks.smoltalk import check_conversation
 from nanochat_jax.tasks.local import Arithmetic, Identity, local_words
 from nanochat_jax.tasks.spelling import SimpleSpelling, SpellingBee
-from evals.chat import CHANCE, STANDINS, chatcore, parse_args
+from evals.chat import parse_args
+from nanochat_jax.tasks.registry import CHATCORE_TASKS, STANDINS, chatcore
 
 
 def solve(question: str) -> int:
@@ -59,7 +60,7 @@ def test_identity_conversations():
     task = Identity(size=50)
     for i in range(len(task)):
         messages = task[i]["messages"]
-        check_messages(messages, f"example {i}")
+        check_conversation(messages, f"example {i}")
         assert 4 <= len(messages) <= 6 and [m["role"] for m in messages[:2]] == ["user", "assistant"]
     assert any("nanochat-jax" in m["content"] for i in range(len(task)) for m in task[i]["messages"])
 
@@ -80,7 +81,8 @@ def test_local_words_and_spelling_over_them():
 
 
 def test_local_mixtures_and_the_chat_eval_names(tokenizer):
-    for stage, (train, val) in mixtures.MIXTURES["local"].items():
+    local = mixtures.MIXTURES["local"]
+    for stage, (train, val) in {"mid": (local.mid_train, local.mid_val), "sft": (local.sft_train, local.sft_val)}.items():
         train_task, val_task = train(), val()
         assert len(train_task) > len(val_task) > 0
         ids, mask = tokenizer.render_conversation(train_task[0])
@@ -88,7 +90,7 @@ def test_local_mixtures_and_the_chat_eval_names(tokenizer):
     args = parse_args(["-a", "Arithmetic|LocalSpellingBee"])
     assert args.tasks == ["Arithmetic", "LocalSpellingBee"] and set(STANDINS) == set(args.tasks)
     # the stand-ins never enter ChatCORE, and do not stop it being computed
-    six = {name: 0.5 for name in CHANCE}
+    six = {name: 0.5 for name in CHATCORE_TASKS}
     assert chatcore(six | {"Arithmetic": 1.0}) == chatcore(six) and chatcore({"Arithmetic": 1.0}) is None
 
 

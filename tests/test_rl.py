@@ -81,7 +81,8 @@ def test_toy_rl_reward_rises(tokenizer):
     config = tiny_config(vocab_size=tokenizer.get_vocab_size(), sequence_len=32)
     make_model = lambda: GPT(config, rngs=nnx.Rngs(0))  # noqa: E731
     trainer = Trainer.create(make_model, build_optimizer(config.n_embd), make_mesh("data:8"))
-    params, opt_state = trainer.init_state(make_model)
+    state = trainer.init_state(make_model)
+    params, opt_state = state.params, state.opt_state
     engine = Engine(trainer.model(params), tokenizer)
     task, pad = SayE(), tokenizer.encode_special("<|assistant_end|>")
     rewards = []
@@ -91,7 +92,7 @@ def test_toy_rl_reward_rises(tokenizer):
         rewards.append(float(np.mean([r.rewards.mean() for r in step_rollouts])))
         batch = jax.device_put(policy_batch(step_rollouts, 16, pad, config.sequence_len), trainer.batch_sharding())
         params, opt_state, _ = trainer.step(params, opt_state, batch, jnp.float32(1.0), jnp.float32(0.95))
-        engine.params = nnx.state(trainer.model(params))
+        engine.use(trainer.model(params))
     assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.3, rewards
 
     # a question that leaves no room to answer gives rows with nothing to train on

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from nanochat_jax.tasks.base import TaskMixture, TaskSequence, render_mc
-from nanochat_jax.tasks.chat_data import CustomJSON, SmolTalk
+from nanochat_jax.tasks.smoltalk import CustomJSON, SmolTalk
 from nanochat_jax.tasks.choice import ARC, MMLU
 from nanochat_jax.tasks.gsm8k import GSM8K
 from nanochat_jax.tasks.humaneval import HumanEval

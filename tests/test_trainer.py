@@ -20,7 +20,8 @@ def make_model():
 
 def run_steps(mesh, batches, schedule=((1.0, 0.85), (0.5, 0.9))):
     trainer = Trainer.create(make_model, build_optimizer(CFG.n_embd), mesh)
-    params, opt_state = trainer.init_state(make_model)
+    state = trainer.init_state(make_model)
+    params, opt_state = state.params, state.opt_state
     losses = []
     for batch, (lrm, mom) in zip(batches, schedule):
         params, opt_state, out = trainer.step(params, opt_state, jax.device_put(batch, trainer.batch_sharding()),
@@ -66,16 +67,16 @@ def test_step_compiles_once_and_learns():
     assert losses[-1] < losses[0] - 0.5
 
 
-def test_eval_sums_and_bits_per_byte_by_hand():
+def test_loss_sums_and_bits_per_byte_by_hand():
     from conftest import randomize
-    from nanochat_jax.loop import bits_per_byte, eval_sums
+    from nanochat_jax.base_eval import bits_per_byte, loss_sums
     trainer = Trainer.create(make_model, build_optimizer(CFG.n_embd), make_mesh("data:8"))
     params = nnx.to_pure_dict(nnx.state(randomize(make_model())))
     rng = np.random.default_rng(5)
     batches = [split_rows(rng.integers(0, 100, (8, 13)).astype(np.int32)) for _ in range(3)]
     batches[0]["targets"][:, :4] = -1  # ignored targets
     token_bytes = rng.integers(0, 4, 100)  # some tokens count 0 bytes (special tokens)
-    sums = eval_sums(trainer, params, iter(batches), 2, token_bytes)  # the first two only
+    sums = loss_sums(trainer.model(params), iter(batches), 2, token_bytes)  # the first two only
 
     nats = bpb_nats = 0.0
     tokens = n_bytes = 0

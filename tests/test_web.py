@@ -11,7 +11,7 @@ import uvicorn
 from flax import nnx
 
 from conftest import randomize, tiny_config
-from nanochat_jax.chat import prompt_for_reply
+from nanochat_jax.frontend import prompt_for_reply
 from nanochat_jax.engine import Engine
 from nanochat_jax.gpt import GPT
 from nanochat_jax.serving import BatchedEngine, Request

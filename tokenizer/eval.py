@@ -88,7 +88,7 @@ def main():
             row.append(n_bytes / len(ids))
         print(f"{sample_name:<14}{n_bytes:>10,}" + "".join(f"{r:>10.2f}" for r in row))
         ratios[f"bytes per token, {sample_name}"] = ", ".join(f"{n} {r:.2f}" for n, r in zip(names, row))
-    report.log("Tokenizer evaluation", ratios, report.standin(standin_corpus()))
+    report.log(report.TOKENIZER_EVALUATION, ratios, report.standin(standin_corpus()))
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ def main():
               f"not {args.vocab_size:,} (train on more text for the full size)")
     print(f"trained a {tokenizer.get_vocab_size():,}-token vocabulary in {train_time:.1f}s, saved to {tokenizer_dir}")
     print(f"bytes per token id: min {text_bytes.min()}, max {text_bytes.max()}, mean {text_bytes.mean():.2f}")
-    report.log("Tokenizer training", vars(args), {"vocabulary size": tokenizer.get_vocab_size(),
+    report.log(report.TOKENIZER_TRAINING, vars(args), {"vocabulary size": tokenizer.get_vocab_size(),
                                                   "training time (s)": round(train_time, 1),
                                                   "mean bytes per token id": float(text_bytes.mean())},
                report.standin(standin_corpus()))

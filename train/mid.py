@@ -18,16 +18,15 @@ import jax
 
 from nanochat_jax import report
 from nanochat_jax.aot import check_training_memory
-from nanochat_jax.checkpoint import model_meta
+from nanochat_jax.base_eval import bits_per_byte, loss_sums
+from nanochat_jax.chat_batches import PackedConversations, estimated_tokens
 from nanochat_jax.common import init_distributed, print0
-from nanochat_jax.conversations import PackedConversations, estimated_tokens
 from nanochat_jax.dataloader import StepBatches
-from nanochat_jax.loop import Eval, LoopConfig, bits_per_byte, eval_sums, run
-from nanochat_jax.optim import lr_multiplier, muon_momentum
-from nanochat_jax.stages import (Source, add_chat_stage_flags, batch_geometry, check_flags, start_chat_stage,
-                                 start_wandb)
+from nanochat_jax.loop import Eval, Plan, run
+from nanochat_jax.optim import Schedule
+from nanochat_jax.stages import (add_chat_stage_flags, batch_geometry, begin_run, check_flags, open_chat_stage,
+                                 run_meta, start_wandb)
 from nanochat_jax.tasks import mixtures
-from nanochat_jax.tasks.mixtures import LOCAL_MIXTURE
 
 
 def parse_args(argv=None):
@@ -49,12 +48,12 @@ def parse_args(argv=None):
 def main(argv=None):
     init_distributed()  # multi-host runs only (NANOCHAT_MULTIHOST=1)
     args = parse_args(argv)
-    source = Source(args.source, args.model_tag, args.step)
+    source, trainer, checkpointer = open_chat_stage(args, "mid")
     config, tokenizer = source.config, source.tokenizer
-    args.max_seq_len = args.max_seq_len or config.sequence_len
     accum_steps = batch_geometry(args, jax.device_count())
-    rows = args.device_batch_size * jax.local_device_count()
-    train_task, val_task = (make() for make in mixtures.MIXTURES[args.mixture]["mid"])
+    rows_per_process = args.device_batch_size * jax.local_device_count()
+    mixture = mixtures.MIXTURES[args.mixture]
+    train_task, val_task = mixture.mid_train(), mixture.mid_val()
     if args.num_iterations > 0:
         num_iterations = args.num_iterations
     else:
@@ -62,41 +61,35 @@ def main(argv=None):
         num_iterations = max(1, epoch_tokens // args.total_batch_size)
         print0(f"one epoch of {len(train_task):,} conversations is about {epoch_tokens:,} tokens: "
                f"{num_iterations:,} steps")
-    stage = start_chat_stage(args, "mid", source, num_iterations)
-    trainer, checkpointer = stage.trainer, stage.checkpointer
     print0(f"midtraining {source.directory} (step {source.step}) -> {checkpointer.directory} | "
            f"{len(train_task):,} conversations | {accum_steps} micro-steps of {args.device_batch_size * jax.device_count()}"
            f" rows x {args.max_seq_len} | {num_iterations:,} steps")
     check_training_memory(trainer, args.device_batch_size, args.max_seq_len, accum_steps)
-    params, opt_state, start_step, loop_state = stage.params, stage.opt_state, stage.start_step, stage.loop_state
-    process = dict(process_index=jax.process_index(), process_count=jax.process_count(), masked=not args.unmasked)
-    train_batches = StepBatches(PackedConversations(train_task, tokenizer, rows, args.max_seq_len, **process),
-                                accum_steps)
-    if stage.data_state is not None:
-        train_batches.set_state(stage.data_state)
 
-    eval_batches = max(1, args.eval_tokens // (rows * jax.process_count() * args.max_seq_len))
+    # data: this process's conversations packed into full rows, accum_steps micro-batches per step
+    process = dict(process_index=jax.process_index(), process_count=jax.process_count(), masked=not args.unmasked)
+    train_batches = StepBatches(PackedConversations(train_task, tokenizer, rows_per_process, args.max_seq_len,
+                                                    **process), accum_steps)
+    state = begin_run(args, trainer, checkpointer, train_batches, tokenizer, config, num_iterations, source=source)
+
+    eval_batches = max(1, args.eval_tokens // (rows_per_process * jax.process_count() * args.max_seq_len))
     token_bytes = tokenizer.token_bytes()
 
-    def evaluate(params):
-        val = PackedConversations(val_task, tokenizer, rows, args.max_seq_len, **process)
-        return {"val_bpb": bits_per_byte(eval_sums(trainer, params, val, eval_batches, token_bytes))}
-
-    def meta(step, loop_state):
-        return model_meta(config, step, val_bpb=loop_state["last_eval"].get("val_bpb"), train_config=vars(args),
-                          source=source.info(), loop_state=loop_state)
+    def val_bpb(model):
+        val = PackedConversations(val_task, tokenizer, rows_per_process, args.max_seq_len, **process)
+        return {"val_bpb": bits_per_byte(loss_sums(model, val, eval_batches, token_bytes))}
 
     wandb_run = start_wandb(args, "nanochat-jax-mid")
-    schedule = lambda step: (lr_multiplier(step, num_iterations, warmdown_ratio=0.2), muon_momentum(step))  # noqa: E731
-    cfg = LoopConfig(num_iterations=num_iterations, flops_per_token=config.flops_per_token(), schedule=schedule,
-                     evals=[Eval(args.eval_every, evaluate)], save_every=args.save_every, meta=meta, wandb_run=wandb_run)
-    _, _, loop_state = run(trainer, params, opt_state, train_batches, cfg, checkpointer, start_step, loop_state)
-    print0(f"minimum validation bpb {loop_state['min_val_bpb']:.4f} | training time "
-           f"{loop_state['total_time'] / 60:.2f}m | checkpoints in {checkpointer.directory}")
-    report.log("Midtraining", vars(args), {
+    plan = Plan(num_iterations, Schedule(num_iterations, warmdown_ratio=0.2), config.flops_per_token(),
+                [Eval(args.eval_every, val_bpb)], args.save_every, run_meta(args, config, source), wandb_run)
+    state = run(trainer, state, train_batches, plan, checkpointer)
+
+    print0(f"minimum validation bpb {state.loop.min_val_bpb:.4f} | training time "
+           f"{state.loop.total_time / 60:.2f}m | checkpoints in {checkpointer.directory}")
+    report.log(report.MIDTRAINING, vars(args), {
         "checkpoint_dir": checkpointer.directory, "conversations": len(train_task), "steps": num_iterations,
-        "minimum validation bpb": loop_state["min_val_bpb"], "training time (min)": loop_state["total_time"] / 60},
-        report.standin(LOCAL_MIXTURE if args.mixture == "local" else None))
+        "minimum validation bpb": state.loop.min_val_bpb, "training time (min)": state.loop.total_time / 60},
+        report.standin(mixture.standin))
     if wandb_run is not None:
         wandb_run.finish()
 

@@ -13,30 +13,20 @@ with metrics.jsonl. Sampling runs on the local devices, so this stage runs in on
 --task Arithmetic trains on the local stand-in (tasks/local.py) instead, for a machine with no network.
 """
 import argparse
-import os
-import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
 
-from nanochat_jax.chat_eval import generative_outcomes, pass_at_k
 from nanochat_jax import report
-from nanochat_jax.checkpoint import model_meta
+from nanochat_jax.chat_eval import generative_outcomes, pass_at_k
 from nanochat_jax.common import print0, single_host_only
-from nanochat_jax.dataloader import to_global_array
-from nanochat_jax.engine import Engine
-from nanochat_jax.loop import trim_metrics, write_metrics
-from nanochat_jax.optim import lr_multiplier
-from nanochat_jax.rl import policy_batch, rollouts
-from nanochat_jax.stages import Source, add_chat_stage_flags, check_flags, start_chat_stage, start_wandb
-from nanochat_jax.tasks.gsm8k import GSM8K
-from nanochat_jax.tasks.local import Arithmetic
+from nanochat_jax.loop import Eval, Plan, run
+from nanochat_jax.optim import Schedule
+from nanochat_jax.rl import RolloutBatches
+from nanochat_jax.stages import (add_chat_stage_flags, begin_run, check_flags, epoch_steps, open_chat_stage, run_meta,
+                                 start_wandb)
+from nanochat_jax.tasks.registry import CHAT_TASKS
 
-
-TASKS = {"GSM8K": lambda split: GSM8K(split=split),  # --task: split -> the task
-         "Arithmetic": lambda split: Arithmetic(size=8_000 if split == "train" else 500, split=split)}
+RL_TASKS = sorted(name for name, info in CHAT_TASKS.items() if info.has_reward)
 
 
 def parse_args(argv=None):
@@ -50,90 +40,50 @@ def parse_args(argv=None):
     p.add_argument("--top-k", type=int, default=50)
     p.add_argument("--num-epochs", type=int, default=1, help="epochs of GSM8K train when --num-iterations is -1")
     p.add_argument("--eval-examples", type=int, default=400, help="GSM8K test questions for pass@k")
-    p.add_argument("--task", choices=sorted(TASKS), default="GSM8K",
+    p.add_argument("--task", choices=RL_TASKS, default="GSM8K",
                    help="GSM8K, or the local stand-in Arithmetic (generated word problems; no network needed)")
     args = p.parse_args(argv)
     check_flags(p, args, positive=("device_batch_size", "examples_per_step", "num_samples", "max_new_tokens",
-                                   "top_k", "num_epochs", "eval_examples"), every=("eval_every", "save_every"))
-    if args.temperature < 0:
-        p.error("--temperature must be >= 0")
+                                   "top_k", "num_epochs", "eval_examples"), every=("eval_every", "save_every"),
+                nonnegative=("temperature",))
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
     single_host_only("train.rl")
-    source = Source(args.source, args.model_tag, args.step)
+    source, trainer, checkpointer = open_chat_stage(args, "rl")
     config, tokenizer = source.config, source.tokenizer
     rows_per_micro_step = args.device_batch_size * jax.device_count()
     if (args.examples_per_step * args.num_samples) % rows_per_micro_step:
         raise SystemExit(f"--examples-per-step x --num-samples = {args.examples_per_step * args.num_samples} "
                          f"sequences do not split into micro-steps of device batch x devices = {rows_per_micro_step}")
-    train_task, val_task = TASKS[args.task]("train"), TASKS[args.task]("test")
-    num_steps = args.num_iterations if args.num_iterations > 0 else \
-        max(1, len(train_task) // args.examples_per_step * args.num_epochs)
-    stage = start_chat_stage(args, "rl", source, num_steps)
-    trainer, checkpointer = stage.trainer, stage.checkpointer
+    task = CHAT_TASKS[args.task]
+    train_task, val_task = task.make("train"), task.make("test")
+    num_steps = epoch_steps(args, len(train_task), args.examples_per_step)
     print0(f"RL {source.directory} (step {source.step}) -> {checkpointer.directory} | {args.examples_per_step} "
            f"questions x {args.num_samples} samples per step | {num_steps:,} steps")
-    params, opt_state, start_step, loop_state = stage.params, stage.opt_state, stage.start_step, stage.loop_state
-    loop_state = loop_state or {"total_time": 0.0, "last_eval": {}}
-    metrics_path = os.path.join(checkpointer.directory, "metrics.jsonl")
-    trim_metrics(metrics_path, start_step)
-    engine = Engine(trainer.model(params), tokenizer)
-    pad_id = tokenizer.encode_special("<|assistant_end|>")
-    wandb_run = start_wandb(args, "nanochat-jax-rl")
 
-    def evaluate():
-        outcomes = generative_outcomes(engine, tokenizer, val_task, num_samples=args.device_batch_size,
+    # data: each step's rollouts, sampled by one engine from the params the loop hands over
+    rollouts = RolloutBatches(trainer, tokenizer, train_task, args.examples_per_step, args.num_samples,
+                              args.max_new_tokens, args.temperature, args.top_k, args.seed, rows_per_micro_step)
+    state = begin_run(args, trainer, checkpointer, rollouts, tokenizer, config, num_steps, source=source)
+
+    def pass_at(model):  # k = 1 .. device batch samples per question, at temperature 1
+        outcomes = generative_outcomes(rollouts.engine_for(model), tokenizer, val_task, num_samples=args.device_batch_size,
                                        max_new_tokens=args.max_new_tokens, temperature=1.0, top_k=args.top_k,
                                        max_problems=args.eval_examples)
         return {f"pass@{k}": pass_at_k(outcomes, k) for k in range(1, args.device_batch_size + 1)}
 
-    for step in range(start_step, num_steps + 1):
-        last = step == num_steps
-        record = {}
-        if last or (args.eval_every > 0 and step % args.eval_every == 0):
-            record = evaluate()
-            loop_state["last_eval"] = record
-            print0(f"step {step:05d} | " + " | ".join(f"{k} {v:.4f}" for k, v in record.items()))
-        if (last or (args.save_every > 0 and step > 0 and step % args.save_every == 0)) and step != start_step:
-            checkpointer.save(step, {"params": params, "opt_state": opt_state},
-                              model_meta(config, step, **loop_state["last_eval"], train_config=vars(args),
-                                         source=source.info(), loop_state=loop_state))
-        if last:
-            if record:
-                write_metrics(metrics_path, {"step": step, **record}, wandb_run)
-            break
+    wandb_run = start_wandb(args, "nanochat-jax-rl")
+    plan = Plan(num_steps, Schedule(num_steps, warmdown_ratio=1.0, momentum=0.95), config.flops_per_token(),
+                [Eval(args.eval_every, pass_at)], args.save_every, run_meta(args, config, source), wandb_run)
+    state = run(trainer, state, rollouts, plan, checkpointer)
 
-        t0 = time.time()
-        step_rollouts = []
-        for j in range(args.examples_per_step):
-            index = (step * args.examples_per_step + j) % len(train_task)
-            step_rollouts.append(rollouts(engine, tokenizer, train_task, index, args.num_samples, args.max_new_tokens,
-                                          args.temperature, args.top_k, seed=hash((args.seed, step, index)) & 0x7FFFFFFF))
-        t_sample = time.time() - t0
-        batch = policy_batch(step_rollouts, rows_per_micro_step, pad_id, config.sequence_len)
-        batch = {name: to_global_array(array, trainer.batch_sharding()) for name, array in batch.items()}
-        lrm = lr_multiplier(step, num_steps, warmdown_ratio=1.0)
-        params, opt_state, out = trainer.step(params, opt_state, batch, jnp.float32(lrm), jnp.float32(0.95))
-        engine.params = nnx.state(trainer.model(params))
-        loss, grad_norm = float(out["loss"]), float(out["grad_norm"])
-        dt = time.time() - t0
-        if step > start_step:
-            loop_state["total_time"] += dt
-        reward = float(np.mean([r.rewards.mean() for r in step_rollouts]))
-        length = float(np.mean([len(s) - r.prompt_len for r in step_rollouts for s in r.sequences]))
-        print0(f"step {step:05d}/{num_steps:05d} | reward {reward:.3f} | completion length {length:.1f} | "
-               f"loss {loss:.5f} | lrm {lrm:.3f} | sampling {t_sample:.1f}s | step {dt:.1f}s")
-        write_metrics(metrics_path, {"step": step, "reward": reward, "completion_length": length, "loss": loss,
-                                     "lr": lrm, "grad_norm": grad_norm, "num_tokens": int(out["num_tokens"]),
-                                     "dt": dt, **record}, wandb_run)
-    checkpointer.wait()
-    print0(f"training time {loop_state['total_time'] / 60:.2f}m | checkpoints in {checkpointer.directory}")
-    report.log("Chat RL", vars(args), {"checkpoint_dir": checkpointer.directory, "steps": num_steps,
-                                       **loop_state["last_eval"], "training time (min)": loop_state["total_time"] / 60},
-               report.standin(None if args.task == "GSM8K" else "Arithmetic: generated on this machine (tasks/local.py)"))
+    print0(f"training time {state.loop.total_time / 60:.2f}m | checkpoints in {checkpointer.directory}")
+    report.log(report.RL, vars(args), {"checkpoint_dir": checkpointer.directory, "steps": num_steps,
+                                       **state.loop.last_eval, "training time (min)": state.loop.total_time / 60},
+               report.standin(f"{args.task}: generated on this machine (tasks/local.py)" if task.standin else None))
     if wandb_run is not None:
         wandb_run.finish()
 

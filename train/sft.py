@@ -15,20 +15,19 @@ import argparse
 
 import jax
 
-from nanochat_jax.chat_eval import categorical_outcomes, generative_outcomes
 from nanochat_jax import report
-from nanochat_jax.checkpoint import model_meta
+from nanochat_jax.base_eval import loss_sums
+from nanochat_jax.chat_batches import PaddedConversations
+from nanochat_jax.chat_eval import categorical_outcomes, generative_outcomes
 from nanochat_jax.common import init_distributed, print0
-from nanochat_jax.conversations import PaddedConversations
 from nanochat_jax.dataloader import StepBatches
 from nanochat_jax.engine import Engine
-from nanochat_jax.loop import Eval, LoopConfig, eval_sums, run
-from nanochat_jax.optim import lr_multiplier
-from nanochat_jax.stages import Source, add_chat_stage_flags, check_flags, start_chat_stage, start_wandb
+from nanochat_jax.loop import Eval, Plan, run
+from nanochat_jax.optim import Schedule
+from nanochat_jax.stages import (add_chat_stage_flags, begin_run, check_flags, epoch_steps, open_chat_stage, run_meta,
+                                 start_wandb)
 from nanochat_jax.tasks import mixtures
-from nanochat_jax.tasks.mixtures import LOCAL_MIXTURE
-from nanochat_jax.tasks.choice import ARC, MMLU
-from nanochat_jax.tasks.local import EVAL_TASKS
+from nanochat_jax.tasks.registry import CHAT_TASKS
 
 
 def parse_args(argv=None):
@@ -54,74 +53,66 @@ def parse_args(argv=None):
 def main(argv=None):
     init_distributed()  # multi-host runs only (NANOCHAT_MULTIHOST=1)
     args = parse_args(argv)
-    source = Source(args.source, args.model_tag, args.step)
-    config, tokenizer = source.config, source.tokenizer
-    args.max_seq_len = args.max_seq_len or config.sequence_len
-    rows = args.device_batch_size * jax.local_device_count()
-    examples_per_micro_step = args.device_batch_size * jax.device_count()
+    examples_per_micro_step = args.device_batch_size * jax.device_count()  # one conversation per row
     if args.target_examples_per_step % examples_per_micro_step:
         raise SystemExit(f"--target-examples-per-step {args.target_examples_per_step} is not a multiple of device "
                          f"batch x devices = {args.device_batch_size} x {jax.device_count()}")
     accum_steps = args.target_examples_per_step // examples_per_micro_step
-    train_task, val_task = (make() for make in mixtures.MIXTURES[args.mixture]["sft"])
-    num_iterations = args.num_iterations if args.num_iterations > 0 else \
-        max(1, len(train_task) // args.target_examples_per_step * args.num_epochs)
-    stage = start_chat_stage(args, "sft", source, num_iterations)
-    trainer, checkpointer = stage.trainer, stage.checkpointer
+    source, trainer, checkpointer = open_chat_stage(args, "sft")
+    config, tokenizer = source.config, source.tokenizer
+    rows_per_process = args.device_batch_size * jax.local_device_count()
+    mixture = mixtures.MIXTURES[args.mixture]
+    train_task, val_task = mixture.sft_train(), mixture.sft_val()
+    num_iterations = epoch_steps(args, len(train_task), args.target_examples_per_step)
     print0(f"SFT {source.directory} (step {source.step}) -> {checkpointer.directory} | {len(train_task):,} "
            f"conversations | {accum_steps} micro-steps of {examples_per_micro_step} rows | {num_iterations:,} steps")
-    params, opt_state, start_step, loop_state = stage.params, stage.opt_state, stage.start_step, stage.loop_state
+
+    # data: one conversation per row, each micro-batch padded to a bucketed length
     process = dict(process_index=jax.process_index(), process_count=jax.process_count(),
                    max_tokens=args.max_seq_len + 1)
-    train_batches = StepBatches(PaddedConversations(train_task, tokenizer, rows, args.max_seq_len, **process),
-                                accum_steps)
-    if stage.data_state is not None:
-        train_batches.set_state(stage.data_state)
+    train_batches = StepBatches(PaddedConversations(train_task, tokenizer, rows_per_process, args.max_seq_len,
+                                                    **process), accum_steps)
+    state = begin_run(args, trainer, checkpointer, train_batches, tokenizer, config, num_iterations, source=source)
     token_bytes = tokenizer.token_bytes()
 
-    def val_loss(params):
-        val = PaddedConversations(val_task, tokenizer, rows, args.max_seq_len, **process)
-        sums = eval_sums(trainer, params, val, args.eval_steps, token_bytes)
+    def val_loss(model):
+        val = PaddedConversations(val_task, tokenizer, rows_per_process, args.max_seq_len, **process)
+        sums = loss_sums(model, val, args.eval_steps, token_bytes)
         return {"val_loss": sums["nats"] / max(sums["tokens"], 1)}
 
-    metric_tasks = {}
+    metric_tasks, engines = {}, []  # loaded on first use; one engine, so its programs compile once
 
-    def outcomes(model, task):
-        if task.eval_type == "categorical":
-            return categorical_outcomes(model, tokenizer, task, 2 * args.device_batch_size,
-                                        args.eval_metrics_max_problems)
-        return [o[0] for o in generative_outcomes(Engine(model, tokenizer), tokenizer, task, max_new_tokens=128,
-                                                  max_problems=args.eval_metrics_max_problems)]
-
-    def accuracy(params):
-        if not metric_tasks:  # loaded on first use
-            if args.mixture == "local":  # the stand-ins' own test splits, generative
-                metric_tasks.update(arithmetic_acc=EVAL_TASKS["Arithmetic"](),
-                                    spelling_acc=EVAL_TASKS["LocalSpellingBee"]())
+    def accuracy(model):
+        if not metric_tasks:
+            metric_tasks.update({metric: CHAT_TASKS[name].make("test") for metric, name in mixture.sft_metrics.items()})
+            engines.append(Engine(model, tokenizer))
+        engines[0].use(model)
+        results = {}
+        for metric, task in metric_tasks.items():
+            if task.eval_type == "categorical":
+                outcomes = categorical_outcomes(model, tokenizer, task, 2 * args.device_batch_size,
+                                                args.eval_metrics_max_problems)
             else:
-                metric_tasks.update(mmlu_acc=MMLU(split="test"), arc_easy_acc=ARC("ARC-Easy", split="test"))
-        model = trainer.model(params)
-        return {name: float(sum(o) / len(o)) for name, task in metric_tasks.items() for o in [outcomes(model, task)]}
+                outcomes = [o[0] for o in generative_outcomes(engines[0], tokenizer, task,
+                                                              max_new_tokens=128,
+                                                              max_problems=args.eval_metrics_max_problems)]
+            results[metric] = float(sum(outcomes) / len(outcomes))
+        return results
 
     evals = [Eval(args.eval_every, val_loss)]
     if args.eval_metrics_every:  # as nanochat: not before training
         evals.append(Eval(args.eval_metrics_every, accuracy, at_start=False))
-
-    def meta(step, loop_state):
-        return model_meta(config, step, **loop_state["last_eval"], train_config=vars(args), source=source.info(),
-                          loop_state=loop_state)
-
     wandb_run = start_wandb(args, "nanochat-jax-sft")
-    schedule = lambda step: (lr_multiplier(step, num_iterations, warmdown_ratio=1.0), 0.95)  # noqa: E731
-    cfg = LoopConfig(num_iterations=num_iterations, flops_per_token=config.flops_per_token(), schedule=schedule,
-                     evals=evals, save_every=args.save_every, meta=meta, wandb_run=wandb_run)
-    _, _, loop_state = run(trainer, params, opt_state, train_batches, cfg, checkpointer, start_step, loop_state)
-    print0(" | ".join(f"{k} {v:.4f}" for k, v in loop_state["last_eval"].items()) +
-           f" | training time {loop_state['total_time'] / 60:.2f}m | checkpoints in {checkpointer.directory}")
-    report.log("Chat SFT", vars(args), {"checkpoint_dir": checkpointer.directory, "conversations": len(train_task),
-                                        "steps": num_iterations, **loop_state["last_eval"],
-                                        "training time (min)": loop_state["total_time"] / 60},
-               report.standin(LOCAL_MIXTURE if args.mixture == "local" else None))
+    plan = Plan(num_iterations, Schedule(num_iterations, warmdown_ratio=1.0, momentum=0.95), config.flops_per_token(),
+                evals, args.save_every, run_meta(args, config, source), wandb_run)
+    state = run(trainer, state, train_batches, plan, checkpointer)
+
+    print0(" | ".join(f"{k} {v:.4f}" for k, v in state.loop.last_eval.items()) +
+           f" | training time {state.loop.total_time / 60:.2f}m | checkpoints in {checkpointer.directory}")
+    report.log(report.SFT, vars(args), {"checkpoint_dir": checkpointer.directory, "conversations": len(train_task),
+                                        "steps": num_iterations, **state.loop.last_eval,
+                                        "training time (min)": state.loop.total_time / 60},
+               report.standin(mixture.standin))
     if wandb_run is not None:
         wandb_run.finish()
 

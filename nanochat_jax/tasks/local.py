@@ -12,7 +12,6 @@ import random
 
 from nanochat_jax.stdlib_text import stdlib_words
 from nanochat_jax.tasks.base import FinalNumberTask, GeneratedTask
-from nanochat_jax.tasks.spelling import SpellingBee
 
 NAMES = ["Ada", "Ben", "Chloe", "Dev", "Emma", "Femi", "Grace", "Hugo", "Ines", "Jun", "Kofi", "Lena", "Mateo", "Nora"]
 ITEMS = ["apples", "marbles", "stickers", "books", "pencils", "cookies", "shells", "coins", "cards", "stamps"]
@@ -20,12 +19,6 @@ ITEMS = ["apples", "marbles", "stickers", "books", "pencils", "cookies", "shells
 
 def local_words() -> list[str]:
     return list(stdlib_words())
-
-
-EVAL_TASKS = {  # the stand-ins' test sets, by the names evals.chat and the report use
-    "Arithmetic": lambda: Arithmetic(size=500, split="test"),
-    "LocalSpellingBee": lambda: SpellingBee(size=256, split="test", words=local_words()),
-}
 
 
 def _calc(expr: str, value: int) -> list[dict]:

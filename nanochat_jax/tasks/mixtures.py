@@ -1,7 +1,10 @@
 """nanochat's data mixtures for midtraining and SFT (row counts are the full datasets'), and the LOCAL STAND-IN
 mixtures built only from generated tasks (tasks/local.py), for machines with no network: `--mixture local`."""
-from nanochat_jax.tasks.base import TaskMixture
-from nanochat_jax.tasks.chat_data import CustomJSON, SmolTalk
+from dataclasses import dataclass
+from typing import Callable
+
+from nanochat_jax.tasks.base import Task, TaskMixture
+from nanochat_jax.tasks.smoltalk import CustomJSON, SmolTalk
 from nanochat_jax.tasks.choice import ARC, MMLU
 from nanochat_jax.tasks.gsm8k import GSM8K
 from nanochat_jax.tasks.local import Arithmetic, Identity, local_words
@@ -57,9 +60,20 @@ def local_sft_train() -> TaskMixture:
                         SpellingBee(size=300, words=words)])
 
 
-LOCAL_MIXTURE = ("chat data generated on this machine (tasks/local.py: identity, arithmetic word problems, spelling "
-                 "over words from Python's docstrings), not nanochat's mixture")
-MIXTURES = {  # --mixture: (train, validation) for each chat stage
-    "classic": {"mid": (mid_train, mid_val), "sft": (sft_train, sft_val)},
-    "local": {"mid": (local_mid_train, local_val), "sft": (local_sft_train, local_val)},
+@dataclass(frozen=True)
+class Mixture:
+    mid_train: Callable[[], Task]
+    mid_val: Callable[[], Task]
+    sft_train: Callable[[], Task]
+    sft_val: Callable[[], Task]
+    sft_metrics: dict  # SFT's accuracy metrics: metric name -> the task's name in tasks/registry.py
+    standin: str | None = None  # what the report says when the data is a local stand-in
+
+
+MIXTURES = {  # --mixture
+    "classic": Mixture(mid_train, mid_val, sft_train, sft_val, {"mmlu_acc": "MMLU", "arc_easy_acc": "ARC-Easy"}),
+    "local": Mixture(local_mid_train, local_val, local_sft_train, local_val,
+                     {"arithmetic_acc": "Arithmetic", "spelling_acc": "LocalSpellingBee"},
+                     standin="chat data generated on this machine (tasks/local.py: identity, arithmetic word "
+                             "problems, spelling over words from Python's docstrings), not nanochat's mixture"),
 }

@@ -13,10 +13,11 @@ PaddedConversations (SFT): one conversation per row (cropped to T+1 tokens), the
 power-of-two length (at most T; exactly T when several processes feed one batch, so that their shapes agree): inputs
 with <|assistant_end|>, targets with -1. State: {"conversation": k}.
 
-Both yield {"inputs", "targets"}: np.int32 [rows, length]; StepBatches stacks them into steps.
+Both yield {"inputs", "targets"}: np.int32 [rows_per_process, length]; StepBatches stacks them into steps.
 """
 import numpy as np
 
+from nanochat_jax.common import bucket
 from nanochat_jax.tasks.base import Task
 
 
@@ -26,11 +27,11 @@ def masked_targets(ids: list[int], mask: list[int]) -> list[int]:
 
 
 class _Conversations:
-    def __init__(self, task: Task, tokenizer, rows: int, seq_len: int, process_index: int = 0,
+    def __init__(self, task: Task, tokenizer, rows_per_process: int, seq_len: int, process_index: int = 0,
                  process_count: int = 1, max_tokens: int = 2048):
         if len(task) == 0:
             raise ValueError("the task mixture holds no conversations")
-        self.task, self.tokenizer, self.rows, self.seq_len = task, tokenizer, rows, seq_len
+        self.task, self.tokenizer, self.rows_per_process, self.seq_len = task, tokenizer, rows_per_process, seq_len
         self.process_index, self.process_count, self.max_tokens = process_index, process_count, max_tokens
         self.conversation = 0
         self._rendered = (None, None)  # (k, (ids, mask)): the last conversation rendered
@@ -67,7 +68,7 @@ class PackedConversations(_Conversations):
 
     def __next__(self) -> dict:
         inputs, targets = [], []
-        for _ in range(self.rows):
+        for _ in range(self.rows_per_process):
             ids, mask = self._read(self.seq_len, advance=True)
             next_id, next_mask = self._read(1, advance=False)  # the row's last target starts the next row
             inputs.append(ids)
@@ -84,17 +85,17 @@ class PackedConversations(_Conversations):
 class PaddedConversations(_Conversations):
     def __next__(self) -> dict:
         rendered = []
-        for _ in range(self.rows):
+        for _ in range(self.rows_per_process):
             ids, mask = self.render(self.conversation)
             rendered.append((ids[:self.seq_len + 1], mask[:self.seq_len + 1]))
             self.conversation += 1
         longest = max(len(ids) - 1 for ids, _ in rendered)
-        length = min(self.seq_len, max(16, 1 << (longest - 1).bit_length()))  # few distinct shapes to compile
-        if self.process_count > 1:
+        length = bucket(longest, maximum=self.seq_len)
+        if self.process_count > 1:  # every process must hand over the same shape for one global batch
             length = self.seq_len
         pad = self.tokenizer.encode_special("<|assistant_end|>")
-        inputs = np.full((self.rows, length), pad, np.int32)
-        targets = np.full((self.rows, length), -1, np.int32)
+        inputs = np.full((self.rows_per_process, length), pad, np.int32)
+        targets = np.full((self.rows_per_process, length), -1, np.int32)
         for row, (ids, mask) in enumerate(rendered):
             inputs[row, :len(ids) - 1] = ids[:-1]
             targets[row, :len(ids) - 1] = masked_targets(ids, mask)

@@ -8,7 +8,7 @@ from nanochat_jax.tasks.base import Task, load_rows, task_data_path
 IDENTITY_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/identity_conversations.jsonl"
 
 
-def check_messages(messages, where: str):
+def check_conversation(messages, where: str):
     if not isinstance(messages, list) or not messages:
         raise ValueError(f"{where}: expected a non-empty list of messages")
     body = messages[1:] if messages[0].get("role") == "system" else messages
@@ -32,7 +32,7 @@ class SmolTalk(Task):
 
     def get_example(self, index: int) -> dict:
         messages = self.rows[index]["messages"]
-        check_messages(messages, f"SmolTalk example {index}")
+        check_conversation(messages, f"SmolTalk example {index}")
         return {"messages": messages}
 
 
@@ -46,7 +46,7 @@ class CustomJSON(Task):
         with open(self.path, encoding="utf-8") as f:
             self.conversations = [json.loads(line) for line in f if line.strip()]
         for i, messages in enumerate(self.conversations):
-            check_messages(messages, f"{self.path} line {i + 1}")
+            check_conversation(messages, f"{self.path} line {i + 1}")
 
     def num_examples(self) -> int:
         return len(self.conversations)

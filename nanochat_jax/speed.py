@@ -1,0 +1,162 @@
+"""Speed on random weights, what the benchmark scripts and scripts/device_check.py measure: the training step
+(tokens/s, MFU, compile time, peak memory), attention (cuDNN against XLA), and the engine (prefill time, decode
+tokens/s and its fraction of the memory-bandwidth bound). Needs only jax, flax, optax and numpy, so a GPU machine
+runs it with nothing installed but those.
+
+The decode bound: every decode step must read the weights (in the engine's dtype) and, per row, the keys and values
+filled so far; tokens/s <= rows x bandwidth / those bytes. (Our step reads the cache up to its attention length, a
+bucket at or above the filled length.)
+"""
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from nanochat_jax.aot import DoesNotFit, chip_specs, device_memory_bytes, memory
+from nanochat_jax.attention import xla_attention
+from nanochat_jax.engine import Engine
+from nanochat_jax.gpt import GPT
+from nanochat_jax.optim import build_optimizer
+from nanochat_jax.trainer import Trainer, peak_flops_per_device
+
+
+class SpecialIds:
+    """Stands in for a tokenizer: the engine only needs the special tokens' ids (the last ids of the vocab)."""
+    NAMES = ["<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>", "<|assistant_end|>"]
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def encode_special(self, name: str) -> int:
+        return self.vocab_size - 1 - self.NAMES.index(name)
+
+    def get_bos_token_id(self) -> int:
+        return self.vocab_size - 1 - len(self.NAMES)
+
+
+def timed(fn, repeats: int) -> float:
+    """Seconds per call of fn() after one call that is not timed (compilation, warm-up)."""
+    jax.block_until_ready(fn())
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        out = fn()
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t0) / repeats
+
+
+def peak_memory_bytes() -> int | None:
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
+
+
+def train_step(config, mesh, dtype, device_batch_size: int, steps: int = 5, remat: str = "none") -> dict:
+    """The compiled training step on random tokens at the largest power-of-two device batch <= device_batch_size
+    that the compiler fits in 90% of the device's memory (where that is known): compile time, step time, tokens/s,
+    MFU, memory. Each size tried is one compilation; the one that fits is the one timed."""
+    make_model = lambda: GPT(config, rngs=nnx.Rngs(0), dtype=dtype, remat=remat)  # noqa: E731
+    trainer = Trainer.create(make_model, build_optimizer(config.n_embd), mesh)
+    T, limit = config.sequence_len, device_memory_bytes(jax.devices()[0])
+    batch = 1 << (device_batch_size.bit_length() - 1)
+    while True:
+        try:
+            compiled, compile_s = trainer.compile_step(batch * mesh.size, T, 1)
+            if limit is None or memory(compiled)["peak_bytes"] <= 0.9 * limit:  # the allocator keeps some besides
+                break
+        except DoesNotFit:
+            pass
+        if batch == 1:
+            raise RuntimeError(f"not even one row of {T} tokens fits at d{config.n_layer}")
+        batch //= 2
+    rows = batch * mesh.size
+    state = trainer.init_state(make_model)
+    tokens = np.random.default_rng(0).integers(0, config.vocab_size, (1, rows, T + 1), dtype=np.int32)
+    data = jax.device_put({"inputs": tokens[..., :-1], "targets": tokens[..., 1:]}, trainer.batch_sharding())
+
+    def step():
+        state.params, state.opt_state, out = trainer.run_step(state.params, state.opt_state, data, 1.0, 0.95)
+        return out["loss"]
+
+    step_s = timed(step, steps)
+    peak = peak_flops_per_device()
+    tok_s = rows * T / step_s
+    return {"depth": config.n_layer, "parameters": config.num_params(), "device_batch_size": batch, "seq_len": T,
+            "compile_s": compile_s, "step_s": step_s, "tokens_per_s": tok_s,
+            "mfu_percent": None if peak is None else 100 * config.flops_per_token() * tok_s / (peak * mesh.size),
+            "compiled_peak_bytes": memory(compiled)["peak_bytes"], "device_peak_bytes": peak_memory_bytes()}
+
+
+def attention_paths(batch: int, seq_len: int, n_head: int, n_kv_head: int, head_dim: int, dtype,
+                    repeats: int = 10) -> dict:
+    """Causal attention forward through cuDNN (where there is a GPU) and through our XLA path on the same random
+    q, k, v: the largest difference and the time of each (ms)."""
+    keys = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(keys[0], (batch, seq_len, n_head, head_dim), dtype)
+    k, v = (jax.random.normal(key, (batch, seq_len, n_kv_head, head_dim), dtype) for key in keys[1:])
+    xla = jax.jit(xla_attention)
+    out = {"shape": [batch, seq_len, n_head, n_kv_head, head_dim], "dtype": jnp.dtype(dtype).name,
+           "xla_ms": 1000 * timed(lambda: xla(q, k, v), repeats)}
+    try:
+        cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn"))
+        diff = jnp.max(jnp.abs(cudnn(q, k, v).astype(jnp.float32) - xla(q, k, v).astype(jnp.float32)))
+        out |= {"cudnn_ms": 1000 * timed(lambda: cudnn(q, k, v), repeats), "max_abs_diff": float(diff),
+                "tolerance": 2e-2 if dtype == jnp.bfloat16 else 1e-4}
+        out["equal"] = out["max_abs_diff"] <= out["tolerance"]
+    except Exception as e:  # no GPU, or no cuDNN for this shape: the XLA path alone
+        out |= {"cudnn_ms": None, "cudnn_unavailable": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
+    return out
+
+
+def decode_bytes_per_step(engine, batch: int, filled: float) -> int:
+    """What one decode step must read from memory: every weight once, and each row's keys and values up to its
+    `filled` positions."""
+    weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(engine.params))
+    c = engine.config
+    kv = 2 * c.n_layer * filled * c.n_kv_head * c.head_dim * jnp.dtype(engine.dtype).itemsize
+    return int(weights + batch * kv)
+
+
+def engine_speed(config, dtype, prompt_len: int, batches, decode_tokens: int = 128, chunk: int = 16) -> dict:
+    """Prefill time of one prompt and decode tokens/s at each batch (random weights and tokens, no stop tokens),
+    with the bandwidth bound of each where the device's bandwidth is known."""
+    model = GPT(config, rngs=nnx.Rngs(0), dtype=dtype)
+    engine = Engine(model, SpecialIds(config.vocab_size), chunk=chunk, compute_dtype_weights=True)
+    prompt = [int(t) for t in np.random.default_rng(0).integers(0, config.vocab_size - 8, prompt_len)]
+    never = jnp.array([-1], jnp.int32)  # no pause tokens: every row decodes the whole time
+    spec = chip_specs(jax.devices()[0])
+    out = {"prompt_len": prompt_len, "dtype": jnp.dtype(dtype).name, "decode": []}
+    for batch in batches:
+        keys = jax.random.split(jax.random.key(0), batch)
+        start = lambda: engine.start(prompt, jax.random.clone(keys), decode_tokens + 1, 1.0, None, 1.0,  # noqa: E731
+                                     engine.max_len)
+        if batch == batches[0]:
+            out["prefill_ms"] = 1000 * timed(lambda: start()[1].last, 3)
+
+        def fresh():  # the prompt's cache in every row, as the slot loop admits a request's samples
+            cache, prefilled, _ = start()
+            return prefilled.replace(cache=jax.tree.map(lambda c: jnp.repeat(c, batch, axis=1), cache))
+
+        calls = max(1, decode_tokens // chunk)
+        attend = engine.attend_len(prompt_len + calls * chunk + 1)
+
+        def run(state):
+            for _ in range(calls):
+                state, step_out = engine.decode(engine.params, state, never, steps=chunk, attend_len=attend)
+            return step_out["tokens"]
+
+        jax.block_until_ready(run(fresh()))  # compile
+        state = fresh()
+        jax.block_until_ready(state)
+        t0 = time.perf_counter()
+        jax.block_until_ready(run(state))
+        dt = time.perf_counter() - t0
+        tok_s = batch * calls * chunk / dt
+        filled = prompt_len + calls * chunk / 2  # the mean over the timed steps
+        row = {"batch": batch, "tokens_per_s": tok_s, "ms_per_step": 1000 * dt / (calls * chunk),
+               "attend_len": attend, "bytes_per_step": decode_bytes_per_step(engine, batch, filled)}
+        if spec is not None:
+            bound = batch * spec[1] / row["bytes_per_step"]
+            row |= {"bound_tokens_per_s": bound, "fraction_of_bound": tok_s / bound}
+        out["decode"].append(row)
+    return out

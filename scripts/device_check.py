@@ -1,0 +1,115 @@
+"""The device check: everything users compare us on, measured in one command on one GPU, on random weights (nothing to
+download): the training step at d12 and d20 (bf16, sequence 2048, the largest device batch that fits), cuDNN flash
+attention against the XLA path, and the engine at d20 (prefill of 512 tokens, decode at batch 1, 8 and 32 against the
+memory-bandwidth bound). Writes device_check.json and device_check.md (a table for docs/benchmarks.md).
+
+    python -m scripts.device_check --out results/          # one H100/H200: about 5 minutes
+    python -m scripts.device_check --tiny --out /tmp/dc    # CPU rehearsal: the same code paths at toy sizes
+
+Needs only jax, flax, optax and numpy. Each part runs on its own: a part that fails is recorded with its error and
+the others still run.
+"""
+import argparse
+import json
+import os
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+
+from nanochat_jax import speed
+from nanochat_jax.common import parse_dtype
+from nanochat_jax.gpt import config_from_depth
+from nanochat_jax.sharding import make_mesh
+
+FULL = dict(train_depths=(12, 20), seq_len=2048, vocab=65536, start_batch=64, steps=5,
+            attention=(4, 2048, 10, 10, 128), engine_depth=20, prompt_len=512, batches=(1, 8, 32), decode_tokens=256)
+TINY = dict(train_depths=(2,), seq_len=64, vocab=512, start_batch=2, steps=2,
+            attention=(2, 64, 2, 1, 32), engine_depth=2, prompt_len=32, batches=(1, 2), decode_tokens=32)
+
+
+def run_part(results: dict, name: str, fn):
+    t0 = time.time()
+    try:
+        results[name] = fn()
+    except Exception as e:  # one failing part must not cost the others the device time
+        results[name] = {"error": f"{type(e).__name__}: {e}"[:2000], "traceback": traceback.format_exc()[-4000:]}
+    print(f"{name}: {time.time() - t0:.0f}s", flush=True)
+
+
+def markdown(results: dict) -> str:
+    env = results["environment"]
+    lines = [f"Device check, {env['date']}: one of {env['devices']} ({env['platform']}), jax {env['jax']}, "
+             f"{env['dtype']}, `{env['command']}`", ""]
+    lines += ["| training step | batch x seq | compile | step | tokens/s | MFU | peak memory |", "|---|---|---|---|---|---|---|"]
+    for row in results.get("train", []):
+        if "error" in row:
+            lines.append(f"| d{row.get('depth', '?')} | error: {row['error'][:80]} | | | | | |")
+            continue
+        peak = row["device_peak_bytes"] or row["compiled_peak_bytes"]
+        mfu = "-" if row["mfu_percent"] is None else f"{row['mfu_percent']:.1f}%"
+        lines.append(f"| d{row['depth']} ({row['parameters'] / 1e6:.0f}M) | {row['device_batch_size']} x "
+                     f"{row['seq_len']} | {row['compile_s']:.1f} s | {1000 * row['step_s']:.1f} ms | "
+                     f"{row['tokens_per_s']:,.0f} | {mfu} | {peak / 2**30:.2f} GiB |")
+    att = results.get("attention", {})
+    lines += ["", "| attention | XLA | cuDNN | max abs diff (tolerance) |", "|---|---|---|---|"]
+    if "error" in att:
+        lines.append(f"| error: {att['error'][:80]} | | | |")
+    elif att:
+        cudnn = "unavailable" if att["cudnn_ms"] is None else f"{att['cudnn_ms']:.2f} ms"
+        diff = "-" if att["cudnn_ms"] is None else f"{att['max_abs_diff']:.2e} ({att['tolerance']:.0e})"
+        lines.append(f"| {att['shape']} {att['dtype']} | {att['xla_ms']:.2f} ms | {cudnn} | {diff} |")
+    eng = results.get("engine", {})
+    lines += ["", "| engine | prefill | decode tokens/s | ms/step | share of the bandwidth bound |", "|---|---|---|---|---|"]
+    if "error" in eng:
+        lines.append(f"| error: {eng['error'][:80]} | | | | |")
+    for row in eng.get("decode", []):
+        share = "-" if row.get("fraction_of_bound") is None else f"{100 * row['fraction_of_bound']:.0f}%"
+        lines.append(f"| d{eng['depth']} batch {row['batch']} | {eng['prefill_ms']:.1f} ms ({eng['prompt_len']} "
+                     f"tokens) | {row['tokens_per_s']:,.0f} | {row['ms_per_step']:.2f} | {share} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="measure the training step, attention and the engine on this device")
+    p.add_argument("--tiny", action="store_true", help="toy sizes: a rehearsal on CPU")
+    p.add_argument("--out", default=".", help="directory for device_check.json and device_check.md")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None, help="default: bf16 on GPU/TPU")
+    args = p.parse_args(argv)
+    sizes = TINY if args.tiny else FULL
+    dtype = parse_dtype(args.dtype)
+    device = jax.devices()[0]
+    results = {"environment": {"date": time.strftime("%Y-%m-%d"), "devices": f"{jax.device_count()} x "
+                               f"{device.device_kind}", "platform": device.platform, "jax": jax.__version__,
+                               "dtype": jnp.dtype(dtype).name, "command": "python -m scripts.device_check" +
+                               (" --tiny" if args.tiny else "")}, "train": []}
+    mesh = make_mesh(devices=jax.devices()[:1])  # one device: the numbers are per chip
+
+    for depth in sizes["train_depths"]:
+        config = config_from_depth(depth, sizes["vocab"], sizes["seq_len"])
+
+        def train():
+            return speed.train_step(config, mesh, dtype, sizes["start_batch"], steps=sizes["steps"])
+        part = {}
+        run_part(part, f"train d{depth}", train)
+        results["train"].append(part[f"train d{depth}"] | ({"depth": depth} if "error" in part[f"train d{depth}"]
+                                                            else {}))
+
+    run_part(results, "attention", lambda: speed.attention_paths(*sizes["attention"], dtype))
+    config = config_from_depth(sizes["engine_depth"], sizes["vocab"], sizes["prompt_len"] + sizes["decode_tokens"] + 64)
+    run_part(results, "engine", lambda: {"depth": sizes["engine_depth"]} | speed.engine_speed(
+        config, dtype, sizes["prompt_len"], sizes["batches"], sizes["decode_tokens"]))
+
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "device_check.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    table = markdown(results)
+    with open(os.path.join(args.out, "device_check.md"), "w") as f:
+        f.write(table)
+    print(table)
+    return results
+
+
+if __name__ == "__main__":
+    main()

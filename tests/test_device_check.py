@@ -1,0 +1,24 @@
+"""scripts/device_check.py rehearsed on CPU (--tiny): every part runs and lands in the JSON and the table, so the
+run on a lent GPU is the rehearsed one. The numbers themselves are not checked (speed is measured, not tested)."""
+import json
+
+from scripts import device_check
+
+
+def test_device_check_tiny_writes_every_part(tmp_path, capsys):
+    results = device_check.main(["--tiny", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "device_check.json").read_text())
+    assert saved["environment"]["platform"] == "cpu" and saved["environment"]["command"].endswith("--tiny")
+    (train,) = saved["train"]
+    assert "error" not in train, train.get("traceback")
+    assert train["depth"] == 2 and train["tokens_per_s"] > 0 and train["mfu_percent"] is None  # no CPU peak
+    assert train["device_batch_size"] == 2 and train["compiled_peak_bytes"] > 0
+    attention = saved["attention"]
+    assert "error" not in attention and attention["xla_ms"] > 0 and attention["cudnn_ms"] is None
+    engine = saved["engine"]
+    assert "error" not in engine, engine.get("traceback")
+    assert [row["batch"] for row in engine["decode"]] == [1, 2] and engine["prefill_ms"] > 0
+    assert all(row["tokens_per_s"] > 0 and row["bytes_per_step"] > 0 for row in engine["decode"])
+    table = (tmp_path / "device_check.md").read_text()
+    assert "| d2 (" in table and "| d2 batch 2 |" in table and "unavailable" in table
+    assert results["train"] == saved["train"] and table in capsys.readouterr().out
