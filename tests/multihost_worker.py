@@ -2,6 +2,7 @@
 
     python tests/multihost_worker.py train <checkpoint dir>     # 2 steps on a fixed global batch, then a checkpoint
     python tests/multihost_worker.py restore <checkpoint dir>   # load it onto this run's mesh
+    python tests/multihost_worker.py resume <checkpoint dir>    # the whole training state, this process's data position
     python tests/multihost_worker.py die-after-step <dir>       # process $DIE_PROCESS (1) kills itself after a step
 
 Process count, id and coordinator come from JAX_NUM_PROCESSES, JAX_PROCESS_ID and JAX_COORDINATOR_ADDRESS (unset:
@@ -22,7 +23,7 @@ from nanochat_jax.dataloader import to_global_array
 from nanochat_jax.gpt import GPT, GPTConfig
 from nanochat_jax.optim import build_optimizer
 from nanochat_jax.sharding import make_mesh
-from nanochat_jax.trainer import Trainer
+from nanochat_jax.trainer import Trainer, TrainState
 
 CONFIG = GPTConfig(sequence_len=16, vocab_size=100, n_layer=2, n_head=2, n_kv_head=1, n_embd=32)
 GLOBAL_ROWS = 8
@@ -50,6 +51,15 @@ def main(mode: str, directory: str):
         state, _ = checkpointer.restore({"params": trainer.abstract_params})
         print(json.dumps({"checksum": checksum(state["params"])}), flush=True)
         return
+    if mode == "resume":
+        class Position:
+            def set_state(self, state):
+                self.state = state
+        position = Position()
+        state = checkpointer.restore_training(2, trainer.abstract_params, trainer.abstract_opt_state, position)
+        print(json.dumps({"checksum": checksum(state.params), "position": position.state, "step": state.step}),
+              flush=True)
+        return
     state = trainer.init_state(make_model)
     params, opt_state = state.params, state.opt_state
     tokens = np.random.default_rng(0).integers(0, 100, (1, GLOBAL_ROWS, CONFIG.sequence_len + 1)).astype(np.int32)
@@ -63,7 +73,9 @@ def main(mode: str, directory: str):
         if mode == "die-after-step" and jax.process_index() == int(os.environ.get("DIE_PROCESS", "1")):
             print(f"process {jax.process_index()}: killing itself", file=sys.stderr, flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
-    checkpointer.save(2, {"params": params}, {"step": 2})
+    # each process's data position is its own (here: which process it is and the rows it fed)
+    checkpointer.save_training(TrainState(params, opt_state, 2), {"process": jax.process_index(),
+                                                                 "rows": int(batch["inputs"].shape[1])}, {})
     checkpointer.wait()
     print(json.dumps({"losses": losses, "checksum": checksum(params), "rows": int(batch["inputs"].shape[1])}),
           flush=True)

@@ -83,9 +83,11 @@ def test_cli_question_and_reply_with_p(sft_checkpoint):
 
 @pytest.fixture
 def long_reply_checkpoint(tmp_path, tokenizer):
-    """A model whose replies run long (its stop tokens' logits are 0 among random ones): a reply takes long enough
-    for a Ctrl-C to land in it, now that no reply waits on the compiler."""
-    cfg = tiny_config(vocab_size=tokenizer.get_vocab_size(), sequence_len=512)
+    """A model whose replies run long (256 tokens: its stop tokens' logits are 0 among random ones) and slow enough
+    (4 layers, 256 wide: about a second on a CPU) for a Ctrl-C to land in one, now that no reply waits on the
+    compiler."""
+    cfg = tiny_config(vocab_size=tokenizer.get_vocab_size(), sequence_len=512, n_layer=4, n_embd=256, n_head=2,
+                      n_kv_head=2)
     model = randomize(GPT(cfg, rngs=nnx.Rngs(0)), std=0.3)
     stops = [tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()]
     kernel = np.array(model.lm_head.kernel[...])

@@ -21,8 +21,9 @@ def test_greedy_equals_full_forward_decoding(engine, tokenizer):
     prompt = tokenizer.encode("the model reads", prepend=tokenizer.get_bos_token_id())
     seqs, masks = engine.generate_batch(prompt, num_samples=2, max_tokens=20, temperature=0.0)
     ids = list(prompt)
-    for _ in range(20):  # naive: a full forward per token
-        token = int(np.argmax(np.asarray(logits_of(model, jnp.asarray([ids])))[0, -1]))
+    for _ in range(20):  # naive: a full forward per token (one padded shape: causal attention ignores the padding)
+        logits = np.asarray(logits_of(model, jnp.asarray([ids + [0] * (64 - len(ids))])))
+        token = int(np.argmax(logits[0, len(ids) - 1]))
         if token in engine.stops:
             break
         ids.append(token)

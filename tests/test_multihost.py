@@ -50,6 +50,13 @@ def test_two_processes_equal_one_and_checkpoints_move_between_them(tmp_path):
                                                                                                rel=1e-6)
     for r in results(launch("restore", tmp_path / "one", 2, 2)):
         assert r["checksum"] == pytest.approx(one["checksum"], rel=1e-6)
+    # a resume: every process gets the whole training state back, and its own data position
+    resumed = results(launch("resume", tmp_path / "two", 2, 2))
+    assert [r["position"] for r in resumed] == [{"process": 0, "rows": 4}, {"process": 1, "rows": 4}]
+    assert all(r["step"] == 2 and r["checksum"] == pytest.approx(two[0]["checksum"], rel=1e-6) for r in resumed)
+    (one_process,) = launch("resume", tmp_path / "two", 1, 4)  # two positions cannot be split over one process
+    _, err = one_process.communicate(timeout=300)
+    assert one_process.returncode != 0 and "holds the data positions of 2 processes" in err
 
 
 @pytest.mark.parametrize("dies", [1, 0])  # a worker, and the coordinator
