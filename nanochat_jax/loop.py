@@ -7,6 +7,11 @@ stats): one step's batch, a dict of this process's arrays with a leading micro-s
 numbers to log with that step. It is handed the latest params: a supervised source ignores them and reads ahead while
 the device computes; RL's source samples its rollouts with them (on-policy).
 
+A batch's path: dataset.py (shards) -> dataloader.py (PackedRows, StepBatches) or chat_batches.py or rl.py ->
+here (drawn one step ahead, then Trainer.step) -> checkpoint.save_training, which saves where the next batch starts.
+A resume's path: stages.begin_run -> checkpoint.restore_training (params, optimizer state, the loop's totals, and
+the batch source moved to its saved position) -> here, whose first draw is the batch the run would have trained next.
+
 Step s (0-based) trains on the s-th batch; "checkpoint at step s" means after s steps. metrics.jsonl holds one JSON
 object per trained step ({"step", "loss", "lr", "dt", "tok_per_sec", "mfu", "grad_norm", "num_tokens"}, the batch's
 stats, and the evaluation results on evaluated steps) and a final {"step": num_iterations, ...evaluations} line.

@@ -25,15 +25,19 @@ from nanochat_jax.decoding import MAX_TOP_K
 from nanochat_jax.engine import Engine
 
 
-def stream_reply(engine, tokenizer, prompt_ids, max_tokens, temperature, top_k, seed, out=sys.stdout):
-    """Prints the reply as it comes; returns (its token ids, stop token excluded; whether Ctrl-C stopped it).
-    Ctrl-C only raises a flag that the loop checks between tokens (an exception could land in a callback, e.g. JAX's
-    garbage-collection hook, and be swallowed there)."""
+def stream_reply(engine, tokenizer, prompt_ids, max_tokens, temperature, top_k, seed, out=sys.stdout,
+                 header: str = ""):
+    """Prints `header`, then the reply as it comes; returns (its token ids, stop token excluded; whether Ctrl-C
+    stopped it). Ctrl-C only raises a flag that the loop checks between tokens (an exception could land in a
+    callback, e.g. JAX's garbage-collection hook, and be swallowed there); the flag is set up before the header is
+    printed, so a Ctrl-C as soon as the reply seems to start stops the reply, not the program."""
     reply, shown, stop = [], "", []
     try:
         previous = signal.signal(signal.SIGINT, lambda *_: stop.append(True))
     except ValueError:  # (not the main thread: Ctrl-C stays an exception)
         previous = None
+    out.write(header)
+    out.flush()
     tokens = engine.generate(prompt_ids, max_tokens=max_tokens, temperature=temperature, top_k=top_k, seed=seed)
     try:
         for column, _ in tokens:
@@ -49,10 +53,10 @@ def stream_reply(engine, tokenizer, prompt_ids, max_tokens, temperature, top_k, 
         stop.append(True)
     finally:
         tokens.close()
-        if previous is not None:
+        out.write(tokenizer.decode(reply)[len(shown):] + (" (stopped)\n" if stop else "\n"))
+        out.flush()
+        if previous is not None:  # only now: a Ctrl-C until the reply's last line is out still stops the reply
             signal.signal(signal.SIGINT, previous)
-    out.write(tokenizer.decode(reply)[len(shown):] + (" (stopped)\n" if stop else "\n"))
-    out.flush()
     return reply, bool(stop)
 
 
@@ -115,9 +119,8 @@ def main(argv=None):
             print(f"(the conversation outgrew the {context}-token context: dropped the oldest {dropped} messages)")
         if args.prompt:
             print(f"User: {text}")
-        print("Assistant: " if args.prompt else "\nAssistant: ", end="", flush=True)
         reply, stopped = stream_reply(engine, tokenizer, prompt_ids, max_tokens, args.temperature, args.top_k,
-                                      seed=turn)
+                                      seed=turn, header="Assistant: " if args.prompt else "\nAssistant: ")
         if reply:
             messages.append({"role": "assistant", "content": reply_parts(tokenizer, reply)})
         else:  # stopped before a word: as if the question had not been asked
