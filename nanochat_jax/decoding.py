@@ -76,13 +76,24 @@ def _nucleus(logits_BV, top_p_B):
 def sample(logits_BV, keys_B, temperature_B, top_k_B, top_p_B):
     """One token per row with the row's own key: temperature (0 = greedy), top-k (0 = off, else 1..MAX_TOP_K) and
     top-p (1 = off), applied to the logits divided by the temperature."""
-    top_vals, _ = jax.lax.top_k(logits_BV, min(MAX_TOP_K, logits_BV.shape[-1]))
-    kth = jnp.take_along_axis(top_vals, jnp.clip(top_k_B - 1, 0, top_vals.shape[-1] - 1)[:, None], axis=-1)
-    greedy = jnp.argmax(logits_BV, axis=-1)
-    logits_BV = jnp.where((top_k_B[:, None] > 0) & (logits_BV < kth), -jnp.inf, logits_BV)
-    scaled = logits_BV / jnp.maximum(temperature_B, 1e-6)[:, None]
-    scaled = jax.lax.cond(jnp.any(top_p_B < 1.0), _nucleus, lambda x, _: x, scaled, top_p_B)
-    sampled = jax.vmap(jax.random.categorical)(keys_B, scaled)
+    K = min(MAX_TOP_K, logits_BV.shape[-1])
+    top_vals, top_ids = jax.lax.top_k(logits_BV, K)
+    greedy = top_ids[:, 0]
+    inv_t = 1.0 / jnp.maximum(temperature_B, 1e-6)[:, None]
+
+    def among_the_best(_):  # every row has a top-k: draw among its K best only (K random numbers, not V)
+        vals = jnp.where(jnp.arange(K)[None, :] < top_k_B[:, None], top_vals * inv_t, -jnp.inf)
+        vals = jax.lax.cond(jnp.any(top_p_B < 1.0), _nucleus, lambda x, _: x, vals, top_p_B)
+        pick = jax.vmap(jax.random.categorical)(keys_B, vals)
+        return jnp.take_along_axis(top_ids, pick[:, None], axis=-1)[:, 0]
+
+    def over_the_vocabulary(_):
+        kth = jnp.take_along_axis(top_vals, jnp.clip(top_k_B - 1, 0, K - 1)[:, None], axis=-1)
+        scaled = jnp.where((top_k_B[:, None] > 0) & (logits_BV < kth), -jnp.inf, logits_BV) * inv_t
+        scaled = jax.lax.cond(jnp.any(top_p_B < 1.0), _nucleus, lambda x, _: x, scaled, top_p_B)
+        return jax.vmap(jax.random.categorical)(keys_B, scaled)
+
+    sampled = jax.lax.cond(jnp.all(top_k_B > 0), among_the_best, over_the_vocabulary, None)
     return jnp.where(temperature_B > 0, sampled, greedy).astype(jnp.int32)
 
 

@@ -131,22 +131,26 @@ class CausalSelfAttention(nnx.Module):
         self.c_proj = Linear(config.n_head * D, C, ("heads", "embed"), rngs=rngs, zero_init=True, layers=layers)
 
     def __call__(self, x_BTC, cos, sin, kv=None, pos_B=None, attend_len=None):
-        """kv: None (training) or this layer's cache (k, v), each [B, S, K, D]; the new keys/values are written at
-        pos_B[b] .. pos_B[b]+T-1 and the updated cache is returned alongside the output. attend_len (static): the
-        queries attend to the cache's first attend_len positions only (the caller keeps pos_B + T <= attend_len), so
-        a decode step reads the filled part of the cache, not all of it."""
+        """kv: None (training) or (k, v, layer): the whole cache, each [L, B, S, K, D], and this layer's index; the
+        new keys/values are written at [layer, b, pos_B[b] .. pos_B[b]+T-1] and the updated cache is returned
+        alongside the output. attend_len (static): the queries attend to the cache's first attend_len positions only
+        (the caller keeps pos_B + T <= attend_len), so a decode step reads the filled part of the cache."""
         B, T, _ = x_BTC.shape
         q = self.c_q(x_BTC).reshape(B, T, self.n_head, self.head_dim)
         k = self.c_k(x_BTC).reshape(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x_BTC).reshape(B, T, self.n_kv_head, self.head_dim)
         q, k = rms_norm(apply_rope(q, cos, sin)), rms_norm(apply_rope(k, cos, sin))
         if kv is not None:
-            write = jax.vmap(lambda cache, new, p: jax.lax.dynamic_update_slice(cache, new, (p, 0, 0)))
-            k = write(kv[0], k.astype(kv[0].dtype), pos_B)
-            v = write(kv[1], v.astype(kv[1].dtype), pos_B)
-            kv = (k, v)
-            if attend_len is not None:
-                k, v = k[:, :attend_len], v[:, :attend_len]
+            # a scatter of the T new positions into the cache the layer scan carries: XLA updates it in place, so a
+            # step writes B x T positions, not a new copy of the whole cache (as a scan's stacked outputs would be)
+            k_all, v_all, layer = kv
+            rows_B1, cols_BT = jnp.arange(B)[:, None], pos_B[:, None] + jnp.arange(T)[None, :]
+            k_all = k_all.at[layer, rows_B1, cols_BT].set(k.astype(k_all.dtype))
+            v_all = v_all.at[layer, rows_B1, cols_BT].set(v.astype(v_all.dtype))
+            kv = (k_all, v_all)
+            S = k_all.shape[2] if attend_len is None else attend_len
+            k = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False)[:, :S]
+            v = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False)[:, :S]
         y = attention(q, k.astype(q.dtype), v.astype(q.dtype), q_offset_B=pos_B, impl=self.attn_impl)
         return self.c_proj(y.reshape(B, T, -1)), kv
 
@@ -194,16 +198,23 @@ class GPT(nnx.Module):
         x = shard_rows(rms_norm(jnp.take(self.wte[...], idx_BT, axis=0).astype(self.dtype)))
         block_def, stacked = nnx.split(self.h)
 
-        def layer(x, params_and_kv):  # one block on its slice of the stacked parameters (and of the cache)
-            params, kv = params_and_kv
-            x, kv = nnx.merge(block_def, params)(x, cos, sin, kv, pos_B, attend_len)
-            return shard_rows(x), kv
+        if cache is not None:  # decode and prefill: the whole cache rides in the carry, each layer writes its part
+            def cached_layer(carry, params):
+                x, k_all, v_all, i = carry
+                x, (k_all, v_all) = nnx.merge(block_def, params)(x, cos, sin, (k_all, v_all, i), pos_B, attend_len)
+                return (shard_rows(x), k_all, v_all, i + 1), None
+
+            (x, k_all, v_all, _), _ = jax.lax.scan(cached_layer, (x, cache["k"], cache["v"], jnp.int32(0)), stacked)
+            return x, {"k": k_all, "v": v_all}
+
+        def layer(x, params):  # one block on its slice of the stacked parameters
+            x, _ = nnx.merge(block_def, params)(x, cos, sin)
+            return shard_rows(x), None
 
         if self.remat != "none":
             layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
-        kv = None if cache is None else (cache["k"], cache["v"])
-        x, kv = jax.lax.scan(layer, x, (stacked, kv))
-        return x, None if cache is None else {"k": kv[0], "v": kv[1]}
+        x, _ = jax.lax.scan(layer, x, stacked)
+        return x, None
 
     def _head(self, x):
         logits = shard_rows(self.lm_head(rms_norm(x))[..., : self.config.vocab_size].astype(jnp.float32))

@@ -131,6 +131,7 @@ class SlotLoop:
         e, length, ran = self.engine, 16, 0
         while True:
             n = min(length, e.config.sequence_len - 1)
+            self.parked = [None] * self.n_slots  # a fresh prefill each time (the last prompt is a prefix of this one)
             request = self.submit(Request([e.tokenizer.get_bos_token_id()] * n, 1, 1, 0.0, None, 1.0, 0))
             while len(request.finished) < request.n:
                 if not self.tick() and self.waiting.empty():

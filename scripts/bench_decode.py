@@ -56,10 +56,14 @@ def against_nanochat(args):
         ours, ref = Engine(model, tokenizer, chunk=args.chunk), TorchEngine(ref_model, RustBPETokenizer(tokenizer.enc,
                                                                                                          "<|bos|>"))
         for batch in args.batches:
-            generate_speed(ours, prompt, batch, 8)  # compile the prefill and decode programs first
-            with torch.no_grad():
-                theirs = generate_speed(ref, prompt, batch, args.decode_tokens)
+            ours.loop_for(batch).warm_up()  # compile every program first, as the server and the CLI do at start-up
+            generate_speed(ours, prompt, batch, 8)  # and the prefill for `batch` samples
+            # ours first: torch's threads keep spinning for a while after its last op and would share the cores
             mine = generate_speed(ours, prompt, batch, args.decode_tokens)
+            with torch.no_grad():
+                generate_speed(ref, prompt, batch, 8)  # (its first call's overheads, for fairness)
+                theirs = generate_speed(ref, prompt, batch, args.decode_tokens)
+            time.sleep(1)
             print(f"d{depth} batch {batch:3d}: nanochat {theirs:8,.1f} tokens/s | ours {mine:8,.1f} tokens/s | "
                   f"ratio {mine / theirs:.2f}")
 
