@@ -80,20 +80,23 @@ def sample(logits_BV, keys_B, temperature_B, top_k_B, top_p_B):
     top_vals, top_ids = jax.lax.top_k(logits_BV, K)
     greedy = top_ids[:, 0]
     inv_t = 1.0 / jnp.maximum(temperature_B, 1e-6)[:, None]
+    kth = jnp.take_along_axis(top_vals, jnp.clip(top_k_B - 1, 0, K - 1)[:, None], axis=-1)
+    after = jnp.take_along_axis(top_vals, jnp.clip(top_k_B, 0, K - 1)[:, None], axis=-1)
+    # the k best are a set of their own only where the next one is smaller (a tie at the k-th keeps every tied token)
+    separable = jnp.all((top_k_B > 0) & (top_k_B < K) & (after[:, 0] < kth[:, 0]))
 
-    def among_the_best(_):  # every row has a top-k: draw among its K best only (K random numbers, not V)
+    def among_the_best(_):  # every row has a top-k: draw among its k best only (K random numbers, not V)
         vals = jnp.where(jnp.arange(K)[None, :] < top_k_B[:, None], top_vals * inv_t, -jnp.inf)
         vals = jax.lax.cond(jnp.any(top_p_B < 1.0), _nucleus, lambda x, _: x, vals, top_p_B)
         pick = jax.vmap(jax.random.categorical)(keys_B, vals)
         return jnp.take_along_axis(top_ids, pick[:, None], axis=-1)[:, 0]
 
     def over_the_vocabulary(_):
-        kth = jnp.take_along_axis(top_vals, jnp.clip(top_k_B - 1, 0, K - 1)[:, None], axis=-1)
         scaled = jnp.where((top_k_B[:, None] > 0) & (logits_BV < kth), -jnp.inf, logits_BV) * inv_t
         scaled = jax.lax.cond(jnp.any(top_p_B < 1.0), _nucleus, lambda x, _: x, scaled, top_p_B)
         return jax.vmap(jax.random.categorical)(keys_B, scaled)
 
-    sampled = jax.lax.cond(jnp.all(top_k_B > 0), among_the_best, over_the_vocabulary, None)
+    sampled = jax.lax.cond(separable, among_the_best, over_the_vocabulary, None)
     return jnp.where(temperature_B > 0, sampled, greedy).astype(jnp.int32)
 
 
