@@ -39,15 +39,20 @@ def test_reply_parts(tokenizer):
     assert reply_parts(tokenizer, e("plain")) == "plain"
 
 
+def save_sft(base, tokenizer, model) -> dict:
+    """An SFT checkpoint of `model` under `base` (the environment that points the CLI at it)."""
+    ckpt = Checkpointer(str(base / "chatsft_checkpoints" / "d2"))
+    ckpt.save_tokenizer(tokenizer)
+    ckpt.save(3, {"params": nnx.to_pure_dict(nnx.state(model))}, model_meta(model.config, 3))
+    ckpt.wait()
+    return {"NANOCHAT_BASE_DIR": str(base)}
+
+
 @pytest.fixture
 def sft_checkpoint(tmp_path, tokenizer):
     cfg = tiny_config(vocab_size=tokenizer.get_vocab_size(), sequence_len=48)
     model = randomize(GPT(cfg, rngs=nnx.Rngs(0)), std=0.3)
-    ckpt = Checkpointer(str(tmp_path / "chatsft_checkpoints" / "d2"))
-    ckpt.save_tokenizer(tokenizer)
-    ckpt.save(3, {"params": nnx.to_pure_dict(nnx.state(model))}, model_meta(cfg, 3))
-    ckpt.wait()
-    return {"NANOCHAT_BASE_DIR": str(tmp_path)}
+    return save_sft(tmp_path, tokenizer, model)
 
 
 def test_cli_prompt_and_interactive(sft_checkpoint):
@@ -93,11 +98,7 @@ def long_reply_checkpoint(tmp_path, tokenizer):
     kernel = np.array(model.lm_head.kernel[...])
     kernel[..., stops] = 0.0
     model.lm_head.kernel[...] = kernel
-    ckpt = Checkpointer(str(tmp_path / "chatsft_checkpoints" / "d2"))
-    ckpt.save_tokenizer(tokenizer)
-    ckpt.save(3, {"params": nnx.to_pure_dict(nnx.state(model))}, model_meta(cfg, 3))
-    ckpt.wait()
-    return {"NANOCHAT_BASE_DIR": str(tmp_path)}
+    return save_sft(tmp_path, tokenizer, model)
 
 
 def test_cli_in_a_terminal(long_reply_checkpoint):
