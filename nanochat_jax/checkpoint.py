@@ -89,6 +89,10 @@ class Checkpointer:
         """The run saved at `step`, onto the shardings of the abstract trees; `batches` (get_state/set_state) is
         moved to this process's saved data position."""
         saved = glob.glob(os.path.join(self.directory, str(step), "data", "process_*-of-*.json"))
+        if not saved:
+            raise SystemExit(f"--resume: step {step} of {self.directory} holds no data position (saved before "
+                             "positions were an item of their own, or not by a training run): it loads as a model "
+                             "(--source, load_model) but cannot be resumed")
         if len(saved) != jax.process_count():
             raise SystemExit(f"--resume: step {step} of {self.directory} holds the data positions of {len(saved)} "
                              f"processes, this run has {jax.process_count()}: the data cannot be split differently")
