@@ -137,3 +137,18 @@ def test_evals_base_end_to_end(tmp_path, monkeypatch, tokenizer):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="eval_bundle"):
         evals_base.eval_bundle_dir()
+
+
+def test_scoring_compiles_per_length_bucket_not_per_example(tokenizer):
+    """Examples of 29 different lengths compile a few programs (one per power-of-two bucket); more examples of
+    other lengths within the same buckets compile none."""
+    from nanochat_jax.common import CompileCount
+    model = randomize(GPT(tiny_config(vocab_size=tokenizer.get_vocab_size(), sequence_len=64), rngs=nnx.Rngs(0)))
+    data = [{"context": "hello " * n, "continuation": "world"} for n in range(1, 30)]
+    with CompileCount() as first:
+        core_eval.evaluate_task(model, tokenizer, data, "language_modeling", 0, " ", batch_size=8)
+    assert 1 <= first.programs <= 3, first  # rows of up to 64 tokens: buckets 16, 32, 64
+    more = [{"context": "the model " * n, "continuation": "reads"} for n in range(1, 14)]
+    with CompileCount() as second:
+        core_eval.evaluate_task(model, tokenizer, more, "language_modeling", 0, " ", batch_size=8)
+    assert second.programs == 0, second
