@@ -110,9 +110,6 @@ class Trainer:
         """[accum, rows, ...]: rows split over the mesh."""
         return NamedSharding(self.mesh, P(None, BATCH_AXES))
 
-    def rows_sharding(self) -> NamedSharding:
-        return NamedSharding(self.mesh, P(BATCH_AXES))
-
     @cached_property
     def step(self):
         """jitted (params, opt_state, batch, lr_multiplier, muon_momentum) -> (params, opt_state, metrics)."""
