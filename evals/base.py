@@ -23,7 +23,8 @@ import jax
 from nanochat_jax import core_eval, report
 from nanochat_jax.base_eval import bits_per_byte, loss_sums, print_samples
 from nanochat_jax.checkpoint import STAGE_DIRS, load_model, stage_directory
-from nanochat_jax.common import CompileCount, get_base_dir, init_distributed, parse_dtype, print0
+from nanochat_jax.common import (CompileCount, get_base_dir, init_distributed, parse_dtype, print0,
+                                 use_compilation_cache)
 from nanochat_jax.dataloader import pretraining_batches
 from nanochat_jax.dataset import standin_corpus
 from nanochat_jax.sharding import make_mesh
@@ -125,6 +126,7 @@ def bpb(model, tokenizer, args) -> dict:
 def main(argv=None):
     init_distributed()  # multi-host runs only (NANOCHAT_MULTIHOST=1)
     args = parse_args(argv)
+    use_compilation_cache()  # a second evaluation reads its programs back
     mesh, dtype = make_mesh(args.mesh), parse_dtype(args.dtype)
     model, tokenizer, description = load(args, mesh, dtype)
     print0(f"evaluating {description}")

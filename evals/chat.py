@@ -16,7 +16,7 @@ import time
 from nanochat_jax import execution, report
 from nanochat_jax.chat_eval import categorical_outcomes, generative_outcomes
 from nanochat_jax.checkpoint import STAGE_DIRS, load_stage
-from nanochat_jax.common import CompileCount, parse_dtype, print0, single_host_only
+from nanochat_jax.common import CompileCount, parse_dtype, print0, single_host_only, use_compilation_cache
 from nanochat_jax.engine import Engine
 from nanochat_jax.stages import check_flags
 from nanochat_jax.tasks.registry import CHAT_TASKS, CHATCORE_TASKS, STANDINS, chatcore
@@ -54,6 +54,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     single_host_only("evals.chat")
+    use_compilation_cache()  # a second evaluation reads its programs back
     if "HumanEval" in args.tasks:  # before the model loads: say which sandbox runs its programs, or stop here
         execution.require(args.unsafe_sandbox, "HumanEval")
     model, tokenizer, meta = load_stage(args.source, args.model_tag, args.step, dtype=parse_dtype(args.dtype))

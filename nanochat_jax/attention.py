@@ -62,19 +62,46 @@ def attention(q_BTNH, k_BSKH, v_BSKH, q_offset_B=None, impl: str | None = None):
     return xla_attention(q_BTNH, k_BSKH, v_BSKH, q_offset_B)
 
 
-def xla_attention(q_BTNH, k_BSKH, v_BSKH, q_offset_B=None):
+CAUSAL_BLOCK = 512  # query rows per block of the blockwise causal path
+
+
+def xla_attention(q_BTNH, k_BSKH, v_BSKH, q_offset_B=None, heads_first: bool = False):
+    """heads_first: k and v are [B, K, S, H] (the KV cache's layout) instead of [B, S, K, H]. Long causal
+    sequences (no offset, T a multiple of CAUSAL_BLOCK above it) go block by block (`blockwise_causal`)."""
+    T = q_BTNH.shape[1]
+    if q_offset_B is None and not heads_first and T > CAUSAL_BLOCK and T % CAUSAL_BLOCK == 0:
+        return blockwise_causal(q_BTNH, k_BSKH, v_BSKH)
+    return _masked_attention(q_BTNH, k_BSKH, v_BSKH, q_offset_B, heads_first)
+
+
+def blockwise_causal(q_BTNH, k_BTKH, v_BTKH, block: int | None = None):
+    """Causal attention one block of CAUSAL_BLOCK queries at a time, each against the keys up to its end only: half
+    the work of the full [T, T] scores (the masked upper triangle is never computed) and a [block, T] slice of them
+    in memory at once. The same numbers as the full softmax (each row's keys are the same)."""
+    B, T = q_BTNH.shape[:2]
+    block = block or CAUSAL_BLOCK
+    k_BKTH, v_BKTH = k_BTKH.transpose(0, 2, 1, 3), v_BTKH.transpose(0, 2, 1, 3)  # once, not per block
+    outs = []
+    for end in range(block, T + 1, block):
+        outs.append(_masked_attention(q_BTNH[:, end - block:end], k_BKTH[:, :, :end], v_BKTH[:, :, :end],
+                                      jnp.full((B,), end - block), heads_first=True))
+    return jnp.concatenate(outs, axis=1)
+
+
+def _masked_attention(q_BTNH, k_BSKH, v_BSKH, q_offset_B=None, heads_first: bool = False):
     B, T, N, H = q_BTNH.shape
-    S, K = k_BSKH.shape[1], k_BSKH.shape[2]
+    S, K = (k_BSKH.shape[2], k_BSKH.shape[1]) if heads_first else (k_BSKH.shape[1], k_BSKH.shape[2])
+    kv = "bksh" if heads_first else "bskh"
     offset_B = jnp.zeros((B,), jnp.int32) if q_offset_B is None else jnp.broadcast_to(q_offset_B, (B,))
     q_pos_BT = offset_B[:, None] + jnp.arange(T)[None, :]
     visible_BTS = jnp.arange(S)[None, None, :] <= q_pos_BT[:, :, None]
     # group the query heads that share a kv head instead of repeating k and v
     q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
-    scores = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
+    scores = jnp.einsum(f"btkgh,{kv}->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
     scores = scores * (H ** -0.5)
     scores = jnp.where(visible_BTS[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_BSKH.dtype)
-    out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs, v_BSKH)
+    out_BTKGH = jnp.einsum(f"bkgts,{kv}->btkgh", probs, v_BSKH)
     return out_BTKGH.reshape(B, T, N, H)
 
 

@@ -52,23 +52,22 @@ def categorical_outcomes(model, tokenizer, task: Task, batch_size: int = 8, max_
 
 def generative_outcomes(engine, tokenizer, task: Task, num_samples: int = 1, max_new_tokens: int = 512,
                         temperature: float = 0.0, top_k: int | None = 50, max_problems: int | None = None,
-                        seed: int = 42):
-    """Per problem, the outcome of each of num_samples completions (a list of lists). A prompt that leaves no room
-    in the model's context for an answer counts as failed."""
+                        seed: int = 42, rows: int = 32):
+    """Per problem, the outcome of each of num_samples completions (a list of lists); problem i samples with seed
+    seed + i. The problems are decoded side by side, up to `rows` rows at once (Engine.complete_many). A prompt that
+    leaves no room in the model's context for an answer counts as failed."""
     n = len(task) if max_problems is None else min(len(task), max_problems)
-    outcomes, too_long = [], 0
-    for i in range(n):
-        conversation = task[i]
-        prompt = tokenizer.render_for_completion(conversation)
-        if len(prompt) >= engine.config.sequence_len:  # no room to answer: a failure
-            outcomes.append([False] * num_samples)
-            too_long += 1
-            continue
-        sequences, _ = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=max_new_tokens,
-                                             temperature=temperature, top_k=top_k, seed=seed + i)
-        outcomes.append([task.evaluate(conversation, tokenizer.decode(s[len(prompt):])) for s in sequences])
-    if too_long:
-        print0(f"{too_long} of {n} prompts fill the model's context ({engine.config.sequence_len}): counted as failed")
+    conversations = [task[i] for i in range(n)]
+    prompts = [tokenizer.render_for_completion(c) for c in conversations]
+    fits = [i for i in range(n) if len(prompts[i]) < engine.config.sequence_len]
+    completions = engine.complete_many([prompts[i] for i in fits], num_samples, max_new_tokens, temperature, top_k,
+                                       [seed + i for i in fits], rows)
+    outcomes = [[False] * num_samples for _ in range(n)]  # no room to answer: a failure
+    for i, samples in zip(fits, completions):
+        outcomes[i] = [task.evaluate(conversations[i], tokenizer.decode(s)) for s in samples]
+    if len(fits) < n:
+        print0(f"{n - len(fits)} of {n} prompts fill the model's context ({engine.config.sequence_len}): counted as "
+               "failed")
     return outcomes
 
 

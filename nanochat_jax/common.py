@@ -127,10 +127,13 @@ def parse_dtype(name: str | None) -> jnp.dtype:
     return dtypes[name]
 
 
-def bucket(n: int, minimum: int = 16, maximum: int | None = None) -> int:
+def bucket(n: int, minimum: int = 16, maximum: int | None = None, step: int | None = None) -> int:
     """The power of two at or above n (at least `minimum`, at most `maximum`): lengths and batch sizes padded to
-    it share a few compiled programs instead of one each."""
+    it share a few compiled programs instead of one each. With `step` (a power of two), sizes above it are rounded
+    up to a multiple of it instead: a row of 2,100 tokens pads to 2,560, not 4,096, for a few more programs."""
     size = max(minimum, 1 << max(n - 1, 0).bit_length())
+    if step is not None and size > step:
+        size = max(minimum, -(-n // step) * step)
     return size if maximum is None else min(size, maximum)
 
 

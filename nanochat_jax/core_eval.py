@@ -11,8 +11,8 @@ A task's examples are shuffled with seed 1337 (then cropped by --max-per-task); 
 examples drawn with random.Random(1234 + i), rendered before it and separated by blank lines. Every sequence starts
 with <|bos|>. Accuracy is centered by the task's random baseline, (acc - b) / (1 - b), and CORE is the mean.
 
-Sequences from many examples are scored together: rows padded to a power-of-two length and to a fixed number of rows,
-split over the mesh, with the losses and greedy checks reduced on the device.
+Sequences from many examples are scored together, grouped by length (`batches`): rows and lengths padded to a few
+sizes, rows split over the mesh, the losses and greedy checks reduced on the device.
 """
 import csv
 import json
@@ -97,25 +97,47 @@ def _score_rows(model, ids_BT, start_B, end_B):
     return mean_loss, exact
 
 
+MAX_BATCH_TOKENS = 16384  # padded tokens per forward pass: long rows go fewer at a time (their fp32 logits too)
+LENGTH_STEP = 512  # row lengths: powers of two up to 512, then multiples of 512 (see common.bucket)
+
+
+def batches(lengths, batch_size: int, multiple: int = 1, max_tokens: int = MAX_BATCH_TOKENS):
+    """Group rows by length: [(row indices, padded length, padded rows)], the rows taken shortest first, at most
+    batch_size and max_tokens // padded length (at least 1) at a time; row counts are powers of two (rounded up to a
+    multiple of `multiple`, the devices they split over), lengths powers of two up to LENGTH_STEP and multiples of it
+    above. So a task compiles a handful of
+    programs however many examples it has, and rows of 100 tokens are not padded to the 4,000 of another example."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    out, first = [], 0
+    while first < len(order):
+        n = min(batch_size, len(order) - first)
+        while True:
+            length = bucket(lengths[order[first + n - 1]], step=LENGTH_STEP)
+            if n == 1 or n * length <= max_tokens:
+                break
+            n = max(1, bucket(n, minimum=1) // 2)
+        rows = -(-bucket(n, minimum=1) // multiple) * multiple
+        out.append((order[first:first + n], length, rows))
+        first += n
+    return out
+
+
 def score_rows(model, rows, pad_id: int, batch_size: int, mesh=None):
-    """(mean losses, exact matches) for every (tokens, start, end) row, batch_size rows at a time."""
+    """(mean losses, exact matches) for every (tokens, start, end) row, in the rows' order (see `batches`)."""
     sharding = None if mesh is None else NamedSharding(mesh, P(BATCH_AXES))
-    if mesh is not None:
-        batch_size = -(-batch_size // mesh.size) * mesh.size  # rows split evenly over the devices
-    losses, exacts = [], []
-    for first in range(0, len(rows), batch_size):
-        chunk = rows[first:first + batch_size]
-        length = bucket(max(len(t) for t, _, _ in chunk))
-        ids = np.full((batch_size, length + 1), pad_id, np.int32)  # +1: the last position is only a target
-        starts, ends = np.ones(batch_size, np.int32), np.ones(batch_size, np.int32)
-        for r, (tokens, start, end) in enumerate(chunk):
-            ids[r, :len(tokens)], starts[r], ends[r] = tokens, start, end
+    losses, exacts = [0.0] * len(rows), [False] * len(rows)
+    for indices, length, n in batches([len(t) for t, _, _ in rows], batch_size, 1 if mesh is None else mesh.size):
+        ids = np.full((n, length + 1), pad_id, np.int32)  # +1: the last position is only a target
+        starts, ends = np.ones(n, np.int32), np.ones(n, np.int32)
+        for r, i in enumerate(indices):
+            tokens, starts[r], ends[r] = rows[i]
+            ids[r, :len(tokens)] = tokens
         arrays = [ids, starts, ends]
         if sharding is not None:
             arrays = [jax.make_array_from_callback(a.shape, sharding, lambda index, a=a: a[index]) for a in arrays]
-        mean_loss, exact = _score_rows(model, *arrays)
-        losses.extend(np.asarray(mean_loss)[:len(chunk)].tolist())
-        exacts.extend(np.asarray(exact)[:len(chunk)].tolist())
+        mean_loss, exact = (np.asarray(x) for x in _score_rows(model, *arrays))
+        for r, i in enumerate(indices):
+            losses[i], exacts[i] = float(mean_loss[r]), bool(exact[r])
     return losses, exacts
 
 

@@ -78,7 +78,9 @@ def sample(logits_BV, keys_B, temperature_B, top_k_B, top_p_B):
     top-p (1 = off), applied to the logits divided by the temperature."""
     K = min(MAX_TOP_K, logits_BV.shape[-1])
     top_vals, top_ids = jax.lax.top_k(logits_BV, K)
-    greedy = top_ids[:, 0]
+    # (not top_ids[:, 0]: a use of top_k's output outside the conds below makes XLA:CPU sort the whole vocabulary
+    # instead of running its TopK kernel, 10x the cost of the step at batch 8)
+    greedy = jnp.argmax(logits_BV, axis=-1)
     inv_t = 1.0 / jnp.maximum(temperature_B, 1e-6)[:, None]
     kth = jnp.take_along_axis(top_vals, jnp.clip(top_k_B - 1, 0, K - 1)[:, None], axis=-1)
     after = jnp.take_along_axis(top_vals, jnp.clip(top_k_B, 0, K - 1)[:, None], axis=-1)
@@ -146,7 +148,7 @@ ROW_FIELDS = ("last", "pos", "active", "budget", "key", "temperature", "top_k", 
 @dataclass(frozen=True)
 class DecodeState:
     """Everything the device holds for B decoding rows, as one pytree (donated to every step): the KV cache
-    {"k", "v"} [layers, B, max_len, kv_heads, head_dim] (None for rows not yet admitted) and per row: last (the token
+    {"k", "v"} [layers, B, kv_heads, max_len, head_dim] (None for rows not yet admitted) and per row: last (the token
     to feed next), pos (its position), active, budget (tokens it may still emit), key, temperature, top_k, top_p,
     the tool's forced tokens (forced [B, FORCED_SLOTS], n_forced, forced_at), logit bias (bias_ids, bias_vals
     [B, BIAS_SLOTS]), presence and frequency penalties and the generated-token counts [B, V] they act on."""
@@ -209,7 +211,7 @@ class DecodeState:
         the cache's first attend_len positions (>= every active row's pos + steps; default: all). Returns (state, out):
         out["tokens"] [B, steps] (-1 where a row emitted nothing), out["forced"], out["logprob"] [B, steps],
         out["top_ids"] and out["top_logprobs"] [B, steps, TOP_LOGPROBS]."""
-        max_pos = self.cache["k"].shape[2] - 1
+        max_pos = self.cache["k"].shape[3] - 1
 
         def one(r, _):
             logits, cache = model.forward_cached(r.last[:, None], r.cache, r.pos, attend_len)
@@ -254,7 +256,7 @@ def score(graphdef, params, ids_1L):
 
 
 def row_cache(state: DecodeState, slot):
-    """One slot's row of the state's KV cache, [layers, 1, max_len, kv_heads, head_dim] (a copy)."""
+    """One slot's row of the state's KV cache, [layers, 1, kv_heads, max_len, head_dim] (a copy)."""
     return jax.tree.map(lambda c: jax.lax.dynamic_slice_in_dim(c, slot, 1, axis=1), state.cache)
 
 

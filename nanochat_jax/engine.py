@@ -6,7 +6,7 @@
     sequences, masks = engine.generate_batch(prompt_ids, num_samples=4, max_tokens=64)
 
 Inside: the prompt is prefilled once (padded to a power-of-two bucket, so new prompt lengths rarely recompile) into a
-KV cache [layers, samples, max_len, kv_heads, head_dim] that is broadcast to all samples and donated to every call;
+KV cache [layers, samples, kv_heads, max_len, head_dim] that is broadcast to all samples and donated to every call;
 decoding runs `chunk` tokens per jitted call (lax.scan) with sampling on the device. A row that emits
 <|python_end|> pauses on the device; between chunks the host evaluates the expression with the calculator and the
 row resumes with <|output_start|> result <|output_end|> forced into it (mask 0). A row ends at <|assistant_end|>,
@@ -22,7 +22,7 @@ from flax import nnx
 from nanochat_jax.common import bucket
 from nanochat_jax.decoding import (BIAS_SLOTS, MAX_TOP_K, DecodeState, attend_buckets, bias_arrays, decode, prefill,
                                    row_cache, score)
-from nanochat_jax.serving import Failed, Finished, Request, SlotLoop
+from nanochat_jax.serving import Failed, Finished, Request, SlotLoop, Token
 
 
 def _round_up(n: int, base: int) -> int:
@@ -85,6 +85,8 @@ class Engine:
               frequency=0.0, reuse=None):
         """Prefill a prompt for len(keys) rows: (one-row cache, `prefilled`: a DecodeState of those rows without a
         cache, ready for decode once admitted, (logprob, top_ids, top_logprobs) of each row's first token).
+        The rows are padded to a power of two (copies of the first key): take the first len(keys); every shape then
+        comes from a few buckets, so a new sample count compiles nothing, not even an eager op.
         reuse: (row cache, n) where the row cache already holds the prompt's first n tokens: only the rest is run."""
         row, done = reuse if reuse is not None else (None, 0)
         rest = list(tokens[done:])
@@ -100,11 +102,10 @@ class Engine:
                                           jnp.full(padded, temperature, jnp.float32),
                                           jnp.full(padded, top_k or 0, jnp.int32), jnp.full(padded, top_p, jnp.float32),
                                           bias_ids, bias_vals, cache_len=cache_len, row_cache=row, start=done)
-        keys, first = keys[:n], first[:n]
         prefilled = DecodeState.new(first, len(tokens), max_tokens - 1, keys, temperature, top_k or 0, top_p,
-                               jnp.asarray(self.stops + (self.python_end,)), self.config.vocab_size, bias, presence,
-                               frequency)
-        return cache, prefilled, jax.tree.map(lambda x: x[:n], info)
+                                    jnp.asarray(self.stops + (self.python_end,)), self.config.vocab_size, bias,
+                                    presence, frequency)
+        return cache, prefilled, info
 
     def score(self, tokens) -> list[tuple[float, tuple]]:
         """The model's view of a given text: for each token after the first, (its log-probability given those
@@ -176,6 +177,40 @@ class Engine:
                 loop.tick()
         finally:
             request.cancel()
+
+    def complete_many(self, prompts, num_samples=1, max_tokens=None, temperature=0.0, top_k=None, seeds=None,
+                      rows: int = 32):
+        """Completions of many prompts, decoded side by side: up to `rows` decode rows (rows // num_samples prompts)
+        in flight at once, a finished prompt's slots going to the next (continuous batching, as the server does).
+        Returns, per prompt, num_samples completions (token lists without the prompt and the stop token), the same
+        as generate_batch with seed seeds[i] gives for prompt i alone (up to float rounding in batched matmuls)."""
+        seeds = list(range(len(prompts))) if seeds is None else list(seeds)
+        budgets = [self.check_request(p, max_tokens, temperature, top_k) for p in prompts]
+        loop = self.loop_for(max(num_samples, bucket(rows // num_samples, minimum=1) * num_samples))
+        capacity = loop.n_slots // num_samples
+        completions = [[[] for _ in range(num_samples)] for _ in prompts]
+        in_flight, next_prompt = {}, 0
+        try:
+            while next_prompt < len(prompts) or in_flight:
+                while next_prompt < len(prompts) and len(in_flight) < capacity:
+                    request = Request(list(prompts[next_prompt]), num_samples, budgets[next_prompt], temperature,
+                                      top_k, 1.0, seeds[next_prompt])
+                    in_flight[loop.submit(request)] = next_prompt
+                    next_prompt += 1
+                loop.tick()
+                for request, i in list(in_flight.items()):
+                    while not request.events.empty():
+                        event = request.events.get_nowait()
+                        if isinstance(event, Failed):
+                            raise RuntimeError(event.message)
+                        if isinstance(event, Token):
+                            completions[i][event.sample].append(event.id)
+                    if len(request.finished) == num_samples:
+                        del in_flight[request]
+        finally:
+            for request in in_flight:
+                request.cancel()
+        return completions
 
     def generate_batch(self, tokens, num_samples=1, **kwargs):
         """(sequences, masks): each the prompt followed by its completion, without the final stop token."""

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nanochat_jax.attention import attention
+from nanochat_jax.attention import attention, xla_attention
 from nanochat_jax.sharding import shard_rows
 
 SOFTCAP = 15.0
@@ -131,8 +131,8 @@ class CausalSelfAttention(nnx.Module):
         self.c_proj = Linear(config.n_head * D, C, ("heads", "embed"), rngs=rngs, zero_init=True, layers=layers)
 
     def __call__(self, x_BTC, cos, sin, kv=None, pos_B=None, attend_len=None):
-        """kv: None (training) or (k, v, layer): the whole cache, each [L, B, S, K, D], and this layer's index; the
-        new keys/values are written at [layer, b, pos_B[b] .. pos_B[b]+T-1] and the updated cache is returned
+        """kv: None (training) or (k, v, layer): the whole cache, each [L, B, K, S, D], and this layer's index; the
+        new keys/values are written at [layer, b, :, pos_B[b] .. pos_B[b]+T-1] and the updated cache is returned
         alongside the output. attend_len (static): the queries attend to the cache's first attend_len positions only
         (the caller keeps pos_B + T <= attend_len), so a decode step reads the filled part of the cache."""
         B, T, _ = x_BTC.shape
@@ -145,13 +145,15 @@ class CausalSelfAttention(nnx.Module):
             # step writes B x T positions, not a new copy of the whole cache (as a scan's stacked outputs would be)
             k_all, v_all, layer = kv
             rows_B1, cols_BT = jnp.arange(B)[:, None], pos_B[:, None] + jnp.arange(T)[None, :]
-            k_all = k_all.at[layer, rows_B1, cols_BT].set(k.astype(k_all.dtype))
-            v_all = v_all.at[layer, rows_B1, cols_BT].set(v.astype(v_all.dtype))
+            k_all = k_all.at[layer, rows_B1, :, cols_BT].set(k.astype(k_all.dtype))  # (indexed dims first: [B,T,K,D])
+            v_all = v_all.at[layer, rows_B1, :, cols_BT].set(v.astype(v_all.dtype))
             kv = (k_all, v_all)
-            S = k_all.shape[2] if attend_len is None else attend_len
-            k = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False)[:, :S]
-            v = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False)[:, :S]
-        y = attention(q, k.astype(q.dtype), v.astype(q.dtype), q_offset_B=pos_B, impl=self.attn_impl)
+            S = k_all.shape[3] if attend_len is None else attend_len
+            k = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False)[:, :, :S]
+            v = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False)[:, :, :S]
+            y = xla_attention(q, k.astype(q.dtype), v.astype(q.dtype), pos_B, heads_first=True)  # (per-row offsets)
+        else:
+            y = attention(q, k, v, impl=self.attn_impl)
         return self.c_proj(y.reshape(B, T, -1)), kv
 
 
@@ -255,7 +257,7 @@ class GPT(nnx.Module):
 
     def forward_cached(self, idx_BT, cache, pos_B, attend_len: int | None = None):
         """Run T new tokens per row starting at positions pos_B [B] against a KV cache
-        {'k','v': [n_layer, B, max_len, n_kv_head, head_dim]}; returns (logits [B, T, vocab], updated cache).
+        {'k','v': [n_layer, B, n_kv_head, max_len, head_dim]}; returns (logits [B, T, vocab], updated cache).
         The caller keeps pos_B + T <= max_len (and <= attend_len: attention reads that many positions, default all)."""
         T = idx_BT.shape[1]
         positions = pos_B[:, None] + jnp.arange(T)[None, :]
@@ -264,7 +266,10 @@ class GPT(nnx.Module):
 
 
 def init_cache(config: GPTConfig, batch_size: int, max_len: int, dtype=jnp.float32):
-    shape = (config.n_layer, batch_size, max_len, config.n_kv_head, config.head_dim)
+    """{'k', 'v'}: [n_layer, batch, n_kv_head, max_len, head_dim] each. Heads before positions: a decode step's
+    attention is then a batched matrix-vector product over the cache as it lies (with positions before heads, XLA
+    transposes every layer's slice first, which doubled the attention time of a CPU decode step at batch 8)."""
+    shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 

@@ -1,7 +1,7 @@
 """The slot loop: the one owner of the decode state, for the chat server and for Engine.generate alike.
 
 A request (a prompt, n samples, sampling settings) waits in a bounded queue; the loop prefills it into free slots of
-one DecodeState (the KV cache [layers, slots, max_len, kv_heads, head_dim] and the rows' sampling state) and from
+one DecodeState (the KV cache [layers, slots, kv_heads, max_len, head_dim] and the rows' sampling state) and from
 then on every decode call advances all busy slots together. Between calls the loop runs the tool: a row paused on
 <|python_end|> gets the calculator's result forced into it. A finished or cancelled request frees its slots at
 once; a new one joins at the next call. Each row samples with its own key (seed, sample index), so a seeded request
@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nanochat_jax.common import bucket
 from nanochat_jax.decoding import FORCED_SLOTS, DecodeState, use_calculator
 
 MIN_REUSE = 16  # prompt tokens a parked cache row must hold for a request to start from it
@@ -187,7 +188,9 @@ class SlotLoop:
             if len(free) < request.n:
                 break
             self._admitting = self.waiting.get_nowait()
-            keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(request.seed), jnp.arange(request.n))
+            # one key per sample, derived for a power-of-two count of rows (Engine.start's padding)
+            keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(request.seed),
+                                                            jnp.arange(bucket(request.n, minimum=1)))
             request.slots, reuse = self._choose_slots(request, free)
             row_cache, prefilled, info = e.start(request.tokens, keys, request.max_tokens, request.temperature,
                                                  request.top_k, request.top_p, e.max_len, request.bias,
@@ -303,8 +306,10 @@ class SlotLoop:
                 self.parked[slot] = (s.history[:-1], self.engine.weights_version, next(self._freed))
                 self.slots[slot] = None
                 free.append(slot)
-        if free:
-            self.state = self.state.replace(active=self.state.active.at[jnp.asarray(free)].set(False))
+        if free:  # (a mask of every slot: an index list of each new length would compile eager ops anew)
+            keep = np.ones(self.n_slots, bool)
+            keep[free] = False
+            self.state = self.state.replace(active=self.state.active & keep)
 
 
 class BatchedEngine(SlotLoop):

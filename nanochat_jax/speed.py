@@ -135,6 +135,7 @@ def engine_speed(config, dtype, prompt_len: int, batches, decode_tokens: int = 1
 
         def fresh():  # the prompt's cache in every row, as the slot loop admits a request's samples
             cache, prefilled, _ = start()
+            prefilled = jax.tree.map(lambda x: x[:batch], prefilled)  # (start pads the rows to a power of two)
             return prefilled.replace(cache=jax.tree.map(lambda c: jnp.repeat(c, batch, axis=1), cache))
 
         calls = max(1, decode_tokens // chunk)

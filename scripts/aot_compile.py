@@ -23,7 +23,7 @@ from flax import nnx
 
 from nanochat_jax import aot
 from nanochat_jax.decoding import BIAS_SLOTS, DecodeState, decode, prefill
-from nanochat_jax.gpt import GPT, REMAT_POLICIES, config_from_depth
+from nanochat_jax.gpt import GPT, REMAT_POLICIES, config_from_depth, init_cache
 from nanochat_jax.optim import build_optimizer
 from nanochat_jax.sharding import make_mesh
 from nanochat_jax.trainer import Trainer
@@ -115,8 +115,8 @@ def engine_programs(args, config, devices) -> dict:
                                      spec((n,), jnp.float32), spec((n,), jnp.int32), spec((n,), jnp.float32),
                                      spec((n, BIAS_SLOTS), jnp.int32), spec((n, BIAS_SLOTS), jnp.float32),
                                      cache_len=cache_len)
-        cache_shape = (cfg.n_layer, n, cache_len, cfg.n_kv_head, cfg.head_dim)
-        cache = {"k": spec(cache_shape, dtype), "v": spec(cache_shape, dtype)}
+        cache = jax.tree.map(lambda s: spec(s.shape, s.dtype),
+                             jax.eval_shape(lambda: init_cache(cfg, n, cache_len, dtype)))
         rows = jax.eval_shape(lambda: DecodeState.new(jnp.zeros(n, jnp.int32), 1, 1,
                                                       jax.random.split(jax.random.key(0), n), 1.0, 0, 1.0,
                                                       jnp.zeros(2, jnp.int32), cfg.vocab_size))

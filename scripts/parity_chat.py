@@ -17,6 +17,7 @@ import tempfile
 import time
 
 from nanochat_jax.chat_eval import categorical_outcomes, generative_outcomes
+from nanochat_jax.common import CompileCount
 from nanochat_jax.engine import Engine
 from nanochat_jax.interop import import_nanochat, write_random_nanochat
 from nanochat_jax.tokenizer import get_tokenizer
@@ -81,16 +82,17 @@ def main(argv=None):
                 ref_eval.run_generative_eval(ref, ref_tokenizer, ref_model, ref_engine, 1, args.max_new_tokens,
                                              0.0, 50, args.max_problems)
         t1 = time.time()
-        if task.eval_type == "categorical":
-            categorical_outcomes(model, tokenizer, ours, 8, args.max_problems)
-        else:
-            generative_outcomes(engine, tokenizer, ours, 1, args.max_new_tokens, 0.0, 50, args.max_problems)
+        with CompileCount() as compiled:
+            if task.eval_type == "categorical":
+                categorical_outcomes(model, tokenizer, ours, 8, args.max_problems)
+            else:
+                generative_outcomes(engine, tokenizer, ours, 1, args.max_new_tokens, 0.0, 50, args.max_problems)
         diff = sum(a != b for a, b in zip(ref.answers, ours.answers)) + abs(len(ref.answers) - len(ours.answers))
         correct = [sum(task.evaluate(task[i], a) for i, a in enumerate(r.answers)) for r in (ref, ours)]
         total, differing = total + len(ref.answers), differing + diff
         print(f"{name:<14} nanochat {correct[0]:>3}/{len(ref.answers)} | ours {correct[1]:>3}/{len(ours.answers)} | "
               f"answers differing {diff} | mean answer {sum(map(len, ours.answers)) / max(len(ours.answers), 1):.0f} "
-              f"chars | {t1 - t0:.0f}s vs {time.time() - t1:.0f}s")
+              f"chars | {t1 - t0:.0f}s vs {time.time() - t1:.0f}s ({compiled})")
         for a, b in list((a, b) for a, b in zip(ref.answers, ours.answers) if a != b)[:2]:
             print(f"    nanochat: {a[:120]!r}\n    ours:     {b[:120]!r}")
     print(f"{differing} of {total} answers differ")

@@ -15,7 +15,7 @@ import tempfile
 import time
 
 from nanochat_jax import core_eval
-from nanochat_jax.common import get_base_dir
+from nanochat_jax.common import CompileCount, get_base_dir
 from nanochat_jax.interop import import_nanochat, write_random_nanochat
 from nanochat_jax.tokenizer import get_tokenizer
 
@@ -40,22 +40,27 @@ def main(argv=None):
     bundle = os.path.join(get_base_dir(), "eval_bundle")
     tasks, _ = core_eval.load_bundle(bundle)
     total = differing = 0
-    for task in tasks:
-        data = core_eval.load_task_data(bundle, task, args.max_per_task)
-        meta = {"task_type": task["icl_task_type"], "dataset_uri": task["dataset_uri"],
-                "num_fewshot": task["num_fewshot"][0], "continuation_delimiter": task.get("continuation_delimiter", " ")}
-        t0 = time.time()
-        with torch.no_grad():
-            ref = [bool(ref_core.evaluate_example(i, ref_model, ref_tokenizer, data, "cpu", meta))
-                   for i in range(len(data))]
-        t1 = time.time()
-        ours = core_eval.evaluate_task(model, tokenizer, data, meta["task_type"], meta["num_fewshot"],
-                                       meta["continuation_delimiter"])
-        diff = sum(a != b for a, b in zip(ref, ours))
-        total, differing = total + len(data), differing + diff
-        print(f"{task['label']:<34} nanochat {sum(ref):>4}/{len(ref)} | ours {sum(ours):>4}/{len(ours)} | differing "
-              f"{diff} | {t1 - t0:.0f}s vs {time.time() - t1:.0f}s")
+    seconds = {"nanochat": 0.0, "ours": 0.0}
+    with CompileCount() as compiles:
+        for task in tasks:
+            data = core_eval.load_task_data(bundle, task, args.max_per_task)
+            meta = {"task_type": task["icl_task_type"], "dataset_uri": task["dataset_uri"],
+                    "num_fewshot": task["num_fewshot"][0],
+                    "continuation_delimiter": task.get("continuation_delimiter", " ")}
+            t0 = time.time()
+            with torch.no_grad():
+                ref = [bool(ref_core.evaluate_example(i, ref_model, ref_tokenizer, data, "cpu", meta))
+                       for i in range(len(data))]
+            t1 = time.time()
+            ours = core_eval.evaluate_task(model, tokenizer, data, meta["task_type"], meta["num_fewshot"],
+                                           meta["continuation_delimiter"])
+            diff = sum(a != b for a, b in zip(ref, ours))
+            seconds["nanochat"], seconds["ours"] = seconds["nanochat"] + t1 - t0, seconds["ours"] + time.time() - t1
+            total, differing = total + len(data), differing + diff
+            print(f"{task['label']:<34} nanochat {sum(ref):>4}/{len(ref)} | ours {sum(ours):>4}/{len(ours)} | "
+                  f"differing {diff} | {t1 - t0:.0f}s vs {time.time() - t1:.0f}s")
     print(f"{differing} of {total} examples scored differently")
+    print(f"wall time: nanochat {seconds['nanochat']:.0f}s, ours {seconds['ours']:.0f}s (ours: {compiles})")
 
 
 if __name__ == "__main__":

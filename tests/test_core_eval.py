@@ -139,6 +139,24 @@ def test_evals_base_end_to_end(tmp_path, monkeypatch, tokenizer):
         evals_base.eval_bundle_dir()
 
 
+def test_batches_group_rows_by_length_within_a_token_budget():
+    rng = np.random.default_rng(0)
+    lengths = [int(n) for n in rng.integers(1, 3000, 200)] + [5000]
+    for batch_size, multiple, budget in ((8, 1, 4096), (32, 8, 16384), (3, 2, 512)):
+        groups = core_eval.batches(lengths, batch_size, multiple, budget)
+        assert sorted(i for g, _, _ in groups for i in g) == list(range(len(lengths)))  # every row once
+        shapes = set()
+        for rows, length, n in groups:
+            assert 1 <= len(rows) <= min(batch_size, max(1, budget // length)) and len(rows) <= n and n % multiple == 0
+            longest = max(lengths[i] for i in rows)
+            assert longest <= length < longest + 512  # padding: to a power of two up to 512, a multiple of 512 above
+            assert length & (length - 1) == 0 if length <= 512 else length % 512 == 0
+            assert (n // multiple) & (n // multiple - 1) == 0
+            shapes.add((length, n))
+        assert len(shapes) <= 16  # a handful of programs for 201 rows of 201 lengths
+        assert groups[-1][0] == [200] and groups[-1][1] == 5120  # shortest first: the longest row comes last
+
+
 def test_scoring_compiles_per_length_bucket_not_per_example(tokenizer):
     """Examples of 29 different lengths compile a few programs (one per power-of-two bucket); more examples of
     other lengths within the same buckets compile none."""
@@ -147,7 +165,7 @@ def test_scoring_compiles_per_length_bucket_not_per_example(tokenizer):
     data = [{"context": "hello " * n, "continuation": "world"} for n in range(1, 30)]
     with CompileCount() as first:
         core_eval.evaluate_task(model, tokenizer, data, "language_modeling", 0, " ", batch_size=8)
-    assert 1 <= first.programs <= 3, first  # rows of up to 64 tokens: buckets 16, 32, 64
+    assert 1 <= first.programs <= 4, first  # rows of up to 64 tokens: buckets 16, 32, 64 (and a short last batch)
     more = [{"context": "the model " * n, "continuation": "reads"} for n in range(1, 14)]
     with CompileCount() as second:
         core_eval.evaluate_task(model, tokenizer, more, "language_modeling", 0, " ", batch_size=8)

@@ -224,3 +224,40 @@ def test_a_later_turn_starts_from_the_parked_cache(engine, tokenizer):
     engine.use(nnx.merge(engine.graphdef, engine.params))  # new weights: every parked row is stale
     reply(loop, turn2 + second)
     assert loop.stats["prompt_tokens_reused"] == len(turn1) + len(first) - 1
+
+
+def test_a_warm_slot_loop_compiles_nothing_as_requests_come_and_go(engine, tokenizer):
+    """After warm-up and one request of each sample count, requests that finish one by one or several at once, at
+    other lengths and budgets, compile no program: the host side of a tick has one shape whatever the traffic (an
+    index list of the freed slots used to compile an eager scatter for each new count)."""
+    from nanochat_jax.common import CompileCount
+    from nanochat_jax.serving import Request, SlotLoop
+
+    def serve(loop, requests):
+        for request in requests:
+            loop.submit(request)
+        while any(len(r.finished) < r.n for r in requests):
+            loop.tick()
+
+    loop = SlotLoop(engine, slots=4, chunk=4)
+    loop.warm_up()
+    prompt = tokenizer.encode("the model reads every token", prepend="<|bos|>")
+    serve(loop, [Request(prompt, 4, 6, 1.0, 20, 1.0, 0), Request(prompt[:5], 1, 3, 0.0, None, 1.0, 0)])
+    with CompileCount() as count:
+        serve(loop, [Request(prompt[:3 + i], 1, 3 + 4 * i, 1.0, 20, 0.9, i) for i in range(3)])
+        serve(loop, [Request(prompt[:7], 3, 9, 1.0, None, 1.0, 5)])  # (3 samples: padded to 4 rows)
+    assert count.programs == 0
+
+
+def test_complete_many_equals_one_prompt_at_a_time(engine, tokenizer):
+    """Prompts decoded side by side (more prompts than rows, so slots are reused) give each prompt the completions
+    generate_batch gives it alone with the same seed, greedy and sampled."""
+    texts = ["the model", "reads every token once", "and predicts", "what comes next while the optimizer", "x"]
+    prompts = [tokenizer.encode(t, prepend="<|bos|>") for t in texts]
+    for temperature, samples in ((0.0, 1), (1.0, 2)):
+        many = engine.complete_many(prompts, samples, max_tokens=12, temperature=temperature, top_k=20,
+                                    seeds=[7 + i for i in range(len(prompts))], rows=4)
+        for i, prompt in enumerate(prompts):
+            alone, _ = engine.generate_batch(prompt, num_samples=samples, max_tokens=12, temperature=temperature,
+                                             top_k=20, seed=7 + i)
+            assert many[i] == [s[len(prompt):] for s in alone]
