@@ -21,7 +21,7 @@ import zipfile
 import jax
 
 from nanochat_jax import core_eval, report
-from nanochat_jax.base_eval import bits_per_byte, loss_sums, print_samples
+from nanochat_jax.base_eval import bits_per_byte, loss_sums, print_samples, unigram_bpb
 from nanochat_jax.checkpoint import STAGE_DIRS, load_model, stage_directory
 from nanochat_jax.common import (CompileCount, get_base_dir, init_distributed, parse_dtype, print0,
                                  use_compilation_cache)
@@ -120,6 +120,10 @@ def bpb(model, tokenizer, args) -> dict:
         batches = pretraining_batches(tokenizer, split, rows_per_process, seq_len)
         out[f"{split}_bpb"] = bits_per_byte(loss_sums(model, batches, num_batches, token_bytes))
         print0(f"{split} bpb: {out[f'{split}_bpb']:.4f}")
+    out["unigram_bpb"] = unigram_bpb(pretraining_batches(tokenizer, "train", rows_per_process, seq_len),
+                                     pretraining_batches(tokenizer, "val", rows_per_process, seq_len), num_batches,
+                                     token_bytes, tokenizer.get_vocab_size())
+    print0(f"unigram bpb (token frequencies alone, the level to get below): {out['unigram_bpb']:.4f}")
     return out
 
 
@@ -140,7 +144,8 @@ def main(argv=None):
     print_samples(model, tokenizer)
     report.log(report.BASE_EVALUATION, {"model": description},
                {report.CORE: summary.get("core_metric"), "train bpb": summary.get("train_bpb"),
-                "val bpb": summary.get("val_bpb")}, summary.get("centered_results", {}),
+                "val bpb": summary.get("val_bpb"), "unigram bpb (no context)": summary.get("unigram_bpb")},
+               summary.get("centered_results", {}),
                report.standin(standin_corpus() if args.eval_tokens > 0 else None))
     if args.json_out:
         with open(args.json_out, "w") as f:

@@ -2,8 +2,10 @@
 GSM8K, HumanEval, SpellingBee (generative: sampled with the engine, tool use on; HumanEval's tests run in the
 sandbox, nanochat_jax/execution.py: kernel mode, or with --unsafe-sandbox the weaker unsafe mode where the kernel
 refuses namespaces); with all six, ChatCORE (the mean accuracy centered by each task's chance level, as nanochat computes it).
-Two LOCAL STAND-INS for a machine with no network, never in ChatCORE: Arithmetic (generated word problems in GSM8K's
-format) and LocalSpellingBee (SpellingBee over words from Python's docstrings); see nanochat_jax/tasks/local.py.
+Three LOCAL STAND-INS for a machine with no network, never in ChatCORE: Arithmetic (generated word problems in GSM8K's
+format), LocalSpellingBee (SpellingBee over words from Python's docstrings) and LocalSimpleSpelling (spell a word);
+see nanochat_jax/tasks/local.py. Each accuracy is printed next to the task's chance level, and for generative tasks
+the shares of well-formed replies and of replies that call the tool (chat_eval.reply_form).
 
     python -m evals.chat -i sft                          # all six tasks on the latest SFT model
     python -m evals.chat -i mid -a "ARC-Easy|GSM8K" -x 100 --json-out mid.json
@@ -59,24 +61,31 @@ def main(argv=None):
         execution.require(args.unsafe_sandbox, "HumanEval")
     model, tokenizer, meta = load_stage(args.source, args.model_tag, args.step, dtype=parse_dtype(args.dtype))
     engine = Engine(model, tokenizer)
-    results = {}
+    results, chance, forms = {}, {}, {}
     for name in args.tasks:
         task, t0 = CHAT_TASKS[name].make("test"), time.time()
         with CompileCount() as compiled:  # bounded by the length buckets, not one per problem
             if task.eval_type == "categorical":
                 outcomes = categorical_outcomes(model, tokenizer, task, args.batch_size, args.max_problems)
             else:
+                form = forms[name] = {}
                 outcomes = [any(o) for o in generative_outcomes(
                     engine, tokenizer, task, args.num_samples, args.max_new_tokens, args.temperature, args.top_k,
-                    args.max_problems)]
-        results[name] = sum(outcomes) / len(outcomes)
-        print0(f"{name}: {sum(outcomes)}/{len(outcomes)} = {100 * results[name]:.2f}% ({time.time() - t0:.0f}s; "
-               f"{compiled})")
-    summary = {"source": args.source, "step": meta["step"], "results": results, "ChatCORE": chatcore(results)}
+                    args.max_problems, forms=form)]
+        results[name], chance[name] = sum(outcomes) / len(outcomes), CHAT_TASKS[name].chance
+        shape = "" if name not in forms else (f"; well-formed replies {100 * forms[name]['well_formed']:.0f}%, "
+                                              f"calling the tool {100 * forms[name]['tool_calls']:.0f}%")
+        print0(f"{name}: {sum(outcomes)}/{len(outcomes)} = {100 * results[name]:.2f}% (chance "
+               f"{100 * chance[name]:.0f}%{shape}; {time.time() - t0:.0f}s, {compiled})")
+    summary = {"source": args.source, "step": meta["step"], "results": results, "chance": chance, "forms": forms,
+               "ChatCORE": chatcore(results)}
     if summary["ChatCORE"] is not None:
         print0(f"ChatCORE: {summary['ChatCORE']:.4f}")
     report.log(report.chat_evaluation(args.source), {"model step": meta["step"], "max problems": args.max_problems},
-               results, {report.CHATCORE: summary["ChatCORE"]},
+               results, {f"{name} chance": c for name, c in chance.items()},
+               {f"{name} {what}": v for name, form in forms.items()
+                for what, v in (("well-formed replies", form["well_formed"]), ("tool calls", form["tool_calls"]))},
+               {report.CHATCORE: summary["ChatCORE"]},
                report.standin("; ".join(f"{name}: generated on this machine (tasks/local.py)" for name in results
                                         if name in STANDINS)))
     if args.json_out:

@@ -55,6 +55,25 @@ def bits_per_byte(sums: dict) -> float:
     return float("inf") if sums["bytes"] == 0 else sums["bpb_nats"] / (np.log(2) * sums["bytes"])
 
 
+def unigram_bpb(train_batches, val_batches, num_batches: int, token_bytes, vocab_size: int) -> float:
+    """Bits per byte of the best guess that ignores context: each validation target at its frequency among the
+    targets of 4 x num_batches training batches (add-one smoothed), counted over the same tokens as loss_sums (those
+    of at least one byte). A model below it has learned something from context. (This process's rows.)"""
+    token_bytes = np.asarray(token_bytes)
+    counts = np.ones(vocab_size)
+    for _ in range(4 * num_batches):
+        targets = np.asarray(next(train_batches)["targets"]).ravel()
+        np.add.at(counts, targets[targets >= 0], 1)
+    logp = np.log(counts / counts.sum())
+    nats = total_bytes = 0.0
+    for _ in range(num_batches):
+        targets = np.asarray(next(val_batches)["targets"]).ravel()
+        targets = targets[targets >= 0]
+        counted = targets[token_bytes[targets] > 0]
+        nats, total_bytes = nats - logp[counted].sum(), total_bytes + token_bytes[counted].sum()
+    return float("inf") if total_bytes == 0 else nats / (np.log(2) * total_bytes)
+
+
 @partial(jax.jit, static_argnums=0)
 def _next_token(graphdef, params, ids_1T, at):
     return jnp.argmax(nnx.merge(graphdef, params)(ids_1T)[0, at])

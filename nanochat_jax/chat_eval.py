@@ -11,6 +11,7 @@ from flax import nnx
 
 from nanochat_jax.common import bucket, print0
 from nanochat_jax.tasks.base import Task
+from nanochat_jax.tokenizer import SPECIAL_TOKENS
 
 
 @nnx.jit
@@ -50,21 +51,47 @@ def categorical_outcomes(model, tokenizer, task: Task, batch_size: int = 8, max_
     return outcomes
 
 
+def reply_form(tokenizer, completion) -> tuple[bool, bool]:
+    """(well-formed, calls the tool) for a completion that ends with its stop token if it stopped. Well-formed: it
+    ends with <|assistant_end|>, and its only other special tokens are tool calls in order, <|python_start|> code
+    <|python_end|>, each optionally followed by the forced <|output_start|> result <|output_end|>. Calls the tool:
+    it holds at least one complete <|python_start|> ... <|python_end|>. What midtraining is meant to teach."""
+    name_of = {tokenizer.encode_special(name): name for name in SPECIAL_TOKENS}
+    names = [name_of[t] for t in completion if t in name_of]
+    ends = bool(names) and completion[-1] in name_of and names[-1] == "<|assistant_end|>"
+    names = names[:-1] if ends else names
+    i, calls = 0, 0
+    while i < len(names):  # (python_start python_end [output_start output_end])*
+        if names[i:i + 2] != ["<|python_start|>", "<|python_end|>"]:
+            return False, calls > 0
+        calls, i = calls + 1, i + 2
+        if names[i:i + 2] == ["<|output_start|>", "<|output_end|>"]:
+            i += 2
+    return ends, calls > 0
+
+
 def generative_outcomes(engine, tokenizer, task: Task, num_samples: int = 1, max_new_tokens: int = 512,
                         temperature: float = 0.0, top_k: int | None = 50, max_problems: int | None = None,
-                        seed: int = 42, rows: int = 32):
+                        seed: int = 42, rows: int = 32, forms: dict | None = None):
     """Per problem, the outcome of each of num_samples completions (a list of lists); problem i samples with seed
     seed + i. The problems are decoded side by side, up to `rows` rows at once (Engine.complete_many). A prompt that
-    leaves no room in the model's context for an answer counts as failed."""
+    leaves no room in the model's context for an answer counts as failed. `forms`, if given, gets the shares of the
+    completions that are well-formed and that call the tool (reply_form)."""
     n = len(task) if max_problems is None else min(len(task), max_problems)
     conversations = [task[i] for i in range(n)]
     prompts = [tokenizer.render_for_completion(c) for c in conversations]
     fits = [i for i in range(n) if len(prompts[i]) < engine.config.sequence_len]
     completions = engine.complete_many([prompts[i] for i in fits], num_samples, max_new_tokens, temperature, top_k,
-                                       [seed + i for i in fits], rows)
+                                       [seed + i for i in fits], rows, keep_stop=True)
     outcomes = [[False] * num_samples for _ in range(n)]  # no room to answer: a failure
+    shapes = []
     for i, samples in zip(fits, completions):
-        outcomes[i] = [task.evaluate(conversations[i], tokenizer.decode(s)) for s in samples]
+        texts = [tokenizer.decode([t for t in s if t not in engine.stops]) for s in samples]
+        outcomes[i] = [task.evaluate(conversations[i], text) for text in texts]
+        shapes += [reply_form(tokenizer, s) for s in samples]
+    if forms is not None:
+        forms["well_formed"] = sum(w for w, _ in shapes) / max(n * num_samples, 1)
+        forms["tool_calls"] = sum(c for _, c in shapes) / max(n * num_samples, 1)
     if len(fits) < n:
         print0(f"{n - len(fits)} of {n} prompts fill the model's context ({engine.config.sequence_len}): counted as "
                "failed")

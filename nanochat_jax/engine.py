@@ -179,11 +179,12 @@ class Engine:
             request.cancel()
 
     def complete_many(self, prompts, num_samples=1, max_tokens=None, temperature=0.0, top_k=None, seeds=None,
-                      rows: int = 32):
+                      rows: int = 32, keep_stop: bool = False):
         """Completions of many prompts, decoded side by side: up to `rows` decode rows (rows // num_samples prompts)
         in flight at once, a finished prompt's slots going to the next (continuous batching, as the server does).
         Returns, per prompt, num_samples completions (token lists without the prompt and the stop token), the same
-        as generate_batch with seed seeds[i] gives for prompt i alone (up to float rounding in batched matmuls)."""
+        as generate_batch with seed seeds[i] gives for prompt i alone (up to float rounding in batched matmuls).
+        keep_stop: end a completion that stopped with its stop token (one that ran out of budget has none)."""
         seeds = list(range(len(prompts))) if seeds is None else list(seeds)
         budgets = [self.check_request(p, max_tokens, temperature, top_k) for p in prompts]
         loop = self.loop_for(max(num_samples, bucket(rows // num_samples, minimum=1) * num_samples))
@@ -205,6 +206,8 @@ class Engine:
                             raise RuntimeError(event.message)
                         if isinstance(event, Token):
                             completions[i][event.sample].append(event.id)
+                        elif isinstance(event, Finished) and keep_stop and event.token is not None:
+                            completions[i][event.sample].append(event.token)
                     if len(request.finished) == num_samples:
                         del in_flight[request]
         finally:

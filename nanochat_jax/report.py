@@ -33,9 +33,15 @@ def chat_evaluation(stage: str) -> str:
 
 STAGES = {"base": (BASE_TRAINING, BASE_EVALUATION), "mid": (MIDTRAINING, chat_evaluation("mid")),
           "sft": (SFT, chat_evaluation("sft")), "rl": (RL, chat_evaluation("rl"))}  # stage: (training, evaluation)
-ORDER = [TOKENIZER_TRAINING, TOKENIZER_EVALUATION] + [title for pair in STAGES.values() for title in pair]
+EXPECTATIONS = "What to expect of this model"  # one line, and a question with its answer (scripts/report.py)
+# the base model's chat evaluation (runcpu.sh runs it: the "before" of midtraining) joins the base column
+ORDER = ([TOKENIZER_TRAINING, TOKENIZER_EVALUATION, BASE_TRAINING, BASE_EVALUATION, chat_evaluation("base")]
+         + [title for pair in list(STAGES.values())[1:] for title in pair] + [EXPECTATIONS])
 CORE, CHATCORE = "CORE", "ChatCORE"  # the summary's keys for the two aggregate scores
 SUMMARY_METRICS = [CORE, *CHATCORE_TASKS, CHATCORE, *STANDINS]  # the stand-ins last
+BPB_METRICS = ["val bpb", "unigram bpb (no context)"]  # base evaluation: the model against token frequencies alone
+FORMS = ["well-formed replies", "tool calls"]  # evals.chat logs "<task> <form>" for each generative task
+CHANCE = "chance"  # and "<task> chance"
 STANDIN = "stand-in"  # a section's key saying that its data was a local stand-in, and which
 # on-demand prices per accelerator-hour (USD), for the estimate
 HOURLY = {"H100": 3.0, "H200": 3.5, "A100": 1.8, "TPU v5 lite": 1.2, "TPU v5e": 1.2, "TPU v6": 2.7}
@@ -130,14 +136,29 @@ def _sections() -> dict:
 
 def summary(sections: dict) -> dict:
     """{stage: {metric: value}} from the evaluation sections."""
+    shown = set(SUMMARY_METRICS) | set(BPB_METRICS) | {f"{t} {f}" for t in SUMMARY_METRICS for f in FORMS}
     table = {}
     for stage, (_, evaluation) in STAGES.items():
         found = {}
-        for item in sections.get(slugify(evaluation), {}).get("data", []):
-            found.update({k: v for k, v in item.items() if k in SUMMARY_METRICS and v is not None})
+        for title in (evaluation, chat_evaluation("base")) if stage == "base" else (evaluation,):
+            for item in sections.get(slugify(title), {}).get("data", []):
+                found.update({k: v for k, v in item.items() if k in shown and v is not None})
         if found:
             table[stage] = found
     return table
+
+
+def chance_levels(sections: dict) -> dict:
+    """{task: its chance accuracy} as the chat evaluations logged them."""
+    return {k[:-len(CHANCE) - 1]: v for section in sections.values() for item in section["data"]
+            for k, v in item.items() if k.endswith(" " + CHANCE)}
+
+
+def summary_rows(table: dict) -> list[str]:
+    """The summary's metrics in order: CORE, the bpb pair, each task followed by its reply forms, ChatCORE."""
+    order = [CORE, *BPB_METRICS] + [m for t in [*CHATCORE_TASKS, CHATCORE, *STANDINS]
+                                    for m in [t] + [f"{t} {f}" for f in FORMS]]
+    return [m for m in order if any(m in row for row in table.values())]
 
 
 def estimated_cost(hardware: str, hours: float) -> float | None:
@@ -179,11 +200,11 @@ def generate() -> str:
     table = summary(sections)
     lines += ["## Summary", ""]
     if table:
-        metrics = [m for m in SUMMARY_METRICS if any(m in row for row in table.values())]
-        lines += ["| metric | " + " | ".join(s.upper() for s in STAGES) + " |",
-                  "|---|" + "---|" * len(STAGES)]
-        lines += [f"| {m} | " + " | ".join(_format(table.get(s, {}).get(m, "-")) for s in STAGES) + " |"
-                  for m in metrics]
+        chance = chance_levels(sections)
+        lines += ["| metric | chance | " + " | ".join(s.upper() for s in STAGES) + " |",
+                  "|---|---|" + "---|" * len(STAGES)]
+        lines += [f"| {m} | {_format(chance.get(m, '-'))} | " +
+                  " | ".join(_format(table.get(s, {}).get(m, "-")) for s in STAGES) + " |" for m in summary_rows(table)]
         lines.append("")
     if header is not None and sections:
         start = datetime.datetime.strptime(header["started"], TIME_FORMAT)

@@ -1,6 +1,7 @@
 """The report card: `reset` at the start of a run, `generate` at the end (see nanochat_jax/report.py).
 
     python -m scripts.report reset
+    python -m scripts.report expect --line "what this model can and cannot do" --chat-file reply.txt
     python -m scripts.report generate     # -> $NANOCHAT_BASE_DIR/report/report.md
 """
 import argparse
@@ -10,11 +11,22 @@ from nanochat_jax import report
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="reset or generate the report card")
-    p.add_argument("command", choices=["reset", "generate"])
+    p.add_argument("command", choices=["reset", "expect", "generate"])
+    p.add_argument("--line", default=None, help="expect: what the model can and cannot be expected to do")
+    p.add_argument("--chat-file", default=None, help="expect: a file holding a question and the model's answer")
     args = p.parse_args(argv)
     if args.command == "reset":
         report.reset()
         print(f"report reset: {report.report_dir()}")
+    elif args.command == "expect":
+        if not args.line:
+            p.error("expect needs --line")
+        chat = None
+        if args.chat_file:
+            with open(args.chat_file, encoding="utf-8") as f:
+                chat = " / ".join(line.strip() for line in f if line.strip())
+        report.log(report.EXPECTATIONS, {"in one line": args.line}, {"a question and its answer": chat} if chat else {})
+        print(f"expectations logged: {args.line}")
     else:
         print(f"report written to {report.generate()}")
 

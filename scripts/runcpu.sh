@@ -3,12 +3,15 @@
 #   data -> tokenizer (train + eval) -> base d4 -> base eval -> midtraining -> chat eval -> SFT -> chat eval
 #   -> RL -> chat eval -> a chat reply -> the report card ($NANOCHAT_BASE_DIR/report/report.md).
 # Run from the repository root, with the package installed:
-#   bash scripts/runcpu.sh            # 6 minutes on 2 cores offline; CORE adds about 5 when the eval bundle is there
+#   bash scripts/runcpu.sh            # about 15 minutes on 2 cores offline; CORE adds about 5 with the eval bundle
+#   bash scripts/runcpu.sh --long     # about an hour: a 6-layer model, longer stages
 #   bash scripts/runcpu.sh --smoke    # the smallest size (what CI runs): every stage runs, nothing learns much
 # With no network and no downloaded data it says so and runs on LOCAL STAND-INS built here: a corpus of Python's own
 # docstrings (scripts/local_corpus.py) and generated chat tasks (nanochat_jax/tasks/local.py: identity, arithmetic
 # word problems, spelling); the report card labels them. MIXTURE=local|classic chooses the chat data yourself.
-# The models are tiny: expect fluent-looking nonsense, not answers. The numbers check the plumbing.
+# The models are tiny and know nothing, but each stage shows its effect in the report card: base bpb against the
+# unigram level, the share of well-formed replies and calculator calls after midtraining, and the local tasks'
+# accuracies against their chance levels after each chat stage; the run ends with a question and the answer.
 # Everything goes to $NANOCHAT_BASE_DIR (default ~/.cache/nanochat_jax) under the model tag "runcpu"; a new run
 # replaces the last runcpu run's checkpoints and report, and retrains the tokenizer there.
 set -euo pipefail
@@ -20,15 +23,19 @@ base="$NANOCHAT_BASE_DIR"
 say() { echo; echo "=== runcpu: $*"; }
 
 case "${1:-}" in
-    "")  # a few minutes: the loss visibly falls in every stage
-        depth=4 seq=256 vocab=8192 chars=50000000 base_steps=50 base_eval=25 eval_tokens=16384
-        core_per_task=11 mid_steps=40 mid_batch=4096 sft_steps=30 sft_examples=16 rl_steps=6 rl_tokens=48
-        problems=16 new_tokens=64 stage_eval=20 ;;
+    "")  # about 15 minutes: every stage moves what it is meant to (see the report card)
+        depth=4 seq=256 vocab=4096 chars=50000000 base_steps=120 base_eval=60 eval_tokens=32768
+        core_per_task=11 mid_steps=160 mid_batch=4096 sft_steps=30 sft_examples=16 rl_steps=6 rl_tokens=64
+        problems=32 new_tokens=128 stage_eval=80 ;;
+    --long)  # about an hour: a wider model, longer stages
+        depth=6 seq=256 vocab=8192 chars=50000000 base_steps=300 base_eval=100 eval_tokens=65536
+        core_per_task=20 mid_steps=300 mid_batch=4096 sft_steps=60 sft_examples=16 rl_steps=20 rl_tokens=64
+        problems=64 new_tokens=128 stage_eval=100 ;;
     --smoke)  # the smallest size that runs every stage
         depth=2 seq=128 vocab=2048 chars=2000000 base_steps=8 base_eval=-1 eval_tokens=2048
         core_per_task=11 mid_steps=4 mid_batch=1024 sft_steps=3 sft_examples=4 rl_steps=2 rl_tokens=16
         problems=4 new_tokens=16 stage_eval=-1 ;;
-    *) echo "usage: bash scripts/runcpu.sh [--smoke]" >&2; exit 2 ;;
+    *) echo "usage: bash scripts/runcpu.sh [--long | --smoke]" >&2; exit 2 ;;
 esac
 
 # whether nanochat's data can be downloaded: decides the corpus, the chat data and CORE
@@ -39,7 +46,7 @@ if [ -z "${MIXTURE:-}" ]; then
 fi
 case "$MIXTURE" in
     classic) chat_tasks="ARC-Easy|ARC-Challenge|MMLU|GSM8K|HumanEval|SpellingBee" rl_task=GSM8K ;;
-    local) chat_tasks="Arithmetic|LocalSpellingBee" rl_task=Arithmetic
+    local) chat_tasks="Arithmetic|LocalSpellingBee|LocalSimpleSpelling" rl_task=Arithmetic
            say "chat data: the LOCAL STAND-IN mixture (generated identity, arithmetic and spelling conversations)" ;;
     *) echo "MIXTURE must be local or classic, got $MIXTURE" >&2; exit 2 ;;
 esac
@@ -75,13 +82,15 @@ python -m train.base --model-tag runcpu --depth "$depth" --max-seq-len "$seq" --
     --total-batch-size 4096 --num-iterations "$base_steps" --eval-every "$base_eval" --eval-tokens "$eval_tokens" \
     --sample-every -1
 
-say "4/10 base evaluation: bits per byte, samples, and CORE when the eval bundle is here or downloadable"
+say "4/10 base evaluation: bpb against the unigram level, samples, CORE (with the eval bundle), chat tasks"
 core=(--max-per-task "$core_per_task")
 if [ ! -f "$base/eval_bundle/core.yaml" ] && [ "$online" = 0 ]; then
     say "no eval bundle at $base/eval_bundle and no network: CORE is skipped (see README: Evaluation)"
     core=(--no-core)
 fi
 python -m evals.base -g runcpu "${core[@]}" --eval-tokens "$eval_tokens" --device-batch-size 4 --batch-size 8
+# the chat tasks before any chat training: the column midtraining is measured against
+python -m evals.chat -g runcpu -i base -a "$chat_tasks" -x "$problems" -m "$new_tokens" "${sandbox[@]}"
 
 say "5/10 midtraining ($MIXTURE chat data): $mid_steps steps"
 python -m train.mid --model-tag runcpu --mixture "$MIXTURE" --device-batch-size 4 --total-batch-size "$mid_batch" \
@@ -103,6 +112,18 @@ python -m train.rl --model-tag runcpu --task "$rl_task" --examples-per-step 2 --
     --max-new-tokens "$rl_tokens" --num-iterations "$rl_steps" --eval-every -1 --eval-examples 4
 python -m evals.chat -g runcpu -i rl -a "$chat_tasks" -x "$problems" -m "$new_tokens" "${sandbox[@]}"
 
-say "10/10 a chat reply, and the report card"
-python -m serve.cli -g runcpu -i rl -p "What is 12 plus 7?" -t 0 -m 32
+say "10/10 a question for the final model, and the report card"
+if [ "$MIXTURE" = local ]; then  # one of the generated arithmetic problems' templates, with new numbers
+    question="Nora has 38 shells and gets 25 more. How many shells does Nora have now?"
+    expect="a $depth-layer model trained for minutes on 2 CPU cores: expect the chat format, calculator calls and the \
+templates of its generated tasks (arithmetic word problems, spelling), right more often than chance (see the chat \
+evaluations); it knows no facts and holds no real conversation"
+else
+    question="What is 12 plus 7?"
+    expect="a $depth-layer model trained for minutes on 2 CPU cores: expect the chat format and fluent-looking text; \
+the chat evaluations sit near their chance levels, and it knows no facts"
+fi
+reply="$base/report/final_reply.txt"
+python -m serve.cli -g runcpu -i rl -p "$question" -t 0 -m 64 2>/dev/null | tee "$reply"
+python -m scripts.report expect --line "$expect" --chat-file "$reply"
 python -m scripts.report generate

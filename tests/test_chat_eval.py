@@ -65,6 +65,24 @@ def test_generative_outcomes_and_pass_at_k(tokenizer):
     assert pass_at_k(table, 1) == 0.25 and pass_at_k(table, 2) == 0.75 and pass_at_k([], 1) == 0.0
 
 
+def test_reply_form_checks_the_chat_and_tool_syntax(tokenizer):
+    from nanochat_jax.chat_eval import reply_form
+    sp = tokenizer.encode_special
+    end, ps, pe, os_, oe = (sp(f"<|{n}|>") for n in ("assistant_end", "python_start", "python_end", "output_start",
+                                                      "output_end"))
+    text, expr, value = tokenizer.encode("so: "), tokenizer.encode("12+7"), tokenizer.encode("19")
+    called = text + [ps] + expr + [pe] + [os_] + value + [oe] + text
+    assert reply_form(tokenizer, text + [end]) == (True, False)  # plain text that stops
+    assert reply_form(tokenizer, called + [end]) == (True, True)  # a call, its forced output, then the answer
+    assert reply_form(tokenizer, text + [ps] + expr + [pe] + text + [end]) == (True, True)  # the calculator refused
+    assert reply_form(tokenizer, called + called + [end]) == (True, True)  # two calls
+    assert reply_form(tokenizer, called) == (False, True)  # ran out of budget: never stopped
+    assert reply_form(tokenizer, text + [ps] + expr + [end]) == (False, False)  # an unclosed call
+    assert reply_form(tokenizer, text + [sp("<|user_start|>")] + text + [end]) == (False, False)  # a turn marker
+    assert reply_form(tokenizer, text + [pe] + [end]) == (False, False)  # a close without an open
+    assert reply_form(tokenizer, []) == (False, False)
+
+
 def test_evals_chat_end_to_end(tmp_path, monkeypatch, tokenizer):
     import json
 
@@ -79,6 +97,8 @@ def test_evals_chat_end_to_end(tmp_path, monkeypatch, tokenizer):
     out = tmp_path / "chat.json"
     summary = chat.main(["-i", "base", "-x", "3", "-m", "4", "--json-out", str(out)])
     results = summary["results"]
+    assert summary["chance"]["ARC-Easy"] == 0.25 and set(summary["forms"]) == {"GSM8K", "HumanEval", "SpellingBee"}
+    assert all(0 <= v <= 1 for form in summary["forms"].values() for v in form.values())
     assert list(results) == CHATCORE_TASKS and all(0 <= v <= 1 for v in results.values())
     expected = sum((results[t] - CHAT_TASKS[t].chance) / (1 - CHAT_TASKS[t].chance) for t in CHATCORE_TASKS) / 6
     assert summary["ChatCORE"] == pytest.approx(expected) and json.loads(out.read_text())["results"] == results

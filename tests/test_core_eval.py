@@ -127,6 +127,7 @@ def test_evals_base_end_to_end(tmp_path, monkeypatch, tokenizer):
     out = tmp_path / "core.json"
     summary = evals_base.main(["--eval-tokens", "512", "--device-batch-size", "1", "--json-out", str(out)])
     assert set(summary["results"]) == {"mc", "lm"} and summary["train_bpb"] > 0 and summary["val_bpb"] > 0
+    assert 0 < summary["unigram_bpb"] < float("inf")
     assert summary["centered_results"]["mc"] == pytest.approx(2 * summary["results"]["mc"] - 1)
     assert summary["core_metric"] == pytest.approx(sum(summary["centered_results"].values()) / 2)
     assert json.loads(out.read_text())["core_metric"] == summary["core_metric"]
@@ -137,6 +138,18 @@ def test_evals_base_end_to_end(tmp_path, monkeypatch, tokenizer):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="eval_bundle"):
         evals_base.eval_bundle_dir()
+
+
+def test_unigram_bpb_against_counting_by_hand():
+    import math
+
+    from nanochat_jax.base_eval import unigram_bpb
+    train = iter([{"targets": np.array([[0, 1, 1, -1]])}] * 4)  # 4 batches: token 0 x4, token 1 x8 (-1: padding)
+    val = iter([{"targets": np.array([[1, 2, 3, -1]])}])
+    token_bytes = np.array([1, 2, 3, 0])  # token 3 has no bytes (a special token): not counted
+    p = {1: (8 + 1) / (12 + 4), 2: 1 / (12 + 4)}  # add-one smoothing over a vocabulary of 4
+    expected = (-math.log(p[1]) - math.log(p[2])) / (math.log(2) * (2 + 3))
+    assert unigram_bpb(train, val, 1, token_bytes, 4) == pytest.approx(expected)
 
 
 def test_batches_group_rows_by_length_within_a_token_budget():

@@ -12,7 +12,7 @@ from nanochat_jax.tasks.smoltalk import check_conversation
 from nanochat_jax.tasks.local import Arithmetic, Identity, local_words
 from nanochat_jax.tasks.spelling import SimpleSpelling, SpellingBee
 from evals.chat import parse_args
-from nanochat_jax.tasks.registry import CHATCORE_TASKS, STANDINS, chatcore
+from nanochat_jax.tasks.registry import CHAT_TASKS, CHATCORE_TASKS, STANDINS, chatcore
 
 
 def solve(question: str) -> int:
@@ -87,8 +87,11 @@ def test_local_mixtures_and_the_chat_eval_names(tokenizer):
         assert len(train_task) > len(val_task) > 0
         ids, mask = tokenizer.render_conversation(train_task[0])
         assert len(ids) == len(mask) and sum(mask) > 0
-    args = parse_args(["-a", "Arithmetic|LocalSpellingBee"])
-    assert args.tasks == ["Arithmetic", "LocalSpellingBee"] and set(STANDINS) == set(args.tasks)
+    args = parse_args(["-a", "Arithmetic|LocalSpellingBee|LocalSimpleSpelling"])
+    assert args.tasks == ["Arithmetic", "LocalSpellingBee", "LocalSimpleSpelling"] and set(STANDINS) == set(args.tasks)
+    spell = CHAT_TASKS["LocalSimpleSpelling"].make("test")
+    assert spell.evaluate(spell[0], " " + spell[0]["messages"][-1]["content"] + "\n") == 1
+    assert spell.evaluate(spell[0], spell[0]["messages"][-1]["content"][:-1]) == 0
     # the stand-ins never enter ChatCORE, and do not stop it being computed
     six = {name: 0.5 for name in CHATCORE_TASKS}
     assert chatcore(six | {"Arithmetic": 1.0}) == chatcore(six) and chatcore({"Arithmetic": 1.0}) is None

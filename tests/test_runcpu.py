@@ -28,17 +28,24 @@ def test_runcpu_smoke_offline(tmp_path):
     report_dir = tmp_path / "report"
     sections = {p.stem: json.loads(p.read_text()) for p in report_dir.glob("*.json") if p.stem != "header"}
     assert set(sections) == {"tokenizer-training", "tokenizer-evaluation", "base-model-training",
-                             "base-model-evaluation", "midtraining", "chat-evaluation-mid", "chat-sft",
-                             "chat-evaluation-sft", "chat-rl", "chat-evaluation-rl"}
+                             "base-model-evaluation", "chat-evaluation-base", "midtraining", "chat-evaluation-mid",
+                             "chat-sft", "chat-evaluation-sft", "chat-rl", "chat-evaluation-rl",
+                             "what-to-expect-of-this-model"}
     for slug in ("base-model-training", "midtraining", "chat-sft", "chat-rl", "chat-evaluation-sft"):
         assert any("stand-in" in item for item in sections[slug]["data"]), f"{slug} is not labelled a stand-in"
     sft = {k: v for item in sections["chat-sft"]["data"] for k, v in item.items()}
     assert {"val_loss", "arithmetic_acc", "spelling_acc"} <= set(sft)  # SFT's own metrics on the stand-ins
     chat = {k: v for item in sections["chat-evaluation-rl"]["data"] for k, v in item.items()}
     assert 0.0 <= chat["Arithmetic"] <= 1.0 and 0.0 <= chat["LocalSpellingBee"] <= 1.0
+    assert chat["Arithmetic chance"] == 0.0 and 0.0 <= chat["Arithmetic tool calls"] <= 1.0
+    base = {k: v for item in sections["base-model-evaluation"]["data"] for k, v in item.items()}
+    assert base["unigram bpb (no context)"] > 0
+    expect = {k: v for item in sections["what-to-expect-of-this-model"]["data"] for k, v in item.items()}
+    assert "knows no facts" in expect["in one line"] and "How many shells" in expect["a question and its answer"]
+    assert "User: Nora has 38 shells" in out and "Assistant:" in out  # the question and the answer, printed
 
     report = (report_dir / "report.md").read_text()
     assert report.index("LOCAL STAND-IN DATA") < report.index("## Environment")
-    assert "| Arithmetic |" in report and "## Plots" in report
+    assert "| Arithmetic | 0.0000 |" in report and "| unigram bpb (no context) |" in report and "## Plots" in report
     for plot in ("base_curves.png", "mid_curves.png", "sft_curves.png", "rl_curves.png", "chat_evals.png"):
         assert (report_dir / plot).stat().st_size > 1000

@@ -9,7 +9,7 @@ from nanochat_jax.tasks.choice import ARC, MMLU
 from nanochat_jax.tasks.gsm8k import GSM8K
 from nanochat_jax.tasks.humaneval import HumanEval
 from nanochat_jax.tasks.local import Arithmetic, local_words
-from nanochat_jax.tasks.spelling import SpellingBee
+from nanochat_jax.tasks.spelling import SimpleSpelling, SpellingBee
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,8 @@ CHAT_TASKS = {
                            standin=True, has_reward=True),
     "LocalSpellingBee": ChatTask(SpellingBee, lambda split: {"size": 256, "split": split, "words": local_words()},
                                  standin=True),
+    "LocalSimpleSpelling": ChatTask(SimpleSpelling, lambda split: {"size": 256, "split": split,
+                                                                   "words": local_words()}, standin=True),
 }
 CHATCORE_TASKS = [name for name, task in CHAT_TASKS.items() if not task.standin]
 STANDINS = [name for name, task in CHAT_TASKS.items() if task.standin]

@@ -74,3 +74,7 @@ class SimpleSpelling(_Generated):
         word = self.rng(index).choice(self.words)
         return {"messages": [{"role": "user", "content": f"Spell the word: {word}"},
                              {"role": "assistant", "content": f"{word}:{','.join(word)}"}]}
+
+    def evaluate(self, conversation: dict, completion: str) -> int:
+        """Right when the reply is the reference, 'word:w,o,r,d' (surrounding whitespace aside)."""
+        return int(completion.strip() == conversation["messages"][-1]["content"])
