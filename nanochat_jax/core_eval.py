@@ -105,8 +105,8 @@ def batches(lengths, batch_size: int, multiple: int = 1, max_tokens: int = MAX_B
     """Group rows by length: [(row indices, padded length, padded rows)], the rows taken shortest first, at most
     batch_size and max_tokens // padded length (at least 1) at a time; row counts are powers of two (rounded up to a
     multiple of `multiple`, the devices they split over), lengths powers of two up to LENGTH_STEP and multiples of it
-    above. So a task compiles a handful of
-    programs however many examples it has, and rows of 100 tokens are not padded to the 4,000 of another example."""
+    above. So a task compiles a handful of programs however many examples it has, and rows of 100 tokens are not
+    padded to the 4,000 of another example."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     out, first = [], 0
     while first < len(order):
