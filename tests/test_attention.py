@@ -22,13 +22,12 @@ def test_causal_matches_naive(N, K):
     np.testing.assert_allclose(np.asarray(out), naive_attention(q, k, v), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("N,K", [(2, 2), (4, 1)])
-def test_long_sequences_go_block_by_block_with_the_same_values_and_gradients(N, K, monkeypatch):
+def test_long_sequences_go_block_by_block_with_the_same_values_and_gradients(monkeypatch):
     """Above CAUSAL_BLOCK queries the XLA path computes only the blocks at or below the diagonal: the output equals
     the naive softmax and the gradient equals the one-block path's."""
     from nanochat_jax import attention as module
     monkeypatch.setattr(module, "CAUSAL_BLOCK", 8)
-    q, k, v = (jnp.asarray(a, jnp.float32) for a in qkv(2, 32, 32, N, K, 8, seed=3))
+    q, k, v = (jnp.asarray(a, jnp.float32) for a in qkv(2, 24, 24, 4, 2, 8, seed=3))  # GQA, 3 blocks
     out = attention(q, k, v, impl="xla")
     np.testing.assert_allclose(np.asarray(out), naive_attention(*(np.asarray(a) for a in (q, k, v))), rtol=1e-5,
                                atol=1e-5)
@@ -38,7 +37,7 @@ def test_long_sequences_go_block_by_block_with_the_same_values_and_gradients(N, 
     for a, b in zip(blocked, whole):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
     jaxpr = str(jax.make_jaxpr(lambda q, k, v: attention(q, k, v, impl="xla"))(q, k, v))
-    assert "32,32]" not in jaxpr and "8,32]" in jaxpr  # no [T, T] scores: blocks of [8, up to 32] keys
+    assert "24,24]" not in jaxpr and "8,24]" in jaxpr  # no [T, T] scores: blocks of [8, up to 24] keys
 
 
 @pytest.mark.parametrize("N,K", [(4, 4), (6, 2), (4, 1)])
