@@ -77,7 +77,7 @@ def train_step_args(trainer, rows: int, seq_len: int, accum: int = 1):
     batch = {name: jax.ShapeDtypeStruct((accum, rows, seq_len), jnp.int32, sharding=trainer.batch_sharding())
              for name in ("inputs", "targets")}
     scalar = jax.ShapeDtypeStruct((), jnp.float32)
-    return trainer.abstract_params, trainer.abstract_opt_state, batch, scalar, scalar
+    return trainer.abstract_params, trainer.abstract_opt_state, batch, scalar, scalar, scalar
 
 
 class DoesNotFit(Exception):

@@ -1,8 +1,9 @@
 """Causal self-attention in one place, for training, prefill and cached decoding.
 
-`attention(q, k, v, q_offset=None, impl=None)` takes q [B, T, N, D] and k, v [B, S, K, D] with K dividing N
-(MQA/GQA; MHA when K == N). Query i of row b sits at position q_offset[b] + i and sees keys 0 .. q_offset[b] + i.
-q_offset=None means plain causal attention with T == S (training, or a prefill that starts at position 0).
+`attention(q, k, v, q_offset=None, impl=None, window=None)` takes q [B, T, N, D] and k, v [B, S, K, D] with K
+dividing N (MQA/GQA; MHA when K == N). Query i of row b sits at position p = q_offset[b] + i and sees keys 0 .. p, or
+with a left `window` w only keys p - w .. p (w + 1 of them: nanochat's sliding window). q_offset=None means plain
+causal attention with T == S (training, or a prefill that starts at position 0).
 
 Paths, chosen by backend unless `impl` overrides:
 - "cudnn": jax.nn.dot_product_attention(implementation="cudnn"), cuDNN flash attention on NVIDIA GPUs. It needs
@@ -47,7 +48,8 @@ def choose_impl(dtype, has_offset: bool, impl: str | None = None, seq_len: int |
     return "xla"
 
 
-def attention(q_BTNH, k_BSKH, v_BSKH, q_offset_B=None, impl: str | None = None):
+def attention(q_BTNH, k_BSKH, v_BSKH, q_offset_B=None, impl: str | None = None, window: int | None = None):
+    """window: a static left window (None: none); every path takes one."""
     B, T, N, H = q_BTNH.shape
     S, K = k_BSKH.shape[1], k_BSKH.shape[2]
     if N % K != 0:
@@ -56,45 +58,54 @@ def attention(q_BTNH, k_BSKH, v_BSKH, q_offset_B=None, impl: str | None = None):
         raise ValueError(f"causal attention without an offset needs as many keys as queries, got T={T}, S={S}")
     chosen = choose_impl(q_BTNH.dtype, q_offset_B is not None, impl, T)
     if chosen == "cudnn":
-        return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, is_causal=True, implementation="cudnn")
+        return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, is_causal=True, implementation="cudnn",
+                                            local_window_size=None if window is None else (window, 0))
     if chosen == "splash":
-        return splash_attention(q_BTNH, k_BSKH, v_BSKH)
-    return xla_attention(q_BTNH, k_BSKH, v_BSKH, q_offset_B)
+        return splash_attention(q_BTNH, k_BSKH, v_BSKH, window)
+    return xla_attention(q_BTNH, k_BSKH, v_BSKH, q_offset_B, window=window)
 
 
 CAUSAL_BLOCK = 512  # query rows per block of the blockwise causal path
 
 
-def xla_attention(q_BTNH, k_BSKH, v_BSKH, q_offset_B=None, heads_first: bool = False):
-    """heads_first: k and v are [B, K, S, H] (the KV cache's layout) instead of [B, S, K, H]. Long causal
-    sequences (no offset, T a multiple of CAUSAL_BLOCK above it) go block by block (`blockwise_causal`)."""
+def xla_attention(q_BTNH, k_BSKH, v_BSKH, q_offset_B=None, heads_first: bool = False, window=None):
+    """heads_first: k and v are [B, K, S, H] (the KV cache's layout) instead of [B, S, K, H]. window: the left
+    window, static or a traced scalar (the decode path's per-layer window). Long causal sequences (no offset, T a
+    multiple of CAUSAL_BLOCK above it) go block by block (`blockwise_causal`)."""
     T = q_BTNH.shape[1]
     if q_offset_B is None and not heads_first and T > CAUSAL_BLOCK and T % CAUSAL_BLOCK == 0:
-        return blockwise_causal(q_BTNH, k_BSKH, v_BSKH)
-    return _masked_attention(q_BTNH, k_BSKH, v_BSKH, q_offset_B, heads_first)
+        return blockwise_causal(q_BTNH, k_BSKH, v_BSKH, window=window)
+    return _masked_attention(q_BTNH, k_BSKH, v_BSKH, q_offset_B, heads_first, window)
 
 
-def blockwise_causal(q_BTNH, k_BTKH, v_BTKH, block: int | None = None):
-    """Causal attention one block of CAUSAL_BLOCK queries at a time, each against the keys up to its end only: half
-    the work of the full [T, T] scores (the masked upper triangle is never computed) and a [block, T] slice of them
-    in memory at once. The same numbers as the full softmax (each row's keys are the same)."""
+def blockwise_causal(q_BTNH, k_BTKH, v_BTKH, block: int | None = None, window: int | None = None):
+    """Causal attention one block of CAUSAL_BLOCK queries at a time, each against the keys up to its end only (and,
+    with a static window, from the block's first query's window start on): half the work of the full [T, T] scores
+    (the masked upper triangle is never computed) and a [block, T] slice of them in memory at once. The same numbers
+    as the full softmax (each row's keys are the same)."""
     B, T = q_BTNH.shape[:2]
     block = block or CAUSAL_BLOCK
     k_BKTH, v_BKTH = k_BTKH.transpose(0, 2, 1, 3), v_BTKH.transpose(0, 2, 1, 3)  # once, not per block
     outs = []
     for end in range(block, T + 1, block):
-        outs.append(_masked_attention(q_BTNH[:, end - block:end], k_BKTH[:, :, :end], v_BKTH[:, :, :end],
-                                      jnp.full((B,), end - block), heads_first=True))
+        start = max(0, end - block - window) if isinstance(window, int) else 0
+        outs.append(_masked_attention(q_BTNH[:, end - block:end], k_BKTH[:, :, start:end], v_BKTH[:, :, start:end],
+                                      jnp.full((B,), end - block), heads_first=True, window=window, k_start=start))
     return jnp.concatenate(outs, axis=1)
 
 
-def _masked_attention(q_BTNH, k_BSKH, v_BSKH, q_offset_B=None, heads_first: bool = False):
+def _masked_attention(q_BTNH, k_BSKH, v_BSKH, q_offset_B=None, heads_first: bool = False, window=None,
+                      k_start: int = 0):
+    """k_start: the position of the first key given (the keys are k_start .. k_start + S - 1)."""
     B, T, N, H = q_BTNH.shape
     S, K = (k_BSKH.shape[2], k_BSKH.shape[1]) if heads_first else (k_BSKH.shape[1], k_BSKH.shape[2])
     kv = "bksh" if heads_first else "bskh"
     offset_B = jnp.zeros((B,), jnp.int32) if q_offset_B is None else jnp.broadcast_to(q_offset_B, (B,))
     q_pos_BT = offset_B[:, None] + jnp.arange(T)[None, :]
-    visible_BTS = jnp.arange(S)[None, None, :] <= q_pos_BT[:, :, None]
+    k_pos_S = k_start + jnp.arange(S)
+    visible_BTS = k_pos_S[None, None, :] <= q_pos_BT[:, :, None]
+    if window is not None:
+        visible_BTS &= q_pos_BT[:, :, None] - k_pos_S[None, None, :] <= window
     # group the query heads that share a kv head instead of repeating k and v
     q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
     scores = jnp.einsum(f"btkgh,{kv}->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
@@ -106,14 +117,16 @@ def _masked_attention(q_BTNH, k_BSKH, v_BSKH, q_offset_B=None, heads_first: bool
 
 
 @lru_cache(maxsize=None)
-def _splash_kernel(group: int, T: int, interpret: bool):
-    """The causal MQA splash kernel for `group` query heads sharing one kv head: q [G, T, D], k and v [T, D]."""
+def _splash_kernel(group: int, T: int, interpret: bool, window: int | None = None):
+    """The causal MQA splash kernel for `group` query heads sharing one kv head: q [G, T, D], k and v [T, D]; with a
+    left window, a local mask (window, 0) instead (causal too)."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
     b = splash_block(T)
     sizes = sk.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
                           block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
-    mask = sm.MultiHeadMask([sm.CausalMask((T, T))] * group)
+    one = sm.CausalMask((T, T)) if window is None else sm.LocalMask((T, T), window_size=(window, 0), offset=0)
+    mask = sm.MultiHeadMask([one] * group)
     with jax.ensure_compile_time_eval():  # its mask tables are concrete arrays, cached across traces
         return sk.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret)
 
@@ -128,12 +141,12 @@ def _splash_local(kernel, q_BTNH, k_BTKH, v_BTKH):
     return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
 
-def splash_attention(q_BTNH, k_BTKH, v_BTKH):
+def splash_attention(q_BTNH, k_BTKH, v_BTKH, window: int | None = None):
     """Splash attention over the mesh in context (jax.set_mesh): rows split over its batch axes, each device running
     the kernel on its own rows (a Pallas kernel cannot be partitioned by the compiler). Without a mesh, or with rows
     that do not split evenly, the kernel sees the whole batch."""
     # made outside shard_map: its mask tables are arrays that must not belong to one manual shard
-    kernel = _splash_kernel(q_BTNH.shape[2] // k_BTKH.shape[2], q_BTNH.shape[1], target_platform() != "tpu")
+    kernel = _splash_kernel(q_BTNH.shape[2] // k_BTKH.shape[2], q_BTNH.shape[1], target_platform() != "tpu", window)
     local = partial(_splash_local, kernel)
     mesh, axes = jax.sharding.get_abstract_mesh(), context_batch_axes()
     n_shards = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1

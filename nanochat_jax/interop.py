@@ -1,4 +1,6 @@
-"""Import checkpoints written by nanochat (PyTorch) of the classic architecture (nanochat as of December 2025).
+"""Import checkpoints written by nanochat (PyTorch): the classic architecture (nanochat as of December 2025) and the
+modern one (its time-to-GPT-2 recipe: value embeddings, residual scalars, smear, backout, sliding windows; its
+model_config then has a "window_pattern").
 
     from nanochat_jax.interop import import_nanochat
     model, tokenizer, meta = import_nanochat("~/.cache/nanochat/chatsft_checkpoints/d20")
@@ -19,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nanochat_jax.gpt import GPT, GPTConfig
+from nanochat_jax.gpt import GPT, MODERN_SWITCHES, SMEAR_CHANNELS, VE_GATE_CHANNELS, GPTConfig
 from nanochat_jax.sharding import abstract_params, make_mesh, shardings_of
 from nanochat_jax.tokenizer import Tokenizer
 
@@ -43,13 +45,21 @@ def _torch():
 
 def expected_shapes(config: GPTConfig) -> dict[str, tuple]:
     """nanochat's state-dict keys and their torch shapes ([out, in] for linear layers)."""
-    C, D, Vp = config.n_embd, config.head_dim, config.padded_vocab_size
+    C, D, Vp, K = config.n_embd, config.head_dim, config.padded_vocab_size, config.n_kv_head
     shapes = {"transformer.wte.weight": (Vp, C), "lm_head.weight": (Vp, C)}
     for i in range(config.n_layer):
         p = f"transformer.h.{i}."
-        shapes |= {p + "attn.c_q.weight": (config.n_head * D, C), p + "attn.c_k.weight": (config.n_kv_head * D, C),
-                   p + "attn.c_v.weight": (config.n_kv_head * D, C), p + "attn.c_proj.weight": (C, config.n_head * D),
+        shapes |= {p + "attn.c_q.weight": (config.n_head * D, C), p + "attn.c_k.weight": (K * D, C),
+                   p + "attn.c_v.weight": (K * D, C), p + "attn.c_proj.weight": (C, config.n_head * D),
                    p + "mlp.c_fc.weight": (4 * C, C), p + "mlp.c_proj.weight": (C, 4 * C)}
+    for i in config.ve_layers():
+        shapes |= {f"transformer.h.{i}.attn.ve_gate.weight": (K, VE_GATE_CHANNELS), f"value_embeds.{i}.weight": (Vp, K * D)}
+    if config.residual_scalars:
+        shapes |= {"resid_lambdas": (config.n_layer,), "x0_lambdas": (config.n_layer,)}
+    if config.smear:
+        shapes |= {"smear_gate.weight": (1, SMEAR_CHANNELS), "smear_lambda": (1,)}
+    if config.backout:
+        shapes |= {"backout_lambda": (1,)}
     return shapes
 
 
@@ -59,7 +69,7 @@ def state_dict_to_params(state_dict: dict[str, np.ndarray], config: GPTConfig) -
     shapes = expected_shapes(config)
     missing, unexpected = sorted(shapes.keys() - state_dict.keys()), sorted(state_dict.keys() - shapes.keys())
     if missing or unexpected:
-        raise ValueError("not a classic-architecture nanochat checkpoint: "
+        raise ValueError(f"not a {config.recipe}-architecture nanochat checkpoint: "
                          f"missing keys {missing[:8]}, unexpected keys {unexpected[:8]}")
     for key, shape in shapes.items():
         if tuple(state_dict[key].shape) != shape:
@@ -71,17 +81,37 @@ def state_dict_to_params(state_dict: dict[str, np.ndarray], config: GPTConfig) -
 
     blocks = {"attn": {name: stacked(f"attn.{name}") for name in ("c_q", "c_k", "c_v", "c_proj")},
               "mlp": {name: stacked(f"mlp.{name}") for name in ("c_fc", "c_proj")}}
-    return {"wte": w["transformer.wte.weight"], "h": blocks, "lm_head": {"kernel": w["lm_head.weight"].T}}
+    params = {"wte": w["transformer.wte.weight"], "h": blocks, "lm_head": {"kernel": w["lm_head.weight"].T}}
+    if ve_layers := config.ve_layers():  # our gate is stacked over every layer: zeros where nanochat has none
+        gate = np.zeros((config.n_layer, VE_GATE_CHANNELS, config.n_kv_head), np.float32)
+        for i in ve_layers:
+            gate[i] = w[f"transformer.h.{i}.attn.ve_gate.weight"].T
+        blocks["attn"]["ve_gate"] = {"kernel": gate}
+        params["value_embeds"] = np.stack([w[f"value_embeds.{i}.weight"] for i in ve_layers])
+    if config.residual_scalars:
+        params["resid_lambdas"], params["x0_lambdas"] = w["resid_lambdas"], w["x0_lambdas"]
+    if config.smear:
+        params["smear_gate"], params["smear_lambda"] = {"kernel": w["smear_gate.weight"].T}, w["smear_lambda"]
+    if config.backout:
+        params["backout_lambda"] = w["backout_lambda"]
+    return params
+
+
+CLASSIC_KEYS = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")
 
 
 def read_model_config(meta: dict, path: str) -> GPTConfig:
+    """A nanochat model_config: the classic keys, or those and "window_pattern" (nanochat's current architecture,
+    which has every modern switch on)."""
     config = meta.get("model_config")
-    known = {f.name for f in fields(GPTConfig)}
-    if not isinstance(config, dict) or set(config) != known:
+    modern = set(CLASSIC_KEYS) | {"window_pattern"}
+    if not isinstance(config, dict) or set(config) not in (set(CLASSIC_KEYS), modern):
         got = sorted(config) if isinstance(config, dict) else config
-        raise ValueError(f"{path}: model_config {got} is not the classic nanochat architecture (expected the keys "
-                         f"{sorted(known)}); checkpoints of newer nanochat versions are not supported")
-    return GPTConfig(**config)
+        raise ValueError(f"{path}: model_config {got} is neither nanochat's classic architecture (the keys "
+                         f"{list(CLASSIC_KEYS)}) nor its current one (those and window_pattern)")
+    if "window_pattern" not in config:
+        return GPTConfig(**config)
+    return GPTConfig(**(dict(config) | {k: v for k, v in MODERN_SWITCHES.items() if k != "window_pattern"}))
 
 
 def find_tokenizer(checkpoint_dir: str) -> str | None:

@@ -143,9 +143,10 @@ def run(trainer: Trainer, state: TrainState, batches, plan: Plan, checkpointer: 
                 write_metrics(metrics_path, {"step": step, **record}, plan.wandb_run)
             break
 
-        lr_mult, momentum = plan.schedule(step)
+        lr_mult, momentum, wd_mult = plan.schedule(step)
         dispatched, tokens, trained_stats = time.time(), batch["inputs"].size, stats  # tokens: padding included
-        state.params, state.opt_state, out = trainer.run_step(state.params, state.opt_state, batch, lr_mult, momentum)
+        state.params, state.opt_state, out = trainer.run_step(state.params, state.opt_state, batch, lr_mult, momentum,
+                                                             wd_mult)
         state.step += 1
         if state.step < plan.num_iterations:  # dispatch is asynchronous: the next batch is made while the step runs
             position, batch, stats = draw()

@@ -1,10 +1,13 @@
-"""nanochat's optimizer as an optax transformation: Muon for the matrices inside the blocks, AdamW for the embedding
-and lm_head, global-norm clipping first, and the schedules as injected hyperparameters (values, not constants, so a
-new learning rate or momentum never recompiles the step).
+"""nanochat's optimizer as an optax transformation: Muon for the matrices inside the blocks, AdamW for the embeddings,
+lm_head and scalars, global-norm clipping first (classic), and the schedules as injected hyperparameters (values, not
+constants, so a new learning rate, momentum or weight decay never recompiles the step).
 
 Muon (Keller Jordan's): Nesterov momentum, then the update is replaced by an approximately orthogonal matrix from five
-quintic Newton-Schulz steps in bf16, scaled by sqrt(max(1, fan_out/fan_in)). Our kernels are [in, out] (torch's
-weights are [out, in]), so nanochat's rows/cols are our cols/rows.
+quintic Newton-Schulz steps in bf16, scaled by sqrt(max(1, fan_out/fan_in)). The modern recipe (nanochat's current
+optimizer, MODERN_MUON) adds MuonEq row equilibration before the orthogonalisation, Polar Express (five steps with
+their own coefficients) in place of the fixed quintic, Muon+ renormalisation to sqrt(min(m, n)) after it, NorMuon's
+factored second moment (beta2 0.9) and cautious weight decay (only where update and weight agree in sign).
+Our kernels are [in, out] (torch's weights are [out, in]), so nanochat's rows/cols are our cols/rows.
 """
 import math
 from dataclasses import dataclass
@@ -15,19 +18,26 @@ import jax.numpy as jnp
 import optax
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
+# Polar Express (Amsel et al. 2025) for 5 steps, safety factor 2e-2, cushion 2: one (a, b, c) per step, as nanochat's
+POLAR_EXPRESS_COEFFS = ((8.156554524902461, -22.48329292557795, 15.878769915207462),
+                        (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+                        (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+                        (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+                        (2.3465413258596377, -1.7097828382687081, 0.42323551169305323))
 
 
-def orthogonalize(g, steps: int = 5, dtype=jnp.bfloat16):
-    """Newton-Schulz iteration towards U V^T of g = U S V^T (singular values land roughly in [0.5, 1.5]).
+def orthogonalize(g, steps: int = 5, dtype=jnp.bfloat16, polar_express: bool = False):
+    """Newton-Schulz iteration towards U V^T of g = U S V^T (singular values land roughly in [0.5, 1.5]); with
+    polar_express, its per-step coefficients (after dividing by 1.01 x the norm), which land closer to 1.
     Runs in bf16 (fast, and accurate enough: the iteration is only approximate anyway) on the orientation whose
     Gram matrix is the smaller one."""
-    a, b, c = NS_COEFFS
     x = g.astype(dtype)
     tall = g.shape[-2] > g.shape[-1]
     if tall:
         x = x.swapaxes(-1, -2)
-    x = x / (jnp.linalg.norm(x.astype(jnp.float32), axis=(-2, -1), keepdims=True) + 1e-7).astype(dtype)
-    for _ in range(steps):
+    norm = jnp.linalg.norm(x.astype(jnp.float32), axis=(-2, -1), keepdims=True)
+    x = x / ((norm * 1.01 + 1e-6) if polar_express else (norm + 1e-7)).astype(dtype)
+    for a, b, c in POLAR_EXPRESS_COEFFS[:steps] if polar_express else [NS_COEFFS] * steps:
         gram = x @ x.swapaxes(-1, -2)
         x = a * x + (b * gram + c * gram @ gram) @ x
     if tall:
@@ -35,57 +45,177 @@ def orthogonalize(g, steps: int = 5, dtype=jnp.bfloat16):
     return x
 
 
+@dataclass(frozen=True)
+class MuonVariant:
+    """Which of nanochat's later Muon changes are on (all off: the classic Muon)."""
+    polar_express: bool = False  # Polar Express coefficients instead of the fixed quintic
+    row_equilibration: bool = False  # MuonEq: every output row scaled to the mean row norm first
+    renormalize: bool = False  # Muon+: the orthogonalised update's Frobenius norm set to sqrt(min(m, n))
+    normuon_beta2: float | None = None  # NorMuon: factored second moment per output row (or input column)
+    cautious_weight_decay: bool = False  # decay only the weights whose update has their sign
+
+
+CLASSIC_MUON = MuonVariant()
+MODERN_MUON = MuonVariant(polar_express=True, row_equilibration=True, renormalize=True, normuon_beta2=0.9,
+                          cautious_weight_decay=True)
+
+
 class MuonState(NamedTuple):
     momentum: optax.Updates  # the momentum buffer, fp32, shaped like the params
+    second_moment: optax.Updates = None  # NorMuon's: [.., 1, out] or [.., in, 1] per kernel (None when off)
 
 
-def muon(learning_rate, momentum=0.95, ns_steps: int = 5) -> optax.GradientTransformation:
-    """Muon for 2D kernels [fan_in, fan_out]. learning_rate and momentum may be traced scalars."""
+def normuon_axis(shape) -> int:
+    """The axis NorMuon averages over: the input one (per output neuron) unless the kernel has more inputs than
+    outputs (then per input)."""
+    return -2 if shape[-1] >= shape[-2] else -1
+
+
+def muon(learning_rate, momentum=0.95, ns_steps: int = 5, variant: MuonVariant = CLASSIC_MUON,
+         weight_decay=0.0, dtype=jnp.bfloat16) -> optax.GradientTransformation:
+    """Muon for 2D kernels [fan_in, fan_out] (stacked ones [layers, fan_in, fan_out] each on its own).
+    learning_rate, momentum and weight_decay may be traced scalars; dtype: the orthogonalisation's (nanochat's
+    compute dtype: bf16 on accelerators)."""
 
     def init(params):
-        return MuonState(jax.tree.map(lambda p: jnp.zeros_like(p, jnp.float32), params))
+        buf = jax.tree.map(lambda p: jnp.zeros_like(p, jnp.float32), params)
+        if variant.normuon_beta2 is None:
+            return MuonState(buf)
+        moment = jax.tree.map(lambda p: jnp.zeros(p.shape[:-2] + (
+            (1, p.shape[-1]) if normuon_axis(p.shape) == -2 else (p.shape[-2], 1)), jnp.float32), params)
+        return MuonState(buf, moment)
+
+    def direction(g, moment):
+        """The orthogonalised (and, per the variant, equilibrated, renormalised, variance-scaled) update."""
+        fro = lambda x: jnp.linalg.norm(x.astype(jnp.float32), axis=(-2, -1), keepdims=True)  # noqa: E731
+        if variant.row_equilibration:  # nanochat's rows (our columns) to the mean row norm, in bf16 as nanochat
+            x = g.astype(dtype)
+            col = jnp.maximum(jnp.linalg.norm(x.astype(jnp.float32), axis=-2, keepdims=True), 1e-6)
+            g = x * (fro(x) / math.sqrt(g.shape[-1]) / col).astype(x.dtype)
+        u = orthogonalize(g, ns_steps, dtype, variant.polar_express).astype(jnp.float32)
+        if variant.renormalize:
+            u = u * (math.sqrt(min(u.shape[-2:])) / jnp.maximum(fro(u), 1e-6))
+        if moment is None:
+            return u, None
+        axis = normuon_axis(u.shape)
+        v_mean = jnp.mean(u * u, axis=axis, keepdims=True)
+        n = u.shape[axis]
+        norm_before = jnp.sqrt(jnp.sum(v_mean, axis=(-2, -1), keepdims=True) * n)
+        moment = moment + (1 - variant.normuon_beta2) * (v_mean - moment)
+        step = jax.lax.rsqrt(jnp.maximum(moment, 1e-10))
+        norm_after = jnp.sqrt(jnp.sum(v_mean * n * step * step, axis=(-2, -1), keepdims=True))
+        return u * (step * norm_before / jnp.maximum(norm_after, 1e-10)), moment
 
     def update(grads, state, params=None):
         buf = jax.tree.map(lambda m, g: momentum * m + (1 - momentum) * g, state.momentum, grads)
         nesterov = jax.tree.map(lambda g, m: (1 - momentum) * g + momentum * m, grads, buf)
+        g_leaves, treedef = jax.tree.flatten(nesterov)
+        p_leaves = g_leaves if params is None else treedef.flatten_up_to(params)
+        m_leaves = [None] * len(g_leaves) if state.second_moment is None else treedef.flatten_up_to(state.second_moment)
 
-        def step(g):
-            scale = math.sqrt(max(1.0, g.shape[-1] / g.shape[-2]))  # fan_out / fan_in
-            return (-learning_rate * scale) * orthogonalize(g, ns_steps).astype(jnp.float32)
+        def step(g, moment, p):
+            lr = learning_rate * math.sqrt(max(1.0, g.shape[-1] / g.shape[-2]))  # fan_out / fan_in
+            u, moment = direction(g, moment)
+            if variant.cautious_weight_decay:
+                return -lr * (u + weight_decay * p * ((u * p) >= 0)), moment
+            return -lr * u, moment
 
-        return jax.tree.map(step, nesterov), MuonState(buf)
+        out = [step(g, m, p) for g, m, p in zip(g_leaves, m_leaves, p_leaves)]
+        moments = None if state.second_moment is None else treedef.unflatten([m for _, m in out])
+        return treedef.unflatten([u for u, _ in out]), MuonState(buf, moments)
 
     return optax.GradientTransformation(init, update)
 
 
+LABELS = {"h": "matrix", "wte": "embedding", "lm_head": "unembedding", "value_embeds": "value_embeds",
+          "resid_lambdas": "resid", "x0_lambdas": "x0", "smear_gate": "smear", "smear_lambda": "smear",
+          "backout_lambda": "smear"}
+
+
 def param_label(path) -> str:
     top = path[0].key if hasattr(path[0], "key") else str(path[0])
-    return {"h": "matrix", "wte": "embedding", "lm_head": "unembedding"}[top]
+    return LABELS[top]
+
+
+
+@dataclass(frozen=True)
+class AdamGroup:
+    lr: float
+    betas: tuple[float, float]
+    weight_decay: float
+    width_scaled: bool = True  # lr x (n_embd/768)^-0.5
+
+
+def adam_groups(recipe: str, embedding_lr, unembedding_lr, weight_decay, scalar_lr) -> dict[str, AdamGroup]:
+    """The AdamW groups. classic: embedding and lm_head, betas (0.8, 0.95), --weight-decay. modern: nanochat's
+    current per-group settings (its weight decays are fixed; --weight-decay is Muon's there)."""
+    if recipe == "classic":
+        return {"embedding": AdamGroup(embedding_lr, (0.8, 0.95), weight_decay),
+                "unembedding": AdamGroup(unembedding_lr, (0.8, 0.95), weight_decay)}
+    return {"unembedding": AdamGroup(unembedding_lr, (0.8, 0.96), 0.01),
+            "embedding": AdamGroup(embedding_lr, (0.8, 0.995), 0.001),
+            "value_embeds": AdamGroup(embedding_lr * 0.5, (0.8, 0.995), 0.01),
+            "resid": AdamGroup(scalar_lr * 0.01, (0.8, 0.95), 0.05, width_scaled=False),
+            "x0": AdamGroup(scalar_lr, (0.96, 0.95), 0.0, width_scaled=False),
+            "smear": AdamGroup(0.2, (0.8, 0.95), 0.0, width_scaled=False)}
+
+
+RECIPE_DEFAULTS = {  # the optimizer flags' defaults per recipe (nanochat's classic and current base_train)
+    "classic": dict(embedding_lr=0.2, unembedding_lr=0.004, matrix_lr=0.02, weight_decay=0.0, scalar_lr=0.5,
+                    grad_clip=1.0),
+    "modern": dict(embedding_lr=0.3, unembedding_lr=0.008, matrix_lr=0.02, weight_decay=0.28, scalar_lr=0.5,
+                   grad_clip=0.0)}
 
 
 def build_optimizer(n_embd: int, embedding_lr=0.2, unembedding_lr=0.004, matrix_lr=0.02, weight_decay=0.0,
-                    grad_clip=1.0) -> optax.GradientTransformation:
-    """The whole optimizer over our parameter tree (pure dict: 'wte', 'h', 'lm_head'). Its state carries two
-    hyperparameters set every step: lr_multiplier (scales every group's learning rate) and muon_momentum."""
-    adam_scale = (n_embd / 768) ** -0.5  # the AdamW lrs were tuned at width 768
+                    grad_clip=1.0, recipe: str = "classic", scalar_lr=0.5, lr_scale=1.0,
+                    lr_fraction=1.0) -> optax.GradientTransformation:
+    """The whole optimizer over our parameter tree (a pure dict keyed as LABELS). Its state carries the
+    hyperparameters set every step: lr_multiplier (scales every group's learning rate), muon_momentum and, in the
+    modern recipe, wd_multiplier (scales Muon's weight decay). lr_scale multiplies every learning rate but the
+    smear group's (the modern recipe's batch-size scaling, as nanochat's); lr_fraction every one (a chat stage's
+    --init-lr-frac)."""
+    width_scale = (n_embd / 768) ** -0.5  # the AdamW lrs were tuned at width 768
+    groups = adam_groups(recipe, embedding_lr * lr_scale, unembedding_lr * lr_scale, weight_decay, scalar_lr * lr_scale)
+    matrix_lr = matrix_lr * lr_scale * lr_fraction
+    variant = MODERN_MUON if recipe == "modern" else CLASSIC_MUON
 
-    def make(lr_multiplier, muon_momentum):
-        def adamw(lr):
-            return optax.adamw(lr * adam_scale * lr_multiplier, b1=0.8, b2=0.95, eps=1e-10, weight_decay=weight_decay)
+    def make(lr_multiplier, muon_momentum, wd_multiplier=None):
+        def adamw(g: AdamGroup):
+            lr = g.lr * (width_scale if g.width_scaled else 1.0) * lr_fraction * lr_multiplier
+            return optax.adamw(lr, b1=g.betas[0], b2=g.betas[1], eps=1e-10, weight_decay=g.weight_decay)
 
-        groups = optax.partition(
-            {"matrix": muon(matrix_lr * lr_multiplier, muon_momentum), "embedding": adamw(embedding_lr),
-             "unembedding": adamw(unembedding_lr)},
-            lambda params: jax.tree_util.tree_map_with_path(lambda path, _: param_label(path), params))
-        return optax.chain(optax.clip_by_global_norm(grad_clip), groups) if grad_clip > 0 else groups
+        muon_wd = weight_decay * wd_multiplier if wd_multiplier is not None else 0.0
+        transforms = {"matrix": muon(matrix_lr * lr_multiplier, muon_momentum, variant=variant,
+                                     weight_decay=muon_wd)} | {name: adamw(g) for name, g in groups.items()}
+        partitioned = optax.partition(
+            transforms, lambda params: jax.tree_util.tree_map_with_path(lambda path, _: param_label(path), params))
+        return optax.chain(optax.clip_by_global_norm(grad_clip), partitioned) if grad_clip > 0 else partitioned
 
+    if recipe == "modern":
+        return optax.inject_hyperparams(make)(lr_multiplier=1.0, muon_momentum=0.95, wd_multiplier=1.0)
     return optax.inject_hyperparams(make)(lr_multiplier=1.0, muon_momentum=0.95)
 
 
-def set_schedule(opt_state, lr_multiplier, muon_momentum):
+REFERENCE_BATCH = 2 ** 19  # nanochat's measured best batch (tokens) for d12 at its horizon
+
+
+def auto_batch(scaling_params: int, d12_scaling_params: int, target_param_data_ratio: float,
+               weight_decay: float) -> tuple[int, float, float]:
+    """nanochat's modern sizing: (tokens per step, learning-rate scale, Muon weight decay) for a model trained for
+    target_param_data_ratio tokens per scaling parameter. The batch grows as the horizon D^0.383 from 2^19 at d12
+    (the Power Lines fit), rounded to a power of two; learning rates scale by sqrt(B / 2^19); the weight decay by
+    sqrt(B / 2^19) x D_d12 / D, which keeps its effective timescale."""
+    tokens, d12_tokens = target_param_data_ratio * scaling_params, target_param_data_ratio * d12_scaling_params
+    batch = 2 ** round(math.log2(REFERENCE_BATCH * (tokens / d12_tokens) ** 0.383))
+    return batch, math.sqrt(batch / REFERENCE_BATCH), weight_decay * math.sqrt(batch / REFERENCE_BATCH) * d12_tokens / tokens
+
+
+def set_schedule(opt_state, lr_multiplier, muon_momentum, wd_multiplier=1.0):
     """A copy of opt_state with this step's schedule values (works inside jit: they are plain array leaves)."""
-    hyperparams = dict(opt_state.hyperparams, lr_multiplier=jnp.asarray(lr_multiplier, jnp.float32),
-                       muon_momentum=jnp.asarray(muon_momentum, jnp.float32))
+    values = {"lr_multiplier": lr_multiplier, "muon_momentum": muon_momentum, "wd_multiplier": wd_multiplier}
+    hyperparams = dict(opt_state.hyperparams) | {k: jnp.asarray(v, jnp.float32) for k, v in values.items()
+                                                 if k in opt_state.hyperparams}
     return opt_state._replace(hyperparams=hyperparams)
 
 
@@ -106,16 +236,38 @@ def muon_momentum(step: int) -> float:
     return (1 - frac) * 0.85 + frac * 0.95
 
 
+def modern_muon_momentum(step: int, num_iterations: int, warmdown_ratio: float) -> float:
+    """nanochat's current ramp: 0.85 -> 0.97 over the first 400 steps, then 0.97, falling linearly to 0.90 over the
+    warmdown."""
+    warmdown = round(warmdown_ratio * num_iterations)
+    if step < 400:
+        return (1 - step / 400) * 0.85 + step / 400 * 0.97
+    if step >= num_iterations - warmdown:
+        progress = (step - (num_iterations - warmdown)) / warmdown
+        return 0.97 * (1 - progress) + 0.90 * progress
+    return 0.97
+
+
 @dataclass(frozen=True)
 class Schedule:
-    """A stage's schedule: step -> (learning-rate multiplier, Muon momentum). momentum None: muon_momentum's ramp
-    (pretraining and midtraining), else that constant (SFT and RL: 0.95)."""
+    """A stage's schedule: step -> (learning-rate multiplier, Muon momentum, Muon weight-decay multiplier).
+    momentum None: muon_momentum's ramp (pretraining and midtraining), else that constant (SFT and RL: 0.95).
+    modern: nanochat's current pretraining schedule (warmup_steps of warmup, modern_muon_momentum, weight decay
+    cosine to 0 over the run); warmup_steps, when set, replaces warmup_ratio."""
     num_iterations: int
     warmup_ratio: float = 0.0
     warmdown_ratio: float = 0.2
     final_lr_frac: float = 0.0
     momentum: float | None = None
+    warmup_steps: int | None = None
+    modern: bool = False
 
-    def __call__(self, step: int) -> tuple[float, float]:
-        lr = lr_multiplier(step, self.num_iterations, self.warmup_ratio, self.warmdown_ratio, self.final_lr_frac)
-        return lr, muon_momentum(step) if self.momentum is None else self.momentum
+    def __call__(self, step: int) -> tuple[float, float, float]:
+        n = self.num_iterations
+        warmup = self.warmup_ratio if self.warmup_steps is None else self.warmup_steps / n
+        lr = lr_multiplier(step, n, warmup, self.warmdown_ratio, self.final_lr_frac)
+        if self.momentum is not None:
+            momentum = self.momentum
+        else:
+            momentum = modern_muon_momentum(step, n, self.warmdown_ratio) if self.modern else muon_momentum(step)
+        return lr, momentum, 0.5 * (1 + math.cos(math.pi * step / n)) if self.modern else 1.0

@@ -16,18 +16,30 @@ from flax import nnx
 from nanochat_jax.checkpoint import STAGE_DIRS, Checkpointer, stage_directory
 from nanochat_jax.common import get_base_dir, parse_dtype, print0
 from nanochat_jax.gpt import GPT, REMAT_POLICIES, GPTConfig
-from nanochat_jax.optim import build_optimizer
+from nanochat_jax.optim import RECIPE_DEFAULTS, build_optimizer
 from nanochat_jax.sharding import make_mesh
 from nanochat_jax.tokenizer import Tokenizer
 from nanochat_jax.trainer import Trainer, TrainState
 
 
-def add_optimizer_flags(p: argparse.ArgumentParser, grad_clip: float):
-    p.add_argument("--embedding-lr", type=float, default=0.2)
-    p.add_argument("--unembedding-lr", type=float, default=0.004)
-    p.add_argument("--matrix-lr", type=float, default=0.02)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--grad-clip", type=float, default=grad_clip, help="global-norm clip (0: off)")
+def add_optimizer_flags(p: argparse.ArgumentParser, grad_clip: float | None = None,
+                        weight_decay: float | None = None):
+    """The learning rates and the rest; None (the default) is the model's recipe's value (optim.RECIPE_DEFAULTS)."""
+    p.add_argument("--embedding-lr", type=float, default=None, help="default: classic 0.2, modern 0.3")
+    p.add_argument("--unembedding-lr", type=float, default=None, help="default: classic 0.004, modern 0.008")
+    p.add_argument("--matrix-lr", type=float, default=None, help="Muon's (default 0.02)")
+    p.add_argument("--scalar-lr", type=float, default=None, help="modern recipe: the x0 scalars' (resid: x 0.01; 0.5)")
+    p.add_argument("--weight-decay", type=float, default=weight_decay, help="classic: AdamW's (default 0); modern: "
+                   "Muon's cautious decay, scaled by batch and horizon, cosine to 0 (default 0.28)")
+    p.add_argument("--grad-clip", type=float, default=grad_clip, help="global-norm clip, 0: off (default: classic "
+                   "1.0, modern 0)")
+
+
+def fill_optimizer_defaults(args, recipe: str):
+    """The optimizer flags left unset take the recipe's values (so the run's meta records what was used)."""
+    for name, value in RECIPE_DEFAULTS[recipe].items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
 
 
 def add_chat_stage_flags(p: argparse.ArgumentParser, sources: list[str], device_batch_size: int,
@@ -38,7 +50,7 @@ def add_chat_stage_flags(p: argparse.ArgumentParser, sources: list[str], device_
     p.add_argument("--step", type=int, default=None, help="the source checkpoint's step (default: the latest)")
     p.add_argument("--device-batch-size", type=int, default=device_batch_size, help="rows per device per micro-step")
     p.add_argument("--num-iterations", type=int, default=-1, help="steps (-1: one epoch of the data)")
-    add_optimizer_flags(p, grad_clip=0.0)  # nanochat clips only in pretraining
+    add_optimizer_flags(p, grad_clip=0.0, weight_decay=0.0)  # nanochat clips only in pretraining
     p.add_argument("--init-lr-frac", type=float, default=init_lr_frac, help="learning rates x this")
     p.add_argument("--eval-every", type=int, default=eval_every, help="steps between evaluations (-1: only at the end)")
     p.add_argument("--save-every", type=int, default=-1, help="steps between checkpoints (-1: only at the end)")
@@ -80,12 +92,15 @@ def batch_geometry(args, num_devices: int) -> int:
     return args.total_batch_size // tokens_per_micro_step
 
 
-def make_trainer(args, config: GPTConfig, lr_scale: float = 1.0):
-    """(trainer, make_model) for a model of `config` under --mesh/--dtype with the flags' learning rates."""
+def make_trainer(args, config: GPTConfig, lr_fraction: float = 1.0, lr_scale: float = 1.0):
+    """(trainer, make_model) for a model of `config` under --mesh/--dtype with the flags' learning rates (unset
+    ones: the model's recipe's) x lr_fraction (all) x lr_scale (all but the modern smear group's)."""
     dtype = parse_dtype(args.dtype)
     make_model = lambda: GPT(config, rngs=nnx.Rngs(args.seed), dtype=dtype, remat=args.remat)  # noqa: E731
-    tx = build_optimizer(config.n_embd, args.embedding_lr * lr_scale, args.unembedding_lr * lr_scale,
-                         args.matrix_lr * lr_scale, args.weight_decay, args.grad_clip)
+    fill_optimizer_defaults(args, config.recipe)
+    tx = build_optimizer(config.n_embd, args.embedding_lr, args.unembedding_lr, args.matrix_lr, args.weight_decay,
+                         args.grad_clip, recipe=config.recipe, scalar_lr=args.scalar_lr, lr_scale=lr_scale,
+                         lr_fraction=lr_fraction)
     return Trainer.create(make_model, tx, make_mesh(args.mesh)), make_model
 
 
@@ -150,7 +165,7 @@ def begin_run(args, trainer: Trainer, checkpointer: Checkpointer, batches, token
     if "loop_state" not in saved:
         raise SystemExit(f"--resume: step {step} in {checkpointer.directory} is not a training checkpoint "
                          "(no optimizer or data state; an imported model?)")
-    if saved["model_config"] != asdict(config):
+    if GPTConfig(**saved["model_config"]) != config:
         raise SystemExit(f"--resume: {checkpointer.directory} holds a model {saved['model_config']}, but this run "
                          f"makes {asdict(config)}; use the same model flags or another --model-tag")
     # a saved data position means nothing under another data flag (mid/sft's --mixture, rl's --task)

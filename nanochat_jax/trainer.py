@@ -112,7 +112,8 @@ class Trainer:
 
     @cached_property
     def step(self):
-        """jitted (params, opt_state, batch, lr_multiplier, muon_momentum) -> (params, opt_state, metrics)."""
+        """jitted (params, opt_state, batch, lr_multiplier, muon_momentum, wd_multiplier) -> (params, opt_state,
+        metrics); wd_multiplier scales Muon's weight decay (the modern recipe's; the classic optimizer has none)."""
         graphdef, tx = self.graphdef, self.tx
 
         def loss_fn(params, micro):
@@ -120,11 +121,11 @@ class Trainer:
 
         mesh = self.mesh
 
-        def step(params, opt_state, batch, lr_multiplier, muon_momentum):
+        def step(params, opt_state, batch, lr_multiplier, muon_momentum, wd_multiplier):
             with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # kernels in shard_map (splash) see the mesh
-                return train_step(params, opt_state, batch, lr_multiplier, muon_momentum)
+                return train_step(params, opt_state, batch, lr_multiplier, muon_momentum, wd_multiplier)
 
-        def train_step(params, opt_state, batch, lr_multiplier, muon_momentum):
+        def train_step(params, opt_state, batch, lr_multiplier, muon_momentum, wd_multiplier):
             def accumulate(grad_sum, micro):
                 loss, grads = jax.value_and_grad(loss_fn)(params, micro)
                 return jax.tree.map(jnp.add, grad_sum, grads), loss
@@ -133,13 +134,14 @@ class Trainer:
             # summed into, whatever the accumulation count
             grads, losses = jax.lax.scan(accumulate, jax.tree.map(jnp.zeros_like, params), batch)
             grads = jax.tree.map(lambda g: g / losses.shape[0], grads)
-            opt_state = set_schedule(opt_state, lr_multiplier, muon_momentum)  # traced values: no recompile
+            opt_state = set_schedule(opt_state, lr_multiplier, muon_momentum, wd_multiplier)  # traced: no recompile
             updates, opt_state = tx.update(grads, opt_state, params)
             params = optax.apply_updates(params, updates)
             return params, opt_state, {"loss": losses.mean(), "grad_norm": optax.tree.norm(grads),
                                        "num_tokens": jnp.sum(batch["targets"] >= 0)}
 
-        return jax.jit(step, in_shardings=(self.params_sharding, self.opt_sharding, self.batch_sharding(), None, None),
+        return jax.jit(step, in_shardings=(self.params_sharding, self.opt_sharding, self.batch_sharding(), None, None,
+                                           None),
                        out_shardings=(self.params_sharding, self.opt_sharding, None), donate_argnums=(0, 1))
 
     def compile_step(self, rows: int, seq_len: int, accum: int):
@@ -152,10 +154,11 @@ class Trainer:
         self.compiled_steps[_batch_key(args[2])] = compiled
         return compiled, seconds
 
-    def run_step(self, params, opt_state, batch, lr_multiplier, muon_momentum):
+    def run_step(self, params, opt_state, batch, lr_multiplier, muon_momentum, wd_multiplier=1.0):
         """Trainer.step, through the executable compile_step made for this batch shape when there is one."""
         step = self.compiled_steps.get(_batch_key(batch), self.step)
-        return step(params, opt_state, batch, jnp.float32(lr_multiplier), jnp.float32(muon_momentum))
+        return step(params, opt_state, batch, jnp.float32(lr_multiplier), jnp.float32(muon_momentum),
+                    jnp.float32(wd_multiplier))
 
 
 def _batch_key(batch: dict) -> tuple:

@@ -9,6 +9,7 @@ import pytest
 
 from conftest import logits_of, run_module
 from nanochat_jax.checkpoint import load_model
+from nanochat_jax.gpt import GPTConfig
 from nanochat_jax.interop import import_nanochat
 from nanochat_jax.sharding import make_mesh
 from reference import gpt_forward, random_state_dict
@@ -58,10 +59,32 @@ def test_bf16_weights_and_no_prefix(tmp_path):
     np.testing.assert_array_equal(np.asarray(model.wte[...]), tsd["transformer.wte.weight"].float().numpy())
 
 
+MODERN = dict(sequence_len=512, vocab_size=512, n_layer=3, n_head=2, n_kv_head=1, n_embd=64, window_pattern="SSL")
+
+
+def test_import_of_the_current_architecture(tmp_path):
+    """A checkpoint of nanochat's current model (value embeddings on layers 0 and 2, scalars, smear, backout, the
+    window pattern in its meta): logits as the numpy forward with every modern switch."""
+    switches = dict(rope_base=100000.0, qk_scale=1.2, value_embeds=True, residual_scalars=True, smear=True,
+                    backout=True)
+    sd = write_nanochat_checkpoint(tmp_path / "m", cfg=MODERN, state_dict=random_state_dict(MODERN | switches, std=0.2))
+    assert "value_embeds.0.weight" in sd and "value_embeds.1.weight" not in sd
+    model, _, meta = import_nanochat(str(tmp_path / "m"))
+    assert model.config.recipe == "modern" and model.config.ve_layers() == [0, 2]
+    idx = np.random.default_rng(0).integers(0, 512, (2, 160))  # past the short window (128)
+    expected = gpt_forward(sd, MODERN | switches, idx)
+    out = np.asarray(logits_of(model, jnp.asarray(idx)), np.float64)
+    assert np.linalg.norm(out - expected) / np.linalg.norm(expected) < 1e-4
+    # a classic state dict under a modern meta names what is missing
+    write_nanochat_checkpoint(tmp_path / "mixed", cfg=MODERN, state_dict=random_state_dict(MODERN))
+    with pytest.raises(ValueError, match="not a modern-architecture nanochat checkpoint: missing keys"):
+        import_nanochat(str(tmp_path / "mixed"))
+
+
 def test_other_architectures_and_missing_files_are_refused(tmp_path):
-    newer = dict(CFG, window_pattern="SSSL")  # a later nanochat's config
+    newer = dict(CFG, window_pattern="SSSL", attn_softcap=50)  # a config neither classic nor current
     write_nanochat_checkpoint(tmp_path / "new", cfg=newer, state_dict=random_state_dict(CFG))
-    with pytest.raises(ValueError, match="not the classic nanochat architecture"):
+    with pytest.raises(ValueError, match="neither nanochat's classic architecture"):
         import_nanochat(str(tmp_path / "new"))
     sd = random_state_dict(CFG)
     sd["resid_lambdas"] = np.ones(2, np.float32)
@@ -85,7 +108,7 @@ def test_import_script_writes_our_checkpoint(tmp_path, tokenizer):
     dst = tmp_path / "dst"
     run_module("scripts.import_nanochat", "--src", str(tmp_path / "src"), "--dst", str(dst), check=True)
     model, tok, meta = load_model(str(dst), mesh=make_mesh("fsdp:8"))
-    assert meta["step"] == 7 and meta["model_config"] == CFG and tok.get_vocab_size() == 512
+    assert meta["step"] == 7 and GPTConfig(**meta["model_config"]) == GPTConfig(**CFG) and tok.get_vocab_size() == 512
     assert model.h.mlp.c_fc.kernel[...].sharding.spec[1] == "fsdp"
     idx = np.random.default_rng(2).integers(0, 512, (8, 16))
     np.testing.assert_allclose(np.asarray(logits_of(model, jnp.asarray(idx))), gpt_forward(sd, CFG, idx),

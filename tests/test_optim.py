@@ -6,7 +6,9 @@ from flax import nnx
 
 from conftest import tiny_config
 from nanochat_jax.gpt import GPT
-from nanochat_jax.optim import build_optimizer, lr_multiplier, muon, muon_momentum, orthogonalize, param_label, set_schedule
+from nanochat_jax.gpt import config_from_depth
+from nanochat_jax.optim import (MODERN_MUON, MuonVariant, Schedule, auto_batch, build_optimizer, lr_multiplier, muon,
+                                muon_momentum, orthogonalize, param_label, set_schedule)
 
 
 def numpy_newton_schulz(g, steps=5):
@@ -106,3 +108,111 @@ def test_schedules():
     assert lr_multiplier(0, 100, warmup_ratio=0.1) == pytest.approx(0.1)
     assert muon_momentum(0) == pytest.approx(0.85) and muon_momentum(150) == pytest.approx(0.90)
     assert muon_momentum(300) == pytest.approx(0.95) and muon_momentum(5000) == pytest.approx(0.95)
+
+
+POLAR = [(8.156554524902461, -22.48329292557795, 15.878769915207462),
+         (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+         (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+         (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+         (2.3465413258596377, -1.7097828382687081, 0.42323551169305323)]
+
+
+def numpy_modern_muon_step(W, G, buf, v2, lr, momentum, wd, beta2, variant):
+    """nanochat's current Muon step on torch-layout weights W [out, in] (float64): Nesterov, MuonEq, Polar
+    Express, Muon+, NorMuon, cautious weight decay; each part per the variant."""
+    buf = buf + (1 - momentum) * (G - buf)
+    X = G + momentum * (buf - G)
+    out_, in_ = W.shape
+    if variant.row_equilibration:
+        X = X * (np.linalg.norm(X) / np.sqrt(out_) / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-6))
+    coeffs = POLAR if variant.polar_express else [(3.4445, -4.7750, 2.0315)] * 5
+    X = X / (np.linalg.norm(X) * 1.01 + 1e-6) if variant.polar_express else X / (np.linalg.norm(X) + 1e-7)
+    for a, b, c in coeffs:
+        if out_ > in_:
+            A = X.T @ X
+            X = a * X + X @ (b * A + c * A @ A)
+        else:
+            A = X @ X.T
+            X = a * X + (b * A + c * A @ A) @ X
+    if variant.renormalize:
+        X = X * np.sqrt(min(out_, in_)) / max(np.linalg.norm(X), 1e-6)
+    if variant.normuon_beta2 is not None:
+        red = 1 if out_ >= in_ else 0
+        v_mean = (X * X).mean(axis=red, keepdims=True)
+        n = X.shape[red]
+        v_norm = np.sqrt(v_mean.sum() * n)
+        v2 = v2 + (1 - beta2) * (v_mean - v2)
+        step = 1 / np.sqrt(np.maximum(v2, 1e-10))
+        X = X * step * v_norm / max(np.sqrt((v_mean * n * step ** 2).sum()), 1e-10)
+    lr = lr * max(1.0, out_ / in_) ** 0.5
+    decay = wd * W * ((X * W) >= 0) if variant.cautious_weight_decay else 0
+    return W - lr * X - lr * decay, buf, v2
+
+
+@pytest.mark.parametrize("variant", [MuonVariant(polar_express=True), MuonVariant(normuon_beta2=0.9),
+                                     MuonVariant(cautious_weight_decay=True), MODERN_MUON])
+@pytest.mark.parametrize("shape", [(32, 96), (96, 32)])  # our kernels [in, out]
+def test_modern_muon_matches_numpy(variant, shape):
+    rng = np.random.default_rng(0)
+    kernel = rng.standard_normal(shape).astype(np.float32)
+    tx = muon(0.02, 0.9, variant=variant, weight_decay=0.3, dtype=jnp.float32)
+    state, params = tx.init({"w": jnp.asarray(kernel)}), {"w": jnp.asarray(kernel)}
+    W, buf = kernel.T.astype(np.float64), np.zeros(kernel.T.shape)
+    v2 = np.zeros((W.shape[0], 1) if W.shape[0] >= W.shape[1] else (1, W.shape[1]))
+    for _ in range(3):  # three steps, so NorMuon's second moment and the momentum carry over
+        grad = rng.standard_normal(shape).astype(np.float32)
+        updates, state = tx.update({"w": jnp.asarray(grad)}, state, params)
+        params = {"w": params["w"] + updates["w"]}
+        W, buf, v2 = numpy_modern_muon_step(W, grad.T.astype(np.float64), buf, v2, 0.02, 0.9, 0.3, 0.9, variant)
+    np.testing.assert_allclose(np.asarray(params["w"]), W.T, rtol=1e-4, atol=1e-5)
+    if variant.normuon_beta2 is not None:
+        np.testing.assert_allclose(np.asarray(state.second_moment["w"]).ravel(), v2.ravel(), rtol=1e-4)
+
+
+def test_polar_express_singular_values():
+    """Polar Express lands the singular values of a badly conditioned matrix closer to 1 than the fixed quintic."""
+    g = jax.random.normal(jax.random.key(0), (64, 256)) * jnp.linspace(0.01, 10, 256)
+    quintic = np.linalg.svd(np.asarray(orthogonalize(g), np.float32), compute_uv=False)
+    polar = np.linalg.svd(np.asarray(orthogonalize(g, polar_express=True), np.float32), compute_uv=False)
+    assert polar.min() > 0.75 and polar.max() < 1.2
+    assert np.abs(polar - 1).mean() < 0.6 * np.abs(quintic - 1).mean()
+
+
+def test_modern_groups_and_schedule():
+    cfg = config_from_depth(2, 200, 64, recipe="modern")
+    params = nnx.to_pure_dict(nnx.state(GPT(cfg, rngs=nnx.Rngs(0))))
+    tx = build_optimizer(cfg.n_embd, 0.3, 0.008, 0.02, 0.28, grad_clip=0.0, recipe="modern", lr_scale=2.0)
+    state = set_schedule(tx.init(params), 0.5, 0.95, 0.0)
+    grads = jax.tree.map(lambda p: jnp.asarray(np.random.default_rng(1).standard_normal(p.shape), jnp.float32), params)
+    zero = jax.tree.map(jnp.zeros_like, params)  # zero weights: weight decay moves nothing, Adam moves lr x sign
+    updates, _ = tx.update(grads, state, zero)
+    w = (cfg.n_embd / 768) ** -0.5
+    expected = {"wte": 0.3 * 2 * w, "value_embeds": 0.15 * 2 * w, "resid_lambdas": 0.005 * 2, "x0_lambdas": 0.5 * 2,
+                "smear_lambda": 0.2, "backout_lambda": 0.2}  # smear's group is not batch-scaled (nanochat's)
+    for name, lr in expected.items():
+        np.testing.assert_allclose(np.abs(np.asarray(updates[name])), lr * 0.5, rtol=1e-4)
+    np.testing.assert_allclose(np.abs(np.asarray(updates["lm_head"]["kernel"])), 0.008 * 2 * w * 0.5, rtol=1e-4)
+    # the Muon weight decay follows its multiplier: 0 here, so nonzero weights move by the update only
+    ones = jax.tree.map(jnp.ones_like, params)
+    u_off, _ = tx.update(grads, state, ones)
+    u_on, _ = tx.update(grads, set_schedule(state, 0.5, 0.95, 1.0), ones)
+    diff = np.asarray(u_off["h"]["mlp"]["c_proj"]["kernel"] - u_on["h"]["mlp"]["c_proj"]["kernel"])
+    assert diff.min() >= 0 and 0 < diff.max() <= 0.02 * 2 * 0.5 * 0.28 + 1e-7
+
+    s = Schedule(1000, warmdown_ratio=0.65, final_lr_frac=0.05, warmup_steps=40, modern=True)
+    assert s(0)[0] == pytest.approx(1 / 40) and s(39)[0] == 1.0 and s(350)[0] == 1.0
+    assert s(1000)[0] == pytest.approx(0.05) and s(675)[0] == pytest.approx(0.5 + 0.5 * 0.05)
+    assert s(0)[1] == pytest.approx(0.85) and s(200)[1] == pytest.approx(0.91) and s(340)[1] < s(349)[1] < 0.97
+    assert s(400)[1] == pytest.approx(0.97 * (1 - 50 / 650) + 0.90 * 50 / 650) and s(1000)[1] == pytest.approx(0.90)
+    assert s(0)[2] == 1.0 and s(500)[2] == pytest.approx(0.5) and s(1000)[2] == pytest.approx(0.0)
+    assert Schedule(100)(50) == (1.0, muon_momentum(50), 1.0)
+
+
+def test_auto_batch_matches_nanochat():
+    """nanochat's published sizing at its speedrun ratio 8: d12 trains on 2^19 tokens a step, d24 on 2^20."""
+    ref = config_from_depth(12, 32768, 2048, recipe="modern").scaling_params()
+    assert auto_batch(ref, ref, 8, 0.28) == (2 ** 19, 1.0, 0.28)
+    d24 = config_from_depth(24, 32768, 2048, recipe="modern").scaling_params()
+    batch, lr_scale, wd = auto_batch(d24, ref, 8, 0.28)
+    assert batch == 2 ** 20 and lr_scale == pytest.approx(2 ** 0.5)
+    assert wd == pytest.approx(0.28 * 2 ** 0.5 * ref / d24)

@@ -91,7 +91,7 @@ def test_toy_rl_reward_rises(tokenizer):
                                   seed=step * 10 + j) for j in range(4)]
         rewards.append(float(np.mean([r.rewards.mean() for r in step_rollouts])))
         batch = jax.device_put(policy_batch(step_rollouts, 16, pad, config.sequence_len), trainer.batch_sharding())
-        params, opt_state, _ = trainer.step(params, opt_state, batch, jnp.float32(1.0), jnp.float32(0.95))
+        params, opt_state, _ = trainer.run_step(params, opt_state, batch, 1.0, 0.95)
         engine.use(trainer.model(params))
     assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.3, rewards
 

@@ -24,8 +24,8 @@ def run_steps(mesh, batches, schedule=((1.0, 0.85), (0.5, 0.9))):
     params, opt_state = state.params, state.opt_state
     losses = []
     for batch, (lrm, mom) in zip(batches, schedule):
-        params, opt_state, out = trainer.step(params, opt_state, jax.device_put(batch, trainer.batch_sharding()),
-                                              jnp.float32(lrm), jnp.float32(mom))
+        params, opt_state, out = trainer.run_step(params, opt_state, jax.device_put(batch, trainer.batch_sharding()),
+                                                  lrm, mom)
         losses.append(float(out["loss"]))
     return trainer, jax.tree.map(np.asarray, params), losses
 

@@ -1,10 +1,17 @@
 """Pretrain the base model on the FineWeb-edu shards.
 
     python -m train.base --depth 20 --mesh data:8                     # the d20 speedrun on 8 GPUs
+    python -m train.base --recipe modern --depth 24 --target-param-data-ratio 8 --device-batch-size 16
+                                                                       # nanochat's time-to-GPT-2 recipe
     python -m train.base --depth 4 --max-seq-len 256 --device-batch-size 4 --total-batch-size 8192 \\
         --num-iterations 50 --eval-every 25 --eval-tokens 16384        # a tiny run on a laptop CPU
 
 Checkpoints, meta and metrics.jsonl go to $NANOCHAT_BASE_DIR/base_checkpoints/<model-tag>/ (default d<depth>).
+
+--recipe classic (the default) is nanochat of December 2025; --recipe modern is its current one: the model's modern
+switches (gpt.MODERN_SWITCHES), the modern Muon and AdamW groups, 40 warmup steps, warmdown over the last 65% to 5%,
+Muon momentum 0.85 -> 0.97 -> 0.90, weight decay cosine to 0, the batch from the horizon (optim.auto_batch) and the
+horizon counted in block matrices + lm_head. Every flag left unset takes its recipe's value (RECIPE_FLAGS).
 """
 import argparse
 import os
@@ -19,27 +26,38 @@ from nanochat_jax.checkpoint import Checkpointer
 from nanochat_jax.common import get_base_dir, init_distributed, parse_dtype, print0
 from nanochat_jax.dataloader import StepBatches, pretraining_batches
 from nanochat_jax.dataset import standin_corpus
-from nanochat_jax.gpt import config_from_depth
+from nanochat_jax.gpt import RECIPES, config_from_depth
 from nanochat_jax.loop import Eval, Plan, run
-from nanochat_jax.optim import Schedule
+from nanochat_jax.optim import REFERENCE_BATCH, Schedule, auto_batch
 from nanochat_jax.stages import (add_optimizer_flags, add_run_flags, batch_geometry, begin_run, check_flags,
-                                 make_trainer, run_meta, start_wandb)
+                                 fill_optimizer_defaults, make_trainer, run_meta, start_wandb)
 from nanochat_jax.tokenizer import get_token_bytes, get_tokenizer
+
+
+RECIPE_FLAGS = {  # the schedule and sizing flags' values per recipe where left unset
+    "classic": dict(total_batch_size=524288, target_param_data_ratio=20, warmup_steps=0, warmdown_ratio=0.2,
+                    final_lr_frac=0.0),
+    "modern": dict(total_batch_size=-1, target_param_data_ratio=12, warmup_steps=40, warmdown_ratio=0.65,
+                   final_lr_frac=0.05)}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="pretrain a nanochat GPT")
+    p.add_argument("--recipe", choices=RECIPES, default="classic", help="classic (nanochat of Dec 2025) or modern "
+                   "(its time-to-GPT-2 architecture, optimizer and schedule)")
     p.add_argument("--depth", type=int, default=20, help="layers; width = 64 x depth, head dim 128")
     p.add_argument("--max-seq-len", type=int, default=2048)
     p.add_argument("--device-batch-size", type=int, default=32, help="rows per device per micro-step")
-    p.add_argument("--total-batch-size", type=int, default=524288, help="tokens per optimizer step")
+    p.add_argument("--total-batch-size", type=int, default=None, help="tokens per optimizer step (classic: 524288; "
+                   "modern: -1, from the horizon)")
     p.add_argument("--num-iterations", type=int, default=-1, help="steps (-1: from the flops or data:param target)")
     p.add_argument("--target-flops", type=float, default=-1.0, help="steps from a training-FLOPs budget (-1: off)")
-    p.add_argument("--target-param-data-ratio", type=float, default=20, help="tokens per parameter (Chinchilla: 20)")
-    add_optimizer_flags(p, grad_clip=1.0)
-    p.add_argument("--warmup-ratio", type=float, default=0.0)
-    p.add_argument("--warmdown-ratio", type=float, default=0.2)
-    p.add_argument("--final-lr-frac", type=float, default=0.0)
+    p.add_argument("--target-param-data-ratio", type=float, default=None, help="tokens per parameter (classic: 20, "
+                   "all parameters; modern: 12, block matrices + lm_head; the speedrun uses 8)")
+    add_optimizer_flags(p)
+    p.add_argument("--warmup-steps", type=int, default=None, help="default: classic 0, modern 40")
+    p.add_argument("--warmdown-ratio", type=float, default=None, help="default: classic 0.2, modern 0.65")
+    p.add_argument("--final-lr-frac", type=float, default=None, help="default: classic 0, modern 0.05")
     p.add_argument("--eval-every", type=int, default=250, help="steps between validation bpb (-1: only at the end)")
     p.add_argument("--eval-tokens", type=int, default=20 * 524288)
     p.add_argument("--sample-every", type=int, default=2000, help="steps between greedy samples (-1: only at the end)")
@@ -47,11 +65,21 @@ def parse_args(argv=None):
     p.add_argument("--model-tag", default=None, help="checkpoint directory name (default: d<depth>)")
     add_run_flags(p)
     args = p.parse_args(argv)
-    check_flags(p, args, positive=("depth", "max_seq_len", "device_batch_size", "total_batch_size", "eval_tokens"),
-                every=("eval_every", "sample_every", "save_every"))
+    for name, value in RECIPE_FLAGS[args.recipe].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.total_batch_size == -1 and args.recipe == "classic":
+        p.error("--total-batch-size -1 (from the horizon) is the modern recipe's: give a number")
+    check_flags(p, args, positive=("depth", "max_seq_len", "device_batch_size", "eval_tokens"),
+                every=("eval_every", "sample_every", "save_every", "total_batch_size"), nonnegative=("warmup_steps",))
     if args.num_iterations <= 0 and args.target_flops <= 0 and args.target_param_data_ratio <= 0:
         p.error("no training horizon: give --num-iterations, --target-flops or --target-param-data-ratio")
     return args
+
+
+def horizon_params(config) -> int:
+    """What --target-param-data-ratio counts: every parameter (classic), block matrices + lm_head (modern)."""
+    return config.num_params() if config.recipe == "classic" else config.scaling_params()
 
 
 def horizon(args, config) -> int:
@@ -59,7 +87,22 @@ def horizon(args, config) -> int:
         return args.num_iterations
     if args.target_flops > 0:
         return max(1, round(args.target_flops / (config.flops_per_token() * args.total_batch_size)))
-    return max(1, int(args.target_param_data_ratio * config.num_params()) // args.total_batch_size)
+    return max(1, int(args.target_param_data_ratio * horizon_params(config)) // args.total_batch_size)
+
+
+def modern_sizing(args, config) -> float:
+    """The modern recipe's batch (when --total-batch-size is -1) and weight decay from the horizon, as nanochat's
+    base_train; returns the learning-rate scale sqrt(batch / 2^19)."""
+    reference = config_from_depth(12, config.vocab_size, config.sequence_len, recipe="modern")
+    batch, _, _ = auto_batch(config.scaling_params(), reference.scaling_params(), args.target_param_data_ratio,
+                             args.weight_decay)
+    if args.total_batch_size == -1:
+        args.total_batch_size = batch
+        print0(f"batch from the horizon: {batch:,} tokens per step")
+    ratio = args.total_batch_size / REFERENCE_BATCH
+    tokens_ratio = reference.scaling_params() / config.scaling_params()  # D_d12 / D at the same tokens per param
+    args.weight_decay = args.weight_decay * ratio ** 0.5 * tokens_ratio
+    return ratio ** 0.5
 
 
 def main(argv=None):
@@ -67,18 +110,20 @@ def main(argv=None):
     args = parse_args(argv)
     tokenizer, token_bytes = get_tokenizer(), get_token_bytes()
     try:
-        config = config_from_depth(args.depth, tokenizer.get_vocab_size(), args.max_seq_len)
+        config = config_from_depth(args.depth, tokenizer.get_vocab_size(), args.max_seq_len, recipe=args.recipe)
     except ValueError as e:
         raise SystemExit(f"--depth: {e}") from None
+    fill_optimizer_defaults(args, args.recipe)
+    lr_scale = modern_sizing(args, config) if args.recipe == "modern" else 1.0
     accum_steps = batch_geometry(args, jax.device_count())
     num_iterations = horizon(args, config)
     rows_per_process = args.device_batch_size * jax.local_device_count()
-    trainer, make_model = make_trainer(args, config)
+    trainer, make_model = make_trainer(args, config, lr_scale=lr_scale)
     print0(f"{config}\nparameters {config.num_params():,} | FLOPs/token {config.flops_per_token():.3e} | mesh "
            f"{dict(trainer.mesh.shape)} | {jnp.dtype(parse_dtype(args.dtype)).name} | {accum_steps} micro-steps of "
            f"{args.device_batch_size * jax.device_count()} rows | {num_iterations:,} steps, "
-           f"{num_iterations * args.total_batch_size:,} tokens ({num_iterations * args.total_batch_size / config.num_params():.2f}"
-           f" per parameter)")
+           f"{num_iterations * args.total_batch_size:,} tokens ({num_iterations * args.total_batch_size / horizon_params(config):.2f}"
+           f" per {'parameter' if args.recipe == 'classic' else 'scaling parameter'})")
     # compile the step now: print its memory per device, refuse a run that will not fit (before any state is made)
     check_training_memory(trainer, args.device_batch_size, args.max_seq_len, accum_steps)
 
@@ -95,7 +140,9 @@ def main(argv=None):
         return {"val_bpb": bits_per_byte(loss_sums(model, val, eval_batches, token_bytes))}
 
     wandb_run = start_wandb(args, "nanochat-jax")
-    plan = Plan(num_iterations, Schedule(num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac),
+    schedule = Schedule(num_iterations, warmdown_ratio=args.warmdown_ratio, final_lr_frac=args.final_lr_frac,
+                        warmup_steps=args.warmup_steps, modern=args.recipe == "modern")
+    plan = Plan(num_iterations, schedule,
                 config.flops_per_token(), save_every=args.save_every, meta=run_meta(args, config), wandb_run=wandb_run,
                 evals=[Eval(args.eval_every, val_bpb),
                        Eval(args.sample_every, lambda model: print_samples(model, tokenizer), at_start=False)])
