@@ -159,20 +159,24 @@ def layer_scaled_cost(compile_cost_at, n_layer: int, accum: int, extra_flops: fl
             for key, name in (("flops", "flops"), ("bytes", "bytes accessed"))}
 
 
+def attention_forward_flops(config) -> float:
+    """Forward FLOPs of the attention scores and weighted sums per token: 4 N D min(window, T) per layer."""
+    T = config.sequence_len
+    return sum(4 * config.n_head * config.head_dim * min(w or T, T) for w in config.window_sizes())
+
+
 def attention_flops_per_token(config, remat: str) -> float:
-    """Training FLOPs of the attention scores and weighted sums per token (the model formula, 12 L N D T), plus one
-    more forward when the block is recomputed (remat 'full')."""
-    per = 4 * config.n_layer * config.n_head * config.head_dim * config.sequence_len
-    return per * (3 + (remat == "full"))
+    """Training FLOPs of the attention scores and weighted sums per token (the model formula, 12 N D T per layer,
+    T capped by the layer's window), plus one more forward when the block is recomputed (remat 'full')."""
+    return attention_forward_flops(config) * (3 + (remat == "full"))
 
 
 def training_flops_per_token(config, remat: str) -> float:
     """What a training step must compute per token: 6N + attention (the model's count), plus what is computed again
     in the backward pass: the blocks' forward under remat 'full', and the head's forward (the chunked loss)."""
     head = 2 * config.padded_vocab_size * config.n_embd
-    blocks = 2 * (config.num_params() - 2 * config.padded_vocab_size * config.n_embd)
-    attention_forward = 4 * config.n_layer * config.n_head * config.head_dim * config.sequence_len
-    return config.flops_per_token() + head + (blocks + attention_forward if remat == "full" else 0)
+    blocks = 2 * config.param_counts()["transformer_matrices"]
+    return config.flops_per_token() + head + (blocks + attention_forward_flops(config) if remat == "full" else 0)
 
 
 def largest_fitting(fits_at, start: int) -> int | None:

@@ -1,7 +1,9 @@
-"""The pretraining corpus on disk: parquet shards with a `text` column in $NANOCHAT_BASE_DIR/base_data/.
+"""The pretraining corpus on disk: parquet shards with a `text` column in $NANOCHAT_BASE_DIR/base_data/ (FineWeb-edu,
+the classic recipe's) or base_data_climbmix/ (ClimbMix, the modern recipe's; nanochat's directory names).
 
-The shards are sorted by name; the last one is the validation split, all others are training. This module lists and
-reads them; `python -m scripts.download_data` fetches them.
+$NANOCHAT_DATASET (fineweb, the default, or climbmix) picks which one every stage reads: the tokenizer, pretraining
+and the bpb evaluation. The shards are sorted by name; the last one is the validation split, all others are
+training. This module lists and reads them; `python -m scripts.download_data [--dataset climbmix]` fetches them.
 """
 import os
 
@@ -9,18 +11,37 @@ import pyarrow.parquet as pq
 
 from nanochat_jax.common import get_base_dir
 
-HF_DATASET = "karpathy/fineweb-edu-100b-shuffle"
-BASE_URL = f"https://huggingface.co/datasets/{HF_DATASET}/resolve/main"
-MAX_SHARD = 1822  # shard_01822.parquet is the last one nanochat publishes
+# name -> (Hugging Face dataset, the last shard it publishes (the validation shard), directory under the base dir)
+DATASETS = {"fineweb": ("karpathy/fineweb-edu-100b-shuffle", 1822, "base_data"),
+            "climbmix": ("karpathy/climbmix-400b-shuffle", 6542, "base_data_climbmix")}
 STANDIN_MARKER = "LOCAL_STANDIN.txt"  # written beside shards built by scripts.local_corpus
+
+
+def dataset_name() -> str:
+    name = os.environ.get("NANOCHAT_DATASET", "fineweb")
+    if name not in DATASETS:
+        raise ValueError(f"NANOCHAT_DATASET={name!r}: expected one of {sorted(DATASETS)}")
+    return name
+
+
+def hf_dataset(name: str | None = None) -> str:
+    return DATASETS[name or dataset_name()][0]
+
+
+def base_url(name: str | None = None) -> str:
+    return f"https://huggingface.co/datasets/{hf_dataset(name)}/resolve/main"
+
+
+def max_shard(name: str | None = None) -> int:
+    return DATASETS[name or dataset_name()][1]
 
 
 def shard_name(index: int) -> str:
     return f"shard_{index:05d}.parquet"
 
 
-def data_dir() -> str:
-    return os.path.join(get_base_dir(), "base_data")
+def data_dir(name: str | None = None) -> str:
+    return os.path.join(get_base_dir(), DATASETS[name or dataset_name()][2])
 
 
 def standin_corpus(directory: str | None = None) -> str | None:
@@ -38,8 +59,8 @@ def list_shards(directory: str | None = None) -> list[str]:
     if len(names) < 2:
         raise FileNotFoundError(
             f"need at least 2 parquet shards (train + validation) in {directory}, found {len(names)}: run "
-            f"`python -m scripts.download_data -n 8`, or put shard_XXXXX.parquet files (with a 'text' column, "
-            f"e.g. from https://huggingface.co/datasets/{HF_DATASET}) there")
+            f"`python -m scripts.download_data -n 8 --dataset {dataset_name()}`, or put shard_XXXXX.parquet files (with a "
+            f"'text' column, e.g. from https://huggingface.co/datasets/{hf_dataset()}) there")
     return [os.path.join(directory, f) for f in names]
 
 

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nanochat_jax.attention import attention, xla_attention
+from nanochat_jax.fp8 import fp8_eligible, fp8_matmul
 from nanochat_jax.sharding import shard_rows
 
 SOFTCAP = 15.0
@@ -191,7 +192,8 @@ class Linear(nnx.Module):
     `init` (key, shape) -> array overrides it (the modern recipe's)."""
 
     def __init__(self, fan_in: int, fan_out: int, axes: tuple, *, rngs: nnx.Rngs, zero_init: bool = False,
-                 layers: int | None = None, init=None):
+                 layers: int | None = None, init=None, fp8: bool = False):
+        self.fp8 = fp8 and fp8_eligible(fan_in, fan_out)  # FP8 matmuls (nanochat_jax.fp8) where nanochat uses them
         shape, axes = ((fan_in, fan_out), axes) if layers is None else ((layers, fan_in, fan_out), ("layers",) + axes)
         if zero_init:
             kernel = jnp.zeros(shape, jnp.float32)
@@ -203,22 +205,25 @@ class Linear(nnx.Module):
         self.kernel = nnx.Param(kernel, axes=axes)
 
     def __call__(self, x):
+        if self.fp8:
+            return fp8_matmul(x, self.kernel[...].astype(x.dtype))
         return x @ self.kernel[...].astype(x.dtype)
 
 
 class CausalSelfAttention(nnx.Module):
-    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs, attn_impl: str | None = None, layers: int | None = None):
+    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs, attn_impl: str | None = None, layers: int | None = None,
+                 fp8: bool = False):
         C, D = config.n_embd, config.head_dim
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, D
         self.attn_impl, self.qk_scale = attn_impl, config.qk_scale
         # the distinct left windows, static: (None,) without a window pattern
-        self.windows = tuple(sorted(set(config.window_sizes()))) if config.window_pattern else (None,)
+        self.windows = (tuple(sorted(set(config.window_sizes()))) if config.window_pattern else ()) or (None,)
         s = math.sqrt(3.0 / C)  # the modern init: uniform with the classic std
         init = uniform(-s, s) if config.recipe == "modern" else None
-        self.c_q = Linear(C, config.n_head * D, ("embed", "heads"), rngs=rngs, layers=layers, init=init)
-        self.c_k = Linear(C, config.n_kv_head * D, ("embed", "kv_heads"), rngs=rngs, layers=layers, init=init)
-        self.c_v = Linear(C, config.n_kv_head * D, ("embed", "kv_heads"), rngs=rngs, layers=layers, init=init)
-        self.c_proj = Linear(config.n_head * D, C, ("heads", "embed"), rngs=rngs, zero_init=True, layers=layers)
+        self.c_q = Linear(C, config.n_head * D, ("embed", "heads"), rngs=rngs, layers=layers, init=init, fp8=fp8)
+        self.c_k = Linear(C, config.n_kv_head * D, ("embed", "kv_heads"), rngs=rngs, layers=layers, init=init, fp8=fp8)
+        self.c_v = Linear(C, config.n_kv_head * D, ("embed", "kv_heads"), rngs=rngs, layers=layers, init=init, fp8=fp8)
+        self.c_proj = Linear(config.n_head * D, C, ("heads", "embed"), rngs=rngs, zero_init=True, layers=layers, fp8=fp8)
         if config.value_embeds:  # (zeroed afterwards in the layers without a value embedding: see GPT)
             self.ve_gate = Linear(VE_GATE_CHANNELS, config.n_kv_head, (None, "kv_heads"), rngs=rngs, layers=layers,
                                   init=uniform(0.0, 0.02))
@@ -266,12 +271,12 @@ class CausalSelfAttention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs, layers: int | None = None):
+    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs, layers: int | None = None, fp8: bool = False):
         C = config.n_embd
         s = 0.4 * math.sqrt(3.0 / C)  # the modern init: 0.4 x the attention's
         self.c_fc = Linear(C, 4 * C, ("embed", "mlp"), rngs=rngs, layers=layers,
-                           init=uniform(-s, s) if config.recipe == "modern" else None)
-        self.c_proj = Linear(4 * C, C, ("mlp", "embed"), rngs=rngs, zero_init=True, layers=layers)
+                           init=uniform(-s, s) if config.recipe == "modern" else None, fp8=fp8)
+        self.c_proj = Linear(4 * C, C, ("mlp", "embed"), rngs=rngs, zero_init=True, layers=layers, fp8=fp8)
 
     def __call__(self, x_BTC):
         return self.c_proj(jnp.square(jax.nn.relu(self.c_fc(x_BTC))))
@@ -281,9 +286,10 @@ class Block(nnx.Module):
     """One transformer block; with `layers`, the parameters of that many blocks stacked on a leading axis (call it on
     one layer's slice of its state, as GPT's scan does)."""
 
-    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs, attn_impl: str | None = None, layers: int | None = None):
-        self.attn = CausalSelfAttention(config, rngs=rngs, attn_impl=attn_impl, layers=layers)
-        self.mlp = MLP(config, rngs=rngs, layers=layers)
+    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs, attn_impl: str | None = None, layers: int | None = None,
+                 fp8: bool = False):
+        self.attn = CausalSelfAttention(config, rngs=rngs, attn_impl=attn_impl, layers=layers, fp8=fp8)
+        self.mlp = MLP(config, rngs=rngs, layers=layers, fp8=fp8)
 
     def __call__(self, x, cos, sin, kv=None, pos_B=None, attend_len=None, ve=None, window=None):
         y, kv = self.attn(rms_norm(x), cos, sin, kv, pos_B, attend_len, ve, window)
@@ -293,22 +299,23 @@ class Block(nnx.Module):
 
 class GPT(nnx.Module):
     def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, attn_impl: str | None = None,
-                 remat: str = "none"):
+                 remat: str = "none", fp8: bool = False):
         """dtype: compute dtype (bf16 on GPU/TPU, fp32 on CPU); parameters are always fp32.
         attn_impl: None picks by backend, or 'xla' / 'cudnn' / 'splash' (see nanochat_jax.attention).
-        remat: what the backward pass keeps of each block, one of REMAT_POLICIES."""
+        remat: what the backward pass keeps of each block, one of REMAT_POLICIES.
+        fp8: FP8 matmuls in the layers nanochat converts (projections, MLP, lm_head; see nanochat_jax.fp8)."""
         if remat not in REMAT_POLICIES:
             raise ValueError(f"unknown remat policy {remat!r}: expected one of {sorted(REMAT_POLICIES)}")
         self.config, self.dtype, self.remat = config, dtype, remat
         Vp, C, L, modern = config.padded_vocab_size, config.n_embd, config.n_layer, config.recipe == "modern"
         wte = jax.random.normal(rngs.params(), (Vp, C), jnp.float32)
         self.wte = nnx.Param(0.8 * wte if modern else wte, axes=("vocab", "embed"))
-        self.h = Block(config, rngs=rngs, attn_impl=attn_impl, layers=L)
+        self.h = Block(config, rngs=rngs, attn_impl=attn_impl, layers=L, fp8=fp8)
         if modern:  # nanochat's current init: a small random head instead of zeros
-            self.lm_head = Linear(C, Vp, ("embed", "vocab"), rngs=rngs,
+            self.lm_head = Linear(C, Vp, ("embed", "vocab"), rngs=rngs, fp8=fp8,
                                   init=lambda key, shape: 0.001 * jax.random.normal(key, shape, jnp.float32))
         else:
-            self.lm_head = Linear(C, Vp, ("embed", "vocab"), rngs=rngs, zero_init=True)
+            self.lm_head = Linear(C, Vp, ("embed", "vocab"), rngs=rngs, zero_init=True, fp8=fp8)
         ve_layers = config.ve_layers()
         if ve_layers:
             s = math.sqrt(3.0 / C)
@@ -375,7 +382,7 @@ class GPT(nnx.Module):
             if c.residual_scalars:
                 x = extra["resid"].astype(x.dtype) * x + extra["x0"].astype(x.dtype) * x0
             ve = None
-            if c.value_embeds:  # one gather from the stacked tables (zeros in layers without one)
+            if c.ve_layers():  # one gather from the stacked tables (zeros in layers without one)
                 ve = self.value_embeds[...][extra["ve_index"], idx_BT].astype(x.dtype) * extra["has_ve"]
             return nnx.merge(block_def, params)(x, cos, sin, kv, pos_B, attend_len, ve, extra.get("window"))
 

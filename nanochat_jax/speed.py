@@ -51,12 +51,15 @@ def peak_memory_bytes() -> int | None:
     return stats.get("peak_bytes_in_use")
 
 
-def train_step(config, mesh, dtype, device_batch_size: int, steps: int = 5, remat: str = "none") -> dict:
+def train_step(config, mesh, dtype, device_batch_size: int, steps: int = 5, remat: str = "none",
+               fp8: bool = False) -> dict:
     """The compiled training step on random tokens at the largest power-of-two device batch <= device_batch_size
     that the compiler fits in 90% of the device's memory (where that is known): compile time, step time, tokens/s,
-    MFU, memory. Each size tried is one compilation; the one that fits is the one timed."""
-    make_model = lambda: GPT(config, rngs=nnx.Rngs(0), dtype=dtype, remat=remat)  # noqa: E731
-    trainer = Trainer.create(make_model, build_optimizer(config.n_embd), mesh)
+    MFU, memory. Each size tried is one compilation; the one that fits is the one timed. The optimizer is the
+    config's recipe's; fp8: FP8 matmuls (MFU is still counted against the bf16 peak, as nanochat does)."""
+    make_model = lambda: GPT(config, rngs=nnx.Rngs(0), dtype=dtype, remat=remat, fp8=fp8)  # noqa: E731
+    tx = build_optimizer(config.n_embd, recipe=config.recipe, grad_clip=1.0 if config.recipe == "classic" else 0.0)
+    trainer = Trainer.create(make_model, tx, mesh)
     T, limit = config.sequence_len, device_memory_bytes(jax.devices()[0])
     batch = 1 << (device_batch_size.bit_length() - 1)
     while True:
@@ -81,7 +84,8 @@ def train_step(config, mesh, dtype, device_batch_size: int, steps: int = 5, rema
     step_s = timed(step, steps)
     peak = peak_flops_per_device()
     tok_s = rows * T / step_s
-    return {"depth": config.n_layer, "parameters": config.num_params(), "device_batch_size": batch, "seq_len": T,
+    return {"depth": config.n_layer, "recipe": config.recipe, "fp8": fp8, "parameters": config.num_params(),
+            "device_batch_size": batch, "seq_len": T,
             "compile_s": compile_s, "step_s": step_s, "tokens_per_s": tok_s,
             "mfu_percent": None if peak is None else 100 * config.flops_per_token() * tok_s / (peak * mesh.size),
             "compiled_peak_bytes": memory(compiled)["peak_bytes"], "device_peak_bytes": peak_memory_bytes()}

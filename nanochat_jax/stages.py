@@ -96,12 +96,14 @@ def make_trainer(args, config: GPTConfig, lr_fraction: float = 1.0, lr_scale: fl
     """(trainer, make_model) for a model of `config` under --mesh/--dtype with the flags' learning rates (unset
     ones: the model's recipe's) x lr_fraction (all) x lr_scale (all but the modern smear group's)."""
     dtype = parse_dtype(args.dtype)
-    make_model = lambda: GPT(config, rngs=nnx.Rngs(args.seed), dtype=dtype, remat=args.remat)  # noqa: E731
+    fp8 = getattr(args, "fp8", False)  # (pretraining only; evaluation sees the model without it)
+    make_model = lambda fp8=fp8: GPT(config, rngs=nnx.Rngs(args.seed), dtype=dtype, remat=args.remat, fp8=fp8)  # noqa: E731
     fill_optimizer_defaults(args, config.recipe)
     tx = build_optimizer(config.n_embd, args.embedding_lr, args.unembedding_lr, args.matrix_lr, args.weight_decay,
                          args.grad_clip, recipe=config.recipe, scalar_lr=args.scalar_lr, lr_scale=lr_scale,
                          lr_fraction=lr_fraction)
-    return Trainer.create(make_model, tx, make_mesh(args.mesh)), make_model
+    make_eval = (lambda: make_model(False)) if fp8 else None
+    return Trainer.create(make_model, tx, make_mesh(args.mesh), make_eval), make_model
 
 
 class Source:

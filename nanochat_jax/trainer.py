@@ -82,17 +82,21 @@ class Trainer:
     abstract_params: Any  # pure dict of ShapeDtypeStruct (with shardings): the restore target
     abstract_opt_state: Any
     compiled_steps: dict = field(default_factory=dict)  # batch shapes -> executables compiled ahead (compile_step)
+    eval_graphdef: Any = None  # the model evaluation and sampling use (None: graphdef; differs under --fp8)
 
     @classmethod
-    def create(cls, make_model: Callable[[], nnx.Module], tx, mesh) -> "Trainer":
+    def create(cls, make_model: Callable[[], nnx.Module], tx, mesh, make_eval_model=None) -> "Trainer":
+        """make_eval_model: the same parameters as the model evaluation sees it (bf16 where training runs FP8)."""
         graphdef, abstract_params = sharding.abstract_params(make_model, mesh, RULES)
         # the optimizer's moments follow OPT_STATE_RULES (split over every device), not the parameters' RULES
         _, opt_like_params = sharding.abstract_params(make_model, mesh, OPT_STATE_RULES)
         abstract_opt = jax.eval_shape(tx.init, abstract_params)
         o_shard = _shard_like_params(abstract_opt, abstract_params, sharding.shardings_of(opt_like_params),
                                      NamedSharding(mesh, P()))
+        eval_graphdef = None if make_eval_model is None else nnx.graphdef(nnx.eval_shape(make_eval_model))
         return cls(graphdef, tx, mesh, sharding.shardings_of(abstract_params), o_shard, abstract_params,
-                   jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract_opt, o_shard))
+                   jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract_opt, o_shard),
+                   eval_graphdef=eval_graphdef)
 
     def init_state(self, make_model) -> "TrainState":
         """Step 0 of a new run: fresh params, created directly in their shards."""
@@ -104,7 +108,7 @@ class Trainer:
 
     def model(self, params) -> nnx.Module:
         """The nnx form of params (what evaluation, sampling and the engine take); no copy."""
-        return nnx.merge(self.graphdef, params)
+        return nnx.merge(self.eval_graphdef or self.graphdef, params)
 
     def batch_sharding(self) -> NamedSharding:
         """[accum, rows, ...]: rows split over the mesh."""

@@ -5,6 +5,8 @@ estimated step time and MFU.
     # in a venv with jax[tpu] (libtpu), on any machine:
     python -m scripts.aot_compile --topology v5e:2x4 --depth 20 --mesh fsdp:8 --device-batch-size 16 --remat full
     python -m scripts.aot_compile --topology v5e:4x4 --depth 32 --mesh fsdp:16 --find-max-batch --json-out d32.json
+    python -m scripts.aot_compile --topology v5e:2x4 --recipe modern --depth 24 --vocab-size 32768 --mesh fsdp:8 \
+        --total-batch-size 1048576 --device-batch-size 4 --remat full                 # the modern speedrun's step
     python -m scripts.aot_compile --depth 4 --seq-len 256 --device-batch-size 4     # this machine's own devices
 
 See nanochat_jax/aot.py for how the estimate is made. Topologies: v5e:2x4 (v5e-8), v5e:4x4 (v5e-16, 4 hosts),
@@ -23,7 +25,7 @@ from flax import nnx
 
 from nanochat_jax import aot
 from nanochat_jax.decoding import BIAS_SLOTS, DecodeState, decode, prefill
-from nanochat_jax.gpt import GPT, REMAT_POLICIES, config_from_depth, init_cache
+from nanochat_jax.gpt import GPT, RECIPES, REMAT_POLICIES, config_from_depth, init_cache
 from nanochat_jax.optim import build_optimizer
 from nanochat_jax.sharding import make_mesh
 from nanochat_jax.trainer import Trainer
@@ -34,6 +36,7 @@ PROGRAMS = ("train", "prefill", "decode")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="compile nanochat-jax's jitted programs ahead of time")
     p.add_argument("--topology", default=None, help="TPU topology, e.g. v5e:2x4 (default: this machine's devices)")
+    p.add_argument("--recipe", choices=RECIPES, default="classic")
     p.add_argument("--depth", type=int, default=20)
     p.add_argument("--vocab-size", type=int, default=65536)
     p.add_argument("--seq-len", type=int, default=2048)
@@ -70,7 +73,9 @@ def train_program(args, config, devices, mesh, rows_per_chip: int) -> dict:
 
     def trainer_for(cfg):
         make = lambda: GPT(cfg, rngs=nnx.Rngs(0), dtype=dtype, remat=args.remat)  # noqa: E731
-        return Trainer.create(make, build_optimizer(cfg.n_embd), mesh)
+        return Trainer.create(make, build_optimizer(cfg.n_embd, recipe=cfg.recipe,
+                                                       grad_clip=1.0 if cfg.recipe == "classic" else 0.0),
+                              mesh)
 
     trainer = trainer_for(config)
     compiled, compile_s = aot.compile_timed(trainer.step, *aot.train_step_args(trainer, rows_per_chip * n_chips,
@@ -124,7 +129,8 @@ def engine_programs(args, config, devices) -> dict:
         fn = jax.jit(partial(decode, graphdef), donate_argnums=(1,), static_argnames="steps")
         return aot.compile_timed(fn, params, state, spec((3,), jnp.int32), steps=steps)
 
-    matmul_flops = 2 * (config.num_params() - config.padded_vocab_size * config.n_embd)
+    counts = config.param_counts()
+    matmul_flops = 2 * (counts["transformer_matrices"] + counts["lm_head"])
     results = {}
     for name, tokens, steps in (("prefill", config.sequence_len, 1), ("decode", n * 16, 16)):
         if name not in args.programs:
@@ -143,11 +149,11 @@ def engine_programs(args, config, devices) -> dict:
 def main(argv=None):
     args = parse_args(argv)
     devices = aot.topology_devices(args.topology) if args.topology else jax.devices()
-    config = config_from_depth(args.depth, args.vocab_size, args.seq_len)
+    config = config_from_depth(args.depth, args.vocab_size, args.seq_len, recipe=args.recipe)
     mesh = make_mesh(args.mesh, devices=devices)
     result = {"topology": args.topology or f"local {jax.default_backend()}", "chips": len(devices),
               "hosts": len({d.process_index for d in devices}), "device_kind": devices[0].device_kind,
-              "mesh": dict(mesh.shape), "depth": args.depth, "parameters": config.num_params(),
+              "mesh": dict(mesh.shape), "recipe": args.recipe, "depth": args.depth, "parameters": config.num_params(),
               "seq_len": args.seq_len, "remat": args.remat, "dtype": args.dtype, "jax": jax.__version__}
     if "train" in args.programs:
         try:

@@ -1,5 +1,6 @@
 """The device check: everything users compare us on, measured in one command on one GPU, on random weights (nothing to
-download): the training step at d12 and d20 (bf16, sequence 2048, the largest device batch that fits), cuDNN flash
+download): the training step at d12 and d20 (bf16, sequence 2048, the largest device batch that fits), the modern
+recipe's d24 step (vocabulary 32768) in bf16 and with FP8 matmuls, cuDNN flash
 attention against the XLA path, and the engine at d20 (prefill of 512 tokens, decode at batch 1, 8 and 32 against the
 memory-bandwidth bound). Writes device_check.json and device_check.md (a table for docs/benchmarks.md).
 
@@ -23,9 +24,11 @@ from nanochat_jax.common import parse_dtype
 from nanochat_jax.gpt import config_from_depth
 from nanochat_jax.sharding import make_mesh
 
-FULL = dict(train_depths=(12, 20), seq_len=2048, vocab=65536, start_batch=64, steps=5,
+FULL = dict(train_depths=(12, 20), modern=((24, False), (24, True)), modern_vocab=32768, seq_len=2048, vocab=65536,
+            start_batch=64, steps=5,
             attention=(4, 2048, 10, 10, 128), engine_depth=20, prompt_len=512, batches=(1, 8, 32), decode_tokens=256)
-TINY = dict(train_depths=(2,), seq_len=64, vocab=512, start_batch=2, steps=2,
+TINY = dict(train_depths=(2,), modern=((2, False), (2, True)), modern_vocab=512, seq_len=64, vocab=512, start_batch=2,
+            steps=2,
             attention=(2, 64, 2, 1, 32), engine_depth=2, prompt_len=32, batches=(1, 2), decode_tokens=32)
 
 
@@ -44,12 +47,13 @@ def markdown(results: dict) -> str:
              f"{env['dtype']}, `{env['command']}`", ""]
     lines += ["| training step | batch x seq | compile | step | tokens/s | MFU | peak memory |", "|---|---|---|---|---|---|---|"]
     for row in results.get("train", []):
+        label = f"d{row.get('depth', '?')}" + (f" {row['label']}" if row.get("label") else "")
         if "error" in row:
-            lines.append(f"| d{row.get('depth', '?')} | error: {row['error'][:80]} | | | | | |")
+            lines.append(f"| {label} | error: {row['error'][:80]} | | | | | |")
             continue
         peak = row["device_peak_bytes"] or row["compiled_peak_bytes"]
         mfu = "-" if row["mfu_percent"] is None else f"{row['mfu_percent']:.1f}%"
-        lines.append(f"| d{row['depth']} ({row['parameters'] / 1e6:.0f}M) | {row['device_batch_size']} x "
+        lines.append(f"| {label} ({row['parameters'] / 1e6:.0f}M) | {row['device_batch_size']} x "
                      f"{row['seq_len']} | {row['compile_s']:.1f} s | {1000 * row['step_s']:.1f} ms | "
                      f"{row['tokens_per_s']:,.0f} | {mfu} | {peak / 2**30:.2f} GiB |")
     att = results.get("attention", {})
@@ -95,6 +99,14 @@ def main(argv=None):
         run_part(part, f"train d{depth}", train)
         results["train"].append(part[f"train d{depth}"] | ({"depth": depth} if "error" in part[f"train d{depth}"]
                                                             else {}))
+
+    for depth, fp8 in sizes["modern"]:  # the modern recipe's step, bf16 and FP8
+        config = config_from_depth(depth, sizes["modern_vocab"], sizes["seq_len"], recipe="modern")
+        label = "modern " + ("fp8" if fp8 else jnp.dtype(dtype).name)
+        part = {}
+        run_part(part, f"train d{depth} {label}", lambda: speed.train_step(config, mesh, dtype, sizes["start_batch"] // 2,
+                                                                           steps=sizes["steps"], fp8=fp8))
+        results["train"].append(part[f"train d{depth} {label}"] | {"depth": depth, "label": label})
 
     run_part(results, "attention", lambda: speed.attention_paths(*sizes["attention"], dtype))
     config = config_from_depth(sizes["engine_depth"], sizes["vocab"], sizes["prompt_len"] + sizes["decode_tokens"] + 64)

@@ -1,10 +1,13 @@
-"""Download nanochat's FineWeb-edu shards into $NANOCHAT_BASE_DIR/base_data/.
+"""Download nanochat's pretraining shards: FineWeb-edu into $NANOCHAT_BASE_DIR/base_data/ (the classic recipe's) or
+ClimbMix into base_data_climbmix/ (the modern recipe's; the stages read it with NANOCHAT_DATASET=climbmix).
 
-    python -m scripts.download_data -n 8      # the first 8 training shards and the validation shard
+    python -m scripts.download_data -n 8                       # the first 8 training shards and the validation shard
+    python -m scripts.download_data -n 170 --dataset climbmix  # nanochat's GPT-2 speedrun amount of ClimbMix
 
 Shards already present are skipped; each download goes to a .tmp file, renamed when complete; an interrupted
 download resumes where it stopped (HTTP range requests), with retries and backoff.
-The validation shard is the last one nanochat publishes (shard_01822), so it sorts after the training shards.
+The validation shard is the last one nanochat publishes (FineWeb-edu shard_01822, ClimbMix shard_06542), so it sorts
+after the training shards.
 """
 import argparse
 import os
@@ -13,16 +16,18 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
-from nanochat_jax.dataset import BASE_URL, MAX_SHARD, STANDIN_MARKER as MARKER, data_dir, shard_name
+from nanochat_jax.dataset import DATASETS, STANDIN_MARKER as MARKER, base_url, data_dir, dataset_name, max_shard, shard_name
+
+BASE_URL = None  # (tests point this at a local server; None: the dataset's Hugging Face URL)
 
 
-def download(index: int, directory: str, attempts: int = 5) -> str | None:
+def download(index: int, directory: str, attempts: int = 5, url_root: str | None = None) -> str | None:
     """Returns None on success, else the reason for failing. A partial .tmp file from an earlier attempt or run is
     continued with an HTTP range request."""
     path = os.path.join(directory, shard_name(index))
     if os.path.exists(path):
         return None
-    url, tmp = f"{BASE_URL}/{shard_name(index)}", path + ".tmp"
+    url, tmp = f"{BASE_URL or url_root or base_url()}/{shard_name(index)}", path + ".tmp"
     error = None
     for attempt in range(attempts):
         try:
@@ -50,24 +55,28 @@ def download(index: int, directory: str, attempts: int = 5) -> str | None:
 
 
 def main():
-    parser = argparse.ArgumentParser(description="download FineWeb-edu shards")
+    parser = argparse.ArgumentParser(description="download nanochat's pretraining shards")
     parser.add_argument("-n", "--num-shards", type=int, default=8, help="training shards (the validation shard is added)")
     parser.add_argument("-w", "--workers", type=int, default=4, help="parallel downloads")
+    parser.add_argument("--dataset", choices=sorted(DATASETS), default=None,
+                        help="fineweb (classic) or climbmix (modern); default: $NANOCHAT_DATASET, else fineweb")
     args = parser.parse_args()
-    if not 1 <= args.num_shards <= MAX_SHARD:
-        parser.error(f"--num-shards must be between 1 and {MAX_SHARD}")
-    directory = data_dir()
+    name = args.dataset or dataset_name()
+    last = max_shard(name)
+    if not 1 <= args.num_shards <= last:
+        parser.error(f"--num-shards must be between 1 and {last}")
+    directory, url_root = data_dir(name), BASE_URL or base_url(name)
     os.makedirs(directory, exist_ok=True)
     if os.path.exists(os.path.join(directory, MARKER)):
         raise SystemExit(f"{directory} holds the local stand-in corpus (see {MARKER}); move those shards away "
-                         "before downloading FineWeb-edu, so that the two never mix")
-    indices = list(range(args.num_shards)) + [MAX_SHARD]
+                         f"before downloading {name}, so that the two never mix")
+    indices = list(range(args.num_shards)) + [last]
     with ThreadPoolExecutor(args.workers) as pool:
-        failures = [f for f in pool.map(lambda i: download(i, directory), indices) if f]
+        failures = [f for f in pool.map(lambda i: download(i, directory, url_root=url_root), indices) if f]
     if failures:
         missing = [shard_name(i) for i in indices if not os.path.exists(os.path.join(directory, shard_name(i)))]
         raise SystemExit(f"could not download {len(failures)} shard(s), e.g. {failures[0]}\n"
-                         f"missing: {', '.join(missing)}\nput these files (from {BASE_URL}) in {directory}")
+                         f"missing: {', '.join(missing)}\nput these files (from {url_root}) in {directory}")
     print(f"{len(indices)} shards ready in {directory}")
 
 

@@ -5,17 +5,22 @@
 #
 #   bash scripts/speedrun.sh                         # from the repository root; one process drives all local devices
 #   WANDB_RUN=speedrun RL=1 bash scripts/speedrun.sh # with wandb logging and the RL stage
+#   RECIPE=modern DEPTH=24 bash scripts/speedrun.sh  # nanochat's time-to-GPT-2 leaderboard run (ClimbMix, d24,
+#                                                    # data:param 8, vocabulary 32768, the modern model and optimizer)
 #   screen -L -Logfile speedrun.log -S speedrun bash scripts/speedrun.sh   # survives a dropped ssh session
 #
 # Knobs (environment variables):
-#   DEPTH=20              model depth (width 64 x depth); the scaling tiers: 20 ($100), 26, 32 (run1000.sh)
+#   RECIPE=classic        classic (nanochat of Dec 2025: FineWeb-edu, vocabulary 65536, ratio 20) | modern (its
+#                         current recipe: ClimbMix, vocabulary 32768, ratio 8, batch from the horizon)
+#   DEPTH=20              model depth (width 64 x depth); the scaling tiers: 20 ($100), 26, 32 (run1000.sh);
+#                         modern: 24 by default
 #   MESH=                 device mesh, e.g. data:8 | fsdp:8 | data:2,fsdp:4 (default: every device on data)
 #   DEVICE_BATCH_SIZE=32  rows of 2048 tokens per device per micro-step (lower it when memory runs out: the step
-#                         accumulates gradients so the optimizer batch stays 524,288 tokens)
+#                         accumulates gradients so the optimizer batch stays 524,288 tokens); modern: 16
 #   REMAT=none            what the backward pass keeps of each block: none | dots | full (least memory, ~1/3 more
 #                         compute); train.base compiles its step first and refuses a run that does not fit, naming
 #                         the largest DEVICE_BATCH_SIZE that does
-#   NUM_SHARDS=240        FineWeb-edu training shards (about 250M characters each)
+#   NUM_SHARDS=240        training shards (FineWeb-edu, about 250M characters each; modern: 170 ClimbMix shards)
 #   TOKENIZER_CHARS=2000000000   characters to train the tokenizer on
 #   RL=0                  1 runs RL on GSM8K after SFT (single host), then its chat eval
 #   EXTRA=gpu             which jax to install: gpu (CUDA 12) | tpu | none (use the environment as it is)
@@ -27,11 +32,17 @@
 #   NANOCHAT_BASE_DIR     where data, checkpoints and the report go (default ~/.cache/nanochat_jax)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DEPTH="${DEPTH:-20}"
+RECIPE="${RECIPE:-classic}"
+case "$RECIPE" in
+    classic) DEPTH="${DEPTH:-20}"; DEVICE_BATCH_SIZE="${DEVICE_BATCH_SIZE:-32}"; NUM_SHARDS="${NUM_SHARDS:-240}"
+             VOCAB_SIZE=65536; base_flags=() ;;
+    modern) DEPTH="${DEPTH:-24}"; DEVICE_BATCH_SIZE="${DEVICE_BATCH_SIZE:-16}"; NUM_SHARDS="${NUM_SHARDS:-170}"
+            VOCAB_SIZE=32768; base_flags=(--recipe modern --target-param-data-ratio 8)
+            export NANOCHAT_DATASET=climbmix ;;
+    *) echo "RECIPE must be classic or modern" >&2; exit 2 ;;
+esac
 MESH="${MESH:-}"
-DEVICE_BATCH_SIZE="${DEVICE_BATCH_SIZE:-32}"
 REMAT="${REMAT:-none}"
-NUM_SHARDS="${NUM_SHARDS:-240}"
 TOKENIZER_CHARS="${TOKENIZER_CHARS:-2000000000}"
 RL="${RL:-0}"
 EXTRA="${EXTRA:-gpu}"
@@ -68,8 +79,8 @@ prepare() {
     python -m scripts.download_data -n 8
     python -m scripts.download_data -n "$NUM_SHARDS" > "$NANOCHAT_BASE_DIR/download.log" 2>&1 &
     download=$!
-    say "tokenizer: 65,536 tokens on $TOKENIZER_CHARS characters"
-    python -m tokenizer.train --max-chars "$TOKENIZER_CHARS"
+    say "tokenizer: $VOCAB_SIZE tokens on $TOKENIZER_CHARS characters"
+    python -m tokenizer.train --max-chars "$TOKENIZER_CHARS" --vocab-size "$VOCAB_SIZE"
     python -m tokenizer.eval
     identity="$NANOCHAT_BASE_DIR/task_data/identity/identity_conversations.jsonl"
     if [ ! -f "$identity" ]; then  # nanochat's synthetic identity conversations (midtraining and SFT)
@@ -82,9 +93,9 @@ prepare() {
 }
 
 train() {
-    say "base model d$DEPTH (the data:parameter ratio of 20 sets the steps)"
-    python -m train.base --depth "$DEPTH" --device-batch-size "$DEVICE_BATCH_SIZE" --remat "$REMAT" "${mesh[@]}" \
-        "${run[@]}"
+    say "base model d$DEPTH, the $RECIPE recipe (its data:parameter ratio sets the steps)"
+    python -m train.base "${base_flags[@]}" --depth "$DEPTH" --device-batch-size "$DEVICE_BATCH_SIZE" \
+        --remat "$REMAT" "${mesh[@]}" "${run[@]}"
     say "base evaluation: CORE, train/val bits per byte, samples"
     python -m evals.base -g "$tag" --batch-size 64 "${mesh[@]}"
     say "midtraining"

@@ -87,3 +87,21 @@ def test_stand_in_and_real_shards_never_mix(tmp_path, monkeypatch):
     monkeypatch.setattr("sys.argv", ["download_data", "-n", "1"])
     with pytest.raises(SystemExit, match="local stand-in"):
         download_data.main()
+
+
+def test_climbmix_goes_to_its_own_directory(server, tmp_path, monkeypatch):
+    """--dataset climbmix (the modern recipe's): nanochat's ClimbMix shards, validation shard_06542, in
+    base_data_climbmix/, which every stage reads under NANOCHAT_DATASET=climbmix."""
+    from nanochat_jax.dataset import data_dir, split_shards
+    server.files = {name: b"c" * 10 for name in ("shard_00000.parquet", "shard_06542.parquet")}
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    monkeypatch.setattr("sys.argv", ["download_data", "-n", "1", "--dataset", "climbmix"])
+    download_data.main()
+    assert sorted(p.name for p in (tmp_path / "base_data_climbmix").iterdir()) == list(server.files)
+    assert not (tmp_path / "base_data").exists()
+    monkeypatch.setenv("NANOCHAT_DATASET", "climbmix")
+    assert data_dir() == str(tmp_path / "base_data_climbmix")
+    assert split_shards("val")[0].endswith("shard_06542.parquet")
+    monkeypatch.setenv("NANOCHAT_DATASET", "c4")
+    with pytest.raises(ValueError, match="NANOCHAT_DATASET='c4'"):
+        data_dir()

@@ -55,6 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--target-param-data-ratio", type=float, default=None, help="tokens per parameter (classic: 20, "
                    "all parameters; modern: 12, block matrices + lm_head; the speedrun uses 8)")
     add_optimizer_flags(p)
+    p.add_argument("--fp8", action="store_true", help="FP8 matmuls (e4m3, e5m2 gradients, tensorwise scales) in the "
+                   "projections, MLP and lm_head: H100/H200-class GPUs; evaluation stays bf16")
     p.add_argument("--warmup-steps", type=int, default=None, help="default: classic 0, modern 40")
     p.add_argument("--warmdown-ratio", type=float, default=None, help="default: classic 0.2, modern 0.65")
     p.add_argument("--final-lr-frac", type=float, default=None, help="default: classic 0, modern 0.05")
