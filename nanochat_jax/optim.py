@@ -169,12 +169,13 @@ RECIPE_DEFAULTS = {  # the optimizer flags' defaults per recipe (nanochat's clas
 
 def build_optimizer(n_embd: int, embedding_lr=0.2, unembedding_lr=0.004, matrix_lr=0.02, weight_decay=0.0,
                     grad_clip=1.0, recipe: str = "classic", scalar_lr=0.5, lr_scale=1.0,
-                    lr_fraction=1.0) -> optax.GradientTransformation:
+                    lr_fraction=1.0, muon_dtype=jnp.bfloat16) -> optax.GradientTransformation:
     """The whole optimizer over our parameter tree (a pure dict keyed as LABELS). Its state carries the
     hyperparameters set every step: lr_multiplier (scales every group's learning rate), muon_momentum and, in the
     modern recipe, wd_multiplier (scales Muon's weight decay). lr_scale multiplies every learning rate but the
     smear group's (the modern recipe's batch-size scaling, as nanochat's); lr_fraction every one (a chat stage's
-    --init-lr-frac)."""
+    --init-lr-frac). muon_dtype: the orthogonalisation's (classic nanochat: always bf16; its current code: the
+    compute dtype)."""
     width_scale = (n_embd / 768) ** -0.5  # the AdamW lrs were tuned at width 768
     groups = adam_groups(recipe, embedding_lr * lr_scale, unembedding_lr * lr_scale, weight_decay, scalar_lr * lr_scale)
     matrix_lr = matrix_lr * lr_scale * lr_fraction
@@ -187,7 +188,7 @@ def build_optimizer(n_embd: int, embedding_lr=0.2, unembedding_lr=0.004, matrix_
 
         muon_wd = weight_decay * wd_multiplier if wd_multiplier is not None else 0.0
         transforms = {"matrix": muon(matrix_lr * lr_multiplier, muon_momentum, variant=variant,
-                                     weight_decay=muon_wd)} | {name: adamw(g) for name, g in groups.items()}
+                                     weight_decay=muon_wd, dtype=muon_dtype)} | {name: adamw(g) for name, g in groups.items()}
         partitioned = optax.partition(
             transforms, lambda params: jax.tree_util.tree_map_with_path(lambda path, _: param_label(path), params))
         return optax.chain(optax.clip_by_global_norm(grad_clip), partitioned) if grad_clip > 0 else partitioned

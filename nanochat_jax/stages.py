@@ -11,6 +11,7 @@ import os
 from dataclasses import asdict
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from nanochat_jax.checkpoint import STAGE_DIRS, Checkpointer, stage_directory
@@ -101,7 +102,7 @@ def make_trainer(args, config: GPTConfig, lr_fraction: float = 1.0, lr_scale: fl
     fill_optimizer_defaults(args, config.recipe)
     tx = build_optimizer(config.n_embd, args.embedding_lr, args.unembedding_lr, args.matrix_lr, args.weight_decay,
                          args.grad_clip, recipe=config.recipe, scalar_lr=args.scalar_lr, lr_scale=lr_scale,
-                         lr_fraction=lr_fraction)
+                         lr_fraction=lr_fraction, muon_dtype=jnp.bfloat16 if config.recipe == "classic" else dtype)
     make_eval = (lambda: make_model(False)) if fp8 else None
     return Trainer.create(make_model, tx, make_mesh(args.mesh), make_eval), make_model
 

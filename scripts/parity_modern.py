@@ -1,0 +1,147 @@
+"""Our modern recipe against nanochat's current code (PyTorch) on the same random weights: the logits of an imported
+checkpoint of its current architecture (full forward past the short window, and our KV-cache decode), three steps of
+its fused Muon (MuonEq, Polar Express, Muon+, NorMuon, cautious weight decay) against ours, and a short training run
+of both from nanochat's own init (its GPT, setup_optimizer and schedules against our Trainer.step), all in fp32.
+
+    git clone https://github.com/karpathy/nanochat /tmp/nanochat_head      # its current HEAD (92d63d4)
+    pip install torch filelock                                             # what nanochat's modules import
+    python -m scripts.parity_modern --nanochat /tmp/nanochat_head
+
+Uses $NANOCHAT_BASE_DIR/tokenizer/. Prints the largest relative difference of each comparison.
+"""
+import argparse
+import os
+import sys
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flax import nnx
+
+from nanochat_jax.gpt import GPT, init_cache
+from nanochat_jax.interop import import_nanochat, read_model_config, state_dict_to_params, write_random_nanochat
+from nanochat_jax.optim import MODERN_MUON, Schedule, build_optimizer, muon
+from nanochat_jax.sharding import make_mesh
+from nanochat_jax.tokenizer import get_tokenizer
+from nanochat_jax.trainer import Trainer
+
+
+def relative(a, b) -> float:
+    return float(np.abs(np.asarray(a, np.float64) - b).max() / np.abs(b).max())
+
+
+def logits(torch, TorchGPT, TorchConfig, n_layer: int, T: int = 320) -> dict:
+    tokenizer = get_tokenizer()
+    with tempfile.TemporaryDirectory() as directory:
+        ref = write_random_nanochat(directory, tokenizer, TorchGPT, TorchConfig, std=0.05, sequence_len=512,
+                                    n_layer=n_layer, n_head=2, n_kv_head=1, n_embd=128, window_pattern="SSSL")
+        model, _, _ = import_nanochat(directory)
+    idx = np.random.default_rng(0).integers(0, tokenizer.get_vocab_size(), (2, T))
+    with torch.no_grad():
+        expected = ref(torch.tensor(idx)).float().numpy()
+    full = np.asarray(jax.jit(lambda i: model(i))(jnp.asarray(idx)))
+    step = jax.jit(lambda i, c, p: model.forward_cached(i, c, p))
+    out, cache = step(jnp.asarray(idx[:, :200]), init_cache(model.config, 2, 512), jnp.zeros(2, jnp.int32))
+    outs = [out]
+    for t in range(200, T):
+        out, cache = step(jnp.asarray(idx[:, t:t + 1]), cache, jnp.full(2, t, jnp.int32))
+        outs.append(out)
+    return {"forward": relative(full, expected), "cached decode": relative(jnp.concatenate(outs, 1), expected)}
+
+
+def muon_steps(torch, nanochat_optim, shape=(2, 96, 256), steps: int = 3) -> float:
+    """nanochat's muon_step_fused (uncompiled) on torch-layout stacks [L, out, in] against ours on [L, in, out]."""
+    fused = nanochat_optim.muon_step_fused
+    rng = np.random.default_rng(0)
+    L, out_, in_ = shape
+    W = rng.standard_normal(shape).astype(np.float32)
+    params = {"w": jnp.asarray(W.transpose(0, 2, 1))}
+    tx = muon(0.02, 0.9, variant=MODERN_MUON, weight_decay=0.3, dtype=jnp.float32)
+    state = tx.init(params)
+    tp, buf = torch.tensor(W), torch.zeros(shape)
+    moment = torch.zeros((L, out_, 1) if out_ >= in_ else (L, 1, in_))
+    for _ in range(steps):
+        g = rng.standard_normal(shape).astype(np.float32)
+        updates, state = tx.update({"w": jnp.asarray(g.transpose(0, 2, 1))}, state, params)
+        params = {"w": params["w"] + updates["w"]}
+        lr = 0.02 * max(1.0, out_ / in_) ** 0.5
+        fused(torch.tensor(g), tp, buf, moment, torch.tensor(0.9), torch.tensor(lr), torch.tensor(0.3),
+              torch.tensor(0.9), 5, -1 if out_ >= in_ else -2)
+    moved = tp.numpy() - W
+    return float(np.abs(np.asarray(params["w"]).transpose(0, 2, 1) - W - moved).max() / np.abs(moved).max())
+
+
+def training(torch, TorchGPT, TorchConfig, steps: int = 30, rows: int = 4, T: int = 256) -> list[tuple]:
+    """Both from nanochat's init plus a little noise (weights copied over), the same batches (a cycle of 4 random
+    ones, so the loss falls), nanochat's current learning rates and schedules over `steps`: the two losses at each
+    step. (The noise matters: from the init itself, with zero projections, the final norm makes the loss blind to
+    the residual scalars, whose gradients are then rounding noise that Adam's first steps blow up to full steps,
+    differently in any two implementations.)"""
+    cfg = dict(sequence_len=T, vocab_size=512, n_layer=4, n_head=2, n_kv_head=2, n_embd=128, window_pattern="SSSL")
+    torch.manual_seed(0)
+    ref = TorchGPT(TorchConfig(**cfg))
+    ref.init_weights()
+    with torch.no_grad():
+        for param in ref.parameters():
+            param.add_(0.02 * torch.randn_like(param))
+    wd = 0.28
+    opt = ref.setup_optimizer(unembedding_lr=0.008, embedding_lr=0.3, matrix_lr=0.02, weight_decay=wd, scalar_lr=0.5)
+    config = read_model_config({"model_config": cfg}, "parity")
+    params = state_dict_to_params({k: v.float().numpy().copy() for k, v in ref.state_dict().items()}, config)
+    make = lambda: GPT(config, rngs=nnx.Rngs(0))  # noqa: E731
+    trainer = Trainer.create(make, build_optimizer(config.n_embd, 0.3, 0.008, 0.02, wd, grad_clip=0.0, recipe="modern",
+                                                   muon_dtype=jnp.float32), make_mesh(devices=jax.devices()[:1]))
+    state = trainer.start_from(jax.device_put(jax.tree.map(jnp.asarray, params), trainer.params_sharding))
+    schedule = Schedule(steps, warmdown_ratio=0.65, final_lr_frac=0.05, warmup_steps=5, modern=True)
+    data = np.random.default_rng(0).integers(0, 512, (4, rows, T + 1))
+    losses = []
+    for step in range(steps):
+        tokens = data[step % 4]
+        lrm, momentum, wd_mult = schedule(step)
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * lrm
+            if group["kind"] == "muon":
+                group["momentum"], group["weight_decay"] = momentum, wd * wd_mult
+        loss = ref(torch.tensor(tokens[:, :-1]), torch.tensor(tokens[:, 1:]))
+        loss.backward()
+        loss = loss.detach()
+        opt.step()
+        ref.zero_grad(set_to_none=True)
+        batch = jax.device_put({"inputs": tokens[None, :, :-1].astype(np.int32),
+                                "targets": tokens[None, :, 1:].astype(np.int32)}, trainer.batch_sharding())
+        state.params, state.opt_state, out = trainer.run_step(state.params, state.opt_state, batch, lrm, momentum,
+                                                              wd_mult)
+        losses.append((float(loss), float(out["loss"])))
+    return losses
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--nanochat", required=True, help="a checkout of nanochat's current code")
+    args = p.parse_args(argv)
+    sys.path.insert(0, os.path.abspath(args.nanochat))
+    os.environ.setdefault("NANOCHAT_DTYPE", "float32")  # its compute dtype on this machine: fp32 like ours
+    import torch
+    from nanochat import optim as nanochat_optim
+    from nanochat.gpt import GPT as TorchGPT, GPTConfig as TorchConfig
+    for name in ("muon_step_fused", "adamw_step_fused"):  # its kernels uncompiled: no C++ toolchain needed
+        fused = getattr(nanochat_optim, name)
+        setattr(nanochat_optim, name, getattr(fused, "_torchdynamo_orig_callable", fused))
+
+    for n_layer in (4, 5):  # value embeddings on odd layers (even depth) or on even ones (odd depth)
+        for name, err in logits(torch, TorchGPT, TorchConfig, n_layer).items():
+            print(f"d{n_layer} logits, {name}: max relative difference {err:.2e}")
+    for shape in ((2, 96, 256), (2, 256, 96)):
+        print(f"Muon {shape} (torch [L, out, in]), 3 steps: max relative difference of the moves "
+              f"{muon_steps(torch, nanochat_optim, shape):.2e}")
+    losses = training(torch, TorchGPT, TorchConfig)
+    for step, (theirs, ours) in enumerate(losses):
+        if step % 5 == 0 or step == len(losses) - 1:
+            print(f"training step {step:2d}: loss nanochat {theirs:.6f}, ours {ours:.6f}")
+    print(f"training: max relative loss difference {max(abs(a - b) / a for a, b in losses):.2e}")
+
+
+if __name__ == "__main__":
+    main()
