@@ -386,7 +386,7 @@ class GPT(nnx.Module):
                 ve = self.value_embeds[...][extra["ve_index"], idx_BT].astype(x.dtype) * extra["has_ve"]
             return nnx.merge(block_def, params)(x, cos, sin, kv, pos_B, attend_len, ve, extra.get("window"))
 
-        def backed_out(x, x_mid, extra, x_new):
+        def backed_out(x_mid, extra, x_new):  # the residual after the middle block, carried to the end
             return jnp.where(extra["layer"] == mid, x_new, x_mid) if c.backout else x_mid
 
         x_mid = jnp.zeros_like(x) if c.backout else None
@@ -397,7 +397,7 @@ class GPT(nnx.Module):
                 x, x_mid, k_all, v_all = carry
                 params, extra = xs
                 x, (k_all, v_all) = run_block(x, params, extra, (k_all, v_all, extra["layer"]))
-                return (shard_rows(x), backed_out(x, x_mid, extra, x), k_all, v_all), None
+                return (shard_rows(x), backed_out(x_mid, extra, x), k_all, v_all), None
 
             (x, x_mid, k_all, v_all), _ = jax.lax.scan(cached_layer, (x, x_mid, cache["k"], cache["v"]),
                                                        (stacked, per_layer))
@@ -406,7 +406,7 @@ class GPT(nnx.Module):
             def layer(carry, xs):  # one block on its slice of the stacked parameters
                 x, x_mid = carry
                 x, _ = run_block(x, *xs)
-                return (shard_rows(x), backed_out(x, x_mid, xs[1], x)), None
+                return (shard_rows(x), backed_out(x_mid, xs[1], x)), None
 
             if self.remat != "none":
                 layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.remat], prevent_cse=False)

@@ -9,10 +9,13 @@ def test_device_check_tiny_writes_every_part(tmp_path, capsys):
     results = device_check.main(["--tiny", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "device_check.json").read_text())
     assert saved["environment"]["platform"] == "cpu" and saved["environment"]["command"].endswith("--tiny")
-    (train,) = saved["train"]
-    assert "error" not in train, train.get("traceback")
-    assert train["depth"] == 2 and train["tokens_per_s"] > 0 and train["mfu_percent"] is None  # no CPU peak
-    assert train["device_batch_size"] == 2 and train["compiled_peak_bytes"] > 0
+    train, *modern = saved["train"]  # the classic d2 step, then the modern recipe's in the compute dtype and in FP8
+    for row in saved["train"]:
+        assert "error" not in row, row.get("traceback")
+        assert row["depth"] == 2 and row["tokens_per_s"] > 0 and row["mfu_percent"] is None  # no CPU peak
+    assert train["device_batch_size"] == 2 and train["compiled_peak_bytes"] > 0 and train["recipe"] == "classic"
+    assert [(row["recipe"], row["fp8"], row["label"]) for row in modern] == [("modern", False, "modern float32"),
+                                                                             ("modern", True, "modern fp8")]
     attention = saved["attention"]
     assert "error" not in attention and attention["xla_ms"] > 0 and attention["cudnn_ms"] is None
     engine = saved["engine"]
@@ -20,5 +23,5 @@ def test_device_check_tiny_writes_every_part(tmp_path, capsys):
     assert [row["batch"] for row in engine["decode"]] == [1, 2] and engine["prefill_ms"] > 0
     assert all(row["tokens_per_s"] > 0 and row["bytes_per_step"] > 0 for row in engine["decode"])
     table = (tmp_path / "device_check.md").read_text()
-    assert "| d2 (" in table and "| d2 batch 2 |" in table and "unavailable" in table
+    assert "| d2 (" in table and "| d2 modern fp8 (" in table and "| d2 batch 2 |" in table and "unavailable" in table
     assert results["train"] == saved["train"] and table in capsys.readouterr().out
