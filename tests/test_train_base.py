@@ -89,3 +89,37 @@ def test_bad_flags(base_dir, capsys, extra, message):
     with pytest.raises((SystemExit, ValueError)) as err:
         base.main(ARGS + extra)
     assert message in str(err.value) + capsys.readouterr().err
+
+
+def test_modern_recipe_run_and_exact_resume(base_dir):
+    """--recipe modern: the modern model, optimizer state (NorMuon moments, the weight-decay multiplier) and
+    schedule go through checkpoints, and a resume replays the steps exactly."""
+    args = ARGS + ["--recipe", "modern", "--model-tag", "m2", "--warmup-steps", "2"]
+    base.main(args)
+    run_dir = base_dir / "base_checkpoints" / "m2"
+    full = read_metrics(run_dir)
+    model, _, meta = load_model(str(run_dir))
+    assert model.config.recipe == "modern" and model.config.n_embd == 128 and model.config.window_pattern == "SSSL"
+    train_config = meta["train_config"]
+    assert train_config["warmdown_ratio"] == 0.65 and train_config["final_lr_frac"] == 0.05
+    assert train_config["embedding_lr"] == 0.3 and train_config["grad_clip"] == 0.0
+    assert 0 < train_config["weight_decay"] != 0.28  # scaled by batch and horizon
+    assert full[10]["val_bpb"] < full[0]["val_bpb"]
+    shutil.rmtree(run_dir / "10")
+    base.main(args + ["--resume"])
+    assert_same(read_metrics(run_dir), full, rel=1e-6)
+
+
+def test_modern_sizing_follows_nanochat():
+    """The automatic batch, learning-rate scale and weight decay of the modern recipe (optim.auto_batch)."""
+    from types import SimpleNamespace
+    from nanochat_jax.gpt import config_from_depth
+    config = config_from_depth(24, 32768, 2048, recipe="modern")
+    args = SimpleNamespace(total_batch_size=-1, target_param_data_ratio=8, weight_decay=0.28, num_iterations=-1,
+                           target_flops=-1)
+    assert base.modern_sizing(args, config) == pytest.approx(2 ** 0.5) and args.total_batch_size == 2 ** 20
+    d12 = config_from_depth(12, 32768, 2048, recipe="modern")
+    assert args.weight_decay == pytest.approx(0.28 * 2 ** 0.5 * d12.scaling_params() / config.scaling_params())
+    assert base.horizon(args, config) == int(8 * config.scaling_params()) // 2 ** 20 == 5568
+    with pytest.raises(SystemExit):
+        base.parse_args(["--total-batch-size", "-1"])  # the classic recipe has no automatic batch
