@@ -27,7 +27,7 @@ from nanochat_jax.sharding import make_mesh
 FULL = dict(train_depths=(12, 20), modern=((24, False), (24, True)), modern_vocab=32768, seq_len=2048, vocab=65536,
             start_batch=64, steps=5,
             attention=(4, 2048, 10, 10, 128), engine_depth=20, prompt_len=512, batches=(1, 8, 32), decode_tokens=256)
-TINY = dict(train_depths=(2,), modern=((2, False), (2, True)), modern_vocab=512, seq_len=64, vocab=512, start_batch=2,
+TINY = dict(train_depths=(2,), modern=((2, True),), modern_vocab=512, seq_len=64, vocab=512, start_batch=2,
             steps=2,
             attention=(2, 64, 2, 1, 32), engine_depth=2, prompt_len=32, batches=(1, 2), decode_tokens=32)
 
