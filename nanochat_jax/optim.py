@@ -60,9 +60,13 @@ MODERN_MUON = MuonVariant(polar_express=True, row_equilibration=True, renormaliz
                           cautious_weight_decay=True)
 
 
-class MuonState(NamedTuple):
+class MuonState(NamedTuple):  # (the classic state, as checkpoints of earlier versions hold it)
     momentum: optax.Updates  # the momentum buffer, fp32, shaped like the params
-    second_moment: optax.Updates = None  # NorMuon's: [.., 1, out] or [.., in, 1] per kernel (None when off)
+
+
+class NorMuonState(NamedTuple):
+    momentum: optax.Updates
+    second_moment: optax.Updates  # NorMuon's factored second moment: [.., 1, out] or [.., in, 1] per kernel
 
 
 def normuon_axis(shape) -> int:
@@ -83,7 +87,7 @@ def muon(learning_rate, momentum=0.95, ns_steps: int = 5, variant: MuonVariant =
             return MuonState(buf)
         moment = jax.tree.map(lambda p: jnp.zeros(p.shape[:-2] + (
             (1, p.shape[-1]) if normuon_axis(p.shape) == -2 else (p.shape[-2], 1)), jnp.float32), params)
-        return MuonState(buf, moment)
+        return NorMuonState(buf, moment)
 
     def direction(g, moment):
         """The orthogonalised (and, per the variant, equilibrated, renormalised, variance-scaled) update."""
@@ -111,7 +115,8 @@ def muon(learning_rate, momentum=0.95, ns_steps: int = 5, variant: MuonVariant =
         nesterov = jax.tree.map(lambda g, m: (1 - momentum) * g + momentum * m, grads, buf)
         g_leaves, treedef = jax.tree.flatten(nesterov)
         p_leaves = g_leaves if params is None else treedef.flatten_up_to(params)
-        m_leaves = [None] * len(g_leaves) if state.second_moment is None else treedef.flatten_up_to(state.second_moment)
+        normuon = isinstance(state, NorMuonState)
+        m_leaves = treedef.flatten_up_to(state.second_moment) if normuon else [None] * len(g_leaves)
 
         def step(g, moment, p):
             lr = learning_rate * math.sqrt(max(1.0, g.shape[-1] / g.shape[-2]))  # fan_out / fan_in
@@ -121,8 +126,10 @@ def muon(learning_rate, momentum=0.95, ns_steps: int = 5, variant: MuonVariant =
             return -lr * u, moment
 
         out = [step(g, m, p) for g, m, p in zip(g_leaves, m_leaves, p_leaves)]
-        moments = None if state.second_moment is None else treedef.unflatten([m for _, m in out])
-        return treedef.unflatten([u for u, _ in out]), MuonState(buf, moments)
+        updates = treedef.unflatten([u for u, _ in out])
+        if normuon:
+            return updates, NorMuonState(buf, treedef.unflatten([m for _, m in out]))
+        return updates, MuonState(buf)
 
     return optax.GradientTransformation(init, update)
 

@@ -216,3 +216,17 @@ def test_auto_batch_matches_nanochat():
     batch, lr_scale, wd = auto_batch(d24, ref, 8, 0.28)
     assert batch == 2 ** 20 and lr_scale == pytest.approx(2 ** 0.5)
     assert wd == pytest.approx(0.28 * 2 ** 0.5 * ref / d24)
+
+
+def test_classic_state_keeps_its_checkpoint_layout():
+    """Training checkpoints of earlier versions resume: the classic optimizer state has the same tree as before the
+    modern recipe (no NorMuon moments, no weight-decay multiplier); the modern one has both."""
+    params = nnx.to_pure_dict(nnx.state(GPT(tiny_config(), rngs=nnx.Rngs(0))))
+    classic = build_optimizer(64).init(params)
+    assert set(classic.hyperparams) == {"lr_multiplier", "muon_momentum"}
+    layout = str(jax.tree_util.tree_structure(classic))
+    assert "namedtuple[MuonState]" in layout and "NorMuonState" not in layout
+    modern_params = nnx.to_pure_dict(nnx.state(GPT(config_from_depth(2, 100, 32, recipe="modern"), rngs=nnx.Rngs(0))))
+    modern = build_optimizer(128, recipe="modern").init(modern_params)
+    assert set(modern.hyperparams) == {"lr_multiplier", "muon_momentum", "wd_multiplier"}
+    assert "namedtuple[NorMuonState]" in str(jax.tree_util.tree_structure(modern))
