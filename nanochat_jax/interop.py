@@ -14,7 +14,6 @@ import json
 import os
 import pickle
 import re
-from dataclasses import fields
 
 import jax
 import jax.numpy as jnp

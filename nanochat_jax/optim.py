@@ -209,13 +209,14 @@ REFERENCE_BATCH = 2 ** 19  # nanochat's measured best batch (tokens) for d12 at 
 
 
 def auto_batch(scaling_params: int, d12_scaling_params: int, target_param_data_ratio: float,
-               weight_decay: float) -> tuple[int, float, float]:
+               weight_decay: float, batch: int | None = None) -> tuple[int, float, float]:
     """nanochat's modern sizing: (tokens per step, learning-rate scale, Muon weight decay) for a model trained for
-    target_param_data_ratio tokens per scaling parameter. The batch grows as the horizon D^0.383 from 2^19 at d12
-    (the Power Lines fit), rounded to a power of two; learning rates scale by sqrt(B / 2^19); the weight decay by
-    sqrt(B / 2^19) x D_d12 / D, which keeps its effective timescale."""
+    target_param_data_ratio tokens per scaling parameter. The batch (unless given) grows as the horizon D^0.383 from
+    2^19 at d12 (the Power Lines fit), rounded to a power of two; learning rates scale by sqrt(B / 2^19); the weight
+    decay by sqrt(B / 2^19) x D_d12 / D, which keeps its effective timescale."""
     tokens, d12_tokens = target_param_data_ratio * scaling_params, target_param_data_ratio * d12_scaling_params
-    batch = 2 ** round(math.log2(REFERENCE_BATCH * (tokens / d12_tokens) ** 0.383))
+    if batch is None:
+        batch = 2 ** round(math.log2(REFERENCE_BATCH * (tokens / d12_tokens) ** 0.383))
     return batch, math.sqrt(batch / REFERENCE_BATCH), weight_decay * math.sqrt(batch / REFERENCE_BATCH) * d12_tokens / tokens
 
 

@@ -28,7 +28,7 @@ from nanochat_jax.dataloader import StepBatches, pretraining_batches
 from nanochat_jax.dataset import standin_corpus
 from nanochat_jax.gpt import RECIPES, config_from_depth
 from nanochat_jax.loop import Eval, Plan, run
-from nanochat_jax.optim import REFERENCE_BATCH, Schedule, auto_batch
+from nanochat_jax.optim import Schedule, auto_batch
 from nanochat_jax.stages import (add_optimizer_flags, add_run_flags, batch_geometry, begin_run, check_flags,
                                  fill_optimizer_defaults, make_trainer, run_meta, start_wandb)
 from nanochat_jax.tokenizer import get_token_bytes, get_tokenizer
@@ -96,15 +96,12 @@ def modern_sizing(args, config) -> float:
     """The modern recipe's batch (when --total-batch-size is -1) and weight decay from the horizon, as nanochat's
     base_train; returns the learning-rate scale sqrt(batch / 2^19)."""
     reference = config_from_depth(12, config.vocab_size, config.sequence_len, recipe="modern")
-    batch, _, _ = auto_batch(config.scaling_params(), reference.scaling_params(), args.target_param_data_ratio,
-                             args.weight_decay)
-    if args.total_batch_size == -1:
-        args.total_batch_size = batch
-        print0(f"batch from the horizon: {batch:,} tokens per step")
-    ratio = args.total_batch_size / REFERENCE_BATCH
-    tokens_ratio = reference.scaling_params() / config.scaling_params()  # D_d12 / D at the same tokens per param
-    args.weight_decay = args.weight_decay * ratio ** 0.5 * tokens_ratio
-    return ratio ** 0.5
+    given = None if args.total_batch_size == -1 else args.total_batch_size
+    args.total_batch_size, lr_scale, args.weight_decay = auto_batch(
+        config.scaling_params(), reference.scaling_params(), args.target_param_data_ratio, args.weight_decay, given)
+    if given is None:
+        print0(f"batch from the horizon: {args.total_batch_size:,} tokens per step")
+    return lr_scale
 
 
 def main(argv=None):
