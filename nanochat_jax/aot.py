@@ -37,10 +37,43 @@ def chip_specs(device) -> tuple | None:
     return next((spec for name, spec in CHIPS.items() if kind.startswith(name) or name in kind), None)
 
 
+# NVIDIA GPUs the GPU compiler can target without one (the facts of XLA's GpuTargetConfigProto that matter for
+# compiling: the SM count and memory of the chip, its compute capability, its cuDNN): name -> (device_memory_size,
+# memory bandwidth B/s, the name a real device reports)
+GPUS = {"h100": (84942979072, 3352320000000, "NVIDIA H100 80GB HBM3"),
+        "h200": (151397597184, 4800000000000, "NVIDIA H200 141GB HBM3e")}
+GPU_MEM_FRACTION = 0.75  # JAX's default share of a GPU's memory for its allocator (XLA_PYTHON_CLIENT_MEM_FRACTION)
+
+
+def gpu_memory_fraction() -> float:
+    """The share of a GPU's memory JAX's allocator takes: $XLA_PYTHON_CLIENT_MEM_FRACTION, default 0.75."""
+    text = os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "")
+    try:
+        return float(text) if text else GPU_MEM_FRACTION
+    except ValueError:
+        raise SystemExit(f"XLA_PYTHON_CLIENT_MEM_FRACTION={text!r}: expected a fraction such as 0.9") from None
+
+
+def gpu_target_config(name: str) -> str:
+    """A GpuTargetConfigProto (text) for an H100 SXM or H200: Hopper, 132 SMs, its memory, cuDNN 9."""
+    memory, bandwidth, description = GPUS[name]
+    info = dict(threads_per_block_limit=1024, threads_per_warp=32, shared_memory_per_block=49152,
+                shared_memory_per_core=233472, threads_per_core_limit=2048, core_count=132, fpus_per_core=128,
+                block_dim_limit_x=2**31 - 1, block_dim_limit_y=65535, block_dim_limit_z=65535,
+                memory_bandwidth=bandwidth, l2_cache_size=50 * 2**20, clock_rate_ghz=1.98,
+                device_memory_size=memory, shared_memory_per_block_optin=232448, registers_per_core_limit=65536,
+                registers_per_block_limit=65536)
+    fields = "\n".join(f"  {key}: {value}" for key, value in info.items())
+    return (f"gpu_device_info {{\n{fields}\n  cuda_compute_capability {{ major: 9 minor: 0 }}\n}}\n"
+            f'platform_name: "CUDA"\ndnn_version_info {{ major: 9 minor: 10 patch: 0 }}\n'
+            f'device_description_str: "{description}"\n')
+
+
 def device_memory_bytes(device) -> int | None:
     """The memory a program may use on a device: $NANOCHAT_DEVICE_MEMORY (GiB) when set (to leave headroom, or on
-    a shared GPU), else what the device says it can hold (a real TPU or GPU), else the chip table's HBM size (a
-    topology device); None where nothing is known (CPU)."""
+    a shared GPU), else what the device says its allocator can hold (a real TPU or GPU: on a GPU that is JAX's share,
+    gpu_memory_fraction()), else for a topology device the same share of its memory (GPU) or the chip table's HBM
+    size (TPU); None where nothing is known (CPU)."""
     if os.environ.get("NANOCHAT_DEVICE_MEMORY"):
         try:
             return int(float(os.environ["NANOCHAT_DEVICE_MEMORY"]) * 2**30)
@@ -53,14 +86,31 @@ def device_memory_bytes(device) -> int | None:
         stats = None
     if stats and stats.get("bytes_limit"):
         return int(stats["bytes_limit"])
+    gpu = next((spec for spec in GPUS.values() if spec[2] == device.device_kind), None)
+    if gpu is not None:
+        return int(gpu[0] * gpu_memory_fraction())
     spec = chip_specs(device)
     return None if spec is None else spec[2]
 
 
 def topology_devices(name: str):
-    """The devices of a TPU topology such as 'v5e:2x4' (v5e-8), 'v5e:4x4' (v5e-16, 4 hosts), 'v5p:2x2x1' (v5p-8),
-    'v6e:2x4' (v6e-8), from libtpu's compiler; no TPU needed."""
+    """The devices of a topology, from its compiler, with no such device here. TPU (libtpu, `pip install
+    'jax[tpu]'`): 'v5e:2x4' (v5e-8), 'v5e:4x4' (v5e-16, 4 hosts), 'v5p:2x2x1', 'v6e:2x4'. NVIDIA GPU (`pip install
+    'jax[cuda12]'`, JAX_PLATFORMS=cpu set before jax is imported; no GPU or driver needed): 'h100:8' (one host of
+    8), 'h100:2x8' (2 hosts of 8), 'h200:8'."""
     from jax.experimental import topologies
+    gpu, _, shape = name.partition(":")
+    if gpu in GPUS:
+        hosts, _, per_host = shape.rpartition("x")
+        if not per_host.isdigit() or not (hosts or "1").isdigit():
+            raise SystemExit(f"GPU topology {name!r}: expected {gpu}:<GPUs> or {gpu}:<hosts>x<GPUs per host>")
+        try:
+            return topologies.get_topology_desc(platform="cuda", topology_name=gpu, target_config=gpu_target_config(gpu),
+                                                topology=f"1x{hosts or 1}x{per_host}").devices
+        except Exception as e:
+            raise SystemExit(f"cannot make GPU topology {name!r} ({str(e).splitlines()[0][:300]}); it needs XLA's GPU "
+                             "compiler: pip install 'jax[cuda12]' (in its own virtual environment) and "
+                             "JAX_PLATFORMS=cpu in the environment on a machine without a GPU") from None
     try:
         return topologies.get_topology_desc(topology_name=name, platform="tpu").devices
     except Exception as e:
@@ -96,9 +146,20 @@ def compile_timed(jitted, *args, **kwargs):
 
 
 def cost_analysis(compiled) -> dict:
-    """The compiled program's cost analysis as one dict (FLOPs, bytes accessed, optimal_seconds ...)."""
-    cost = compiled.cost_analysis()
+    """The compiled program's cost analysis as one dict (FLOPs, bytes accessed, optimal_seconds ...). A GPU program
+    compiled without a GPU has none of its own ("GetCostAnalysis is not supported"): XLA's HLO cost analysis then
+    runs over its optimized modules on the host's client (custom calls, cuDNN attention among them, count nothing)."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:
+        cost = None
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    if not cost:
+        from jax._src.lib import xla_client
+        host = jax.devices("cpu")[0].client
+        modules = compiled.runtime_executable().hlo_modules()
+        costs = [xla_client._xla.hlo_module_cost_analysis(host, m) for m in modules]
+        cost = {key: sum(float(c.get(key, 0.0)) for c in costs) for key in ("flops", "bytes accessed")}
     return cost or {}
 
 
@@ -113,6 +174,71 @@ def memory(compiled) -> dict:
     return out
 
 
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%(\S+)\s*=\s*(\([^=]*?\)|\S+)\s+([\w-]+)\(([^)]*)\)(.*)$")
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%(\S+)\s.*\{\s*$")
+FP8_TYPES = ("f8e4m3fn", "f8e5m2")
+
+
+def _computations(hlo_text: str) -> dict:
+    """The optimized HLO text's computations: name -> {instruction name: (type, opcode, operand names, rest)}."""
+    comps, current = {}, None
+    for line in hlo_text.splitlines():
+        if current is None:
+            m = _COMPUTATION.match(line)
+            if m:
+                current = comps.setdefault(m.group(1), {})
+        elif line.strip() == "}":
+            current = None
+        elif m := _INSTRUCTION.match(line):
+            name, type_, opcode, operands, rest = m.groups()
+            current[name] = (type_, opcode, re.findall(r"%([\w.-]+)", operands), rest)
+    return comps
+
+
+def hlo_kernels(hlo_text: str) -> dict:
+    """What the GPU compiler made of the matmuls and attention, counted in a program's optimized HLO (each place
+    once, a loop body's as one): matmuls (GEMM fusions, cuBLAS calls and plain dots, outside other fusions),
+    fp8_matmuls (those whose operands are float8: e4m3 or e5m2), cudnn_attention_calls (cuDNN fused attention
+    forward) and cudnn_attention_backward_calls."""
+    comps = _computations(hlo_text)
+    called = lambda rest: re.findall(r"calls=%([\w.-]+)", rest)  # noqa: E731
+    inside = {c for body in comps.values() for ins in body.values() if ins[1] == "fusion" for c in called(ins[3])}
+    grow = list(inside)
+    while grow:  # computations called from inside a fusion are inside it too
+        for ins in comps.get(grow.pop(), {}).values():
+            new = set(called(ins[3])) - inside
+            inside |= new
+            grow += list(new)
+
+    def dot_in(comp_name):  # (computation, dot instruction) of the first dot in a fusion, searching nested calls
+        body = comps.get(comp_name, {})
+        for ins in body.values():
+            if ins[1] == "dot":
+                return body, ins
+        return next((found for ins in body.values() for c in called(ins[3]) if (found := dot_in(c))), None)
+
+    is_fp8 = lambda body, operands: any(t in body.get(o, ("",))[0] for o in operands for t in FP8_TYPES)  # noqa: E731
+    counts = {"matmuls": 0, "fp8_matmuls": 0, "cudnn_attention_calls": 0, "cudnn_attention_backward_calls": 0}
+    for comp_name, body in comps.items():
+        if comp_name in inside:
+            continue
+        for type_, opcode, operands, rest in body.values():
+            target = re.search(r'custom_call_target="([^"]+)"', rest)
+            target = target.group(1) if target else ""
+            if target.startswith("__cudnn$fmha"):
+                counts["cudnn_attention_backward_calls" if "Backward" in target else "cudnn_attention_calls"] += 1
+                continue
+            fp8 = None
+            if opcode == "dot" or target.startswith("__cublas"):
+                fp8 = is_fp8(body, operands) or target.endswith("$f8")
+            elif opcode == "fusion" and (found := next((f for c in called(rest) if (f := dot_in(c))), None)):
+                fp8 = is_fp8(found[0], found[1][2])
+            if fp8 is not None:
+                counts["matmuls"] += 1
+                counts["fp8_matmuls"] += bool(fp8)
+    return counts
+
+
 def refused_bytes(message: str) -> int | None:
     """The bytes a RESOURCE_EXHAUSTED message says the program needs ('... temporaries (40.07G) exceeds ...')."""
     m = re.search(r"\(([\d.]+)([KMGT])\) exceeds", message)
@@ -120,14 +246,28 @@ def refused_bytes(message: str) -> int | None:
 
 
 def report(compiled, device, compile_s: float, model_flops: float, n_chips: int, roofline_cost: dict | None = None,
-           repeat: int = 1) -> dict:
-    """The JSON-able facts about one compiled step: memory per chip, whether it fits, and the time estimate.
+           repeat: int = 1, hlo_path: str | None = None) -> dict:
+    """The JSON-able facts about one compiled step: memory per chip, whether it fits (on a GPU: in JAX's share of
+    its memory), the time estimate and, on a GPU, which kernels the matmuls and attention became (hlo_kernels).
     roofline_cost: {"flops", "bytes"} per chip for the whole step when the program's own counts are known to be
-    short (loops); repeat: how many times the compiled program runs per step (micro-steps)."""
+    short (loops); repeat: how many times the compiled program runs per step (micro-steps); hlo_path: where to write
+    the optimized HLO text."""
     out = {"compile_s": round(compile_s, 1), **memory(compiled)}
     hbm = device_memory_bytes(device)
-    out["hbm_bytes"] = hbm
+    out["hbm_bytes"] = hbm  # what a program may use: a GPU's allocator share, a TPU's HBM
+    if device.platform == "gpu" and not os.environ.get("NANOCHAT_DEVICE_MEMORY"):
+        out["memory_fraction"] = gpu_memory_fraction()
     out["fits"] = None if hbm is None else out["peak_bytes"] <= hbm
+    if hbm:
+        out["headroom"] = round(1 - out["peak_bytes"] / hbm, 3)
+    if device.platform == "gpu" or hlo_path:
+        text = compiled.as_text()
+        if device.platform == "gpu":
+            out.update(hlo_kernels(text))
+        if hlo_path:
+            os.makedirs(os.path.dirname(os.path.abspath(hlo_path)), exist_ok=True)
+            with open(hlo_path, "w") as f:
+                f.write(text)
     out["model_flops_per_step"] = model_flops
     cost, spec = cost_analysis(compiled), chip_specs(device)
     optimal = float(cost.get("optimal_seconds", -1.0) or -1.0)

@@ -19,6 +19,7 @@ from functools import lru_cache, partial
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from nanochat_jax.sharding import context_batch_axes, target_platform
@@ -111,7 +112,7 @@ def _masked_attention(q_BTNH, k_BSKH, v_BSKH, q_offset_B=None, heads_first: bool
     scores = jnp.einsum(f"btkgh,{kv}->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
     scores = scores * (H ** -0.5)
     scores = jnp.where(visible_BTS[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_BSKH.dtype)
+    probs = checkpoint_name(jax.nn.softmax(scores, axis=-1), "attn_probs").astype(v_BSKH.dtype)
     out_BTKGH = jnp.einsum(f"bkgts,{kv}->btkgh", probs, v_BSKH)
     return out_BTKGH.reshape(B, T, N, H)
 

@@ -3,8 +3,8 @@
 `fp8_matmul(x, w)` computes x @ w with both operands quantised to float8_e4m3fn, each with one scale for the whole
 tensor (max |value| maps to the format's largest number), and in the backward pass the incoming gradient quantised
 to float8_e5m2 (more range, less precision) for both gradient matmuls: the recipe nanochat runs through
-torch._scaled_mm. It is written as quantise-dequantise around ordinary dots, the form XLA's GPU compiler rewrites
-into cuBLASLt FP8 GEMMs (on other backends it is emulated: the same numbers, no speedup). Only the layers nanochat
+torch._scaled_mm. Each product is a dot of the FP8 arrays themselves, accumulated in fp32 and scaled after, which XLA's GPU
+compiler runs as an FP8 GEMM on Hopper (other backends emulate it: the same numbers, no speedup). Only the layers nanochat
 converts use it: dims divisible by 16, the smaller one at least 128 (`fp8_eligible`); evaluation runs without it.
 """
 import jax
@@ -25,8 +25,12 @@ def quantize(x, dtype):
     return jnp.clip(x32 * scale, -fmax, fmax).astype(dtype), 1.0 / scale
 
 
-def _dequantize(q, inv_scale, dtype):
-    return (q.astype(jnp.float32) * inv_scale).astype(dtype)
+def _scaled_dot(a_q, a_inv, b_q, b_inv, contract: tuple, out_dtype):
+    """a_q . b_q contracted over `contract` (a's dims, b's dims) with FP8 operands, accumulated in fp32, then times
+    both inverse scales: the form XLA's GPU compiler runs as one FP8 GEMM (cuBLASLt or a Triton FP8 fusion). A
+    dequantise-then-dot form is simplified back into a bf16 GEMM by the compiler."""
+    y = jax.lax.dot_general(a_q, b_q, (contract, ((), ())), preferred_element_type=jnp.float32)
+    return (y * (a_inv * b_inv)).astype(out_dtype)
 
 
 @jax.custom_vjp
@@ -38,18 +42,17 @@ def fp8_matmul(x, w):
 def _forward(x, w):
     xq, x_inv = quantize(x, E4M3)
     wq, w_inv = quantize(w, E4M3)
-    y = _dequantize(xq, x_inv, x.dtype) @ _dequantize(wq, w_inv, x.dtype)
+    y = _scaled_dot(xq, x_inv, wq, w_inv, ((x.ndim - 1,), (0,)), x.dtype)
     return y, (xq, x_inv, wq, w_inv, jnp.zeros((), x.dtype), jnp.zeros((), w.dtype))
 
 
 def _backward(saved, g):
     xq, x_inv, wq, w_inv, x_like, w_like = saved
     gq, g_inv = quantize(g, E5M2)
-    g_dq = _dequantize(gq, g_inv, g.dtype)
-    dx = g_dq @ _dequantize(wq, w_inv, g.dtype).T
-    x_dq = _dequantize(xq, x_inv, g.dtype)
-    dw = jnp.einsum("...i,...o->io", x_dq, g_dq, preferred_element_type=jnp.float32)
-    return dx.astype(x_like.dtype), dw.astype(w_like.dtype)
+    dx = _scaled_dot(gq, g_inv, wq, w_inv, ((g.ndim - 1,), (1,)), x_like.dtype)  # g [..., out] . w [in, out]
+    rows = tuple(range(g.ndim - 1))
+    dw = _scaled_dot(xq, x_inv, gq, g_inv, (rows, rows), w_like.dtype)  # sum over rows of x [.., in] g [.., out]
+    return dx, dw
 
 
 fp8_matmul.defvjp(_forward, _backward)

@@ -30,6 +30,7 @@ from dataclasses import dataclass, replace
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from nanochat_jax.attention import attention, xla_attention
 from nanochat_jax.fp8 import fp8_eligible, fp8_matmul
@@ -39,8 +40,26 @@ SOFTCAP = 15.0
 ROPE_BASE = 10000.0
 PAD_VOCAB_TO = 64
 LOSS_CHUNK = 256  # sequence positions whose logits are materialised at once by the training loss
-REMAT_POLICIES = {"none": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-                  "full": jax.checkpoint_policies.nothing_saveable}
+# What the backward pass keeps of each block (every policy gives the same numbers; they differ in memory and in
+# what is computed twice). The values are named where they are made (checkpoint_name); everything else, the cheap
+# elementwise work of the norms, RoPE, relu^2 and the residual adds, is recomputed in the backward pass from these,
+# so nothing is kept in fp32 or twice, and no mask of the MLP's width is stored.
+MATMUL_OUTPUTS = ("q_proj", "k_proj", "v_proj", "attn_proj", "mlp_fc")  # (the MLP's output projection is not needed)
+ATTENTION_OUTPUTS = ("attn_out", "attn_probs")  # the output and, on the XLA path, the softmax (fp32 [T, S])
+# flash attention's residuals (cuDNN's output and softmax statistics; splash's): kept, else its forward runs again
+ATTENTION_KERNELS = ("dot_product_attention_fwd_wrapper", "dot_product_attention_fwd", "pallas_call")
+
+
+def _attention_kernel_outputs(prim, *_, **__) -> bool:
+    return prim.name in ATTENTION_KERNELS
+
+
+_policies = jax.checkpoint_policies
+REMAT_POLICIES = {  # none: the matmuls and attention kept; dots: attention recomputed too; full: the whole block
+    "none": _policies.save_from_both_policies(_policies.save_only_these_names(*MATMUL_OUTPUTS, *ATTENTION_OUTPUTS),
+                                              _attention_kernel_outputs),
+    "dots": _policies.save_only_these_names(*MATMUL_OUTPUTS),
+    "full": _policies.nothing_saveable}
 
 
 VE_GATE_CHANNELS = 12  # the value-embedding gate reads this many channels of the block input
@@ -236,9 +255,9 @@ class CausalSelfAttention(nnx.Module):
         ve_BTE: this layer's value embedding of the tokens (zeros in a layer without one); window: this layer's
         left window (a traced scalar, one of self.windows), None for full causal attention."""
         B, T, _ = x_BTC.shape
-        q = self.c_q(x_BTC).reshape(B, T, self.n_head, self.head_dim)
-        k = self.c_k(x_BTC).reshape(B, T, self.n_kv_head, self.head_dim)
-        v = self.c_v(x_BTC).reshape(B, T, self.n_kv_head, self.head_dim)
+        q = checkpoint_name(self.c_q(x_BTC), "q_proj").reshape(B, T, self.n_head, self.head_dim)
+        k = checkpoint_name(self.c_k(x_BTC), "k_proj").reshape(B, T, self.n_kv_head, self.head_dim)
+        v = checkpoint_name(self.c_v(x_BTC), "v_proj").reshape(B, T, self.n_kv_head, self.head_dim)
         if ve_BTE is not None:  # value residual: gate in (0, 3) per kv head
             gate_BTK = 3 * jax.nn.sigmoid(self.ve_gate(x_BTC[..., :VE_GATE_CHANNELS]))
             v = v + gate_BTK[..., None] * ve_BTE.reshape(v.shape).astype(v.dtype)
@@ -263,7 +282,8 @@ class CausalSelfAttention(nnx.Module):
         else:  # layers differ in window: one branch per distinct window, each with its window static
             branches = [partial(attention, impl=self.attn_impl, window=self._static(w, T)) for w in self.windows]
             y = jax.lax.switch(jnp.searchsorted(jnp.asarray(self.windows), window), branches, q, k, v)
-        return self.c_proj(y.reshape(B, T, -1)), kv
+        y = checkpoint_name(y, "attn_out")
+        return checkpoint_name(self.c_proj(y.reshape(B, T, -1)), "attn_proj"), kv
 
     @staticmethod
     def _static(window: int, T: int):
@@ -279,7 +299,7 @@ class MLP(nnx.Module):
         self.c_proj = Linear(4 * C, C, ("mlp", "embed"), rngs=rngs, zero_init=True, layers=layers, fp8=fp8)
 
     def __call__(self, x_BTC):
-        return self.c_proj(jnp.square(jax.nn.relu(self.c_fc(x_BTC))))
+        return self.c_proj(jnp.square(jax.nn.relu(checkpoint_name(self.c_fc(x_BTC), "mlp_fc"))))
 
 
 class Block(nnx.Module):
@@ -408,8 +428,7 @@ class GPT(nnx.Module):
                 x, _ = run_block(x, *xs)
                 return (shard_rows(x), backed_out(x_mid, xs[1], x)), None
 
-            if self.remat != "none":
-                layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+            layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
             (x, x_mid), _ = jax.lax.scan(layer, (x, x_mid), (stacked, per_layer))
         if c.backout:
             x = x - self.backout_lambda[...].astype(x.dtype) * x_mid

@@ -35,7 +35,8 @@ PROGRAMS = ("train", "prefill", "decode")
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="compile nanochat-jax's jitted programs ahead of time")
-    p.add_argument("--topology", default=None, help="TPU topology, e.g. v5e:2x4 (default: this machine's devices)")
+    p.add_argument("--topology", default=None, help="TPU or GPU topology, e.g. v5e:2x4, h100:8, h100:2x8, h200:8 "
+                   "(default: this machine's devices)")
     p.add_argument("--recipe", choices=RECIPES, default="classic")
     p.add_argument("--depth", type=int, default=20)
     p.add_argument("--vocab-size", type=int, default=65536)
@@ -44,12 +45,15 @@ def parse_args(argv=None):
     p.add_argument("--device-batch-size", type=int, default=8, help="rows per chip per micro-step")
     p.add_argument("--total-batch-size", type=int, default=524288, help="tokens per optimizer step")
     p.add_argument("--remat", choices=sorted(REMAT_POLICIES), default="none")
+    p.add_argument("--fp8", action="store_true", help="FP8 matmuls in the training step (the modern recipe's --fp8)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--programs", default="train,prefill,decode", help=f"comma-separated, of {PROGRAMS}")
     p.add_argument("--decode-batch", type=int, default=8, help="rows of the engine's decode step")
     p.add_argument("--find-max-batch", action="store_true",
                    help="also find the largest device batch that fits (halving, or doubling while it fits)")
     p.add_argument("--json-out", default=None)
+    p.add_argument("--hlo-out", default=None, help="directory for the optimized HLO text of each compiled program "
+                   "(<program>.hlo.txt)")
     args = p.parse_args(argv)
     args.programs = [name.strip() for name in args.programs.split(",") if name.strip()]
     if bad := [name for name in args.programs if name not in PROGRAMS]:
@@ -72,7 +76,7 @@ def train_program(args, config, devices, mesh, rows_per_chip: int) -> dict:
     accum = args.total_batch_size // tokens_per_micro
 
     def trainer_for(cfg):
-        make = lambda: GPT(cfg, rngs=nnx.Rngs(0), dtype=dtype, remat=args.remat)  # noqa: E731
+        make = lambda: GPT(cfg, rngs=nnx.Rngs(0), dtype=dtype, remat=args.remat, fp8=args.fp8)  # noqa: E731
         return Trainer.create(make, build_optimizer(cfg.n_embd, recipe=cfg.recipe,
                                                        grad_clip=1.0 if cfg.recipe == "classic" else 0.0),
                               mesh)
@@ -86,20 +90,23 @@ def train_program(args, config, devices, mesh, rows_per_chip: int) -> dict:
         exe, _ = aot.compile_timed(small.step, *aot.train_step_args(small, rows_per_chip * n_chips, args.seq_len))
         return aot.cost_analysis(exe)
 
-    uses_splash = devices[0].platform == "tpu" and args.seq_len % 128 == 0
-    splash_flops = aot.attention_flops_per_token(config, args.remat) * args.total_batch_size / n_chips if uses_splash \
+    platform = devices[0].platform
+    kernel = ("splash" if platform == "tpu" and args.seq_len % 128 == 0
+              else "cudnn" if platform == "gpu" and dtype == jnp.bfloat16 else None)
+    # attention kernels are invisible to the cost model: their FLOPs come from the model's formula
+    kernel_flops = aot.attention_flops_per_token(config, args.remat) * args.total_batch_size / n_chips if kernel \
         else 0.0
     roofline = None
     if aot.chip_specs(devices[0]) is not None:  # no estimate to make for a CPU
-        roofline = aot.layer_scaled_cost(cost_at, config.n_layer, accum, splash_flops)
+        roofline = aot.layer_scaled_cost(cost_at, config.n_layer, accum, kernel_flops)
         # the probes count a loop (the loss's chunks) once and may merge a recomputed forward away: at least what
         # the step must compute
         needed = aot.training_flops_per_token(config, args.remat) * args.total_batch_size / n_chips
         roofline["flops"] = max(roofline["flops"], needed)
+    name = "train" if rows_per_chip == args.device_batch_size else f"train_{rows_per_chip}rows"
     out = aot.report(compiled, devices[0], compile_s, config.flops_per_token() * args.total_batch_size, n_chips,
-                     roofline, repeat=accum)
-    return {"device_batch_size": rows_per_chip, "grad_accum_steps": accum, "attention": "splash" if uses_splash
-            else "xla/cudnn", **out}
+                     roofline, repeat=accum, hlo_path=args.hlo_out and os.path.join(args.hlo_out, f"{name}.hlo.txt"))
+    return {"device_batch_size": rows_per_chip, "grad_accum_steps": accum, "attention": kernel or "xla", **out}
 
 
 def engine_programs(args, config, devices) -> dict:
@@ -141,7 +148,8 @@ def engine_programs(args, config, devices) -> dict:
             cost_at = lambda layers: aot.cost_analysis(compile_program(name, dataclasses.replace(config, n_layer=layers),  # noqa: E731
                                                                steps=1)[0])
             roofline = aot.layer_scaled_cost(cost_at, config.n_layer, steps)
-        results[name] = aot.report(exe, device, secs, matmul_flops * tokens, 1, roofline)
+        results[name] = aot.report(exe, device, secs, matmul_flops * tokens, 1, roofline,
+                                   hlo_path=args.hlo_out and os.path.join(args.hlo_out, f"{name}.hlo.txt"))
         results[name]["tokens"] = tokens
     return results
 
@@ -154,7 +162,8 @@ def main(argv=None):
     result = {"topology": args.topology or f"local {jax.default_backend()}", "chips": len(devices),
               "hosts": len({d.process_index for d in devices}), "device_kind": devices[0].device_kind,
               "mesh": dict(mesh.shape), "recipe": args.recipe, "depth": args.depth, "parameters": config.num_params(),
-              "seq_len": args.seq_len, "remat": args.remat, "dtype": args.dtype, "jax": jax.__version__}
+              "seq_len": args.seq_len, "remat": args.remat, "dtype": args.dtype, "fp8": args.fp8,
+              "jax": jax.__version__}
     if "train" in args.programs:
         try:
             result["train"] = train_program(args, config, devices, mesh, args.device_batch_size)
