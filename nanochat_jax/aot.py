@@ -199,7 +199,8 @@ def hlo_kernels(hlo_text: str) -> dict:
     """What the GPU compiler made of the matmuls and attention, counted in a program's optimized HLO (each place
     once, a loop body's as one): matmuls (GEMM fusions, cuBLAS calls and plain dots, outside other fusions),
     fp8_matmuls (those whose operands are float8: e4m3 or e5m2), cudnn_attention_calls (cuDNN fused attention
-    forward) and cudnn_attention_backward_calls."""
+    forward), cudnn_attention_backward_calls, and cudnn_attention_masks: each call's mask (CAUSAL, with a sliding
+    window of so many keys: nanochat's left window w is w + 1 keys, the query's own among them)."""
     comps = _computations(hlo_text)
     called = lambda rest: re.findall(r"calls=%([\w.-]+)", rest)  # noqa: E731
     inside = {c for body in comps.values() for ins in body.values() if ins[1] == "fusion" for c in called(ins[3])}
@@ -219,6 +220,7 @@ def hlo_kernels(hlo_text: str) -> dict:
 
     is_fp8 = lambda body, operands: any(t in body.get(o, ("",))[0] for o in operands for t in FP8_TYPES)  # noqa: E731
     counts = {"matmuls": 0, "fp8_matmuls": 0, "cudnn_attention_calls": 0, "cudnn_attention_backward_calls": 0}
+    masks = set()
     for comp_name, body in comps.items():
         if comp_name in inside:
             continue
@@ -226,7 +228,12 @@ def hlo_kernels(hlo_text: str) -> dict:
             target = re.search(r'custom_call_target="([^"]+)"', rest)
             target = target.group(1) if target else ""
             if target.startswith("__cudnn$fmha"):
-                counts["cudnn_attention_backward_calls" if "Backward" in target else "cudnn_attention_calls"] += 1
+                backward = "Backward" in target
+                counts["cudnn_attention_backward_calls" if backward else "cudnn_attention_calls"] += 1
+                mask = re.search(r'"mask_type":\s*"(\w+)"', rest)
+                window = re.search(r'"sliding_window_length":\s*"?(\d+)', rest)
+                masks.add(f"{'backward' if backward else 'forward'} {mask.group(1) if mask else '?'}"
+                          + (f" window {window.group(1)}" if window and int(window.group(1)) else ""))
                 continue
             fp8 = None
             if opcode == "dot" or target.startswith("__cublas"):
@@ -236,7 +243,7 @@ def hlo_kernels(hlo_text: str) -> dict:
             if fp8 is not None:
                 counts["matmuls"] += 1
                 counts["fp8_matmuls"] += bool(fp8)
-    return counts
+    return {**counts, "cudnn_attention_masks": sorted(masks)}
 
 
 def refused_bytes(message: str) -> int | None:
@@ -342,6 +349,8 @@ def check_training_memory(trainer, device_batch_size: int, seq_len: int, accum: 
     except DoesNotFit as e:
         mem, seconds, fits = {"peak_bytes": refused_bytes(str(e)) or 0}, 0.0, False
     of = "" if limit is None else f" of {limit / 2**30:.2f} GiB"
+    if limit is not None and device.platform == "gpu" and not os.environ.get("NANOCHAT_DEVICE_MEMORY"):
+        of += " (JAX's share of the GPU: XLA_PYTHON_CLIENT_MEM_FRACTION, default 0.75)"  # as aot_compile's fits
     print0(f"memory per device: {mem['peak_bytes'] / 2**30:.2f} GiB{of} at --device-batch-size {device_batch_size} "
            + (f"(arguments {mem['argument_bytes'] / 2**30:.2f}, temporaries {mem['temp_bytes'] / 2**30:.2f} GiB; "
               f"compiled in {seconds:.0f}s)" if "temp_bytes" in mem else "(refused by the compiler)"))

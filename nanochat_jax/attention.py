@@ -113,7 +113,7 @@ def _masked_attention(q_BTNH, k_BSKH, v_BSKH, q_offset_B=None, heads_first: bool
     scores = scores * (H ** -0.5)
     scores = jnp.where(visible_BTS[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = checkpoint_name(jax.nn.softmax(scores, axis=-1), "attn_probs").astype(v_BSKH.dtype)
-    out_BTKGH = jnp.einsum(f"bkgts,{kv}->btkgh", probs, v_BSKH)
+    out_BTKGH = checkpoint_name(jnp.einsum(f"bkgts,{kv}->btkgh", probs, v_BSKH), "attn_out")
     return out_BTKGH.reshape(B, T, N, H)
 
 

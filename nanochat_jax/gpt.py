@@ -45,8 +45,9 @@ LOSS_CHUNK = 256  # sequence positions whose logits are materialised at once by 
 # elementwise work of the norms, RoPE, relu^2 and the residual adds, is recomputed in the backward pass from these,
 # so nothing is kept in fp32 or twice, and no mask of the MLP's width is stored.
 MATMUL_OUTPUTS = ("q_proj", "k_proj", "v_proj", "attn_proj", "mlp_fc")  # (the MLP's output projection is not needed)
-ATTENTION_OUTPUTS = ("attn_out", "attn_probs")  # the output and, on the XLA path, the softmax (fp32 [T, S])
+ATTENTION_OUTPUTS = ("attn_out", "attn_probs")  # the XLA path's output and softmax (fp32 [T, S])
 # flash attention's residuals (cuDNN's output and softmax statistics; splash's): kept, else its forward runs again
+# (its output is not named as well: a second copy of it, in another layout, would be kept beside the kernel's)
 ATTENTION_KERNELS = ("dot_product_attention_fwd_wrapper", "dot_product_attention_fwd", "pallas_call")
 
 
@@ -282,7 +283,6 @@ class CausalSelfAttention(nnx.Module):
         else:  # layers differ in window: one branch per distinct window, each with its window static
             branches = [partial(attention, impl=self.attn_impl, window=self._static(w, T)) for w in self.windows]
             y = jax.lax.switch(jnp.searchsorted(jnp.asarray(self.windows), window), branches, q, k, v)
-        y = checkpoint_name(y, "attn_out")
         return checkpoint_name(self.c_proj(y.reshape(B, T, -1)), "attn_proj"), kv
 
     @staticmethod

@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from nanochat_jax.aot import DoesNotFit, chip_specs, device_memory_bytes, memory
-from nanochat_jax.attention import xla_attention
+from nanochat_jax.attention import attention
 from nanochat_jax.engine import Engine
 from nanochat_jax.gpt import GPT
 from nanochat_jax.optim import build_optimizer
@@ -93,22 +93,38 @@ def train_step(config, mesh, dtype, device_batch_size: int, steps: int = 5, rema
 
 def attention_paths(batch: int, seq_len: int, n_head: int, n_kv_head: int, head_dim: int, dtype,
                     repeats: int = 10) -> dict:
-    """Causal attention forward through cuDNN (where there is a GPU) and through our XLA path on the same random
-    q, k, v: the largest difference and the time of each (ms)."""
-    keys = jax.random.split(jax.random.key(0), 3)
+    """Causal attention through cuDNN (where there is a GPU) and through our XLA path on the same random q, k, v,
+    plain and with a sliding window of a quarter of the sequence (a cuDNN window needs the causal flag too, or it
+    sees the future): the largest difference of the outputs and of the gradients (of a random projection of the
+    output), relative to each tensor's largest value, and the time of a forward and backward pass of each (ms)."""
+    keys = jax.random.split(jax.random.key(0), 4)
     q = jax.random.normal(keys[0], (batch, seq_len, n_head, head_dim), dtype)
-    k, v = (jax.random.normal(key, (batch, seq_len, n_kv_head, head_dim), dtype) for key in keys[1:])
-    xla = jax.jit(xla_attention)
-    out = {"shape": [batch, seq_len, n_head, n_kv_head, head_dim], "dtype": jnp.dtype(dtype).name,
-           "xla_ms": 1000 * timed(lambda: xla(q, k, v), repeats)}
-    try:
-        cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn"))
-        diff = jnp.max(jnp.abs(cudnn(q, k, v).astype(jnp.float32) - xla(q, k, v).astype(jnp.float32)))
-        out |= {"cudnn_ms": 1000 * timed(lambda: cudnn(q, k, v), repeats), "max_abs_diff": float(diff),
-                "tolerance": 2e-2 if dtype == jnp.bfloat16 else 1e-4}
-        out["equal"] = out["max_abs_diff"] <= out["tolerance"]
-    except Exception as e:  # no GPU, or no cuDNN for this shape: the XLA path alone
-        out |= {"cudnn_ms": None, "cudnn_unavailable": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
+    k, v = (jax.random.normal(key, (batch, seq_len, n_kv_head, head_dim), dtype) for key in keys[1:3])
+    probe = jax.random.normal(keys[3], q.shape, jnp.float32)
+
+    def forward_and_grads(impl, window):
+        def loss(q, k, v):
+            out = attention(q, k, v, impl=impl, window=window)
+            return jnp.sum(out.astype(jnp.float32) * probe), out
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))
+
+    out = {"shape": [batch, seq_len, n_head, n_kv_head, head_dim], "dtype": jnp.dtype(dtype).name, "windows": []}
+    for window in (None, seq_len // 4):
+        xla = forward_and_grads("xla", window)
+        row = {"window": window, "xla_ms": 1000 * timed(lambda: xla(q, k, v), repeats)}
+        try:
+            cudnn = forward_and_grads("cudnn", window)
+            (got, got_out), (want, want_out) = cudnn(q, k, v), xla(q, k, v)
+            # each difference relative to the largest value of its tensor (the gradients are far from unit size)
+            diff = max(float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))) /
+                             jnp.maximum(jnp.max(jnp.abs(b.astype(jnp.float32))), 1e-6))
+                       for a, b in zip((*got, got_out), (*want, want_out)))
+            row |= {"cudnn_ms": 1000 * timed(lambda: cudnn(q, k, v), repeats), "max_rel_diff": diff,
+                    "tolerance": 2e-2 if dtype == jnp.bfloat16 else 1e-4}
+            row["equal"] = row["max_rel_diff"] <= row["tolerance"]
+        except Exception as e:  # no GPU, or no cuDNN for this shape: the XLA path alone
+            row |= {"cudnn_ms": None, "cudnn_unavailable": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
+        out["windows"].append(row)
     return out
 
 

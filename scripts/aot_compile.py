@@ -1,16 +1,21 @@
 """Compile the real training step (with its optimizer) and the engine's prefill and decode for a device topology,
-from abstract shapes, with no device at all; print what the compiler says: memory per chip, whether it fits, the
-estimated step time and MFU.
+from abstract shapes, with no device at all; print what the compiler says: memory per chip, whether it fits (on a GPU:
+in JAX's share of its memory, XLA_PYTHON_CLIENT_MEM_FRACTION, default 0.75), the estimated step time and MFU, and on
+a GPU which kernels the matmuls and attention became (FP8 GEMMs, cuDNN attention).
 
     # in a venv with jax[tpu] (libtpu), on any machine:
     python -m scripts.aot_compile --topology v5e:2x4 --depth 20 --mesh fsdp:8 --device-batch-size 16 --remat full
     python -m scripts.aot_compile --topology v5e:4x4 --depth 32 --mesh fsdp:16 --find-max-batch --json-out d32.json
-    python -m scripts.aot_compile --topology v5e:2x4 --recipe modern --depth 24 --vocab-size 32768 --mesh fsdp:8 \
-        --total-batch-size 1048576 --device-batch-size 4 --remat full                 # the modern speedrun's step
+    python -m scripts.aot_compile --topology v5e:2x4 --recipe modern --depth 24 --mesh fsdp:8 \
+        --device-batch-size 4 --remat full                                  # the modern speedrun's step on a v5e-8
+    # in a venv with jax[cuda12] (pip install -e ".[gpu]"), on any machine, no GPU needed:
+    JAX_PLATFORMS=cpu python -m scripts.aot_compile --topology h100:8 --depth 20 --device-batch-size 32
+    JAX_PLATFORMS=cpu python -m scripts.aot_compile --topology h100:8 --recipe modern --depth 24 \
+        --device-batch-size 16 --fp8 --hlo-out hlo/                         # the modern speedrun's step on 8xH100
     python -m scripts.aot_compile --depth 4 --seq-len 256 --device-batch-size 4     # this machine's own devices
 
 See nanochat_jax/aot.py for how the estimate is made. Topologies: v5e:2x4 (v5e-8), v5e:4x4 (v5e-16, 4 hosts),
-v5p:2x2x1 (v5p-8, 4 chips), v6e:2x4 (v6e-8).
+v5p:2x2x1 (v5p-8, 4 chips), v6e:2x4 (v6e-8); h100:8 (one host of 8 H100 SXM), h100:2x8 (two hosts), h200:8.
 """
 import argparse
 import dataclasses
@@ -26,7 +31,7 @@ from flax import nnx
 from nanochat_jax import aot
 from nanochat_jax.decoding import BIAS_SLOTS, DecodeState, decode, prefill
 from nanochat_jax.gpt import GPT, RECIPES, REMAT_POLICIES, config_from_depth, init_cache
-from nanochat_jax.optim import build_optimizer
+from nanochat_jax.optim import auto_batch, build_optimizer
 from nanochat_jax.sharding import make_mesh
 from nanochat_jax.trainer import Trainer
 
@@ -39,11 +44,12 @@ def parse_args(argv=None):
                    "(default: this machine's devices)")
     p.add_argument("--recipe", choices=RECIPES, default="classic")
     p.add_argument("--depth", type=int, default=20)
-    p.add_argument("--vocab-size", type=int, default=65536)
+    p.add_argument("--vocab-size", type=int, default=None, help="default: the recipe's (classic 65536, modern 32768)")
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--mesh", default=None, help="e.g. fsdp:8, data:2,fsdp:4 (default: every device on data)")
     p.add_argument("--device-batch-size", type=int, default=8, help="rows per chip per micro-step")
-    p.add_argument("--total-batch-size", type=int, default=524288, help="tokens per optimizer step")
+    p.add_argument("--total-batch-size", type=int, default=None, help="tokens per optimizer step (default: classic "
+                   "524288; modern: from the horizon at the speedrun's data:param ratio 8, as train.base sizes it)")
     p.add_argument("--remat", choices=sorted(REMAT_POLICIES), default="none")
     p.add_argument("--fp8", action="store_true", help="FP8 matmuls in the training step (the modern recipe's --fp8)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
@@ -58,15 +64,27 @@ def parse_args(argv=None):
     args.programs = [name.strip() for name in args.programs.split(",") if name.strip()]
     if bad := [name for name in args.programs if name not in PROGRAMS]:
         p.error(f"unknown --programs {bad}: expected some of {PROGRAMS}")
+    if args.vocab_size is None:
+        args.vocab_size = 65536 if args.recipe == "classic" else 32768
+    if args.total_batch_size is None:
+        args.total_batch_size = 524288 if args.recipe == "classic" else modern_batch(args.depth, args.vocab_size,
+                                                                                   args.seq_len)
     for name in ("depth", "seq_len", "device_batch_size", "total_batch_size", "decode_batch", "vocab_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be positive")
     return args
 
 
-def train_program(args, config, devices, mesh, rows_per_chip: int) -> dict:
+def modern_batch(depth: int, vocab_size: int, seq_len: int, ratio: float = 8.0) -> int:
+    """The modern recipe's tokens per step for this depth, as train.base sizes it (optim.auto_batch)."""
+    scaling = lambda d: config_from_depth(d, vocab_size, seq_len, recipe="modern").scaling_params()  # noqa: E731
+    return auto_batch(scaling(depth), scaling(12), ratio, 0.0)[0]
+
+
+def train_program(args, config, devices, mesh, rows_per_chip: int, estimate: bool = True) -> dict:
     """Compile Trainer.step for rows_per_chip rows on every chip, one micro-step (the micro-step scan holds one
-    micro-batch at a time, so memory does not depend on the accumulation); DoesNotFit when it cannot."""
+    micro-batch at a time, so memory does not depend on the accumulation); DoesNotFit when it cannot. estimate: also
+    the step-time estimate (two more, smaller compiles)."""
     dtype = jnp.dtype(args.dtype)
     n_chips = len(devices)
     tokens_per_micro = rows_per_chip * n_chips * args.seq_len
@@ -97,7 +115,7 @@ def train_program(args, config, devices, mesh, rows_per_chip: int) -> dict:
     kernel_flops = aot.attention_flops_per_token(config, args.remat) * args.total_batch_size / n_chips if kernel \
         else 0.0
     roofline = None
-    if aot.chip_specs(devices[0]) is not None:  # no estimate to make for a CPU
+    if estimate and aot.chip_specs(devices[0]) is not None:  # no estimate to make for a CPU
         roofline = aot.layer_scaled_cost(cost_at, config.n_layer, accum, kernel_flops)
         # the probes count a loop (the loss's chunks) once and may merge a recomputed forward away: at least what
         # the step must compute
@@ -162,6 +180,7 @@ def main(argv=None):
     result = {"topology": args.topology or f"local {jax.default_backend()}", "chips": len(devices),
               "hosts": len({d.process_index for d in devices}), "device_kind": devices[0].device_kind,
               "mesh": dict(mesh.shape), "recipe": args.recipe, "depth": args.depth, "parameters": config.num_params(),
+              "total_batch_size": args.total_batch_size,
               "seq_len": args.seq_len, "remat": args.remat, "dtype": args.dtype, "fp8": args.fp8,
               "jax": jax.__version__}
     if "train" in args.programs:
@@ -175,7 +194,7 @@ def main(argv=None):
 
             def fits_at(rows):
                 try:
-                    reports[rows] = train_program(args, config, devices, mesh, rows)
+                    reports[rows] = train_program(args, config, devices, mesh, rows, estimate=False)
                 except aot.DoesNotFit:
                     return False
                 return reports[rows]["fits"]
@@ -187,8 +206,8 @@ def main(argv=None):
             else:
                 best = aot.largest_fitting(fits_at, args.device_batch_size // 2 or 1)
             result["train"]["largest_fitting_device_batch"] = best
-            if best is not None and best != args.device_batch_size:
-                result["train_at_largest_fitting_batch"] = reports[best]
+            if best is not None and best != args.device_batch_size:  # (compiled again, with its estimate)
+                result["train_at_largest_fitting_batch"] = train_program(args, config, devices, mesh, best)
     result.update(engine_programs(args, config, devices))
     text = json.dumps(result, indent=2)
     print(text)

@@ -15,11 +15,16 @@
 #   DEPTH=20              model depth (width 64 x depth); the scaling tiers: 20 ($100), 26, 32 (run1000.sh);
 #                         modern: 24 by default
 #   MESH=                 device mesh, e.g. data:8 | fsdp:8 | data:2,fsdp:4 (default: every device on data)
-#   DEVICE_BATCH_SIZE=32  rows of 2048 tokens per device per micro-step (lower it when memory runs out: the step
-#                         accumulates gradients so the optimizer batch stays 524,288 tokens); modern: 16
-#   REMAT=none            what the backward pass keeps of each block: none | dots | full (least memory, ~1/3 more
-#                         compute); train.base compiles its step first and refuses a run that does not fit, naming
-#                         the largest DEVICE_BATCH_SIZE that does
+#   DEVICE_BATCH_SIZE     rows of 2048 tokens per device per micro-step (the step accumulates gradients so the
+#                         optimizer batch stays 524,288 tokens); by default what XLA's GPU compiler fits in JAX's 75%
+#                         of an H100 (59.3 GiB) with REMAT=none, at least 10% to spare (scripts.aot_compile
+#                         --topology h100:8; docs/benchmarks.md): classic d20: 32 (42.6 GiB, 28% spare), d26: 16
+#                         (37.1 GiB, 37%), d32: 16 (@D32@); modern d24: 16 (FP8 35.6 GiB, 40%; bf16 34.2 GiB, 42%)
+#   REMAT=none            what the backward pass keeps of each block: none (matmul and attention outputs) | dots
+#                         (matmul outputs: attention runs twice) | full (only the block input: ~1/3 more compute);
+#                         train.base compiles its step first and refuses a run that does not fit, naming the largest
+#                         DEVICE_BATCH_SIZE that does
+#   FP8=1                 modern recipe: FP8 matmuls in base training on H100/H200 (nanochat's leaderboard run); 0: bf16
 #   NUM_SHARDS=240        training shards (FineWeb-edu, about 250M characters each; modern: 170 ClimbMix shards)
 #   TOKENIZER_CHARS=2000000000   characters to train the tokenizer on
 #   RL=0                  1 runs RL on GSM8K after SFT (single host), then its chat eval
@@ -34,7 +39,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RECIPE="${RECIPE:-classic}"
 case "$RECIPE" in
-    classic) DEPTH="${DEPTH:-20}"; DEVICE_BATCH_SIZE="${DEVICE_BATCH_SIZE:-32}"; NUM_SHARDS="${NUM_SHARDS:-240}"
+    classic) DEPTH="${DEPTH:-20}"; NUM_SHARDS="${NUM_SHARDS:-240}"
+             DEVICE_BATCH_SIZE="${DEVICE_BATCH_SIZE:-$([ "$DEPTH" -le 20 ] && echo 32 || echo 16)}"
              VOCAB_SIZE=65536; base_flags=() ;;
     modern) DEPTH="${DEPTH:-24}"; DEVICE_BATCH_SIZE="${DEVICE_BATCH_SIZE:-16}"; NUM_SHARDS="${NUM_SHARDS:-170}"
             VOCAB_SIZE=32768; base_flags=(--recipe modern --target-param-data-ratio 8)
@@ -93,9 +99,12 @@ prepare() {
 }
 
 train() {
-    say "base model d$DEPTH, the $RECIPE recipe (its data:parameter ratio sets the steps)"
+    fp8=()  # the modern recipe's FP8 matmuls where the GPU has FP8 tensor cores (Hopper: H100, H200)
+    if [ "$RECIPE" = modern ] && [ "${FP8:-1}" = 1 ] && python -c "import jax, sys
+sys.exit(not any(g in jax.local_devices()[0].device_kind for g in ('H100', 'H200')))" 2>/dev/null; then fp8=(--fp8); fi
+    say "base model d$DEPTH, the $RECIPE recipe (its data:parameter ratio sets the steps)${fp8:+, FP8 matmuls}"
     python -m train.base "${base_flags[@]}" --depth "$DEPTH" --device-batch-size "$DEVICE_BATCH_SIZE" \
-        --remat "$REMAT" "${mesh[@]}" "${run[@]}"
+        --remat "$REMAT" "${fp8[@]}" "${mesh[@]}" "${run[@]}"
     say "base evaluation: CORE, train/val bits per byte, samples"
     python -m evals.base -g "$tag" --batch-size 64 "${mesh[@]}"
     say "midtraining"

@@ -83,3 +83,72 @@ def test_tiny_model_compiles_for_a_v5e_8(tmp_path):
     train = out["train"]
     assert train["attention"] == "splash" and train["fits"] is True and 0 < train["estimated_mfu"] < 100
     assert train["roofline_flops_per_chip"] >= train["model_flops_per_step"] / 8 * 0.9  # all the work is counted
+
+
+def test_hlo_kernels_reads_gemms_fp8_and_cudnn_attention():
+    """The counts from a hand-written fragment of optimized GPU HLO: a bf16 GEMM fusion, an FP8 one (its operands
+    converted inside a nested fusion), a cuBLAS call, cuDNN attention forward and backward; dots inside fusion
+    computations are not counted again."""
+    hlo = """HloModule m
+
+%nested (p0: f32[16,32]) -> f8e4m3fn[16,32] {
+  %p0 = f32[16,32]{1,0} parameter(0)
+  ROOT %c = f8e4m3fn[16,32]{1,0} convert(%p0)
+}
+
+%gemm_bf16 (a: bf16[16,32], b: bf16[32,8]) -> bf16[16,8] {
+  %a = bf16[16,32]{1,0} parameter(0)
+  %b = bf16[32,8]{1,0} parameter(1)
+  ROOT %d = bf16[16,8]{1,0} dot(%a, %b), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%gemm_fp8 (x: f32[16,32], y: f8e4m3fn[32,8]) -> f32[16,8] {
+  %x = f32[16,32]{1,0} parameter(0)
+  %q = f8e4m3fn[16,32]{1,0} fusion(%x), kind=kCustom, calls=%nested
+  %y = f8e4m3fn[32,8]{1,0} parameter(1)
+  ROOT %d8 = f32[16,8]{1,0} dot(%q, %y), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+ENTRY %main (a: bf16[16,32], b: bf16[32,8], x: f32[16,32], y: f8e4m3fn[32,8]) -> bf16[16,8] {
+  %a = bf16[16,32]{1,0} parameter(0)
+  %b = bf16[32,8]{1,0} parameter(1)
+  %x = f32[16,32]{1,0} parameter(2)
+  %y = f8e4m3fn[32,8]{1,0} parameter(3)
+  %g1 = bf16[16,8]{1,0} fusion(%a, %b), kind=kCustom, calls=%gemm_bf16
+  %g2 = f32[16,8]{1,0} fusion(%x, %y), kind=kCustom, calls=%gemm_fp8
+  %cb = (bf16[16,8]{1,0}, s8[0]{0}) custom-call(%a, %b), custom_call_target="__cublas$gemm"
+  %at = (bf16[1,1,16,8]{3,2,1,0}, u8[0]{0}) custom-call(%a, %a, %a), custom_call_target="__cudnn$fmhaSoftmax", backend_config={"cudnn_fmha_backend_config": {"mask_type": "CAUSAL", "sliding_window_length": 513}}
+  %bw = (bf16[1,1,16,8]{3,2,1,0}, u8[0]{0}) custom-call(%a, %a, %a), custom_call_target="__cudnn$fmhaSoftmaxBackward", backend_config={"cudnn_fmha_backend_config": {"mask_type": "CAUSAL", "sliding_window_length": 0}}
+  ROOT %r = bf16[16,8]{1,0} add(%g1, %g1)
+}
+"""
+    assert aot.hlo_kernels(hlo) == {"matmuls": 3, "fp8_matmuls": 1, "cudnn_attention_calls": 1,
+                                    "cudnn_attention_backward_calls": 1,
+                                    "cudnn_attention_masks": ["backward CAUSAL", "forward CAUSAL window 513"]}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jax_cuda12_plugin") is None,
+                    reason="XLA's GPU compiler (pip install 'jax[cuda12]')")
+def test_tiny_model_compiles_for_8_h100s_with_cudnn_attention_and_fp8(tmp_path):
+    """No GPU here: the GPU compiler itself, as users run it (JAX_PLATFORMS=cpu), for a modern model (sliding
+    windows) with FP8 matmuls; the HLO it writes holds cuDNN attention for both windows and FP8 GEMMs."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("XLA_FLAGS")} | {"JAX_PLATFORMS": "cpu"}
+    result = subprocess.run([sys.executable, "-m", "scripts.aot_compile", "--topology", "h100:8", "--recipe", "modern",
+                             "--fp8", "--depth", "2", "--vocab-size", "512", "--seq-len", "1024",
+                             "--device-batch-size", "1", "--total-batch-size", "8192", "--programs", "train,decode",
+                             "--json-out", str(tmp_path / "gpu.json"), "--hlo-out", str(tmp_path / "hlo")],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=900, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads((tmp_path / "gpu.json").read_text())
+    assert out["chips"] == 8 and out["device_kind"] == "NVIDIA H100 80GB HBM3"
+    train = out["train"]
+    assert train["attention"] == "cudnn" and train["fits"] is True and train["memory_fraction"] == 0.75
+    assert train["hbm_bytes"] == int(aot.GPUS["h100"][0] * 0.75)
+    # the short window (256 positions + the query's own) and the full causal one, forward and backward, in cuDNN
+    assert train["cudnn_attention_masks"] == ["backward CAUSAL", "backward CAUSAL window 257", "forward CAUSAL",
+                                              "forward CAUSAL window 257"]
+    # the block matmuls (one scan body) and the head, forward and both gradients, in FP8; the optimizer's are not
+    assert train["fp8_matmuls"] == 6 * 3 + 4 and train["matmuls"] > train["fp8_matmuls"]
+    hlo = (tmp_path / "hlo" / "train.hlo.txt").read_text()
+    assert aot.hlo_kernels(hlo)["fp8_matmuls"] == train["fp8_matmuls"] and "__cudnn$fmhaSoftmax" in hlo
+    assert out["decode"]["fits"] is True and (tmp_path / "hlo" / "decode.hlo.txt").exists()

@@ -16,11 +16,13 @@ def test_device_check_tiny_writes_every_part(tmp_path, capsys):
     assert train["device_batch_size"] == 2 and train["compiled_peak_bytes"] > 0 and train["recipe"] == "classic"
     assert [(row["recipe"], row["fp8"], row["label"]) for row in modern] == [("modern", True, "modern fp8")]
     attention = saved["attention"]
-    assert "error" not in attention and attention["xla_ms"] > 0 and attention["cudnn_ms"] is None
+    assert "error" not in attention and [row["window"] for row in attention["windows"]] == [None, 16]
+    assert all(row["xla_ms"] > 0 and row["cudnn_ms"] is None for row in attention["windows"])
     engine = saved["engine"]
     assert "error" not in engine, engine.get("traceback")
     assert [row["batch"] for row in engine["decode"]] == [1, 2] and engine["prefill_ms"] > 0
     assert all(row["tokens_per_s"] > 0 and row["bytes_per_step"] > 0 for row in engine["decode"])
     table = (tmp_path / "device_check.md").read_text()
     assert "| d2 (" in table and "| d2 modern fp8 (" in table and "| d2 batch 2 |" in table and "unavailable" in table
+    assert "window 16 |" in table and " / - GiB |" in table  # no measured peak on a CPU: the compiler's alone
     assert results["train"] == saved["train"] and table in capsys.readouterr().out

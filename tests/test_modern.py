@@ -112,3 +112,23 @@ def test_sizes_match_nanochat():
     assert classic == GPTConfig(sequence_len=2048, vocab_size=65536, n_layer=20, n_head=10, n_kv_head=10, n_embd=1280)
     with pytest.raises(ValueError, match="window_pattern"):
         GPTConfig(window_pattern="SXL")
+
+
+def test_every_remat_policy_gives_the_same_gradients_with_every_switch(monkeypatch):
+    """The policies name what the backward pass keeps; with windows (one branch per window), value embeddings and the
+    residual scalars the loss and gradients are those of a backward pass that keeps everything."""
+    from nanochat_jax import gpt
+    monkeypatch.setitem(gpt.REMAT_POLICIES, "everything", jax.checkpoint_policies.everything_saveable)
+    cfg = GPTConfig(**(BASE | MODERN_SWITCHES | dict(n_layer=4)))
+    idx = jnp.asarray(np.random.default_rng(2).integers(0, cfg.vocab_size, (2, 161)))
+    reference, _ = load(dataclasses.asdict(cfg), std=0.2)
+    results = {}
+    for policy in ("everything", "none", "dots", "full"):
+        model = GPT(cfg, rngs=nnx.Rngs(0), remat=policy)
+        nnx.update(model, nnx.state(reference))
+        graphdef, state = nnx.split(model)
+        results[policy] = jax.jit(jax.value_and_grad(lambda s: nnx.merge(graphdef, s)(idx[:, :-1], idx[:, 1:])))(state)
+    for policy in ("none", "dots", "full"):
+        np.testing.assert_allclose(float(results[policy][0]), float(results["everything"][0]), rtol=1e-6)
+        for a, b in zip(jax.tree.leaves(results[policy][1]), jax.tree.leaves(results["everything"][1])):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)

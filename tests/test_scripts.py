@@ -12,7 +12,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ["runcpu.sh", "speedrun.sh", "run1000.sh", "speedrun_tpu.sh"]
 SAMPLES = {'"${mesh[@]}"': "--mesh data:8", '"${run[@]}"': "--run test", '"${core[@]}"': "--max-per-task 16",
            '"$REMAT"': "full", '"${sandbox[@]}"': "--unsafe-sandbox",
-           '"${base_flags[@]}"': "--recipe modern --target-param-data-ratio 8"}
+           '"${base_flags[@]}"': "--recipe modern --target-param-data-ratio 8", '"${fp8[@]}"': "--fp8"}
 
 
 def commands(script: str) -> list[list[str]]:
