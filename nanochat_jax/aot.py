@@ -93,11 +93,12 @@ def device_memory_bytes(device) -> int | None:
     return None if spec is None else spec[2]
 
 
-def topology_devices(name: str):
+def topology_devices(name: str, target_config: str | None = None):
     """The devices of a topology, from its compiler, with no such device here. TPU (libtpu, `pip install
     'jax[tpu]'`): 'v5e:2x4' (v5e-8), 'v5e:4x4' (v5e-16, 4 hosts), 'v5p:2x2x1', 'v6e:2x4'. NVIDIA GPU (`pip install
     'jax[cuda12]'`, JAX_PLATFORMS=cpu set before jax is imported; no GPU or driver needed): 'h100:8' (one host of
-    8), 'h100:2x8' (2 hosts of 8), 'h200:8'."""
+    8), 'h100:2x8' (2 hosts of 8), 'h200:8'; target_config: a GpuTargetConfigProto's text to use instead of ours
+    (the exact one of a real GPU: XLA_FLAGS=--xla_dump_to=DIR writes it there as *.gpu_target_config.pbtxt)."""
     from jax.experimental import topologies
     gpu, _, shape = name.partition(":")
     if gpu in GPUS:
@@ -105,7 +106,8 @@ def topology_devices(name: str):
         if not per_host.isdigit() or not (hosts or "1").isdigit():
             raise SystemExit(f"GPU topology {name!r}: expected {gpu}:<GPUs> or {gpu}:<hosts>x<GPUs per host>")
         try:
-            return topologies.get_topology_desc(platform="cuda", topology_name=gpu, target_config=gpu_target_config(gpu),
+            config = target_config or gpu_target_config(gpu)
+            return topologies.get_topology_desc(platform="cuda", topology_name=gpu, target_config=config,
                                                 topology=f"1x{hosts or 1}x{per_host}").devices
         except Exception as e:
             raise SystemExit(f"cannot make GPU topology {name!r} ({str(e).splitlines()[0][:300]}); it needs XLA's GPU "

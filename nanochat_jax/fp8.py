@@ -3,9 +3,11 @@
 `fp8_matmul(x, w)` computes x @ w with both operands quantised to float8_e4m3fn, each with one scale for the whole
 tensor (max |value| maps to the format's largest number), and in the backward pass the incoming gradient quantised
 to float8_e5m2 (more range, less precision) for both gradient matmuls: the recipe nanochat runs through
-torch._scaled_mm. Each product is a dot of the FP8 arrays themselves, accumulated in fp32 and scaled after, which XLA's GPU
-compiler runs as an FP8 GEMM on Hopper (other backends emulate it: the same numbers, no speedup). Only the layers nanochat
-converts use it: dims divisible by 16, the smaller one at least 128 (`fp8_eligible`); evaluation runs without it.
+torch._scaled_mm. Each product is a dot of the FP8 arrays themselves, accumulated in fp32 and scaled after, which
+XLA's GPU compiler runs as an FP8 GEMM on Hopper (other backends emulate it: the same numbers, no speedup). Only the
+layers nanochat converts use it: dims divisible by 16, the smaller one at least 128 (`fp8_eligible`); evaluation
+runs without it. The scales are over the whole (global) tensor: under data parallelism each one is a max across
+the devices, where nanochat's are per GPU.
 """
 import jax
 import jax.numpy as jnp

@@ -42,6 +42,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="compile nanochat-jax's jitted programs ahead of time")
     p.add_argument("--topology", default=None, help="TPU or GPU topology, e.g. v5e:2x4, h100:8, h100:2x8, h200:8 "
                    "(default: this machine's devices)")
+    p.add_argument("--target-config", default=None, help="a GPU's GpuTargetConfigProto (text file) instead of the "
+                   "built-in H100/H200 one, e.g. the *.gpu_target_config.pbtxt XLA_FLAGS=--xla_dump_to=DIR writes on "
+                   "a real GPU")
     p.add_argument("--recipe", choices=RECIPES, default="classic")
     p.add_argument("--depth", type=int, default=20)
     p.add_argument("--vocab-size", type=int, default=None, help="default: the recipe's (classic 65536, modern 32768)")
@@ -174,7 +177,11 @@ def engine_programs(args, config, devices) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
-    devices = aot.topology_devices(args.topology) if args.topology else jax.devices()
+    target_config = None
+    if args.target_config:
+        with open(args.target_config) as f:
+            target_config = f.read()
+    devices = aot.topology_devices(args.topology, target_config) if args.topology else jax.devices()
     config = config_from_depth(args.depth, args.vocab_size, args.seq_len, recipe=args.recipe)
     mesh = make_mesh(args.mesh, devices=devices)
     result = {"topology": args.topology or f"local {jax.default_backend()}", "chips": len(devices),
@@ -206,6 +213,8 @@ def main(argv=None):
             else:
                 best = aot.largest_fitting(fits_at, args.device_batch_size // 2 or 1)
             result["train"]["largest_fitting_device_batch"] = best
+            result["train"]["peak_bytes_by_device_batch"] = {rows: r["peak_bytes"]
+                                                              for rows, r in sorted(reports.items())}
             if best is not None and best != args.device_batch_size:  # (compiled again, with its estimate)
                 result["train_at_largest_fitting_batch"] = train_program(args, config, devices, mesh, best)
     result.update(engine_programs(args, config, devices))

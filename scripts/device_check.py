@@ -1,8 +1,9 @@
 """The device check: everything users compare us on, measured in one command on one GPU, on random weights (nothing to
 download): the training step at d12 and d20 (bf16, sequence 2048, the largest device batch that fits), the modern
 recipe's d24 step (vocabulary 32768) in bf16 and with FP8 matmuls (each beside the compiler's own peak memory),
-cuDNN flash attention against the XLA path (causal and with a sliding window, forward and gradients), and the engine at d20 (prefill of 512 tokens, decode at batch 1, 8 and 32 against the
-memory-bandwidth bound). Writes device_check.json and device_check.md (a table for docs/benchmarks.md).
+cuDNN flash attention against the XLA path (causal and with a sliding window, forward and gradients), and the engine
+at d20 (prefill of 512 tokens, decode at batch 1, 8 and 32 against the memory-bandwidth bound). Writes
+device_check.json and device_check.md (a table for docs/benchmarks.md).
 
     python -m scripts.device_check --out results/          # one H100/H200: about 5 minutes
     python -m scripts.device_check --tiny --out /tmp/dc    # CPU rehearsal: the same code paths at toy sizes
@@ -58,7 +59,8 @@ def markdown(results: dict) -> str:
         mfu = "-" if row["mfu_percent"] is None else f"{row['mfu_percent']:.1f}%"
         lines.append(f"| {label} ({row['parameters'] / 1e6:.0f}M) | {row['device_batch_size']} x "
                      f"{row['seq_len']} | {row['compile_s']:.1f} s | {1000 * row['step_s']:.1f} ms | "
-                     f"{row['tokens_per_s']:,.0f} | {mfu} | {row['compiled_peak_bytes'] / 2**30:.2f} / {measured} GiB |")
+                     f"{row['tokens_per_s']:,.0f} | {mfu} | {row['compiled_peak_bytes'] / 2**30:.2f} / {measured} "
+                     "GiB |")
     att = results.get("attention", {})
     lines += ["", "| attention (forward and gradients) | XLA | cuDNN | largest difference, relative (tolerance) |",
               "|---|---|---|---|"]

@@ -18,8 +18,9 @@
 #   DEVICE_BATCH_SIZE     rows of 2048 tokens per device per micro-step (the step accumulates gradients so the
 #                         optimizer batch stays 524,288 tokens); by default what XLA's GPU compiler fits in JAX's 75%
 #                         of an H100 (59.3 GiB) with REMAT=none, at least 10% to spare (scripts.aot_compile
-#                         --topology h100:8; docs/benchmarks.md): classic d20: 32 (42.6 GiB, 28% spare), d26: 16
-#                         (37.1 GiB, 37%), d32: 16 (@D32@); modern d24: 16 (FP8 35.6 GiB, 40%; bf16 34.2 GiB, 42%)
+#                         --topology h100:8; docs/benchmarks.md): classic d20: 32 (39.5 GiB, 33% spare), d26: 16
+#                         (34.5 GiB, 42%), d32: 16 (51.9 GiB, 12%); modern d24: 16 (FP8 33.4 GiB, 44%; bf16 32.0
+#                         GiB, 46%). On an H200 (106 GiB usable) every one of these has room for twice the rows
 #   REMAT=none            what the backward pass keeps of each block: none (matmul and attention outputs) | dots
 #                         (matmul outputs: attention runs twice) | full (only the block input: ~1/3 more compute);
 #                         train.base compiles its step first and refuses a run that does not fit, naming the largest
@@ -100,7 +101,7 @@ prepare() {
 
 train() {
     fp8=()  # the modern recipe's FP8 matmuls where the GPU has FP8 tensor cores (Hopper: H100, H200)
-    if [ "$RECIPE" = modern ] && [ "${FP8:-1}" = 1 ] && python -c "import jax, sys
+    if [ "$RECIPE" = modern ] && [ "${FP8:-1}" = 1 ] && [ "$EXTRA" != tpu ] && python -c "import jax, sys
 sys.exit(not any(g in jax.local_devices()[0].device_kind for g in ('H100', 'H200')))" 2>/dev/null; then fp8=(--fp8); fi
     say "base model d$DEPTH, the $RECIPE recipe (its data:parameter ratio sets the steps)${fp8:+, FP8 matmuls}"
     python -m train.base "${base_flags[@]}" --depth "$DEPTH" --device-batch-size "$DEVICE_BATCH_SIZE" \
