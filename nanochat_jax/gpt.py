@@ -20,8 +20,9 @@ Weights are stored [in, out] (JAX's convention; torch's nn.Linear stores [out, i
 
 The blocks' parameters are stacked on a leading 'layers' axis (model.h.attn.c_q.kernel is [n_layer, in, out]) and the
 trunk is a lax.scan over them: one compiled block whatever the depth, so compile time stays flat. `remat` picks what
-the backward pass keeps of each block: 'none' (everything), 'dots' (the matmul outputs; the rest is recomputed) or
-'full' (only the block's input; the whole block is recomputed), trading compute for memory.
+the backward pass keeps of each block (REMAT_POLICIES): 'none' (the matmul and attention outputs, in the compute
+dtype; the elementwise rest is recomputed), 'dots' (the matmul outputs; attention is recomputed too) or 'full' (only
+the block's input; the whole block is recomputed), trading compute for memory.
 """
 import math
 from functools import partial

@@ -63,7 +63,8 @@ def add_run_flags(p: argparse.ArgumentParser):
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None, help="compute dtype (default: by backend)")
     p.add_argument("--mesh", default=None, help="data:8 | fsdp:8 | data:2,fsdp:4 ... (default: all devices on data)")
     p.add_argument("--remat", choices=sorted(REMAT_POLICIES), default="none", help="what the backward pass keeps of "
-                   "each block: none (all activations), dots (matmul outputs), full (block inputs only; least memory)")
+                   "each block: none (matmul and attention outputs), dots (matmul outputs: attention runs twice), "
+                   "full (block inputs only; least memory)")
     p.add_argument("--run", default=None, help="wandb run name (logging is off unless given and wandb is installed)")
     p.add_argument("--seed", type=int, default=0)
 

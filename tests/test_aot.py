@@ -1,9 +1,11 @@
 """Ahead-of-time compilation: the report of scripts/aot_compile on this machine's devices, the memory check a
 training run makes at start (with a memory limit set through NANOCHAT_DEVICE_MEMORY), and, where libtpu is
-installed, a real TPU compile for a v5e-8 topology."""
+installed, a real TPU compile for a v5e-8 topology; where the CUDA plugin is, real GPU compiles for 8 H100s (no GPU):
+a tiny modern model's kernels, and the speedrun's own defaults against the memory JAX will have."""
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -152,3 +154,30 @@ def test_tiny_model_compiles_for_8_h100s_with_cudnn_attention_and_fp8(tmp_path):
     hlo = (tmp_path / "hlo" / "train.hlo.txt").read_text()
     assert aot.hlo_kernels(hlo)["fp8_matmuls"] == train["fp8_matmuls"] and "__cudnn$fmhaSoftmax" in hlo
     assert out["decode"]["fits"] is True and (tmp_path / "hlo" / "decode.hlo.txt").exists()
+
+
+def speedrun_rows(recipe: str) -> int:
+    """The rows per GPU scripts/speedrun.sh uses by default for its default depth of a recipe."""
+    text = open(os.path.join(REPO_ROOT, "scripts", "speedrun.sh")).read()
+    pattern = (r'DEVICE_BATCH_SIZE:-\$\(\[ "\$DEPTH" -le 20 \] && echo (\d+)' if recipe == "classic"
+               else r'modern\).*?DEVICE_BATCH_SIZE="\$\{DEVICE_BATCH_SIZE:-(\d+)\}"')
+    return int(re.search(pattern, text, re.S).group(1))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jax_cuda12_plugin") is None,
+                    reason="XLA's GPU compiler (pip install 'jax[cuda12]')")
+@pytest.mark.parametrize("recipe,depth", [("classic", 20), ("modern", 24)])
+def test_the_speedrun_defaults_fit_an_h100_with_room_to_spare(recipe, depth):
+    """speedrun.sh's own rows per GPU (remat none, modern with FP8), compiled for 8 H100s: at least 10% of JAX's
+    share of the GPU left over."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("XLA_FLAGS")} | {"JAX_PLATFORMS": "cpu"}
+    argv = ["--topology", "h100:8", "--recipe", recipe, "--depth", str(depth), "--device-batch-size",
+            str(speedrun_rows(recipe)), "--programs", "train"] + (["--fp8"] if recipe == "modern" else [])
+    result = subprocess.run([sys.executable, "-m", "scripts.aot_compile", *argv], cwd=REPO_ROOT, capture_output=True,
+                            text=True, timeout=900, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    train = json.loads(result.stdout)["train"]
+    assert train["fits"] and train["headroom"] >= 0.10, train
+    assert train["cudnn_attention_calls"] == (1 if recipe == "classic" else 2)  # not recomputed in the backward pass
+    if recipe == "modern":
+        assert train["fp8_matmuls"] == 22
