@@ -148,21 +148,17 @@ def compile_timed(jitted, *args, **kwargs):
 
 
 def cost_analysis(compiled) -> dict:
-    """The compiled program's cost analysis as one dict (FLOPs, bytes accessed, optimal_seconds ...). A GPU program
-    compiled without a GPU has none of its own ("GetCostAnalysis is not supported"): XLA's HLO cost analysis then
-    runs over its optimized modules on the host's client (custom calls, cuDNN attention among them, count nothing)."""
-    try:
-        cost = compiled.cost_analysis()
-    except Exception:
-        cost = None
+    """The compiled program's cost analysis as one dict (FLOPs, bytes accessed, optimal_seconds ...)."""
+    cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    if not cost:
-        from jax._src.lib import xla_client
-        host = jax.devices("cpu")[0].client
-        modules = compiled.runtime_executable().hlo_modules()
-        costs = [xla_client._xla.hlo_module_cost_analysis(host, m) for m in modules]
-        cost = {key: sum(float(c.get(key, 0.0)) for c in costs) for key in ("flops", "bytes accessed")}
     return cost or {}
+
+
+def estimates_time(device) -> bool:
+    """Whether report() can estimate a step time for this device: a known TPU. Not a CPU, and not a GPU compiled
+    without one: its executable has no cost analysis ("GetCostAnalysis is not supported"), and XLA's HLO cost
+    analysis sees neither cuDNN's work nor the real kernels' speed (device_check measures a GPU's step instead)."""
+    return device.platform != "gpu" and chip_specs(device) is not None
 
 
 def memory(compiled) -> dict:
@@ -278,11 +274,16 @@ def report(compiled, device, compile_s: float, model_flops: float, n_chips: int,
             with open(hlo_path, "w") as f:
                 f.write(text)
     out["model_flops_per_step"] = model_flops
+    if not estimates_time(device):
+        out["estimated_step_s"], out["estimated_mfu"] = None, None
+        out["estimate_from"] = ("none for a GPU compiled without one: python -m scripts.device_check measures it"
+                                if device.platform == "gpu" else "no estimate for this device")
+        return out
     cost, spec = cost_analysis(compiled), chip_specs(device)
     optimal = float(cost.get("optimal_seconds", -1.0) or -1.0)
     if optimal > 0 and roofline_cost is None:
         out["estimated_step_s"], out["estimate_from"] = optimal * repeat, "compiler (optimal_seconds)"
-    elif spec is not None:
+    else:
         flops = roofline_cost["flops"] if roofline_cost else float(cost.get("flops", 0.0)) * repeat
         nbytes = roofline_cost["bytes"] if roofline_cost else float(cost.get("bytes accessed", 0.0)) * repeat
         out["estimated_step_s"] = max(flops / spec[0], nbytes / spec[1])
@@ -290,11 +291,8 @@ def report(compiled, device, compile_s: float, model_flops: float, n_chips: int,
         out["estimate_from"] = (f"roofline ({'compute' if flops / spec[0] >= nbytes / spec[1] else 'memory'} bound; "
                                 f"the compiler's optimal_seconds, {optimal:.3g}, is not usable: {why})")
         out["roofline_flops_per_chip"], out["roofline_bytes_per_chip"] = flops, nbytes
-    else:
-        out["estimated_step_s"], out["estimate_from"] = None, "no estimate for this device"
     step_s = out["estimated_step_s"]
-    out["estimated_mfu"] = (None if not step_s or spec is None
-                            else round(100 * model_flops / (step_s * n_chips * spec[0]), 1))
+    out["estimated_mfu"] = None if not step_s else round(100 * model_flops / (step_s * n_chips * spec[0]), 1)
     return out
 
 

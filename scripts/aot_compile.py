@@ -1,7 +1,7 @@
 """Compile the real training step (with its optimizer) and the engine's prefill and decode for a device topology,
 from abstract shapes, with no device at all; print what the compiler says: memory per chip, whether it fits (on a GPU:
-in JAX's share of its memory, XLA_PYTHON_CLIENT_MEM_FRACTION, default 0.75), the estimated step time and MFU, and on
-a GPU which kernels the matmuls and attention became (FP8 GEMMs, cuDNN attention).
+in JAX's share of its memory, XLA_PYTHON_CLIENT_MEM_FRACTION, default 0.75), on a TPU the estimated step time and
+MFU, and on a GPU which kernels the matmuls and attention became (FP8 GEMMs, cuDNN attention).
 
     # in a venv with jax[tpu] (libtpu), on any machine:
     python -m scripts.aot_compile --topology v5e:2x4 --depth 20 --mesh fsdp:8 --device-batch-size 16 --remat full
@@ -114,11 +114,11 @@ def train_program(args, config, devices, mesh, rows_per_chip: int, estimate: boo
     platform = devices[0].platform
     kernel = ("splash" if platform == "tpu" and args.seq_len % 128 == 0
               else "cudnn" if platform == "gpu" and dtype == jnp.bfloat16 else None)
-    # attention kernels are invisible to the cost model: their FLOPs come from the model's formula
-    kernel_flops = aot.attention_flops_per_token(config, args.remat) * args.total_batch_size / n_chips if kernel \
-        else 0.0
+    # splash is invisible to the cost model: its FLOPs come from the model's formula
+    kernel_flops = aot.attention_flops_per_token(config, args.remat) * args.total_batch_size / n_chips \
+        if kernel == "splash" else 0.0
     roofline = None
-    if estimate and aot.chip_specs(devices[0]) is not None:  # no estimate to make for a CPU
+    if estimate and aot.estimates_time(devices[0]):  # (none to make for a CPU or a GPU)
         roofline = aot.layer_scaled_cost(cost_at, config.n_layer, accum, kernel_flops)
         # the probes count a loop (the loss's chunks) once and may merge a recomputed forward away: at least what
         # the step must compute
@@ -165,7 +165,7 @@ def engine_programs(args, config, devices) -> dict:
             continue
         exe, secs = compile_program(name, config)
         roofline = None
-        if aot.chip_specs(device) is not None:  # loops over layers (and decode steps): scale 0- and 1-layer costs
+        if aot.estimates_time(device):  # loops over layers (and decode steps): scale 0- and 1-layer costs
             cost_at = lambda layers: aot.cost_analysis(compile_program(name, dataclasses.replace(config, n_layer=layers),  # noqa: E731
                                                                steps=1)[0])
             roofline = aot.layer_scaled_cost(cost_at, config.n_layer, steps)

@@ -4,7 +4,8 @@
 # 16 rows per chip (gradient accumulation keeps the optimizer batch at 524,288 tokens). Every knob of speedrun.sh
 # applies (DEPTH, MESH, DEVICE_BATCH_SIZE, REMAT, RL, ...). What fits, by the TPU compiler (docs/benchmarks.md):
 # d20 on a v5e-8 needs 7.1 of the 15.75 GiB per chip at these settings, 8.6 GiB to spare (DEVICE_BATCH_SIZE=32
-# fits too, 13.0 GiB, and is estimated faster; REMAT=none fits only 4 rows, REMAT=dots 8).
+# fits too, 13.0 GiB, and is estimated faster; REMAT=none and REMAT=dots fit 8 rows, 11.8 and 9.7 GiB, estimated
+# slower than REMAT=full at 16).
 #
 # One host (v5litepod-8: 8 chips), on the TPU VM:
 #   bash scripts/speedrun_tpu.sh
