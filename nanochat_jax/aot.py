@@ -2,10 +2,12 @@
 
 A program is lowered from abstract arguments (jax.ShapeDtypeStruct with shardings on a mesh) and compiled by XLA for
 the mesh's devices, which need not exist: `topology_devices("v5e:2x4")` gives a v5e-8's chips through libtpu's
-compiler on any host (`pip install "jax[tpu]"`). `report()` reads the executable's memory_analysis() (bytes per
-chip) and cost_analysis(), and estimates the step time.
+compiler on any host (`pip install "jax[tpu]"`), `topology_devices("h100:8")` eight H100s through XLA's GPU compiler
+(`pip install "jax[cuda12]"`, JAX_PLATFORMS=cpu). `report()` reads the executable's memory_analysis() (bytes per
+chip, against what a program may use there: a TPU's HBM, JAX's share of a GPU), on a GPU the kernels of its
+optimized HLO (`hlo_kernels`: FP8 GEMMs, cuDNN attention), and on a TPU estimates the step time.
 
-The step-time estimate: XLA's `optimal_seconds` where it is positive; else a roofline, max(FLOPs / peak FLOP/s,
+The step-time estimate (TPU): XLA's `optimal_seconds` where it is positive; else a roofline, max(FLOPs / peak FLOP/s,
 bytes accessed / HBM bandwidth) per chip. XLA counts the body of a loop once, whatever its trip count, and the
 training step loops over layers (the scan) and micro-steps, so the roofline takes its FLOPs and bytes from two small
 compiles, with 0 and 1 layers and one micro-step: cost(L layers) = cost(0) + L x (cost(1) - cost(0)), times the
