@@ -15,6 +15,7 @@ resume needs.
 """
 import glob
 import os
+import sys
 from dataclasses import asdict
 
 import grain
@@ -60,7 +61,10 @@ class Checkpointer:
     def resolve_step(self, step: int | None) -> int:
         """`step` if this directory holds it (None: the latest), else FileNotFoundError naming the steps present."""
         step = self.latest_step() if step is None else step
-        if step is None or step not in self.manager.all_steps():
+        if step is None:
+            raise FileNotFoundError(f"no complete checkpoint in {self.directory} (a run that stopped before it "
+                                    "saved leaves none)")
+        if step not in self.manager.all_steps():
             have = self.manager.all_steps()
             raise FileNotFoundError(f"no checkpoint at step {step} in {self.directory} (steps present: {have})")
         return step
@@ -149,16 +153,31 @@ def load_model(checkpoint_dir: str, step: int | None = None, mesh=None, dtype=No
     return nnx.merge(graphdef, restored["params"]), tokenizer, meta
 
 
+def complete_steps(checkpoint_dir: str) -> list[int]:
+    """The steps of a checkpoint directory that were written to the end: orbax writes a step aside and renames it to
+    its number when complete, so a run that died mid-save (or before its first save) leaves none."""
+    if not os.path.isdir(checkpoint_dir):
+        return []
+    return sorted(int(name) for name in os.listdir(checkpoint_dir)
+                  if name.isdigit() and os.path.isdir(os.path.join(checkpoint_dir, name, "meta")))
+
+
 def find_model_tag(stage_dir: str) -> str:
-    """The deepest d<N> model in a stage directory, else the most recently written one (as nanochat guesses)."""
-    tags = [t for t in os.listdir(stage_dir) if os.path.isdir(os.path.join(stage_dir, t))] \
+    """The model tag in a stage directory whose latest complete checkpoint is the newest; tags with none (a run that
+    stopped before it saved) are passed over. Says which on stderr."""
+    tags = sorted(t for t in os.listdir(stage_dir) if os.path.isdir(os.path.join(stage_dir, t))) \
         if os.path.isdir(stage_dir) else []
-    if not tags:
-        raise FileNotFoundError(f"no checkpoints in {stage_dir}")
-    depths = [(int(t[1:]), t) for t in tags if t[:1] == "d" and t[1:].isdigit()]
-    if depths:
-        return max(depths)[1]
-    return max(tags, key=lambda t: os.path.getmtime(os.path.join(stage_dir, t)))
+    complete = {t: steps[-1] for t in tags if (steps := complete_steps(os.path.join(stage_dir, t)))}
+    if not complete:
+        empty = f" ({', '.join(tags)}: no complete checkpoint)" if tags else ""
+        raise FileNotFoundError(f"no checkpoints in {stage_dir}{empty}")
+    newest = lambda t: os.path.getmtime(os.path.join(stage_dir, t, str(complete[t])))  # noqa: E731
+    tag = max(complete, key=newest)
+    skipped = sorted(set(tags) - set(complete))
+    print(f"using {os.path.join(stage_dir, tag)}, step {complete[tag]}: the newest complete checkpoint"
+          + (f" (passed over, with none complete: {', '.join(skipped)})" if skipped else "")
+          + " (--model-tag picks another)", file=sys.stderr)
+    return tag
 
 
 def stage_directory(source: str, model_tag: str | None = None) -> str:

@@ -82,3 +82,25 @@ def test_sigkill_during_save_keeps_the_previous_checkpoint(tmp_path):
     ckpt.save(2, {"params": state}, {"step": 2})  # the leftover partial save does not get in the way
     ckpt.wait()
     assert ckpt.latest_step() == 2
+
+
+def test_a_loader_picks_the_newest_complete_checkpoint_and_says_which(tmp_path, monkeypatch, capsys):
+    """A run that died before its first save (an empty tag, a deeper one), or in the middle of one (only orbax's
+    temporary step directory), is passed over: serve.cli -i base then loads the run that did save."""
+    from nanochat_jax.checkpoint import STAGE_DIRS, complete_steps, stage_directory
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    stage = tmp_path / STAGE_DIRS["base"]
+    cfg = tiny_config()
+    checkpointer = Checkpointer(str(stage / "d4"), async_save=False)
+    checkpointer.save(5, {"params": nnx.to_pure_dict(nnx.state(GPT(cfg, rngs=nnx.Rngs(0))))}, model_meta(cfg, 5))
+    checkpointer.close()
+    (stage / "d20").mkdir()  # started later, died before saving
+    (stage / "d12" / "7.orbax-checkpoint-tmp-1").mkdir(parents=True)  # died while writing its first step
+    assert complete_steps(str(stage / "d4")) == [5] and complete_steps(str(stage / "d12")) == []
+    assert stage_directory("base") == str(stage / "d4")
+    said = capsys.readouterr().err
+    assert "d4, step 5: the newest complete checkpoint" in said and "d12, d20" in said
+    import shutil
+    shutil.rmtree(stage / "d4")
+    with pytest.raises(FileNotFoundError, match="d12, d20: no complete checkpoint"):
+        stage_directory("base")
