@@ -26,8 +26,9 @@ from nanochat_jax.checkpoint import STAGE_DIRS, load_model, stage_directory
 from nanochat_jax.common import (CompileCount, get_base_dir, init_distributed, parse_dtype, print0,
                                  use_compilation_cache)
 from nanochat_jax.dataloader import pretraining_batches
-from nanochat_jax.dataset import standin_corpus
+from nanochat_jax.dataset import check_shards, standin_corpus
 from nanochat_jax.sharding import make_mesh
+from nanochat_jax.stages import check_mesh
 
 
 def parse_args(argv=None):
@@ -54,6 +55,7 @@ def parse_args(argv=None):
             p.error(f"--{name.replace('_', '-')} must be positive")
     if args.eval_tokens < 0:
         p.error("--eval-tokens must be >= 0")
+    check_mesh(p, args)
     return args
 
 
@@ -131,8 +133,13 @@ def main(argv=None):
     init_distributed()  # multi-host runs only (NANOCHAT_MULTIHOST=1)
     args = parse_args(argv)
     use_compilation_cache()  # a second evaluation reads its programs back
+    if args.eval_tokens > 0:
+        check_shards()  # a bad shard is one line now, not a traceback after the model has loaded and compiled
     mesh, dtype = make_mesh(args.mesh), parse_dtype(args.dtype)
-    model, tokenizer, description = load(args, mesh, dtype)
+    try:
+        model, tokenizer, description = load(args, mesh, dtype)
+    except FileNotFoundError as e:
+        raise SystemExit(str(e)) from None
     print0(f"evaluating {description}")
     summary = {"model": description}
     if args.eval_tokens > 0:

@@ -94,8 +94,31 @@ def start_peer_watchdog(timeout_s: float, interval_s: float = 1.0):
 def get_base_dir() -> str:
     """Where data, tokenizer and checkpoints live: $NANOCHAT_BASE_DIR or ~/.cache/nanochat_jax."""
     base_dir = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat_jax")
-    os.makedirs(base_dir, exist_ok=True)
+    try:
+        os.makedirs(base_dir, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"cannot create the base directory {base_dir}: {e.strerror} (set NANOCHAT_BASE_DIR to a "
+                         "writable directory)") from None
     return base_dir
+
+
+def check_writable(directory: str, what: str, probe_bytes: int = 1 << 20):
+    """One line and SystemExit, before any work, when `directory` cannot be created or written or has no room: a
+    probe file of probe_bytes is written, synced and removed (a read-only or full filesystem fails it)."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        probe = os.path.join(directory, f".write_probe_{os.getpid()}")
+        try:
+            with open(probe, "wb") as f:
+                f.write(b"\0" * probe_bytes)
+                f.flush()
+                os.fsync(f.fileno())
+        finally:
+            if os.path.exists(probe):
+                os.remove(probe)
+    except OSError as e:
+        raise SystemExit(f"cannot write {what} to {directory}: {e.strerror or e} (a read-only or full filesystem? "
+                         "set NANOCHAT_BASE_DIR to a writable directory with room)") from None
 
 
 def use_compilation_cache():

@@ -84,6 +84,25 @@ def open_shard(path: str) -> pq.ParquetFile:
     return shard
 
 
+def check_shards(directory: str | None = None) -> list[str]:
+    """Every shard's footer and schema read before any work is done (a truncated or garbled file has no valid
+    footer), so that a bad shard stops a run at its start with one line naming the file and how to get it again."""
+    directory = directory or data_dir()
+    try:
+        shards = list_shards(directory)
+    except FileNotFoundError as e:
+        raise SystemExit(str(e)) from None
+    for path in shards:
+        try:
+            open_shard(path)
+        except ValueError as e:
+            again = ("rebuild the stand-in: python -m scripts.local_corpus" if standin_corpus(directory) else
+                     f"delete it and fetch it again: rm {path} && python -m scripts.download_data --dataset "
+                     f"{dataset_name()} (with the -n you used; shards already there are kept)")
+            raise SystemExit(f"{str(e).splitlines()[0].rstrip('.')}; {again}") from None
+    return shards
+
+
 def iter_texts(split: str, directory: str | None = None):
     """Yields lists of documents, one list per parquet row group, over the split's shards in order."""
     for path in split_shards(split, directory):

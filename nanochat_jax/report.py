@@ -17,7 +17,7 @@ import subprocess
 
 import jax
 
-from nanochat_jax.common import get_base_dir
+from nanochat_jax.common import check_writable, get_base_dir
 from nanochat_jax.tasks.registry import CHATCORE_TASKS, STANDINS
 
 # the section titles, which every entry point passes to log() by these names; the report keeps this order
@@ -106,14 +106,21 @@ def environment() -> dict:
                      "tokens (approx)": len(text) // 4}}
 
 
-def reset():
-    """Start a new report: clear the sections, write the header."""
-    os.makedirs(report_dir(), exist_ok=True)
-    for name in os.listdir(report_dir()):
-        if name.endswith((".json", ".md", ".png")):
-            os.remove(os.path.join(report_dir(), name))
-    with open(os.path.join(report_dir(), "header.json"), "w", encoding="utf-8") as f:
+def reset() -> str | None:
+    """Start a new report: the last run's sections and report card move to report/previous/<time>/ (nothing is
+    deleted), then the header is written. Returns where the last run's went (None: there was none)."""
+    directory = report_dir()
+    check_writable(directory, "the report")
+    old = [name for name in os.listdir(directory) if name.endswith((".json", ".md", ".png"))]
+    archive = None
+    if old:
+        archive = os.path.join(directory, "previous", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+        os.makedirs(archive, exist_ok=True)
+        for name in old:
+            os.replace(os.path.join(directory, name), os.path.join(archive, name))
+    with open(os.path.join(directory, "header.json"), "w", encoding="utf-8") as f:
         json.dump(environment(), f, indent=1)
+    return archive
 
 
 def _format(value) -> str:

@@ -14,11 +14,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nanochat_jax.checkpoint import STAGE_DIRS, Checkpointer, stage_directory
+from nanochat_jax.checkpoint import STAGE_DIRS, Checkpointer, complete_steps, stage_directory
 from nanochat_jax.common import get_base_dir, parse_dtype, print0
 from nanochat_jax.gpt import GPT, REMAT_POLICIES, GPTConfig
 from nanochat_jax.optim import RECIPE_DEFAULTS, build_optimizer
-from nanochat_jax.sharding import make_mesh
+from nanochat_jax.sharding import make_mesh, parse_mesh_spec
 from nanochat_jax.tokenizer import Tokenizer
 from nanochat_jax.trainer import Trainer, TrainState
 
@@ -82,6 +82,16 @@ def check_flags(p: argparse.ArgumentParser, args, positive=(), every=(), nonnega
             p.error(f"--{name.replace('_', '-')} must be positive, or -1")
     if getattr(args, "num_iterations", -1) == 0 or getattr(args, "num_iterations", -1) < -1:
         p.error("--num-iterations must be positive, or -1")
+    check_mesh(p, args)
+
+
+def check_mesh(p: argparse.ArgumentParser, args):
+    """--mesh well formed and covering this run's devices, or argparse's one-line error (before anything compiles)."""
+    if getattr(args, "mesh", None):
+        try:
+            parse_mesh_spec(args.mesh, jax.device_count())
+        except ValueError as e:
+            p.error(str(e))
 
 
 def batch_geometry(args, num_devices: int) -> int:
@@ -108,13 +118,24 @@ def make_trainer(args, config: GPTConfig, lr_fraction: float = 1.0, lr_scale: fl
     return Trainer.create(make_model, tx, make_mesh(args.mesh), make_eval), make_model
 
 
+def model_tags_note(source: str) -> str:
+    """'; the <source> models here: d4 (steps [..]), ...' for an error message ('' when there are none)."""
+    stage_dir = os.path.join(get_base_dir(), STAGE_DIRS[source])
+    tags = sorted(t for t in os.listdir(stage_dir) if complete_steps(os.path.join(stage_dir, t))) \
+        if os.path.isdir(stage_dir) else []
+    return f"; the {source} models here: {', '.join(tags)} (--model-tag)" if tags else ""
+
+
 class Source:
     """The checkpoint a chat stage starts from."""
 
     def __init__(self, source: str, model_tag: str | None, step: int | None):
-        self.stage, self.directory = source, stage_directory(source, model_tag)
-        self.checkpointer = Checkpointer(self.directory, max_to_keep=None, async_save=False, create=False)
-        self.step = self.checkpointer.resolve_step(step)
+        try:  # a missing model or step: one line naming what there is, before anything compiles
+            self.stage, self.directory = source, stage_directory(source, model_tag)
+            self.checkpointer = Checkpointer(self.directory, max_to_keep=None, async_save=False, create=False)
+            self.step = self.checkpointer.resolve_step(step)
+        except FileNotFoundError as e:
+            raise SystemExit(f"{e}{model_tags_note(source)}") from None
         self.meta = self.checkpointer.meta(self.step)
         self.config = GPTConfig(**self.meta["model_config"])
         self.tokenizer = Tokenizer.load(os.path.join(self.directory, "tokenizer"))

@@ -16,8 +16,9 @@ def main(argv=None):
     p.add_argument("--chat-file", default=None, help="expect: a file holding a question and the model's answer")
     args = p.parse_args(argv)
     if args.command == "reset":
-        report.reset()
-        print(f"report reset: {report.report_dir()}")
+        archive = report.reset()
+        print(f"report reset: {report.report_dir()}" + (f" (the last run's report is kept in {archive})"
+                                                         if archive else ""))
     elif args.command == "expect":
         if not args.line:
             p.error("expect needs --line")

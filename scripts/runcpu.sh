@@ -13,7 +13,8 @@
 # unigram level, the share of well-formed replies and calculator calls after midtraining, and the local tasks'
 # accuracies against their chance levels after each chat stage; the run ends with a question and the answer.
 # Everything goes to $NANOCHAT_BASE_DIR (default ~/.cache/nanochat_jax) under the model tag "runcpu"; a new run
-# replaces the last runcpu run's checkpoints and report, and retrains the tokenizer there.
+# retrains the tokenizer there and, once its data has been read, moves the last runcpu run's checkpoints to
+# previous_runs/runcpu-<time>/ and its report to report/previous/<time>/ (nothing is deleted).
 set -euo pipefail
 export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat_jax}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
@@ -57,13 +58,7 @@ if [[ "$chat_tasks" == *HumanEval* ]]; then
     python -m nanochat_jax.execution --check "${sandbox[@]}" || exit 1
 fi
 
-for stage in base mid chatsft chatrl; do
-    if [ -d "$base/${stage}_checkpoints/runcpu" ]; then
-        echo "runcpu: removing the previous runcpu run's $base/${stage}_checkpoints/runcpu"
-        rm -rf "$base/${stage}_checkpoints/runcpu"
-    fi
-done
-python -m scripts.report reset
+python -m scripts.report reset  # (the first write: a read-only or full base directory stops the run here)
 
 say "1/10 data: FineWeb-edu shards if present or downloadable, else a stand-in corpus of Python's docstrings"
 if [ "$(ls "$base"/base_data/*.parquet 2>/dev/null | wc -l)" -lt 2 ]; then
@@ -76,6 +71,16 @@ fi
 say "2/10 tokenizer: a small vocabulary for a tiny model"
 python -m tokenizer.train --vocab-size "$vocab" --max-chars "$chars"
 python -m tokenizer.eval
+
+# the inputs are checked (the tokenizer read every shard): only now is the last runcpu run moved aside, never deleted
+kept="$base/previous_runs/runcpu-$(date +%Y%m%d-%H%M%S)"
+for stage in base mid chatsft chatrl; do
+    if [ -d "$base/${stage}_checkpoints/runcpu" ]; then
+        mkdir -p "$kept/${stage}_checkpoints"
+        mv "$base/${stage}_checkpoints/runcpu" "$kept/${stage}_checkpoints/runcpu"
+    fi
+done
+[ -d "$kept" ] && echo "runcpu: the last runcpu run's checkpoints are kept in $kept (delete it when done with it)"
 
 say "3/10 base pretraining: d$depth, $base_steps steps of 4096 tokens"
 python -m train.base --model-tag runcpu --depth "$depth" --max-seq-len "$seq" --device-batch-size 4 \

@@ -277,6 +277,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not 0 <= args.temperature <= 2 or not 1 <= args.top_k <= MAX_TOP_K or not 1 <= args.max_tokens <= MAX_MAX_TOKENS:
         parser.error(f"--temperature in 0..2, --top-k in 1..{MAX_TOP_K}, --max-tokens in 1..{MAX_MAX_TOKENS}")
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port {args.port}: a port is 0..65535 (0: any free one)")
     if args.slots < 1 or args.max_waiting < 1 or args.max_body_bytes < 1024:
         parser.error("--slots and --max-waiting must be positive, --max-body-bytes at least 1024")
     if args.api_key is not None and len(args.api_key) < 8:
@@ -294,6 +296,14 @@ def main(argv=None):
     except OSError as e:
         parser.exit(1, f"cannot listen on {args.host}:{args.port}: {e.strerror}\n")
 
+    try:  # Ctrl-C while loading, compiling or serving: one line, not a KeyboardInterrupt traceback
+        serve(args, parser, sock, allowed)
+    except KeyboardInterrupt:
+        parser.exit(130, "serve.web: stopped (Ctrl-C)\n")
+
+
+def serve(args, parser, sock, allowed):
+    """Load the model, compile the engine, serve on the bound socket until stopped."""
     import uvicorn
 
     from nanochat_jax.checkpoint import load_stage

@@ -169,3 +169,32 @@ def test_cli_in_a_terminal(long_reply_checkpoint):
         if proc.poll() is None:
             proc.kill()
         os.close(master)
+
+
+def test_ctrl_c_stops_the_web_server_with_one_line(sft_checkpoint):
+    """SIGINT to serve.web, once it serves (and once while it is still compiling): it shuts down with one line and
+    exit code 130, no KeyboardInterrupt traceback."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO_ROOT
+    for when in ("serving", "compiling"):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        proc = subprocess.Popen([sys.executable, "-m", "serve.web", "--port", str(port), "--slots", "1"],
+                                cwd=REPO_ROOT, env=os.environ | sft_checkpoint, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        marker = "serving nanochat-jax" if when == "serving" else "compiling the engine"
+        deadline, seen = time.time() + 300, ""
+        while marker not in seen and time.time() < deadline and proc.poll() is None:
+            seen += proc.stdout.readline()
+        assert marker in seen, seen
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 130, (proc.returncode, err[-2000:])
+        assert "Traceback" not in err and err.strip().splitlines()[-1] == "serve.web: stopped (Ctrl-C)", err[-2000:]

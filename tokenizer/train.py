@@ -10,8 +10,8 @@ import os
 import time
 
 from nanochat_jax import report
-from nanochat_jax.common import get_base_dir
-from nanochat_jax.dataset import iter_texts, standin_corpus
+from nanochat_jax.common import check_writable, get_base_dir
+from nanochat_jax.dataset import check_shards, iter_texts, standin_corpus
 from nanochat_jax.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 
@@ -37,13 +37,18 @@ def main():
     if args.max_chars < 1 or args.doc_cap < 1:
         parser.error("--max-chars and --doc-cap must be positive")
 
+    tokenizer_dir = os.path.join(get_base_dir(), "tokenizer")
+    check_writable(tokenizer_dir, "the tokenizer")  # before the training, not after it
+    check_shards()
     t0 = time.time()
-    tokenizer = Tokenizer.train_from_iterator(capped_documents(args.max_chars, args.doc_cap), args.vocab_size)
+    try:
+        tokenizer = Tokenizer.train_from_iterator(capped_documents(args.max_chars, args.doc_cap), args.vocab_size)
+    except ValueError as e:  # a shard damaged past its footer: the message names it
+        raise SystemExit(str(e).splitlines()[0]) from None
     train_time = time.time() - t0
     sample = "Hello world! Numbers: 12345, contractions: I'm, you're; unicode: héllo 你好 🌍\n\tdone."
     assert tokenizer.decode(tokenizer.encode(sample)) == sample, "tokenizer failed to round-trip a sample"
 
-    tokenizer_dir = os.path.join(get_base_dir(), "tokenizer")
     tokenizer.save(tokenizer_dir)
     token_bytes = tokenizer.token_bytes()
     text_bytes = token_bytes[token_bytes > 0]

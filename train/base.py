@@ -23,9 +23,9 @@ from nanochat_jax import report
 from nanochat_jax.aot import check_training_memory
 from nanochat_jax.base_eval import bits_per_byte, loss_sums, print_samples
 from nanochat_jax.checkpoint import Checkpointer
-from nanochat_jax.common import get_base_dir, init_distributed, parse_dtype, print0
+from nanochat_jax.common import check_writable, get_base_dir, init_distributed, parse_dtype, print0
 from nanochat_jax.dataloader import StepBatches, pretraining_batches
-from nanochat_jax.dataset import standin_corpus
+from nanochat_jax.dataset import check_shards, standin_corpus
 from nanochat_jax.gpt import RECIPES, config_from_depth
 from nanochat_jax.loop import Eval, Plan, run
 from nanochat_jax.optim import Schedule, auto_batch
@@ -123,12 +123,17 @@ def main(argv=None):
            f"{args.device_batch_size * jax.device_count()} rows | {num_iterations:,} steps, "
            f"{num_iterations * args.total_batch_size:,} tokens ({num_iterations * args.total_batch_size / horizon_params(config):.2f}"
            f" per {'parameter' if args.recipe == 'classic' else 'scaling parameter'})")
+    # the inputs and the checkpoint directory before anything compiles: a bad shard or an unwritable disk is one line
+    check_shards()
+    checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", args.model_tag or f"d{args.depth}")
+    if jax.process_index() == 0:
+        check_writable(checkpoint_dir, "checkpoints")
     # compile the step now: print its memory per device, refuse a run that will not fit (before any state is made)
     check_training_memory(trainer, args.device_batch_size, args.max_seq_len, accum_steps)
 
     # data: this process's packed rows of the train shards, accum_steps micro-batches per step
     train_batches = StepBatches(pretraining_batches(tokenizer, "train", rows_per_process, args.max_seq_len), accum_steps)
-    checkpointer = Checkpointer(os.path.join(get_base_dir(), "base_checkpoints", args.model_tag or f"d{args.depth}"))
+    checkpointer = Checkpointer(checkpoint_dir)
     state = begin_run(args, trainer, checkpointer, train_batches, tokenizer, config, num_iterations,
                       make_model=make_model)
 
