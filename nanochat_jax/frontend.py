@@ -1,6 +1,6 @@
 """Conversations for the chat front ends (terminal and web): prompt rendering that fits the model's context, and
 turning a generated reply back into message parts (text, python calls, tool outputs)."""
-from nanochat_jax.tokenizer import Tokenizer
+from nanochat_jax.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 
 def prompt_for_reply(tokenizer: Tokenizer, messages: list[dict], context: int, reply_room: int):
@@ -46,3 +46,34 @@ def reply_parts(tokenizer: Tokenizer, tokens: list[int]):
     if all(p["type"] == "text" for p in parts):
         return "".join(p["text"] for p in parts)
     return parts
+
+
+class ReplyText:
+    """A reply's text for people, built token by token: tool calls show as <<expression=result>>, as in GSM8K's
+    annotations, and no other special token is ever shown by its raw name. Only the tokens since the last tool
+    marker are decoded again, so a long reply costs linear time."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer, self.settled, self.tail = tokenizer, "", []
+        special = tokenizer.encode_special
+        self.markers = {special("<|python_start|>"): "<<", special("<|python_end|>"): "=",
+                        special("<|output_start|>"): "", special("<|output_end|>"): ">>"}
+        self.hidden = {special(name) for name in SPECIAL_TOKENS} - set(self.markers)
+
+    def add(self, token: int) -> str:
+        if token in self.markers:
+            self.settled += self.tokenizer.decode(self.tail) + self.markers[token]
+            self.tail = []
+        elif token not in self.hidden:
+            self.tail.append(token)
+        return self.text()
+
+    def text(self) -> str:
+        return self.settled + self.tokenizer.decode(self.tail)
+
+
+def render_reply(tokenizer: Tokenizer, tokens: list[int]) -> str:
+    reply = ReplyText(tokenizer)
+    for t in tokens:
+        reply.add(t)
+    return reply.text()

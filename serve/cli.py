@@ -18,7 +18,7 @@ try:
 except ImportError:  # (not on every platform)
     readline = None
 
-from nanochat_jax.frontend import prompt_for_reply, reply_parts
+from nanochat_jax.frontend import ReplyText, prompt_for_reply, reply_parts
 from nanochat_jax.checkpoint import STAGE_DIRS, load_stage
 from nanochat_jax.common import use_compilation_cache
 from nanochat_jax.decoding import MAX_TOP_K
@@ -31,7 +31,7 @@ def stream_reply(engine, tokenizer, prompt_ids, max_tokens, temperature, top_k, 
     stopped it). Ctrl-C only raises a flag that the loop checks between tokens (an exception could land in a
     callback, e.g. JAX's garbage-collection hook, and be swallowed there); the flag is set up before the header is
     printed, so a Ctrl-C as soon as the reply seems to start stops the reply, not the program."""
-    reply, shown, stop = [], "", []
+    reply, shown, stop, text = [], "", [], ReplyText(tokenizer)
     try:
         previous = signal.signal(signal.SIGINT, lambda *_: stop.append(True))
     except ValueError:  # (not the main thread: Ctrl-C stays an exception)
@@ -44,16 +44,16 @@ def stream_reply(engine, tokenizer, prompt_ids, max_tokens, temperature, top_k, 
             if stop or column[0] in engine.stops:
                 break
             reply.append(column[0])
-            text = tokenizer.decode(reply)
-            if not text.endswith("\ufffd"):  # hold back half a multi-byte character
-                out.write(text[len(shown):])
+            now = text.add(column[0])  # (tool calls as <<expression=result>>, never a special token's name)
+            if not now.endswith("\ufffd"):  # hold back half a multi-byte character
+                out.write(now[len(shown):])
                 out.flush()
-                shown = text
+                shown = now
     except KeyboardInterrupt:
         stop.append(True)
     finally:
         tokens.close()
-        out.write(tokenizer.decode(reply)[len(shown):] + (" (stopped)\n" if stop else "\n"))
+        out.write(text.text().rstrip("\ufffd")[len(shown):] + (" (stopped)\n" if stop else "\n"))
         out.flush()
         if previous is not None:  # only now: a Ctrl-C until the reply's last line is out still stops the reply
             signal.signal(signal.SIGINT, previous)

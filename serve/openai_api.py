@@ -187,7 +187,9 @@ class Choice:
         cut = min((text.find(s) for s in self.stops if s in text), default=-1)
         if cut >= 0:
             text, self.reason = text[:cut], "stop"
-        elif token is not None:
+        elif token is None:  # the end: a last character cut short by the token limit is not sent in halves
+            text = text.rstrip("\ufffd")
+        else:
             text = text[:len(text) - self.hold] if self.hold else text
             if text.endswith("\ufffd"):
                 return ""

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from nanochat_jax.frontend import prompt_for_reply
+from nanochat_jax.frontend import ReplyText, prompt_for_reply
 from nanochat_jax.decoding import MAX_TOP_K
 from nanochat_jax.serving import BatchedEngine, Failed, Finished, QueueFull, Request, Token
 from serve import openai_api
@@ -89,35 +89,6 @@ def check_request_messages(messages: list) -> list[dict]:
     return messages
 
 
-class ReplyText:
-    """A reply's text for people, built token by token: tool calls show as <<expression=result>>, as in GSM8K's
-    annotations. Only the tokens since the last tool marker are decoded again, so a long reply costs linear time."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer, self.settled, self.tail = tokenizer, "", []
-        special = tokenizer.encode_special
-        self.markers = {special("<|python_start|>"): ("", "<<"), special("<|python_end|>"): ("", "="),
-                        special("<|output_start|>"): ("", ""), special("<|output_end|>"): ("", ">>")}
-
-    def add(self, token: int) -> str:
-        if token in self.markers:
-            self.settled += self.tokenizer.decode(self.tail) + self.markers[token][1]
-            self.tail = []
-        else:
-            self.tail.append(token)
-        return self.text()
-
-    def text(self) -> str:
-        return self.settled + self.tokenizer.decode(self.tail)
-
-
-def render_reply(tokenizer, tokens: list[int]) -> str:
-    reply = ReplyText(tokenizer)
-    for t in tokens:
-        reply.add(t)
-    return reply.text()
-
-
 def create_app(batched: BatchedEngine, tokenizer, model_name: str, defaults: dict, api_key: str | None = None,
                allowed_hosts: set[str] | None = None, max_body: int = 1 << 20, docs: bool = False) -> FastAPI:
     """The app. allowed_hosts: the Host names it answers to (None: any); api_key: required on everything but
@@ -135,6 +106,10 @@ def create_app(batched: BatchedEngine, tokenizer, model_name: str, defaults: dic
     @app.exception_handler(RequestValidationError)
     async def invalid(_, error: RequestValidationError):
         errors = error.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):  # (its loc is a character offset, not a field)
+            return JSONResponse(openai_error(400, "the request body is not valid JSON: "
+                                             + errors[0].get("ctx", {}).get("error", errors[0]["msg"]), param=None),
+                                400)
         reasons = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in errors)
         param = ".".join(str(p) for p in errors[0]["loc"][1:]) or None if errors else None
         return JSONResponse(openai_error(400, reasons, param=param), 400)

@@ -55,6 +55,34 @@ def sft_checkpoint(tmp_path, tokenizer):
     return save_sft(tmp_path, tokenizer, model)
 
 
+def test_reply_text_shows_tool_calls_and_never_a_special_token(tokenizer):
+    """What the CLI and the page show of a reply: <<expression=result>> for a tool call; a stray special token
+    (here <|user_start|> and <|python_end|> out of place) shows as nothing, never by its raw name."""
+    from nanochat_jax.frontend import ReplyText, render_reply
+    sp = tokenizer.encode_special
+    tokens = (tokenizer.encode("twelve is ") + [sp("<|python_start|>")] + tokenizer.encode("7+5")
+              + [sp("<|python_end|>"), sp("<|output_start|>")] + tokenizer.encode("12") + [sp("<|output_end|>")]
+              + [sp("<|user_start|>")] + tokenizer.encode(" done"))
+    assert render_reply(tokenizer, tokens) == "twelve is <<7+5=12>> done"
+    reply, shown = ReplyText(tokenizer), []
+    for t in tokens:  # each step's text extends the one before: what streaming writes is consistent
+        shown.append(reply.add(t))
+    assert all(b.startswith(a) for a, b in zip(shown, shown[1:]))
+    assert "<|" not in render_reply(tokenizer, [sp(name) for name in ("<|bos|>", "<|assistant_start|>")])
+
+
+def test_a_stream_cut_by_the_token_limit_ends_on_a_whole_character(tokenizer):
+    """/v1/completions: the last token is the first byte of a three-byte character; the stream's end leaves it
+    out rather than sending U+FFFD."""
+    from serve.openai_api import Choice, PlainText
+    from nanochat_jax.serving import Token
+    first_byte = tokenizer.enc.encode_single_token("東".encode()[:1])
+    choice = Choice(0, tokenizer, PlainText, [])
+    sent = "".join(choice.add(Token(0, t, False, 0.0, ())) for t in tokenizer.encode("x = ") + [first_byte])
+    sent += choice.add(None)
+    assert sent == "x = " and "\ufffd" not in sent
+
+
 def test_cli_prompt_and_interactive(sft_checkpoint):
     once = run_module("serve.cli", "-p", "hello", "-t", "0", "-m", "8", env=sft_checkpoint, check=True)
     assert once.stdout.strip()

@@ -15,7 +15,8 @@ from nanochat_jax.frontend import prompt_for_reply
 from nanochat_jax.engine import Engine
 from nanochat_jax.gpt import GPT
 from nanochat_jax.serving import BatchedEngine, Request
-from serve.web import create_app, render_reply
+from nanochat_jax.frontend import render_reply
+from serve.web import create_app
 
 DEFAULTS = {"temperature": 0.8, "top_k": 50, "max_tokens": 64}
 TIMEOUT = httpx.Timeout(120.0)  # generous: compiles run in the first requests, and CI machines are busy

@@ -74,8 +74,10 @@ def test_every_error_has_openai_s_body(guarded):
     client, _ = guarded
     is_openai_error(client.get("/nope"), 404)
     is_openai_error(client.get("/v1/chat/completions"), 405)
-    is_openai_error(client.post("/v1/chat/completions", content=b"{not json", headers={"content-type":
-                                                                                       "application/json"}), 400)
+    for path in ("/v1/chat/completions", "/v1/completions", "/chat/completions"):  # no field to name: no param
+        error = is_openai_error(client.post(path, content=b"{not json", headers={"content-type": "application/json"}),
+                                400)
+        assert error["param"] is None and error["message"].startswith("the request body is not valid JSON"), error
     assert is_openai_error(client.post("/v1/chat/completions", json={"messages": 5}), 400)["param"] == "messages"
     is_openai_error(client.post("/v1/chat/completions", json=HELLO | {"model": "gpt-9"}), 404, "model_not_found")
     for path in ("/docs", "/openapi.json", "/redoc"):  # off unless --docs
