@@ -111,7 +111,7 @@ def reset() -> str | None:
     deleted), then the header is written. Returns where the last run's went (None: there was none)."""
     directory = report_dir()
     check_writable(directory, "the report")
-    old = [name for name in os.listdir(directory) if name.endswith((".json", ".md", ".png"))]
+    old = [name for name in os.listdir(directory) if name.endswith((".json", ".md", ".png", ".txt"))]
     archive = None
     if old:
         archive = os.path.join(directory, "previous", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
@@ -121,6 +121,24 @@ def reset() -> str | None:
     with open(os.path.join(directory, "header.json"), "w", encoding="utf-8") as f:
         json.dump(environment(), f, indent=1)
     return archive
+
+
+def scores_line(stage: str) -> str | None:
+    """One line of what the chat evaluation of `stage` measured, each task against its chance level, and how many
+    tasks were above chance (None when that evaluation did not run)."""
+    path = os.path.join(report_dir(), slugify(chat_evaluation(stage)) + ".json")
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        data = {k: v for d in json.load(f)["data"] for k, v in d.items()}
+    tasks = [(t, data[t], data[f"{t} {CHANCE}"]) for t in data if f"{t} {CHANCE}" in data and data[t] is not None]
+    if not tasks:
+        return None
+    above = sum(score > chance for _, score, chance in tasks)
+    scores = ", ".join(f"{t} {100 * score:.0f}% (chance {100 * chance:.0f}%)" for t, score, chance in tasks)
+    verdict = (f"right more often than chance on {above} of {len(tasks)} tasks" if above else
+               "not yet right more often than chance on any task")
+    return f"the {stage} model's chat evaluation: {scores}: {verdict}"
 
 
 def _format(value) -> str:

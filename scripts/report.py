@@ -1,7 +1,7 @@
 """The report card: `reset` at the start of a run, `generate` at the end (see nanochat_jax/report.py).
 
     python -m scripts.report reset
-    python -m scripts.report expect --line "what this model can and cannot do" --chat-file reply.txt
+    python -m scripts.report expect --line "what this model can and cannot do" --chat-file reply.txt --scores-of rl
     python -m scripts.report generate     # -> $NANOCHAT_BASE_DIR/report/report.md
 """
 import argparse
@@ -14,6 +14,8 @@ def main(argv=None):
     p.add_argument("command", choices=["reset", "expect", "generate"])
     p.add_argument("--line", default=None, help="expect: what the model can and cannot be expected to do")
     p.add_argument("--chat-file", default=None, help="expect: a file holding a question and the model's answer")
+    p.add_argument("--scores-of", default=None, choices=sorted(report.STAGES), help="expect: add what this stage's "
+                   "chat evaluation measured, against chance")
     args = p.parse_args(argv)
     if args.command == "reset":
         archive = report.reset()
@@ -26,8 +28,11 @@ def main(argv=None):
         if args.chat_file:
             with open(args.chat_file, encoding="utf-8") as f:
                 chat = " / ".join(line.strip() for line in f if line.strip())
-        report.log(report.EXPECTATIONS, {"in one line": args.line}, {"a question and its answer": chat} if chat else {})
-        print(f"expectations logged: {args.line}")
+        line = args.line
+        if args.scores_of and (scores := report.scores_line(args.scores_of)):
+            line += f"; {scores}"
+        report.log(report.EXPECTATIONS, {"in one line": line}, {"a question and its answer": chat} if chat else {})
+        print(f"expectations logged: {line}")
     else:
         print(f"report written to {report.generate()}")
 

@@ -120,15 +120,19 @@ python -m evals.chat -g runcpu -i rl -a "$chat_tasks" -x "$problems" -m "$new_to
 say "10/10 a question for the final model, and the report card"
 if [ "$MIXTURE" = local ]; then  # one of the generated arithmetic problems' templates, with new numbers
     question="Nora has 38 shells and gets 25 more. How many shells does Nora have now?"
-    expect="a $depth-layer model trained for minutes on 2 CPU cores: expect the chat format, calculator calls and the \
-templates of its generated tasks (arithmetic word problems, spelling), right more often than chance (see the chat \
-evaluations); it knows no facts and holds no real conversation"
+    expect="a $depth-layer model trained for minutes on 2 CPU cores: it learns the chat format, calculator calls and \
+the templates of its generated tasks (arithmetic word problems, spelling) before anything else; it knows no facts \
+and holds no real conversation"
 else
     question="What is 12 plus 7?"
-    expect="a $depth-layer model trained for minutes on 2 CPU cores: expect the chat format and fluent-looking text; \
-the chat evaluations sit near their chance levels, and it knows no facts"
+    expect="a $depth-layer model trained for minutes on 2 CPU cores: it learns the chat format and fluent-looking \
+text before anything else, and it knows no facts"
 fi
 reply="$base/report/final_reply.txt"
 python -m serve.cli -g runcpu -i rl -p "$question" -t 0 -m 64 2>/dev/null | tee "$reply"
-python -m scripts.report expect --line "$expect" --chat-file "$reply"
+python -m scripts.report expect --line "$expect" --chat-file "$reply" --scores-of rl
 python -m scripts.report generate
+where=""; [ "$base" != "$HOME/.cache/nanochat_jax" ] && where="NANOCHAT_BASE_DIR=$base "
+say "done. Next: chat with the final model in the terminal, or on a page in the browser"
+echo "  ${where}python -m serve.cli -g runcpu -i rl"
+echo "  ${where}python -m serve.web -g runcpu -i rl      # then open http://127.0.0.1:8000"

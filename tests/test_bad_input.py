@@ -85,3 +85,14 @@ def test_report_reset_keeps_the_last_report(tmp_path, monkeypatch):
     assert open(os.path.join(archive, "report.md")).read() == "the last run's report card"
     assert os.path.exists(os.path.join(archive, "header.json"))
     assert sorted(os.listdir(tmp_path / "report")) == ["header.json", "previous"]
+
+
+def test_the_expectation_line_says_what_the_scores_were(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    assert report.scores_line("rl") is None
+    report.log(report.chat_evaluation("rl"), {"Arithmetic": 0.0, "Spelling": 0.5},
+               {"Arithmetic chance": 0.0, "Spelling chance": 0.25})
+    assert report.scores_line("rl") == ("the rl model's chat evaluation: Arithmetic 0% (chance 0%), Spelling 50% "
+                                        "(chance 25%): right more often than chance on 1 of 2 tasks")
+    report.log(report.chat_evaluation("rl"), {"Arithmetic": 0.0}, {"Arithmetic chance": 0.0})
+    assert report.scores_line("rl").endswith("not yet right more often than chance on any task")

@@ -1,6 +1,7 @@
 """The report card from logged sections: header, sections in pipeline order, the summary table, wall time, cost,
 plots from metrics.jsonl."""
 import json
+import os
 
 import pytest
 
@@ -64,8 +65,9 @@ def test_report_from_stage_logs(tmp_path, monkeypatch):
     with pytest.raises(SystemExit):
         report_cli.main(["expect"])  # a line is required
 
-    report.reset()  # a new run starts clean
-    assert sorted(p.name for p in (tmp_path / "report").iterdir()) == ["header.json"]
+    archive = report.reset()  # a new run starts clean; the last run's report is kept, not deleted
+    assert sorted(p.name for p in (tmp_path / "report").iterdir()) == ["header.json", "previous"]
+    assert "report.md" in os.listdir(archive)
 
 
 def test_cost_estimate():

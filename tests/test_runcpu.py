@@ -42,6 +42,11 @@ def test_runcpu_smoke_offline(tmp_path):
     assert base["unigram bpb (no context)"] > 0
     expect = {k: v for item in sections["what-to-expect-of-this-model"]["data"] for k, v in item.items()}
     assert "knows no facts" in expect["in one line"] and "How many shells" in expect["a question and its answer"]
+    # the line says what the scores were, each against its chance level (here: nothing learned yet)
+    above = sum(chat[t] > chat[f"{t} chance"] for t in ("Arithmetic", "LocalSpellingBee", "LocalSimpleSpelling"))
+    said = "not yet right more often than chance" if not above else f"right more often than chance on {above} of 3"
+    assert "(chance 0%)" in expect["in one line"] and said in expect["in one line"], expect
+    assert "python -m serve.cli -g runcpu -i rl" in out and "python -m serve.web -g runcpu -i rl" in out  # next
     assert "User: Nora has 38 shells" in out and "Assistant:" in out  # the question and the answer, printed
 
     report = (report_dir / "report.md").read_text()
