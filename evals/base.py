@@ -23,6 +23,7 @@ import jax
 from nanochat_jax import core_eval, report
 from nanochat_jax.base_eval import bits_per_byte, loss_sums, print_samples, unigram_bpb
 from nanochat_jax.checkpoint import STAGE_DIRS, load_model, stage_directory
+from nanochat_jax.common import run_entry_point
 from nanochat_jax.common import (CompileCount, get_base_dir, init_distributed, parse_dtype, print0,
                                  use_compilation_cache)
 from nanochat_jax.dataloader import pretraining_batches
@@ -161,4 +162,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_entry_point(main)

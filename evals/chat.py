@@ -19,6 +19,7 @@ from nanochat_jax import execution, report
 from nanochat_jax.chat_eval import categorical_outcomes, generative_outcomes
 from nanochat_jax.checkpoint import STAGE_DIRS, load_stage
 from nanochat_jax.common import CompileCount, parse_dtype, print0, single_host_only, use_compilation_cache
+from nanochat_jax.common import run_entry_point
 from nanochat_jax.engine import Engine
 from nanochat_jax.stages import check_flags
 from nanochat_jax.tasks.registry import CHAT_TASKS, CHATCORE_TASKS, STANDINS, chatcore
@@ -95,4 +96,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_entry_point(main)

@@ -20,7 +20,8 @@ def init_distributed() -> bool:
         return False
     count, index = os.environ.get("JAX_NUM_PROCESSES"), os.environ.get("JAX_PROCESS_ID")
     timeout = float(os.environ.get("NANOCHAT_PEER_TIMEOUT", "60"))
-    # JAX's own heartbeat ends a process with an abort and a C++ stack; the watchdog below speaks first
+    # JAX's own heartbeat ends a process with an abort and a C++ stack; the watchdog below speaks first (JAX's
+    # client takes a missed-heartbeat callback, but this jaxlib cannot pass it the status: std::bad_cast, an abort)
     jax.distributed.initialize(num_processes=None if count is None else int(count),
                                process_id=None if index is None else int(index),
                                heartbeat_timeout_seconds=int(2 * timeout + 30))
@@ -89,6 +90,28 @@ def start_peer_watchdog(timeout_s: float, interval_s: float = 1.0):
         for thread in threads:
             thread.join(timeout=10)
     atexit.register(quit_watching)
+
+
+def run_entry_point(main):
+    """Run an entry point's main(): a missing input (our FileNotFoundErrors name the file and the fix) ends it with
+    that one line and exit code 1, Ctrl-C with one line and exit code 130, neither with a traceback; in a
+    multi-process run any error ends this process at once with one line, exit code PEER_LOST_EXIT_CODE and the
+    --resume advice (a lost peer shows up as a failed collective)."""
+    name = os.path.basename(sys.argv[0]) or "nanochat-jax"
+    try:
+        main()
+    except FileNotFoundError as e:
+        print(f"{name}: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print(f"\n{name}: stopped (Ctrl-C)", file=sys.stderr, flush=True)
+        sys.exit(130)
+    except Exception as e:
+        from jax._src.distributed import global_state
+        if global_state.client is not None:  # a multi-process run: a collective that lost its peer fails here, and
+            # unwinding normally would wait in JAX's shutdown barrier for that peer, then abort with a C++ stack
+            _leave_run(f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}")
+        raise
 
 
 def get_base_dir() -> str:

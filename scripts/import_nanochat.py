@@ -10,6 +10,7 @@ import os
 
 from flax import nnx
 
+from nanochat_jax.common import run_entry_point
 from nanochat_jax.checkpoint import Checkpointer, model_meta
 from nanochat_jax.interop import find_last_step, import_nanochat
 
@@ -38,4 +39,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_entry_point(main)

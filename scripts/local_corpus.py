@@ -12,6 +12,7 @@ import os
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from nanochat_jax.common import run_entry_point
 from nanochat_jax.dataset import STANDIN_MARKER as MARKER, data_dir, shard_name
 from nanochat_jax.stdlib_text import stdlib_documents
 
@@ -40,4 +41,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_entry_point(main)

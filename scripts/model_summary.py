@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nanochat_jax.common import parse_dtype, print0
+from nanochat_jax.common import parse_dtype, print0, run_entry_point
 from nanochat_jax.dataset import iter_texts
 from nanochat_jax.gpt import GPT, config_from_depth
 from nanochat_jax.sharding import batch_sharding, create_sharded, make_mesh
@@ -68,4 +68,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_entry_point(main)

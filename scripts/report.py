@@ -6,6 +6,7 @@
 """
 import argparse
 
+from nanochat_jax.common import run_entry_point
 from nanochat_jax import report
 
 
@@ -38,4 +39,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_entry_point(main)

@@ -84,3 +84,50 @@ def test_single_host_entry_points_refuse_a_multi_host_launch(module):
     result = subprocess.run([sys.executable, "-m", module], cwd=REPO, capture_output=True, text=True, timeout=300,
                             env=os.environ | {"NANOCHAT_MULTIHOST": "1"})
     assert result.returncode != 0 and "runs on one host" in result.stderr, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("dies", [1, 0])  # a worker, and the coordinator
+def test_train_base_ends_at_once_when_a_peer_is_lost_in_a_collective(tmp_path, dies):
+    """Through train.base itself: SIGKILL one of two processes mid-run. The survivor ends within seconds (not after
+    JAX's shutdown barrier waits out the dead peer, then aborts) with one line, exit code 75 and the --resume
+    advice: at once when its next collective fails (entry points' run_entry_point), else when the watchdog has not
+    heard from the peer for NANOCHAT_PEER_TIMEOUT (10 s here). When the coordinator dies, JAX's own client may abort
+    first (its error poller races our handler): then it still ends at once, saying another task died."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from conftest import make_text
+    (tmp_path / "base_data").mkdir()
+    for i in range(3):
+        docs = [make_text(60, seed=10 * i + j) for j in range(40)]
+        pq.write_table(pa.table({"text": docs}), tmp_path / "base_data" / f"shard_{i:05d}.parquet", row_group_size=8)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_FLAGS", "JAX_", "NANOCHAT_MULTIHOST"))}
+    env |= {"JAX_PLATFORMS": "cpu", "NANOCHAT_BASE_DIR": str(tmp_path), "NANOCHAT_PEER_TIMEOUT": "10"}
+    subprocess.run([sys.executable, "-m", "tokenizer.train", "--vocab-size", "300", "--max-chars", "50000"], cwd=REPO,
+                   env=env, check=True, capture_output=True, timeout=300)
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        env |= {"JAX_COORDINATOR_ADDRESS": f"localhost:{s.getsockname()[1]}", "JAX_NUM_PROCESSES": "2",
+                "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    argv = [sys.executable, "-m", "train.base", "--depth", "1", "--max-seq-len", "32", "--device-batch-size", "1",
+            "--total-batch-size", "128", "--num-iterations", "100000", "--eval-every", "-1", "--sample-every", "-1"]
+    procs = [subprocess.Popen(argv, cwd=REPO, env=env | {"JAX_PROCESS_ID": str(i)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+        deadline, line = time.monotonic() + 300, ""
+        while "step 00005" not in line and time.monotonic() < deadline and procs[0].poll() is None:
+            line = procs[0].stdout.readline()  # (process 0 logs the steps)
+        assert "step 00005" in line, procs[0].communicate()[1][-3000:]
+        procs[dies].kill()
+        killed = time.monotonic()
+        _, err = procs[1 - dies].communicate(timeout=120)
+        ended = time.monotonic() - killed
+    finally:
+        for p in procs:
+            p.kill()
+    assert ended < 30, ended
+    last = err.strip().splitlines()[-1]
+    if procs[1 - dies].returncode == PEER_LOST_EXIT_CODE:
+        assert last.startswith(f"nanochat-jax process {1 - dies} of 2: ") and "--resume" in last, err[-3000:]
+        assert "Traceback" not in err, err[-3000:]
+    else:
+        assert dies == 0 and "another task died" in err, err[-3000:]

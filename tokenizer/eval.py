@@ -6,6 +6,7 @@ GPT-2 / GPT-4 need tiktoken to load their ranks (downloaded once, then cached); 
 our tokenizer alone. Besides the built-in samples, the first row group of the local train and validation shards is
 measured when present.
 """
+from nanochat_jax.common import run_entry_point
 from nanochat_jax import report
 from nanochat_jax.dataset import iter_texts, standin_corpus
 from nanochat_jax.tokenizer import Tokenizer, get_tokenizer
@@ -92,4 +93,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_entry_point(main)

@@ -10,7 +10,7 @@ import os
 import time
 
 from nanochat_jax import report
-from nanochat_jax.common import check_writable, get_base_dir
+from nanochat_jax.common import check_writable, get_base_dir, run_entry_point
 from nanochat_jax.dataset import check_shards, iter_texts, standin_corpus
 from nanochat_jax.tokenizer import SPECIAL_TOKENS, Tokenizer
 
@@ -64,4 +64,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_entry_point(main)

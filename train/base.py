@@ -23,7 +23,7 @@ from nanochat_jax import report
 from nanochat_jax.aot import check_training_memory
 from nanochat_jax.base_eval import bits_per_byte, loss_sums, print_samples
 from nanochat_jax.checkpoint import Checkpointer
-from nanochat_jax.common import check_writable, get_base_dir, init_distributed, parse_dtype, print0
+from nanochat_jax.common import check_writable, get_base_dir, init_distributed, parse_dtype, print0, run_entry_point
 from nanochat_jax.dataloader import StepBatches, pretraining_batches
 from nanochat_jax.dataset import check_shards, standin_corpus
 from nanochat_jax.gpt import RECIPES, config_from_depth
@@ -164,4 +164,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_entry_point(main)

@@ -20,7 +20,7 @@ from nanochat_jax import report
 from nanochat_jax.aot import check_training_memory
 from nanochat_jax.base_eval import bits_per_byte, loss_sums
 from nanochat_jax.chat_batches import PackedConversations, estimated_tokens
-from nanochat_jax.common import init_distributed, print0
+from nanochat_jax.common import init_distributed, print0, run_entry_point
 from nanochat_jax.dataloader import StepBatches
 from nanochat_jax.loop import Eval, Plan, run
 from nanochat_jax.optim import Schedule
@@ -95,4 +95,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_entry_point(main)

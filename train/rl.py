@@ -18,7 +18,7 @@ import jax
 
 from nanochat_jax import report
 from nanochat_jax.chat_eval import generative_outcomes, pass_at_k
-from nanochat_jax.common import print0, single_host_only
+from nanochat_jax.common import print0, run_entry_point, single_host_only
 from nanochat_jax.loop import Eval, Plan, run
 from nanochat_jax.optim import Schedule
 from nanochat_jax.rl import RolloutBatches
@@ -89,4 +89,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_entry_point(main)

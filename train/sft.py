@@ -19,7 +19,7 @@ from nanochat_jax import report
 from nanochat_jax.base_eval import loss_sums
 from nanochat_jax.chat_batches import PaddedConversations
 from nanochat_jax.chat_eval import categorical_outcomes, generative_outcomes
-from nanochat_jax.common import init_distributed, print0
+from nanochat_jax.common import init_distributed, print0, run_entry_point
 from nanochat_jax.dataloader import StepBatches
 from nanochat_jax.engine import Engine
 from nanochat_jax.loop import Eval, Plan, run
@@ -118,4 +118,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_entry_point(main)
