@@ -147,6 +147,10 @@ CLONE_NAMESPACES = [0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x10000000, 
 NEWEST_KNOWN = 449  # syscalls numbered above this (the same numbers on every architecture) answer ENOSYS
 TIOCSTI, TIOCLINUX = 0x5412, 0x541C
 FS_IOC_SETFLAGS, FS_IOC_FSSETXATTR = 0x40086602, 0x401C5820  # inode flags (append-only, noatime, ...)
+# file locks and leases: on a host file the program can read (the interpreter's own), a lock or lease would block the
+# host's processes that open or lock it for as long as the call runs. F_SETLK, F_SETLKW, F_OFD_SETLK, F_OFD_SETLKW,
+# F_SETLEASE (flock(2) is refused whole)
+FCNTL_LOCKS = (6, 7, 37, 38, 1024)
 # unsafe mode only: the host's files are visible and Landlock does not govern metadata, so no mode or time changes
 METADATA = "chmod fchmod fchmodat utime utimes utimensat futimesat".split()
 
@@ -185,6 +189,10 @@ def seccomp_filter(own_pid, unsafe):
     for bit in CLONE_NAMESPACES:
         refuse("clone", sc.Arg(0, sc.MASKED_EQ, bit, bit))
     refuse("clone3", action=sc.ERRNO(errno.ENOSYS))  # its flags live in memory a filter cannot read; libc falls back
+    refuse("flock")
+    for name in ("fcntl", "fcntl64"):
+        for command in FCNTL_LOCKS:
+            refuse(name, sc.Arg(1, sc.EQ, command))
     for request in (TIOCSTI, TIOCLINUX, FS_IOC_SETFLAGS, FS_IOC_FSSETXATTR):
         refuse("ioctl", sc.Arg(1, sc.MASKED_EQ, 0xFFFFFFFF, request))
     allowed = {1} if unsafe else {1, 2, 10}  # AF_UNIX, AF_INET, AF_INET6

@@ -278,6 +278,32 @@ def test_the_caller_cannot_be_limited_reniced_pinned_or_signalled(run):
         helper.wait()
 
 
+def test_no_lock_or_lease_on_a_host_file(run):
+    """A host file the program can read (the interpreter itself): no flock, POSIX or OFD lock, nor lease, that
+    would block the host's processes that open or lock it while the call runs. The caller can still lock it."""
+    import fcntl
+    result = run("""
+        import fcntl, struct, sys
+        host_file = open(sys.executable, "rb")
+        fd = host_file.fileno()
+        flock = struct.pack("hhqqi4x", fcntl.F_RDLCK, 0, 0, 0, 0)
+        attempts = {"flock": lambda: fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB),
+                    "lockf": lambda: fcntl.fcntl(fd, fcntl.F_SETLK, flock),
+                    "lockf wait": lambda: fcntl.fcntl(fd, fcntl.F_SETLKW, flock),
+                    "ofd lock": lambda: fcntl.fcntl(fd, fcntl.F_OFD_SETLK, flock),
+                    "lease": lambda: fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)}
+        for name, attempt in attempts.items():
+            try:
+                attempt()
+                print("DONE", name)
+            except PermissionError as e:  # (seccomp's EPERM: not a bad descriptor or an unsupported call)
+                print("refused", name, e)
+    """)
+    assert result.stdout.count("refused") == 5 and "DONE" not in result.stdout, result.stdout + result.stderr
+    with open(sys.executable, "rb") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # nothing holds it
+
+
 def resource_limit(pid, name):
     import resource
     return resource.prlimit(pid, getattr(resource, "RLIMIT_" + name))
