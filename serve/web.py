@@ -12,6 +12,7 @@ asked; prompts are rendered off the event loop, so /health answers at once under
 """
 import argparse
 import asyncio
+import html
 import json
 import os
 import queue
@@ -178,10 +179,12 @@ def create_app(batched: BatchedEngine, tokenizer, model_name: str, defaults: dic
         finally:
             request.cancel()
 
+    with open(UI_PATH, encoding="utf-8") as f:
+        page = f.read().replace("{{MODEL}}", html.escape(model_name))  # the empty page says what it serves
+
     @app.get("/", response_class=HTMLResponse)
     async def ui():
-        with open(UI_PATH, encoding="utf-8") as f:
-            return f.read()
+        return page
 
     @app.get("/favicon.svg")
     @app.get("/favicon.ico")

@@ -255,3 +255,76 @@ def test_chat_page_in_a_headless_browser(url):
         assert not css(".msg") and box.get_attribute("value") == ""
     finally:
         browser.quit()
+
+
+def test_the_page_when_the_server_misbehaves():
+    """The real page against a scripted server (no model): a reply that streams on and is stopped is marked as
+    stopped; a server that freezes mid-reply is given up on after ?stall= seconds, said so, and the message is back
+    in the box; a connection dropped mid-reply reads as such; the empty page names the model it serves; a one-line
+    box has no scrollbar; at 390 px wide the placeholder fits."""
+    import asyncio
+
+    from fastapi import FastAPI
+    from fastapi.responses import HTMLResponse, StreamingResponse
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    from serve.web import UI_PATH
+
+    app, script = FastAPI(), {"mode": "slow"}
+    page = open(UI_PATH, encoding="utf-8").read().replace("{{MODEL}}", "scripted-d0")
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index():
+        return page
+
+    @app.post("/chat/completions")
+    async def chat():
+        async def stream():
+            yield 'data: {"token": "Once"}\n\n'
+            if script["mode"] == "drop":
+                raise RuntimeError("the connection drops here")  # uvicorn cuts the response off mid-body
+            while True:  # slow: a word every 0.2 s; freeze: nothing more, ever
+                await asyncio.sleep(0.2 if script["mode"] == "slow" else 3600)
+                yield 'data: {"token": " upon"}\n\n'
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    server, thread, base = serve(app)
+    browser = headless_chromium()
+    wait = WebDriverWait(browser, 60)
+    css = lambda selector: browser.find_elements(By.CSS_SELECTOR, selector)  # noqa: E731
+    idle = lambda b: b.find_element(By.ID, "send").text == "Send"  # noqa: E731
+    try:
+        browser.set_window_size(390, 800)
+        browser.get(base + "/?stall=2")
+        assert "scripted-d0" in css(".notice")[0].text and "scripted-d0" in browser.find_element(By.ID, "model").text
+        box = browser.find_element(By.ID, "input")
+        fits = browser.execute_script(
+            "const b = arguments[0], s = getComputedStyle(b), c = document.createElement('canvas').getContext('2d');"
+            "c.font = s.font; return [c.measureText(b.placeholder).width, b.clientWidth - parseFloat(s.paddingLeft)"
+            " - parseFloat(s.paddingRight), b.scrollHeight <= b.clientHeight, s.overflowY];", box)
+        assert fits[0] <= fits[1] and fits[2] and fits[3] == "hidden", fits
+        box.send_keys("one line")
+        assert browser.execute_script("return getComputedStyle(arguments[0]).overflowY", box) == "hidden"
+        box.clear()
+
+        box.send_keys("tell me")  # stopped mid-reply: marked so
+        browser.find_element(By.ID, "send").click()
+        wait.until(lambda b: "upon" in css(".msg.assistant")[-1].text)
+        browser.find_element(By.ID, "send").click()
+        wait.until(idle)
+        assert css(".msg.assistant")[-1].text.endswith("(stopped)") and not css(".error")
+
+        for mode, said in (("freeze", "the server stopped answering (nothing for 2 s)"),
+                           ("drop", "the connection to the server was lost during the reply")):
+            script["mode"] = mode
+            box.send_keys(f"now {mode}")
+            browser.find_element(By.ID, "send").click()
+            wait.until(lambda b: idle(b) and css(".error"))
+            assert said in css(".error")[-1].text, css(".error")[-1].text
+            assert box.get_attribute("value") == f"now {mode}"  # back in the box, to send again
+            assert len(css(".msg.user")) == len(css(".msg.assistant")) == 1  # the conversation as it was
+            browser.execute_script("arguments[0].value = ''", box)
+    finally:
+        browser.quit()
+        server.should_exit = True
+        thread.join(5)
