@@ -19,7 +19,8 @@ Kernel mode (the default; needs bubblewrap and unprivileged user namespaces):
   device nodes, memfd (the full list is in nanochat_jax/sandbox_guard.py);
 - then, in the sandboxed interpreter before the program's first line (the guard): rlimits (CPU time, address space,
   file size, threads, open files, no core dumps) and Landlock where the kernel has it; the audit hook stays as a
-  second layer that names what it refuses;
+  second layer that names what it refuses; a root caller, whom Linux exempts from the thread rlimit, starts the
+  sandbox in a pids cgroup of the call's own instead (where a pids cgroup can be made);
 - output comes back through pipes the caller owns, capped (`max_output_bytes` for each of stdout and stderr);
   the wall-clock timeout runs from the program's first line; everything in its PID namespace is gone when the call
   returns (checked: `leftover` counts processes that had to be killed after the call, normally 0).
@@ -55,6 +56,7 @@ STATUSES = ("ok", "error", "timeout", "memory", "output-cap", "refused")
 UNSAFE_ENV = "NANOCHAT_UNSAFE_SANDBOX"
 SETUP_SECONDS = 60.0  # to reach the program's first line (a loaded machine can be slow to start Python)
 SANDBOX_UID = 1000
+THREADS = 64  # the program's threads: RLIMIT_NPROC binds a non-root caller; for root, a pids cgroup (_pids_cgroup)
 _ETC = {"/etc/passwd": "root:x:0:0:root:/root:/bin/sh\nsandbox:x:1000:1000:sandbox:/tmp:/bin/sh\n"
                        "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n",
         "/etc/group": "root:x:0:\nsandbox:x:1000:\nnogroup:x:65534:\n",
@@ -135,7 +137,7 @@ def _guard_config(workdir, program, timeout, memory, disk, unsafe, audit_hook, r
     read, _ = visible_paths()
     # kernel mode: everything the mount namespace shows is readable; unsafe mode: the system paths only
     read = read + list(_ETC) + ["/dev/urandom", "/dev/random"] if unsafe else ["/"]
-    return {"timeout": timeout, "memory": memory, "disk": disk, "threads": 64, "files": 256, "workdir": workdir,
+    return {"timeout": timeout, "memory": memory, "disk": disk, "threads": THREADS, "files": 256, "workdir": workdir,
             "program": program, "read": read, "unsafe": unsafe, "audit_hook": audit_hook,
             "report": report, "ready_fd": ready_fd, "site": _site_packages()}
 
@@ -309,11 +311,41 @@ def _classify(rc, stdout, stderr, ready, timed_out, capped, timeout, kernel):
     return "error", last or f"exit code {rc}"
 
 
+def _pids_cgroup(limit: int) -> str | None:
+    """For a root caller, whom Linux exempts from RLIMIT_NPROC (in a user namespace too: the sandbox's uid maps to
+    host root), a pids cgroup of this call's own capped at `limit` tasks, for its processes to start in: cgroup v1's
+    pids hierarchy, or v2's tree where the pids controller is enabled. None for any other caller, or where no pids
+    cgroup can be made (then only the rlimit stands)."""
+    if os.geteuid() != 0:
+        return None
+    for root in ("/sys/fs/cgroup/pids", "/sys/fs/cgroup"):
+        try:
+            if root == "/sys/fs/cgroup" and "pids" not in Path(root, "cgroup.subtree_control").read_text().split():
+                continue
+            path = tempfile.mkdtemp(prefix="nanochat_sandbox_", dir=root)
+            Path(path, "pids.max").write_text(str(limit))
+            return path
+        except OSError:
+            continue
+    return None
+
+
+def _leave_cgroup(path: str | None):
+    for _ in range(50):  # (empty once the killed processes are reaped)
+        try:
+            if path:
+                os.rmdir(path)
+            return
+        except OSError:
+            time.sleep(0.01)
+
+
 def _run(code, timeout, memory, output, disk, kernel, audit_hook, report=False, files=10_000) -> ExecutionResult:
     start = time.time()
     ready_r, ready_w = os.pipe()
     os.set_inheritable(ready_w, True)
     fds, workdir, info_r = [], None, None
+    cgroup = _pids_cgroup(THREADS + 1 + kernel)  # (+ the interpreter's main thread, and bubblewrap's process)
     try:
         if kernel:
             info_r, info_w = os.pipe()
@@ -333,6 +365,8 @@ def _run(code, timeout, memory, output, disk, kernel, audit_hook, report=False, 
             cfg = _guard_config(workdir, program, timeout, memory, disk, True, audit_hook, report, ready_w)
             argv, cwd = _guard_argv(cfg), workdir
         env = {"PATH": "/usr/bin:/bin", "HOME": cwd, "TMPDIR": cwd, "LANG": "C.UTF-8"}
+        if cgroup:  # a shell joins the cgroup, then becomes the sandbox (no Python between fork and exec)
+            argv = ["/bin/sh", "-c", f'echo $$ > {cgroup}/cgroup.procs && exec "$0" "$@"', *argv]
         proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, pass_fds=[ready_w, *fds], start_new_session=True)
         for fd in [ready_w, *fds]:
@@ -370,6 +404,7 @@ def _run(code, timeout, memory, output, disk, kernel, audit_hook, report=False, 
                     pass
         if workdir:
             shutil.rmtree(workdir, ignore_errors=True)
+        _leave_cgroup(cgroup)
 
 
 def _read_info(fd, bwrap_pid) -> dict:

@@ -401,6 +401,31 @@ except OSError as e:
 
 
 @needs_bwrap
+def test_the_thread_cap_holds_whoever_calls(run):
+    """Small stacks, 400 threads: at most the cap start. For a non-root caller RLIMIT_NPROC binds; root is exempt
+    from it (the sandbox's uid maps to host root), so a pids cgroup of the call's own caps it (where one can be made:
+    cgroup v1's pids hierarchy or v2 with the controller enabled; .ci/run's machines have it)."""
+    probe = execution._pids_cgroup(1)
+    execution._leave_cgroup(probe)
+    if os.geteuid() == 0 and probe is None:
+        pytest.skip("root without a pids cgroup to make: only the rlimit, which root is exempt from")
+    result = run("""
+        import threading, time
+        threading.stack_size(64 * 1024)
+        started = 0
+        try:
+            for _ in range(400):
+                threading.Thread(target=time.sleep, args=(3,), daemon=True).start()
+                started += 1
+        except RuntimeError as e:
+            print("capped:", e)
+        print(started)
+    """, timeout=20)
+    assert "capped" in result.stdout and int(result.stdout.split()[-1]) <= execution.THREADS, result.stdout
+    assert not [d for d in os.listdir("/sys/fs/cgroup/pids") if d.startswith("nanochat_sandbox_")] \
+        if os.path.isdir("/sys/fs/cgroup/pids") else True  # each call's cgroup is removed after it
+
+
 def test_a_fork_bomb_and_threads():
     bomb = execute_code("import os\nwhile True: os.fork()", audit_hook=False)
     assert bomb.status == "error" and "Operation not permitted" in bomb.error and bomb.leftover == 0
