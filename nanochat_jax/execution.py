@@ -16,7 +16,8 @@ Kernel mode (the default; needs bubblewrap and unprivileged user namespaces):
   util-linux's unshare and mount, else only the size is capped);
 - a seccomp filter (libseccomp, loaded by bubblewrap before Python starts) refusing new processes, ptrace, other
   processes' limits, priority, affinity and signals, mounts, namespaces, keyrings, bpf, io_uring, xattrs, chown,
-  device nodes, memfd (the full list is in nanochat_jax/sandbox_guard.py);
+  mode and time changes (the host's device nodes are bound in), file locks and leases, device nodes, memfd (the
+  full list is in nanochat_jax/sandbox_guard.py);
 - then, in the sandboxed interpreter before the program's first line (the guard): rlimits (CPU time, address space,
   file size, threads, open files, no core dumps) and Landlock where the kernel has it; the audit hook stays as a
   second layer that names what it refuses; a root caller, whom Linux exempts from the thread rlimit, starts the

@@ -151,8 +151,9 @@ FS_IOC_SETFLAGS, FS_IOC_FSSETXATTR = 0x40086602, 0x401C5820  # inode flags (appe
 # host's processes that open or lock it for as long as the call runs. F_SETLK, F_SETLKW, F_OFD_SETLK, F_OFD_SETLKW,
 # F_SETLEASE (flock(2) is refused whole)
 FCNTL_LOCKS = (6, 7, 37, 38, 1024)
-# unsafe mode only: the host's files are visible and Landlock does not govern metadata, so no mode or time changes
-METADATA = "chmod fchmod fchmodat utime utimes utimensat futimesat".split()
+# no mode or time changes, in either mode: Landlock does not govern metadata, and kernel mode binds the host's own
+# device nodes (/dev/null, /dev/full, ...) read-write into the sandbox, where a caller running as root is their owner
+METADATA = "chmod fchmod fchmodat utime utimes utimensat futimesat".split()  # (fchmodat2: above NEWEST_KNOWN)
 
 
 def seccomp_filter(own_pid, unsafe):
@@ -200,9 +201,11 @@ def seccomp_filter(own_pid, unsafe):
         refuse(name, sc.Arg(0, sc.GT, 10), action=sc.ERRNO(errno.EAFNOSUPPORT))
         for family in set(range(11)) - allowed:
             refuse(name, sc.Arg(0, sc.EQ, family), action=sc.ERRNO(errno.EAFNOSUPPORT))
+    for name in METADATA:
+        refuse(name)
     if unsafe:
         refuse("socket", action=sc.ERRNO(errno.EACCES))  # not even a Unix socket to a path outside
-        for name in METADATA + ["execve", "execveat"]:
+        for name in ("execve", "execveat"):
             refuse(name)
     for number in range(NEWEST_KNOWN + 1, 600):
         refuse(number, action=sc.ERRNO(errno.ENOSYS))

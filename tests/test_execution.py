@@ -278,6 +278,30 @@ def test_the_caller_cannot_be_limited_reniced_pinned_or_signalled(run):
         helper.wait()
 
 
+def test_the_host_device_nodes_keep_their_modes_and_times(run):
+    """Kernel mode binds the host's own /dev/null, /dev/full, ... into the sandbox; a root caller owns them, so only
+    the refused chmod and utime families keep their modes and times the host's (in every mode)."""
+    nodes = ["/dev/null", "/dev/full", "/dev/zero", "/dev/urandom"]
+    before = {path: snapshot(path) for path in nodes}
+    result = run(f"""
+        import os
+        for path in {nodes!r} + ["/tmp"]:
+            mode = os.stat(path).st_mode & 0o7777  # (the same mode and the time now: harmless should it succeed)
+            for name, attempt in (("utime", lambda: os.utime(path)), ("chmod", lambda: os.chmod(path, mode)),
+                                  ("lchmod", lambda: os.chmod(path, mode, follow_symlinks=False))):
+                try:
+                    attempt()
+                    print("DONE", name, path)
+                except (OSError, NotImplementedError) as e:
+                    print("refused", name, path, e)
+        with open("/dev/zero", "rb") as f:  # still usable
+            print("read", f.read(2))
+    """)
+    assert {path: snapshot(path) for path in nodes} == before
+    assert "DONE" not in result.stdout and result.stdout.strip().endswith("read b'\\x00\\x00'"), \
+        result.stdout + result.stderr
+
+
 def test_no_lock_or_lease_on_a_host_file(run):
     """A host file the program can read (the interpreter itself): no flock, POSIX or OFD lock, nor lease, that
     would block the host's processes that open or lock it while the call runs. The caller can still lock it."""
