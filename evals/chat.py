@@ -29,7 +29,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="evaluate a chat model")
     p.add_argument("-i", "--source", choices=sorted(STAGE_DIRS), default="sft", help="which stage's model")
     p.add_argument("-a", "--task-name", default=None, help="tasks separated by | (default: all six)")
-    p.add_argument("-g", "--model-tag", default=None, help="e.g. d20 (default: the deepest)")
+    p.add_argument("-g", "--model-tag", default=None, help="e.g. d20 (default: the newest complete checkpoint)")
     p.add_argument("-s", "--step", type=int, default=None, help="default: the latest")
     p.add_argument("-t", "--temperature", type=float, default=0.0)
     p.add_argument("-k", "--top-k", type=int, default=50)

@@ -181,8 +181,8 @@ def find_model_tag(stage_dir: str) -> str:
 
 
 def stage_directory(source: str, model_tag: str | None = None) -> str:
-    """The checkpoint directory of a stage's model: source is base | mid | sft | rl; model_tag defaults to the
-    deepest model there."""
+    """The checkpoint directory of a stage's model: source is base | mid | sft | rl; model_tag defaults to the one
+    with the newest complete checkpoint there (find_model_tag)."""
     if source not in STAGE_DIRS:
         raise ValueError(f"unknown source {source!r}: expected one of {sorted(STAGE_DIRS)}")
     from nanochat_jax.common import get_base_dir

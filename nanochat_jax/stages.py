@@ -46,8 +46,8 @@ def fill_optimizer_defaults(args, recipe: str):
 def add_chat_stage_flags(p: argparse.ArgumentParser, sources: list[str], device_batch_size: int,
                          init_lr_frac: float, eval_every: int):
     p.add_argument("--source", choices=sources, default=sources[-1], help="the stage to start from")
-    p.add_argument("--model-tag", default=None, help="the source model, e.g. d20 (default: the deepest); the output "
-                   "goes under the same tag")
+    p.add_argument("--model-tag", default=None, help="the source model, e.g. d20 (default: the newest complete one); "
+                   "the output goes under the same tag")
     p.add_argument("--step", type=int, default=None, help="the source checkpoint's step (default: the latest)")
     p.add_argument("--device-batch-size", type=int, default=device_batch_size, help="rows per device per micro-step")
     p.add_argument("--num-iterations", type=int, default=-1, help="steps (-1: one epoch of the data)")

@@ -63,7 +63,7 @@ def stream_reply(engine, tokenizer, prompt_ids, max_tokens, temperature, top_k, 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="chat with a nanochat-jax model")
     parser.add_argument("-i", "--source", default="sft", choices=sorted(STAGE_DIRS), help="which stage's model")
-    parser.add_argument("-g", "--model-tag", default=None, help="e.g. d20 (default: the deepest)")
+    parser.add_argument("-g", "--model-tag", default=None, help="e.g. d20 (default: the newest complete checkpoint)")
     parser.add_argument("-s", "--step", type=int, default=None, help="default: the latest")
     parser.add_argument("-p", "--prompt", default="", help="answer this once and exit")
     parser.add_argument("-t", "--temperature", type=float, default=0.6)
