@@ -20,7 +20,7 @@
 #                         of an H100 (59.3 GiB) with REMAT=none, at least 10% to spare (scripts.aot_compile
 #                         --topology h100:8; docs/benchmarks.md): classic d20: 32 (39.5 GiB, 33% spare), d26: 16
 #                         (34.5 GiB, 42%), d32: 16 (51.9 GiB, 12%); modern d24: 16 (FP8 33.4 GiB, 44%; bf16 32.0
-#                         GiB, 46%). On an H200 (106 GiB usable) every one of these has room for twice the rows
+#                         GiB, 46%). On an H200 (105.8 GiB usable) d26, d32 and modern d24 fit twice the rows
 #   REMAT=none            what the backward pass keeps of each block: none (matmul and attention outputs) | dots
 #                         (matmul outputs: attention runs twice) | full (only the block input: ~1/3 more compute);
 #                         train.base compiles its step first and refuses a run that does not fit, naming the largest
