@@ -9,7 +9,9 @@
 Kernel mode (the default; needs bubblewrap and unprivileged user namespaces):
 - bubblewrap starts the program in new user, mount, PID, network, IPC, UTS (and cgroup) namespaces: it is uid
   1000 with no capabilities, the namespace's only process (pid 1: no unconfined helper shares it; its own /proc),
-  has only a loopback network, and dies with the caller;
+  has only a loopback network, and dies with the caller; on the host its uid is the caller's, and when root calls,
+  nobody's (HOST_UID: bubblewrap itself starts as that uid, so the program owns nothing it can see and the thread
+  rlimit binds it);
 - its filesystem is a read-only view of the system libraries and this Python (sys.base_prefix, sys.prefix), a
   synthetic /etc (passwd, group, hosts: nothing of the host's), a minimal read-only /dev, and one writable tmpfs at
   /tmp capped at `max_disk_bytes` and `max_files` in total (its working directory and HOME; the file cap needs
@@ -20,8 +22,8 @@ Kernel mode (the default; needs bubblewrap and unprivileged user namespaces):
   full list is in nanochat_jax/sandbox_guard.py);
 - then, in the sandboxed interpreter before the program's first line (the guard): rlimits (CPU time, address space,
   file size, threads, open files, no core dumps) and Landlock where the kernel has it; the audit hook stays as a
-  second layer that names what it refuses; a root caller, whom Linux exempts from the thread rlimit, starts the
-  sandbox in a pids cgroup of the call's own instead (where a pids cgroup can be made);
+  second layer that names what it refuses; a root caller also starts the sandbox in a pids cgroup of the call's
+  own (where one can be made), a cap that no uid escapes;
 - output comes back through pipes the caller owns, capped (`max_output_bytes` for each of stdout and stderr);
   the wall-clock timeout runs from the program's first line; everything in its PID namespace is gone when the call
   returns (checked: `leftover` counts processes that had to be killed after the call, normally 0).
@@ -35,7 +37,9 @@ bubblewrap: rlimits, new user + network namespaces if the kernel allows them aft
 Landlock (read-only system paths and a writable temporary directory; nothing else readable), the seccomp filter (no
 socket() at all) and the audit hook. It does not cover: the host's processes and /proc are visible (signals and
 limits to them are refused by seccomp); without Landlock (kernels before 5.13) the program reads whatever the user
-can and only the audit hook stops writes outside its directory; the directory's size is not capped.
+can and only the audit hook stops writes outside its directory; the directory's size is not capped; it runs as its
+caller (a root caller's program is uid 0 without capabilities: seccomp refuses owner, mode and time changes, and the
+thread rlimit does not bind it, only a pids cgroup where one can be made).
 """
 import ast
 import atexit
@@ -43,8 +47,10 @@ import json
 import marshal
 import os
 import selectors
+import shlex
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -56,8 +62,9 @@ from pathlib import Path
 STATUSES = ("ok", "error", "timeout", "memory", "output-cap", "refused")
 UNSAFE_ENV = "NANOCHAT_UNSAFE_SANDBOX"
 SETUP_SECONDS = 60.0  # to reach the program's first line (a loaded machine can be slow to start Python)
-SANDBOX_UID = 1000
-THREADS = 64  # the program's threads: RLIMIT_NPROC binds a non-root caller; for root, a pids cgroup (_pids_cgroup)
+SANDBOX_UID = 1000  # the program's uid inside; on the host it is the caller's, or HOST_UID when root calls
+HOST_UID = 65534  # (nobody) a root caller's sandbox runs as this host uid: it owns nothing the sandbox can see
+THREADS = 64  # the program's threads: RLIMIT_NPROC (an unprivileged uid, whoever calls), and for root a pids cgroup
 _ETC = {"/etc/passwd": "root:x:0:0:root:/root:/bin/sh\nsandbox:x:1000:1000:sandbox:/tmp:/bin/sh\n"
                        "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n",
         "/etc/group": "root:x:0:\nsandbox:x:1000:\nnogroup:x:65534:\n",
@@ -164,37 +171,106 @@ def _kernel_bpf() -> bytes:
 
 @lru_cache(maxsize=1)
 def _tmpfs_tools() -> tuple[str, str, str, str] | None:
-    """(unshare, sh, mount, an empty host directory) to mount the sandbox's tmpfs with a file-count cap as well as a
-    size cap (bubblewrap's own --tmpfs takes only a size), or None where a tool is missing."""
+    """(unshare, sh, mount, a host directory for mount points) to mount the sandbox's tmpfs with a file-count cap as
+    well as a size cap (bubblewrap's own --tmpfs takes only a size), and for a root caller to stage what the sandbox's
+    unprivileged uid cannot reach; None where a tool is missing. The directory and its mount points stay empty on the
+    host: every mount lands in a namespace of the call's own."""
     tools = [shutil.which("unshare"), "/bin/sh" if os.path.exists("/bin/sh") else None, shutil.which("mount")]
     if None in tools:
         return None
-    mountpoint = tempfile.mkdtemp(prefix="nanochat_sandbox_mnt_")  # stays empty: the mounts land in a namespace
-    atexit.register(lambda: shutil.rmtree(mountpoint, ignore_errors=True))
-    return (*tools, mountpoint)
+    base = tempfile.mkdtemp(prefix="nanochat_sandbox_mnt_")
+    os.chmod(base, 0o755)  # (HOST_UID's bubblewrap walks through it to its mount points)
+    os.mkdir(os.path.join(base, "tmp"))
+    atexit.register(lambda: shutil.rmtree(base, ignore_errors=True))
+    return (*tools, base)
 
 
 _inode_cap = [True]  # cleared by kernel_sandbox() where the capped tmpfs cannot be mounted
 
 
+def _host_uid() -> int:
+    """The uid kernel mode's program has on the host."""
+    return HOST_UID if os.geteuid() == 0 else os.getuid()
+
+
+def _tmpfs_mount(mount, disk, files, target, owner=None) -> str:
+    owned = f",uid={owner},gid={owner}" if owner is not None else ""
+    return f"{mount} -t tmpfs -o size={int(disk)},nr_inodes={int(files)},mode=0700{owned} nanochat-sandbox {target}"
+
+
+def _reachable(path: str, uid: int) -> bool:
+    """Whether `uid` (in no group) can reach and read `path` by its mode bits alone (no capabilities)."""
+    parts = Path(path).parts
+    for i in range(1, len(parts) + 1):
+        st = os.stat(os.path.join(*parts[:i]))
+        need = (stat.S_IXUSR if st.st_uid == uid else stat.S_IXOTH) if stat.S_ISDIR(st.st_mode) else 0
+        if i == len(parts):
+            need |= stat.S_IRUSR if st.st_uid == uid else stat.S_IROTH
+        if st.st_mode & need != need:
+            return False
+    return True
+
+
+def _stage_point(base: str, i: int, is_dir: bool) -> str:
+    point = os.path.join(base, f"ro{i}")
+    if is_dir:
+        os.makedirs(point, exist_ok=True)
+    else:
+        open(point, "a").close()
+    return point
+
+
+def _as_host_uid(tools, read, tmpfs) -> tuple[list[str], list[str]]:
+    """For a root caller: (the command line's prefix, the sources to bind in place of `read`). A sandbox started by
+    root would run as host root (its uid 1000 maps to the caller's uid): it would own the host's device nodes bound
+    in, and Linux would exempt it from RLIMIT_NPROC. So a mount namespace of root's own (private: nothing reaches the
+    host) mounts the capped tmpfs owned by HOST_UID and binds every path HOST_UID cannot reach (this Python under a
+    0700 /root, say; bubblewrap itself too) at a mount point it can; then unshare drops to HOST_UID (no groups, no
+    capabilities) and bubblewrap starts as that uid, like any unprivileged caller's."""
+    unshare, sh, mount, base = tools
+    steps = [tmpfs] if tmpfs else []
+    sources = []
+    for i, path in enumerate(read):
+        if _reachable(path, HOST_UID):
+            sources.append(path)
+            continue
+        stage = _stage_point(base, i, os.path.isdir(path))
+        steps.append(f"{mount} --bind {shlex.quote(path)} {stage}")
+        sources.append(stage)
+    drop = [unshare, "--setuid", str(HOST_UID), "--setgid", str(HOST_UID), "--"]
+    if not steps:
+        return drop, sources
+    script = " && ".join(steps) + ' && exec "$0" "$@"'
+    return [unshare, "--mount", "--propagation", "private", "--", sh, "-c", script, *drop], sources
+
+
 def _kernel_argv(bwrap, fds, info_fd, program_fd, seccomp_fd, disk, files, guard_argv) -> list[str]:
-    """bubblewrap's command line; where it can, first a user + mount namespace of our own (util-linux unshare) in
-    which a tmpfs capped in bytes and in files is mounted, for bubblewrap to bind as the sandbox's /tmp."""
+    """bubblewrap's command line, and before it: for a non-root caller, where it can, a user + mount namespace of
+    our own (util-linux unshare) in which a tmpfs capped in bytes and in files is mounted, for bubblewrap to bind as
+    the sandbox's /tmp; for a root caller, the drop to an unprivileged host uid (_as_host_uid)."""
     read, links = visible_paths()
-    tools = _tmpfs_tools() if _inode_cap[0] else None
-    prefix, tmp = [], ["--size", str(disk), "--tmpfs", "/tmp"]
-    if tools:
-        unshare, sh, mount, mnt = tools
-        script = (f"{mount} -t tmpfs -o size={int(disk)},nr_inodes={int(files)},mode=0700 nanochat-sandbox {mnt} "
-                  '&& exec "$0" "$@"')
-        prefix, tmp = [unshare, "--user", "--map-root-user", "--mount", "--", sh, "-c", script], ["--bind", mnt, "/tmp"]
+    tools = _tmpfs_tools()
+    if tools is None and os.geteuid() == 0:
+        raise RuntimeError("sandbox: as root, the sandbox needs util-linux's unshare and mount (to run as an "
+                           "unprivileged uid)")
+    capped = tools is not None and _inode_cap[0]
+    tmp = ["--bind", os.path.join(tools[3], "tmp"), "/tmp"] if capped else ["--size", str(disk), "--tmpfs", "/tmp"]
+    if os.geteuid() == 0:
+        tmpfs = _tmpfs_mount(tools[2], disk, files, os.path.join(tools[3], "tmp"), HOST_UID) if capped else None
+        prefix, (bwrap, *read) = _as_host_uid(tools, [bwrap, *read], tmpfs)
+    elif capped:
+        unshare, sh, mount, base = tools
+        script = _tmpfs_mount(mount, disk, files, os.path.join(base, "tmp")) + ' && exec "$0" "$@"'
+        prefix = [unshare, "--user", "--map-root-user", "--mount", "--", sh, "-c", script]
+    else:
+        prefix = []
     argv = [bwrap, "--unshare-all", "--unshare-user", "--die-with-parent", "--as-pid-1", "--new-session", "--clearenv",
             "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID), "--hostname", "sandbox"]
     for key, value in (("PATH", "/usr/bin:/bin"), ("HOME", "/tmp"), ("TMPDIR", "/tmp"), ("LANG", "C.UTF-8")):
         argv += ["--setenv", key, value]
     argv += tmp  # first: a Python installed under /tmp (a CI runner's venv) is bound on top of it, not hidden by it
-    for path in read:
-        argv += ["--ro-bind", path, path]
+    for source, path in zip(read, visible_paths()[0]):
+        argv += ["--ro-bind", source, path]
     for target, link in links:
         argv += ["--symlink", target, link]
     for path, fd in fds.items():
@@ -313,10 +389,9 @@ def _classify(rc, stdout, stderr, ready, timed_out, capped, timeout, kernel):
 
 
 def _pids_cgroup(limit: int) -> str | None:
-    """For a root caller, whom Linux exempts from RLIMIT_NPROC (in a user namespace too: the sandbox's uid maps to
-    host root), a pids cgroup of this call's own capped at `limit` tasks, for its processes to start in: cgroup v1's
-    pids hierarchy, or v2's tree where the pids controller is enabled. None for any other caller, or where no pids
-    cgroup can be made (then only the rlimit stands)."""
+    """For a root caller (who can make one), a pids cgroup of this call's own capped at `limit` tasks, for its
+    processes to start in, beside the rlimit: cgroup v1's pids hierarchy, or v2's tree where the pids controller is
+    enabled. None for any other caller, or where no pids cgroup can be made (then the rlimit stands alone)."""
     if os.geteuid() != 0:
         return None
     for root in ("/sys/fs/cgroup/pids", "/sys/fs/cgroup"):
@@ -483,6 +558,9 @@ def kernel_sandbox() -> tuple[bool, str]:
         _kernel_bpf()
     except Exception as e:  # noqa: BLE001 - no pyseccomp, or no libseccomp
         return False, _diagnosis(f"sandbox: could not apply seccomp: {type(e).__name__}: {e}")
+    if os.geteuid() == 0 and _tmpfs_tools() is None:
+        return False, ("as root, the sandbox drops to an unprivileged uid with util-linux's unshare and mount, and "
+                       "one is missing here: install util-linux, or run as an unprivileged user.")
     result = _run("pass", 10.0, 512 * 2**20, 2**16, 2**20, kernel=True, audit_hook=True)
     if result.status != "ok" and _inode_cap[0]:  # without our own tmpfs (no unshare or mount here): size cap only
         _inode_cap[0] = False
@@ -634,7 +712,8 @@ def check(unsafe: bool = False) -> int:
         namespaces = f"cannot tell ({facts['namespaces']})"
     limits = facts["rlimits"]
     rows = [("namespaces", namespaces),
-            ("identity", f"uid {facts['uid']}, pid {facts['pid']}, host name {facts['hostname']!r}, "
+            ("identity", f"uid {facts['uid']} (on the host: {_host_uid() if kernel else os.getuid()}), "
+                         f"pid {facts['pid']}, host name {facts['hostname']!r}, "
                          f"effective capabilities {status.get('CapEff', '?')}"),
             ("processes it sees", facts["processes"]),
             ("network", f"interfaces: {facts['interfaces']}"),

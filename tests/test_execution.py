@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -23,8 +24,9 @@ VISIBLE_FILE = os.path.join(VISIBLE_DIR, "target.txt")
 
 @pytest.fixture(autouse=True, scope="module")
 def visible_target():
-    if not os.access(sys.prefix, os.W_OK):
-        pytest.skip(f"the tests need a writable sys.prefix ({sys.prefix}) for a file the sandbox can see")
+    if not os.access(sys.prefix, os.W_OK):  # (an unprivileged caller: the one test that needs it skips)
+        yield
+        return
     os.makedirs(VISIBLE_DIR, exist_ok=True)
     with open(VISIBLE_FILE, "w") as f:
         f.write("the sandbox may read this, never change it\n")
@@ -134,6 +136,8 @@ def test_the_audit_hook_names_what_it_refuses(code, message):
 def test_a_patched_hook_opens_nothing(run, tmp_path):
     """The hook's closure (reached through an exception's frames) and the path helpers it calls are replaced;
     the writes that follow still do not reach the host."""
+    if not os.path.exists(VISIBLE_FILE):
+        pytest.skip(f"needs a writable sys.prefix ({sys.prefix}) for a file the sandbox can see")
     outside, before = tmp_path / "escaped.txt", snapshot(VISIBLE_FILE)
     run(f"""
         import os, posixpath
@@ -302,6 +306,47 @@ def test_the_host_device_nodes_keep_their_modes_and_times(run):
         result.stdout + result.stderr
 
 
+def test_the_sandbox_runs_as_an_unprivileged_host_uid(run):
+    """Seen from the host while it runs, every process of the program has the caller's uid, or for a root caller
+    an unprivileged one (execution.HOST_UID) with no groups; none holds a capability."""
+    if run.mode != "kernel":
+        pytest.skip("unsafe mode runs as its caller (capabilities dropped)")
+    found = []
+
+    def ours(pid):  # a descendant of this test process
+        while pid > 1:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            if pid == os.getpid():
+                return True
+        return False
+
+    def look():
+        namespace = os.readlink("/proc/self/ns/pid")
+        for _ in range(100):
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                try:
+                    if os.readlink(f"/proc/{pid}/ns/pid") != namespace and ours(int(pid)):
+                        found.append(Path(f"/proc/{pid}/status").read_text())
+                except (OSError, ValueError):
+                    pass
+            if found:
+                return
+            time.sleep(0.05)
+
+    import threading
+    watcher = threading.Thread(target=look)
+    watcher.start()
+    result = run("import time\ntime.sleep(6)", timeout=20)
+    watcher.join()
+    assert found, result
+    fields = dict(line.split(":", 1) for line in found[0].splitlines())
+    want = execution.HOST_UID if os.geteuid() == 0 else os.getuid()
+    assert fields["Uid"].split() == [str(want)] * 4 and fields["Gid"].split()[0] == str(
+        execution.HOST_UID if os.geteuid() == 0 else os.getgid()), fields
+    assert fields["Groups"].split() == ([] if os.geteuid() == 0 else fields["Groups"].split())
+    assert int(fields["CapEff"], 16) == int(fields["CapPrm"], 16) == 0, fields
+
+
 def test_no_lock_or_lease_on_a_host_file(run):
     """A host file the program can read (the interpreter itself): no flock, POSIX or OFD lock, nor lease, that
     would block the host's processes that open or lock it while the call runs. The caller can still lock it."""
@@ -426,13 +471,10 @@ except OSError as e:
 
 @needs_bwrap
 def test_the_thread_cap_holds_whoever_calls(run):
-    """Small stacks, 400 threads: at most the cap start. For a non-root caller RLIMIT_NPROC binds; root is exempt
-    from it (the sandbox's uid maps to host root), so a pids cgroup of the call's own caps it (where one can be made:
-    cgroup v1's pids hierarchy or v2 with the controller enabled; .ci/run's machines have it)."""
-    probe = execution._pids_cgroup(1)
-    execution._leave_cgroup(probe)
-    if os.geteuid() == 0 and probe is None:
-        pytest.skip("root without a pids cgroup to make: only the rlimit, which root is exempt from")
+    """Small stacks, 400 threads: at most the cap start. RLIMIT_NPROC binds the sandbox's uid, unprivileged on the
+    host whoever calls (root is exempt from it: a root caller's sandbox runs as execution.HOST_UID); a root caller's
+    call also runs in a pids cgroup of its own where one can be made (cgroup v1's pids hierarchy or v2 with the
+    controller enabled), removed after the call."""
     result = run("""
         import threading, time
         threading.stack_size(64 * 1024)
@@ -557,8 +599,7 @@ except OSError as e:
 
 @needs_bwrap
 def test_where_the_capped_tmpfs_cannot_be_mounted_the_size_cap_still_holds(monkeypatch):
-    monkeypatch.setattr(execution, "_tmpfs_tools", lambda: (shutil.which("unshare") or "/usr/bin/unshare", "/bin/sh",
-                                                            "/bin/false", "/nonexistent"))
+    monkeypatch.setattr(execution, "_tmpfs_mount", lambda *args: "/bin/false")  # (a kernel that refuses the mount)
     monkeypatch.setattr(execution, "_inode_cap", [True])
     execution.kernel_sandbox.cache_clear()
     try:
@@ -567,3 +608,49 @@ def test_where_the_capped_tmpfs_cannot_be_mounted_the_size_cap_still_holds(monke
         assert result.status == "error" and ("No space left" in result.error or "too large" in result.error)
     finally:
         execution.kernel_sandbox.cache_clear()
+
+
+# ---- the same attacks from an unprivileged caller
+CLASSES = "host_uid or device_nodes or lock_or_lease or thread_cap or fork_bomb or sees_only_itself or is_capped"
+
+
+def _unprivileged_view(paths, stash) -> str:
+    """A shell script (for a private mount namespace of root's) that makes `paths` reachable by any uid without
+    changing the host: each directory that others cannot enter above one of them (a 0700 /root) is covered by an
+    empty 0755 tmpfs into which the paths are bound back."""
+    blocked = {}
+    for path in paths:
+        parts = os.path.realpath(path).split(os.sep)
+        for i in range(2, len(parts)):
+            top = os.sep.join(parts[:i])
+            if not os.stat(top).st_mode & 0o001:
+                blocked.setdefault(top, []).append(os.path.realpath(path))
+                break
+    steps = []
+    for n, (top, inner) in enumerate(blocked.items()):
+        for m, path in enumerate(inner):
+            steps += [f"mkdir -p {stash}/{n}_{m}", f"mount --bind {path} {stash}/{n}_{m}"]
+        steps.append(f"mount -t tmpfs -o mode=0755 nanochat-view {top}")
+        for m, path in enumerate(inner):
+            steps += [f"mkdir -p {path}", f"mount --bind {stash}/{n}_{m} {path}"]
+    return " && ".join(steps + ['exec "$0" "$@"'])
+
+
+@needs_bwrap
+def test_the_attacks_fail_for_an_unprivileged_caller_too(tmp_path):
+    """This module's attack classes, run again by pytest as an unprivileged uid (when the suite runs as root, as on
+    CI): the same assertions must hold for a caller whose sandbox maps to its own uid and for whom RLIMIT_NPROC
+    binds. The interpreter is made reachable for that uid in a private mount namespace; nothing of the host changes."""
+    if os.geteuid() != 0:
+        pytest.skip("this run is an unprivileged caller's already: every test here is that caller's")
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    paths = [sys.base_prefix, sys.prefix, here, *execution._site_packages()]
+    uid = 54321  # (no such user: nothing of the host belongs to it)
+    argv = ["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c", _unprivileged_view(paths, tmp_path),
+            "unshare", "--setuid", str(uid), "--setgid", str(uid), "--", sys.executable, "-m", "pytest", "-q",
+            "-p", "no:cacheprovider", "-k", CLASSES, os.path.abspath(__file__)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "NANOCHAT_BASE_DIR"))}
+    env |= {"HOME": "/tmp", "PYTHONDONTWRITEBYTECODE": "1"}
+    done = subprocess.run(argv, cwd="/tmp", env=env, capture_output=True, text=True, timeout=600)
+    tail = done.stdout[-3000:] + done.stderr[-2000:]
+    assert done.returncode == 0 and " passed" in done.stdout and "failed" not in done.stdout, tail
