@@ -2,6 +2,7 @@
 directory, logging on process 0, the default compute dtype."""
 import atexit
 import os
+import socket
 import sys
 import threading
 import time
@@ -12,21 +13,80 @@ import jax.numpy as jnp
 
 def init_distributed() -> bool:
     """Join a multi-process run (the hosts of a TPU slice, or GPU nodes) when NANOCHAT_MULTIHOST=1 or
-    JAX_COORDINATOR_ADDRESS is set; returns whether it did. jax.distributed.initialize() then finds the coordinator,
-    process count and id from the cluster (Cloud TPU, SLURM, Open MPI, Kubernetes), or from JAX_COORDINATOR_ADDRESS,
+    JAX_COORDINATOR_ADDRESS is set; returns whether it did. The coordinator, process count and id come from the
+    cluster (Cloud TPU, SLURM, Open MPI, Kubernetes: JAX's own detection), or from JAX_COORDINATOR_ADDRESS,
     JAX_NUM_PROCESSES and JAX_PROCESS_ID. Call it first, before anything touches a device. One process on one host
     needs none of it."""
     if os.environ.get("NANOCHAT_MULTIHOST") != "1" and not os.environ.get("JAX_COORDINATOR_ADDRESS"):
         return False
+    from jax._src import clusters
     count, index = os.environ.get("JAX_NUM_PROCESSES"), os.environ.get("JAX_PROCESS_ID")
+    ids = os.environ.get("JAX_LOCAL_DEVICE_IDS")
+    address, count, index, ids = clusters.ClusterEnv.auto_detect_unset_distributed_params(
+        os.environ.get("JAX_COORDINATOR_ADDRESS"), None if count is None else int(count),
+        None if index is None else int(index), None if ids is None else [int(i) for i in ids.split(",")], None, 300)
     timeout = float(os.environ.get("NANOCHAT_PEER_TIMEOUT", "60"))
-    # JAX's own heartbeat ends a process with an abort and a C++ stack; the watchdog below speaks first (JAX's
-    # client takes a missed-heartbeat callback, but this jaxlib cannot pass it the status: std::bad_cast, an abort)
-    jax.distributed.initialize(num_processes=None if count is None else int(count),
-                               process_id=None if index is None else int(index),
-                               heartbeat_timeout_seconds=int(2 * timeout + 30))
+    # JAX's own client ends a process with an abort and a C++ stack when it loses the coordinator (at once, on the
+    # closed socket) or a heartbeat (later than the watchdog below); it takes a callback, but this jaxlib cannot pass
+    # it the status (std::bad_cast, an abort). So a worker's client talks to the coordinator through a relay of ours,
+    # which sees the closed socket first and leaves the run with one line.
+    client_address = address if index == 0 or address is None else _coordinator_relay(address, _ARMED)
+    jax.distributed.initialize(client_address, count, index, ids, heartbeat_timeout_seconds=int(2 * timeout + 30),
+                               coordinator_bind_address=os.environ.get("JAX_COORDINATOR_BIND_ADDRESS")
+                               or (None if address is None else "[::]:" + address.rsplit(":", 1)[1]))
+    _ARMED.set()
     start_peer_watchdog(timeout)
     return True
+
+
+_ARMED = threading.Event()  # set while this process is in a run (a lost coordinator is then news); cleared at exit
+
+
+def _coordinator_relay(address: str, armed: threading.Event) -> str:
+    """A TCP relay on 127.0.0.1 to the coordinator at `address`; returns its address. When the coordinator's end of
+    a connection closes while `armed` (it died, or its host is gone), this process leaves the run at once; a close
+    from our own client's end closes the connection quietly."""
+    host, port = address.rsplit(":", 1)
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def pump(src, dst, from_coordinator, closed):
+        while True:
+            try:
+                data = src.recv(1 << 16)
+            except OSError:
+                data = b""
+            if data:
+                try:
+                    dst.sendall(data)
+                    continue
+                except OSError:
+                    pass
+            if from_coordinator and armed.is_set() and not closed.is_set():
+                _leave_run("lost the coordinator, process 0 (its connection closed)")
+            closed.set()
+            for sock in (src, dst):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            return
+
+    def accept():
+        while True:
+            ours, _ = listener.accept()
+            try:
+                theirs = socket.create_connection((host.strip("[]"), int(port)), timeout=30)
+                theirs.settimeout(None)
+            except OSError:  # (not up yet: JAX's client connects again)
+                ours.close()
+                continue
+            closed = threading.Event()
+            for src, dst, side in ((ours, theirs, False), (theirs, ours, True)):
+                threading.Thread(target=pump, args=(src, dst, side, closed), daemon=True,
+                                 name="nanochat-coordinator-relay").start()
+
+    threading.Thread(target=accept, daemon=True, name="nanochat-coordinator-relay").start()
+    return f"127.0.0.1:{listener.getsockname()[1]}"
 
 
 def single_host_only(entry_point: str):
@@ -41,8 +101,9 @@ PEER_LOST_EXIT_CODE = 75
 
 
 def _leave_run(reason: str):
-    print(f"nanochat-jax process {jax.process_index()} of {jax.process_count()}: {reason}; stopping this process "
-          "too. Start every process again with --resume to continue from the last checkpoint.", file=sys.stderr,
+    from jax._src.distributed import global_state  # (not jax.process_index(): no device work from a helper thread)
+    print(f"nanochat-jax process {global_state.process_id} of {global_state.num_processes}: {reason}; stopping this "
+          "process too. Start every process again with --resume to continue from the last checkpoint.", file=sys.stderr,
           flush=True)
     os._exit(PEER_LOST_EXIT_CODE)
 
@@ -86,7 +147,8 @@ def start_peer_watchdog(timeout_s: float, interval_s: float = 1.0):
         thread.start()
 
     def quit_watching():  # at exit, before JAX shuts its client down (atexit runs last-registered first): a thread
-        stop.set()  # still inside a key-value call while the interpreter finalizes aborts the process
+        _ARMED.clear()  # still inside a key-value call while the interpreter finalizes aborts the process; and the
+        stop.set()  # coordinator closing its connections after the shutdown barrier is no news
         for thread in threads:
             thread.join(timeout=10)
     atexit.register(quit_watching)
