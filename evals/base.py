@@ -20,16 +20,17 @@ import zipfile
 
 import jax
 
-from nanochat_jax import core_eval, report
-from nanochat_jax.base_eval import bits_per_byte, loss_sums, print_samples, unigram_bpb
-from nanochat_jax.checkpoint import STAGE_DIRS, load_model, stage_directory
+from nanochat_jax.evaluation import core as core_eval
+from nanochat_jax.evaluation import report
+from nanochat_jax.evaluation.bits_per_byte import bits_per_byte, loss_sums, print_samples, unigram_bpb
+from nanochat_jax.training.checkpoint import STAGE_DIRS, load_model, stage_directory
 from nanochat_jax.common import run_entry_point
 from nanochat_jax.common import (CompileCount, get_base_dir, init_distributed, parse_dtype, print0,
                                  use_compilation_cache)
-from nanochat_jax.dataloader import pretraining_batches
-from nanochat_jax.dataset import check_shards, standin_corpus
-from nanochat_jax.sharding import make_mesh
-from nanochat_jax.stages import check_mesh
+from nanochat_jax.data.dataloader import pretraining_batches
+from nanochat_jax.data.dataset import check_shards, standin_corpus
+from nanochat_jax.model.sharding import make_mesh
+from nanochat_jax.training.stages import check_mesh
 
 
 def parse_args(argv=None):
@@ -64,7 +65,7 @@ def load(args, mesh, dtype):
     """(model, tokenizer, description) from --checkpoint (ours or nanochat's) or the stage's latest."""
     directory = args.checkpoint or stage_directory(args.source, args.model_tag)
     if glob.glob(os.path.join(os.path.expanduser(directory), "model_*.pt")):  # nanochat's format
-        from nanochat_jax.interop import import_nanochat
+        from nanochat_jax.model.interop import import_nanochat
         model, tokenizer, meta = import_nanochat(directory, args.step, dtype=dtype, mesh=mesh)
         if tokenizer is None:
             raise SystemExit(f"no tokenizer.pkl next to {directory} nor in nanochat's <base>/tokenizer/")

@@ -1,6 +1,6 @@
 """Evaluate a chat model: ARC-Easy, ARC-Challenge, MMLU (categorical: the answer letter with the highest logit),
 GSM8K, HumanEval, SpellingBee (generative: sampled with the engine, tool use on; HumanEval's tests run in the
-sandbox, nanochat_jax/execution.py: kernel mode, or with --unsafe-sandbox the weaker unsafe mode where the kernel
+sandbox, nanochat_jax/sandbox/execution.py: kernel mode, or with --unsafe-sandbox the weaker unsafe mode where the kernel
 refuses namespaces); with all six, ChatCORE (the mean accuracy centered by each task's chance level, as nanochat computes it).
 Three LOCAL STAND-INS for a machine with no network, never in ChatCORE: Arithmetic (generated word problems in GSM8K's
 format), LocalSpellingBee (SpellingBee over words from Python's docstrings) and LocalSimpleSpelling (spell a word);
@@ -15,13 +15,14 @@ import argparse
 import json
 import time
 
-from nanochat_jax import execution, report
-from nanochat_jax.chat_eval import categorical_outcomes, generative_outcomes
-from nanochat_jax.checkpoint import STAGE_DIRS, load_stage
+from nanochat_jax.sandbox import execution
+from nanochat_jax.evaluation import report
+from nanochat_jax.evaluation.chat_tasks import categorical_outcomes, generative_outcomes
+from nanochat_jax.training.checkpoint import STAGE_DIRS, load_stage
 from nanochat_jax.common import CompileCount, parse_dtype, print0, single_host_only, use_compilation_cache
 from nanochat_jax.common import run_entry_point
-from nanochat_jax.engine import Engine
-from nanochat_jax.stages import check_flags
+from nanochat_jax.inference.engine import Engine
+from nanochat_jax.training.stages import check_flags
 from nanochat_jax.tasks.registry import CHAT_TASKS, CHATCORE_TASKS, STANDINS, chatcore
 
 
@@ -41,7 +42,7 @@ def parse_args(argv=None):
     p.add_argument("--json-out", default=None, help="write the results here as JSON")
     p.add_argument("--unsafe-sandbox", action="store_true",
                    help="where the kernel sandbox is unavailable, run HumanEval's programs in the weaker unsafe mode "
-                        "(see nanochat_jax/execution.py) instead of refusing")
+                        "(see nanochat_jax/sandbox/execution.py) instead of refusing")
     args = p.parse_args(argv)
     names = list(CHATCORE_TASKS) if args.task_name is None else args.task_name.split("|")
     unknown = [n for n in names if n not in CHAT_TASKS]

@@ -14,7 +14,7 @@ MFU, and on a GPU which kernels the matmuls and attention became (FP8 GEMMs, cuD
         --device-batch-size 16 --fp8 --hlo-out hlo/                         # the modern speedrun's step on 8xH100
     python -m scripts.aot_compile --depth 4 --seq-len 256 --device-batch-size 4     # this machine's own devices
 
-See nanochat_jax/aot.py for how the estimate is made. Topologies: v5e:2x4 (v5e-8), v5e:4x4 (v5e-16, 4 hosts),
+See nanochat_jax/measure/aot.py for how the estimate is made. Topologies: v5e:2x4 (v5e-8), v5e:4x4 (v5e-16, 4 hosts),
 v5p:2x2x1 (v5p-8, 4 chips), v6e:2x4 (v6e-8); h100:8 (one host of 8 H100 SXM), h100:2x8 (two hosts), h200:8.
 """
 import argparse
@@ -28,12 +28,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nanochat_jax import aot
-from nanochat_jax.decoding import BIAS_SLOTS, DecodeState, decode, prefill
-from nanochat_jax.gpt import GPT, RECIPES, REMAT_POLICIES, config_from_depth, init_cache
-from nanochat_jax.optim import auto_batch, build_optimizer
-from nanochat_jax.sharding import make_mesh
-from nanochat_jax.trainer import Trainer
+from nanochat_jax.measure import aot
+from nanochat_jax.inference.programs import BIAS_SLOTS, DecodeState, decode, prefill
+from nanochat_jax.model.gpt import GPT, RECIPES, REMAT_POLICIES, config_from_depth, init_cache
+from nanochat_jax.training.optim import auto_batch, build_optimizer
+from nanochat_jax.model.sharding import make_mesh
+from nanochat_jax.training.trainer import Trainer
 
 PROGRAMS = ("train", "prefill", "decode")
 

@@ -6,7 +6,7 @@
         Engine.generate, the same random weights (saved in nanochat's format, imported here) and the same prompt
 
 Random weights and tokens. Without --nanochat: the jitted prefill and decode programs, no stop tokens, each batch
-against the memory-bandwidth bound where the device's bandwidth is known (nanochat_jax/speed.py). With --nanochat:
+against the memory-bandwidth bound where the device's bandwidth is known (nanochat_jax/measure/speed.py). With --nanochat:
 the user-facing generate() of both engines (sampling at temperature 1, top-k 50, the host loop included), tokens/s
 over the tokens each emitted. Without --nanochat it needs only jax, flax, optax and numpy.
 """
@@ -19,9 +19,9 @@ import time
 import jax
 import jax.numpy as jnp
 
-from nanochat_jax import speed
+from nanochat_jax.measure import speed
 from nanochat_jax.common import parse_dtype
-from nanochat_jax.gpt import config_from_depth
+from nanochat_jax.model.gpt import config_from_depth
 
 
 def generate_speed(engine, prompt, batch: int, max_tokens: int) -> float:
@@ -40,9 +40,9 @@ def against_nanochat(args):
     from nanochat.gpt import GPT as TorchGPT, GPTConfig as TorchConfig
     from nanochat.tokenizer import RustBPETokenizer
 
-    from nanochat_jax.engine import Engine
-    from nanochat_jax.interop import import_nanochat, write_random_nanochat
-    from nanochat_jax.tokenizer import get_tokenizer
+    from nanochat_jax.inference.engine import Engine
+    from nanochat_jax.model.interop import import_nanochat, write_random_nanochat
+    from nanochat_jax.data.tokenizer import get_tokenizer
     torch.set_num_threads(os.cpu_count())
     tokenizer = get_tokenizer()
     prompt = [tokenizer.get_bos_token_id()] + tokenizer.encode("The chemical symbol of gold is " * 200)

@@ -18,7 +18,7 @@ import time
 
 def load_execute_code(path: str | None):
     if path is None:
-        from nanochat_jax.execution import execute_code
+        from nanochat_jax.sandbox.execution import execute_code
         return execute_code
     spec = importlib.util.spec_from_file_location("other_execution", path)
     module = importlib.util.module_from_spec(spec)
@@ -61,9 +61,9 @@ def main():
         p.error("--repeats must be positive")
     execute_code = load_execute_code(args.impl)
     if args.impl is None:
-        from nanochat_jax.execution import describe
+        from nanochat_jax.sandbox.execution import describe
         print(describe())
-    out = {"impl": args.impl or "nanochat_jax.execution"}
+    out = {"impl": args.impl or "nanochat_jax.sandbox.execution"}
     for name, code in (("trivial", "pass"), ("print", "print('hello')"),
                        ("cpu", "s = 0\nfor i in range(2_000_000):\n    s += i\nprint(s)")):
         median, p90, status = timings(execute_code, code, args.repeats)

@@ -12,16 +12,16 @@ import argparse
 import jax
 import jax.numpy as jnp
 
-from nanochat_jax import speed
+from nanochat_jax.measure import speed
 from nanochat_jax.common import parse_dtype
-from nanochat_jax.gpt import RECIPES, config_from_depth
-from nanochat_jax.sharding import make_mesh
+from nanochat_jax.model.gpt import RECIPES, config_from_depth
+from nanochat_jax.model.sharding import make_mesh
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="benchmark the training step")
     parser.add_argument("--recipe", choices=RECIPES, default="classic")
-    parser.add_argument("--fp8", action="store_true", help="FP8 matmuls (nanochat_jax.fp8)")
+    parser.add_argument("--fp8", action="store_true", help="FP8 matmuls (nanochat_jax.model.fp8)")
     parser.add_argument("--depth", type=int, default=20)
     parser.add_argument("--device-batch-size", type=int, default=32, help="the largest power of two up to this "
                         "that fits")

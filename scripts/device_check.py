@@ -20,10 +20,10 @@ import traceback
 import jax
 import jax.numpy as jnp
 
-from nanochat_jax import speed
+from nanochat_jax.measure import speed
 from nanochat_jax.common import parse_dtype
-from nanochat_jax.gpt import config_from_depth
-from nanochat_jax.sharding import make_mesh
+from nanochat_jax.model.gpt import config_from_depth
+from nanochat_jax.model.sharding import make_mesh
 
 FULL = dict(train_depths=(12, 20), modern=((24, False), (24, True)), modern_vocab=32768, seq_len=2048, vocab=65536,
             start_batch=64, steps=5,

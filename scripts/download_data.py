@@ -17,7 +17,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 from nanochat_jax.common import run_entry_point
-from nanochat_jax.dataset import DATASETS, STANDIN_MARKER as MARKER, base_url, data_dir, dataset_name, max_shard, shard_name
+from nanochat_jax.data.dataset import DATASETS, STANDIN_MARKER as MARKER, base_url, data_dir, dataset_name, max_shard, shard_name
 
 BASE_URL = None  # (tests point this at a local server; None: the dataset's Hugging Face URL)
 

@@ -2,7 +2,7 @@
 
     python -m scripts.import_nanochat --src ~/.cache/nanochat/chatsft_checkpoints/d20 --dst DIR [--step N]
 
-DIR then loads with nanochat_jax.checkpoint.load_model(DIR), and the tokenizer travels with it (DIR/tokenizer/).
+DIR then loads with nanochat_jax.training.checkpoint.load_model(DIR), and the tokenizer travels with it (DIR/tokenizer/).
 Needs torch (pip install 'nanochat-jax[torch]').
 """
 import argparse
@@ -11,8 +11,8 @@ import os
 from flax import nnx
 
 from nanochat_jax.common import run_entry_point
-from nanochat_jax.checkpoint import Checkpointer, model_meta
-from nanochat_jax.interop import find_last_step, import_nanochat
+from nanochat_jax.training.checkpoint import Checkpointer, model_meta
+from nanochat_jax.model.interop import find_last_step, import_nanochat
 
 
 def main():

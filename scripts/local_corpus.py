@@ -13,8 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from nanochat_jax.common import run_entry_point
-from nanochat_jax.dataset import STANDIN_MARKER as MARKER, data_dir, shard_name
-from nanochat_jax.stdlib_text import stdlib_documents
+from nanochat_jax.data.dataset import STANDIN_MARKER as MARKER, data_dir, shard_name
+from nanochat_jax.data.stdlib_text import stdlib_documents
 
 
 def main():

@@ -14,10 +14,10 @@ import numpy as np
 from flax import nnx
 
 from nanochat_jax.common import parse_dtype, print0, run_entry_point
-from nanochat_jax.dataset import iter_texts
-from nanochat_jax.gpt import GPT, config_from_depth
-from nanochat_jax.sharding import batch_sharding, create_sharded, make_mesh
-from nanochat_jax.tokenizer import get_tokenizer
+from nanochat_jax.data.dataset import iter_texts
+from nanochat_jax.model.gpt import GPT, config_from_depth
+from nanochat_jax.model.sharding import batch_sharding, create_sharded, make_mesh
+from nanochat_jax.data.tokenizer import get_tokenizer
 
 
 def validation_rows(tokenizer, batch_size: int, seq_len: int) -> np.ndarray:

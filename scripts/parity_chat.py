@@ -16,11 +16,11 @@ import sys
 import tempfile
 import time
 
-from nanochat_jax.chat_eval import categorical_outcomes, generative_outcomes
+from nanochat_jax.evaluation.chat_tasks import categorical_outcomes, generative_outcomes
 from nanochat_jax.common import CompileCount
-from nanochat_jax.engine import Engine
-from nanochat_jax.interop import import_nanochat, write_random_nanochat
-from nanochat_jax.tokenizer import get_tokenizer
+from nanochat_jax.inference.engine import Engine
+from nanochat_jax.model.interop import import_nanochat, write_random_nanochat
+from nanochat_jax.data.tokenizer import get_tokenizer
 from nanochat_jax.tasks.registry import CHAT_TASKS, CHATCORE_TASKS
 
 
@@ -51,7 +51,7 @@ def main(argv=None):
     p.add_argument("--unsafe-sandbox", action="store_true", help="allow the unsafe sandbox for HumanEval")
     args = p.parse_args(argv)
     if "HumanEval" in args.task_name.split("|"):
-        from nanochat_jax.execution import require
+        from nanochat_jax.sandbox.execution import require
         require(args.unsafe_sandbox, "HumanEval")
     root = os.path.abspath(args.nanochat)
     sys.path.insert(0, root)

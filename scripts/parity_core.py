@@ -14,10 +14,10 @@ import sys
 import tempfile
 import time
 
-from nanochat_jax import core_eval
+from nanochat_jax.evaluation import core
 from nanochat_jax.common import CompileCount, get_base_dir
-from nanochat_jax.interop import import_nanochat, write_random_nanochat
-from nanochat_jax.tokenizer import get_tokenizer
+from nanochat_jax.model.interop import import_nanochat, write_random_nanochat
+from nanochat_jax.data.tokenizer import get_tokenizer
 
 
 def main(argv=None):
@@ -38,12 +38,12 @@ def main(argv=None):
     ref_tokenizer = RustBPETokenizer(tokenizer.enc, "<|bos|>")
 
     bundle = os.path.join(get_base_dir(), "eval_bundle")
-    tasks, _ = core_eval.load_bundle(bundle)
+    tasks, _ = core.load_bundle(bundle)
     total = differing = 0
     seconds = {"nanochat": 0.0, "ours": 0.0}
     with CompileCount() as compiles:
         for task in tasks:
-            data = core_eval.load_task_data(bundle, task, args.max_per_task)
+            data = core.load_task_data(bundle, task, args.max_per_task)
             meta = {"task_type": task["icl_task_type"], "dataset_uri": task["dataset_uri"],
                     "num_fewshot": task["num_fewshot"][0],
                     "continuation_delimiter": task.get("continuation_delimiter", " ")}
@@ -52,7 +52,7 @@ def main(argv=None):
                 ref = [bool(ref_core.evaluate_example(i, ref_model, ref_tokenizer, data, "cpu", meta))
                        for i in range(len(data))]
             t1 = time.time()
-            ours = core_eval.evaluate_task(model, tokenizer, data, meta["task_type"], meta["num_fewshot"],
+            ours = core.evaluate_task(model, tokenizer, data, meta["task_type"], meta["num_fewshot"],
                                            meta["continuation_delimiter"])
             diff = sum(a != b for a, b in zip(ref, ours))
             seconds["nanochat"], seconds["ours"] = seconds["nanochat"] + t1 - t0, seconds["ours"] + time.time() - t1

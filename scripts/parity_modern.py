@@ -20,12 +20,12 @@ import numpy as np
 
 from flax import nnx
 
-from nanochat_jax.gpt import GPT, init_cache
-from nanochat_jax.interop import import_nanochat, read_model_config, state_dict_to_params, write_random_nanochat
-from nanochat_jax.optim import MODERN_MUON, Schedule, build_optimizer, muon
-from nanochat_jax.sharding import make_mesh
-from nanochat_jax.tokenizer import get_tokenizer
-from nanochat_jax.trainer import Trainer
+from nanochat_jax.model.gpt import GPT, init_cache
+from nanochat_jax.model.interop import import_nanochat, read_model_config, state_dict_to_params, write_random_nanochat
+from nanochat_jax.training.optim import MODERN_MUON, Schedule, build_optimizer, muon
+from nanochat_jax.model.sharding import make_mesh
+from nanochat_jax.data.tokenizer import get_tokenizer
+from nanochat_jax.training.trainer import Trainer
 
 
 def relative(a, b) -> float:

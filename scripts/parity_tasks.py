@@ -46,7 +46,7 @@ def main(argv=None):
     from nanochat_jax.tasks.smoltalk import CustomJSON
     from nanochat_jax.tasks.choice import ARC, MMLU
     from nanochat_jax.tasks.gsm8k import GSM8K
-    from nanochat_jax.tokenizer import get_tokenizer
+    from nanochat_jax.data.tokenizer import get_tokenizer
     ours_tok = get_tokenizer()
     ref_tok = RustBPETokenizer(ours_tok.enc, "<|bos|>")
     candidates = [

@@ -1,4 +1,4 @@
-"""The report card: `reset` at the start of a run, `generate` at the end (see nanochat_jax/report.py).
+"""The report card: `reset` at the start of a run, `generate` at the end (see nanochat_jax/evaluation/report.py).
 
     python -m scripts.report reset
     python -m scripts.report expect --line "what this model can and cannot do" --chat-file reply.txt --scores-of rl
@@ -7,7 +7,7 @@
 import argparse
 
 from nanochat_jax.common import run_entry_point
-from nanochat_jax import report
+from nanochat_jax.evaluation import report
 
 
 def main(argv=None):

@@ -55,7 +55,7 @@ esac
 # weaker unsafe mode where the kernel refuses namespaces)
 sandbox=(); [ "${UNSAFE_SANDBOX:-0}" = 1 ] && sandbox=(--unsafe-sandbox)
 if [[ "$chat_tasks" == *HumanEval* ]]; then
-    python -m nanochat_jax.execution --check "${sandbox[@]}" || exit 1
+    python -m nanochat_jax.sandbox --check "${sandbox[@]}" || exit 1
 fi
 
 python -m scripts.report reset  # (the first write: a read-only or full base directory stops the run here)

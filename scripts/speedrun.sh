@@ -31,7 +31,7 @@
 #   RL=0                  1 runs RL on GSM8K after SFT (single host), then its chat eval
 #   EXTRA=gpu             which jax to install: gpu (CUDA 12) | tpu | none (use the environment as it is)
 #   UNSAFE_SANDBOX=0      1 lets HumanEval's programs run in the weaker unsafe sandbox where the kernel refuses the
-#                         code sandbox's namespaces (checked before anything else: python -m nanochat_jax.execution
+#                         code sandbox's namespaces (checked before anything else: python -m nanochat_jax.sandbox
 #                         --check)
 #   PHASE=all             all | prepare | train | evaluate; several hosts run `prepare` on one host, `train` on every
 #                         host (NANOCHAT_MULTIHOST=1, NANOCHAT_BASE_DIR on a filesystem they share), `evaluate` on one
@@ -73,7 +73,7 @@ fi
 # the chat evaluations run HumanEval's programs in the code sandbox: find out now, not after hours of training
 sandbox=(); [ "${UNSAFE_SANDBOX:-0}" = 1 ] && sandbox=(--unsafe-sandbox)
 if [ "$PHASE" = all ] || [ "$PHASE" = evaluate ]; then
-    python -m nanochat_jax.execution --check "${sandbox[@]}" || {
+    python -m nanochat_jax.sandbox --check "${sandbox[@]}" || {
         echo "the code sandbox is not available (above: why, and the fix); or UNSAFE_SANDBOX=1 to opt in" >&2; exit 1; }
 fi
 if [ "${NANOCHAT_MULTIHOST:-0}" != 1 ]; then  # (a multi-host process sees its peers only after jax.distributed)

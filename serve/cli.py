@@ -18,11 +18,11 @@ try:
 except ImportError:  # (not on every platform)
     readline = None
 
-from nanochat_jax.frontend import ReplyText, prompt_for_reply, reply_parts
-from nanochat_jax.checkpoint import STAGE_DIRS, load_stage
+from nanochat_jax.inference.frontend import ReplyText, prompt_for_reply, reply_parts
+from nanochat_jax.training.checkpoint import STAGE_DIRS, load_stage
 from nanochat_jax.common import use_compilation_cache
-from nanochat_jax.decoding import MAX_TOP_K
-from nanochat_jax.engine import Engine
+from nanochat_jax.inference.programs import MAX_TOP_K
+from nanochat_jax.inference.engine import Engine
 
 
 def stream_reply(engine, tokenizer, prompt_ids, max_tokens, temperature, top_k, seed, out=sys.stdout,

@@ -21,8 +21,8 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 
-from nanochat_jax.decoding import MAX_TOP_K, TOP_LOGPROBS
-from nanochat_jax.serving import Failed, Finished, Token
+from nanochat_jax.inference.programs import MAX_TOP_K, TOP_LOGPROBS
+from nanochat_jax.inference.scheduler import Failed, Finished, Token
 from serve.guard import openai_error
 
 MAX_MAX_TOKENS = 4096

@@ -30,9 +30,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from nanochat_jax.frontend import ReplyText, prompt_for_reply
-from nanochat_jax.decoding import MAX_TOP_K
-from nanochat_jax.serving import BatchedEngine, Failed, Finished, QueueFull, Request, Token
+from nanochat_jax.inference.frontend import ReplyText, prompt_for_reply
+from nanochat_jax.inference.programs import MAX_TOP_K
+from nanochat_jax.inference.scheduler import BatchedEngine, Failed, Finished, QueueFull, Request, Token
 from serve import openai_api
 from serve.guard import Guard, GuardedH11Protocol, is_loopback, openai_error
 from serve.openai_api import MAX_MAX_TOKENS, APIError
@@ -284,9 +284,9 @@ def serve(args, parser, sock, allowed):
     """Load the model, compile the engine, serve on the bound socket until stopped."""
     import uvicorn
 
-    from nanochat_jax.checkpoint import load_stage
+    from nanochat_jax.training.checkpoint import load_stage
     from nanochat_jax.common import use_compilation_cache
-    from nanochat_jax.engine import Engine
+    from nanochat_jax.inference.engine import Engine
     use_compilation_cache()  # a restarted server reads its programs back instead of compiling them
     try:
         model, tokenizer, meta = load_stage(args.source, args.model_tag, args.step)

@@ -19,8 +19,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from nanochat_jax.gpt import GPT, GPTConfig  # noqa: E402
-from nanochat_jax.tokenizer import Tokenizer  # noqa: E402
+from nanochat_jax.model.gpt import GPT, GPTConfig  # noqa: E402
+from nanochat_jax.data.tokenizer import Tokenizer  # noqa: E402
 
 WORDS = ("the model reads every token once and predicts what comes next while the optimizer keeps two moments "
          "of each gradient data shards flow through a packing buffer 12 345 6789 hello world").split()

@@ -17,13 +17,13 @@ import jax
 import numpy as np
 from flax import nnx
 
-from nanochat_jax.checkpoint import Checkpointer
+from nanochat_jax.training.checkpoint import Checkpointer
 from nanochat_jax.common import init_distributed
-from nanochat_jax.dataloader import to_global_array
-from nanochat_jax.gpt import GPT, GPTConfig
-from nanochat_jax.optim import build_optimizer
-from nanochat_jax.sharding import make_mesh
-from nanochat_jax.trainer import Trainer, TrainState
+from nanochat_jax.data.dataloader import to_global_array
+from nanochat_jax.model.gpt import GPT, GPTConfig
+from nanochat_jax.training.optim import build_optimizer
+from nanochat_jax.model.sharding import make_mesh
+from nanochat_jax.training.trainer import Trainer, TrainState
 
 CONFIG = GPTConfig(sequence_len=16, vocab_size=100, n_layer=2, n_head=2, n_kv_head=1, n_embd=32)
 GLOBAL_ROWS = 8

@@ -65,8 +65,8 @@ def write_all_tasks(base, n=24):
 
 def write_base_checkpoint(base, tokenizer, config, tag="d2", seed=0):
     """A base model with random weights (lm_head included, so it is not uniform) as train.base would leave it."""
-    from nanochat_jax.checkpoint import Checkpointer, model_meta
-    from nanochat_jax.gpt import GPT
+    from nanochat_jax.training.checkpoint import Checkpointer, model_meta
+    from nanochat_jax.model.gpt import GPT
     model = randomize(GPT(config, rngs=nnx.Rngs(seed)), seed=seed, std=0.05)
     checkpointer = Checkpointer(str(base / "base_checkpoints" / tag), async_save=False)
     checkpointer.save(0, {"params": nnx.to_pure_dict(nnx.state(model))}, model_meta(config, 0))

@@ -15,11 +15,11 @@ import pytest
 from flax import nnx
 
 from conftest import REPO_ROOT, tiny_config
-from nanochat_jax import aot
-from nanochat_jax.gpt import GPT
-from nanochat_jax.optim import build_optimizer
-from nanochat_jax.sharding import make_mesh
-from nanochat_jax.trainer import Trainer
+from nanochat_jax.measure import aot
+from nanochat_jax.model.gpt import GPT
+from nanochat_jax.training.optim import build_optimizer
+from nanochat_jax.model.sharding import make_mesh
+from nanochat_jax.training.trainer import Trainer
 from scripts import aot_compile
 
 TINY = ["--depth", "2", "--vocab-size", "512", "--seq-len", "128", "--device-batch-size", "2",

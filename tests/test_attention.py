@@ -5,8 +5,8 @@ import pytest
 
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from nanochat_jax.attention import attention, choose_impl
-from nanochat_jax.sharding import make_mesh
+from nanochat_jax.model.attention import attention, choose_impl
+from nanochat_jax.model.sharding import make_mesh
 from reference import naive_attention
 
 
@@ -25,7 +25,7 @@ def test_causal_matches_naive(N, K):
 def test_long_sequences_go_block_by_block_with_the_same_values_and_gradients(monkeypatch):
     """Above CAUSAL_BLOCK queries the XLA path computes only the blocks at or below the diagonal: the output equals
     the naive softmax and the gradient equals the one-block path's."""
-    from nanochat_jax import attention as module
+    from nanochat_jax.model import attention as module
     monkeypatch.setattr(module, "CAUSAL_BLOCK", 8)
     q, k, v = (jnp.asarray(a, jnp.float32) for a in qkv(2, 24, 24, 4, 2, 8, seed=3))  # GQA, 3 blocks
     out = attention(q, k, v, impl="xla")

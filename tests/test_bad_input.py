@@ -7,9 +7,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import make_text, run_module
-from nanochat_jax import report
+from nanochat_jax.evaluation import report
 from nanochat_jax.common import check_writable
-from nanochat_jax.stages import Source
+from nanochat_jax.training.stages import Source
 
 
 def write_shards(base, n_shards=3):

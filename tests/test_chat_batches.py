@@ -8,11 +8,11 @@ import pytest
 from flax import nnx
 
 from conftest import randomize, tiny_config
-from nanochat_jax.chat_batches import PackedConversations, PaddedConversations, estimated_tokens
-from nanochat_jax.dataloader import StepBatches
-from nanochat_jax.gpt import GPT
+from nanochat_jax.data.chat_batches import PackedConversations, PaddedConversations, estimated_tokens
+from nanochat_jax.data.dataloader import StepBatches
+from nanochat_jax.model.gpt import GPT
 from nanochat_jax.tasks.base import Task
-from nanochat_jax.trainer import micro_loss
+from nanochat_jax.training.trainer import micro_loss
 
 
 class Listed(Task):

@@ -3,9 +3,9 @@ import pytest
 from flax import nnx
 
 from conftest import randomize, run_module, tiny_config
-from nanochat_jax.frontend import prompt_for_reply, reply_parts
-from nanochat_jax.checkpoint import Checkpointer, model_meta
-from nanochat_jax.gpt import GPT
+from nanochat_jax.inference.frontend import prompt_for_reply, reply_parts
+from nanochat_jax.training.checkpoint import Checkpointer, model_meta
+from nanochat_jax.model.gpt import GPT
 
 
 def conversation(n_exchanges, words=3):
@@ -58,7 +58,7 @@ def sft_checkpoint(tmp_path, tokenizer):
 def test_reply_text_shows_tool_calls_and_never_a_special_token(tokenizer):
     """What the CLI and the page show of a reply: <<expression=result>> for a tool call; a stray special token
     (here <|user_start|> and <|python_end|> out of place) shows as nothing, never by its raw name."""
-    from nanochat_jax.frontend import ReplyText, render_reply
+    from nanochat_jax.inference.frontend import ReplyText, render_reply
     sp = tokenizer.encode_special
     tokens = (tokenizer.encode("twelve is ") + [sp("<|python_start|>")] + tokenizer.encode("7+5")
               + [sp("<|python_end|>"), sp("<|output_start|>")] + tokenizer.encode("12") + [sp("<|output_end|>")]
@@ -75,7 +75,7 @@ def test_a_stream_cut_by_the_token_limit_ends_on_a_whole_character(tokenizer):
     """/v1/completions: the last token is the first byte of a three-byte character; the stream's end leaves it
     out rather than sending U+FFFD."""
     from serve.openai_api import Choice, PlainText
-    from nanochat_jax.serving import Token
+    from nanochat_jax.inference.scheduler import Token
     first_byte = tokenizer.enc.encode_single_token("東".encode()[:1])
     choice = Choice(0, tokenizer, PlainText, [])
     sent = "".join(choice.add(Token(0, t, False, 0.0, ())) for t in tokenizer.encode("x = ") + [first_byte])

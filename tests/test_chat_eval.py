@@ -4,9 +4,9 @@ import numpy as np
 from flax import nnx
 
 from conftest import logits_of, randomize, tiny_config
-from nanochat_jax.chat_eval import categorical_outcomes, generative_outcomes, pass_at_k
-from nanochat_jax.engine import Engine
-from nanochat_jax.gpt import GPT
+from nanochat_jax.evaluation.chat_tasks import categorical_outcomes, generative_outcomes, pass_at_k
+from nanochat_jax.inference.engine import Engine
+from nanochat_jax.model.gpt import GPT
 from nanochat_jax.tasks.base import Task, render_mc
 
 
@@ -66,7 +66,7 @@ def test_generative_outcomes_and_pass_at_k(tokenizer):
 
 
 def test_reply_form_checks_the_chat_and_tool_syntax(tokenizer):
-    from nanochat_jax.chat_eval import reply_form
+    from nanochat_jax.evaluation.chat_tasks import reply_form
     sp = tokenizer.encode_special
     end, ps, pe, os_, oe = (sp(f"<|{n}|>") for n in ("assistant_end", "python_start", "python_end", "output_start",
                                                       "output_end"))
@@ -111,7 +111,7 @@ def test_evals_chat_refuses_humaneval_where_the_sandbox_is_unavailable(tmp_path,
     import pytest
 
     from evals import chat
-    from nanochat_jax import execution
+    from nanochat_jax.sandbox import execution
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))  # no checkpoint here: the sandbox is checked first
     monkeypatch.delenv(execution.UNSAFE_ENV, raising=False)
     monkeypatch.setattr(execution, "kernel_sandbox", lambda: (False, "the kernel refused (a test)"))

@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from conftest import tiny_config
-from nanochat_jax.checkpoint import load_stage
+from nanochat_jax.training.checkpoint import load_stage
 from task_files import write_all_tasks, write_base_checkpoint
 from train import mid, rl, sft
 

@@ -5,9 +5,9 @@ import pytest
 from flax import nnx
 
 from conftest import logits_of, randomize, tiny_config
-from nanochat_jax.checkpoint import Checkpointer, load_model, model_meta
-from nanochat_jax.gpt import GPT
-from nanochat_jax.sharding import make_mesh, param_shardings
+from nanochat_jax.training.checkpoint import Checkpointer, load_model, model_meta
+from nanochat_jax.model.gpt import GPT
+from nanochat_jax.model.sharding import make_mesh, param_shardings
 
 
 def test_save_on_one_mesh_load_on_another(tmp_path, tokenizer):
@@ -39,7 +39,7 @@ def test_save_on_one_mesh_load_on_another(tmp_path, tokenizer):
 
 SAVER = """
 import sys, time, numpy as np, jax.numpy as jnp
-from nanochat_jax.checkpoint import Checkpointer
+from nanochat_jax.training.checkpoint import Checkpointer
 ckpt = Checkpointer(sys.argv[1])
 big = {"w": jnp.asarray(np.random.default_rng(0).standard_normal((4096, 4096), dtype=np.float32))}
 ckpt.save(1, {"params": big}, {"step": 1})
@@ -87,7 +87,7 @@ def test_sigkill_during_save_keeps_the_previous_checkpoint(tmp_path):
 def test_a_loader_picks_the_newest_complete_checkpoint_and_says_which(tmp_path, monkeypatch, capsys):
     """A run that died before its first save (an empty tag, a deeper one), or in the middle of one (only orbax's
     temporary step directory), is passed over: serve.cli -i base then loads the run that did save."""
-    from nanochat_jax.checkpoint import STAGE_DIRS, complete_steps, stage_directory
+    from nanochat_jax.training.checkpoint import STAGE_DIRS, complete_steps, stage_directory
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
     stage = tmp_path / STAGE_DIRS["base"]
     cfg = tiny_config()

@@ -10,49 +10,49 @@ import pytest
 from flax import nnx
 
 from conftest import logits_of, randomize, tiny_config
-from nanochat_jax import core_eval
-from nanochat_jax.gpt import GPT
-from nanochat_jax.sharding import make_mesh
+from nanochat_jax.evaluation import core
+from nanochat_jax.model.gpt import GPT
+from nanochat_jax.model.sharding import make_mesh
 
 
 def test_prompts_with_fewshot_examples():
     shots = [{"query": "Q1", "choices": ["a", "b"], "gold": 1}, {"query": "Q2", "choices": ["c", "d"], "gold": 0}]
-    assert core_eval.prompts_mc({"query": "Q", "choices": ["x", "y"]}, "\nAnswer: ", shots) == [
+    assert core.prompts_mc({"query": "Q", "choices": ["x", "y"]}, "\nAnswer: ", shots) == [
         "Q1\nAnswer: b\n\nQ2\nAnswer: c\n\nQ\nAnswer: x", "Q1\nAnswer: b\n\nQ2\nAnswer: c\n\nQ\nAnswer: y"]
     shots = [{"context_options": ["A said", "B said"], "continuation": "hi.", "gold": 1}]
-    assert core_eval.prompts_schema({"context_options": ["C ran", "D ran"], "continuation": "far."}, " ", shots) == [
+    assert core.prompts_schema({"context_options": ["C ran", "D ran"], "continuation": "far."}, " ", shots) == [
         "B said hi.\n\nC ran far.", "B said hi.\n\nD ran far."]
     shots = [{"context": " Capital of France? ", "continuation": "Paris"}]
-    without, with_ = core_eval.prompts_lm({"context": "Capital of Italy?  ", "continuation": "Rome"}, "\nAnswer: ",
+    without, with_ = core.prompts_lm({"context": "Capital of Italy?  ", "continuation": "Rome"}, "\nAnswer: ",
                                           shots)
     assert with_ == "Capital of France?\nAnswer: Paris\n\nCapital of Italy?\nAnswer: Rome"
     assert without == "Capital of France?\nAnswer: Paris\n\nCapital of Italy?\nAnswer:"  # stripped
-    assert core_eval.prompts_mc({"query": "Q", "choices": ["x"]}, " ", []) == ["Q x"]
+    assert core.prompts_mc({"query": "Q", "choices": ["x"]}, " ", []) == ["Q x"]
 
 
 def test_fewshot_draws():
     data = [{"i": i} for i in range(30)]
     for index in (0, 7, 29):
-        drawn = core_eval.fewshot(data, index, 5)
+        drawn = core.fewshot(data, index, 5)
         expected = random.Random(1234 + index).sample([i for i in range(30) if i != index], 5)
         assert [d["i"] for d in drawn] == expected and data[index] not in drawn
-    assert core_eval.fewshot(data, 3, 0) == []
+    assert core.fewshot(data, 3, 0) == []
 
 
 def test_scored_spans(tokenizer):
     bos = tokenizer.get_bos_token_id()
-    rows = core_eval.example_rows({"query": "the model", "choices": ["reads every token", "keeps two"]},
+    rows = core.example_rows({"query": "the model", "choices": ["reads every token", "keeps two"]},
                                   "multiple_choice", " ", [], tokenizer)
     prefix = tokenizer.encode("the model", prepend=bos)
     for (tokens, start, end), choice in zip(rows, ["reads every token", "keeps two"]):
         assert tokens == tokenizer.encode(f"the model {choice}", prepend=bos) and end == len(tokens)
         assert tokens[:start] == prefix[:start] and start >= len(prefix) - 1
-    rows = core_eval.example_rows({"context_options": ["hello world", "the optimizer"], "continuation": "keeps data"},
+    rows = core.example_rows({"context_options": ["hello world", "the optimizer"], "continuation": "keeps data"},
                                   "schema", " ", [], tokenizer)
     suffix = tokenizer.encode(" keeps data")
     for tokens, start, end in rows:
         assert tokens[start:] == suffix and end == len(tokens)
-    (tokens, start, end), = core_eval.example_rows({"context": "hello", "continuation": "world"},
+    (tokens, start, end), = core.example_rows({"context": "hello", "continuation": "world"},
                                                    "language_modeling", " ", [], tokenizer)
     assert tokens[:start] == tokenizer.encode("hello", prepend=bos) and tokens[start:end] == tokenizer.encode(" world")
 
@@ -71,14 +71,14 @@ def test_task_types_with_known_answers(tokenizer):
     model = Repeat(tokenizer.get_vocab_size())
     # the repeated continuation is predicted token for token; the other is not
     mc = [{"query": "the", "choices": ["the the the the", "model reads every token"], "gold": g} for g in (0, 1)]
-    assert core_eval.evaluate_task(model, tokenizer, mc, "multiple_choice", 0, " ") == [True, False]
+    assert core.evaluate_task(model, tokenizer, mc, "multiple_choice", 0, " ") == [True, False]
     schema = [{"context_options": ["the the the", "model reads"], "continuation": "the the", "gold": g}
               for g in (0, 1)]
-    assert core_eval.evaluate_task(model, tokenizer, schema, "schema", 0, " ") == [True, False]
+    assert core.evaluate_task(model, tokenizer, schema, "schema", 0, " ") == [True, False]
     lm = [{"context": "the the", "continuation": "the the the"}, {"context": "the the", "continuation": "model reads"}]
-    assert core_eval.evaluate_task(model, tokenizer, lm, "language_modeling", 0, " ") == [True, False]
+    assert core.evaluate_task(model, tokenizer, lm, "language_modeling", 0, " ") == [True, False]
     # with few-shot examples in front the answers stand (all examples of the task share the format)
-    assert core_eval.evaluate_task(model, tokenizer, mc * 3, "multiple_choice", 2, " ") == [True, False] * 3
+    assert core.evaluate_task(model, tokenizer, mc * 3, "multiple_choice", 2, " ") == [True, False] * 3
 
 
 def test_batched_scores_match_the_full_forward(tokenizer):
@@ -89,7 +89,7 @@ def test_batched_scores_match_the_full_forward(tokenizer):
         tokens = rng.integers(0, tokenizer.get_vocab_size(), rng.integers(5, 40)).tolist()
         start = int(rng.integers(1, len(tokens) - 1))
         rows.append((tokens, start, int(rng.integers(start + 1, len(tokens) + 1))))
-    losses, exact = core_eval.score_rows(model, rows, 0, batch_size=4, mesh=make_mesh("data:8"))
+    losses, exact = core.score_rows(model, rows, 0, batch_size=4, mesh=make_mesh("data:8"))
     for (tokens, start, end), loss, ok in zip(rows, losses, exact):
         logits = np.asarray(logits_of(model, jnp.asarray([tokens])))[0].astype(np.float64)
         logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
@@ -100,9 +100,9 @@ def test_batched_scores_match_the_full_forward(tokenizer):
 
 
 def test_centering():
-    assert core_eval.centered(0.25, 25) == pytest.approx(0.0)
-    assert core_eval.centered(0.5, 25) == pytest.approx(1 / 3)
-    assert core_eval.centered(0.3, 0) == pytest.approx(0.3)
+    assert core.centered(0.25, 25) == pytest.approx(0.0)
+    assert core.centered(0.5, 25) == pytest.approx(1 / 3)
+    assert core.centered(0.3, 0) == pytest.approx(0.3)
 
 
 def test_evals_base_end_to_end(tmp_path, monkeypatch, tokenizer):
@@ -133,7 +133,7 @@ def test_evals_base_end_to_end(tmp_path, monkeypatch, tokenizer):
     assert json.loads(out.read_text())["core_metric"] == summary["core_metric"]
     with pytest.raises(SystemExit, match="few-shot"):
         evals_base.main(["--eval-tokens", "0", "--max-per-task", "2"])
-    monkeypatch.setattr(core_eval, "EVAL_BUNDLE_URL", "http://127.0.0.1:9/eval_bundle.zip")
+    monkeypatch.setattr(core, "EVAL_BUNDLE_URL", "http://127.0.0.1:9/eval_bundle.zip")
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "empty"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="eval_bundle"):
@@ -143,7 +143,7 @@ def test_evals_base_end_to_end(tmp_path, monkeypatch, tokenizer):
 def test_unigram_bpb_against_counting_by_hand():
     import math
 
-    from nanochat_jax.base_eval import unigram_bpb
+    from nanochat_jax.evaluation.bits_per_byte import unigram_bpb
     train = iter([{"targets": np.array([[0, 1, 1, -1]])}] * 4)  # 4 batches: token 0 x4, token 1 x8 (-1: padding)
     val = iter([{"targets": np.array([[1, 2, 3, -1]])}])
     token_bytes = np.array([1, 2, 3, 0])  # token 3 has no bytes (a special token): not counted
@@ -156,7 +156,7 @@ def test_batches_group_rows_by_length_within_a_token_budget():
     rng = np.random.default_rng(0)
     lengths = [int(n) for n in rng.integers(1, 3000, 200)] + [5000]
     for batch_size, multiple, budget in ((8, 1, 4096), (32, 8, 16384), (3, 2, 512)):
-        groups = core_eval.batches(lengths, batch_size, multiple, budget)
+        groups = core.batches(lengths, batch_size, multiple, budget)
         assert sorted(i for g, _, _ in groups for i in g) == list(range(len(lengths)))  # every row once
         shapes = set()
         for rows, length, n in groups:
@@ -177,9 +177,9 @@ def test_scoring_compiles_per_length_bucket_not_per_example(tokenizer):
     model = randomize(GPT(tiny_config(vocab_size=tokenizer.get_vocab_size(), sequence_len=64), rngs=nnx.Rngs(0)))
     data = [{"context": "hello " * n, "continuation": "world"} for n in range(1, 30)]
     with CompileCount() as first:
-        core_eval.evaluate_task(model, tokenizer, data, "language_modeling", 0, " ", batch_size=8)
+        core.evaluate_task(model, tokenizer, data, "language_modeling", 0, " ", batch_size=8)
     assert 1 <= first.programs <= 4, first  # rows of up to 64 tokens: buckets 16, 32, 64 (and a short last batch)
     more = [{"context": "the model " * n, "continuation": "reads"} for n in range(1, 14)]
     with CompileCount() as second:
-        core_eval.evaluate_task(model, tokenizer, more, "language_modeling", 0, " ", batch_size=8)
+        core.evaluate_task(model, tokenizer, more, "language_modeling", 0, " ", batch_size=8)
     assert second.programs == 0, second

@@ -4,7 +4,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import make_text
-from nanochat_jax.dataloader import PackedRows
+from nanochat_jax.data.dataloader import PackedRows
 
 
 def write_shards(directory, n_shards=3, docs=30, group=8):

@@ -92,7 +92,7 @@ def test_stand_in_and_real_shards_never_mix(tmp_path, monkeypatch):
 def test_climbmix_goes_to_its_own_directory(server, tmp_path, monkeypatch):
     """--dataset climbmix (the modern recipe's): nanochat's ClimbMix shards, validation shard_06542, in
     base_data_climbmix/, which every stage reads under NANOCHAT_DATASET=climbmix."""
-    from nanochat_jax.dataset import data_dir, split_shards
+    from nanochat_jax.data.dataset import data_dir, split_shards
     server.files = {name: b"c" * 10 for name in ("shard_00000.parquet", "shard_06542.parquet")}
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
     monkeypatch.setattr("sys.argv", ["download_data", "-n", "1", "--dataset", "climbmix"])

@@ -5,9 +5,9 @@ import pytest
 from flax import nnx
 
 from conftest import logits_of, randomize, tiny_config
-from nanochat_jax.decoding import use_calculator
-from nanochat_jax.engine import Engine
-from nanochat_jax.gpt import GPT
+from nanochat_jax.inference.programs import use_calculator
+from nanochat_jax.inference.engine import Engine
+from nanochat_jax.model.gpt import GPT
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +108,7 @@ def test_calculator_refuses(expr):
 
 def test_top_k_never_samples_outside_the_top_k():
     import jax
-    from nanochat_jax.decoding import sample
+    from nanochat_jax.inference.programs import sample
     sample = jax.jit(sample)
     rng = np.random.default_rng(0)
     logits = jnp.asarray(rng.standard_normal((4, 300)), jnp.float32)
@@ -133,8 +133,8 @@ def test_serving_weights_in_the_compute_dtype(tokenizer):
     from flax import nnx
 
     from conftest import randomize, tiny_config
-    from nanochat_jax.engine import Engine
-    from nanochat_jax.gpt import GPT
+    from nanochat_jax.inference.engine import Engine
+    from nanochat_jax.model.gpt import GPT
     model = randomize(GPT(tiny_config(vocab_size=tokenizer.get_vocab_size(), sequence_len=64), rngs=nnx.Rngs(0),
                           dtype=jnp.bfloat16), std=0.4)
     master, served = Engine(model, tokenizer), Engine(model, tokenizer, compute_dtype_weights=True)
@@ -151,9 +151,9 @@ def test_the_slot_loop_warms_up_every_prompt_bucket(tokenizer):
     from flax import nnx
 
     from conftest import randomize, tiny_config
-    from nanochat_jax.engine import Engine
-    from nanochat_jax.gpt import GPT
-    from nanochat_jax.serving import SlotLoop
+    from nanochat_jax.inference.engine import Engine
+    from nanochat_jax.model.gpt import GPT
+    from nanochat_jax.inference.scheduler import SlotLoop
     model = randomize(GPT(tiny_config(vocab_size=tokenizer.get_vocab_size(), sequence_len=100), rngs=nnx.Rngs(0)))
     loop = SlotLoop(Engine(model, tokenizer), slots=2)
     assert loop.warm_up() == 4  # prompts of 16, 32, 64 and 99 tokens: buckets 16 .. 128
@@ -194,7 +194,7 @@ def test_decode_reads_only_the_filled_cache_and_crosses_buckets(tokenizer):
 def test_a_later_turn_starts_from_the_parked_cache(engine, tokenizer):
     """Turn 2's prompt is turn 1's prompt and reply plus a new message: the slot that served turn 1 still holds
     those tokens, so only the new ones are prefilled, and the reply equals one from a fresh prefill."""
-    from nanochat_jax.serving import Finished, Request, SlotLoop, Token
+    from nanochat_jax.inference.scheduler import Finished, Request, SlotLoop, Token
 
     def reply(loop, tokens):
         request = loop.submit(Request(list(tokens), 1, 10, 0.0, None, 1.0, 0))
@@ -231,7 +231,7 @@ def test_a_warm_slot_loop_compiles_nothing_as_requests_come_and_go(engine, token
     other lengths and budgets, compile no program: the host side of a tick has one shape whatever the traffic (an
     index list of the freed slots used to compile an eager scatter for each new count)."""
     from nanochat_jax.common import CompileCount
-    from nanochat_jax.serving import Request, SlotLoop
+    from nanochat_jax.inference.scheduler import Request, SlotLoop
 
     def serve(loop, requests):
         for request in requests:

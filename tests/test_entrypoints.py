@@ -4,8 +4,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import make_text, run_module
-from nanochat_jax.dataset import iter_texts, split_shards
-from nanochat_jax.tokenizer import Tokenizer
+from nanochat_jax.data.dataset import iter_texts, split_shards
+from nanochat_jax.data.tokenizer import Tokenizer
 
 
 def write_shards(base, n_shards=3, docs_per_shard=40):

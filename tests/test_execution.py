@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from nanochat_jax import execution
-from nanochat_jax.execution import STATUSES, execute_code
+from nanochat_jax.sandbox import execution
+from nanochat_jax.sandbox.execution import STATUSES, execute_code
 
 HAVE_BWRAP = shutil.which("bwrap") is not None
 needs_bwrap = pytest.mark.skipif(not HAVE_BWRAP, reason="bubblewrap is not installed (.ci/run installs it)")
@@ -552,7 +552,7 @@ print(sorted(os.environ))
 
 
 def test_check_prints_the_layers():
-    out = subprocess.run([sys.executable, "-m", "nanochat_jax.execution", "--check"], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "nanochat_jax.sandbox", "--check"], capture_output=True,
                          text=True, timeout=300)
     if HAVE_BWRAP:
         assert out.returncode == 0, out.stderr

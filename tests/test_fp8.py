@@ -1,12 +1,12 @@
-"""FP8 matmuls (nanochat_jax.fp8) against exact float64 matmuls: e4m3 operands with tensorwise scales forward, e5m2
+"""FP8 matmuls (nanochat_jax.model.fp8) against exact float64 matmuls: e4m3 operands with tensorwise scales forward, e5m2
 gradients backward, and a model that trains with them."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nanochat_jax.fp8 import E4M3, E5M2, fp8_eligible, fp8_matmul, quantize
-from nanochat_jax.gpt import GPT, config_from_depth
+from nanochat_jax.model.fp8 import E4M3, E5M2, fp8_eligible, fp8_matmul, quantize
+from nanochat_jax.model.gpt import GPT, config_from_depth
 
 
 def test_quantize_scales_the_largest_value_to_the_format_max():

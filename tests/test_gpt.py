@@ -6,11 +6,11 @@ import pytest
 from flax import nnx
 
 from conftest import cached_step, logits_of, randomize, tiny_config
-from nanochat_jax.gpt import (GPT, GPTConfig, apply_rope, config_from_depth, cross_entropy, init_cache, rms_norm,
+from nanochat_jax.model.gpt import (GPT, GPTConfig, apply_rope, config_from_depth, cross_entropy, init_cache, rms_norm,
                               rope_tables)
-from nanochat_jax import gpt
-from nanochat_jax.interop import state_dict_to_params
-from nanochat_jax.sharding import batch_sharding, create_sharded, make_mesh, param_shardings
+from nanochat_jax.model import gpt
+from nanochat_jax.model.interop import state_dict_to_params
+from nanochat_jax.model.sharding import batch_sharding, create_sharded, make_mesh, param_shardings
 from reference import bf16_round, gpt_forward, random_state_dict, rope_angles, rotate
 
 

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from conftest import logits_of, run_module
-from nanochat_jax.checkpoint import load_model
-from nanochat_jax.gpt import GPTConfig
-from nanochat_jax.interop import import_nanochat
-from nanochat_jax.sharding import make_mesh
+from nanochat_jax.training.checkpoint import load_model
+from nanochat_jax.model.gpt import GPTConfig
+from nanochat_jax.model.interop import import_nanochat
+from nanochat_jax.model.sharding import make_mesh
 from reference import gpt_forward, random_state_dict
 
 torch = pytest.importorskip("torch", reason="torch is optional (the 'torch' extra): only nanochat import needs it")

@@ -9,9 +9,9 @@ import pytest
 from flax import nnx
 
 from conftest import cached_step, logits_of
-from nanochat_jax.engine import Engine
-from nanochat_jax.gpt import GPT, MODERN_SWITCHES, GPTConfig, config_from_depth, init_cache, modern_config
-from nanochat_jax.interop import state_dict_to_params
+from nanochat_jax.inference.engine import Engine
+from nanochat_jax.model.gpt import GPT, MODERN_SWITCHES, GPTConfig, config_from_depth, init_cache, modern_config
+from nanochat_jax.model.interop import state_dict_to_params
 from reference import gpt_forward, random_state_dict
 
 # sequence_len 512: the short window is 128, so rows of 160 tokens see it
@@ -117,7 +117,7 @@ def test_sizes_match_nanochat():
 def test_every_remat_policy_gives_the_same_gradients_with_every_switch(monkeypatch):
     """The policies name what the backward pass keeps; with windows (one branch per window), value embeddings and the
     residual scalars the loss and gradients are those of a backward pass that keeps everything."""
-    from nanochat_jax import gpt
+    from nanochat_jax.model import gpt
     monkeypatch.setitem(gpt.REMAT_POLICIES, "everything", jax.checkpoint_policies.everything_saveable)
     cfg = GPTConfig(**(BASE | MODERN_SWITCHES | dict(n_layer=4)))
     idx = jnp.asarray(np.random.default_rng(2).integers(0, cfg.vocab_size, (2, 161)))

@@ -11,9 +11,9 @@ import uvicorn
 from flax import nnx
 
 from conftest import randomize, tiny_config
-from nanochat_jax.engine import Engine
-from nanochat_jax.gpt import GPT
-from nanochat_jax.serving import BatchedEngine
+from nanochat_jax.inference.engine import Engine
+from nanochat_jax.model.gpt import GPT
+from nanochat_jax.inference.scheduler import BatchedEngine
 from serve.web import create_app
 
 HELLO = [{"role": "user", "content": "hello there"}]

@@ -5,9 +5,9 @@ import pytest
 from flax import nnx
 
 from conftest import tiny_config
-from nanochat_jax.gpt import GPT
-from nanochat_jax.gpt import config_from_depth
-from nanochat_jax.optim import (MODERN_MUON, MuonVariant, Schedule, auto_batch, build_optimizer, lr_multiplier, muon,
+from nanochat_jax.model.gpt import GPT
+from nanochat_jax.model.gpt import config_from_depth
+from nanochat_jax.training.optim import (MODERN_MUON, MuonVariant, Schedule, auto_batch, build_optimizer, lr_multiplier, muon,
                                 muon_momentum, orthogonalize, param_label, set_schedule)
 
 

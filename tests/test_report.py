@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from nanochat_jax import report
+from nanochat_jax.evaluation import report
 
 
 def test_report_from_stage_logs(tmp_path, monkeypatch):

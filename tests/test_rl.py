@@ -7,13 +7,13 @@ import pytest
 from flax import nnx
 
 from conftest import randomize, tiny_config
-from nanochat_jax.engine import Engine
-from nanochat_jax.gpt import GPT
-from nanochat_jax.optim import build_optimizer
-from nanochat_jax.rl import Rollouts, policy_batch, rollouts
-from nanochat_jax.sharding import make_mesh
+from nanochat_jax.inference.engine import Engine
+from nanochat_jax.model.gpt import GPT
+from nanochat_jax.training.optim import build_optimizer
+from nanochat_jax.training.reinforce import Rollouts, policy_batch, rollouts
+from nanochat_jax.model.sharding import make_mesh
 from nanochat_jax.tasks.base import Task
-from nanochat_jax.trainer import Trainer, micro_loss
+from nanochat_jax.training.trainer import Trainer, micro_loss
 
 PAD = 99
 

@@ -1,7 +1,7 @@
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from nanochat_jax.sharding import logical_to_spec, make_mesh, parse_mesh_spec
+from nanochat_jax.model.sharding import logical_to_spec, make_mesh, parse_mesh_spec
 
 
 def test_mesh_specs():
@@ -25,7 +25,7 @@ def test_logical_rules():
 
 
 def test_optimizer_state_rules_split_over_every_device():
-    from nanochat_jax.sharding import OPT_STATE_RULES
+    from nanochat_jax.model.sharding import OPT_STATE_RULES
     mesh = make_mesh("data:8")
     assert logical_to_spec(("embed", "mlp"), (64, 256), mesh, OPT_STATE_RULES) == P(("data", "fsdp"), None)
     assert logical_to_spec(("embed", "mlp"), (12, 256), mesh, OPT_STATE_RULES) == P(None, None)

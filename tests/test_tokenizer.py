@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from conftest import make_text
-from nanochat_jax.tokenizer import SPECIAL_TOKENS, Tokenizer
+from nanochat_jax.data.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 ROUND_TRIPS = [
     "",

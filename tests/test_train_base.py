@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from nanochat_jax.checkpoint import load_model
+from nanochat_jax.training.checkpoint import load_model
 from test_entrypoints import write_shards
 from train import base
 
@@ -114,7 +114,7 @@ def test_modern_recipe_run_and_exact_resume(base_dir):
 def test_modern_sizing_follows_nanochat():
     """The automatic batch, learning-rate scale and weight decay of the modern recipe (optim.auto_batch)."""
     from types import SimpleNamespace
-    from nanochat_jax.gpt import config_from_depth
+    from nanochat_jax.model.gpt import config_from_depth
     config = config_from_depth(24, 32768, 2048, recipe="modern")
     args = SimpleNamespace(total_batch_size=-1, target_param_data_ratio=8, weight_decay=0.28, num_iterations=-1,
                            target_flops=-1)

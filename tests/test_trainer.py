@@ -5,11 +5,11 @@ import pytest
 from flax import nnx
 
 from conftest import tiny_config
-from nanochat_jax.dataloader import split_rows
-from nanochat_jax.gpt import GPT
-from nanochat_jax.optim import build_optimizer
-from nanochat_jax.sharding import make_mesh
-from nanochat_jax.trainer import Trainer
+from nanochat_jax.data.dataloader import split_rows
+from nanochat_jax.model.gpt import GPT
+from nanochat_jax.training.optim import build_optimizer
+from nanochat_jax.model.sharding import make_mesh
+from nanochat_jax.training.trainer import Trainer
 
 CFG = tiny_config(n_embd=64, n_head=2, n_kv_head=1, n_layer=2, vocab_size=100)
 
@@ -69,7 +69,7 @@ def test_step_compiles_once_and_learns():
 
 def test_loss_sums_and_bits_per_byte_by_hand():
     from conftest import randomize
-    from nanochat_jax.base_eval import bits_per_byte, loss_sums
+    from nanochat_jax.evaluation.bits_per_byte import bits_per_byte, loss_sums
     trainer = Trainer.create(make_model, build_optimizer(CFG.n_embd), make_mesh("data:8"))
     params = nnx.to_pure_dict(nnx.state(randomize(make_model())))
     rng = np.random.default_rng(5)

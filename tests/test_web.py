@@ -11,11 +11,11 @@ import uvicorn
 from flax import nnx
 
 from conftest import randomize, tiny_config
-from nanochat_jax.frontend import prompt_for_reply
-from nanochat_jax.engine import Engine
-from nanochat_jax.gpt import GPT
-from nanochat_jax.serving import BatchedEngine, Request
-from nanochat_jax.frontend import render_reply
+from nanochat_jax.inference.frontend import prompt_for_reply
+from nanochat_jax.inference.engine import Engine
+from nanochat_jax.model.gpt import GPT
+from nanochat_jax.inference.scheduler import BatchedEngine, Request
+from nanochat_jax.inference.frontend import render_reply
 from serve.web import create_app
 
 DEFAULTS = {"temperature": 0.8, "top_k": 50, "max_tokens": 64}

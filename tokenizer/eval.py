@@ -7,9 +7,9 @@ our tokenizer alone. Besides the built-in samples, the first row group of the lo
 measured when present.
 """
 from nanochat_jax.common import run_entry_point
-from nanochat_jax import report
-from nanochat_jax.dataset import iter_texts, standin_corpus
-from nanochat_jax.tokenizer import Tokenizer, get_tokenizer
+from nanochat_jax.evaluation import report
+from nanochat_jax.data.dataset import iter_texts, standin_corpus
+from nanochat_jax.data.tokenizer import Tokenizer, get_tokenizer
 
 SAMPLES = {
     "news": (

@@ -9,10 +9,10 @@ import argparse
 import os
 import time
 
-from nanochat_jax import report
+from nanochat_jax.evaluation import report
 from nanochat_jax.common import check_writable, get_base_dir, run_entry_point
-from nanochat_jax.dataset import check_shards, iter_texts, standin_corpus
-from nanochat_jax.tokenizer import SPECIAL_TOKENS, Tokenizer
+from nanochat_jax.data.dataset import check_shards, iter_texts, standin_corpus
+from nanochat_jax.data.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 
 def capped_documents(max_chars: int, doc_cap: int):

@@ -19,19 +19,19 @@ import os
 import jax
 import jax.numpy as jnp
 
-from nanochat_jax import report
-from nanochat_jax.aot import check_training_memory
-from nanochat_jax.base_eval import bits_per_byte, loss_sums, print_samples
-from nanochat_jax.checkpoint import Checkpointer
+from nanochat_jax.evaluation import report
+from nanochat_jax.measure.aot import check_training_memory
+from nanochat_jax.evaluation.bits_per_byte import bits_per_byte, loss_sums, print_samples
+from nanochat_jax.training.checkpoint import Checkpointer
 from nanochat_jax.common import check_writable, get_base_dir, init_distributed, parse_dtype, print0, run_entry_point
-from nanochat_jax.dataloader import StepBatches, pretraining_batches
-from nanochat_jax.dataset import check_shards, standin_corpus
-from nanochat_jax.gpt import RECIPES, config_from_depth
-from nanochat_jax.loop import Eval, Plan, run
-from nanochat_jax.optim import Schedule, auto_batch
-from nanochat_jax.stages import (add_optimizer_flags, add_run_flags, batch_geometry, begin_run, check_flags,
+from nanochat_jax.data.dataloader import StepBatches, pretraining_batches
+from nanochat_jax.data.dataset import check_shards, standin_corpus
+from nanochat_jax.model.gpt import RECIPES, config_from_depth
+from nanochat_jax.training.loop import Eval, Plan, run
+from nanochat_jax.training.optim import Schedule, auto_batch
+from nanochat_jax.training.stages import (add_optimizer_flags, add_run_flags, batch_geometry, begin_run, check_flags,
                                  fill_optimizer_defaults, make_trainer, run_meta, start_wandb)
-from nanochat_jax.tokenizer import get_token_bytes, get_tokenizer
+from nanochat_jax.data.tokenizer import get_token_bytes, get_tokenizer
 
 
 RECIPE_FLAGS = {  # the schedule and sizing flags' values per recipe where left unset

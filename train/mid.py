@@ -16,15 +16,15 @@ import argparse
 
 import jax
 
-from nanochat_jax import report
-from nanochat_jax.aot import check_training_memory
-from nanochat_jax.base_eval import bits_per_byte, loss_sums
-from nanochat_jax.chat_batches import PackedConversations, estimated_tokens
+from nanochat_jax.evaluation import report
+from nanochat_jax.measure.aot import check_training_memory
+from nanochat_jax.evaluation.bits_per_byte import bits_per_byte, loss_sums
+from nanochat_jax.data.chat_batches import PackedConversations, estimated_tokens
 from nanochat_jax.common import init_distributed, print0, run_entry_point
-from nanochat_jax.dataloader import StepBatches
-from nanochat_jax.loop import Eval, Plan, run
-from nanochat_jax.optim import Schedule
-from nanochat_jax.stages import (add_chat_stage_flags, batch_geometry, begin_run, check_flags, open_chat_stage,
+from nanochat_jax.data.dataloader import StepBatches
+from nanochat_jax.training.loop import Eval, Plan, run
+from nanochat_jax.training.optim import Schedule
+from nanochat_jax.training.stages import (add_chat_stage_flags, batch_geometry, begin_run, check_flags, open_chat_stage,
                                  run_meta, start_wandb)
 from nanochat_jax.tasks import mixtures
 

@@ -6,7 +6,7 @@
 
 Each step takes --examples-per-step GSM8K train questions, samples --num-samples completions of each with the engine
 (temperature 1, top-k 50, calculator on), rewards a correct final answer with 1, and takes one optimizer step on the
-policy-gradient loss of the sampled tokens (see nanochat_jax.rl); learning rates x 0.05 decaying linearly to 0 over
+policy-gradient loss of the sampled tokens (see nanochat_jax.training.reinforce); learning rates x 0.05 decaying linearly to 0 over
 one epoch. Every --eval-every steps: pass@1..k on GSM8K test with k = --device-batch-size samples at temperature 1.
 Starts from the latest SFT checkpoint (or --source mid); writes $NANOCHAT_BASE_DIR/chatrl_checkpoints/<model tag>/
 with metrics.jsonl. Sampling runs on the local devices, so this stage runs in one process (one host).
@@ -16,13 +16,13 @@ import argparse
 
 import jax
 
-from nanochat_jax import report
-from nanochat_jax.chat_eval import generative_outcomes, pass_at_k
+from nanochat_jax.evaluation import report
+from nanochat_jax.evaluation.chat_tasks import generative_outcomes, pass_at_k
 from nanochat_jax.common import print0, run_entry_point, single_host_only
-from nanochat_jax.loop import Eval, Plan, run
-from nanochat_jax.optim import Schedule
-from nanochat_jax.rl import RolloutBatches
-from nanochat_jax.stages import (add_chat_stage_flags, begin_run, check_flags, epoch_steps, open_chat_stage, run_meta,
+from nanochat_jax.training.loop import Eval, Plan, run
+from nanochat_jax.training.optim import Schedule
+from nanochat_jax.training.reinforce import RolloutBatches
+from nanochat_jax.training.stages import (add_chat_stage_flags, begin_run, check_flags, epoch_steps, open_chat_stage, run_meta,
                                  start_wandb)
 from nanochat_jax.tasks.registry import CHAT_TASKS
 

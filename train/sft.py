@@ -15,16 +15,16 @@ import argparse
 
 import jax
 
-from nanochat_jax import report
-from nanochat_jax.base_eval import loss_sums
-from nanochat_jax.chat_batches import PaddedConversations
-from nanochat_jax.chat_eval import categorical_outcomes, generative_outcomes
+from nanochat_jax.evaluation import report
+from nanochat_jax.evaluation.bits_per_byte import loss_sums
+from nanochat_jax.data.chat_batches import PaddedConversations
+from nanochat_jax.evaluation.chat_tasks import categorical_outcomes, generative_outcomes
 from nanochat_jax.common import init_distributed, print0, run_entry_point
-from nanochat_jax.dataloader import StepBatches
-from nanochat_jax.engine import Engine
-from nanochat_jax.loop import Eval, Plan, run
-from nanochat_jax.optim import Schedule
-from nanochat_jax.stages import (add_chat_stage_flags, begin_run, check_flags, epoch_steps, open_chat_stage, run_meta,
+from nanochat_jax.data.dataloader import StepBatches
+from nanochat_jax.inference.engine import Engine
+from nanochat_jax.training.loop import Eval, Plan, run
+from nanochat_jax.training.optim import Schedule
+from nanochat_jax.training.stages import (add_chat_stage_flags, begin_run, check_flags, epoch_steps, open_chat_stage, run_meta,
                                  start_wandb)
 from nanochat_jax.tasks import mixtures
 from nanochat_jax.tasks.registry import CHAT_TASKS

@@ -1,7 +1,7 @@
 """HumanEval (openai/openai_humaneval): write the function; the completion runs against the tests in the sandbox."""
 import re
 
-from nanochat_jax.execution import execute_code
+from nanochat_jax.sandbox.execution import execute_code
 from nanochat_jax.tasks.base import Task, load_rows
 
 

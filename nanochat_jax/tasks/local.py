@@ -10,7 +10,7 @@ Example i is a pure function of (split, i), as for the spelling tasks.
 """
 import random
 
-from nanochat_jax.stdlib_text import stdlib_words
+from nanochat_jax.data.stdlib_text import stdlib_words
 from nanochat_jax.tasks.base import FinalNumberTask, GeneratedTask
 
 NAMES = ["Ada", "Ben", "Chloe", "Dev", "Emma", "Femi", "Grace", "Hugo", "Ines", "Jun", "Kofi", "Lena", "Mateo", "Nora"]

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from nanochat_jax.common import bucket
-from nanochat_jax.chat_batches import masked_targets
-from nanochat_jax.engine import Engine
+from nanochat_jax.data.chat_batches import masked_targets
+from nanochat_jax.inference.engine import Engine
 
 
 @dataclass

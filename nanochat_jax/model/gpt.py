@@ -15,7 +15,7 @@ The modern switches (`modern_config` sets them all, with nanochat's init):
 - smear: x[t] += smear_lambda * sigmoid(x[t, :24] @ smear_gate) * x[t-1] on the normed embedding;
 - backout: the residual after block n_layer//2, times backout_lambda, is subtracted before the final norm.
 
-Parameters are fp32 and carry logical axis names (`axes=`) that nanochat_jax.sharding maps onto a mesh.
+Parameters are fp32 and carry logical axis names (`axes=`) that nanochat_jax.model.sharding maps onto a mesh.
 Weights are stored [in, out] (JAX's convention; torch's nn.Linear stores [out, in]).
 
 The blocks' parameters are stacked on a leading 'layers' axis (model.h.attn.c_q.kernel is [n_layer, in, out]) and the
@@ -33,9 +33,9 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from nanochat_jax.attention import attention, xla_attention
-from nanochat_jax.fp8 import fp8_eligible, fp8_matmul
-from nanochat_jax.sharding import shard_rows
+from nanochat_jax.model.attention import attention, xla_attention
+from nanochat_jax.model.fp8 import fp8_eligible, fp8_matmul
+from nanochat_jax.model.sharding import shard_rows
 
 SOFTCAP = 15.0
 ROPE_BASE = 10000.0
@@ -214,7 +214,7 @@ class Linear(nnx.Module):
 
     def __init__(self, fan_in: int, fan_out: int, axes: tuple, *, rngs: nnx.Rngs, zero_init: bool = False,
                  layers: int | None = None, init=None, fp8: bool = False):
-        self.fp8 = fp8 and fp8_eligible(fan_in, fan_out)  # FP8 matmuls (nanochat_jax.fp8) where nanochat uses them
+        self.fp8 = fp8 and fp8_eligible(fan_in, fan_out)  # FP8 matmuls (nanochat_jax.model.fp8) where nanochat uses them
         shape, axes = ((fan_in, fan_out), axes) if layers is None else ((layers, fan_in, fan_out), ("layers",) + axes)
         if zero_init:
             kernel = jnp.zeros(shape, jnp.float32)
@@ -322,9 +322,9 @@ class GPT(nnx.Module):
     def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, attn_impl: str | None = None,
                  remat: str = "none", fp8: bool = False):
         """dtype: compute dtype (bf16 on GPU/TPU, fp32 on CPU); parameters are always fp32.
-        attn_impl: None picks by backend, or 'xla' / 'cudnn' / 'splash' (see nanochat_jax.attention).
+        attn_impl: None picks by backend, or 'xla' / 'cudnn' / 'splash' (see nanochat_jax.model.attention).
         remat: what the backward pass keeps of each block, one of REMAT_POLICIES.
-        fp8: FP8 matmuls in the layers nanochat converts (projections, MLP, lm_head; see nanochat_jax.fp8)."""
+        fp8: FP8 matmuls in the layers nanochat converts (projections, MLP, lm_head; see nanochat_jax.model.fp8)."""
         if remat not in REMAT_POLICIES:
             raise ValueError(f"unknown remat policy {remat!r}: expected one of {sorted(REMAT_POLICIES)}")
         self.config, self.dtype, self.remat = config, dtype, remat

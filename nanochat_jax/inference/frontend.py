@@ -1,6 +1,6 @@
 """Conversations for the chat front ends (terminal and web): prompt rendering that fits the model's context, and
 turning a generated reply back into message parts (text, python calls, tool outputs)."""
-from nanochat_jax.tokenizer import SPECIAL_TOKENS, Tokenizer
+from nanochat_jax.data.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 
 def prompt_for_reply(tokenizer: Tokenizer, messages: list[dict], context: int, reply_room: int):

@@ -14,13 +14,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nanochat_jax.checkpoint import STAGE_DIRS, Checkpointer, complete_steps, stage_directory
+from nanochat_jax.training.checkpoint import STAGE_DIRS, Checkpointer, complete_steps, stage_directory
 from nanochat_jax.common import get_base_dir, parse_dtype, print0
-from nanochat_jax.gpt import GPT, REMAT_POLICIES, GPTConfig
-from nanochat_jax.optim import RECIPE_DEFAULTS, build_optimizer
-from nanochat_jax.sharding import make_mesh, parse_mesh_spec
-from nanochat_jax.tokenizer import Tokenizer
-from nanochat_jax.trainer import Trainer, TrainState
+from nanochat_jax.model.gpt import GPT, REMAT_POLICIES, GPTConfig
+from nanochat_jax.training.optim import RECIPE_DEFAULTS, build_optimizer
+from nanochat_jax.model.sharding import make_mesh, parse_mesh_spec
+from nanochat_jax.data.tokenizer import Tokenizer
+from nanochat_jax.training.trainer import Trainer, TrainState
 
 
 def add_optimizer_flags(p: argparse.ArgumentParser, grad_clip: float | None = None,

@@ -1,6 +1,6 @@
 """The first lines of every sandboxed interpreter: the kernel layers it applies to itself, then the program.
 
-`nanochat_jax.execution` runs this file's text as `python -I -S -u -c <text> <config>`, inside bubblewrap's
+`nanochat_jax.sandbox.execution` runs this file's text as `python -I -S -u -c <text> <config>`, inside bubblewrap's
 namespaces (kernel mode) or directly (unsafe mode); the config is a marshal-encoded dict in hex. It imports only the
 standard library, and pyseccomp in unsafe mode (the project is not visible inside the sandbox). Order:
   1. rlimits (CPU seconds, address space, file size, threads, open files, no core dumps);

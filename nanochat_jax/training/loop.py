@@ -7,7 +7,8 @@ stats): one step's batch, a dict of this process's arrays with a leading micro-s
 numbers to log with that step. It is handed the latest params: a supervised source ignores them and reads ahead while
 the device computes; RL's source samples its rollouts with them (on-policy).
 
-A batch's path: dataset.py (shards) -> dataloader.py (PackedRows, StepBatches) or chat_batches.py or rl.py ->
+A batch's path: data/dataset.py (shards) -> data/dataloader.py (PackedRows, StepBatches) or data/chat_batches.py
+or reinforce.py ->
 here (drawn one step ahead, then Trainer.step) -> checkpoint.save_training, which saves where the next batch starts.
 A resume's path: stages.begin_run -> checkpoint.restore_training (params, optimizer state, the loop's totals, and
 the batch source moved to its saved position) -> here, whose first draw is the batch the run would have trained next.
@@ -24,11 +25,11 @@ from typing import Callable
 
 import jax
 
-from nanochat_jax.checkpoint import Checkpointer
+from nanochat_jax.training.checkpoint import Checkpointer
 from nanochat_jax.common import print0
-from nanochat_jax.dataloader import to_global_array
-from nanochat_jax.optim import Schedule
-from nanochat_jax.trainer import Trainer, TrainState, peak_flops_per_device
+from nanochat_jax.data.dataloader import to_global_array
+from nanochat_jax.training.optim import Schedule
+from nanochat_jax.training.trainer import Trainer, TrainState, peak_flops_per_device
 
 
 @dataclass

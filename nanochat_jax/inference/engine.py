@@ -20,9 +20,9 @@ import numpy as np
 from flax import nnx
 
 from nanochat_jax.common import bucket
-from nanochat_jax.decoding import (BIAS_SLOTS, MAX_TOP_K, DecodeState, attend_buckets, bias_arrays, decode, prefill,
+from nanochat_jax.inference.programs import (BIAS_SLOTS, MAX_TOP_K, DecodeState, attend_buckets, bias_arrays, decode, prefill,
                                    row_cache, score)
-from nanochat_jax.serving import Failed, Finished, Request, SlotLoop, Token
+from nanochat_jax.inference.scheduler import Failed, Finished, Request, SlotLoop, Token
 
 
 def _round_up(n: int, base: int) -> int:
@@ -144,7 +144,7 @@ class Engine:
     def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
         """Streams (token_column, mask_column): one token per sample per step (mask 1 sampled, 0 forced by the
         tool). A finished sample repeats its stop token with mask 0 until all have finished. A one-request client
-        of the slot loop that serving runs (nanochat_jax/serving.py), with a slot per sample; one loop per sample
+        of the slot loop that serving runs (nanochat_jax/inference/scheduler.py), with a slot per sample; one loop per sample
         count is kept while idle, so the next call (the next turn of a chat) starts from the cache this one left."""
         max_tokens = self.check_request(tokens, max_tokens, temperature, top_k)
         loop = self.loop_for(num_samples)

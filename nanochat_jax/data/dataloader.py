@@ -16,7 +16,7 @@ import grain
 import jax
 import numpy as np
 
-from nanochat_jax.dataset import open_shard, split_shards
+from nanochat_jax.data.dataset import open_shard, split_shards
 
 
 class PackedRows(grain.IterDataset):

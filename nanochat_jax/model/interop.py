@@ -2,7 +2,7 @@
 modern one (its time-to-GPT-2 recipe: value embeddings, residual scalars, smear, backout, sliding windows; its
 model_config then has a "window_pattern").
 
-    from nanochat_jax.interop import import_nanochat
+    from nanochat_jax.model.interop import import_nanochat
     model, tokenizer, meta = import_nanochat("~/.cache/nanochat/chatsft_checkpoints/d20")
 
 A nanochat checkpoint directory holds model_<step>.pt (a state dict), meta_<step>.json (with "model_config") and,
@@ -20,9 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nanochat_jax.gpt import GPT, MODERN_SWITCHES, SMEAR_CHANNELS, VE_GATE_CHANNELS, GPTConfig
-from nanochat_jax.sharding import abstract_params, make_mesh, shardings_of
-from nanochat_jax.tokenizer import Tokenizer
+from nanochat_jax.model.gpt import GPT, MODERN_SWITCHES, SMEAR_CHANNELS, VE_GATE_CHANNELS, GPTConfig
+from nanochat_jax.model.sharding import abstract_params, make_mesh, shardings_of
+from nanochat_jax.data.tokenizer import Tokenizer
 
 
 def find_last_step(checkpoint_dir: str) -> int:

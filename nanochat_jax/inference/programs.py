@@ -1,6 +1,6 @@
 """The device side of sampling: the decode state of a batch of rows and the jitted programs over it (prefill,
-decode, score), the sampler and the calculator tool the host runs between decode calls. nanochat_jax/engine.py
-(Engine) and nanochat_jax/serving.py (SlotLoop) drive them.
+decode, score), the sampler and the calculator tool the host runs between decode calls. nanochat_jax/inference/engine.py
+(Engine) and nanochat_jax/inference/scheduler.py (SlotLoop) drive them.
 
 Every program is a pure function of (graphdef, params, arrays): the graphdef is bound with functools.partial, so a
 new set of weights of the same model never recompiles.
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nanochat_jax.gpt import init_cache
+from nanochat_jax.model.gpt import init_cache
 
 MAX_TOP_K = 200  # top-k is applied among the 200 best logits, so k can change without recompiling
 FORCED_SLOTS = 32  # tokens of tool output a row can be forced to emit after one call

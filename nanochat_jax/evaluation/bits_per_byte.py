@@ -13,8 +13,8 @@ import numpy as np
 from flax import nnx
 
 from nanochat_jax.common import bucket, print0
-from nanochat_jax.dataloader import to_global_array
-from nanochat_jax.sharding import batch_sharding, make_mesh
+from nanochat_jax.data.dataloader import to_global_array
+from nanochat_jax.model.sharding import batch_sharding, make_mesh
 
 SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is",
                   "If yesterday was Friday, then tomorrow will be", "The opposite of hot is",

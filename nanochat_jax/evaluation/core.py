@@ -26,7 +26,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from nanochat_jax.common import bucket
-from nanochat_jax.sharding import BATCH_AXES
+from nanochat_jax.model.sharding import BATCH_AXES
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 

@@ -24,10 +24,10 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from nanochat_jax.common import default_dtype
-from nanochat_jax.gpt import GPT, GPTConfig
-from nanochat_jax.sharding import abstract_params, make_mesh
-from nanochat_jax.tokenizer import Tokenizer
-from nanochat_jax.trainer import LoopState, TrainState
+from nanochat_jax.model.gpt import GPT, GPTConfig
+from nanochat_jax.model.sharding import abstract_params, make_mesh
+from nanochat_jax.data.tokenizer import Tokenizer
+from nanochat_jax.training.trainer import LoopState, TrainState
 
 STAGE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints",
               "rl": "chatrl_checkpoints"}

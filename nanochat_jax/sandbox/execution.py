@@ -4,7 +4,7 @@
     result.status   # "ok" | "error" | "timeout" | "memory" | "output-cap" | "refused"
     result.stdout, result.stderr, result.error, result.mode ("kernel" | "unsafe" | None when it did not run)
 
-`python -m nanochat_jax.execution --check` prints which layers are active on this machine and what a call costs.
+`python -m nanochat_jax.sandbox --check` prints which layers are active on this machine and what a call costs.
 
 Kernel mode (the default; needs bubblewrap and unprivileged user namespaces):
 - bubblewrap starts the program in new user, mount, PID, network, IPC, UTS (and cgroup) namespaces: it is uid
@@ -19,7 +19,7 @@ Kernel mode (the default; needs bubblewrap and unprivileged user namespaces):
 - a seccomp filter (libseccomp, loaded by bubblewrap before Python starts) refusing new processes, ptrace, other
   processes' limits, priority, affinity and signals, mounts, namespaces, keyrings, bpf, io_uring, xattrs, chown,
   mode and time changes (the host's device nodes are bound in), file locks and leases, device nodes, memfd (the
-  full list is in nanochat_jax/sandbox_guard.py);
+  full list is in nanochat_jax/sandbox/guard.py);
 - then, in the sandboxed interpreter before the program's first line (the guard): rlimits (CPU time, address space,
   file size, threads, open files, no core dumps) and Landlock where the kernel has it; the audit hook stays as a
   second layer that names what it refuses; a root caller also starts the sandbox in a pids cgroup of the call's
@@ -152,7 +152,7 @@ def _guard_config(workdir, program, timeout, memory, disk, unsafe, audit_hook, r
 
 @lru_cache(maxsize=1)
 def _guard_source() -> str:
-    return Path(__file__).with_name("sandbox_guard.py").read_text()
+    return Path(__file__).with_name("guard.py").read_text()
 
 
 def _guard_argv(cfg) -> list[str]:
@@ -162,7 +162,7 @@ def _guard_argv(cfg) -> list[str]:
 @lru_cache(maxsize=1)
 def _kernel_bpf() -> bytes:
     """The seccomp filter for kernel mode as BPF (bubblewrap loads it before Python starts; the program is pid 1)."""
-    from nanochat_jax.sandbox_guard import seccomp_filter
+    from nanochat_jax.sandbox.guard import seccomp_filter
     with tempfile.TemporaryFile() as f:
         seccomp_filter(1, unsafe=False).export_bpf(f)
         f.seek(0)
@@ -613,7 +613,7 @@ def require(unsafe: bool = False, who: str = "this run") -> str:
     if sandbox_mode() == "unavailable":
         raise SystemExit(f"{who} runs model-written code, and the sandbox is unavailable here: {kernel_sandbox()[1]}\n"
                          f"Fix that, or pass --unsafe-sandbox ({UNSAFE_ENV}=1) to run it with the weaker unsafe "
-                         "sandbox (what it does not cover: nanochat_jax/execution.py).")
+                         "sandbox (what it does not cover: nanochat_jax/sandbox/execution.py).")
     return sandbox_mode()
 
 
@@ -627,7 +627,7 @@ def _announce(mode):
     line = "=" * 100
     if mode == "unavailable":
         print(f"{line}\nSANDBOX UNAVAILABLE: model-written code is refused (status 'refused').\n"
-              f"{kernel_sandbox()[1]}\nTo run it anyway with the weaker unsafe sandbox (see nanochat_jax/execution.py "
+              f"{kernel_sandbox()[1]}\nTo run it anyway with the weaker unsafe sandbox (see nanochat_jax/sandbox/execution.py "
               f"for what it does not cover): --unsafe-sandbox, or {UNSAFE_ENV}=1.\n{line}", file=sys.stderr)
     elif mode == "unsafe":
         print(f"{line}\nUNSAFE SANDBOX (opted in): {describe()}\n{line}", file=sys.stderr)
@@ -651,7 +651,7 @@ def execute_code(code: str, timeout: float = 5.0, max_memory_bytes: int = 512 * 
         return ExecutionResult("refused", "", "", f"the sandbox could not start: {type(e).__name__}: {e}", None, 0.0)
 
 
-# ---- python -m nanochat_jax.execution --check
+# ---- python -m nanochat_jax.sandbox --check
 _PROBE = r'''
 import json, os, resource, socket
 facts = {}
@@ -737,9 +737,10 @@ def check(unsafe: bool = False) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def main():
     import argparse
-    parser = argparse.ArgumentParser(description="the code sandbox: which layers are active here")
+    parser = argparse.ArgumentParser(prog="python -m nanochat_jax.sandbox",
+                                     description="the code sandbox: which layers are active here")
     parser.add_argument("--check", action="store_true", help="print the mode and its layers, as a program sees them")
     parser.add_argument("--unsafe-sandbox", action="store_true", help="allow unsafe mode where kernel mode fails")
     args = parser.parse_args()

@@ -22,7 +22,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
-from nanochat_jax.sharding import context_batch_axes, target_platform
+from nanochat_jax.model.sharding import context_batch_axes, target_platform
 
 IMPLEMENTATIONS = ("xla", "cudnn", "splash")
 SPLASH_BLOCKS = (512, 256, 128)  # the largest that divides T is the kernel's tile

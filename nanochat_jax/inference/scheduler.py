@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nanochat_jax.common import bucket
-from nanochat_jax.decoding import FORCED_SLOTS, DecodeState, use_calculator
+from nanochat_jax.inference.programs import FORCED_SLOTS, DecodeState, use_calculator
 
 MIN_REUSE = 16  # prompt tokens a parked cache row must hold for a request to start from it
 

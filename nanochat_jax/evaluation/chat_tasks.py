@@ -11,7 +11,7 @@ from flax import nnx
 
 from nanochat_jax.common import bucket, print0
 from nanochat_jax.tasks.base import Task
-from nanochat_jax.tokenizer import SPECIAL_TOKENS
+from nanochat_jax.data.tokenizer import SPECIAL_TOKENS
 
 
 @nnx.jit

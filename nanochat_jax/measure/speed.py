@@ -14,12 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nanochat_jax.aot import DoesNotFit, chip_specs, device_memory_bytes, memory
-from nanochat_jax.attention import attention
-from nanochat_jax.engine import Engine
-from nanochat_jax.gpt import GPT
-from nanochat_jax.optim import build_optimizer
-from nanochat_jax.trainer import Trainer, peak_flops_per_device
+from nanochat_jax.measure.aot import DoesNotFit, chip_specs, device_memory_bytes, memory
+from nanochat_jax.model.attention import attention
+from nanochat_jax.inference.engine import Engine
+from nanochat_jax.model.gpt import GPT
+from nanochat_jax.training.optim import build_optimizer
+from nanochat_jax.training.trainer import Trainer, peak_flops_per_device
 
 
 class SpecialIds:

@@ -19,9 +19,9 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from nanochat_jax import sharding
-from nanochat_jax.optim import set_schedule
-from nanochat_jax.sharding import BATCH_AXES, OPT_STATE_RULES, RULES
+from nanochat_jax.model import sharding
+from nanochat_jax.training.optim import set_schedule
+from nanochat_jax.model.sharding import BATCH_AXES, OPT_STATE_RULES, RULES
 
 # bf16 dense peak per device (no sparsity), for MFU; None where it means nothing (CPU)
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12,
@@ -152,7 +152,7 @@ class Trainer:
         """Compile the step ahead of time for batches [accum, rows, seq_len] (global rows) and keep the executable:
         run_step uses it for batches of that shape, so reading its memory at start costs no second compilation.
         Raises aot.DoesNotFit when the compiler says it cannot fit on a device."""
-        from nanochat_jax.aot import compile_timed, train_step_args
+        from nanochat_jax.measure.aot import compile_timed, train_step_args
         args = train_step_args(self, rows, seq_len, accum)
         compiled, seconds = compile_timed(self.step, *args)
         self.compiled_steps[_batch_key(args[2])] = compiled

@@ -1,0 +1,1 @@
+"""Evaluation: CORE, bits per byte, the chat tasks' scoring, and the report card."""
