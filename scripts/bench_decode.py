@@ -56,7 +56,7 @@ def against_nanochat(args):
         ours, ref = Engine(model, tokenizer, chunk=args.chunk), TorchEngine(ref_model, RustBPETokenizer(tokenizer.enc,
                                                                                                          "<|bos|>"))
         for batch in args.batches:
-            ours.loop_for(batch).warm_up()  # compile every program first, as the server and the CLI do at start-up
+            ours.scheduler_for(batch).warm_up()  # compile every program first, as the server and the CLI do at start-up
             generate_speed(ours, prompt, batch, 8)  # and the prefill for `batch` samples
             # ours first: torch's threads keep spinning for a while after its last op and would share the cores
             mine = generate_speed(ours, prompt, batch, args.decode_tokens)

@@ -21,20 +21,16 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 
+from nanochat_jax.inference.frontend import ReplyText
 from nanochat_jax.inference.programs import MAX_TOP_K, TOP_LOGPROBS
 from nanochat_jax.inference.scheduler import Failed, Finished, Token
 from serve.guard import openai_error
+from serve.service import APIError
 
 MAX_MAX_TOKENS = 4096
 NEUTRAL = {"store": (None, False), "service_tier": (None, "auto", "default"), "parallel_tool_calls": None,
            "metadata": None, "modalities": (None, ["text"]), "reasoning_effort": None, "prediction": None,
            "web_search_options": None, "audio": (None,), "tool_choice": (None, "none"), "function_call": (None, "none")}
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
 
 
 class StreamOptions(BaseModel):
@@ -173,7 +169,7 @@ class Choice:
 
     def __init__(self, index, tokenizer, render, stops):
         self.index, self.tokenizer, self.stops = index, tokenizer, stops
-        self.reply = render(tokenizer)
+        self.reply = render(tokenizer)  # ReplyText (chat: the reply as the page shows it) or PlainText
         self.sent, self.reason, self.tokens, self.logprobs = "", None, 0, []
         self.hold = max((len(s) for s in stops), default=1) - 1
 
@@ -235,230 +231,245 @@ def chat_logprobs(tokenizer, tokens: list[Token], top: int) -> list[dict]:
     return entries
 
 
-def add_routes(app, ctx):
-    """ctx: model_name, tokenizer, defaults, render_reply (the ReplyText class), prompt (async messages ->
-    ids), submit, events, engine."""
-    tokenizer, model_name = ctx.tokenizer, ctx.model_name
+def check_model(service, model):
+    if model not in (None, service.model_name):
+        raise APIError(404, f"unknown model {model!r}; this server serves {service.model_name!r}", param="model",
+                       code="model_not_found")
 
-    def check_model(model):
-        if model not in (None, model_name):
-            raise APIError(404, f"unknown model {model!r}; this server serves {model_name!r}", param="model",
-                           code="model_not_found")
 
-    def model_card():
-        return {"id": model_name, "object": "model", "created": 0, "owned_by": "nanochat-jax"}
+def model_card(service):
+    return {"id": service.model_name, "object": "model", "created": 0, "owned_by": "nanochat-jax"}
 
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [model_card()]}
 
-    @app.get("/v1/models/{model_id:path}")
-    async def model(model_id: str):
-        check_model(model_id)
-        return model_card()
+async def models(http: HTTPRequest):
+    return {"object": "list", "data": [model_card(http.app.state.service)]}
 
-    async def run(requests, choices, http, on_token=None):
-        """Drives the requests' events into their choices; yields (choice, new text, logprob tokens) whenever a
-        choice has something to send, and (choice, "", []) with choice.reason set when it finishes."""
-        queue_: asyncio.Queue = asyncio.Queue()
 
-        async def pump(request, group):
-            try:
-                async for event in ctx.events(request, http):
-                    await queue_.put((group, event))
-            finally:
-                await queue_.put((group, None))
+async def model(model_id: str, http: HTTPRequest):
+    check_model(http.app.state.service, model_id)
+    return model_card(http.app.state.service)
 
-        tasks = [asyncio.create_task(pump(r, g)) for r, g in zip(requests, choices)]
-        open_ = len(tasks)
+
+async def run(service, requests, choices, http):
+    """Drives the requests' events into their choices; yields (choice, new text, logprob tokens) whenever a choice
+    has something to send, and (choice, "", []) with choice.reason set when it finishes."""
+    queue_: asyncio.Queue = asyncio.Queue()
+
+    async def pump(request, group):
         try:
-            while open_:
-                group, event = await queue_.get()
-                if event is None:
-                    open_ -= 1
-                    continue
-                if isinstance(event, Failed):
-                    raise APIError(500, event.message)
-                choice = group[event.sample]
-                if choice.reason is not None:
-                    continue
-                if isinstance(event, Finished):
-                    new = choice.add(None)
-                    choice.reason = choice.reason or ("length" if event.reason == "length" else "stop")
-                    yield choice, new, []
-                    continue
-                before = len(choice.logprobs)
-                new = choice.add(event)
-                yield choice, new, choice.logprobs[before:]
-                if choice.reason is not None:
-                    yield choice, "", []
+            async for event in service.events(request, http):
+                await queue_.put((group, event))
         finally:
-            for t in tasks:
-                t.cancel()
-            for r in requests:
-                r.cancel()
+            await queue_.put((group, None))
 
-    def usage(prompt_tokens: int, choices):
-        completion = sum(c.tokens for c in choices)
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                "total_tokens": prompt_tokens + completion}
+    tasks = [asyncio.create_task(pump(r, g)) for r, g in zip(requests, choices)]
+    open_ = len(tasks)
+    try:
+        while open_:
+            group, event = await queue_.get()
+            if event is None:
+                open_ -= 1
+                continue
+            if isinstance(event, Failed):
+                raise APIError(500, event.message)
+            choice = group[event.sample]
+            if choice.reason is not None:
+                continue
+            if isinstance(event, Finished):
+                new = choice.add(None)
+                choice.reason = choice.reason or ("length" if event.reason == "length" else "stop")
+                yield choice, new, []
+                continue
+            before = len(choice.logprobs)
+            new = choice.add(event)
+            yield choice, new, choice.logprobs[before:]
+            if choice.reason is not None:
+                yield choice, "", []
+    finally:
+        for t in tasks:
+            t.cancel()
+        for r in requests:
+            r.cancel()
 
-    def sse(obj) -> str:
-        return "data: " + json.dumps(obj, ensure_ascii=False) + "\n\n"
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatBody, http: HTTPRequest):
-        check_model(body.model)
-        refuse_unsupported(body, chat=True)
-        messages = chat_messages(body.messages)
-        max_tokens = body.max_completion_tokens or body.max_tokens or ctx.defaults["max_tokens"]
-        ids, _ = await ctx.prompt(messages, max_tokens, drop_old=False)
-        temperature = ctx.defaults["temperature"] if body.temperature is None else body.temperature
-        request = ctx.submit(ids, body.n, max_tokens, temperature, body.top_k, body.top_p or 1.0, body.seed,
+def usage(prompt_tokens: int, choices):
+    completion = sum(c.tokens for c in choices)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+
+
+def sse(obj) -> str:
+    return "data: " + json.dumps(obj, ensure_ascii=False) + "\n\n"
+
+
+async def sse_stream(chunks, head=()):
+    """A stream of SSE lines from `head` and then the async `chunks`; an error after the headers went out is
+    reported in the stream; then [DONE]."""
+    try:
+        for line in head:
+            yield line
+        async for line in chunks:
+            yield line
+    except APIError as error:
+        yield sse(openai_error(500, error.message))
+    yield "data: [DONE]\n\n"
+
+
+async def chat_completions(body: ChatBody, http: HTTPRequest):
+    service = http.app.state.service
+    check_model(service, body.model)
+    refuse_unsupported(body, chat=True)
+    max_tokens = body.max_completion_tokens or body.max_tokens or service.defaults["max_tokens"]
+    ids, _ = await service.prompt(chat_messages(body.messages), max_tokens, drop_old=False)
+    temperature = service.defaults["temperature"] if body.temperature is None else body.temperature
+    request = service.submit(ids, body.n, max_tokens, temperature, body.top_k, body.top_p or 1.0, body.seed,
                              logit_bias(body), body.presence_penalty, body.frequency_penalty)
-        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        choices = [Choice(i, tokenizer, ctx.render_reply, body.stop or []) for i in range(body.n)]
-        top = body.top_logprobs or 0
-        want_usage = bool(body.stream_options and body.stream_options.include_usage)
+    cid, created, tokenizer = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), service.tokenizer
+    choices = [Choice(i, tokenizer, ReplyText, body.stop or []) for i in range(body.n)]
+    top = body.top_logprobs or 0
+    want_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-        def chunk(choice_dicts, usage_=None):
-            out = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_name,
-                   "choices": choice_dicts}
-            if want_usage:
-                out["usage"] = usage_
-            return sse(out)
+    def chunk(choice_dicts, usage_=None):
+        out = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": service.model_name,
+               "choices": choice_dicts}
+        return sse(out | {"usage": usage_} if want_usage else out)
 
-        if body.stream:
-            async def stream():
-                try:
-                    for c in choices:
-                        yield chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""},
-                                      "logprobs": None, "finish_reason": None}])
-                    async for c, new, tokens in run([request], [choices], http):
-                        lp = {"content": chat_logprobs(tokenizer, tokens, top)} if body.logprobs and tokens else None
-                        if new or lp or c.reason:
-                            yield chunk([{"index": c.index, "delta": {"content": new} if new else {}, "logprobs": lp,
-                                          "finish_reason": c.reason}])
-                    if want_usage:
-                        yield chunk([], usage(len(ids), choices))
-                except APIError as error:  # the headers are sent: report it in the stream
-                    yield sse(openai_error(500, error.message))
-                yield "data: [DONE]\n\n"
-            return StreamingResponse(stream(), media_type="text/event-stream")
+    async def chunks():
+        async for c, new, tokens in run(service, [request], [choices], http):
+            lp = {"content": chat_logprobs(tokenizer, tokens, top)} if body.logprobs and tokens else None
+            if new or lp or c.reason:
+                yield chunk([{"index": c.index, "delta": {"content": new} if new else {}, "logprobs": lp,
+                              "finish_reason": c.reason}])
+        if want_usage:
+            yield chunk([], usage(len(ids), choices))
 
-        async for _ in run([request], [choices], http):
-            pass
-        return {"id": cid, "object": "chat.completion", "created": created, "model": model_name,
-                "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.sent},
-                             "logprobs": {"content": chat_logprobs(tokenizer, c.logprobs, top)} if body.logprobs
-                             else None, "finish_reason": c.reason or "stop"} for c in choices],
-                "usage": usage(len(ids), choices)}
+    if body.stream:
+        head = [chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                        "finish_reason": None}]) for c in choices]
+        return StreamingResponse(sse_stream(chunks(), head), media_type="text/event-stream")
+    async for _ in run(service, [request], [choices], http):
+        pass
+    return {"id": cid, "object": "chat.completion", "created": created, "model": service.model_name,
+            "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.sent},
+                         "logprobs": {"content": chat_logprobs(tokenizer, c.logprobs, top)} if body.logprobs
+                         else None, "finish_reason": c.reason or "stop"} for c in choices],
+            "usage": usage(len(ids), choices)}
 
-    def prompts_of(body) -> list[list[int]]:
-        p = body.prompt
-        if isinstance(p, str):
-            texts = [p]
-        elif p and all(isinstance(x, int) for x in p):
-            return [[tokenizer.get_bos_token_id()] + list(p)]
-        elif p and all(isinstance(x, list) for x in p):
-            return [[tokenizer.get_bos_token_id()] + list(x) for x in p]
-        else:
-            texts = list(p)
-        if not texts:
-            raise APIError(400, "prompt must not be empty", param="prompt")
-        bos = tokenizer.get_bos_token_id()
-        return [[bos] + tokenizer.encode(t) for t in texts]
 
-    def legacy_logprobs(tokens: list[int], scores, top: int, offset0: int):
-        """OpenAI's completions logprobs: tokens, token_logprobs, top_logprobs, text_offset."""
-        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        offset = offset0
-        for i, t in enumerate(tokens):
-            text, _ = token_text(tokenizer, t)
-            out["tokens"].append(text)
-            out["text_offset"].append(offset)
-            offset += len(text)
-            lp, alternatives = scores[i]
-            out["token_logprobs"].append(lp)
-            out["top_logprobs"].append(None if alternatives is None else
-                                       {token_text(tokenizer, a)[0]: alp for a, alp in alternatives[:top]})
-        return out
+def prompts_of(tokenizer, body) -> list[list[int]]:
+    p, bos = body.prompt, tokenizer.get_bos_token_id()
+    if isinstance(p, str):
+        texts = [p]
+    elif p and all(isinstance(x, int) for x in p):
+        return [[bos] + list(p)]
+    elif p and all(isinstance(x, list) for x in p):
+        return [[bos] + list(x) for x in p]
+    else:
+        texts = list(p)
+    if not texts:
+        raise APIError(400, "prompt must not be empty", param="prompt")
+    return [[bos] + tokenizer.encode(t) for t in texts]
 
-    @app.post("/v1/completions")
-    async def completions(body: CompletionBody, http: HTTPRequest):
-        check_model(body.model)
-        refuse_unsupported(body, chat=False)
-        prompts = await run_in_threadpool(prompts_of, body)
-        temperature = 1.0 if body.temperature is None else body.temperature
-        requests, groups = [], []
-        try:
-            for ids in prompts:
-                requests.append(ctx.submit(ids, body.n, body.max_tokens, temperature, body.top_k, body.top_p or 1.0,
+
+def legacy_logprobs(tokenizer, tokens: list[int], scores, top: int, offset: int):
+    """OpenAI's completions logprobs: tokens, token_logprobs, top_logprobs, text_offset."""
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for i, t in enumerate(tokens):
+        text, _ = token_text(tokenizer, t)
+        out["tokens"].append(text)
+        out["text_offset"].append(offset)
+        offset += len(text)
+        lp, alternatives = scores[i]
+        out["token_logprobs"].append(lp)
+        out["top_logprobs"].append(None if alternatives is None else
+                                   {token_text(tokenizer, a)[0]: alp for a, alp in alternatives[:top]})
+    return out
+
+
+class Completion:
+    """One /v1/completions call: its prompts, a group of n choices per prompt, and the logprobs of each (with echo,
+    the prompt's own tokens first, scored by the scheduler)."""
+
+    def __init__(self, service, body, prompts, prompt_scores):
+        self.service, self.body, self.prompts, self.prompt_scores = service, body, prompts, prompt_scores
+        self.texts = [service.tokenizer.decode(ids[1:]) for ids in prompts]
+        self.groups = [[Choice(k * body.n + i, service.tokenizer, PlainText, body.stop or []) for i in range(body.n)]
+                       for k in range(len(prompts))]
+        self.flat = [c for g in self.groups for c in g]
+        self.id, self.created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+    def logprobs(self, c: Choice, tokens: list[Token], with_prompt: bool):
+        body, tokenizer = self.body, self.service.tokenizer
+        if body.logprobs is None:
+            return None
+        k = c.index // body.n
+        lp = legacy_logprobs(tokenizer, [t.id for t in tokens], [(t.logprob, t.top) for t in tokens],
+                             body.logprobs, len(self.texts[k]) if body.echo else 0)
+        if with_prompt and self.prompt_scores is not None:
+            ids = self.prompts[k][1:]
+            head = legacy_logprobs(tokenizer, ids, [(None, None)] + self.prompt_scores[k][:len(ids) - 1],
+                                   body.logprobs, 0)
+            lp = {key: head[key] + lp[key] for key in lp}
+        return lp
+
+    def usage(self):
+        return usage(sum(len(ids) for ids in self.prompts), self.flat)
+
+    def chunk(self, index, text, reason, lp, usage_=None):
+        out = {"id": self.id, "object": "text_completion", "created": self.created, "model": self.service.model_name,
+               "choices": [] if index is None else [{"index": index, "text": text, "logprobs": lp,
+                                                    "finish_reason": reason}]}
+        return sse(out | {"usage": usage_} if self.body.stream_options and self.body.stream_options.include_usage
+                   else out)
+
+    async def chunks(self, requests, http):
+        if self.body.echo:
+            for c in self.flat:
+                yield self.chunk(c.index, self.texts[c.index // self.body.n], None, self.logprobs(c, [], True))
+        async for c, new, tokens in run(self.service, requests, self.groups, http):
+            lp = self.logprobs(c, tokens, False) if tokens else None
+            if new or lp or c.reason:
+                yield self.chunk(c.index, new, c.reason, lp)
+        if self.body.stream_options and self.body.stream_options.include_usage:
+            yield self.chunk(None, "", None, None, self.usage())
+
+    def whole(self):
+        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.service.model_name,
+                "choices": [{"index": c.index, "text": (self.texts[c.index // self.body.n] if self.body.echo else "")
+                             + c.sent, "logprobs": self.logprobs(c, c.logprobs, True),
+                             "finish_reason": c.reason or "stop"} for c in self.flat],
+                "usage": self.usage()}
+
+
+async def completions(body: CompletionBody, http: HTTPRequest):
+    service = http.app.state.service
+    check_model(service, body.model)
+    refuse_unsupported(body, chat=False)
+    prompts = await run_in_threadpool(prompts_of, service.tokenizer, body)
+    prompt_scores = None
+    if body.echo and body.logprobs is not None:
+        prompt_scores = [await service.score(ids, http) for ids in prompts]
+    temperature = 1.0 if body.temperature is None else body.temperature
+    requests = []
+    try:
+        for ids in prompts:
+            requests.append(service.submit(ids, body.n, body.max_tokens, temperature, body.top_k, body.top_p or 1.0,
                                            body.seed, logit_bias(body), body.presence_penalty,
                                            body.frequency_penalty))
-                groups.append([Choice(len(groups) * body.n + i, tokenizer, PlainText, body.stop or [])
-                               for i in range(body.n)])
-        except APIError:
-            for r in requests:
-                r.cancel()
-            raise
-        cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        top = body.logprobs or 0
-        want_usage = bool(body.stream_options and body.stream_options.include_usage)
-        texts = [tokenizer.decode(ids[1:]) for ids in prompts]
-        prompt_scores = None
-        if body.echo and body.logprobs is not None:
-            prompt_scores = [await run_in_threadpool(ctx.engine.score, ids) for ids in prompts]
-        flat = [c for g in groups for c in g]
+    except APIError:
+        for r in requests:
+            r.cancel()
+        raise
+    completion = Completion(service, body, prompts, prompt_scores)
+    if body.stream:
+        return StreamingResponse(sse_stream(completion.chunks(requests, http)), media_type="text/event-stream")
+    async for _ in run(service, requests, completion.groups, http):
+        pass
+    return completion.whole()
 
-        def logprobs_of(c: Choice, tokens: list[Token], with_prompt: bool):
-            if body.logprobs is None:
-                return None
-            prompt_index = c.index // body.n
-            offset = len(texts[prompt_index]) if body.echo else 0
-            scores = [(t.logprob, t.top) for t in tokens]
-            lp = legacy_logprobs([t.id for t in tokens], scores, top, offset)
-            if with_prompt and prompt_scores is not None:
-                ids = prompts[prompt_index][1:]
-                head = legacy_logprobs(ids, [(None, None)] + prompt_scores[prompt_index][:len(ids) - 1], top, 0)
-                lp = {k: head[k] + lp[k] for k in lp}
-            return lp
 
-        def total_usage():
-            prompt_tokens = sum(len(ids) for ids in prompts)
-            completion = sum(c.tokens for c in flat)
-            return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                    "total_tokens": prompt_tokens + completion}
-
-        if body.stream:
-            def chunk(index, text, reason, lp, usage_=None):
-                out = {"id": cid, "object": "text_completion", "created": created, "model": model_name,
-                       "choices": [] if index is None else [{"index": index, "text": text, "logprobs": lp,
-                                                            "finish_reason": reason}]}
-                if want_usage:
-                    out["usage"] = usage_
-                return sse(out)
-
-            async def stream():
-                try:
-                    if body.echo:
-                        for c in flat:
-                            yield chunk(c.index, texts[c.index // body.n], None, logprobs_of(c, [], True))
-                    async for c, new, tokens in run(requests, groups, http):
-                        lp = logprobs_of(c, tokens, False) if tokens else None
-                        if new or lp or c.reason:
-                            yield chunk(c.index, new, c.reason, lp)
-                    if want_usage:
-                        yield chunk(None, "", None, None, total_usage())
-                except APIError as error:
-                    yield sse(openai_error(500, error.message))
-                yield "data: [DONE]\n\n"
-            return StreamingResponse(stream(), media_type="text/event-stream")
-
-        async for _ in run(requests, groups, http):
-            pass
-        return {"id": cid, "object": "text_completion", "created": created, "model": model_name,
-                "choices": [{"index": c.index, "text": (texts[c.index // body.n] if body.echo else "") + c.sent,
-                             "logprobs": logprobs_of(c, c.logprobs, True), "finish_reason": c.reason or "stop"}
-                            for c in flat],
-                "usage": total_usage()}
+def add_routes(app):
+    """OpenAI's endpoints, over the ChatService in app.state.service."""
+    app.add_api_route("/v1/models", models)
+    app.add_api_route("/v1/models/{model_id:path}", model)
+    app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
+    app.add_api_route("/v1/completions", completions, methods=["POST"])

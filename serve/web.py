@@ -11,33 +11,28 @@ and the page, a capped request body, deadlines for slow clients, a Host allow-li
 asked; prompts are rendered off the event loop, so /health answers at once under load.
 """
 import argparse
-import asyncio
 import html
 import json
 import os
-import queue
-import random
 import socket
 import sys
 import time
-from types import SimpleNamespace
 from typing import Literal
 
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from nanochat_jax.inference.frontend import ReplyText, prompt_for_reply
+from nanochat_jax.inference.frontend import ReplyText
 from nanochat_jax.inference.programs import MAX_TOP_K
-from nanochat_jax.inference.scheduler import BatchedEngine, Failed, Finished, QueueFull, Request, Token
+from nanochat_jax.inference.scheduler import Failed, Token
 from serve import openai_api
 from serve.guard import Guard, GuardedH11Protocol, is_loopback, openai_error
-from serve.openai_api import MAX_MAX_TOKENS, APIError
+from serve.openai_api import MAX_MAX_TOKENS
+from serve.service import APIError, ChatService
 
-MAX_MESSAGES, MAX_MESSAGE_CHARS, MAX_TOTAL_CHARS = 500, 8000, 32000
 UI_PATH = os.path.join(os.path.dirname(__file__), "ui.html")
 FAVICON = ('<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 32 32"><rect width="32" height="32" rx="7" '
            'fill="#0a66c2"/><text x="16" y="22" font-size="16" text-anchor="middle" fill="#fff" '
@@ -68,169 +63,99 @@ class ChatRequest(BaseModel):
     max_tokens: int | None = Field(None, ge=1, le=MAX_MAX_TOKENS)
 
 
-def check_request_messages(messages: list) -> list[dict]:
-    """nanochat's limits on a conversation (Message models or {"role", "content"} dicts with text content)."""
-    messages = [m if isinstance(m, dict) else {"role": m.role, "content": m.text()} for m in messages]
-    if not messages:
-        raise APIError(400, "at least one message is required")
-    if len(messages) > MAX_MESSAGES:
-        raise APIError(400, f"too many messages: at most {MAX_MESSAGES}")
-    total = 0
-    for i, m in enumerate(messages):
-        text = m["content"]
-        if not text.strip():
-            raise APIError(400, f"message {i} has empty content")
-        if len(text) > MAX_MESSAGE_CHARS:
-            raise APIError(400, f"message {i} is too long: at most {MAX_MESSAGE_CHARS} characters")
-        total += len(text)
-    if total > MAX_TOTAL_CHARS:
-        raise APIError(400, f"the conversation is too long: at most {MAX_TOTAL_CHARS} characters")
-    if messages[-1]["role"] != "user":
-        raise APIError(400, "the last message must be from the user", param="messages")
-    return messages
+# ---- errors: OpenAI's body everywhere
+async def api_error(_, error: APIError):
+    return JSONResponse(openai_error(error.status, error.message, param=error.param, code=error.code), error.status)
 
 
-def create_app(batched: BatchedEngine, tokenizer, model_name: str, defaults: dict, api_key: str | None = None,
-               allowed_hosts: set[str] | None = None, max_body: int = 1 << 20, docs: bool = False) -> FastAPI:
-    """The app. allowed_hosts: the Host names it answers to (None: any); api_key: required on everything but
-    /health; docs: serve /docs and /openapi.json."""
+async def invalid(_, error: RequestValidationError):
+    errors = error.errors()
+    if any(e.get("type") == "json_invalid" for e in errors):  # (its loc is a character offset, not a field)
+        return JSONResponse(openai_error(400, "the request body is not valid JSON: "
+                                         + errors[0].get("ctx", {}).get("error", errors[0]["msg"]), param=None), 400)
+    reasons = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in errors)
+    param = ".".join(str(p) for p in errors[0]["loc"][1:]) or None if errors else None
+    return JSONResponse(openai_error(400, reasons, param=param), 400)
+
+
+async def http_error(_, error: StarletteHTTPException):
+    message = {404: "no such endpoint", 405: "method not allowed on this endpoint"}.get(error.status_code,
+                                                                                     str(error.detail))
+    return JSONResponse(openai_error(error.status_code, message), error.status_code,
+                        headers=getattr(error, "headers", None))
+
+
+async def server_error(_, error: Exception):
+    return JSONResponse(openai_error(500, f"internal error: {type(error).__name__}"), 500)
+
+
+# ---- the page and nanochat's endpoints
+async def ui(http: HTTPRequest):
+    return HTMLResponse(http.app.state.page)
+
+
+async def favicon():
+    return Response(FAVICON, media_type="image/svg+xml", headers={"cache-control": "max-age=86400"})
+
+
+async def health(http: HTTPRequest):
+    return {"status": "ok", "ready": True, "model": http.app.state.service.model_name}
+
+
+async def stats(http: HTTPRequest):
+    return http.app.state.service.stats()
+
+
+async def chat(body: ChatRequest, http: HTTPRequest):
+    """nanochat's streaming endpoint: data: {"token": ...} ... data: [DONE] (a notice first when old messages were
+    dropped to fit the context)."""
+    service = http.app.state.service
+    max_tokens = body.max_tokens or service.defaults["max_tokens"]
+    ids, dropped = await service.prompt(body.messages, max_tokens, drop_old=True)
+    temperature = service.defaults["temperature"] if body.temperature is None else body.temperature
+    request = service.submit(ids, 1, max_tokens, temperature, body.top_k or service.defaults["top_k"], 1.0, None)
+
+    async def stream():
+        try:
+            if dropped:
+                yield f"data: {json.dumps({'notice': f'dropped the oldest {dropped} messages to fit the context'})}\n\n"
+            reply, shown = ReplyText(service.tokenizer), ""
+            async for event in service.events(request, http):
+                if isinstance(event, Failed):
+                    yield f"data: {json.dumps({'error': event.message})}\n\n"
+                if not isinstance(event, Token):
+                    break
+                text = reply.add(event.id)
+                if not text.endswith("\ufffd") and len(text) > len(shown):
+                    yield f"data: {json.dumps({'token': text[len(shown):]}, ensure_ascii=False)}\n\n"
+                    shown = text
+            yield "data: [DONE]\n\n"
+        finally:  # done, failed or the client left: free the slot now
+            request.cancel()
+
+    return StreamingResponse(stream(), media_type="text/event-stream")
+
+
+def create_app(service: ChatService, api_key: str | None = None, allowed_hosts: set[str] | None = None,
+               max_body: int = 1 << 20, docs: bool = False) -> FastAPI:
+    """The app over one ChatService. allowed_hosts: the Host names it answers to (None: any); api_key: required on
+    everything but /health; docs: serve /docs and /openapi.json."""
     app = FastAPI(title="nanochat-jax", docs_url="/docs" if docs else None, redoc_url=None,
                   openapi_url="/openapi.json" if docs else None)
     app.add_middleware(Guard, api_key=api_key, allowed_hosts=allowed_hosts, max_body=max_body)
-    context = batched.engine.config.sequence_len
-
-    @app.exception_handler(APIError)
-    async def api_error(_, error: APIError):
-        return JSONResponse(openai_error(error.status, error.message, param=error.param, code=error.code),
-                            error.status)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_, error: RequestValidationError):
-        errors = error.errors()
-        if any(e.get("type") == "json_invalid" for e in errors):  # (its loc is a character offset, not a field)
-            return JSONResponse(openai_error(400, "the request body is not valid JSON: "
-                                             + errors[0].get("ctx", {}).get("error", errors[0]["msg"]), param=None),
-                                400)
-        reasons = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in errors)
-        param = ".".join(str(p) for p in errors[0]["loc"][1:]) or None if errors else None
-        return JSONResponse(openai_error(400, reasons, param=param), 400)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_, error: StarletteHTTPException):
-        message = {404: "no such endpoint", 405: "method not allowed on this endpoint"}.get(error.status_code,
-                                                                                         str(error.detail))
-        return JSONResponse(openai_error(error.status_code, message), error.status_code,
-                            headers=getattr(error, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def server_error(_, error: Exception):
-        return JSONResponse(openai_error(500, f"internal error: {type(error).__name__}"), 500)
-
-    def render(messages: list, max_tokens: int, drop_old: bool):
-        """Validation, the chat template and the fit to the context: run off the event loop."""
-        checked = check_request_messages(messages)
-        try:
-            ids, dropped = prompt_for_reply(tokenizer, checked, context, min(max_tokens, context // 2))
-        except ValueError as e:
-            raise APIError(400, str(e), param="messages") from None
-        if dropped and not drop_old:
-            raise APIError(400, f"the conversation does not fit the model's context of {context} tokens",
-                           param="messages", code="context_length_exceeded")
-        return ids, dropped
-
-    async def prompt(messages: list, max_tokens: int, drop_old: bool):
-        return await run_in_threadpool(render, messages, max_tokens, drop_old)
-
-    def submit(ids, n, max_tokens, temperature, top_k, top_p, seed, bias=None, presence=0.0, frequency=0.0):
-        request = Request(ids, n, max_tokens, temperature, top_k, top_p,
-                          random.randint(0, 2**31 - 1) if seed is None else seed, bias or {}, presence, frequency)
-        loop, wake = asyncio.get_running_loop(), asyncio.Event()
-        request.wake = wake
-        request.listener = lambda: loop.call_soon_threadsafe(wake.set)
-        try:
-            return batched.submit(request)
-        except QueueFull as e:
-            raise APIError(503, f"server busy: {e}; retry shortly") from None
-        except ValueError as e:
-            raise APIError(400, str(e)) from None
-
-    async def events(request: Request, http: HTTPRequest):
-        """Token ... Finished per sample, or Failed if the engine failed; cancels the request when the client goes
-        away (its slots are freed at the engine's next step). Waits on the engine's wake-ups, never polls."""
-        done = 0
-        try:
-            while done < request.n:
-                try:
-                    event = request.events.get_nowait()
-                except queue.Empty:
-                    request.wake.clear()
-                    if not request.events.empty():
-                        continue
-                    try:
-                        await asyncio.wait_for(request.wake.wait(), timeout=1.0)
-                    except asyncio.TimeoutError:
-                        if await http.is_disconnected():
-                            return
-                    continue
-                yield event
-                if isinstance(event, Failed):
-                    return
-                done += isinstance(event, Finished)
-        finally:
-            request.cancel()
-
-    with open(UI_PATH, encoding="utf-8") as f:
-        page = f.read().replace("{{MODEL}}", html.escape(model_name))  # the empty page says what it serves
-
-    @app.get("/", response_class=HTMLResponse)
-    async def ui():
-        return page
-
-    @app.get("/favicon.svg")
-    @app.get("/favicon.ico")
-    async def favicon():
-        return Response(FAVICON, media_type="image/svg+xml", headers={"cache-control": "max-age=86400"})
-
-    @app.get("/health")
-    async def health():
-        return {"status": "ok", "ready": True, "model": model_name}
-
-    @app.get("/stats")
-    async def stats():
-        return {**batched.stats, "queue_length": batched.waiting.qsize(), "slots_busy": batched.busy_slots(),
-                "slots": batched.n_slots}
-
-    @app.post("/chat/completions")
-    async def chat(body: ChatRequest, http: HTTPRequest):
-        max_tokens = body.max_tokens or defaults["max_tokens"]
-        ids, dropped = await prompt(body.messages, max_tokens, drop_old=True)
-        temperature = defaults["temperature"] if body.temperature is None else body.temperature
-        request = submit(ids, 1, max_tokens, temperature, body.top_k or defaults["top_k"], 1.0, None)
-
-        async def stream():
-            try:
-                if dropped:
-                    note = f"dropped the oldest {dropped} messages to fit the context"
-                    yield f"data: {json.dumps({'notice': note})}\n\n"
-                reply, shown = ReplyText(tokenizer), ""
-                async for event in events(request, http):
-                    if isinstance(event, Failed):
-                        yield f"data: {json.dumps({'error': event.message})}\n\n"
-                    if not isinstance(event, Token):
-                        break
-                    text = reply.add(event.id)
-                    if not text.endswith("\ufffd") and len(text) > len(shown):
-                        yield f"data: {json.dumps({'token': text[len(shown):]}, ensure_ascii=False)}\n\n"
-                        shown = text
-                yield "data: [DONE]\n\n"
-            finally:  # done, failed or the client left: free the slot now
-                request.cancel()
-
-        return StreamingResponse(stream(), media_type="text/event-stream")
-
-    openai_api.add_routes(app, SimpleNamespace(model_name=model_name, tokenizer=tokenizer, defaults=defaults,
-                                               render_reply=ReplyText, prompt=prompt, submit=submit, events=events,
-                                               engine=batched.engine))
+    app.state.service = service
+    with open(UI_PATH, encoding="utf-8") as f:  # the empty page says what it serves
+        app.state.page = f.read().replace("{{MODEL}}", html.escape(service.model_name))
+    for kind, handler in ((APIError, api_error), (RequestValidationError, invalid),
+                          (StarletteHTTPException, http_error), (Exception, server_error)):
+        app.add_exception_handler(kind, handler)
+    app.add_api_route("/", ui, response_class=HTMLResponse)
+    for path in ("/favicon.svg", "/favicon.ico"):
+        app.add_api_route(path, favicon)
+    app.add_api_route("/health", health)
+    app.add_api_route("/stats", stats)
+    app.add_api_route("/chat/completions", chat, methods=["POST"])
+    openai_api.add_routes(app)
     return app
 
 
@@ -292,17 +217,17 @@ def serve(args, parser, sock, allowed):
         model, tokenizer, meta = load_stage(args.source, args.model_tag, args.step)
     except FileNotFoundError as e:
         parser.exit(1, f"{e}\n")
-    batched = BatchedEngine(Engine(model, tokenizer, compute_dtype_weights=True), slots=args.slots,
-                            max_waiting=args.max_waiting)
+    scheduler = Engine(model, tokenizer, compute_dtype_weights=True).scheduler(args.slots, args.max_waiting)
     print(f"compiling the engine for prompts up to {model.config.sequence_len} tokens ...", flush=True)
     t0 = time.time()
-    batched.warm_up()  # (so the first clients do not wait on compiles, nor stall the event loop)
+    scheduler.warm_up()  # (so the first clients do not wait on compiles, nor stall the event loop)
     print(f"compiled in {time.time() - t0:.0f}s", flush=True)
-    batched.start()
+    scheduler.start()
     name = f"nanochat-jax-{args.source}-d{model.config.n_layer}"
-    app = create_app(batched, tokenizer, name, {"temperature": args.temperature, "top_k": args.top_k,
-                                                "max_tokens": args.max_tokens}, api_key=args.api_key,
-                     allowed_hosts=allowed, max_body=args.max_body_bytes, docs=args.docs)
+    service = ChatService(scheduler, tokenizer, name, {"temperature": args.temperature, "top_k": args.top_k,
+                                                       "max_tokens": args.max_tokens})
+    app = create_app(service, api_key=args.api_key, allowed_hosts=allowed, max_body=args.max_body_bytes,
+                     docs=args.docs)
     print(f"serving {name} (step {meta['step']}) at http://{args.host}:{args.port}"
           + (" (API key required)" if args.api_key else ""), flush=True)
     print("tool calls: the calculator (arithmetic and str.count, evaluated from the syntax tree: no model-written "
@@ -311,7 +236,7 @@ def serve(args, parser, sock, allowed):
     try:
         server.run(sockets=[sock])
     finally:
-        batched.stop()
+        scheduler.stop()
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ import pytest
 from flax import nnx
 
 from conftest import logits_of, randomize, tiny_config
-from nanochat_jax.inference.programs import use_calculator
+from nanochat_jax.inference.calculator import use_calculator
 from nanochat_jax.inference.engine import Engine
 from nanochat_jax.model.gpt import GPT
 
@@ -147,15 +147,14 @@ def test_serving_weights_in_the_compute_dtype(tokenizer):
     assert a == b
 
 
-def test_the_slot_loop_warms_up_every_prompt_bucket(tokenizer):
+def test_the_scheduler_warms_up_every_prompt_bucket(tokenizer):
     from flax import nnx
 
     from conftest import randomize, tiny_config
     from nanochat_jax.inference.engine import Engine
     from nanochat_jax.model.gpt import GPT
-    from nanochat_jax.inference.scheduler import SlotLoop
     model = randomize(GPT(tiny_config(vocab_size=tokenizer.get_vocab_size(), sequence_len=100), rngs=nnx.Rngs(0)))
-    loop = SlotLoop(Engine(model, tokenizer), slots=2)
+    loop = Engine(model, tokenizer).scheduler(slots=2)
     assert loop.warm_up() == 4  # prompts of 16, 32, 64 and 99 tokens: buckets 16 .. 128
     assert loop.busy_slots() == 0 and loop.waiting.empty() and loop.stats["requests_served"] == 0
 
@@ -172,8 +171,7 @@ def test_decode_reads_only_the_filled_cache_and_crosses_buckets(tokenizer):
     never = jnp.array([-1], jnp.int32)  # no pause or stop token: every step emits
 
     def decode(bucketed: bool) -> list[int]:
-        cache, state, _ = engine.start(prompt, jax.random.split(jax.random.key(0), 1), 41, 0.0, None, 1.0,
-                                       engine.max_len)
+        cache, state, _ = engine.start(prompt, jax.random.split(jax.random.key(0), 1), 41, 0.0, None, 1.0)
         state, tokens, lengths = state.replace(cache=cache), [int(state.last[0])], set()
         for _ in range(5):
             attend = engine.attend_len(int(state.pos[0]) + 1 + 8) if bucketed else None
@@ -194,7 +192,7 @@ def test_decode_reads_only_the_filled_cache_and_crosses_buckets(tokenizer):
 def test_a_later_turn_starts_from_the_parked_cache(engine, tokenizer):
     """Turn 2's prompt is turn 1's prompt and reply plus a new message: the slot that served turn 1 still holds
     those tokens, so only the new ones are prefilled, and the reply equals one from a fresh prefill."""
-    from nanochat_jax.inference.scheduler import Finished, Request, SlotLoop, Token
+    from nanochat_jax.inference.scheduler import Finished, Request, Token
 
     def reply(loop, tokens):
         request = loop.submit(Request(list(tokens), 1, 10, 0.0, None, 1.0, 0))
@@ -209,7 +207,7 @@ def test_a_later_turn_starts_from_the_parked_cache(engine, tokenizer):
                     out.append(event.token)
         return out
 
-    loop = SlotLoop(engine, slots=2, chunk=4)
+    loop = engine.scheduler(slots=2, chunk=4)
     turn1 = tokenizer.encode("the model reads every token once and predicts what comes next while the optimizer "
                              "keeps two moments", prepend="<|bos|>")
     first = reply(loop, turn1)
@@ -217,7 +215,7 @@ def test_a_later_turn_starts_from_the_parked_cache(engine, tokenizer):
     assert loop.stats["prompt_tokens_reused"] == 0 and len(turn1) >= 16
     second = reply(loop, turn2)
     assert loop.stats["prompt_tokens_reused"] == len(turn1) + len(first) - 1  # all but the last emitted token
-    assert second == reply(SlotLoop(engine, slots=2, chunk=4), turn2)  # as from a fresh prefill
+    assert second == reply(engine.scheduler(slots=2, chunk=4), turn2)  # as from a fresh prefill
     other = tokenizer.encode("a different conversation entirely, longer than sixteen tokens", prepend="<|bos|>")
     reply(loop, other)  # shares only <|bos|>: a fresh prefill, into the slot freed longest ago
     assert loop.stats["prompt_tokens_reused"] == len(turn1) + len(first) - 1
@@ -226,12 +224,12 @@ def test_a_later_turn_starts_from_the_parked_cache(engine, tokenizer):
     assert loop.stats["prompt_tokens_reused"] == len(turn1) + len(first) - 1
 
 
-def test_a_warm_slot_loop_compiles_nothing_as_requests_come_and_go(engine, tokenizer):
+def test_a_warm_scheduler_compiles_nothing_as_requests_come_and_go(engine, tokenizer):
     """After warm-up and one request of each sample count, requests that finish one by one or several at once, at
     other lengths and budgets, compile no program: the host side of a tick has one shape whatever the traffic (an
     index list of the freed slots used to compile an eager scatter for each new count)."""
     from nanochat_jax.common import CompileCount
-    from nanochat_jax.inference.scheduler import Request, SlotLoop
+    from nanochat_jax.inference.scheduler import Request
 
     def serve(loop, requests):
         for request in requests:
@@ -239,7 +237,7 @@ def test_a_warm_slot_loop_compiles_nothing_as_requests_come_and_go(engine, token
         while any(len(r.finished) < r.n for r in requests):
             loop.tick()
 
-    loop = SlotLoop(engine, slots=4, chunk=4)
+    loop = engine.scheduler(slots=4, chunk=4)
     loop.warm_up()
     prompt = tokenizer.encode("the model reads every token", prepend="<|bos|>")
     serve(loop, [Request(prompt, 4, 6, 1.0, 20, 1.0, 0), Request(prompt[:5], 1, 3, 0.0, None, 1.0, 0)])
@@ -261,3 +259,70 @@ def test_complete_many_equals_one_prompt_at_a_time(engine, tokenizer):
             alone, _ = engine.generate_batch(prompt, num_samples=samples, max_tokens=8, temperature=temperature,
                                              top_k=20, seed=7 + i)
             assert many[i] == [s[len(prompt):] for s in alone]
+
+
+def test_the_scheduler_decodes_only_the_busy_rows(engine, tokenizer):
+    """One request in a scheduler of 4 slots runs the 1-row decode program (never the 4-row one) and gets the
+    tokens a 1-slot scheduler gets; two requests side by side run the 2-row one. Rows that only pad a call (free
+    slots) are written back unchanged: the cache row parked by an earlier request still serves its next turn."""
+    from nanochat_jax.inference.scheduler import Request
+    calls = []
+    programs = engine.programs
+    full, rows_only = programs.decode, programs.decode_rows
+
+    def counting_rows(params, state, rows, real, *args, **kwargs):
+        calls.append(len(rows))
+        return rows_only(params, state, rows, real, *args, **kwargs)
+
+    def counting_full(params, state, *args, **kwargs):
+        calls.append(state.pos.shape[0])
+        return full(params, state, *args, **kwargs)
+
+    def reply(scheduler, requests):
+        for r in requests:
+            scheduler.submit(r)
+        while any(len(r.finished) < r.n for r in requests):
+            scheduler.tick()
+        return [[e.id for e in list(r.events.queue) if hasattr(e, "id")] for r in requests]
+
+    prompt = tokenizer.encode("the model reads every token once and predicts", prepend="<|bos|>")
+    alone = reply(engine.scheduler(slots=1, chunk=4), [Request(list(prompt), 1, 12, 0.0, None, 1.0, 0)])
+    programs.decode, programs.decode_rows = counting_full, counting_rows
+    try:
+        four = engine.scheduler(slots=4, chunk=4)
+        assert reply(four, [Request(list(prompt), 1, 12, 0.0, None, 1.0, 0)]) == alone
+        assert calls and set(calls) == {1}, calls
+        calls.clear()
+        pair = reply(four, [Request(list(prompt), 1, 12, 0.0, None, 1.0, 0),
+                            Request(list(prompt[:5]), 1, 12, 0.0, None, 1.0, 0)])
+        assert pair[0] == alone[0] and 2 in calls and 4 not in calls, calls
+        turn2 = list(prompt) + alone[0] + tokenizer.encode(" hello world")
+        reused = four.stats["prompt_tokens_reused"]
+        again = reply(four, [Request(turn2, 1, 8, 0.0, None, 1.0, 0)])
+        assert four.stats["prompt_tokens_reused"] > reused  # from a parked row the padding left alone
+        assert again == reply(engine.scheduler(slots=1, chunk=4), [Request(turn2, 1, 8, 0.0, None, 1.0, 0)])
+    finally:
+        programs.decode, programs.decode_rows = full, rows_only
+
+
+def test_the_first_column_leaves_when_the_prefill_is_done(engine, tokenizer):
+    """Engine.generate yields the first token of every sample before its first decode call; scoring a text goes
+    through the scheduler and gives the model's log-probabilities."""
+    programs, decodes = engine.programs, []
+    full = programs.decode
+    programs.decode = lambda *a, **k: decodes.append(1) or full(*a, **k)
+    try:
+        stream = engine.generate(tokenizer.encode("hello world", prepend="<|bos|>"), num_samples=2, max_tokens=6)
+        first, _ = next(stream)
+        assert len(first) == 2 and decodes == []
+        next(stream)
+        assert decodes
+        stream.close()
+    finally:
+        programs.decode = full
+    ids = tokenizer.encode("the model reads every token", prepend="<|bos|>")
+    model = nnx.merge(engine.graphdef, engine.params)
+    logp = np.asarray(jax.nn.log_softmax(logits_of(model, jnp.asarray([ids]))[0].astype(jnp.float32), axis=-1))
+    scores = engine.score(ids)
+    assert len(scores) == len(ids) - 1
+    np.testing.assert_allclose([s[0] for s in scores], [logp[i, ids[i + 1]] for i in range(len(ids) - 1)], atol=1e-4)

@@ -5,7 +5,7 @@ import re
 import subprocess
 import sys
 
-from nanochat_jax.inference.programs import use_calculator
+from nanochat_jax.inference.calculator import use_calculator
 from nanochat_jax.data.stdlib_text import stdlib_words
 from nanochat_jax.tasks import mixtures
 from nanochat_jax.tasks.smoltalk import check_conversation

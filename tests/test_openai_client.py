@@ -13,7 +13,7 @@ from flax import nnx
 from conftest import randomize, tiny_config
 from nanochat_jax.inference.engine import Engine
 from nanochat_jax.model.gpt import GPT
-from nanochat_jax.inference.scheduler import BatchedEngine
+from serve.service import ChatService
 from serve.web import create_app
 
 HELLO = [{"role": "user", "content": "hello there"}]
@@ -23,8 +23,8 @@ HELLO = [{"role": "user", "content": "hello there"}]
 def server(tokenizer):
     model = randomize(GPT(tiny_config(vocab_size=tokenizer.get_vocab_size(), sequence_len=256), rngs=nnx.Rngs(0)),
                       std=0.4)
-    batched = BatchedEngine(Engine(model, tokenizer), slots=4, max_waiting=32).start()
-    app = create_app(batched, tokenizer, "tiny", {"temperature": 0.8, "top_k": 50, "max_tokens": 8})
+    scheduler = Engine(model, tokenizer).scheduler(slots=4, max_waiting=32).start()
+    app = create_app(ChatService(scheduler, tokenizer, "tiny", {"temperature": 0.8, "top_k": 50, "max_tokens": 8}))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -36,7 +36,7 @@ def server(tokenizer):
     yield client, base, tokenizer
     server.should_exit = True
     thread.join(10)
-    batched.stop()
+    scheduler.stop()
 
 
 def test_chat_with_the_fields_clients_send(server):

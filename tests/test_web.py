@@ -14,8 +14,9 @@ from conftest import randomize, tiny_config
 from nanochat_jax.inference.frontend import prompt_for_reply
 from nanochat_jax.inference.engine import Engine
 from nanochat_jax.model.gpt import GPT
-from nanochat_jax.inference.scheduler import BatchedEngine, Request
+from nanochat_jax.inference.scheduler import Request
 from nanochat_jax.inference.frontend import render_reply
+from serve.service import ChatService
 from serve.web import create_app
 
 DEFAULTS = {"temperature": 0.8, "top_k": 50, "max_tokens": 64}
@@ -45,13 +46,13 @@ def serve(app):
 
 @pytest.fixture(scope="module")
 def url(engine, tokenizer):
-    batched = BatchedEngine(engine, slots=2, max_waiting=16).start()
-    server, thread, base = serve(create_app(batched, tokenizer, "tiny", DEFAULTS))
+    scheduler = engine.scheduler(slots=2, max_waiting=16).start()
+    server, thread, base = serve(create_app(ChatService(scheduler, tokenizer, "tiny", DEFAULTS)))
     assert post(base + "/v1/chat/completions", json=HELLO | {"max_tokens": 2}).status_code == 200  # warm up
     yield base
     server.should_exit = True
     thread.join(5)
-    batched.stop()
+    scheduler.stop()
 
 
 def sse(lines):
@@ -164,9 +165,9 @@ def test_client_disconnect_frees_the_slot(url):
 
 
 def test_full_queue_gets_503(engine, tokenizer):
-    batched = BatchedEngine(engine, slots=1, max_waiting=1)  # not started: nothing leaves the queue
-    batched.submit(Request([1, 2, 3], 1, 4, 0.0, None, 1.0, 0))
-    server, thread, base = serve(create_app(batched, tokenizer, "tiny", DEFAULTS))
+    scheduler = engine.scheduler(slots=1, max_waiting=1)  # not started: nothing leaves the queue
+    scheduler.submit(Request([1, 2, 3], 1, 4, 0.0, None, 1.0, 0))
+    server, thread, base = serve(create_app(ChatService(scheduler, tokenizer, "tiny", DEFAULTS)))
     try:
         r = post(base + "/v1/chat/completions", json=HELLO)
         assert r.status_code == 503 and "busy" in r.json()["error"]["message"]

@@ -15,8 +15,8 @@ from flax import nnx
 from conftest import randomize, tiny_config
 from nanochat_jax.inference.engine import Engine
 from nanochat_jax.model.gpt import GPT
-from nanochat_jax.inference.scheduler import BatchedEngine
 from serve.guard import GuardedH11Protocol
+from serve.service import ChatService
 from serve.web import create_app
 
 KEY = "s3cret-test-key"
@@ -34,9 +34,9 @@ class QuickDeadlines(GuardedH11Protocol):
 def batched(tokenizer):
     model = randomize(GPT(tiny_config(vocab_size=tokenizer.get_vocab_size(), sequence_len=256), rngs=nnx.Rngs(0)),
                       std=0.4)
-    engine = BatchedEngine(Engine(model, tokenizer), slots=2, max_waiting=64).start()
-    yield engine
-    engine.stop()
+    scheduler = Engine(model, tokenizer).scheduler(slots=2, max_waiting=64).start()
+    yield scheduler
+    scheduler.stop()
 
 
 def start(app):
@@ -50,8 +50,8 @@ def start(app):
 
 @pytest.fixture(scope="module")
 def guarded(batched, tokenizer):
-    app = create_app(batched, tokenizer, "tiny", {"temperature": 0.0, "top_k": 50, "max_tokens": 8}, api_key=KEY,
-                     allowed_hosts={"localhost", "127.0.0.1", "::1"}, max_body=4096)
+    app = create_app(ChatService(batched, tokenizer, "tiny", {"temperature": 0.0, "top_k": 50, "max_tokens": 8}),
+                     api_key=KEY, allowed_hosts={"localhost", "127.0.0.1", "::1"}, max_body=4096)
     server, thread, port = start(app)
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=TIMEOUT,
                           headers={"authorization": f"Bearer {KEY}"})
@@ -144,14 +144,14 @@ def test_slow_and_idle_connections_are_cut(guarded):
 
 def test_prompts_are_rendered_off_the_event_loop(guarded, monkeypatch):
     client, _ = guarded
-    import serve.web
+    import serve.service
     threads = []
-    real = serve.web.prompt_for_reply
+    real = serve.service.prompt_for_reply
 
     def spy(*args, **kwargs):
         threads.append(threading.current_thread().name)
         return real(*args, **kwargs)
-    monkeypatch.setattr(serve.web, "prompt_for_reply", spy)
+    monkeypatch.setattr(serve.service, "prompt_for_reply", spy)
     assert client.post("/v1/chat/completions", json=HELLO).status_code == 200
     assert threads and all("AnyIO" in t or "worker" in t.lower() or "Thread" in t for t in threads), threads
     assert all(t != "MainThread" and not t.startswith("uvicorn") for t in threads)

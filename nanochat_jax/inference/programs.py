@@ -1,13 +1,11 @@
-"""The device side of sampling: the decode state of a batch of rows and the jitted programs over it (prefill,
-decode, score), the sampler and the calculator tool the host runs between decode calls. nanochat_jax/inference/engine.py
-(Engine) and nanochat_jax/inference/scheduler.py (SlotLoop) drive them.
+"""The device side of sampling: the decode state of a batch of rows, the sampler, and the pure programs over them
+(prefill, decode, score), with `Programs`, which binds them to one model's weights and checks requests against it.
+The scheduler (scheduler.py) runs them; nothing here knows about requests in flight.
 
 Every program is a pure function of (graphdef, params, arrays): the graphdef is bound with functools.partial, so a
 new set of weights of the same model never recompiles.
 """
-import ast
 import dataclasses
-import operator
 from dataclasses import dataclass
 from functools import partial
 
@@ -16,51 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from nanochat_jax.common import bucket
 from nanochat_jax.model.gpt import init_cache
 
 MAX_TOP_K = 200  # top-k is applied among the 200 best logits, so k can change without recompiling
 FORCED_SLOTS = 32  # tokens of tool output a row can be forced to emit after one call
 TOP_LOGPROBS = 20  # alternatives reported with each token's log-probability (OpenAI's largest top_logprobs)
 BIAS_SLOTS = 300  # logit_bias entries a row can hold
-
-
-# ---- the calculator tool
-_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-        ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod}
-
-
-def _eval_node(node):
-    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float, str)) and not isinstance(node.value, bool):
-        return node.value
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
-        value = _eval_node(node.operand)
-        if isinstance(value, str):
-            raise ValueError("sign of a string")
-        return -value if isinstance(node.op, ast.USub) else value
-    if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
-        left, right = _eval_node(node.left), _eval_node(node.right)
-        if isinstance(left, str) or isinstance(right, str):
-            raise ValueError("arithmetic on strings")
-        return _OPS[type(node.op)](left, right)
-    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "count"
-            and not node.keywords and len(node.args) == 1):
-        target, needle = _eval_node(node.func.value), _eval_node(node.args[0])
-        if isinstance(target, str) and isinstance(needle, str):
-            return target.count(needle)
-    raise ValueError(f"not allowed: {ast.dump(node)[:60]}")
-
-
-def use_calculator(expr: str):
-    """The python tool as nanochat offers it: arithmetic (+ - * / // %, no powers) on numbers, commas in numbers
-    ignored, and str.count. Returns the result, or None for anything else. Evaluated by walking the syntax tree:
-    nothing is executed."""
-    expr = expr.replace(",", "")
-    if len(expr) > 200:
-        return None
-    try:
-        return _eval_node(ast.parse(expr.strip(), mode="eval").body)
-    except (SyntaxError, ValueError, ZeroDivisionError, OverflowError, TypeError, RecursionError):
-        return None
 
 
 # ---- sampling on the device
@@ -237,6 +197,31 @@ def decode(graphdef, params, state: DecodeState, pause_tokens, steps: int, atten
     return state.step(nnx.merge(graphdef, params), pause_tokens, steps, attend_len)
 
 
+def decode_rows(graphdef, params, state: DecodeState, rows, real, pause_tokens, steps: int, attend_len: int):
+    """decode on the rows `rows` [b] of the state only (the busy ones, then free ones as padding, `real` False:
+    those write nothing back). Each row's cache is copied up to attend_len (all that attention reads) and written
+    back there, row by row (contiguous copies, not a scatter). Returns (state, out), out's rows in `rows` order."""
+    def take(x, axis, length=None):  # the b rows of x along `axis` (the cache: its first `length` positions)
+        parts = [jax.lax.dynamic_index_in_dim(x, r, axis, keepdims=True) for r in rows]
+        return jnp.concatenate([p[:, :, :, :length] if length else p for p in parts], axis)
+
+    def put(x, new, axis):  # write rows back, padding first: a real row's write is never undone
+        for j in reversed(range(rows.shape[0])):
+            start = [0] * x.ndim
+            start[axis] = rows[j]
+            row = jax.lax.dynamic_slice_in_dim(new, j, 1, axis)  # (the cache: its first attend_len positions)
+            old = jax.lax.dynamic_slice(x, start, row.shape)
+            x = jax.lax.dynamic_update_slice(x, jnp.where(real[j], row, old), start)
+        return x
+
+    sub = DecodeState({k: take(c, 1, attend_len) for k, c in state.cache.items()},
+                      **{f: take(getattr(state, f), 0) for f in ROW_FIELDS})
+    # (every real row stays within attend_len in this call: its positions end below longest + steps)
+    sub, out = sub.step(nnx.merge(graphdef, params), pause_tokens, steps)
+    return DecodeState({k: put(c, sub.cache[k], 1) for k, c in state.cache.items()},
+                       **{f: put(getattr(state, f), getattr(sub, f), 0) for f in ROW_FIELDS}), out
+
+
 def attend_buckets(max_len: int, smallest: int = 256) -> list[int]:
     """The attention lengths decode calls use: powers of two from `smallest`, then max_len (one compiled decode
     program each; a call takes the first that covers every active row)."""
@@ -270,3 +255,110 @@ def bias_arrays(bias, n: int):
     for i, (t, v) in enumerate(items):
         ids[i], vals[i] = t, v
     return jnp.broadcast_to(jnp.asarray(ids), (n, BIAS_SLOTS)), jnp.broadcast_to(jnp.asarray(vals), (n, BIAS_SLOTS))
+
+
+def _round_up(n: int, base: int) -> int:
+    return -(-n // base) * base
+
+
+class Programs:
+    """One model's jitted programs and weights, and the checks of a request against them: what the scheduler is
+    given to run. `use(model)` swaps in new weights of the same architecture (RL's policy after each step)."""
+
+    def __init__(self, model, tokenizer, compute_dtype_weights: bool = False):
+        """compute_dtype_weights: keep the weights in the model's compute dtype (bf16 on GPU/TPU) rather than
+        casting the fp32 master weights at every matmul of every step (serving: half the weight reads)."""
+        self.graphdef, _ = nnx.split(model)
+        self.config, self.dtype, self.compute_dtype_weights = model.config, model.dtype, compute_dtype_weights
+        self.vocab_size = tokenizer.get_vocab_size()
+        self.weights_version = -1
+        self.use(model)
+        self.bos = tokenizer.get_bos_token_id()
+        self.python_end = tokenizer.encode_special("<|python_end|>")
+        self.stops = (tokenizer.encode_special("<|assistant_end|>"), self.bos)
+        self.pause_tokens = jnp.array((self.python_end,) + self.stops, jnp.int32)
+        self.prefill = jax.jit(partial(prefill, self.graphdef), static_argnames="cache_len")
+        self.decode = jax.jit(partial(decode, self.graphdef), donate_argnums=(1,),
+                              static_argnames=("steps", "attend_len"))
+        self.decode_rows = jax.jit(partial(decode_rows, self.graphdef), donate_argnums=(1,),
+                                   static_argnames=("steps", "attend_len"))
+        self.admit = jax.jit(DecodeState.admit, donate_argnums=(0,))
+        self.row_cache = jax.jit(row_cache)
+        self._score = jax.jit(partial(score, self.graphdef))
+        self.max_len = _round_up(self.config.sequence_len + 1, 256)  # one cache length: a conversation never recompiles
+        self.attend_buckets = attend_buckets(self.max_len)
+
+    def use(self, model):
+        graphdef, params = nnx.split(model)
+        if graphdef != self.graphdef:
+            raise ValueError("a model of another architecture than the engine was built for")
+        if self.compute_dtype_weights and jnp.dtype(self.dtype) != jnp.float32:
+            params = jax.tree.map(lambda p: p.astype(self.dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p,
+                                  params)
+        self.params = params
+        self.weights_version += 1  # cache rows made with other weights are stale
+
+    def attend_len(self, longest: int) -> int:
+        """The attention length for a decode call whose rows reach at most `longest` positions."""
+        return next((b for b in self.attend_buckets if b >= longest), self.max_len)
+
+    def check_request(self, tokens, max_tokens, temperature, top_k, top_p=1.0) -> int:
+        """Validates a request; returns the token budget that fits the model's context."""
+        if not tokens or not all(isinstance(t, (int, np.integer)) for t in tokens):
+            raise ValueError("tokens must be a non-empty list of token ids")
+        if temperature < 0 or (top_k is not None and not 1 <= top_k <= MAX_TOP_K) or not 0 < top_p <= 1:
+            raise ValueError(f"temperature must be >= 0, top_k in 1..{MAX_TOP_K}, top_p in (0, 1]")
+        if max_tokens is not None and max_tokens < 1:
+            raise ValueError("max_tokens must be at least 1")
+        room = self.config.sequence_len - len(tokens)
+        if room < 1:
+            raise ValueError(f"the prompt has {len(tokens)} tokens; the model's context is {self.config.sequence_len}")
+        return room if max_tokens is None else min(max_tokens, room)
+
+    def check_sampling(self, bias=None, presence=0.0, frequency=0.0):
+        """Validates logit_bias ({token id: -100..100}) and the presence/frequency penalties (-2..2)."""
+        for token, value in (bias or {}).items():
+            if not isinstance(token, (int, np.integer)) or not 0 <= token < self.vocab_size:
+                raise ValueError(f"logit_bias: {token!r} is not a token id of this model")
+            if not -100 <= value <= 100:
+                raise ValueError(f"logit_bias: the bias of token {token} must be in -100..100")
+        if len(bias or {}) > BIAS_SLOTS:
+            raise ValueError(f"logit_bias takes at most {BIAS_SLOTS} tokens")
+        if not -2 <= presence <= 2 or not -2 <= frequency <= 2:
+            raise ValueError("presence_penalty and frequency_penalty must be in -2..2")
+
+    def start(self, tokens, keys, max_tokens, temperature, top_k, top_p, bias=None, presence=0.0, frequency=0.0,
+              reuse=None):
+        """Prefill a prompt for len(keys) rows: (one-row cache, `prefilled`: a DecodeState of those rows without a
+        cache, ready to be admitted, (logprob, top_ids, top_logprobs) of each row's first token). The rows are
+        padded to a power of two (copies of the first key): take the first len(keys); every shape then comes from a
+        few buckets, so a new sample count compiles nothing, not even an eager op.
+        reuse: (row cache, n) where the row cache already holds the prompt's first n tokens: only the rest is run."""
+        row, done = reuse if reuse is not None else (None, 0)
+        rest = list(tokens[done:])
+        # prompt lengths share a few compiled shapes: powers of two (within the cache: a write past its end would
+        # be moved back by XLA onto positions that hold the prompt)
+        length = bucket(len(rest), maximum=self.max_len - done)
+        ids = jnp.asarray([rest + [0] * (length - len(rest))], jnp.int32)
+        n = keys.shape[0]
+        padded = bucket(n, minimum=1)
+        keys = jnp.concatenate([keys, jnp.broadcast_to(keys[:1], (padded - n,))]) if padded > n else keys
+        bias_ids, bias_vals = bias_arrays(bias, padded)
+        cache, first, info = self.prefill(self.params, ids, len(rest), keys,
+                                          jnp.full(padded, temperature, jnp.float32),
+                                          jnp.full(padded, top_k or 0, jnp.int32), jnp.full(padded, top_p, jnp.float32),
+                                          bias_ids, bias_vals, cache_len=self.max_len, row_cache=row, start=done)
+        prefilled = DecodeState.new(first, len(tokens), max_tokens - 1, keys, temperature, top_k or 0, top_p,
+                                    jnp.asarray(self.stops + (self.python_end,)), self.config.vocab_size, bias,
+                                    presence, frequency)
+        return cache, prefilled, info
+
+    def score(self, tokens) -> list[tuple[float, tuple]]:
+        """The model's view of a given text: for each token after the first, (its log-probability given those
+        before it, ((id, log-probability), ...) the TOP_LOGPROBS likeliest tokens at that position)."""
+        if len(tokens) < 2:
+            return []
+        ids = jnp.asarray([list(tokens) + [0] * (bucket(len(tokens)) - len(tokens))], jnp.int32)
+        logprob, top_ids, top_lp = (np.asarray(x) for x in self._score(self.params, ids))
+        return [(float(logprob[i]), tuple((int(a), float(b)) for a, b in zip(top_ids[i], top_lp[i])))
+                for i in range(len(tokens) - 1)]

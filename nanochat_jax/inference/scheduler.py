@@ -1,16 +1,19 @@
-"""The slot loop: the one owner of the decode state, for the chat server and for Engine.generate alike.
+"""The scheduler: the one owner of the decode state. The CLI, `Engine.generate`, the evals and the HTTP server are its
+clients: they submit requests and read events.
 
-A request (a prompt, n samples, sampling settings) waits in a bounded queue; the loop prefills it into free slots of
-one DecodeState (the KV cache [layers, slots, kv_heads, max_len, head_dim] and the rows' sampling state) and from
-then on every decode call advances all busy slots together. Between calls the loop runs the tool: a row paused on
-<|python_end|> gets the calculator's result forced into it. A finished or cancelled request frees its slots at
-once; a new one joins at the next call. Each row samples with its own key (seed, sample index), so a seeded request
-gives the same reply whatever else is in the batch.
+A request (a prompt, n samples, sampling settings) waits in a bounded queue; the scheduler prefills it into free
+slots of one DecodeState (the KV cache [layers, slots, kv_heads, max_len, head_dim] and the rows' sampling state),
+and from then on each decode call advances the busy slots together: only those rows (their count rounded up to a
+power of two, each count compiled at warm-up), so one client of a server with 8 slots does not pay for 8. Between
+calls it runs the tool: a row paused on <|python_end|> gets the tool's tokens forced into it. A finished or
+cancelled request frees its slots at once; a new one joins at the next call. Each row samples with its own key
+(seed, sample index), so a seeded request gives the same reply whatever else is in the batch. Scoring a text
+(prompt log-probabilities) is a request too, run between decode calls.
 
-`SlotLoop.tick()` is one round (admit, tool calls, one decode call, delivery); `BatchedEngine` runs ticks on a
-thread of its own for the server, and `Engine.generate` runs them itself for one request. Tokens reach the caller
-through `Request.events` (a queue.Queue, read from any thread) as typed records: Token (with the model's
-log-probability and its TOP_LOGPROBS alternatives), Finished, Failed.
+`tick()` is one round (scores, admission, tool calls, one decode call, delivery); `start()` runs rounds on a thread
+of its own (the server); `Engine.generate` runs them itself. Events reach the client through `events` (a
+queue.Queue, read from any thread) as typed records: Token (with the model's log-probability and its TOP_LOGPROBS
+alternatives), Finished, Failed, Scored.
 
 A freed slot keeps its cache row: the next turn of the same conversation, whose prompt starts with the tokens that
 row holds, is admitted there and prefills only the new tokens (time to first token does not grow with the turns).
@@ -25,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nanochat_jax.common import bucket
-from nanochat_jax.inference.programs import FORCED_SLOTS, DecodeState, use_calculator
+from nanochat_jax.inference.programs import FORCED_SLOTS, DecodeState
 
 MIN_REUSE = 16  # prompt tokens a parked cache row must hold for a request to start from it
 
@@ -55,23 +58,16 @@ class Failed:
     message: str  # the engine failed; the request is over
 
 
-@dataclass(eq=False)  # compared and hashed by identity
-class Request:
-    tokens: list[int]
-    n: int
-    max_tokens: int
-    temperature: float
-    top_k: int | None
-    top_p: float
-    seed: int
-    bias: dict = field(default_factory=dict)  # logit_bias: {token id: -100..100}
-    presence: float = 0.0  # penalties over the tokens generated so far
-    frequency: float = 0.0
-    events: queue.Queue = field(default_factory=queue.Queue)  # Token ... then Finished per sample; or Failed
+@dataclass(frozen=True)
+class Scored:
+    scores: list  # per token after the first: (log-probability, ((id, log-probability), ...) the likeliest)
+
+
+@dataclass(eq=False, kw_only=True)  # compared and hashed by identity
+class Submission:
+    events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: bool = False
-    slots: list[int] = field(default_factory=list)
-    finished: set = field(default_factory=set)
-    listener: object = None  # called (from the loop's thread) after each event: e.g. to wake an asyncio task
+    listener: object = None  # called (from the scheduler's thread) after each event: e.g. to wake an asyncio task
     wake: object = None  # the server's asyncio.Event for this request
 
     def cancel(self):
@@ -86,6 +82,29 @@ class Request:
                 pass
 
 
+@dataclass(eq=False)
+class Request(Submission):
+    """Sampling from a prompt: Token ... then Finished per sample, or Failed."""
+    tokens: list[int]
+    n: int
+    max_tokens: int
+    temperature: float
+    top_k: int | None
+    top_p: float
+    seed: int
+    bias: dict = field(default_factory=dict)  # logit_bias: {token id: -100..100}
+    presence: float = 0.0  # penalties over the tokens generated so far
+    frequency: float = 0.0
+    slots: list[int] = field(default_factory=list)
+    finished: set = field(default_factory=set)
+
+
+@dataclass(eq=False)
+class ScoreRequest(Submission):
+    """The model's view of a text: one Scored event, or Failed."""
+    tokens: list[int]
+
+
 @dataclass
 class Slot:
     """What the host keeps for one busy slot: its request and sample, the row's tokens so far (for the tool), and
@@ -96,76 +115,114 @@ class Slot:
     waiting_for_tool: bool = False
 
 
-class SlotLoop:
-    """Decode slots over one engine.Engine (its programs and checks); see the module docstring."""
+class Scheduler:
+    """Decode slots over one model's Programs, with a tool (Calculator); see the module docstring."""
 
-    def __init__(self, engine, slots: int = 8, max_waiting: int = 64, chunk: int = 8):
-        self.engine, self.n_slots, self.chunk = engine, slots, chunk
+    def __init__(self, programs, tool, slots: int = 8, max_waiting: int = 64, chunk: int = 8):
+        self.programs, self.tool, self.n_slots, self.chunk = programs, tool, slots, chunk
         self.waiting: queue.Queue = queue.Queue(max_waiting)
+        self.scoring: queue.Queue = queue.Queue(max_waiting)
         self.slots: list[Slot | None] = [None] * slots
         self.stats = {"requests_served": 0, "tokens_generated": 0, "prompt_tokens_reused": 0}
-        self.state = DecodeState.empty(engine.config, slots, engine.max_len, engine.dtype)
+        self.state = DecodeState.empty(programs.config, slots, programs.max_len, programs.dtype)
         self._admitting = None  # the request being prefilled (told if that fails)
-        # per free slot: (the tokens its cache row still holds, the engine's weights version, when it was freed)
+        # per free slot: (the tokens its cache row still holds, the weights version, when it was freed)
         self.parked: list[tuple | None] = [None] * slots
         self._freed = itertools.count()
+        self._wake, self._stop, self._thread = threading.Event(), False, None
 
-    def submit(self, request: Request) -> Request:
-        if request.n > self.n_slots:
-            raise ValueError(f"n={request.n} is more than the {self.n_slots} decode slots")
-        request.max_tokens = self.engine.check_request(request.tokens, request.max_tokens, request.temperature,
-                                                       request.top_k, request.top_p)
-        self.engine.check_sampling(request.bias, request.presence, request.frequency)
+    # ---- clients
+    def submit(self, request):
+        """Queue a Request or a ScoreRequest (checked first: ValueError; QueueFull when the queue is full)."""
+        p = self.programs
+        if isinstance(request, ScoreRequest):
+            if not 1 <= len(request.tokens) <= p.config.sequence_len:
+                raise ValueError(f"a text to score has 1..{p.config.sequence_len} tokens")
+            target = self.scoring
+        else:
+            if request.n > self.n_slots:
+                raise ValueError(f"n={request.n} is more than the {self.n_slots} decode slots")
+            request.max_tokens = p.check_request(request.tokens, request.max_tokens, request.temperature,
+                                                 request.top_k, request.top_p)
+            p.check_sampling(request.bias, request.presence, request.frequency)
+            target = self.waiting
         try:
-            self.waiting.put_nowait(request)
+            target.put_nowait(request)
         except queue.Full:
-            raise QueueFull(f"the queue is full ({self.waiting.maxsize} waiting requests)") from None
+            raise QueueFull(f"the queue is full ({target.maxsize} waiting requests)") from None
+        self._wake.set()
         return request
 
     def busy_slots(self) -> int:
         return sum(s is not None for s in self.slots)
 
+    def idle(self) -> bool:
+        return not self.busy_slots() and self.waiting.empty() and self.scoring.empty()
+
+    def start(self):
+        """Run rounds on a thread of its own until stop() (requests then come from any thread)."""
+        self._thread = threading.Thread(target=self._serve, name="nanochat-scheduler", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self):
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _serve(self):
+        while not self._stop:
+            try:
+                if not self.tick():
+                    self._wake.wait(timeout=0.5)
+                    self._wake.clear()
+            except Exception as error:  # never let one bad batch take the server down
+                self.fail(f"engine error: {type(error).__name__}: {error}")
+
     def warm_up(self) -> int:
         """Compile what requests will need before the first one comes: the prefill at every prompt-length bucket
-        (one sample; fresh, and onto a parked row), the admission and the decode step at every attention length.
-        Run it before `start()`. Returns how many prompts it ran."""
-        e, length, ran = self.engine, 16, 0
+        (one sample; fresh, and onto a parked row), the admission, and the decode call for every count of busy rows
+        and attention length. Run it before `start()`. Returns how many prompts it ran."""
+        p, length, ran = self.programs, 16, 0
         while True:
-            n = min(length, e.config.sequence_len - 1)
+            n = min(length, p.config.sequence_len - 1)
             self.parked = [None] * self.n_slots  # a fresh prefill each time (the last prompt is a prefix of this one)
-            request = self.submit(Request([e.tokenizer.get_bos_token_id()] * n, 1, 1, 0.0, None, 1.0, 0))
-            while len(request.finished) < request.n:
-                if not self.tick() and self.waiting.empty():
-                    break
+            request = self.submit(Request([p.bos] * n, 1, 1, 0.0, None, 1.0, 0))
+            while len(request.finished) < request.n and self.tick():
+                pass
             ran += 1
-            if n >= e.config.sequence_len - 1 or length >= e.max_len:
+            if n >= p.config.sequence_len - 1 or length >= p.max_len:
                 break
             length *= 2
         length, keys = 16, jax.random.split(jax.random.key(0), 1)
-        while length < e.max_len:  # the prefill of a later turn's new tokens onto a parked row, at every length
-            e.start([e.tokenizer.get_bos_token_id()] * (length + 1), keys, 1, 0.0, None, 1.0, e.max_len,
-                    reuse=(e.row_cache(self.state, 0), 1))
+        while length < p.max_len:  # the prefill of a later turn's new tokens onto a parked row, at every length
+            p.start([p.bos] * (length + 1), keys, 1, 0.0, None, 1.0, reuse=(p.row_cache(self.state, 0), 1))
             length *= 2
-        for attend_len in e.attend_buckets:  # every decode program (on idle rows: nothing is emitted)
-            self.state, _ = e.decode(e.params, self.state, e.pause_tokens, steps=self.chunk, attend_len=attend_len)
+        for attend_len in p.attend_buckets:  # every decode program, on idle rows: nothing is emitted
+            for rows in self._row_counts():
+                self._decode([], rows, attend_len)
         self.stats = {"requests_served": 0, "tokens_generated": 0, "prompt_tokens_reused": 0}
         self.parked = [None] * self.n_slots
         return ran
 
     def tick(self) -> bool:
-        """One round: admit what fits, drop the cancelled, run the tool, one decode call, deliver the tokens.
-        Returns False when there was nothing to decode."""
-        e = self.engine
-        self._admit_waiting()
+        """One round: scores, admit what fits, drop the cancelled, run the tool, one decode call, deliver the
+        tokens. Returns False when there was nothing to do."""
+        scored = self._score_waiting()
+        self.admit()
         self._release_cancelled()
-        if self.busy_slots() == 0:
-            return False
+        busy = [i for i, s in enumerate(self.slots) if s is not None]
+        if not busy:
+            return scored
         self._resume_tool_calls()
         # attention reads the cache up to the longest row after this chunk (a bucket), not the whole cache
-        longest = max(len(s.history) for s in self.slots if s is not None) + self.chunk
-        self.state, out = e.decode(e.params, self.state, e.pause_tokens, steps=self.chunk,
-                                   attend_len=e.attend_len(longest))
-        self._deliver(jax.tree.map(np.asarray, out))
+        longest = max(len(self.slots[i].history) for i in busy) + self.chunk
+        rows = next(r for r in self._row_counts() if r >= len(busy))
+        out = jax.tree.map(np.asarray, self._decode(busy, rows, self.programs.attend_len(longest)))
+        if rows == self.n_slots:  # (a call over every row: keep the busy ones, in order)
+            out = {k: v[busy] for k, v in out.items()}
+        self._deliver(busy, out)
         return True
 
     def fail(self, message: str):
@@ -174,11 +231,38 @@ class SlotLoop:
         for request in {s.request for s in self.slots if s is not None} | ({self._admitting} - {None}):
             request.put(Failed(message))
         self.slots, self._admitting, self.parked = [None] * self.n_slots, None, [None] * self.n_slots
-        self.state = DecodeState.empty(self.engine.config, self.n_slots, self.engine.max_len, self.engine.dtype)
+        p = self.programs
+        self.state = DecodeState.empty(p.config, self.n_slots, p.max_len, p.dtype)
 
-    # ---- the steps of a tick
-    def _admit_waiting(self):
-        e = self.engine
+    # ---- the steps of a round
+    def _row_counts(self) -> list[int]:
+        """The decode calls' row counts: powers of two below the slot count, then every slot."""
+        return [r for r in (1 << i for i in range(self.n_slots.bit_length())) if r < self.n_slots] + [self.n_slots]
+
+    def _decode(self, busy: list[int], rows: int, attend_len: int):
+        p = self.programs
+        if rows == self.n_slots:  # every row: no copies in and out
+            self.state, out = p.decode(p.params, self.state, p.pause_tokens, steps=self.chunk, attend_len=attend_len)
+            return out
+        free = [i for i in range(self.n_slots) if i not in busy]
+        index = np.asarray(busy + free[:rows - len(busy)], np.int32)  # padding: free rows, written back unchanged
+        real = np.arange(rows) < len(busy)
+        self.state, out = p.decode_rows(p.params, self.state, index, real, p.pause_tokens, steps=self.chunk,
+                                        attend_len=attend_len)
+        return out
+
+    def _score_waiting(self) -> bool:
+        done = False
+        while not self.scoring.empty():
+            request = self.scoring.get_nowait()
+            if not request.cancelled:
+                request.put(Scored(self.programs.score(request.tokens)))
+            done = True
+        return done
+
+    def admit(self):
+        """Prefill the waiting requests that fit into free slots; their first tokens are out at once."""
+        p = self.programs
         with self.waiting.mutex:  # cancelled requests leave the queue wherever they are
             for request in [r for r in self.waiting.queue if r.cancelled]:
                 self.waiting.queue.remove(request)
@@ -188,33 +272,33 @@ class SlotLoop:
             if len(free) < request.n:
                 break
             self._admitting = self.waiting.get_nowait()
-            # one key per sample, derived for a power-of-two count of rows (Engine.start's padding)
+            # one key per sample, derived for a power-of-two count of rows (Programs.start's padding)
             keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(request.seed),
                                                             jnp.arange(bucket(request.n, minimum=1)))
             request.slots, reuse = self._choose_slots(request, free)
-            row_cache, prefilled, info = e.start(request.tokens, keys, request.max_tokens, request.temperature,
-                                                 request.top_k, request.top_p, e.max_len, request.bias,
-                                                 request.presence, request.frequency, reuse)
+            row_cache, prefilled, info = p.start(request.tokens, keys, request.max_tokens, request.temperature,
+                                                 request.top_k, request.top_p, request.bias, request.presence,
+                                                 request.frequency, reuse)
             for i, slot in enumerate(request.slots):
-                self.state = e.admit(self.state, row_cache, prefilled, i, slot)
+                self.state = p.admit(self.state, row_cache, prefilled, i, slot)
             self._admitting = None
             first = np.asarray(prefilled.last)
             logprob, top_ids, top_lp = (np.asarray(x) for x in info)
             for i, slot in enumerate(request.slots):
                 token = int(first[i])
-                self.slots[slot] = Slot(request, i, list(request.tokens) + [token], token == e.python_end)
+                self.slots[slot] = Slot(request, i, list(request.tokens) + [token], token == p.python_end)
                 self._emit(request, Token(i, token, False, float(logprob[i]), _top(top_ids[i], top_lp[i])))
             self._free_finished(request)
 
     def _choose_slots(self, request, free: list[int]):
-        """(slots for the request's samples, reuse for Engine.start). A one-sample request whose prompt starts with
-        what a free slot's cache still holds (the same conversation's earlier turns) goes there and prefills only
-        the rest; otherwise the slots freed longest ago are taken, so recent conversations stay parked."""
-        e = self.engine
+        """(slots for the request's samples, reuse for Programs.start). A one-sample request whose prompt starts
+        with what a free slot's cache still holds (the same conversation's earlier turns) goes there and prefills
+        only the rest; otherwise the slots freed longest ago are taken, so recent conversations stay parked."""
+        p = self.programs
 
         def held(slot) -> int:  # how many of the prompt's first tokens the slot's cache row holds
             parked = self.parked[slot]
-            if parked is None or parked[1] != e.weights_version:
+            if parked is None or parked[1] != p.weights_version:
                 return 0
             tokens, n = parked[0], min(len(parked[0]), len(request.tokens) - 1)  # the last token is always run
             return next((i for i in range(n) if tokens[i] != request.tokens[i]), n)
@@ -225,7 +309,7 @@ class SlotLoop:
                 n = held(best)
                 self.stats["prompt_tokens_reused"] += n
                 self.parked[best] = None
-                return [best], (e.row_cache(self.state, best), n)
+                return [best], (p.row_cache(self.state, best), n)
         order = sorted(free, key=lambda s: -1 if self.parked[s] is None else self.parked[s][2])
         for slot in order[:request.n]:
             self.parked[slot] = None
@@ -238,38 +322,31 @@ class SlotLoop:
             self._free_finished(request)
 
     def _resume_tool_calls(self):
-        """Rows paused on <|python_end|>: evaluate the expression since the last <|python_start|> and force
-        <|output_start|> result <|output_end|> into the row (nothing when the calculator refuses it)."""
+        """Rows paused on <|python_end|>: force the tool's tokens into the row (none when it refuses)."""
         calls = [i for i, s in enumerate(self.slots) if s is not None and s.waiting_for_tool]
         if not calls:
             return
-        e, st = self.engine, self.state
+        st = self.state
         forced, n_forced = np.asarray(st.forced).copy(), np.asarray(st.n_forced).copy()
         forced_at, active, budget = np.asarray(st.forced_at).copy(), np.asarray(st.active).copy(), np.asarray(st.budget)
         for i in calls:
-            slot = self.slots[i]
-            slot.waiting_for_tool = False
-            starts = [j for j, t in enumerate(slot.history) if t == e.python_start]
-            result = use_calculator(e.tokenizer.decode(slot.history[starts[-1] + 1:-1])) if starts else None
-            inject = [] if result is None else e.tokenizer.encode(str(result))[:FORCED_SLOTS - 2]
-            inject = [e.output_start] + inject + [e.output_end] if result is not None else []
+            self.slots[i].waiting_for_tool = False
+            inject = self.tool.result_tokens(self.slots[i].history)[:FORCED_SLOTS]
             forced[i, :len(inject)], n_forced[i], forced_at[i] = inject, len(inject), 0
             active[i] = budget[i] > 0
         self.state = st.replace(active=jnp.asarray(active), forced=jnp.asarray(forced),
                                 n_forced=jnp.asarray(n_forced), forced_at=jnp.asarray(forced_at))
 
-    def _deliver(self, out):
-        e = self.engine
-        for i, slot in enumerate(self.slots):
-            if slot is None:
-                continue
-            for step, t in enumerate(out["tokens"][i]):
+    def _deliver(self, busy: list[int], out):
+        for row, i in enumerate(busy):  # out's rows are the busy slots, in order
+            slot = self.slots[i]
+            for step, t in enumerate(out["tokens"][row]):
                 if t >= 0:
-                    forced = bool(out["forced"][i, step])
+                    forced = bool(out["forced"][row, step])
                     slot.history.append(int(t))
-                    slot.waiting_for_tool = int(t) == e.python_end and not forced
-                    self._emit(slot.request, Token(slot.sample, int(t), forced, float(out["logprob"][i, step]),
-                                                   _top(out["top_ids"][i, step], out["top_logprobs"][i, step])))
+                    slot.waiting_for_tool = int(t) == self.programs.python_end and not forced
+                    self._emit(slot.request, Token(slot.sample, int(t), forced, float(out["logprob"][row, step]),
+                                                   _top(out["top_ids"][row, step], out["top_logprobs"][row, step])))
         for request in {s.request for s in self.slots if s is not None}:
             self._free_finished(request)
 
@@ -277,7 +354,7 @@ class SlotLoop:
     def _emit(self, request, token: Token):
         if token.sample in request.finished:
             return
-        if token.id in self.engine.stops:
+        if token.id in self.programs.stops:
             self._finish(request, token.sample, "stop", token.id)
             return
         request.put(token)
@@ -303,46 +380,13 @@ class SlotLoop:
             if i in request.finished:
                 # its cache row keeps every token but the last emitted one (never fed back): the next turn of the
                 # same conversation can start from there
-                self.parked[slot] = (s.history[:-1], self.engine.weights_version, next(self._freed))
+                self.parked[slot] = (s.history[:-1], self.programs.weights_version, next(self._freed))
                 self.slots[slot] = None
                 free.append(slot)
         if free:  # (a mask of every slot: an index list of each new length would compile eager ops anew)
             keep = np.ones(self.n_slots, bool)
             keep[free] = False
             self.state = self.state.replace(active=self.state.active & keep)
-
-
-class BatchedEngine(SlotLoop):
-    """The slot loop on a thread of its own (the chat server): requests come from any thread."""
-
-    def __init__(self, engine, slots: int = 8, max_waiting: int = 64, chunk: int = 8):
-        super().__init__(engine, slots, max_waiting, chunk)
-        self._wake = threading.Event()
-        self._stop = False
-        self._thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
-
-    def start(self):
-        self._thread.start()
-        return self
-
-    def stop(self):
-        self._stop = True
-        self._wake.set()
-        self._thread.join(timeout=10)
-
-    def submit(self, request: Request) -> Request:
-        super().submit(request)
-        self._wake.set()
-        return request
-
-    def _loop(self):
-        while not self._stop:
-            try:
-                if not self.tick():
-                    self._wake.wait(timeout=0.5)
-                    self._wake.clear()
-            except Exception as error:  # never let one bad batch take the server down
-                self.fail(f"engine error: {type(error).__name__}: {error}")
 
 
 def _top(ids, logprobs) -> tuple:

@@ -35,6 +35,9 @@ class SpecialIds:
     def get_bos_token_id(self) -> int:
         return self.vocab_size - 1 - len(self.NAMES)
 
+    def get_vocab_size(self) -> int:
+        return self.vocab_size
+
 
 def timed(fn, repeats: int) -> float:
     """Seconds per call of fn() after one call that is not timed (compilation, warm-up)."""
@@ -148,8 +151,7 @@ def engine_speed(config, dtype, prompt_len: int, batches, decode_tokens: int = 1
     out = {"prompt_len": prompt_len, "dtype": jnp.dtype(dtype).name, "decode": []}
     for batch in batches:
         keys = jax.random.split(jax.random.key(0), batch)
-        start = lambda: engine.start(prompt, jax.random.clone(keys), decode_tokens + 1, 1.0, None, 1.0,  # noqa: E731
-                                     engine.max_len)
+        start = lambda: engine.start(prompt, jax.random.clone(keys), decode_tokens + 1, 1.0, None, 1.0)  # noqa: E731
         if batch == batches[0]:
             out["prefill_ms"] = 1000 * timed(lambda: start()[1].last, 3)
 

@@ -1,0 +1,60 @@
+"""The chat model's tool as nanochat offers it: a calculator the scheduler runs between decode calls, for a row that
+emitted <|python_end|>: the expression since the last <|python_start|> is evaluated and its result forced into the
+row as <|output_start|> result <|output_end|>."""
+import ast
+import operator
+
+_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+        ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod}
+
+
+def _eval_node(node):
+    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float, str)) and not isinstance(node.value, bool):
+        return node.value
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        value = _eval_node(node.operand)
+        if isinstance(value, str):
+            raise ValueError("sign of a string")
+        return -value if isinstance(node.op, ast.USub) else value
+    if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+        left, right = _eval_node(node.left), _eval_node(node.right)
+        if isinstance(left, str) or isinstance(right, str):
+            raise ValueError("arithmetic on strings")
+        return _OPS[type(node.op)](left, right)
+    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "count"
+            and not node.keywords and len(node.args) == 1):
+        target, needle = _eval_node(node.func.value), _eval_node(node.args[0])
+        if isinstance(target, str) and isinstance(needle, str):
+            return target.count(needle)
+    raise ValueError(f"not allowed: {ast.dump(node)[:60]}")
+
+
+def use_calculator(expr: str):
+    """The python tool as nanochat offers it: arithmetic (+ - * / // %, no powers) on numbers, commas in numbers
+    ignored, and str.count. Returns the result, or None for anything else. Evaluated by walking the syntax tree:
+    nothing is executed."""
+    expr = expr.replace(",", "")
+    if len(expr) > 200:
+        return None
+    try:
+        return _eval_node(ast.parse(expr.strip(), mode="eval").body)
+    except (SyntaxError, ValueError, ZeroDivisionError, OverflowError, TypeError, RecursionError):
+        return None
+
+
+class Calculator:
+    """The tool in tokens: `result_tokens(history)` for a row whose last token is <|python_end|> gives the tokens to
+    force into it (at most `room`), or [] when there is nothing to evaluate or the calculator refuses it."""
+
+    def __init__(self, tokenizer, room: int):
+        special = tokenizer.encode_special
+        self.tokenizer, self.room = tokenizer, room
+        self.start, self.end = special("<|python_start|>"), special("<|python_end|>")
+        self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
+
+    def result_tokens(self, history: list[int]) -> list[int]:
+        starts = [j for j, t in enumerate(history) if t == self.start]
+        result = use_calculator(self.tokenizer.decode(history[starts[-1] + 1:-1])) if starts else None
+        if result is None:
+            return []
+        return [self.output_start] + self.tokenizer.encode(str(result))[:self.room - 2] + [self.output_end]
