@@ -11,6 +11,12 @@ latency reported: the event loop should never wait on the engine or on prompt re
 
 holds one conversation of 10 turns instead (each turn sends the whole conversation so far, the replies included)
 and prints the time to first token of every turn: with the server's prefix reuse it should not grow with the turns.
+
+    python -m scripts.bench_serve --random-depth 4 --tokenizer ~/.cache/nanochat_jax/tokenizer --rounds 3
+
+starts the server in this process on random weights of that depth (8 slots), then per round: one client's
+sequential requests, 8 clients at once, and Engine.generate on the same model; 128-token replies (stop tokens
+banned), medians over the rounds: what the server costs against the engine it runs.
 """
 import argparse
 import json
@@ -20,13 +26,14 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 
-def one_request(url: str, index: int, max_tokens: int, history: int = 0, messages=None):
+def one_request(url: str, index: int, max_tokens: int, history: int = 0, messages=None, body=None, text=None):
     """(time to first token, latency, streamed pieces, the reply's text)."""
     import httpx
     earlier = [{"role": role, "content": f"{role} turn {i}: " + "some words here " * 18}
                for i in range(history) for role in ("user", "assistant")]
-    messages = messages or earlier + [{"role": "user", "content": f"Tell me about the number {index}."}]
-    body = {"messages": messages, "max_tokens": max_tokens, "temperature": 1.0, "stream": True, "seed": index}
+    messages = messages or earlier + [{"role": "user", "content": text or f"Tell me about the number {index}."}]
+    body = {"messages": messages, "max_tokens": max_tokens, "temperature": 1.0, "stream": True, "seed": index,
+            **(body or {})}
     t0, first, tokens, text = time.time(), None, 0, ""
     with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as r:
         r.raise_for_status()
@@ -52,6 +59,63 @@ def conversation(url: str, turns: int, max_tokens: int):
     print(f"turn 1 {ttfts[0] * 1000:.0f} ms | turn {turns} {ttfts[-1] * 1000:.0f} ms")
 
 
+def in_process(depth: int, tokenizer_dir: str, rounds: int, chunk: int, max_tokens: int = 128):
+    import threading
+
+    import uvicorn
+    from flax import nnx
+
+    from nanochat_jax.data.tokenizer import Tokenizer
+    from nanochat_jax.inference.engine import Engine
+    from nanochat_jax.model.gpt import GPT, GPTConfig
+    from serve.service import ChatService
+    from serve.web import create_app
+    tok = Tokenizer.load(tokenizer_dir)
+    width = 64 * depth
+    config = GPTConfig(sequence_len=2048, vocab_size=tok.get_vocab_size(), n_layer=depth, n_head=max(1, width // 128),
+                       n_kv_head=max(1, width // 128), n_embd=width)
+    engine = Engine(GPT(config, rngs=nnx.Rngs(0)), tok, chunk=chunk, compute_dtype_weights=True)
+    scheduler = engine.scheduler(8, 64)
+    scheduler.warm_up()
+    engine.warm_up()  # (its own one-slot scheduler, for the comparison)
+    scheduler.start()
+    app = create_app(ChatService(scheduler, tok, f"d{depth}", {"temperature": 1.0, "top_k": 50, "max_tokens": 128}))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error"))
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
+        time.sleep(0.01)
+    url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    bias = {str(tok.encode_special("<|assistant_end|>")): -100, str(tok.get_bos_token_id()): -100}
+    text = "Tell me about the number {}. " + "some words here " * 20
+    prompt = tok.render_for_completion({"messages": [{"role": "user", "content": text.format(3)},
+                                                     {"role": "assistant", "content": ""}]})
+    run = lambda i: one_request(url, i, max_tokens, body={"logit_bias": bias}, text=text.format(i))  # noqa: E731
+    run(0)
+    rows = []
+    for r in range(rounds):
+        t0 = time.time()
+        one = [run(100 * r + i) for i in range(3)]
+        single = sum(x[2] for x in one) / (time.time() - t0)
+        t0 = time.time()
+        with ThreadPoolExecutor(8) as pool:
+            eight = list(pool.map(run, range(100 * r + 10, 100 * r + 18)))
+        many = sum(x[2] for x in eight) / (time.time() - t0)
+        t0, first, n = time.time(), None, 0
+        for _ in engine.generate(prompt, max_tokens=max_tokens, temperature=1.0, seed=r):
+            first, n = first or time.time() - t0, n + 1
+        rows.append((single, np.median([x[0] for x in one]), many, np.median([x[0] for x in eight]),
+                     n / (time.time() - t0), first))
+        print("round {}: 1 client {:.0f} tokens/s (first token {:.0f} ms) | 8 clients {:.0f} tokens/s ({:.0f} ms) | "
+              "Engine.generate {:.0f} tokens/s ({:.0f} ms)".format(r, *(v * (1000 if k % 2 else 1)
+                                                                      for k, v in enumerate(rows[-1]))), flush=True)
+    m = np.median(np.array(rows), axis=0)
+    print(f"median: 1 client {m[0]:.0f} tokens/s, first token {m[1] * 1000:.0f} ms | 8 clients {m[2]:.0f} tokens/s, "
+          f"{m[3] * 1000:.0f} ms | Engine.generate {m[4]:.0f} tokens/s, {m[5] * 1000:.0f} ms | 1 client / generate "
+          f"{m[0] / m[4]:.2f}")
+    server.should_exit = True
+    scheduler.stop()
+
+
 def main():
     parser = argparse.ArgumentParser(description="benchmark a running chat server")
     parser.add_argument("--url", default="http://127.0.0.1:8000")
@@ -60,7 +124,13 @@ def main():
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--history", type=int, default=0, help="earlier exchanges in every conversation")
     parser.add_argument("--conversation", type=int, default=0, help="one conversation of this many turns instead")
+    parser.add_argument("--random-depth", type=int, default=0, help="serve random weights of this depth in-process")
+    parser.add_argument("--tokenizer", default=None, help="with --random-depth: a tokenizer directory")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--chunk", type=int, default=16, help="with --random-depth: tokens per decode call")
     args = parser.parse_args()
+    if args.random_depth:
+        return in_process(args.random_depth, args.tokenizer, args.rounds, args.chunk)
     if args.conversation:
         return conversation(args.url, args.conversation, args.max_tokens)
     import threading

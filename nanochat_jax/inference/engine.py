@@ -35,16 +35,17 @@ class Engine:
             return getattr(self.programs, name)
         raise AttributeError(f"'Engine' object has no attribute {name!r}")
 
-    def scheduler(self, slots: int = 8, max_waiting: int = 64, chunk: int = 8) -> Scheduler:
-        """A new scheduler over this engine's programs and tool (the server's: `.warm_up()`, then `.start()`)."""
-        return Scheduler(self.programs, self.tool, slots=slots, max_waiting=max_waiting, chunk=chunk)
+    def scheduler(self, slots: int = 8, max_waiting: int = 64, chunk: int | None = None) -> Scheduler:
+        """A new scheduler over this engine's programs and tool (the server's: `.warm_up()`, then `.start()`);
+        chunk: tokens per decode call (default the engine's)."""
+        return Scheduler(self.programs, self.tool, slots=slots, max_waiting=max_waiting, chunk=chunk or self.chunk)
 
     def scheduler_for(self, slots: int) -> Scheduler:
         """The kept scheduler with `slots` slots, or a new one when that one is in use (a generator still open):
         the next call (the next turn of a chat) starts from the cache rows the last one left."""
         kept = self.kept.get(slots)
         if kept is None or not kept.idle():
-            kept = self.kept[slots] = self.scheduler(slots, chunk=self.chunk)
+            kept = self.kept[slots] = self.scheduler(slots)
         return kept
 
     def warm_up(self) -> int:
