@@ -30,7 +30,8 @@ from flax import nnx
 
 from nanochat_jax.measure import aot
 from nanochat_jax.inference.programs import BIAS_SLOTS, DecodeState, decode, prefill
-from nanochat_jax.model.gpt import GPT, RECIPES, REMAT_POLICIES, config_from_depth, init_cache
+from nanochat_jax.model.gpt import GPT, REMAT_POLICIES, config_from_depth, init_cache
+from nanochat_jax.recipes import RECIPES
 from nanochat_jax.training.optim import auto_batch, build_optimizer
 from nanochat_jax.model.sharding import make_mesh
 from nanochat_jax.training.trainer import Trainer
@@ -68,7 +69,7 @@ def parse_args(argv=None):
     if bad := [name for name in args.programs if name not in PROGRAMS]:
         p.error(f"unknown --programs {bad}: expected some of {PROGRAMS}")
     if args.vocab_size is None:
-        args.vocab_size = 65536 if args.recipe == "classic" else 32768
+        args.vocab_size = RECIPES[args.recipe].vocab_size
     if args.total_batch_size is None:
         args.total_batch_size = 524288 if args.recipe == "classic" else modern_batch(args.depth, args.vocab_size,
                                                                                    args.seq_len)
@@ -99,7 +100,7 @@ def train_program(args, config, devices, mesh, rows_per_chip: int, estimate: boo
     def trainer_for(cfg):
         make = lambda: GPT(cfg, rngs=nnx.Rngs(0), dtype=dtype, remat=args.remat, fp8=args.fp8)  # noqa: E731
         return Trainer.create(make, build_optimizer(cfg.n_embd, recipe=cfg.recipe,
-                                                       grad_clip=1.0 if cfg.recipe == "classic" else 0.0),
+                                                       grad_clip=RECIPES[cfg.recipe].optimizer["grad_clip"]),
                               mesh)
 
     trainer = trainer_for(config)

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 
 from nanochat_jax.measure import speed
 from nanochat_jax.common import parse_dtype
-from nanochat_jax.model.gpt import RECIPES, config_from_depth
+from nanochat_jax.model.gpt import config_from_depth
+from nanochat_jax.recipes import RECIPES
 from nanochat_jax.model.sharding import make_mesh
 
 

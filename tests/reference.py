@@ -70,9 +70,7 @@ def gpt_forward(sd: dict, cfg: dict, idx: np.ndarray) -> np.ndarray:
     B, T = idx.shape
     C, N, K, L = cfg["n_embd"], cfg["n_head"], cfg["n_kv_head"], cfg["n_layer"]
     D = C // N
-    off = dict(rope_base=10000.0, qk_scale=1.0, window_pattern=None, value_embeds=False, residual_scalars=False,
-               smear=False, backout=False)
-    modern = any(cfg.get(name, value) != value for name, value in off.items())
+    modern = cfg.get("recipe", "classic") == "modern"  # (the recipe by name: its tables are in the compute dtype)
     angles = rope_angles(T, D, cfg.get("rope_base", 10000.0)).astype(np.float32)
     cos, sin = np.cos(angles).astype(np.float64), np.sin(angles).astype(np.float64)
     if not modern:  # the classic tables are bf16

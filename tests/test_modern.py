@@ -31,7 +31,7 @@ def load(cfg: dict, seed=0, std=0.3):
                                       (dict(window_pattern="SSL"), 160), (dict(value_embeds=True), 24),
                                       (dict(value_embeds=True, n_layer=4), 24), (dict(residual_scalars=True), 24),
                                       (dict(smear=True), 24), (dict(backout=True), 24),
-                                      (dict(MODERN_SWITCHES, n_layer=4), 160)])
+                                      (dict(MODERN_SWITCHES, n_layer=4, recipe="modern"), 160)])
 def test_each_switch_matches_numpy(switch, T):
     cfg = BASE | switch
     model, sd = load(cfg, std=0.2)
@@ -48,7 +48,7 @@ def test_each_switch_matches_numpy(switch, T):
 def test_cached_decoding_with_every_switch():
     """Prefill then one token at a time (windows, smear's previous token from the cache's token record, value
     embeddings), rows at different positions: the full forward's logits."""
-    cfg = BASE | MODERN_SWITCHES | dict(n_layer=4)
+    cfg = BASE | MODERN_SWITCHES | dict(n_layer=4, recipe="modern")
     model, sd = load(cfg, std=0.2)
     idx = np.random.default_rng(2).integers(0, cfg["vocab_size"], (2, 150))
     expected = gpt_forward(sd, cfg, idx)
@@ -119,7 +119,7 @@ def test_every_remat_policy_gives_the_same_gradients_with_every_switch(monkeypat
     residual scalars the loss and gradients are those of a backward pass that keeps everything."""
     from nanochat_jax.model import gpt
     monkeypatch.setitem(gpt.REMAT_POLICIES, "everything", jax.checkpoint_policies.everything_saveable)
-    cfg = GPTConfig(**(BASE | MODERN_SWITCHES | dict(n_layer=4)))
+    cfg = GPTConfig(**(BASE | MODERN_SWITCHES | dict(n_layer=4, recipe="modern")))
     idx = jnp.asarray(np.random.default_rng(2).integers(0, cfg.vocab_size, (2, 161)))
     reference, _ = load(dataclasses.asdict(cfg), std=0.2)
     results = {}
@@ -132,3 +132,23 @@ def test_every_remat_policy_gives_the_same_gradients_with_every_switch(monkeypat
         np.testing.assert_allclose(float(results[policy][0]), float(results["everything"][0]), rtol=1e-6)
         for a, b in zip(jax.tree.leaves(results[policy][1]), jax.tree.leaves(results["everything"][1])):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_the_recipe_is_named_not_guessed():
+    """A switch turned on by hand changes that switch only (not the init, nor the recipe); a checkpoint's meta names
+    its recipe, and one written before it did is read by the rule of its time."""
+    import dataclasses
+    from nanochat_jax.model.gpt import config_from_meta
+    plain = GPTConfig(**BASE)
+    one = GPTConfig(**BASE, qk_scale=1.2)
+    assert one.recipe == "classic"
+    a, b = (nnx.to_pure_dict(nnx.state(GPT(c, rngs=nnx.Rngs(0)))) for c in (plain, one))
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))  # the same init
+    modern = config_from_depth(4, 1000, 512, recipe="modern")
+    saved = dataclasses.asdict(modern)
+    assert saved["recipe"] == "modern" and config_from_meta(saved) == modern
+    assert config_from_meta({k: v for k, v in saved.items() if k != "recipe"}) == modern  # an earlier checkpoint
+    classic = dataclasses.asdict(config_from_depth(4, 1000, 512))
+    assert config_from_meta({k: v for k, v in classic.items() if k != "recipe"}).recipe == "classic"
+    with pytest.raises(ValueError, match="unknown recipe"):
+        GPTConfig(**BASE, recipe="nosuch")

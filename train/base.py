@@ -11,7 +11,7 @@ Checkpoints, meta and metrics.jsonl go to $NANOCHAT_BASE_DIR/base_checkpoints/<m
 --recipe classic (the default) is nanochat of December 2025; --recipe modern is its current one: the model's modern
 switches (gpt.MODERN_SWITCHES), the modern Muon and AdamW groups, 40 warmup steps, warmdown over the last 65% to 5%,
 Muon momentum 0.85 -> 0.97 -> 0.90, weight decay cosine to 0, the batch from the horizon (optim.auto_batch) and the
-horizon counted in block matrices + lm_head. Every flag left unset takes its recipe's value (RECIPE_FLAGS).
+horizon counted in block matrices + lm_head. Every flag left unset takes its recipe's value (recipes.RECIPES).
 """
 import argparse
 import os
@@ -26,19 +26,13 @@ from nanochat_jax.training.checkpoint import Checkpointer
 from nanochat_jax.common import check_writable, get_base_dir, init_distributed, parse_dtype, print0, run_entry_point
 from nanochat_jax.data.dataloader import StepBatches, pretraining_batches
 from nanochat_jax.data.dataset import check_shards, standin_corpus
-from nanochat_jax.model.gpt import RECIPES, config_from_depth
+from nanochat_jax.model.gpt import config_from_depth
+from nanochat_jax.recipes import RECIPES
 from nanochat_jax.training.loop import Eval, Plan, run
 from nanochat_jax.training.optim import Schedule, auto_batch
 from nanochat_jax.training.stages import (add_optimizer_flags, add_run_flags, batch_geometry, begin_run, check_flags,
                                  fill_optimizer_defaults, make_trainer, run_meta, start_wandb)
 from nanochat_jax.data.tokenizer import get_token_bytes, get_tokenizer
-
-
-RECIPE_FLAGS = {  # the schedule and sizing flags' values per recipe where left unset
-    "classic": dict(total_batch_size=524288, target_param_data_ratio=20, warmup_steps=0, warmdown_ratio=0.2,
-                    final_lr_frac=0.0),
-    "modern": dict(total_batch_size=-1, target_param_data_ratio=12, warmup_steps=40, warmdown_ratio=0.65,
-                   final_lr_frac=0.05)}
 
 
 def parse_args(argv=None):
@@ -67,10 +61,10 @@ def parse_args(argv=None):
     p.add_argument("--model-tag", default=None, help="checkpoint directory name (default: d<depth>)")
     add_run_flags(p)
     args = p.parse_args(argv)
-    for name, value in RECIPE_FLAGS[args.recipe].items():
+    for name, value in RECIPES[args.recipe].schedule.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    if args.total_batch_size == -1 and args.recipe == "classic":
+    if args.total_batch_size == -1 and not RECIPES[args.recipe].batch_from_horizon:
         p.error("--total-batch-size -1 (from the horizon) is the modern recipe's: give a number")
     check_flags(p, args, positive=("depth", "max_seq_len", "device_batch_size", "eval_tokens"),
                 every=("eval_every", "sample_every", "save_every", "total_batch_size"), nonnegative=("warmup_steps",))
@@ -81,7 +75,7 @@ def parse_args(argv=None):
 
 def horizon_params(config) -> int:
     """What --target-param-data-ratio counts: every parameter (classic), block matrices + lm_head (modern)."""
-    return config.num_params() if config.recipe == "classic" else config.scaling_params()
+    return getattr(config, RECIPES[config.recipe].horizon_params)()
 
 
 def horizon(args, config) -> int:
@@ -113,7 +107,7 @@ def main(argv=None):
     except ValueError as e:
         raise SystemExit(f"--depth: {e}") from None
     fill_optimizer_defaults(args, args.recipe)
-    lr_scale = modern_sizing(args, config) if args.recipe == "modern" else 1.0
+    lr_scale = modern_sizing(args, config) if RECIPES[args.recipe].batch_from_horizon else 1.0
     accum_steps = batch_geometry(args, jax.device_count())
     num_iterations = horizon(args, config)
     rows_per_process = args.device_batch_size * jax.local_device_count()
@@ -122,7 +116,7 @@ def main(argv=None):
            f"{dict(trainer.mesh.shape)} | {jnp.dtype(parse_dtype(args.dtype)).name} | {accum_steps} micro-steps of "
            f"{args.device_batch_size * jax.device_count()} rows | {num_iterations:,} steps, "
            f"{num_iterations * args.total_batch_size:,} tokens ({num_iterations * args.total_batch_size / horizon_params(config):.2f}"
-           f" per {'parameter' if args.recipe == 'classic' else 'scaling parameter'})")
+           f" per {RECIPES[args.recipe].horizon_params.replace('num_params', 'parameter').replace('_params', ' parameter')})")
     # the inputs and the checkpoint directory before anything compiles: a bad shard or an unwritable disk is one line
     check_shards()
     checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", args.model_tag or f"d{args.depth}")

@@ -20,6 +20,7 @@ from nanochat_jax.inference.engine import Engine
 from nanochat_jax.model.gpt import GPT
 from nanochat_jax.training.optim import build_optimizer
 from nanochat_jax.training.trainer import Trainer, peak_flops_per_device
+from nanochat_jax.recipes import RECIPES
 
 
 class SpecialIds:
@@ -61,7 +62,7 @@ def train_step(config, mesh, dtype, device_batch_size: int, steps: int = 5, rema
     MFU, memory. Each size tried is one compilation; the one that fits is the one timed. The optimizer is the
     config's recipe's; fp8: FP8 matmuls (MFU is still counted against the bf16 peak, as nanochat does)."""
     make_model = lambda: GPT(config, rngs=nnx.Rngs(0), dtype=dtype, remat=remat, fp8=fp8)  # noqa: E731
-    tx = build_optimizer(config.n_embd, recipe=config.recipe, grad_clip=1.0 if config.recipe == "classic" else 0.0)
+    tx = build_optimizer(config.n_embd, recipe=config.recipe, grad_clip=RECIPES[config.recipe].optimizer["grad_clip"])
     trainer = Trainer.create(make_model, tx, mesh)
     T, limit = config.sequence_len, device_memory_bytes(jax.devices()[0])
     batch = 1 << (device_batch_size.bit_length() - 1)

@@ -36,6 +36,8 @@ from jax.ad_checkpoint import checkpoint_name
 from nanochat_jax.model.attention import attention, xla_attention
 from nanochat_jax.model.fp8 import fp8_eligible, fp8_matmul
 from nanochat_jax.model.sharding import shard_rows
+from nanochat_jax.recipes import MODERN_SWITCHES, RECIPES
+from nanochat_jax.recipes import recipe as get_recipe
 
 SOFTCAP = 15.0
 ROPE_BASE = 10000.0
@@ -66,8 +68,6 @@ REMAT_POLICIES = {  # none: the matmuls and attention kept; dots: attention reco
 
 VE_GATE_CHANNELS = 12  # the value-embedding gate reads this many channels of the block input
 SMEAR_CHANNELS = 24  # the smear gate reads this many channels of the embedding
-MODERN_SWITCHES = dict(rope_base=100000.0, qk_scale=1.2, window_pattern="SSSL", value_embeds=True,
-                       residual_scalars=True, smear=True, backout=True)
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,8 @@ class GPTConfig:
     n_head: int = 6  # query heads
     n_kv_head: int = 6  # key/value heads (MQA when 1, MHA when n_head)
     n_embd: int = 768
-    # the modern recipe's switches (the defaults are the classic model)
+    recipe: str = "classic"  # by name (recipes.RECIPES): the init and RoPE tables; training's optimizer and schedule
+    # the modern recipe's switches (the defaults are the classic model; any of them can be set in either recipe)
     rope_base: float = ROPE_BASE
     qk_scale: float = 1.0
     window_pattern: str | None = None  # None: every layer sees the whole context (the classic model)
@@ -88,6 +89,7 @@ class GPTConfig:
     backout: bool = False
 
     def __post_init__(self):
+        get_recipe(self.recipe)  # (a known name, or ValueError)
         if self.window_pattern is not None and (not self.window_pattern or set(self.window_pattern.upper()) - set("SL")):
             raise ValueError(f"window_pattern {self.window_pattern!r}: use the letters S (short) and L (long)")
         if self.n_embd % self.n_head:
@@ -100,10 +102,6 @@ class GPTConfig:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
-
-    @property
-    def recipe(self) -> str:
-        return "classic" if all(getattr(self, k) == getattr(GPTConfig, k) for k in MODERN_SWITCHES) else "modern"
 
     def window_sizes(self) -> list[int | None]:
         """Per layer, how many earlier positions a query sees besides its own (nanochat's left window): the sequence
@@ -153,30 +151,32 @@ class GPTConfig:
         return 6 * matmul + attn
 
 
-RECIPES = ("classic", "modern")
+def config_from_meta(saved: dict) -> GPTConfig:
+    """A config as a checkpoint's meta records it. Checkpoints written before the recipe was recorded by name were
+    the modern recipe's exactly when some modern switch was on (the rule of that time, kept for them alone)."""
+    if "recipe" not in saved:
+        modern = any(saved.get(k, getattr(GPTConfig, k)) != getattr(GPTConfig, k) for k in MODERN_SWITCHES)
+        saved = dict(saved, recipe="modern" if modern else "classic")
+    return GPTConfig(**saved)
 
 
 def config_from_depth(depth: int, vocab_size: int, sequence_len: int = 2048, n_kv_head: int | None = None,
                       recipe: str = "classic") -> GPTConfig:
-    """nanochat's sizing: width 64 x depth, MHA unless told otherwise. classic: head dim about 128 (ceil division of
-    the heads); modern: the width rounded up to a multiple of 128, head dim exactly 128."""
-    if recipe not in RECIPES:
-        raise ValueError(f"unknown recipe {recipe!r}: expected one of {RECIPES}")
-    n_embd = 64 * depth
-    if recipe == "modern":
-        n_embd = -(-n_embd // 128) * 128
+    """nanochat's sizing: width 64 x depth, MHA unless told otherwise; the recipe's switches on. classic: head dim
+    about 128 (ceil division of the heads); modern: the width rounded up to a multiple of 128, head dim exactly 128."""
+    chosen = get_recipe(recipe)
+    n_embd = -(-64 * depth // chosen.width_multiple) * chosen.width_multiple
     n_head = max(1, (n_embd + 127) // 128)
     if depth < 1 or n_embd % n_head:
         raise ValueError(f"depth {depth} gives width {n_embd}, which does not split into {n_head} equal heads of about "
                          "128: use an even depth (or 1, 3, 7, 15, 31)")
-    switches = MODERN_SWITCHES if recipe == "modern" else {}
     return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head,
-                     n_kv_head=n_kv_head or n_head, n_embd=n_embd, **switches)
+                     n_kv_head=n_kv_head or n_head, n_embd=n_embd, recipe=recipe, **chosen.switches)
 
 
 def modern_config(config: GPTConfig, **overrides) -> GPTConfig:
-    """`config` with every modern switch on (then `overrides`)."""
-    return replace(config, **(MODERN_SWITCHES | overrides))
+    """`config` as the modern recipe's: every modern switch on (then `overrides`)."""
+    return replace(config, **(MODERN_SWITCHES | {"recipe": "modern"} | overrides))
 
 
 def rms_norm(x):
@@ -240,7 +240,7 @@ class CausalSelfAttention(nnx.Module):
         # the distinct left windows, static: (None,) without a window pattern
         self.windows = (tuple(sorted(set(config.window_sizes()))) if config.window_pattern else ()) or (None,)
         s = math.sqrt(3.0 / C)  # the modern init: uniform with the classic std
-        init = uniform(-s, s) if config.recipe == "modern" else None
+        init = uniform(-s, s) if get_recipe(config.recipe).uniform_init else None
         self.c_q = Linear(C, config.n_head * D, ("embed", "heads"), rngs=rngs, layers=layers, init=init, fp8=fp8)
         self.c_k = Linear(C, config.n_kv_head * D, ("embed", "kv_heads"), rngs=rngs, layers=layers, init=init, fp8=fp8)
         self.c_v = Linear(C, config.n_kv_head * D, ("embed", "kv_heads"), rngs=rngs, layers=layers, init=init, fp8=fp8)
@@ -296,7 +296,7 @@ class MLP(nnx.Module):
         C = config.n_embd
         s = 0.4 * math.sqrt(3.0 / C)  # the modern init: 0.4 x the attention's
         self.c_fc = Linear(C, 4 * C, ("embed", "mlp"), rngs=rngs, layers=layers,
-                           init=uniform(-s, s) if config.recipe == "modern" else None, fp8=fp8)
+                           init=uniform(-s, s) if get_recipe(config.recipe).uniform_init else None, fp8=fp8)
         self.c_proj = Linear(4 * C, C, ("mlp", "embed"), rngs=rngs, zero_init=True, layers=layers, fp8=fp8)
 
     def __call__(self, x_BTC):
@@ -328,7 +328,7 @@ class GPT(nnx.Module):
         if remat not in REMAT_POLICIES:
             raise ValueError(f"unknown remat policy {remat!r}: expected one of {sorted(REMAT_POLICIES)}")
         self.config, self.dtype, self.remat = config, dtype, remat
-        Vp, C, L, modern = config.padded_vocab_size, config.n_embd, config.n_layer, config.recipe == "modern"
+        Vp, C, L, modern = config.padded_vocab_size, config.n_embd, config.n_layer, get_recipe(config.recipe).uniform_init
         wte = jax.random.normal(rngs.params(), (Vp, C), jnp.float32)
         self.wte = nnx.Param(0.8 * wte if modern else wte, axes=("vocab", "embed"))
         self.h = Block(config, rngs=rngs, attn_impl=attn_impl, layers=L, fp8=fp8)
@@ -381,7 +381,7 @@ class GPT(nnx.Module):
     def _trunk(self, idx_BT, positions_BT, cache=None, pos_B=None, attend_len=None):
         c = self.config
         cos, sin = rope_tables(positions_BT, c.head_dim, c.rope_base,
-                               jnp.bfloat16 if c.recipe == "classic" else self.dtype)
+                               jnp.bfloat16 if get_recipe(c.recipe).bf16_rope else self.dtype)
         x = shard_rows(self._embed(idx_BT))
         if c.smear:
             if cache is None:  # the previous position's embedding, from the same rows

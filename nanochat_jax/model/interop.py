@@ -110,7 +110,8 @@ def read_model_config(meta: dict, path: str) -> GPTConfig:
                          f"{list(CLASSIC_KEYS)}) nor its current one (those and window_pattern)")
     if "window_pattern" not in config:
         return GPTConfig(**config)
-    return GPTConfig(**(dict(config) | {k: v for k, v in MODERN_SWITCHES.items() if k != "window_pattern"}))
+    return GPTConfig(**(dict(config) | {k: v for k, v in MODERN_SWITCHES.items() if k != "window_pattern"}),
+                     recipe="modern")
 
 
 def find_tokenizer(checkpoint_dir: str) -> str | None:

@@ -24,7 +24,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from nanochat_jax.common import default_dtype
-from nanochat_jax.model.gpt import GPT, GPTConfig
+from nanochat_jax.model.gpt import GPT, GPTConfig, config_from_meta
 from nanochat_jax.model.sharding import abstract_params, make_mesh
 from nanochat_jax.data.tokenizer import Tokenizer
 from nanochat_jax.training.trainer import LoopState, TrainState
@@ -143,7 +143,7 @@ def load_model(checkpoint_dir: str, step: int | None = None, mesh=None, dtype=No
     (default: every device on the data axis, i.e. replicated)."""
     checkpointer = Checkpointer(checkpoint_dir, max_to_keep=None, async_save=False, create=False)
     step = checkpointer.resolve_step(step)
-    config = GPTConfig(**checkpointer.meta(step)["model_config"])
+    config = config_from_meta(checkpointer.meta(step)["model_config"])
     dtype = default_dtype() if dtype is None else dtype
     graphdef, target = abstract_params(lambda: GPT(config, rngs=nnx.Rngs(0), dtype=dtype, attn_impl=attn_impl),
                                        make_mesh() if mesh is None else mesh)

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from nanochat_jax.recipes import RECIPES
+
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 # Polar Express (Amsel et al. 2025) for 5 steps, safety factor 2e-2, cushion 2: one (a, b, c) per step, as nanochat's
 POLAR_EXPRESS_COEFFS = ((8.156554524902461, -22.48329292557795, 15.878769915207462),
@@ -58,6 +60,7 @@ class MuonVariant:
 CLASSIC_MUON = MuonVariant()
 MODERN_MUON = MuonVariant(polar_express=True, row_equilibration=True, renormalize=True, normuon_beta2=0.9,
                           cautious_weight_decay=True)
+MUON_VARIANTS = {"classic": CLASSIC_MUON, "modern": MODERN_MUON}  # by name, as recipes name them
 
 
 class MuonState(NamedTuple):  # (the classic state, as checkpoints of earlier versions hold it)
@@ -167,13 +170,6 @@ def adam_groups(recipe: str, embedding_lr, unembedding_lr, weight_decay, scalar_
             "smear": AdamGroup(0.2, (0.8, 0.95), 0.0, width_scaled=False)}
 
 
-RECIPE_DEFAULTS = {  # the optimizer flags' defaults per recipe (nanochat's classic and current base_train)
-    "classic": dict(embedding_lr=0.2, unembedding_lr=0.004, matrix_lr=0.02, weight_decay=0.0, scalar_lr=0.5,
-                    grad_clip=1.0),
-    "modern": dict(embedding_lr=0.3, unembedding_lr=0.008, matrix_lr=0.02, weight_decay=0.28, scalar_lr=0.5,
-                   grad_clip=0.0)}
-
-
 def build_optimizer(n_embd: int, embedding_lr=0.2, unembedding_lr=0.004, matrix_lr=0.02, weight_decay=0.0,
                     grad_clip=1.0, recipe: str = "classic", scalar_lr=0.5, lr_scale=1.0,
                     lr_fraction=1.0, muon_dtype=jnp.bfloat16) -> optax.GradientTransformation:
@@ -186,7 +182,7 @@ def build_optimizer(n_embd: int, embedding_lr=0.2, unembedding_lr=0.004, matrix_
     width_scale = (n_embd / 768) ** -0.5  # the AdamW lrs were tuned at width 768
     groups = adam_groups(recipe, embedding_lr * lr_scale, unembedding_lr * lr_scale, weight_decay, scalar_lr * lr_scale)
     matrix_lr = matrix_lr * lr_scale * lr_fraction
-    variant = MODERN_MUON if recipe == "modern" else CLASSIC_MUON
+    variant = MUON_VARIANTS[RECIPES[recipe].muon]
 
     def make(lr_multiplier, muon_momentum, wd_multiplier=None):
         def adamw(g: AdamGroup):

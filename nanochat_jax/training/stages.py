@@ -16,8 +16,9 @@ from flax import nnx
 
 from nanochat_jax.training.checkpoint import STAGE_DIRS, Checkpointer, complete_steps, stage_directory
 from nanochat_jax.common import get_base_dir, parse_dtype, print0
-from nanochat_jax.model.gpt import GPT, REMAT_POLICIES, GPTConfig
-from nanochat_jax.training.optim import RECIPE_DEFAULTS, build_optimizer
+from nanochat_jax.model.gpt import GPT, REMAT_POLICIES, GPTConfig, config_from_meta
+from nanochat_jax.recipes import RECIPES
+from nanochat_jax.training.optim import build_optimizer
 from nanochat_jax.model.sharding import make_mesh, parse_mesh_spec
 from nanochat_jax.data.tokenizer import Tokenizer
 from nanochat_jax.training.trainer import Trainer, TrainState
@@ -25,7 +26,7 @@ from nanochat_jax.training.trainer import Trainer, TrainState
 
 def add_optimizer_flags(p: argparse.ArgumentParser, grad_clip: float | None = None,
                         weight_decay: float | None = None):
-    """The learning rates and the rest; None (the default) is the model's recipe's value (optim.RECIPE_DEFAULTS)."""
+    """The learning rates and the rest; None (the default) is the model's recipe's value (recipes.RECIPES)."""
     p.add_argument("--embedding-lr", type=float, default=None, help="default: classic 0.2, modern 0.3")
     p.add_argument("--unembedding-lr", type=float, default=None, help="default: classic 0.004, modern 0.008")
     p.add_argument("--matrix-lr", type=float, default=None, help="Muon's (default 0.02)")
@@ -38,7 +39,7 @@ def add_optimizer_flags(p: argparse.ArgumentParser, grad_clip: float | None = No
 
 def fill_optimizer_defaults(args, recipe: str):
     """The optimizer flags left unset take the recipe's values (so the run's meta records what was used)."""
-    for name, value in RECIPE_DEFAULTS[recipe].items():
+    for name, value in RECIPES[recipe].optimizer.items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)
 
@@ -113,7 +114,8 @@ def make_trainer(args, config: GPTConfig, lr_fraction: float = 1.0, lr_scale: fl
     fill_optimizer_defaults(args, config.recipe)
     tx = build_optimizer(config.n_embd, args.embedding_lr, args.unembedding_lr, args.matrix_lr, args.weight_decay,
                          args.grad_clip, recipe=config.recipe, scalar_lr=args.scalar_lr, lr_scale=lr_scale,
-                         lr_fraction=lr_fraction, muon_dtype=jnp.bfloat16 if config.recipe == "classic" else dtype)
+                         lr_fraction=lr_fraction,
+                         muon_dtype=dtype if RECIPES[config.recipe].muon_in_compute_dtype else jnp.bfloat16)
     make_eval = (lambda: make_model(False)) if fp8 else None
     return Trainer.create(make_model, tx, make_mesh(args.mesh), make_eval), make_model
 
@@ -137,7 +139,7 @@ class Source:
         except FileNotFoundError as e:
             raise SystemExit(f"{e}{model_tags_note(source)}") from None
         self.meta = self.checkpointer.meta(self.step)
-        self.config = GPTConfig(**self.meta["model_config"])
+        self.config = config_from_meta(self.meta["model_config"])
         self.tokenizer = Tokenizer.load(os.path.join(self.directory, "tokenizer"))
         self.model_tag = os.path.basename(self.directory)
 
@@ -190,7 +192,7 @@ def begin_run(args, trainer: Trainer, checkpointer: Checkpointer, batches, token
     if "loop_state" not in saved:
         raise SystemExit(f"--resume: step {step} in {checkpointer.directory} is not a training checkpoint "
                          "(no optimizer or data state; an imported model?)")
-    if GPTConfig(**saved["model_config"]) != config:
+    if config_from_meta(saved["model_config"]) != config:
         raise SystemExit(f"--resume: {checkpointer.directory} holds a model {saved['model_config']}, but this run "
                          f"makes {asdict(config)}; use the same model flags or another --model-tag")
     # a saved data position means nothing under another data flag (mid/sft's --mixture, rl's --task)

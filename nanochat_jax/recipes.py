@@ -1,0 +1,47 @@
+"""The recipes, each a value chosen once (`train.base --recipe`) and recorded by name in the model config, and so in
+every checkpoint's meta: nanochat of December 2025 (classic) and its time-to-GPT-2 recipe (modern). A recipe carries
+everything that differs between them: the model's switches, its init and RoPE tables, the sizing rule, the
+optimizer's defaults and variant, the schedule's defaults. Nothing is inferred from switch values; an earlier
+checkpoint without a recipe name is read by gpt.config_from_meta, the one place that still looks at them."""
+from dataclasses import dataclass
+
+MODERN_SWITCHES = dict(rope_base=100000.0, qk_scale=1.2, window_pattern="SSSL", value_embeds=True,
+                       residual_scalars=True, smear=True, backout=True)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    switches: dict  # GPTConfig fields it sets on top of the classic model (config_from_depth)
+    width_multiple: int  # the width, 64 x depth, rounded up to a multiple of this (head dim exactly 128)
+    uniform_init: bool  # nanochat's current init: uniform +-sqrt(3/C) matrices, 0.8 x the embedding (else normal)
+    bf16_rope: bool  # the RoPE tables rounded to bf16, as classic nanochat stores them (else the compute dtype)
+    horizon_params: str  # what --target-param-data-ratio counts: "num_params" (all) or "scaling_params"
+    batch_from_horizon: bool  # --total-batch-size -1 sizes the batch, the lrs and Muon's decay from the horizon
+    muon: str  # the Muon variant (optim.MUON_VARIANTS)
+    muon_in_compute_dtype: bool  # orthogonalise in the compute dtype (else always bf16)
+    optimizer: dict  # the optimizer flags' defaults
+    schedule: dict  # train.base's schedule and sizing flags' defaults
+    vocab_size: int  # the tokenizer it trains
+
+
+RECIPES = {
+    "classic": Recipe("classic", {}, 1, uniform_init=False, bf16_rope=True, horizon_params="num_params",
+                      batch_from_horizon=False, muon="classic", muon_in_compute_dtype=False,
+                      optimizer=dict(embedding_lr=0.2, unembedding_lr=0.004, matrix_lr=0.02, weight_decay=0.0,
+                                     scalar_lr=0.5, grad_clip=1.0),
+                      schedule=dict(total_batch_size=524288, target_param_data_ratio=20, warmup_steps=0,
+                                    warmdown_ratio=0.2, final_lr_frac=0.0), vocab_size=65536),
+    "modern": Recipe("modern", MODERN_SWITCHES, 128, uniform_init=True, bf16_rope=False,
+                     horizon_params="scaling_params", batch_from_horizon=True, muon="modern",
+                     muon_in_compute_dtype=True,
+                     optimizer=dict(embedding_lr=0.3, unembedding_lr=0.008, matrix_lr=0.02, weight_decay=0.28,
+                                    scalar_lr=0.5, grad_clip=0.0),
+                     schedule=dict(total_batch_size=-1, target_param_data_ratio=12, warmup_steps=40,
+                                   warmdown_ratio=0.65, final_lr_frac=0.05), vocab_size=32768)}
+
+
+def recipe(name: str) -> Recipe:
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}: expected one of {tuple(RECIPES)}")
+    return RECIPES[name]
