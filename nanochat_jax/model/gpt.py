@@ -1,11 +1,13 @@
 """The nanochat GPT in Flax NNX: the classic architecture (nanochat of December 2025) and, switched on by GPTConfig
-fields, the modern one (nanochat's time-to-GPT-2 recipe). With every switch off the model is the classic one.
+fields, the modern one (nanochat's time-to-GPT-2 recipe). With every switch off the model is the classic one. The
+config names its recipe (nanochat_jax/recipes.py), which decides the init and the RoPE tables' dtype; the switches
+decide the architecture.
 
 Classic: token embedding -> RMSNorm -> N x [x + attn(norm(x)); x + mlp(norm(x))] -> RMSNorm -> lm_head -> drop vocab
 padding -> fp32 -> 15*tanh(x/15). Attention: q/k/v/proj without biases, RoPE (base 10000, split halves) then RMS
 QK-norm, causal, n_kv_head dividing n_head. MLP: 4x width, relu^2. No biases, no learnable norm weights, untied head.
 
-The modern switches (`modern_config` sets them all, with nanochat's init):
+The modern switches (`modern_config` sets them all, and the modern recipe):
 - rope_base 100000; qk_scale 1.2 (q and k times 1.2 after the QK-norm);
 - window_pattern, e.g. "SSSL" tiled over the layers: S layers see the last ceil(seq/4/128)*128 positions (and
   themselves), L layers the whole sequence; the last layer is always L;
