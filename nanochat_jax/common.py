@@ -264,3 +264,18 @@ class CompileCount:
 
     def __str__(self) -> str:
         return f"{self.programs} programs compiled ({self.seconds:.1f}s)"
+
+
+class DoesNotFit(Exception):
+    """The compiler refused the program: it needs more memory than a chip has."""
+
+
+def compile_timed(jitted, *args, **kwargs):
+    """(compiled executable, seconds); DoesNotFit when the compiler runs out of device memory."""
+    t0 = time.time()
+    try:
+        return jitted.lower(*args, **kwargs).compile(), time.time() - t0
+    except Exception as e:  # XlaRuntimeError; its type moved between jax versions
+        if "RESOURCE_EXHAUSTED" in str(e) or "exceeds available" in str(e):
+            raise DoesNotFit(str(e).split("\n")[0][:500]) from None
+        raise

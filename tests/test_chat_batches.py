@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from conftest import randomize, tiny_config
-from nanochat_jax.data.chat_batches import PackedConversations, PaddedConversations, estimated_tokens
+from nanochat_jax.training.chat_batches import PackedConversations, PaddedConversations, estimated_tokens
 from nanochat_jax.data.dataloader import StepBatches
 from nanochat_jax.model.gpt import GPT
 from nanochat_jax.tasks.base import Task

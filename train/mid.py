@@ -19,7 +19,7 @@ import jax
 from nanochat_jax.evaluation import report
 from nanochat_jax.measure.aot import check_training_memory
 from nanochat_jax.evaluation.bits_per_byte import bits_per_byte, loss_sums
-from nanochat_jax.data.chat_batches import PackedConversations, estimated_tokens
+from nanochat_jax.training.chat_batches import PackedConversations, estimated_tokens
 from nanochat_jax.common import init_distributed, print0, run_entry_point
 from nanochat_jax.data.dataloader import StepBatches
 from nanochat_jax.training.loop import Eval, Plan, run

@@ -17,7 +17,7 @@ import jax
 
 from nanochat_jax.evaluation import report
 from nanochat_jax.evaluation.bits_per_byte import loss_sums
-from nanochat_jax.data.chat_batches import PaddedConversations
+from nanochat_jax.training.chat_batches import PaddedConversations
 from nanochat_jax.evaluation.chat_tasks import categorical_outcomes, generative_outcomes
 from nanochat_jax.common import init_distributed, print0, run_entry_point
 from nanochat_jax.data.dataloader import StepBatches

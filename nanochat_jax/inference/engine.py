@@ -35,17 +35,19 @@ class Engine:
             return getattr(self.programs, name)
         raise AttributeError(f"'Engine' object has no attribute {name!r}")
 
-    def scheduler(self, slots: int = 8, max_waiting: int = 64, chunk: int | None = None) -> Scheduler:
+    def scheduler(self, slots: int = 8, max_waiting: int = 64, chunk: int | None = None,
+                  busy_rows_only: bool = True) -> Scheduler:
         """A new scheduler over this engine's programs and tool (the server's: `.warm_up()`, then `.start()`);
         chunk: tokens per decode call (default the engine's)."""
-        return Scheduler(self.programs, self.tool, slots=slots, max_waiting=max_waiting, chunk=chunk or self.chunk)
+        return Scheduler(self.programs, self.tool, slots=slots, max_waiting=max_waiting, chunk=chunk or self.chunk,
+                         busy_rows_only=busy_rows_only)
 
     def scheduler_for(self, slots: int) -> Scheduler:
         """The kept scheduler with `slots` slots, or a new one when that one is in use (a generator still open):
         the next call (the next turn of a chat) starts from the cache rows the last one left."""
         kept = self.kept.get(slots)
         if kept is None or not kept.idle():
-            kept = self.kept[slots] = self.scheduler(slots)
+            kept = self.kept[slots] = self.scheduler(slots, busy_rows_only=False)  # (no compiles mid-eval)
         return kept
 
     def warm_up(self) -> int:

@@ -118,8 +118,12 @@ class Slot:
 class Scheduler:
     """Decode slots over one model's Programs, with a tool (Calculator); see the module docstring."""
 
-    def __init__(self, programs, tool, slots: int = 8, max_waiting: int = 64, chunk: int = 8):
+    def __init__(self, programs, tool, slots: int = 8, max_waiting: int = 64, chunk: int = 8,
+                 busy_rows_only: bool = True):
+        """busy_rows_only: decode calls over the busy rows only, a program per power-of-two count (warm_up compiles
+        them: a server's); else every call covers every slot (one program: evals, whose batches start full)."""
         self.programs, self.tool, self.n_slots, self.chunk = programs, tool, slots, chunk
+        self.busy_rows_only = busy_rows_only
         self.waiting: queue.Queue = queue.Queue(max_waiting)
         self.scoring: queue.Queue = queue.Queue(max_waiting)
         self.slots: list[Slot | None] = [None] * slots
@@ -236,8 +240,9 @@ class Scheduler:
 
     # ---- the steps of a round
     def _row_counts(self) -> list[int]:
-        """The decode calls' row counts: powers of two below the slot count, then every slot."""
-        return [r for r in (1 << i for i in range(self.n_slots.bit_length())) if r < self.n_slots] + [self.n_slots]
+        """The decode calls' row counts: powers of two below the slot count (busy_rows_only), then every slot."""
+        smaller = [r for r in (1 << i for i in range(self.n_slots.bit_length())) if r < self.n_slots]
+        return (smaller if self.busy_rows_only else []) + [self.n_slots]
 
     def _decode(self, busy: list[int], rows: int, attend_len: int):
         p = self.programs

@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nanochat_jax.common import DoesNotFit, compile_timed  # noqa: F401 (aot.DoesNotFit, aot.compile_timed)
+
 # per chip: bf16 dense peak FLOP/s, HBM bandwidth (bytes/s), HBM bytes; keys are device_kind prefixes. v5e: the
 # 15.75 GiB its compiler says are available of the 16 GiB
 CHIPS = {"TPU v5 lite": (197e12, 819e9, 15.75 * 2**30), "TPU v5e": (197e12, 819e9, 15.75 * 2**30),
@@ -127,26 +129,8 @@ def with_sharding(tree, shardings):
 
 
 def train_step_args(trainer, rows: int, seq_len: int, accum: int = 1):
-    """Abstract arguments of Trainer.step: params, optimizer state, a batch [accum, rows, seq_len], the schedule."""
-    batch = {name: jax.ShapeDtypeStruct((accum, rows, seq_len), jnp.int32, sharding=trainer.batch_sharding())
-             for name in ("inputs", "targets")}
-    scalar = jax.ShapeDtypeStruct((), jnp.float32)
-    return trainer.abstract_params, trainer.abstract_opt_state, batch, scalar, scalar, scalar
-
-
-class DoesNotFit(Exception):
-    """The compiler refused the program: it needs more memory than a chip has."""
-
-
-def compile_timed(jitted, *args, **kwargs):
-    """(compiled executable, seconds); DoesNotFit when the compiler runs out of device memory."""
-    t0 = time.time()
-    try:
-        return jitted.lower(*args, **kwargs).compile(), time.time() - t0
-    except Exception as e:  # XlaRuntimeError; its type moved between jax versions
-        if "RESOURCE_EXHAUSTED" in str(e) or "exceeds available" in str(e):
-            raise DoesNotFit(str(e).split("\n")[0][:500]) from None
-        raise
+    """Abstract arguments of Trainer.step (Trainer.step_args)."""
+    return trainer.step_args(rows, seq_len, accum)
 
 
 def cost_analysis(compiled) -> dict:

@@ -7,7 +7,7 @@ stats): one step's batch, a dict of this process's arrays with a leading micro-s
 numbers to log with that step. It is handed the latest params: a supervised source ignores them and reads ahead while
 the device computes; RL's source samples its rollouts with them (on-policy).
 
-A batch's path: data/dataset.py (shards) -> data/dataloader.py (PackedRows, StepBatches) or data/chat_batches.py
+A batch's path: data/dataset.py (shards) -> data/dataloader.py (PackedRows, StepBatches) or training/chat_batches.py
 or reinforce.py ->
 here (drawn one step ahead, then Trainer.step) -> checkpoint.save_training, which saves where the next batch starts.
 A resume's path: stages.begin_run -> checkpoint.restore_training (params, optimizer state, the loop's totals, and

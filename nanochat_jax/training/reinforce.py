@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from nanochat_jax.common import bucket
-from nanochat_jax.data.chat_batches import masked_targets
+from nanochat_jax.training.chat_batches import masked_targets
 from nanochat_jax.inference.engine import Engine
 
 

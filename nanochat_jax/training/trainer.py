@@ -22,6 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from nanochat_jax.model import sharding
 from nanochat_jax.training.optim import set_schedule
 from nanochat_jax.model.sharding import BATCH_AXES, OPT_STATE_RULES, RULES
+from nanochat_jax.common import compile_timed
 
 # bf16 dense peak per device (no sparsity), for MFU; None where it means nothing (CPU)
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12,
@@ -151,12 +152,18 @@ class Trainer:
     def compile_step(self, rows: int, seq_len: int, accum: int):
         """Compile the step ahead of time for batches [accum, rows, seq_len] (global rows) and keep the executable:
         run_step uses it for batches of that shape, so reading its memory at start costs no second compilation.
-        Raises aot.DoesNotFit when the compiler says it cannot fit on a device."""
-        from nanochat_jax.measure.aot import compile_timed, train_step_args
-        args = train_step_args(self, rows, seq_len, accum)
+        Raises common.DoesNotFit when the compiler says it cannot fit on a device."""
+        args = self.step_args(rows, seq_len, accum)
         compiled, seconds = compile_timed(self.step, *args)
         self.compiled_steps[_batch_key(args[2])] = compiled
         return compiled, seconds
+
+    def step_args(self, rows: int, seq_len: int, accum: int = 1):
+        """Abstract arguments of the step: params, optimizer state, a batch [accum, rows, seq_len], the schedule."""
+        batch = {name: jax.ShapeDtypeStruct((accum, rows, seq_len), jnp.int32, sharding=self.batch_sharding())
+                 for name in ("inputs", "targets")}
+        scalar = jax.ShapeDtypeStruct((), jnp.float32)
+        return self.abstract_params, self.abstract_opt_state, batch, scalar, scalar, scalar
 
     def run_step(self, params, opt_state, batch, lr_multiplier, muon_momentum, wd_multiplier=1.0):
         """Trainer.step, through the executable compile_step made for this batch shape when there is one."""
