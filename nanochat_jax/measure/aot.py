@@ -19,10 +19,8 @@ recomputation traffic, which makes the estimate a lower bound on step time (an u
 """
 import os
 import re
-import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from nanochat_jax.common import DoesNotFit, compile_timed  # noqa: F401 (aot.DoesNotFit, aot.compile_timed)

@@ -38,7 +38,7 @@ from jax.ad_checkpoint import checkpoint_name
 from nanochat_jax.model.attention import attention, xla_attention
 from nanochat_jax.model.fp8 import fp8_eligible, fp8_matmul
 from nanochat_jax.model.sharding import shard_rows
-from nanochat_jax.recipes import MODERN_SWITCHES, RECIPES
+from nanochat_jax.recipes import MODERN_SWITCHES
 from nanochat_jax.recipes import recipe as get_recipe
 
 SOFTCAP = 15.0
