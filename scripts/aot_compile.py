@@ -104,12 +104,12 @@ def train_program(args, config, devices, mesh, rows_per_chip: int, estimate: boo
                               mesh)
 
     trainer = trainer_for(config)
-    compiled, compile_s = aot.compile_timed(trainer.step, *aot.train_step_args(trainer, rows_per_chip * n_chips,
+    compiled, compile_s = aot.compile_timed(trainer.step, *trainer.step_args(rows_per_chip * n_chips,
                                                                                args.seq_len))
 
     def cost_at(layers):
         small = trainer_for(dataclasses.replace(config, n_layer=layers))
-        exe, _ = aot.compile_timed(small.step, *aot.train_step_args(small, rows_per_chip * n_chips, args.seq_len))
+        exe, _ = aot.compile_timed(small.step, *small.step_args(rows_per_chip * n_chips, args.seq_len))
         return aot.cost_analysis(exe)
 
     platform = devices[0].platform

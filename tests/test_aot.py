@@ -50,7 +50,7 @@ def test_training_memory_check_refuses_and_names_the_batch_that_fits(monkeypatch
     cfg = tiny_config(sequence_len=64)
     make = lambda: GPT(cfg, rngs=nnx.Rngs(0))  # noqa: E731
     trainer = Trainer.create(make, build_optimizer(cfg.n_embd), make_mesh("data:8"))
-    peak = {rows: aot.memory(aot.compile_timed(trainer.step, *aot.train_step_args(trainer, rows * 8, 64))[0])
+    peak = {rows: aot.memory(aot.compile_timed(trainer.step, *trainer.step_args(rows * 8, 64))[0])
             ["peak_bytes"] for rows in (2, 4)}
     assert peak[2] < peak[4]
     monkeypatch.setenv("NANOCHAT_DEVICE_MEMORY", str((peak[2] + peak[4]) / 2 / 2**30))

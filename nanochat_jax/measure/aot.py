@@ -122,15 +122,6 @@ def topology_devices(name: str, target_config: str | None = None):
                          "(in its own virtual environment on a machine without a TPU)") from None
 
 
-def with_sharding(tree, shardings):
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), tree, shardings)
-
-
-def train_step_args(trainer, rows: int, seq_len: int, accum: int = 1):
-    """Abstract arguments of Trainer.step (Trainer.step_args)."""
-    return trainer.step_args(rows, seq_len, accum)
-
-
 def cost_analysis(compiled) -> dict:
     """The compiled program's cost analysis as one dict (FLOPs, bytes accessed, optimal_seconds ...)."""
     cost = compiled.cost_analysis()
@@ -343,7 +334,7 @@ def check_training_memory(trainer, device_batch_size: int, seq_len: int, accum: 
 
     def fits_at(rows_per_device):
         try:
-            exe, _ = compile_timed(trainer.step, *train_step_args(trainer, rows_per_device * n, seq_len, 1))
+            exe, _ = compile_timed(trainer.step, *trainer.step_args(rows_per_device * n, seq_len, 1))
         except DoesNotFit:
             return False
         return memory(exe)["peak_bytes"] <= limit
