@@ -148,28 +148,6 @@ def param_label(path) -> str:
 
 
 
-@dataclass(frozen=True)
-class AdamGroup:
-    lr: float
-    betas: tuple[float, float]
-    weight_decay: float
-    width_scaled: bool = True  # lr x (n_embd/768)^-0.5
-
-
-def adam_groups(recipe: str, embedding_lr, unembedding_lr, weight_decay, scalar_lr) -> dict[str, AdamGroup]:
-    """The AdamW groups. classic: embedding and lm_head, betas (0.8, 0.95), --weight-decay. modern: nanochat's
-    current per-group settings (its weight decays are fixed; --weight-decay is Muon's there)."""
-    if recipe == "classic":
-        return {"embedding": AdamGroup(embedding_lr, (0.8, 0.95), weight_decay),
-                "unembedding": AdamGroup(unembedding_lr, (0.8, 0.95), weight_decay)}
-    return {"unembedding": AdamGroup(unembedding_lr, (0.8, 0.96), 0.01),
-            "embedding": AdamGroup(embedding_lr, (0.8, 0.995), 0.001),
-            "value_embeds": AdamGroup(embedding_lr * 0.5, (0.8, 0.995), 0.01),
-            "resid": AdamGroup(scalar_lr * 0.01, (0.8, 0.95), 0.05, width_scaled=False),
-            "x0": AdamGroup(scalar_lr, (0.96, 0.95), 0.0, width_scaled=False),
-            "smear": AdamGroup(0.2, (0.8, 0.95), 0.0, width_scaled=False)}
-
-
 def build_optimizer(n_embd: int, embedding_lr=0.2, unembedding_lr=0.004, matrix_lr=0.02, weight_decay=0.0,
                     grad_clip=1.0, recipe: str = "classic", scalar_lr=0.5, lr_scale=1.0,
                     lr_fraction=1.0, muon_dtype=jnp.bfloat16) -> optax.GradientTransformation:
@@ -180,14 +158,17 @@ def build_optimizer(n_embd: int, embedding_lr=0.2, unembedding_lr=0.004, matrix_
     --init-lr-frac). muon_dtype: the orthogonalisation's (classic nanochat: always bf16; its current code: the
     compute dtype)."""
     width_scale = (n_embd / 768) ** -0.5  # the AdamW lrs were tuned at width 768
-    groups = adam_groups(recipe, embedding_lr * lr_scale, unembedding_lr * lr_scale, weight_decay, scalar_lr * lr_scale)
+    flags = {"embedding_lr": embedding_lr, "unembedding_lr": unembedding_lr, "scalar_lr": scalar_lr}
+    groups = RECIPES[recipe].adam  # (the groups as data: recipes.AdamGroup)
     matrix_lr = matrix_lr * lr_scale * lr_fraction
     variant = MUON_VARIANTS[RECIPES[recipe].muon]
 
     def make(lr_multiplier, muon_momentum, wd_multiplier=None):
-        def adamw(g: AdamGroup):
-            lr = g.lr * (width_scale if g.width_scaled else 1.0) * lr_fraction * lr_multiplier
-            return optax.adamw(lr, b1=g.betas[0], b2=g.betas[1], eps=1e-10, weight_decay=g.weight_decay)
+        def adamw(g):
+            lr = flags[g.lr_flag] * lr_scale * g.lr if g.lr_flag else g.lr
+            lr = lr * (width_scale if g.width_scaled else 1.0) * lr_fraction * lr_multiplier
+            decay = weight_decay if g.weight_decay is None else g.weight_decay
+            return optax.adamw(lr, b1=g.betas[0], b2=g.betas[1], eps=1e-10, weight_decay=decay)
 
         muon_wd = weight_decay * wd_multiplier if wd_multiplier is not None else 0.0
         transforms = {"matrix": muon(matrix_lr * lr_multiplier, muon_momentum, variant=variant,
