@@ -172,7 +172,9 @@ def run_entry_point(main):
         from jax._src.distributed import global_state
         if global_state.client is not None:  # a multi-process run: a collective that lost its peer fails here, and
             # unwinding normally would wait in JAX's shutdown barrier for that peer, then abort with a C++ stack
-            _leave_run(f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}")
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+            lost = any(word in first for word in ("Gloo", "Connection reset", "Connection closed", "peer"))
+            _leave_run(("lost a peer in a collective: " if lost else "") + f"{type(e).__name__}: {first}")
         raise
 
 
