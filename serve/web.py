@@ -1,4 +1,4 @@
-"""Chat over HTTP: a web UI, nanochat's streaming endpoint and an OpenAI-compatible API, on one batched engine.
+"""Chat over HTTP: a web UI, nanochat's streaming endpoint and an OpenAI-compatible API, on one scheduler.
 
     python -m serve.web --host 127.0.0.1 --port 8000            # the latest SFT model; open http://127.0.0.1:8000
     python -m serve.web -i base -g d20 --slots 16
