@@ -412,27 +412,21 @@ class GPT(nnx.Module):
         def backed_out(x_mid, extra, x_new):  # the residual after the middle block, carried to the end
             return jnp.where(extra["layer"] == mid, x_new, x_mid) if c.backout else x_mid
 
-        x_mid = jnp.zeros_like(x) if c.backout else None
         if cache is not None and c.n_layer == 0:  # (a layerless probe of the compiler's cost model)
             return x, cache
-        if cache is not None:  # decode and prefill: the whole cache rides in the carry, each layer writes its part
-            def cached_layer(carry, xs):
-                x, x_mid, k_all, v_all = carry
-                params, extra = xs
-                x, (k_all, v_all) = run_block(x, params, extra, (k_all, v_all, extra["layer"]))
-                return (shard_rows(x), backed_out(x_mid, extra, x), k_all, v_all), None
 
-            (x, x_mid, k_all, v_all), _ = jax.lax.scan(cached_layer, (x, x_mid, cache["k"], cache["v"]),
-                                                       (stacked, per_layer))
-            cache = dict(cache, k=k_all, v=v_all)
-        else:
-            def layer(carry, xs):  # one block on its slice of the stacked parameters
-                x, x_mid = carry
-                x, _ = run_block(x, *xs)
-                return (shard_rows(x), backed_out(x_mid, xs[1], x)), None
+        def layer(carry, xs):  # one block on its slice of the stacked parameters; the cache (if any) in the carry
+            x, x_mid, kv = carry
+            params, extra = xs
+            x, kv = run_block(x, params, extra, None if kv is None else (*kv, extra["layer"]))
+            return (shard_rows(x), backed_out(x_mid, extra, x), kv), None
 
+        if cache is None:  # training: what the backward pass keeps of each block
             layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
-            (x, x_mid), _ = jax.lax.scan(layer, (x, x_mid), (stacked, per_layer))
+        carry = (x, jnp.zeros_like(x) if c.backout else None, None if cache is None else (cache["k"], cache["v"]))
+        (x, x_mid, kv), _ = jax.lax.scan(layer, carry, (stacked, per_layer))
+        if cache is not None:  # each layer wrote its part of the whole cache
+            cache = dict(cache, k=kv[0], v=kv[1])
         if c.backout:
             x = x - self.backout_lambda[...].astype(x.dtype) * x_mid
         return x, cache
