@@ -118,9 +118,11 @@ def test_modern_sizing_follows_nanochat():
     config = config_from_depth(24, 32768, 2048, recipe="modern")
     args = SimpleNamespace(total_batch_size=-1, target_param_data_ratio=8, weight_decay=0.28, num_iterations=-1,
                            target_flops=-1)
-    assert base.modern_sizing(args, config) == pytest.approx(2 ** 0.5) and args.total_batch_size == 2 ** 20
+    batch, lr_scale, weight_decay = base.modern_sizing(args, config)
+    assert lr_scale == pytest.approx(2 ** 0.5) and batch == 2 ** 20
     d12 = config_from_depth(12, 32768, 2048, recipe="modern")
-    assert args.weight_decay == pytest.approx(0.28 * 2 ** 0.5 * d12.scaling_params() / config.scaling_params())
+    assert weight_decay == pytest.approx(0.28 * 2 ** 0.5 * d12.scaling_params() / config.scaling_params())
+    args.total_batch_size = batch
     assert base.horizon(args, config) == int(8 * config.scaling_params()) // 2 ** 20 == 5568
     with pytest.raises(SystemExit):
         base.parse_args(["--total-batch-size", "-1"])  # the classic recipe has no automatic batch

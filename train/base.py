@@ -22,16 +22,14 @@ import jax.numpy as jnp
 from nanochat_jax.evaluation import report
 from nanochat_jax.measure.aot import check_training_memory
 from nanochat_jax.evaluation.bits_per_byte import bits_per_byte, loss_sums, print_samples
-from nanochat_jax.training.checkpoint import Checkpointer
 from nanochat_jax.common import check_writable, get_base_dir, init_distributed, parse_dtype, print0, run_entry_point
 from nanochat_jax.data.dataloader import StepBatches, pretraining_batches
 from nanochat_jax.data.dataset import check_shards, standin_corpus
 from nanochat_jax.model.gpt import config_from_depth
 from nanochat_jax.recipes import RECIPES
-from nanochat_jax.training.loop import Eval, Plan, run
+from nanochat_jax.training.loop import Eval
 from nanochat_jax.training.optim import Schedule, auto_batch
-from nanochat_jax.training.stages import (add_optimizer_flags, add_run_flags, batch_geometry, begin_run, check_flags,
-                                 fill_optimizer_defaults, make_trainer, run_meta, start_wandb)
+from nanochat_jax.training.stages import Stage, add_optimizer_flags, add_run_flags, check_flags, micro_steps
 from nanochat_jax.data.tokenizer import get_token_bytes, get_tokenizer
 
 
@@ -86,16 +84,17 @@ def horizon(args, config) -> int:
     return max(1, int(args.target_param_data_ratio * horizon_params(config)) // args.total_batch_size)
 
 
-def modern_sizing(args, config) -> float:
-    """The modern recipe's batch (when --total-batch-size is -1) and weight decay from the horizon, as nanochat's
-    base_train; returns the learning-rate scale sqrt(batch / 2^19)."""
+def modern_sizing(args, config) -> tuple[int, float, float]:
+    """The modern recipe's (batch, learning-rate scale sqrt(batch / 2^19), weight decay) from the horizon, as
+    nanochat's base_train; the batch is --total-batch-size unless that is -1."""
     reference = config_from_depth(12, config.vocab_size, config.sequence_len, recipe="modern")
     given = None if args.total_batch_size == -1 else args.total_batch_size
-    args.total_batch_size, lr_scale, args.weight_decay = auto_batch(
-        config.scaling_params(), reference.scaling_params(), args.target_param_data_ratio, args.weight_decay, given)
+    weight_decay = RECIPES["modern"].optimizer["weight_decay"] if args.weight_decay is None else args.weight_decay
+    batch, lr_scale, weight_decay = auto_batch(config.scaling_params(), reference.scaling_params(),
+                                               args.target_param_data_ratio, weight_decay, given)
     if given is None:
-        print0(f"batch from the horizon: {args.total_batch_size:,} tokens per step")
-    return lr_scale
+        print0(f"batch from the horizon: {batch:,} tokens per step")
+    return batch, lr_scale, weight_decay
 
 
 def main(argv=None):
@@ -106,55 +105,45 @@ def main(argv=None):
         config = config_from_depth(args.depth, tokenizer.get_vocab_size(), args.max_seq_len, recipe=args.recipe)
     except ValueError as e:
         raise SystemExit(f"--depth: {e}") from None
-    fill_optimizer_defaults(args, args.recipe)
-    lr_scale = modern_sizing(args, config) if RECIPES[args.recipe].batch_from_horizon else 1.0
-    accum_steps = batch_geometry(args, jax.device_count())
+    lr_scale = 1.0
+    if RECIPES[args.recipe].batch_from_horizon:
+        batch, lr_scale, weight_decay = modern_sizing(args, config)
+        args = argparse.Namespace(**(vars(args) | {"total_batch_size": batch, "weight_decay": weight_decay}))
+    accum_steps = micro_steps("--total-batch-size", args.total_batch_size, args.device_batch_size, args.max_seq_len)
     num_iterations = horizon(args, config)
     rows_per_process = args.device_batch_size * jax.local_device_count()
-    trainer, make_model = make_trainer(args, config, lr_scale=lr_scale)
-    print0(f"{config}\nparameters {config.num_params():,} | FLOPs/token {config.flops_per_token():.3e} | mesh "
-           f"{dict(trainer.mesh.shape)} | {jnp.dtype(parse_dtype(args.dtype)).name} | {accum_steps} micro-steps of "
-           f"{args.device_batch_size * jax.device_count()} rows | {num_iterations:,} steps, "
-           f"{num_iterations * args.total_batch_size:,} tokens ({num_iterations * args.total_batch_size / horizon_params(config):.2f}"
-           f" per {RECIPES[args.recipe].horizon_params.replace('num_params', 'parameter').replace('_params', ' parameter')})")
     # the inputs and the checkpoint directory before anything compiles: a bad shard or an unwritable disk is one line
     check_shards()
     checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", args.model_tag or f"d{args.depth}")
     if jax.process_index() == 0:
         check_writable(checkpoint_dir, "checkpoints")
+    stage = Stage("base", args, config, tokenizer, checkpoint_dir, lr_scale=lr_scale)
+    args, trainer = stage.args, stage.trainer
+    tokens = num_iterations * args.total_batch_size
+    print0(f"{config}\nparameters {config.num_params():,} | FLOPs/token {config.flops_per_token():.3e} | mesh "
+           f"{dict(trainer.mesh.shape)} | {jnp.dtype(parse_dtype(args.dtype)).name} | {accum_steps} micro-steps of "
+           f"{args.device_batch_size * jax.device_count()} rows | {num_iterations:,} steps, {tokens:,} tokens "
+           f"({tokens / horizon_params(config):.2f} per {RECIPES[args.recipe].horizon_params.replace('num_params', 'parameter').replace('_params', ' parameter')})")
     # compile the step now: print its memory per device, refuse a run that will not fit (before any state is made)
     check_training_memory(trainer, args.device_batch_size, args.max_seq_len, accum_steps)
 
     # data: this process's packed rows of the train shards, accum_steps micro-batches per step
     train_batches = StepBatches(pretraining_batches(tokenizer, "train", rows_per_process, args.max_seq_len), accum_steps)
-    checkpointer = Checkpointer(checkpoint_dir)
-    state = begin_run(args, trainer, checkpointer, train_batches, tokenizer, config, num_iterations,
-                      make_model=make_model)
-
     eval_batches = max(1, args.eval_tokens // (rows_per_process * jax.process_count() * args.max_seq_len))
 
     def val_bpb(model):  # a fresh pass over the same validation rows every time
         val = pretraining_batches(tokenizer, "val", rows_per_process, args.max_seq_len)
         return {"val_bpb": bits_per_byte(loss_sums(model, val, eval_batches, token_bytes))}
 
-    wandb_run = start_wandb(args, "nanochat-jax")
     schedule = Schedule(num_iterations, warmdown_ratio=args.warmdown_ratio, final_lr_frac=args.final_lr_frac,
                         warmup_steps=args.warmup_steps, modern=args.recipe == "modern")
-    plan = Plan(num_iterations, schedule,
-                config.flops_per_token(), save_every=args.save_every, meta=run_meta(args, config), wandb_run=wandb_run,
-                evals=[Eval(args.eval_every, val_bpb),
-                       Eval(args.sample_every, lambda model: print_samples(model, tokenizer), at_start=False)])
-    state = run(trainer, state, train_batches, plan, checkpointer)
-
-    print0(f"minimum validation bpb {state.loop.min_val_bpb} | training time "
-           f"{state.loop.total_time / 60:.2f}m | checkpoints in {checkpointer.directory}")
-    report.log(report.BASE_TRAINING, vars(args), {
-        "checkpoint_dir": checkpointer.directory, "parameters": config.num_params(), "steps": num_iterations,
-        "tokens": num_iterations * args.total_batch_size, "minimum validation bpb": state.loop.min_val_bpb,
-        "training time (min)": state.loop.total_time / 60, "devices": f"{jax.device_count()} x "
-        f"{jax.devices()[0].device_kind}"}, report.standin(standin_corpus()))
-    if wandb_run is not None:
-        wandb_run.finish()
+    state = stage.train(train_batches, num_iterations, schedule, [
+        Eval(args.eval_every, val_bpb), Eval(args.sample_every, lambda model: print_samples(model, tokenizer),
+                                             at_start=False)])
+    stage.finish(state, report.BASE_TRAINING, {
+        "parameters": config.num_params(), "steps": num_iterations, "tokens": tokens,
+        "minimum validation bpb": state.loop.min_val_bpb,
+        "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}"}, standin_corpus())
 
 
 if __name__ == "__main__":

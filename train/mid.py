@@ -22,10 +22,9 @@ from nanochat_jax.evaluation.bits_per_byte import bits_per_byte, loss_sums
 from nanochat_jax.training.chat_batches import PackedConversations, estimated_tokens
 from nanochat_jax.common import init_distributed, print0, run_entry_point
 from nanochat_jax.data.dataloader import StepBatches
-from nanochat_jax.training.loop import Eval, Plan, run
+from nanochat_jax.training.loop import Eval
 from nanochat_jax.training.optim import Schedule
-from nanochat_jax.training.stages import (add_chat_stage_flags, batch_geometry, begin_run, check_flags, open_chat_stage,
-                                 run_meta, start_wandb)
+from nanochat_jax.training.stages import Stage, add_chat_stage_flags, check_flags, micro_steps
 from nanochat_jax.tasks import mixtures
 
 
@@ -47,10 +46,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     init_distributed()  # multi-host runs only (NANOCHAT_MULTIHOST=1)
-    args = parse_args(argv)
-    source, trainer, checkpointer = open_chat_stage(args, "mid")
-    config, tokenizer = source.config, source.tokenizer
-    accum_steps = batch_geometry(args, jax.device_count())
+    stage = Stage.chat("mid", parse_args(argv))
+    args, config, tokenizer, trainer = stage.args, stage.config, stage.tokenizer, stage.trainer
+    accum_steps = micro_steps("--total-batch-size", args.total_batch_size, args.device_batch_size, args.max_seq_len)
     rows_per_process = args.device_batch_size * jax.local_device_count()
     mixture = mixtures.MIXTURES[args.mixture]
     train_task, val_task = mixture.mid_train(), mixture.mid_val()
@@ -61,7 +59,7 @@ def main(argv=None):
         num_iterations = max(1, epoch_tokens // args.total_batch_size)
         print0(f"one epoch of {len(train_task):,} conversations is about {epoch_tokens:,} tokens: "
                f"{num_iterations:,} steps")
-    print0(f"midtraining {source.directory} (step {source.step}) -> {checkpointer.directory} | "
+    print0(f"midtraining {stage.source.directory} (step {stage.source.step}) -> {stage.checkpointer.directory} | "
            f"{len(train_task):,} conversations | {accum_steps} micro-steps of {args.device_batch_size * jax.device_count()}"
            f" rows x {args.max_seq_len} | {num_iterations:,} steps")
     check_training_memory(trainer, args.device_batch_size, args.max_seq_len, accum_steps)
@@ -70,8 +68,6 @@ def main(argv=None):
     process = dict(process_index=jax.process_index(), process_count=jax.process_count(), masked=not args.unmasked)
     train_batches = StepBatches(PackedConversations(train_task, tokenizer, rows_per_process, args.max_seq_len,
                                                     **process), accum_steps)
-    state = begin_run(args, trainer, checkpointer, train_batches, tokenizer, config, num_iterations, source=source)
-
     eval_batches = max(1, args.eval_tokens // (rows_per_process * jax.process_count() * args.max_seq_len))
     token_bytes = tokenizer.token_bytes()
 
@@ -79,19 +75,10 @@ def main(argv=None):
         val = PackedConversations(val_task, tokenizer, rows_per_process, args.max_seq_len, **process)
         return {"val_bpb": bits_per_byte(loss_sums(model, val, eval_batches, token_bytes))}
 
-    wandb_run = start_wandb(args, "nanochat-jax-mid")
-    plan = Plan(num_iterations, Schedule(num_iterations, warmdown_ratio=0.2), config.flops_per_token(),
-                [Eval(args.eval_every, val_bpb)], args.save_every, run_meta(args, config, source), wandb_run)
-    state = run(trainer, state, train_batches, plan, checkpointer)
-
-    print0(f"minimum validation bpb {state.loop.min_val_bpb:.4f} | training time "
-           f"{state.loop.total_time / 60:.2f}m | checkpoints in {checkpointer.directory}")
-    report.log(report.MIDTRAINING, vars(args), {
-        "checkpoint_dir": checkpointer.directory, "conversations": len(train_task), "steps": num_iterations,
-        "minimum validation bpb": state.loop.min_val_bpb, "training time (min)": state.loop.total_time / 60},
-        report.standin(mixture.standin))
-    if wandb_run is not None:
-        wandb_run.finish()
+    state = stage.train(train_batches, num_iterations, Schedule(num_iterations, warmdown_ratio=0.2),
+                        [Eval(args.eval_every, val_bpb)])
+    stage.finish(state, report.MIDTRAINING, {"conversations": len(train_task), "steps": num_iterations,
+                                             "minimum validation bpb": state.loop.min_val_bpb}, mixture.standin)
 
 
 if __name__ == "__main__":

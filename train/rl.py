@@ -19,11 +19,10 @@ import jax
 from nanochat_jax.evaluation import report
 from nanochat_jax.evaluation.chat_tasks import generative_outcomes, pass_at_k
 from nanochat_jax.common import print0, run_entry_point, single_host_only
-from nanochat_jax.training.loop import Eval, Plan, run
+from nanochat_jax.training.loop import Eval
 from nanochat_jax.training.optim import Schedule
 from nanochat_jax.training.reinforce import RolloutBatches
-from nanochat_jax.training.stages import (add_chat_stage_flags, begin_run, check_flags, epoch_steps, open_chat_stage, run_meta,
-                                 start_wandb)
+from nanochat_jax.training.stages import Stage, add_chat_stage_flags, check_flags, epoch_steps, micro_steps
 from nanochat_jax.tasks.registry import CHAT_TASKS
 
 RL_TASKS = sorted(name for name, info in CHAT_TASKS.items() if info.has_reward)
@@ -52,40 +51,32 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     single_host_only("train.rl")
-    source, trainer, checkpointer = open_chat_stage(args, "rl")
-    config, tokenizer = source.config, source.tokenizer
-    rows_per_micro_step = args.device_batch_size * jax.device_count()
-    if (args.examples_per_step * args.num_samples) % rows_per_micro_step:
-        raise SystemExit(f"--examples-per-step x --num-samples = {args.examples_per_step * args.num_samples} "
-                         f"sequences do not split into micro-steps of device batch x devices = {rows_per_micro_step}")
+    stage = Stage.chat("rl", args)
+    args, tokenizer = stage.args, stage.tokenizer
+    sequences = args.examples_per_step * args.num_samples
+    accum_steps = micro_steps("--examples-per-step x --num-samples =", sequences, args.device_batch_size)
     task = CHAT_TASKS[args.task]
     train_task, val_task = task.make("train"), task.make("test")
     num_steps = epoch_steps(args, len(train_task), args.examples_per_step)
-    print0(f"RL {source.directory} (step {source.step}) -> {checkpointer.directory} | {args.examples_per_step} "
-           f"questions x {args.num_samples} samples per step | {num_steps:,} steps")
+    print0(f"RL {stage.source.directory} (step {stage.source.step}) -> {stage.checkpointer.directory} | "
+           f"{args.examples_per_step} questions x {args.num_samples} samples per step in {accum_steps} micro-steps | "
+           f"{num_steps:,} steps")
 
-    # data: each step's rollouts, sampled by one engine from the params the loop hands over
-    rollouts = RolloutBatches(trainer, tokenizer, train_task, args.examples_per_step, args.num_samples,
-                              args.max_new_tokens, args.temperature, args.top_k, args.seed, rows_per_micro_step)
-    state = begin_run(args, trainer, checkpointer, rollouts, tokenizer, config, num_steps, source=source)
+    # data: each step's rollouts, sampled by the stage's engine from the params the loop hands over
+    rollouts = RolloutBatches(lambda params: stage.engine(stage.trainer.model(params)), tokenizer, train_task,
+                              args.examples_per_step, args.num_samples, args.max_new_tokens, args.temperature,
+                              args.top_k, args.seed, sequences // accum_steps)
 
     def pass_at(model):  # k = 1 .. device batch samples per question, at temperature 1
-        outcomes = generative_outcomes(rollouts.engine_for(model), tokenizer, val_task, num_samples=args.device_batch_size,
+        outcomes = generative_outcomes(stage.engine(model), tokenizer, val_task, num_samples=args.device_batch_size,
                                        max_new_tokens=args.max_new_tokens, temperature=1.0, top_k=args.top_k,
                                        max_problems=args.eval_examples)
         return {f"pass@{k}": pass_at_k(outcomes, k) for k in range(1, args.device_batch_size + 1)}
 
-    wandb_run = start_wandb(args, "nanochat-jax-rl")
-    plan = Plan(num_steps, Schedule(num_steps, warmdown_ratio=1.0, momentum=0.95), config.flops_per_token(),
-                [Eval(args.eval_every, pass_at)], args.save_every, run_meta(args, config, source), wandb_run)
-    state = run(trainer, state, rollouts, plan, checkpointer)
-
-    print0(f"training time {state.loop.total_time / 60:.2f}m | checkpoints in {checkpointer.directory}")
-    report.log(report.RL, vars(args), {"checkpoint_dir": checkpointer.directory, "steps": num_steps,
-                                       **state.loop.last_eval, "training time (min)": state.loop.total_time / 60},
-               report.standin(f"{args.task}: generated on this machine (tasks/local.py)" if task.standin else None))
-    if wandb_run is not None:
-        wandb_run.finish()
+    schedule = Schedule(num_steps, warmdown_ratio=1.0, momentum=0.95)
+    state = stage.train(rollouts, num_steps, schedule, [Eval(args.eval_every, pass_at)])
+    stage.finish(state, report.RL, {"steps": num_steps, **state.loop.last_eval},
+                 f"{args.task}: generated on this machine (tasks/local.py)" if task.standin else None)
 
 
 if __name__ == "__main__":

@@ -21,11 +21,9 @@ from nanochat_jax.training.chat_batches import PaddedConversations
 from nanochat_jax.evaluation.chat_tasks import categorical_outcomes, generative_outcomes
 from nanochat_jax.common import init_distributed, print0, run_entry_point
 from nanochat_jax.data.dataloader import StepBatches
-from nanochat_jax.inference.engine import Engine
-from nanochat_jax.training.loop import Eval, Plan, run
+from nanochat_jax.training.loop import Eval
 from nanochat_jax.training.optim import Schedule
-from nanochat_jax.training.stages import (add_chat_stage_flags, begin_run, check_flags, epoch_steps, open_chat_stage, run_meta,
-                                 start_wandb)
+from nanochat_jax.training.stages import Stage, add_chat_stage_flags, check_flags, epoch_steps, micro_steps
 from nanochat_jax.tasks import mixtures
 from nanochat_jax.tasks.registry import CHAT_TASKS
 
@@ -52,27 +50,22 @@ def parse_args(argv=None):
 
 def main(argv=None):
     init_distributed()  # multi-host runs only (NANOCHAT_MULTIHOST=1)
-    args = parse_args(argv)
-    examples_per_micro_step = args.device_batch_size * jax.device_count()  # one conversation per row
-    if args.target_examples_per_step % examples_per_micro_step:
-        raise SystemExit(f"--target-examples-per-step {args.target_examples_per_step} is not a multiple of device "
-                         f"batch x devices = {args.device_batch_size} x {jax.device_count()}")
-    accum_steps = args.target_examples_per_step // examples_per_micro_step
-    source, trainer, checkpointer = open_chat_stage(args, "sft")
-    config, tokenizer = source.config, source.tokenizer
+    stage = Stage.chat("sft", parse_args(argv))
+    args, tokenizer = stage.args, stage.tokenizer
+    accum_steps = micro_steps("--target-examples-per-step", args.target_examples_per_step, args.device_batch_size)
     rows_per_process = args.device_batch_size * jax.local_device_count()
     mixture = mixtures.MIXTURES[args.mixture]
     train_task, val_task = mixture.sft_train(), mixture.sft_val()
     num_iterations = epoch_steps(args, len(train_task), args.target_examples_per_step)
-    print0(f"SFT {source.directory} (step {source.step}) -> {checkpointer.directory} | {len(train_task):,} "
-           f"conversations | {accum_steps} micro-steps of {examples_per_micro_step} rows | {num_iterations:,} steps")
+    print0(f"SFT {stage.source.directory} (step {stage.source.step}) -> {stage.checkpointer.directory} | "
+           f"{len(train_task):,} conversations | {accum_steps} micro-steps of "
+           f"{args.device_batch_size * jax.device_count()} rows | {num_iterations:,} steps")
 
     # data: one conversation per row, each micro-batch padded to a bucketed length
     process = dict(process_index=jax.process_index(), process_count=jax.process_count(),
                    max_tokens=args.max_seq_len + 1)
     train_batches = StepBatches(PaddedConversations(train_task, tokenizer, rows_per_process, args.max_seq_len,
                                                     **process), accum_steps)
-    state = begin_run(args, trainer, checkpointer, train_batches, tokenizer, config, num_iterations, source=source)
     token_bytes = tokenizer.token_bytes()
 
     def val_loss(model):
@@ -80,21 +73,18 @@ def main(argv=None):
         sums = loss_sums(model, val, args.eval_steps, token_bytes)
         return {"val_loss": sums["nats"] / max(sums["tokens"], 1)}
 
-    metric_tasks, engines = {}, []  # loaded on first use; one engine, so its programs compile once
+    metric_tasks = {}  # loaded on first use
 
     def accuracy(model):
         if not metric_tasks:
             metric_tasks.update({metric: CHAT_TASKS[name].make("test") for metric, name in mixture.sft_metrics.items()})
-            engines.append(Engine(model, tokenizer))
-        engines[0].use(model)
         results = {}
         for metric, task in metric_tasks.items():
             if task.eval_type == "categorical":
                 outcomes = categorical_outcomes(model, tokenizer, task, 2 * args.device_batch_size,
                                                 args.eval_metrics_max_problems)
             else:
-                outcomes = [o[0] for o in generative_outcomes(engines[0], tokenizer, task,
-                                                              max_new_tokens=128,
+                outcomes = [o[0] for o in generative_outcomes(stage.engine(model), tokenizer, task, max_new_tokens=128,
                                                               max_problems=args.eval_metrics_max_problems)]
             results[metric] = float(sum(outcomes) / len(outcomes))
         return results
@@ -102,19 +92,10 @@ def main(argv=None):
     evals = [Eval(args.eval_every, val_loss)]
     if args.eval_metrics_every:  # as nanochat: not before training
         evals.append(Eval(args.eval_metrics_every, accuracy, at_start=False))
-    wandb_run = start_wandb(args, "nanochat-jax-sft")
-    plan = Plan(num_iterations, Schedule(num_iterations, warmdown_ratio=1.0, momentum=0.95), config.flops_per_token(),
-                evals, args.save_every, run_meta(args, config, source), wandb_run)
-    state = run(trainer, state, train_batches, plan, checkpointer)
-
-    print0(" | ".join(f"{k} {v:.4f}" for k, v in state.loop.last_eval.items()) +
-           f" | training time {state.loop.total_time / 60:.2f}m | checkpoints in {checkpointer.directory}")
-    report.log(report.SFT, vars(args), {"checkpoint_dir": checkpointer.directory, "conversations": len(train_task),
-                                        "steps": num_iterations, **state.loop.last_eval,
-                                        "training time (min)": state.loop.total_time / 60},
-               report.standin(mixture.standin))
-    if wandb_run is not None:
-        wandb_run.finish()
+    schedule = Schedule(num_iterations, warmdown_ratio=1.0, momentum=0.95)
+    state = stage.train(train_batches, num_iterations, schedule, evals)
+    stage.finish(state, report.SFT, {"conversations": len(train_task), "steps": num_iterations,
+                                     **state.loop.last_eval}, mixture.standin)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,8 @@
 
 Orbax writes each step into a temporary directory and renames it when complete, so a crash during a save leaves
 the previous steps loadable. Restoring takes a target of ShapeDtypeStructs with shardings, so a checkpoint loads onto
-any mesh shape. A training run goes through save_training/restore_training: one call each way for everything a
-resume needs.
+any mesh shape. A training run goes through begin (which checks that a resume is this run's), save_training
+and restore_training.
 """
 import glob
 import os
@@ -23,7 +23,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from nanochat_jax.common import default_dtype
+from nanochat_jax.common import default_dtype, print0
 from nanochat_jax.model.gpt import GPT, GPTConfig, config_from_meta
 from nanochat_jax.model.sharding import abstract_params, make_mesh
 from nanochat_jax.data.tokenizer import Tokenizer
@@ -107,6 +107,38 @@ class Checkpointer:
         restored = self.manager.restore(step, args=ocp.args.Composite(**args))
         batches.set_state(position.get_state())
         return TrainState(restored["params"], restored["opt_state"], step, LoopState(**restored.meta["loop_state"]))
+
+    def begin(self, resume: bool, fresh, trainer, batches, config: GPTConfig, num_iterations: int,
+              data_flags: dict) -> TrainState:
+        """The state a run trains from: `fresh()` for a new run, in a directory holding no checkpoints; with resume,
+        the latest checkpoint once it is known to be this run's: a training checkpoint of the same model, trained
+        on the same data flags (a saved data position means nothing under another --mixture or --task), not beyond
+        num_iterations; `batches` is moved to its data position."""
+        step = self.latest_step()
+        if not resume:
+            if step is not None:
+                raise SystemExit(f"{self.directory} already holds checkpoints (steps {self.manager.all_steps()}): "
+                                 "continue it with --resume, or move that directory away to start over")
+            return fresh()
+        if step is None:
+            raise SystemExit(f"--resume: no checkpoint in {self.directory}")
+        saved = self.meta(step)
+        if "loop_state" not in saved:
+            raise SystemExit(f"--resume: step {step} in {self.directory} is not a training checkpoint "
+                             "(no optimizer or data state; an imported model?)")
+        if config_from_meta(saved["model_config"]) != config:
+            raise SystemExit(f"--resume: {self.directory} holds a model {saved['model_config']}, but this run "
+                             f"makes {asdict(config)}; use the same model flags or another --model-tag")
+        for flag, value in data_flags.items():
+            was = saved.get("train_config", {}).get(flag, value)
+            if was != value:
+                raise SystemExit(f"--resume: the run was trained with --{flag} {was}, not {value}")
+        if step > num_iterations:
+            raise SystemExit(f"--resume: the checkpoint is at step {step}, beyond this run's {num_iterations} "
+                             "steps (a smaller --num-iterations or a different batch size?)")
+        state = self.restore_training(step, trainer.abstract_params, trainer.abstract_opt_state, batches)
+        print0(f"resumed from step {step} of {self.directory}")
+        return state
 
     def wait(self):
         self.manager.wait_until_finished()

@@ -10,8 +10,8 @@ the device computes; RL's source samples its rollouts with them (on-policy).
 A batch's path: data/dataset.py (shards) -> data/dataloader.py (PackedRows, StepBatches) or training/chat_batches.py
 or reinforce.py ->
 here (drawn one step ahead, then Trainer.step) -> checkpoint.save_training, which saves where the next batch starts.
-A resume's path: stages.begin_run -> checkpoint.restore_training (params, optimizer state, the loop's totals, and
-the batch source moved to its saved position) -> here, whose first draw is the batch the run would have trained next.
+A resume's path: Stage.begin -> Checkpointer.begin (its checks) -> restore_training (params, optimizer state, the
+loop's totals, the batch source moved to its saved position) -> here, whose first draw is the batch it trains next.
 
 Step s (0-based) trains on the s-th batch; "checkpoint at step s" means after s steps. metrics.jsonl holds one JSON
 object per trained step ({"step", "loss", "lr", "dt", "tok_per_sec", "mfu", "grad_norm", "num_tokens"}, the batch's

@@ -15,7 +15,6 @@ import numpy as np
 
 from nanochat_jax.common import bucket
 from nanochat_jax.training.chat_batches import masked_targets
-from nanochat_jax.inference.engine import Engine
 
 
 @dataclass
@@ -68,36 +67,30 @@ class RolloutBatches:
     task (cycling), sampled from the params the loop hands over (on-policy), as policy_batch. Its position is the
     index k of the next step's questions."""
 
-    def __init__(self, trainer, tokenizer, task, per_step: int, num_samples: int, max_new_tokens: int,
+    def __init__(self, engine_for, tokenizer, task, per_step: int, num_samples: int, max_new_tokens: int,
                  temperature: float, top_k: int | None, seed: int, rows_per_micro_step: int):
-        self.trainer, self.tokenizer, self.task, self.engine = trainer, tokenizer, task, None
+        """engine_for(params) -> the engine that samples from those params (the stage's one engine)."""
+        self.engine_for, self.tokenizer, self.task = engine_for, tokenizer, task
         self.per_step, self.num_samples, self.max_new_tokens = per_step, num_samples, max_new_tokens
         self.temperature, self.top_k, self.seed, self.rows_per_micro_step = temperature, top_k, seed, rows_per_micro_step
         self.pad_id = tokenizer.encode_special("<|assistant_end|>")  # never a target: any id would do
         self.position = 0
 
-    def engine_for(self, model) -> Engine:
-        """The one engine (its programs compile once), sampling from `model` (also RL's evaluation)."""
-        if self.engine is None:
-            self.engine = Engine(model, self.tokenizer)
-        self.engine.use(model)
-        return self.engine
-
     def next_batch(self, params) -> tuple[dict, dict]:
         t0 = time.time()
-        self.engine_for(self.trainer.model(params))
+        engine = self.engine_for(params)
         step, self.position = self.position, self.position + 1
         batch_rollouts = []
         for j in range(self.per_step):
             index = (step * self.per_step + j) % len(self.task)
             seed = hash((self.seed, step, index)) & 0x7FFFFFFF  # ints hash the same in every process and run
-            batch_rollouts.append(rollouts(self.engine, self.tokenizer, self.task, index, self.num_samples,
+            batch_rollouts.append(rollouts(engine, self.tokenizer, self.task, index, self.num_samples,
                                            self.max_new_tokens, self.temperature, self.top_k, seed))
         stats = {"reward": float(np.mean([r.rewards.mean() for r in batch_rollouts])),
                  "completion_length": float(np.mean([len(s) - r.prompt_len for r in batch_rollouts
                                                      for s in r.sequences])),
                  "sampling_s": time.time() - t0}
-        batch = policy_batch(batch_rollouts, self.rows_per_micro_step, self.pad_id, self.engine.config.sequence_len)
+        batch = policy_batch(batch_rollouts, self.rows_per_micro_step, self.pad_id, engine.config.sequence_len)
         return batch, stats
 
     def get_state(self) -> dict:

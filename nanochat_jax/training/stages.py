@@ -1,12 +1,13 @@
-"""What the training entry points share: the flag groups and their checks, building the trainer, the previous
-stage's checkpoint, starting or resuming a run, and wandb.
+"""A training stage, declared once: the flag groups and their checks, the trainer, the micro-steps of a step, the one
+engine its evaluations sample with, starting or resuming the run, and its ending (report, wandb).
 
 A chat stage (train.mid, train.sft, train.rl) reads the latest checkpoint of the stage before it (--source,
 --model-tag, --step) and writes to $NANOCHAT_BASE_DIR/<stage dir>/<the same model tag>/. It starts from those
 parameters with a fresh optimizer; --resume continues its own latest checkpoint instead (parameters, optimizer state,
-data position).
+data position). The flags are never written into: a stage keeps a copy with the defaults it resolved (`Stage.args`).
 """
 import argparse
+import math
 import os
 from dataclasses import asdict
 
@@ -14,13 +15,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nanochat_jax.training.checkpoint import STAGE_DIRS, Checkpointer, complete_steps, stage_directory
 from nanochat_jax.common import get_base_dir, parse_dtype, print0
+from nanochat_jax.evaluation import report
+from nanochat_jax.inference.engine import Engine
 from nanochat_jax.model.gpt import GPT, REMAT_POLICIES, GPTConfig, config_from_meta
-from nanochat_jax.recipes import RECIPES
-from nanochat_jax.training.optim import build_optimizer
 from nanochat_jax.model.sharding import make_mesh, parse_mesh_spec
+from nanochat_jax.recipes import RECIPES
 from nanochat_jax.data.tokenizer import Tokenizer
+from nanochat_jax.training.checkpoint import STAGE_DIRS, Checkpointer, complete_steps, stage_directory
+from nanochat_jax.training.loop import Eval, Plan, run
+from nanochat_jax.training.optim import Schedule, build_optimizer
 from nanochat_jax.training.trainer import Trainer, TrainState
 
 
@@ -35,13 +39,6 @@ def add_optimizer_flags(p: argparse.ArgumentParser, grad_clip: float | None = No
                    "Muon's cautious decay, scaled by batch and horizon, cosine to 0 (default 0.28)")
     p.add_argument("--grad-clip", type=float, default=grad_clip, help="global-norm clip, 0: off (default: classic "
                    "1.0, modern 0)")
-
-
-def fill_optimizer_defaults(args, recipe: str):
-    """The optimizer flags left unset take the recipe's values (so the run's meta records what was used)."""
-    for name, value in RECIPES[recipe].optimizer.items():
-        if getattr(args, name, None) is None:
-            setattr(args, name, value)
 
 
 def add_chat_stage_flags(p: argparse.ArgumentParser, sources: list[str], device_batch_size: int,
@@ -72,17 +69,16 @@ def add_run_flags(p: argparse.ArgumentParser):
 
 def check_flags(p: argparse.ArgumentParser, args, positive=(), every=(), nonnegative=()):
     """Flags that must be positive (or unset), that take a positive number or -1, and that must be >= 0."""
+    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
     for name in positive:
         if getattr(args, name) is not None and getattr(args, name) <= 0:
-            p.error(f"--{name.replace('_', '-')} must be positive")
+            p.error(f"{flag(name)} must be positive")
     for name in nonnegative:
         if getattr(args, name) < 0:
-            p.error(f"--{name.replace('_', '-')} must be >= 0")
-    for name in every:
+            p.error(f"{flag(name)} must be >= 0")
+    for name in every + (("num_iterations",) if hasattr(args, "num_iterations") else ()):
         if getattr(args, name) == 0 or getattr(args, name) < -1:
-            p.error(f"--{name.replace('_', '-')} must be positive, or -1")
-    if getattr(args, "num_iterations", -1) == 0 or getattr(args, "num_iterations", -1) < -1:
-        p.error("--num-iterations must be positive, or -1")
+            p.error(f"{flag(name)} must be positive, or -1")
     check_mesh(p, args)
 
 
@@ -95,29 +91,28 @@ def check_mesh(p: argparse.ArgumentParser, args):
             p.error(str(e))
 
 
-def batch_geometry(args, num_devices: int) -> int:
-    """Gradient-accumulation steps that reach --total-batch-size from --device-batch-size rows on every device."""
-    tokens_per_micro_step = args.device_batch_size * args.max_seq_len * num_devices
-    if args.total_batch_size % tokens_per_micro_step:
-        raise SystemExit(f"--total-batch-size {args.total_batch_size} is not a multiple of device batch x sequence x "
-                         f"devices = {args.device_batch_size} x {args.max_seq_len} x {num_devices} = "
-                         f"{tokens_per_micro_step}")
-    return args.total_batch_size // tokens_per_micro_step
+def resolved(args, recipe: str, **values) -> argparse.Namespace:
+    """A copy of the flags: the optimizer flags left unset at the recipe's values (so the run's meta records what was
+    used), then `values`."""
+    unset = {k: v for k, v in RECIPES[recipe].optimizer.items() if getattr(args, k, None) is None}
+    return argparse.Namespace(**(vars(args) | unset | values))
 
 
-def make_trainer(args, config: GPTConfig, lr_fraction: float = 1.0, lr_scale: float = 1.0):
-    """(trainer, make_model) for a model of `config` under --mesh/--dtype with the flags' learning rates (unset
-    ones: the model's recipe's) x lr_fraction (all) x lr_scale (all but the modern smear group's)."""
-    dtype = parse_dtype(args.dtype)
-    fp8 = getattr(args, "fp8", False)  # (pretraining only; evaluation sees the model without it)
-    make_model = lambda fp8=fp8: GPT(config, rngs=nnx.Rngs(args.seed), dtype=dtype, remat=args.remat, fp8=fp8)  # noqa: E731
-    fill_optimizer_defaults(args, config.recipe)
-    tx = build_optimizer(config.n_embd, args.embedding_lr, args.unembedding_lr, args.matrix_lr, args.weight_decay,
-                         args.grad_clip, recipe=config.recipe, scalar_lr=args.scalar_lr, lr_scale=lr_scale,
-                         lr_fraction=lr_fraction,
-                         muon_dtype=dtype if RECIPES[config.recipe].muon_in_compute_dtype else jnp.bfloat16)
-    make_eval = (lambda: make_model(False)) if fp8 else None
-    return Trainer.create(make_model, tx, make_mesh(args.mesh), make_eval), make_model
+def micro_steps(what: str, total: int, device_batch_size: int, sequence_len: int | None = None) -> int:
+    """Gradient-accumulation steps that reach `total` (rows, or tokens with a sequence length) per optimizer step
+    from device_batch_size rows on every device, or a one-line exit naming the numbers."""
+    parts = {"device batch": device_batch_size, "sequence": sequence_len, "devices": jax.device_count()}
+    parts = {name: n for name, n in parts.items() if n is not None}
+    per_micro_step = math.prod(parts.values())
+    if total % per_micro_step:
+        raise SystemExit(f"{what} {total} is not a multiple of {' x '.join(parts)} = "
+                         f"{' x '.join(map(str, parts.values()))} = {per_micro_step}")
+    return total // per_micro_step
+
+
+def epoch_steps(args, num_examples: int, per_step: int) -> int:
+    """--num-iterations when given, else the steps of --num-epochs passes over num_examples at per_step a step."""
+    return args.num_iterations if args.num_iterations > 0 else max(1, num_examples // per_step * args.num_epochs)
 
 
 def model_tags_note(source: str) -> str:
@@ -151,62 +146,76 @@ class Source:
         return {"stage": self.stage, "directory": self.directory, "step": self.step}
 
 
-def open_chat_stage(args, stage: str) -> tuple[Source, Trainer, Checkpointer]:
-    """A chat stage's source checkpoint (--source, --model-tag, --step), its trainer (learning rates x
-    --init-lr-frac) and where it writes: $NANOCHAT_BASE_DIR/<stage dir>/<the source's model tag>/. A --max-seq-len
-    left unset becomes the model's context."""
-    source = Source(args.source, args.model_tag, args.step)
-    if getattr(args, "max_seq_len", 0) is None:
-        args.max_seq_len = source.config.sequence_len
-    trainer, _ = make_trainer(args, source.config, args.init_lr_frac)
-    return source, trainer, Checkpointer(os.path.join(get_base_dir(), STAGE_DIRS[stage], source.model_tag))
+class Stage:
+    """One run of a stage: its resolved flags, model config, tokenizer, trainer and checkpoint directory."""
 
+    def __init__(self, name: str, args, config: GPTConfig, tokenizer, checkpoint_dir: str, source: Source | None = None,
+                 lr_fraction: float = 1.0, lr_scale: float = 1.0):
+        """lr_fraction scales every learning rate; lr_scale all but the modern smear group's (the batch's scale)."""
+        self.name, self.config, self.tokenizer, self.source = name, config, tokenizer, source
+        self.args = args = resolved(args, config.recipe)
+        dtype = parse_dtype(args.dtype)
+        fp8 = getattr(args, "fp8", False)  # (pretraining only; evaluation sees the model without it)
+        self.make_model = lambda fp8=fp8: GPT(config, rngs=nnx.Rngs(args.seed), dtype=dtype, remat=args.remat, fp8=fp8)
+        tx = build_optimizer(config.n_embd, args.embedding_lr, args.unembedding_lr, args.matrix_lr, args.weight_decay,
+                             args.grad_clip, recipe=config.recipe, scalar_lr=args.scalar_lr, lr_scale=lr_scale,
+                             lr_fraction=lr_fraction,
+                             muon_dtype=dtype if RECIPES[config.recipe].muon_in_compute_dtype else jnp.bfloat16)
+        self.trainer = Trainer.create(self.make_model, tx, make_mesh(args.mesh),
+                                      (lambda: self.make_model(False)) if fp8 else None)
+        self.checkpointer = Checkpointer(checkpoint_dir)
+        self._engine = None
 
-def epoch_steps(args, num_examples: int, per_step: int) -> int:
-    """--num-iterations when given, else the steps of --num-epochs passes over num_examples at per_step a step."""
-    return args.num_iterations if args.num_iterations > 0 else max(1, num_examples // per_step * args.num_epochs)
+    @classmethod
+    def chat(cls, name: str, args) -> "Stage":
+        """A chat stage from its --source checkpoint, learning rates x --init-lr-frac, writing under the source's
+        model tag; a --max-seq-len left unset is the model's context."""
+        source = Source(args.source, args.model_tag, args.step)
+        if getattr(args, "max_seq_len", 0) is None:
+            args = argparse.Namespace(**(vars(args) | {"max_seq_len": source.config.sequence_len}))
+        return cls(name, args, source.config, source.tokenizer,
+                   os.path.join(get_base_dir(), STAGE_DIRS[name], source.model_tag), source, args.init_lr_frac)
 
+    def engine(self, model) -> Engine:
+        """The stage's one engine (its programs compile once), sampling from `model`."""
+        if self._engine is None:
+            self._engine = Engine(model, self.tokenizer)
+        self._engine.use(model)
+        return self._engine
 
-def run_meta(args, config: GPTConfig, source: Source | None = None) -> dict:
-    """What every checkpoint of the run records besides its step and metrics."""
-    return {"model_config": asdict(config), "train_config": vars(args)} | ({} if source is None else
-                                                                          {"source": source.info()})
+    def begin(self, batches, num_iterations: int) -> TrainState:
+        """The state the run trains from: its latest checkpoint with --resume (checked by the checkpointer), else step 0
+        from the source's parameters with a fresh optimizer (a chat stage) or a fresh model (pretraining)."""
+        def fresh():
+            self.checkpointer.save_tokenizer(self.tokenizer)
+            source = self.source
+            return self.trainer.start_from(source.params(self.trainer)) if source else \
+                self.trainer.init_state(self.make_model)
+        data_flags = {k: v for k, v in vars(self.args).items() if k in ("mixture", "task")}
+        return self.checkpointer.begin(self.args.resume, fresh, self.trainer, batches, self.config, num_iterations,
+                                       data_flags)
 
+    def train(self, batches, num_iterations: int, schedule: Schedule, evals: list[Eval]) -> TrainState:
+        """Start or resume, then the training loop to num_iterations (checkpoints, evaluations, metrics, wandb)."""
+        state = self.begin(batches, num_iterations)
+        self.wandb_run = start_wandb(self.args, "nanochat-jax" + ("" if self.name == "base" else f"-{self.name}"))
+        meta = {"model_config": asdict(self.config), "train_config": vars(self.args)}
+        if self.source is not None:
+            meta["source"] = self.source.info()
+        plan = Plan(num_iterations, schedule, self.config.flops_per_token(), evals, self.args.save_every, meta,
+                    self.wandb_run)
+        return run(self.trainer, state, batches, plan, self.checkpointer)
 
-def begin_run(args, trainer: Trainer, checkpointer: Checkpointer, batches, tokenizer, config: GPTConfig,
-              num_iterations: int, source: Source | None = None, make_model=None) -> TrainState:
-    """The state a run trains from. With --resume: the run's latest checkpoint (params, optimizer state, the loop's
-    totals), and `batches` moved to its data position. Else step 0 of a new run, in a directory holding no
-    checkpoints: the source's params with a fresh optimizer (a chat stage), or a fresh model (pretraining)."""
-    if not args.resume:
-        if checkpointer.latest_step() is not None:
-            raise SystemExit(f"{checkpointer.directory} already holds checkpoints (steps "
-                             f"{checkpointer.manager.all_steps()}): continue it with --resume, or move that directory "
-                             "away to start over")
-        checkpointer.save_tokenizer(tokenizer)
-        return trainer.start_from(source.params(trainer)) if source is not None else trainer.init_state(make_model)
-    step = checkpointer.latest_step()
-    if step is None:
-        raise SystemExit(f"--resume: no checkpoint in {checkpointer.directory}")
-    saved = checkpointer.meta(step)
-    if "loop_state" not in saved:
-        raise SystemExit(f"--resume: step {step} in {checkpointer.directory} is not a training checkpoint "
-                         "(no optimizer or data state; an imported model?)")
-    if config_from_meta(saved["model_config"]) != config:
-        raise SystemExit(f"--resume: {checkpointer.directory} holds a model {saved['model_config']}, but this run "
-                         f"makes {asdict(config)}; use the same model flags or another --model-tag")
-    # a saved data position means nothing under another data flag (mid/sft's --mixture, rl's --task)
-    saved_config = saved.get("train_config", {})
-    for flag in ("mixture", "task"):
-        if flag in saved_config and saved_config[flag] != getattr(args, flag, None):
-            raise SystemExit(f"--resume: the run was trained with --{flag} {saved_config[flag]}, not "
-                             f"{getattr(args, flag, None)}")
-    if step > num_iterations:
-        raise SystemExit(f"--resume: the checkpoint is at step {step}, beyond this run's {num_iterations} "
-                         "steps (a smaller --num-iterations or a different batch size?)")
-    state = checkpointer.restore_training(step, trainer.abstract_params, trainer.abstract_opt_state, batches)
-    print0(f"resumed from step {step} of {checkpointer.directory}")
-    return state
+    def finish(self, state: TrainState, section: str, results: dict, standin: str | None):
+        """The report card's section for this run (with its training time and directory), and wandb's end."""
+        last = state.loop.last_eval | ({} if state.loop.min_val_bpb is None else
+                                       {"minimum val_bpb": state.loop.min_val_bpb})
+        print0("".join(f"{k} {v:.4f} | " for k, v in last.items()) + f"training time {state.loop.total_time / 60:.2f}m | checkpoints in {self.checkpointer.directory}")
+        report.log(section, vars(self.args), {"checkpoint_dir": self.checkpointer.directory, **results,
+                                              "training time (min)": state.loop.total_time / 60},
+                   report.standin(standin))
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
 
 
 def start_wandb(args, project: str):
