@@ -2,8 +2,8 @@
 
     python -m tokenizer.train --vocab-size 65536 --max-chars 2000000000 --doc-cap 10000
 
-Reads the training shards in $NANOCHAT_BASE_DIR/base_data/ (every shard but the last), crops each document to
---doc-cap characters, stops after --max-chars characters, and writes $NANOCHAT_BASE_DIR/tokenizer/.
+Reads the training shards (every one but the last), each document cropped to --doc-cap characters, until
+--max-chars characters; writes $NANOCHAT_BASE_DIR/tokenizer/.
 """
 import argparse
 import os
@@ -19,9 +19,8 @@ def capped_documents(max_chars: int, doc_cap: int):
     seen = 0
     for batch in iter_texts("train"):
         for doc in batch:
-            doc = doc[:doc_cap]
-            seen += len(doc)
-            yield doc
+            seen += len(doc[:doc_cap])
+            yield doc[:doc_cap]
             if seen >= max_chars:
                 return
 
@@ -52,15 +51,15 @@ def main():
     tokenizer.save(tokenizer_dir)
     token_bytes = tokenizer.token_bytes()
     text_bytes = token_bytes[token_bytes > 0]
-    if tokenizer.get_vocab_size() < args.vocab_size:
-        print(f"warning: the corpus ran out of pairs to merge; vocabulary is {tokenizer.get_vocab_size():,} tokens, "
+    vocab_size = tokenizer.get_vocab_size()
+    if vocab_size < args.vocab_size:
+        print(f"warning: the corpus ran out of pairs to merge; vocabulary is {vocab_size:,} tokens, "
               f"not {args.vocab_size:,} (train on more text for the full size)")
-    print(f"trained a {tokenizer.get_vocab_size():,}-token vocabulary in {train_time:.1f}s, saved to {tokenizer_dir}")
+    print(f"trained a {vocab_size:,}-token vocabulary in {train_time:.1f}s, saved to {tokenizer_dir}")
     print(f"bytes per token id: min {text_bytes.min()}, max {text_bytes.max()}, mean {text_bytes.mean():.2f}")
-    report.log(report.TOKENIZER_TRAINING, vars(args), {"vocabulary size": tokenizer.get_vocab_size(),
-                                                  "training time (s)": round(train_time, 1),
-                                                  "mean bytes per token id": float(text_bytes.mean())},
-               report.standin(standin_corpus()))
+    results = {"vocabulary size": vocab_size, "training time (s)": round(train_time, 1),
+               "mean bytes per token id": float(text_bytes.mean())}
+    report.log(report.TOKENIZER_TRAINING, vars(args), results, report.standin(standin_corpus()))
 
 
 if __name__ == "__main__":

@@ -1,15 +1,13 @@
 """Pretraining batches: parquet shards -> tokenized documents -> BOS-aligned best-fit rows -> batches, as a grain
 pipeline whose state round-trips exactly.
 
-Every document gets <|bos|> in front. Rows hold T+1 tokens and start at a document start. To fill a row, the largest
-buffered document that fits goes in; when none fits, the shortest is cropped to fill the row exactly (its rest is
-dropped). No padding. The buffer keeps `buffer_size` documents. Each process reads only the row groups
-g with g % process_count == process_index of every shard, so hosts never read the same text.
-
-State (JSON): the epoch, the position of the next unread document (shard, row group, row) and the ids
-(shard, row group, row) of the buffered documents in buffer order; restoring re-reads and re-tokenizes those.
-"""
+Every document starts with <|bos|>; rows hold T+1 tokens and start at a document start, with no padding. To fill a
+row, the largest of the `buffer_size` buffered documents that fits goes in; when none fits, the shortest is cropped
+to fill the row (its rest is dropped). Process p reads only the row groups g with g % process_count == p of every
+shard, so hosts never read the same text. The state (JSON) is the epoch, the (shard, row group, row) of the next
+unread document and those of the buffered documents, which restoring re-reads and re-tokenizes."""
 import bisect
+import functools
 import itertools
 
 import grain
@@ -39,44 +37,30 @@ class PackedRowsIterator(grain.DatasetIterator):
         self.keys, self.docs = [], {}  # keys sorted by (length, arrival); docs: arrival -> (doc_id, tokens)
         self.arrivals = itertools.count()
         self._texts = {}  # (shard, group) -> the row group's documents, while it is being read
-        self._files = {}
+        self._file = functools.cache(lambda shard: open_shard(ds.shards[shard]))  # shard -> its open ParquetFile
 
-    def _file(self, shard: int):
-        if shard not in self._files:
-            self._files[shard] = open_shard(self.ds.shards[shard])
-        return self._files[shard]
-
-    def _num_groups(self, shard: int) -> int:
-        return self._file(shard).num_row_groups
-
-    # ---- reading
     def _group_texts(self, shard: int, group: int) -> list[str]:
         if (shard, group) not in self._texts:
             table = self._file(shard).read_row_group(group, columns=["text"])
             self._texts = {(shard, group): table.column("text").to_pylist()}  # keep only the group being read
         return self._texts[(shard, group)]
 
-    def _advance_group(self):
-        self.group += self.ds.process_count
-        self.row = 0
-        if self.group >= self._num_groups(self.shard):
-            self.shard, self.group = self.shard + 1, self.ds.process_index
-            if self.shard == len(self.ds.shards):
-                self.shard, self.epoch = 0, self.epoch + 1
-
     def _read_more(self):
         """Tokenize the next batch of this process's documents into the buffer."""
         start_epoch = self.epoch
         while self.epoch <= start_epoch + 1:  # a whole pass without a document means there are none
-            if self.group < self._num_groups(self.shard):
+            if self.group < self._file(self.shard).num_row_groups:
                 texts = self._group_texts(self.shard, self.group)
                 if self.row < len(texts):
                     stop = min(self.row + self.ds.tokenizer_batch_size, len(texts))
-                    ids = [(self.shard, self.group, r) for r in range(self.row, stop)]
-                    self._add(ids, texts[self.row:stop])
+                    self._add([(self.shard, self.group, r) for r in range(self.row, stop)], texts[self.row:stop])
                     self.row = stop
                     return
-            self._advance_group()
+            self.group, self.row = self.group + self.ds.process_count, 0  # on to this process's next row group
+            if self.group >= self._file(self.shard).num_row_groups:
+                self.shard, self.group = self.shard + 1, self.ds.process_index
+                if self.shard == len(self.ds.shards):
+                    self.shard, self.epoch = 0, self.epoch + 1
         raise ValueError(f"no documents for process {self.ds.process_index} of {self.ds.process_count} in "
                          f"{self.ds.shards}: fewer row groups than processes?")
 
@@ -91,7 +75,6 @@ class PackedRowsIterator(grain.DatasetIterator):
         _, arrival = self.keys.pop(index)
         return self.docs.pop(arrival)[1]
 
-    # ---- packing
     def __next__(self) -> np.ndarray:
         row = []
         while len(row) < self.ds.row_len:
@@ -105,7 +88,6 @@ class PackedRowsIterator(grain.DatasetIterator):
                 row.extend(self._take(0)[:room])
         return np.asarray(row, dtype=np.int32)
 
-    # ---- state
     def get_state(self) -> dict:
         buffered = [list(self.docs[arrival][0]) for arrival in sorted(self.docs)]
         return {"epoch": self.epoch, "shard": self.shard, "group": self.group, "row": self.row, "buffer": buffered}
@@ -113,37 +95,25 @@ class PackedRowsIterator(grain.DatasetIterator):
     def set_state(self, state: dict):
         self.epoch, self.shard, self.group, self.row = state["epoch"], state["shard"], state["group"], state["row"]
         self.keys, self.docs, self.arrivals = [], {}, itertools.count()
-        by_group = {}
-        for shard, group, row in state["buffer"]:
-            by_group.setdefault((shard, group), []).append(row)
-        texts = {}
-        for (shard, group), rows in by_group.items():
-            table = self._file(shard).read_row_group(group, columns=["text"]).column("text")
-            texts |= {(shard, group, r): table[r].as_py() for r in rows}
-        ids = [tuple(doc_id) for doc_id in state["buffer"]]
-        self._add(ids, [texts[doc_id] for doc_id in ids])
+        ids = [tuple(doc_id) for doc_id in state["buffer"]]  # in reading order: row groups come one by one
+        self._add(ids, [self._group_texts(shard, group)[row] for shard, group, row in ids])
         self._texts = {}
 
 
-def pretraining_batches(tokenizer, split: str, rows_per_process: int, seq_len: int, data_dir: str | None = None,
-                        buffer_size: int = 1000):
-    """A grain iterator of this process's rows as micro-batches {"inputs", "targets"}: np.int32
-    [rows_per_process, seq_len]; get_state()/set_state() round-trip exactly."""
-    dataset = PackedRows(split_shards(split, data_dir), tokenizer, seq_len + 1, buffer_size=buffer_size,
+def pretraining_batches(tokenizer, split: str, rows_per_process: int, seq_len: int, buffer_size: int = 1000):
+    """This process's rows as micro-batches {"inputs", "targets"}: np.int32 [rows_per_process, seq_len]."""
+    dataset = PackedRows(split_shards(split), tokenizer, seq_len + 1, buffer_size=buffer_size,
                          process_index=jax.process_index(), process_count=jax.process_count())
     return iter(dataset.batch(rows_per_process, drop_remainder=True).map(split_rows))
 
 
 def split_rows(rows: np.ndarray) -> dict:
-    """Token rows [..., T+1] -> {"inputs": row[:-1], "targets": row[1:]} [..., T]."""
     return {"inputs": rows[..., :-1], "targets": rows[..., 1:]}
 
 
 class StepBatches:
-    """One training step's batch from an iterator of micro-batches (dicts of [rows, T] arrays): the dicts of
-    `accum_steps` micro-batches stacked to [accum_steps, rows, T]. Shorter micro-batches are padded at the end to the
-    longest (inputs with 0, targets with -1: never counted, and causal attention keeps them out of earlier
-    positions). The state is the micro-batch iterator's: the position of the next step's first micro-batch."""
+    """Steps of `accum_steps` micro-batches ([rows, T] dicts) stacked to [accum_steps, rows, T], shorter ones padded at
+    the end (inputs 0, targets -1: never counted, and causal attention keeps them out of earlier positions)."""
 
     def __init__(self, micro_batches, accum_steps: int):
         self.micro_batches, self.accum_steps = micro_batches, accum_steps
@@ -159,7 +129,7 @@ class StepBatches:
                 "targets": np.stack([pad(m["targets"], -1) for m in micro])}
 
     def next_batch(self, params=None) -> tuple[dict, dict]:
-        """The training loop's call: the next step's batch and no stats (a supervised source needs no params)."""
+        """The training loop's call: the next batch and no stats (a supervised source needs no params)."""
         return next(self), {}
 
     def get_state(self):

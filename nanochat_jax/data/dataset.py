@@ -1,10 +1,7 @@
 """The pretraining corpus on disk: parquet shards with a `text` column in $NANOCHAT_BASE_DIR/base_data/ (FineWeb-edu,
-the classic recipe's) or base_data_climbmix/ (ClimbMix, the modern recipe's; nanochat's directory names).
-
-$NANOCHAT_DATASET (fineweb, the default, or climbmix) picks which one every stage reads: the tokenizer, pretraining
-and the bpb evaluation. The shards are sorted by name; the last one is the validation split, all others are
-training. This module lists and reads them; `python -m scripts.download_data [--dataset climbmix]` fetches them.
-"""
+the classic recipe's) or base_data_climbmix/ (ClimbMix, the modern recipe's), picked by $NANOCHAT_DATASET (fineweb,
+the default, or climbmix) for every stage. Sorted by name, the last shard is the validation split, the others train.
+This module lists and reads them; `python -m scripts.download_data [--dataset climbmix]` fetches them."""
 import os
 
 import pyarrow.parquet as pq
@@ -24,12 +21,8 @@ def dataset_name() -> str:
     return name
 
 
-def hf_dataset(name: str | None = None) -> str:
-    return DATASETS[name or dataset_name()][0]
-
-
 def base_url(name: str | None = None) -> str:
-    return f"https://huggingface.co/datasets/{hf_dataset(name)}/resolve/main"
+    return f"https://huggingface.co/datasets/{DATASETS[name or dataset_name()][0]}/resolve/main"
 
 
 def max_shard(name: str | None = None) -> int:
@@ -45,7 +38,7 @@ def data_dir(name: str | None = None) -> str:
 
 
 def standin_corpus(directory: str | None = None) -> str | None:
-    """What the shards are when they are a local stand-in (the marker file's text), else None."""
+    """The marker file's text when the shards are a local stand-in, else None."""
     marker = os.path.join(directory or data_dir(), STANDIN_MARKER)
     if not os.path.exists(marker):
         return None
@@ -59,8 +52,8 @@ def list_shards(directory: str | None = None) -> list[str]:
     if len(names) < 2:
         raise FileNotFoundError(
             f"need at least 2 parquet shards (train + validation) in {directory}, found {len(names)}: run "
-            f"`python -m scripts.download_data -n 8 --dataset {dataset_name()}`, or put shard_XXXXX.parquet files (with a "
-            f"'text' column, e.g. from https://huggingface.co/datasets/{hf_dataset()}) there")
+            f"`python -m scripts.download_data -n 8 --dataset {dataset_name()}`, or put shard_XXXXX.parquet files "
+            f"(with a 'text' column, e.g. from https://huggingface.co/datasets/{DATASETS[dataset_name()][0]}) there")
     return [os.path.join(directory, f) for f in names]
 
 
@@ -85,8 +78,8 @@ def open_shard(path: str) -> pq.ParquetFile:
 
 
 def check_shards(directory: str | None = None) -> list[str]:
-    """Every shard's footer and schema read before any work is done (a truncated or garbled file has no valid
-    footer), so that a bad shard stops a run at its start with one line naming the file and how to get it again."""
+    """Reads every shard's footer and schema first, so that a bad shard (a truncated file has no valid footer) stops
+    a run at its start with one line naming the file and how to get it again."""
     directory = directory or data_dir()
     try:
         shards = list_shards(directory)

@@ -1,11 +1,7 @@
-"""GPT-4-style BPE tokenizer: trained with rustbpe, encoded/decoded with tiktoken, plus nanochat's chat format.
-
-On disk (`$NANOCHAT_BASE_DIR/tokenizer/`): `tokenizer.json` (split pattern, special tokens, mergeable ranks with the
-token bytes in base64) and `token_bytes.npy` (UTF-8 byte length of every token id, 0 for special tokens; the
-weights of bits-per-byte).
-"""
+"""GPT-4-style BPE tokenizer (trained with rustbpe, run by tiktoken) and nanochat's chat format. Saved in
+$NANOCHAT_BASE_DIR/tokenizer/ as tokenizer.json (split pattern, special tokens, base64 mergeable ranks) and
+token_bytes.npy (UTF-8 byte length of every token id, 0 for special tokens: the weights of bits-per-byte)."""
 import base64
-import copy
 import json
 import os
 
@@ -19,6 +15,9 @@ SPECIAL_TOKENS = [
     "<|python_start|>", "<|python_end|>",  # the assistant calls the python tool
     "<|output_start|>", "<|output_end|>",  # the tool's output, fed back to the assistant
 ]
+# an assistant part's type -> (the special tokens around it, whether it is trained on)
+PART_FORMATS = {"text": (None, None, 1), "python": ("<|python_start|>", "<|python_end|>", 1),
+                "python_output": ("<|output_start|>", "<|output_end|>", 0)}  # comes from the tool at inference
 
 # GPT-4's split pattern, except numbers split into runs of at most 2 digits (nanochat's choice for small vocabs)
 SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|"""
@@ -35,7 +34,6 @@ class Tokenizer:
         self.enc = enc
         self.bos_token_id = enc.encode_single_token(bos_token)
 
-    # ---- construction, saving, loading
     @classmethod
     def train_from_iterator(cls, text_iterator, vocab_size: int) -> "Tokenizer":
         import rustbpe
@@ -49,8 +47,7 @@ class Tokenizer:
 
     @classmethod
     def from_pretrained(cls, tiktoken_name: str) -> "Tokenizer":
-        """An OpenAI encoding ('gpt2', 'cl100k_base'); needs the network or tiktoken's cache. Its document
-        delimiter <|endoftext|> plays the role of <|bos|>."""
+        """An OpenAI encoding ('gpt2', 'cl100k_base'; from the network or tiktoken's cache), <|endoftext|> as BOS."""
         return cls(tiktoken.get_encoding(tiktoken_name), bos_token="<|endoftext|>")
 
     @classmethod
@@ -64,7 +61,7 @@ class Tokenizer:
         return cls(_make_encoding(spec["pattern"], ranks, spec["special_tokens"]))
 
     def save(self, tokenizer_dir: str):
-        """Write tokenizer.json and token_bytes.npy (atomically: a crash never leaves a half-written file)."""
+        """Write tokenizer.json and token_bytes.npy, atomically (a crash never leaves a half-written file)."""
         os.makedirs(tokenizer_dir, exist_ok=True)
         special = self.enc._special_tokens
         ranks = [[base64.b64encode(self.enc.decode_single_token_bytes(i)).decode("ascii"), i]
@@ -73,7 +70,6 @@ class Tokenizer:
         _atomic_write(os.path.join(tokenizer_dir, TOKENIZER_FILE), lambda f: f.write(json.dumps(spec).encode()))
         _atomic_write(os.path.join(tokenizer_dir, TOKEN_BYTES_FILE), lambda f: np.save(f, self.token_bytes()))
 
-    # ---- vocabulary
     def get_vocab_size(self) -> int:
         return self.enc.n_vocab
 
@@ -92,20 +88,15 @@ class Tokenizer:
         return np.array([0 if i in special_ids else len(self.enc.decode_single_token_bytes(i))
                          for i in range(self.enc.n_vocab)], dtype=np.int32)
 
-    # ---- encoding
     def encode(self, text, prepend=None, append=None, num_threads: int = 8):
         """str -> list[int], or list[str] -> list[list[int]] (batched in tiktoken's threads). Special-token strings
         inside the text are encoded as plain text. prepend/append: a special token's string or an id."""
-        first = None if prepend is None else self._as_id(prepend)
-        last = None if append is None else self._as_id(append)
-
-        def wrap(ids):
-            return ([first] if first is not None else []) + ids + ([last] if last is not None else [])
-
+        first = [] if prepend is None else [self._as_id(prepend)]
+        last = [] if append is None else [self._as_id(append)]
         if isinstance(text, str):
-            return wrap(self.enc.encode_ordinary(text))
+            return first + self.enc.encode_ordinary(text) + last
         if isinstance(text, list):
-            return [wrap(ids) for ids in self.enc.encode_ordinary_batch(text, num_threads=num_threads)]
+            return [first + ids + last for ids in self.enc.encode_ordinary_batch(text, num_threads=num_threads)]
         raise TypeError(f"encode takes a str or a list of str, got {type(text).__name__}")
 
     __call__ = encode
@@ -116,22 +107,16 @@ class Tokenizer:
     def _as_id(self, token) -> int:
         return token if isinstance(token, int) else self.encode_special(token)
 
-    # ---- chat format
     def render_conversation(self, conversation: dict, max_tokens: int = 2048):
-        """Tokenize a chat {"messages": [...]} into (ids, mask); mask 1 marks the tokens the assistant is trained on:
-        its text, its python calls and <|assistant_end|>. User turns and python outputs get 0. A leading system
-        message is merged into the first user message. Truncated to max_tokens."""
-        messages = _merge_system_message(conversation)
-        ids, mask = [], []
+        """A chat {"messages": [...]} -> (ids, mask) of at most max_tokens; mask 1 marks what the assistant is trained
+        on (its text, python calls and <|assistant_end|>). A leading system message joins the first user message."""
+        ids, mask = [self.bos_token_id], [0]
 
         def add(token_ids, supervised):
-            token_ids = [token_ids] if isinstance(token_ids, int) else token_ids
             ids.extend(token_ids)
             mask.extend([supervised] * len(token_ids))
 
-        special = {name: self.encode_special(name) for name in SPECIAL_TOKENS}
-        add(self.bos_token_id, 0)
-        for i, message in enumerate(messages):
+        for i, message in enumerate(_merge_system_message(conversation)):
             expected = "user" if i % 2 == 0 else "assistant"
             if not isinstance(message, dict) or message.get("role") != expected:
                 role = message.get("role") if isinstance(message, dict) else type(message).__name__
@@ -141,34 +126,23 @@ class Tokenizer:
             if expected == "user":
                 if not isinstance(content, str):
                     raise ValueError(f"message {i}: user content must be a string, got {type(content).__name__}")
-                add(special["<|user_start|>"], 0)
-                add(self.encode(content), 0)
-                add(special["<|user_end|>"], 0)
+                add(self.encode(content, "<|user_start|>", "<|user_end|>"), 0)
                 continue
-            add(special["<|assistant_start|>"], 0)
             if isinstance(content, str):
-                add(self.encode(content), 1)
-            elif isinstance(content, list):
-                for part in content:
-                    kind, text = part.get("type"), part.get("text")
-                    if not isinstance(text, str):
-                        raise ValueError(f"message {i}: part of type {kind!r} needs a string 'text'")
-                    if kind == "text":
-                        add(self.encode(text), 1)
-                    elif kind == "python":
-                        add(special["<|python_start|>"], 1)
-                        add(self.encode(text), 1)
-                        add(special["<|python_end|>"], 1)
-                    elif kind == "python_output":  # comes from the tool at inference: never trained on
-                        add(special["<|output_start|>"], 0)
-                        add(self.encode(text), 0)
-                        add(special["<|output_end|>"], 0)
-                    else:
-                        raise ValueError(f"message {i}: unknown part type {kind!r}")
-            else:
+                content = [{"type": "text", "text": content}]
+            elif not isinstance(content, list):
                 raise ValueError(f"message {i}: assistant content must be a string or a list of parts, "
                                  f"got {type(content).__name__}")
-            add(special["<|assistant_end|>"], 1)
+            add([self.encode_special("<|assistant_start|>")], 0)
+            for part in content:
+                kind, text = part.get("type"), part.get("text")
+                if not isinstance(text, str):
+                    raise ValueError(f"message {i}: part of type {kind!r} needs a string 'text'")
+                if kind not in PART_FORMATS:
+                    raise ValueError(f"message {i}: unknown part type {kind!r}")
+                start, end, supervised = PART_FORMATS[kind]
+                add(self.encode(text, start, end), supervised)
+            add([self.encode_special("<|assistant_end|>")], 1)
         return ids[:max_tokens], mask[:max_tokens]
 
     def render_for_completion(self, conversation: dict) -> list[int]:
@@ -176,8 +150,7 @@ class Tokenizer:
         messages = conversation.get("messages") or []
         if not messages or messages[-1].get("role") != "assistant":
             raise ValueError("render_for_completion needs a conversation whose last message is from the assistant")
-        trimmed = dict(conversation, messages=messages[:-1])
-        ids, _ = self.render_conversation(trimmed)
+        ids, _ = self.render_conversation(dict(conversation, messages=messages[:-1]))
         return ids + [self.encode_special("<|assistant_start|>")]
 
 
@@ -188,9 +161,7 @@ def _merge_system_message(conversation: dict) -> list:
     if isinstance(messages[0], dict) and messages[0].get("role") == "system":
         if len(messages) < 2 or not isinstance(messages[1], dict) or messages[1].get("role") != "user":
             raise ValueError("a system message must be followed by a user message")
-        merged = copy.deepcopy(messages[1])
-        merged["content"] = f"{messages[0]['content']}\n\n{merged['content']}"
-        return [merged] + messages[2:]
+        return [dict(messages[1], content=f"{messages[0]['content']}\n\n{messages[1]['content']}")] + messages[2:]
     return messages
 
 
@@ -201,10 +172,9 @@ def _make_encoding(pattern: str, ranks: dict[bytes, int], special_tokens: dict[s
 
 
 def _atomic_write(path: str, write):
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
+    with open(path + ".tmp", "wb") as f:
         write(f)
-    os.replace(tmp, path)
+    os.replace(path + ".tmp", path)
 
 
 def get_tokenizer(tokenizer_dir: str | None = None) -> Tokenizer:

@@ -1,13 +1,12 @@
 """The Task interface, mixtures and sequences of tasks, and where task data comes from.
 
-A Task is a list of conversations ({"messages": [...], plus task fields}) with lightweight slicing
-(start/stop/step), and for evaluation either `evaluate(conversation, completion)` (generative tasks) or the answer
-letters (categorical tasks). Rows come from the Hugging Face hub through `datasets`; a JSONL file in the dataset's
-own schema at $NANOCHAT_BASE_DIR/task_data/<task>/<split>.jsonl is used instead when present (how an offline
-machine runs). Like nanochat, each dataset is shuffled with seed 42, so example i is the same example here and there.
-"""
+A Task is a sliceable (start/stop/step) list of conversations ({"messages": [...], plus task fields}), scored by
+`evaluate(conversation, completion)` (generative tasks) or by answer letters (categorical ones). Rows come from the
+Hugging Face hub, or from $NANOCHAT_BASE_DIR/task_data/<task>/<split>.jsonl in the dataset's own schema when present
+(offline machines). As in nanochat, each dataset is shuffled with seed 42, so example i is the same in both."""
 import os
 import random
+import re
 
 from nanochat_jax.common import get_base_dir
 
@@ -32,15 +31,15 @@ def load_rows(hf_id: str, config: str | None, split: str, local_task: str, local
 
 
 class Task:
+    eval_type = "generative"  # sampled, scored by evaluate(); "categorical": the answer letter with the top logit
+
     def __init__(self, start: int = 0, stop: int | None = None, step: int = 1):
         if start < 0 or (stop is not None and stop < start) or step < 1:
             raise ValueError(f"bad slice start={start} stop={stop} step={step}")
         self.start, self.stop, self.step = start, stop, step
 
-    eval_type = "generative"  # or "categorical"
-
-    def num_examples(self) -> int:
-        raise NotImplementedError
+    def num_examples(self) -> int:  # a task over a dataset's rows; the others override it
+        return len(self.rows)
 
     def get_example(self, index: int) -> dict:
         raise NotImplementedError
@@ -59,8 +58,7 @@ class Task:
 
 
 class FinalNumberTask(Task):
-    """Generative tasks whose answer is the number after '#### ' in the reference's last text part (GSM8K style):
-    a completion is right when its final number is the same; the RL reward is 1.0 for right, else 0.0."""
+    """A completion is right when its number after '#### ' is the reference's (GSM8K style); RL reward 1.0 or 0.0."""
 
     def evaluate(self, conversation: dict, completion: str) -> int:
         reference = final_number(conversation["messages"][-1]["content"][-1]["text"])
@@ -71,8 +69,7 @@ class FinalNumberTask(Task):
 
 
 class GeneratedTask(Task):
-    """A task whose example i is made by get_example from random.Random(i) (test examples from seeds no training
-    example uses): `size` examples, no data files."""
+    """`size` examples, example i made from random.Random(i) (the test split's from seeds no training example uses)."""
     TEST_SEED_OFFSET = 10_000_000
 
     def __init__(self, size: int = 1000, split: str = "train", **kwargs):
@@ -131,7 +128,6 @@ def render_mc(question: str, letters, choices) -> str:
 
 
 def final_number(text: str) -> str | None:
-    """The number after the last-style '#### ' marker (GSM8K's answer format), commas removed."""
-    import re
+    """The number after '#### ' (GSM8K's answer format), commas removed."""
     match = re.search(r"#### (\-?[0-9\.\,]+)", text)
     return match.group(1).strip().replace(",", "") if match else None

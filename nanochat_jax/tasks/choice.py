@@ -6,9 +6,6 @@ from nanochat_jax.tasks.base import Task, load_rows, render_mc
 class MultipleChoice(Task):
     eval_type = "categorical"
 
-    def num_examples(self) -> int:
-        return len(self.rows)
-
     def evaluate(self, conversation: dict, completion: str) -> bool:
         return completion.strip() == conversation["messages"][-1]["content"]
 

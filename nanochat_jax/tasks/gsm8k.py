@@ -23,9 +23,6 @@ class GSM8K(FinalNumberTask):
             raise ValueError(f"GSM8K takes subset main|socratic and split train|test, got {subset}/{split}")
         self.rows = load_rows("openai/gsm8k", subset, split, "gsm8k")
 
-    def num_examples(self) -> int:
-        return len(self.rows)
-
     def get_example(self, index: int) -> dict:
         row = self.rows[index]
         return {"messages": [{"role": "user", "content": row["question"]},

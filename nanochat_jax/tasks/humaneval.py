@@ -7,11 +7,10 @@ from nanochat_jax.tasks.base import Task, load_rows
 
 def leading_imports(prompt: str) -> str:
     lines = []
-    for line in prompt.splitlines():
-        stripped = line.strip()
-        if stripped.startswith(("import ", "from ")):
-            lines.append(stripped)
-        elif stripped and not stripped.startswith("#"):
+    for line in map(str.strip, prompt.splitlines()):
+        if line.startswith(("import ", "from ")):
+            lines.append(line)
+        elif line and not line.startswith("#"):
             break
     return "\n".join(lines)
 
@@ -26,9 +25,6 @@ class HumanEval(Task):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.rows = load_rows("openai/openai_humaneval", None, "test", "humaneval")
-
-    def num_examples(self) -> int:
-        return len(self.rows)
 
     def get_example(self, index: int) -> dict:
         row = self.rows[index]

@@ -1,13 +1,7 @@
-"""Chat tasks the project builds on its own, for a machine with no network (scripts/runcpu.sh offline). They are
-LOCAL STAND-INS for nanochat's data, not benchmarks: numbers on them compare with nothing published.
-
-- Arithmetic: short word problems in GSM8K's format (calculator calls as python tool parts, the answer after '#### '),
-  stands in for GSM8K; generative, with a reward, so RL can train on it.
-- Identity: who the assistant is, templated, stands in for nanochat's identity conversations.
-- local_words(): a word list from Python's own docstrings, for SpellingBee and SimpleSpelling without words_alpha.txt.
-
-Example i is a pure function of (split, i), as for the spelling tasks.
-"""
+"""Chat tasks generated on this machine, for one with no network (scripts/runcpu.sh offline): LOCAL STAND-INS for
+nanochat's data, not benchmarks (their numbers compare with nothing published). Example i is a function of (split, i).
+Arithmetic stands in for GSM8K (word problems in its format, with calculator calls and a reward for RL), Identity for
+nanochat's identity conversations, and local_words() (from Python's docstrings) for the spelling tasks' word list."""
 import random
 
 from nanochat_jax.data.stdlib_text import stdlib_words
@@ -29,8 +23,8 @@ def _text(text: str) -> dict:
     return {"type": "text", "text": text}
 
 
-def arithmetic_problem(rng: random.Random) -> tuple[str, list[dict], int]:
-    """(question, the assistant's parts, the answer) for one of five kinds of problem."""
+def arithmetic_problem(rng: random.Random) -> tuple[str, list[dict]]:
+    """(question, the assistant's parts) for one of five kinds of problem."""
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     kind = rng.randrange(5)
     if kind == 0:
@@ -62,12 +56,12 @@ def arithmetic_problem(rng: random.Random) -> tuple[str, list[dict], int]:
         total, answer = a * b, a * b - c
         parts = [_text(f"In all {name} buys "), *_calc(f"{a}*{b}", total), _text(f" {item}. After giving {c} away: "),
                  *_calc(f"{total}-{c}", answer), _text(".")]
-    return question, parts + [_text(f"\n#### {answer}")], answer
+    return question, parts + [_text(f"\n#### {answer}")]
 
 
 class Arithmetic(GeneratedTask, FinalNumberTask):
     def get_example(self, index: int) -> dict:
-        question, parts, _ = arithmetic_problem(self.rng(index))
+        question, parts = arithmetic_problem(self.rng(index))
         return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": parts}]}
 
 

@@ -27,9 +27,6 @@ class SmolTalk(Task):
             raise ValueError(f"SmolTalk takes split train|test, got {split}")
         self.rows = load_rows("HuggingFaceTB/smol-smoltalk", None, split, "smoltalk")
 
-    def num_examples(self) -> int:
-        return len(self.rows)
-
     def get_example(self, index: int) -> dict:
         messages = self.rows[index]["messages"]
         check_conversation(messages, f"SmolTalk example {index}")

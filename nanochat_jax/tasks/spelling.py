@@ -1,6 +1,6 @@
-"""Generated spelling tasks over an English word list (dwyl/english-words, words_alpha.txt):
-SpellingBee ("how many r in strawberry?", answered by spelling the word out, counting, and checking with the python
-tool) and SimpleSpelling (spell a word letter by letter). Example i is a pure function of (split, i)."""
+"""Generated spelling tasks over an English word list (dwyl/english-words' words_alpha.txt): SpellingBee ("how many r
+in strawberry?": spell the word out, count, check with the python tool) and SimpleSpelling (spell a word letter by
+letter). Example i is a pure function of (split, i)."""
 import os
 import random
 import urllib.request
@@ -67,7 +67,6 @@ class SpellingBee(_Generated, FinalNumberTask):
 class SimpleSpelling(_Generated):
     def __init__(self, size: int = 1000, split: str = "train", words=None, **kwargs):
         super().__init__(size, split, words, **kwargs)
-        self.words = self.words[:]
         random.Random(42).shuffle(self.words)  # another word order than SpellingBee's
 
     def get_example(self, index: int) -> dict:
