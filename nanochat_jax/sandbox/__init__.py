@@ -1,1 +1,1 @@
-"""The code sandbox for model-written Python: the caller's side (execution) and the sandboxed interpreter's first lines (guard)."""
+"""The code sandbox for model-written Python: execution.py (the caller's side), guard.py (the sandboxed side)."""

@@ -6,40 +6,26 @@
 
 `python -m nanochat_jax.sandbox --check` prints which layers are active on this machine and what a call costs.
 
-Kernel mode (the default; needs bubblewrap and unprivileged user namespaces):
-- bubblewrap starts the program in new user, mount, PID, network, IPC, UTS (and cgroup) namespaces: it is uid
-  1000 with no capabilities, the namespace's only process (pid 1: no unconfined helper shares it; its own /proc),
-  has only a loopback network, and dies with the caller; on the host its uid is the caller's, and when root calls,
-  nobody's (HOST_UID: bubblewrap itself starts as that uid, so the program owns nothing it can see and the thread
-  rlimit binds it);
-- its filesystem is a read-only view of the system libraries and this Python (sys.base_prefix, sys.prefix), a
-  synthetic /etc (passwd, group, hosts: nothing of the host's), a minimal read-only /dev, and one writable tmpfs at
-  /tmp capped at `max_disk_bytes` and `max_files` in total (its working directory and HOME; the file cap needs
-  util-linux's unshare and mount, else only the size is capped);
-- a seccomp filter (libseccomp, loaded by bubblewrap before Python starts) refusing new processes, ptrace, other
-  processes' limits, priority, affinity and signals, mounts, namespaces, keyrings, bpf, io_uring, xattrs, chown,
-  mode and time changes (the host's device nodes are bound in), file locks and leases, device nodes, memfd (the
-  full list is in nanochat_jax/sandbox/guard.py);
-- then, in the sandboxed interpreter before the program's first line (the guard): rlimits (CPU time, address space,
-  file size, threads, open files, no core dumps) and Landlock where the kernel has it; the audit hook stays as a
-  second layer that names what it refuses; a root caller also starts the sandbox in a pids cgroup of the call's
-  own (where one can be made), a cap that no uid escapes;
-- output comes back through pipes the caller owns, capped (`max_output_bytes` for each of stdout and stderr);
-  the wall-clock timeout runs from the program's first line; everything in its PID namespace is gone when the call
-  returns (checked: `leftover` counts processes that had to be killed after the call, normally 0).
-Not covered: reading what is visible (the system libraries, this Python's installed packages); CPU and memory side
-channels; kernel exploits reachable through the allowed system calls.
+Kernel mode (the default; needs bubblewrap and unprivileged user namespaces): the program runs in new user, mount,
+PID, network, IPC, UTS (and cgroup) namespaces as uid 1000 without capabilities, the only process (pid 1, its own
+/proc), with only loopback, and dies with the caller. Its host uid is the caller's, or nobody's (HOST_UID) when root
+calls, so that it owns nothing it sees and the thread rlimit binds it. It sees the system libraries and this Python
+read-only, a synthetic /etc, a minimal read-only /dev, and one writable tmpfs at /tmp (its cwd and HOME) capped at
+`max_disk_bytes` and `max_files` (the file cap needs util-linux's unshare and mount). bubblewrap loads the seccomp
+filter before Python starts; the guard (guard.py: the layers, the filter's list) adds rlimits, Landlock and the audit
+hook; a root caller also starts it in a pids cgroup of the call's own where one can be made. Output comes back
+through capped pipes the caller owns; the timeout runs from the program's first line; nothing of its PID namespace
+outlives the call (`leftover` counts what had to be killed, normally 0). Not covered: reading what is visible (system
+libraries, this Python's packages); CPU and memory side channels; kernel exploits via the allowed system calls.
 
-Where the kernel refuses user namespaces (or bubblewrap is missing), model code is refused (status "refused", and a
-loud message once, naming the fix) unless the user opts in to unsafe mode: `--unsafe-sandbox` on the commands that
-run model code, `NANOCHAT_UNSAFE_SANDBOX=1`, or `allow_unsafe()`. Unsafe mode runs the same guard without
-bubblewrap: rlimits, new user + network namespaces if the kernel allows them after all, every capability dropped,
-Landlock (read-only system paths and a writable temporary directory; nothing else readable), the seccomp filter (no
-socket() at all) and the audit hook. It does not cover: the host's processes and /proc are visible (signals and
-limits to them are refused by seccomp); without Landlock (kernels before 5.13) the program reads whatever the user
-can and only the audit hook stops writes outside its directory; the directory's size is not capped; it runs as its
-caller (a root caller's program is uid 0 without capabilities: seccomp refuses owner, mode and time changes, and the
-thread rlimit does not bind it, only a pids cgroup where one can be made).
+Without bubblewrap or user namespaces, model code is refused (status "refused", one loud message naming the fix)
+unless the user opts in to unsafe mode (`--unsafe-sandbox`, NANOCHAT_UNSAFE_SANDBOX=1 or `allow_unsafe()`): the guard
+alone, with user + network namespaces if allowed, capabilities dropped, Landlock (only the system paths readable, the
+temporary directory writable) and seccomp with no socket() at all. Not covered there: the host's processes and /proc
+are visible (seccomp refuses signals and limits to them); without Landlock (before Linux 5.13) the program reads what
+the user can and only the audit hook stops writes outside its directory, whose size is not capped; a root caller's
+program is uid 0 without capabilities (seccomp refuses owner, mode and time changes; the thread rlimit does not bind
+it, only a pids cgroup where one can be made).
 """
 import ast
 import atexit
@@ -55,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import suppress
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -115,7 +102,7 @@ def _python_dirs() -> list[str]:
 
 @lru_cache(maxsize=1)
 def _site_packages() -> list[str]:
-    """This Python's site-packages, put on the program's sys.path by the guard (the interpreter starts with -S)."""
+    """This Python's site-packages, for the guard to put on sys.path (the interpreter starts with -S)."""
     import site
     return [p for p in site.getsitepackages() if os.path.isdir(p)]
 
@@ -141,27 +128,14 @@ def _memfd(name: str, data: bytes) -> int:
     return fd
 
 
-def _guard_config(workdir, program, timeout, memory, disk, unsafe, audit_hook, report, ready_fd):
-    read, _ = visible_paths()
-    # kernel mode: everything the mount namespace shows is readable; unsafe mode: the system paths only
-    read = read + list(_ETC) + ["/dev/urandom", "/dev/random"] if unsafe else ["/"]
-    return {"timeout": timeout, "memory": memory, "disk": disk, "threads": THREADS, "files": 256, "workdir": workdir,
-            "program": program, "read": read, "unsafe": unsafe, "audit_hook": audit_hook,
-            "report": report, "ready_fd": ready_fd, "site": _site_packages()}
-
-
 @lru_cache(maxsize=1)
 def _guard_source() -> str:
     return Path(__file__).with_name("guard.py").read_text()
 
 
-def _guard_argv(cfg) -> list[str]:
-    return [sys.executable, "-I", "-S", "-u", "-c", _guard_source(), marshal.dumps(cfg).hex()]
-
-
 @lru_cache(maxsize=1)
 def _kernel_bpf() -> bytes:
-    """The seccomp filter for kernel mode as BPF (bubblewrap loads it before Python starts; the program is pid 1)."""
+    """Kernel mode's seccomp filter as BPF for bubblewrap (the program is pid 1)."""
     from nanochat_jax.sandbox.guard import seccomp_filter
     with tempfile.TemporaryFile() as f:
         seccomp_filter(1, unsafe=False).export_bpf(f)
@@ -171,10 +145,9 @@ def _kernel_bpf() -> bytes:
 
 @lru_cache(maxsize=1)
 def _tmpfs_tools() -> tuple[str, str, str, str] | None:
-    """(unshare, sh, mount, a host directory for mount points) to mount the sandbox's tmpfs with a file-count cap as
-    well as a size cap (bubblewrap's own --tmpfs takes only a size), and for a root caller to stage what the sandbox's
-    unprivileged uid cannot reach; None where a tool is missing. The directory and its mount points stay empty on the
-    host: every mount lands in a namespace of the call's own."""
+    """(unshare, sh, mount, an empty host directory for mount points: every mount lands in a namespace of the call's
+    own) to mount a tmpfs capped in files too (bubblewrap's --tmpfs takes only a size), and for a root caller to stage
+    what HOST_UID cannot reach; None where a tool is missing."""
     tools = [shutil.which("unshare"), "/bin/sh" if os.path.exists("/bin/sh") else None, shutil.which("mount")]
     if None in tools:
         return None
@@ -186,11 +159,6 @@ def _tmpfs_tools() -> tuple[str, str, str, str] | None:
 
 
 _inode_cap = [True]  # cleared by kernel_sandbox() where the capped tmpfs cannot be mounted
-
-
-def _host_uid() -> int:
-    """The uid kernel mode's program has on the host."""
-    return HOST_UID if os.geteuid() == 0 else os.getuid()
 
 
 def _tmpfs_mount(mount, disk, files, target, owner=None) -> str:
@@ -211,22 +179,11 @@ def _reachable(path: str, uid: int) -> bool:
     return True
 
 
-def _stage_point(base: str, i: int, is_dir: bool) -> str:
-    point = os.path.join(base, f"ro{i}")
-    if is_dir:
-        os.makedirs(point, exist_ok=True)
-    else:
-        open(point, "a").close()
-    return point
-
-
 def _as_host_uid(tools, read, tmpfs) -> tuple[list[str], list[str]]:
-    """For a root caller: (the command line's prefix, the sources to bind in place of `read`). A sandbox started by
-    root would run as host root (its uid 1000 maps to the caller's uid): it would own the host's device nodes bound
-    in, and Linux would exempt it from RLIMIT_NPROC. So a mount namespace of root's own (private: nothing reaches the
-    host) mounts the capped tmpfs owned by HOST_UID and binds every path HOST_UID cannot reach (this Python under a
-    0700 /root, say; bubblewrap itself too) at a mount point it can; then unshare drops to HOST_UID (no groups, no
-    capabilities) and bubblewrap starts as that uid, like any unprivileged caller's."""
+    """For a root caller: (the command line's prefix, the sources to bind in place of `read`). Started by root, the
+    sandbox would be host root (owning the device nodes bound in, exempt from RLIMIT_NPROC). So a private mount
+    namespace of root's mounts the capped tmpfs owned by HOST_UID and binds each path HOST_UID cannot reach (this
+    Python under a 0700 /root, bubblewrap itself) where it can; then unshare drops to HOST_UID (no groups, no caps)."""
     unshare, sh, mount, base = tools
     steps = [tmpfs] if tmpfs else []
     sources = []
@@ -234,7 +191,11 @@ def _as_host_uid(tools, read, tmpfs) -> tuple[list[str], list[str]]:
         if _reachable(path, HOST_UID):
             sources.append(path)
             continue
-        stage = _stage_point(base, i, os.path.isdir(path))
+        stage = os.path.join(base, f"ro{i}")
+        if os.path.isdir(path):
+            os.makedirs(stage, exist_ok=True)
+        else:
+            open(stage, "a").close()
         steps.append(f"{mount} --bind {shlex.quote(path)} {stage}")
         sources.append(stage)
     drop = [unshare, "--setuid", str(HOST_UID), "--setgid", str(HOST_UID), "--"]
@@ -244,10 +205,9 @@ def _as_host_uid(tools, read, tmpfs) -> tuple[list[str], list[str]]:
     return [unshare, "--mount", "--propagation", "private", "--", sh, "-c", script, *drop], sources
 
 
-def _kernel_argv(bwrap, fds, info_fd, program_fd, seccomp_fd, disk, files, guard_argv) -> list[str]:
-    """bubblewrap's command line, and before it: for a non-root caller, where it can, a user + mount namespace of
-    our own (util-linux unshare) in which a tmpfs capped in bytes and in files is mounted, for bubblewrap to bind as
-    the sandbox's /tmp; for a root caller, the drop to an unprivileged host uid (_as_host_uid)."""
+def _kernel_argv(bwrap, fds, info_fd, program_fd, seccomp_fd, disk, files) -> list[str]:
+    """bubblewrap's command line, after: for a non-root caller, where it can, a user + mount namespace of our own
+    mounting the tmpfs capped in bytes and files that becomes /tmp; for a root caller, the drop to HOST_UID."""
     read, links = visible_paths()
     tools = _tmpfs_tools()
     if tools is None and os.geteuid() == 0:
@@ -278,13 +238,13 @@ def _kernel_argv(bwrap, fds, info_fd, program_fd, seccomp_fd, disk, files, guard
     argv += ["--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev",
              "--perms", "0444", "--ro-bind-data", str(program_fd), "/sandbox/program.py", "--chdir", "/tmp",
              "--info-fd", str(info_fd), "--seccomp", str(seccomp_fd), "--remount-ro", "/", "--"]
-    return prefix + argv + guard_argv
+    return prefix + argv
 
 
 # ---- one call
 def _read_until_done(proc, pipes, cap, timeout, ready_r):
-    """Collects stdout/stderr (at most cap bytes each) and the ready byte; stops the program at the timeout (counted
-    from its first line) or at the cap. Returns (outputs, ready, timed_out, capped)."""
+    """Collects stdout/stderr (cap bytes each) and the ready byte until the timeout (from the program's first line)
+    or the cap. Returns (outputs, ready, timed_out, capped)."""
     sel = selectors.DefaultSelector()
     out = {name: bytearray() for name in pipes}
     for name, f in pipes.items():
@@ -292,8 +252,7 @@ def _read_until_done(proc, pipes, cap, timeout, ready_r):
         sel.register(f.fileno(), selectors.EVENT_READ, name)
     sel.register(ready_r, selectors.EVENT_READ, "ready")
     ready, timed_out, capped, open_ = False, False, False, set(pipes) | {"ready"}
-    deadline = time.monotonic() + SETUP_SECONDS
-    exited_at = None
+    deadline, exited_at = time.monotonic() + SETUP_SECONDS, None
     while open_:
         now = time.monotonic()
         if now >= deadline:
@@ -316,45 +275,35 @@ def _read_until_done(proc, pipes, cap, timeout, ready_r):
                 ready, deadline = True, time.monotonic() + timeout
             else:
                 out[name] += chunk
-                if len(out[name]) > cap:
-                    capped = True
+                capped = capped or len(out[name]) > cap
         if capped:
             break
     sel.close()
     return {name: bytes(buf[:cap]) for name, buf in out.items()}, ready, timed_out, capped
 
 
-def _has_address_space(pid: str) -> bool:
-    """False once a process is past the point of no return in its exit (the kernel has released its memory; the
-    rest of a namespace's teardown can take the kernel a second or two and runs no user code)."""
-    return "VmSize:" in Path(f"/proc/{pid}/status").read_text()
-
-
 def _processes(match) -> list[int]:
+    """The matching processes not yet past the point of no return in their exit: once the kernel has released a
+    process's memory (no VmSize), the rest of a namespace's teardown (a second or two) runs no user code."""
     found = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
-            try:
-                if match(entry) and _has_address_space(entry):
+            with suppress(OSError):
+                if match(entry) and "VmSize:" in Path(f"/proc/{entry}/status").read_text():
                     found.append(int(entry))
-            except OSError:
-                pass
     return found
 
 
 def _kill_leftovers(match) -> int:
-    """Waits (up to 0.5 s) for the program's processes to go; kills whatever can still run after that and returns
-    how many there were."""
+    """Waits up to 0.5 s for the program's processes to go, then kills what is left; returns how many were left."""
     deadline = time.monotonic() + 0.5
     while (alive := _processes(match)) and time.monotonic() < deadline:
         time.sleep(0.01)
     count, deadline = len(alive), time.monotonic() + 2.0
     while alive and time.monotonic() < deadline:
         for pid in alive:
-            try:
+            with suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
         time.sleep(0.01)
         alive = _processes(match)
     return count
@@ -380,18 +329,14 @@ def _classify(rc, stdout, stderr, ready, timed_out, capped, timeout, kernel):
     if sig in (signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS) and "memory" in stderr.lower():
         return "memory", last
     if sig:
-        try:
-            name = signal.Signals(sig).name
-        except ValueError:
-            name = str(sig)
+        name = {s.value: s.name for s in signal.Signals}.get(sig, str(sig))
         return "error", last if last.startswith("sandbox:") else f"killed by {name}"
     return "error", last or f"exit code {rc}"
 
 
 def _pids_cgroup(limit: int) -> str | None:
-    """For a root caller (who can make one), a pids cgroup of this call's own capped at `limit` tasks, for its
-    processes to start in, beside the rlimit: cgroup v1's pids hierarchy, or v2's tree where the pids controller is
-    enabled. None for any other caller, or where no pids cgroup can be made (then the rlimit stands alone)."""
+    """For a root caller, a pids cgroup (v1's pids hierarchy, or v2's where its pids controller is on) of this call's
+    own capped at `limit` tasks, beside the rlimit; None for other callers or where none can be made."""
     if os.geteuid() != 0:
         return None
     for root in ("/sys/fs/cgroup/pids", "/sys/fs/cgroup"):
@@ -407,10 +352,9 @@ def _pids_cgroup(limit: int) -> str | None:
 
 
 def _leave_cgroup(path: str | None):
-    for _ in range(50):  # (empty once the killed processes are reaped)
+    for _ in range(50 if path else 0):  # (empty once the killed processes are reaped)
         try:
-            if path:
-                os.rmdir(path)
+            os.rmdir(path)
             return
         except OSError:
             time.sleep(0.01)
@@ -430,16 +374,19 @@ def _run(code, timeout, memory, output, disk, kernel, audit_hook, report=False, 
             program_fd = _memfd("program.py", code.encode("utf-8", errors="replace"))
             seccomp_fd = _memfd("seccomp", _kernel_bpf())
             fds = [info_w, program_fd, seccomp_fd, *etc.values()]
-            cfg = _guard_config("/tmp", "/sandbox/program.py", timeout, memory, disk, False, audit_hook, report,
-                                ready_w)
-            argv = _kernel_argv(bwrap_path(), etc, info_w, program_fd, seccomp_fd, disk, files, _guard_argv(cfg))
-            cwd = "/"
+            argv = _kernel_argv(bwrap_path(), etc, info_w, program_fd, seccomp_fd, disk, files)
+            cwd, sandbox_cwd, program = "/", "/tmp", "/sandbox/program.py"
         else:
             workdir = tempfile.mkdtemp(prefix="nanochat_sandbox_")
             program = os.path.join(workdir, "program.py")
             Path(program).write_text(code, encoding="utf-8", errors="replace")
-            cfg = _guard_config(workdir, program, timeout, memory, disk, True, audit_hook, report, ready_w)
-            argv, cwd = _guard_argv(cfg), workdir
+            argv, cwd, sandbox_cwd = [], workdir, workdir
+        # kernel mode: everything the mount namespace shows is readable; unsafe mode: the system paths only
+        read = ["/"] if kernel else visible_paths()[0] + list(_ETC) + ["/dev/urandom", "/dev/random"]
+        cfg = {"timeout": timeout, "memory": memory, "disk": disk, "threads": THREADS, "files": 256,
+               "workdir": sandbox_cwd, "program": program, "read": read, "unsafe": not kernel,
+               "audit_hook": audit_hook, "report": report, "ready_fd": ready_w, "site": _site_packages()}
+        argv += [sys.executable, "-I", "-S", "-u", "-c", _guard_source(), marshal.dumps(cfg).hex()]
         env = {"PATH": "/usr/bin:/bin", "HOME": cwd, "TMPDIR": cwd, "LANG": "C.UTF-8"}
         if cgroup:  # a shell joins the cgroup, then becomes the sandbox (no Python between fork and exec)
             argv = ["/bin/sh", "-c", f'echo $$ > {cgroup}/cgroup.procs && exec "$0" "$@"', *argv]
@@ -464,9 +411,8 @@ def _run(code, timeout, memory, output, disk, kernel, audit_hook, report=False, 
             namespace = f"pid:[{info['pid-namespace']}]" if "pid-namespace" in info else None
             leftover = _kill_leftovers(lambda p: os.readlink(f"/proc/{p}/ns/pid") == namespace) if namespace else 0
         else:
-            session = proc.pid
-            leftover = _kill_leftovers(lambda p: int(Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[3])
-                                       == session)
+            leftover = _kill_leftovers(  # (its session: field 6 of /proc/<pid>/stat)
+                lambda p: int(Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[3]) == proc.pid)
         stdout, stderr = (outputs[k].decode("utf-8", errors="replace") for k in ("stdout", "stderr"))
         status, error = _classify(proc.returncode, stdout, stderr, ready, timed_out, capped, timeout, kernel)
         return ExecutionResult(status, stdout, stderr, error, None if timed_out or capped else proc.returncode,
@@ -474,26 +420,21 @@ def _run(code, timeout, memory, output, disk, kernel, audit_hook, report=False, 
     finally:
         for fd in [ready_r, ready_w, info_r, *fds]:
             if fd is not None:
-                try:
+                with suppress(OSError):
                     os.close(fd)
-                except OSError:
-                    pass
         if workdir:
             shutil.rmtree(workdir, ignore_errors=True)
         _leave_cgroup(cgroup)
 
 
 def _read_info(fd, bwrap_pid) -> dict:
-    """bubblewrap's report (the sandbox's pid on the host, its namespaces), kept only if it checks out: the pid is
-    bubblewrap's child and its PID namespace is not ours (nothing the program writes can point the caller's kills
-    elsewhere; the program never holds this pipe)."""
+    """bubblewrap's report (the sandbox's host pid, its namespaces), kept only if the pid is bubblewrap's child and its
+    PID namespace not ours: the caller's kills cannot be pointed elsewhere (the program never holds this pipe)."""
     os.set_blocking(fd, False)
     data = b""
-    try:
+    with suppress(BlockingIOError):
         while chunk := os.read(fd, 65536):
             data += chunk
-    except BlockingIOError:
-        pass
     try:
         info = json.JSONDecoder().raw_decode(data.decode())[0] if data else {}
         pid, namespace = int(info["child-pid"]), int(info["pid-namespace"])
@@ -545,13 +486,12 @@ def _diagnosis(stderr: str) -> str:
     if not fixes:
         fixes.append("inside a container, allow user namespaces (Docker: `--security-opt seccomp=unconfined "
                      "--security-opt apparmor=unconfined`, or run on the host)")
-    last = bwrap_lines[-1]
-    return f"the kernel refused the sandbox's namespaces ({last}). Fix: " + "; or ".join(fixes) + "."
+    return f"the kernel refused the sandbox's namespaces ({bwrap_lines[-1]}). Fix: " + "; or ".join(fixes) + "."
 
 
 @lru_cache(maxsize=1)
 def kernel_sandbox() -> tuple[bool, str]:
-    """(available, why not): whether kernel mode works here, found by running a trivial program in it."""
+    """(available, why not), found by running a trivial program in kernel mode."""
     if bwrap_path() is None or not os.path.exists(bwrap_path()):
         return False, _diagnosis("")
     try:
@@ -591,22 +531,17 @@ def describe() -> str:
     return "sandbox: UNAVAILABLE, model code will not run: " + kernel_sandbox()[1]
 
 
-def landlock_abi() -> int:
-    """The Landlock ABI this kernel offers (0: none)."""
+def _landlock_text() -> str:
     import ctypes
     libc = ctypes.CDLL(None, use_errno=True)
     libc.syscall.restype = ctypes.c_long
-    return max(0, libc.syscall(444, None, ctypes.c_size_t(0), ctypes.c_uint32(1)))
-
-
-def _landlock_text() -> str:
-    abi = landlock_abi()
-    return f"Landlock ABI {abi}" if abi else "no Landlock in this kernel"
+    abi = libc.syscall(444, None, ctypes.c_size_t(0), ctypes.c_uint32(1))  # LANDLOCK_CREATE_RULESET_VERSION
+    return f"Landlock ABI {abi}" if abi > 0 else "no Landlock in this kernel"
 
 
 def require(unsafe: bool = False, who: str = "this run") -> str:
-    """For commands that will run model code: opts in to unsafe mode if asked, prints the mode, and stops with the
-    fix where model code would be refused. Returns the mode."""
+    """For commands that run model code: opts in to unsafe mode if asked, prints the mode, stops with the fix where
+    model code would be refused. Returns the mode."""
     if unsafe:
         allow_unsafe()
     print(describe(), file=sys.stderr, flush=True)
@@ -627,8 +562,9 @@ def _announce(mode):
     line = "=" * 100
     if mode == "unavailable":
         print(f"{line}\nSANDBOX UNAVAILABLE: model-written code is refused (status 'refused').\n"
-              f"{kernel_sandbox()[1]}\nTo run it anyway with the weaker unsafe sandbox (see nanochat_jax/sandbox/execution.py "
-              f"for what it does not cover): --unsafe-sandbox, or {UNSAFE_ENV}=1.\n{line}", file=sys.stderr)
+              f"{kernel_sandbox()[1]}\nTo run it anyway with the weaker unsafe sandbox (see "
+              f"nanochat_jax/sandbox/execution.py for what it does not cover): --unsafe-sandbox, or {UNSAFE_ENV}=1.\n"
+              f"{line}", file=sys.stderr)
     elif mode == "unsafe":
         print(f"{line}\nUNSAFE SANDBOX (opted in): {describe()}\n{line}", file=sys.stderr)
 
@@ -636,14 +572,12 @@ def _announce(mode):
 def execute_code(code: str, timeout: float = 5.0, max_memory_bytes: int = 512 * 2**20,
                  max_output_bytes: int = 2**20, max_disk_bytes: int = 64 * 2**20, max_files: int = 10_000,
                  audit_hook: bool = True) -> ExecutionResult:
-    """Runs `code` in the sandbox and never raises because of what the program did. `audit_hook=False` leaves out
-    the second layer (the tests use it to show the kernel layers hold alone)."""
+    """Runs `code` in the sandbox; never raises because of what the program did. `audit_hook=False` leaves out the
+    second layer (the tests use it to show the kernel layers hold alone)."""
     mode = sandbox_mode()
+    _announce(mode)
     if mode == "unavailable":
-        _announce(mode)
         return ExecutionResult("refused", "", "", "sandbox unavailable: " + kernel_sandbox()[1], None, 0.0)
-    if mode == "unsafe":
-        _announce(mode)
     try:
         return _run(code, timeout, max_memory_bytes, max_output_bytes, max_disk_bytes, mode == "kernel", audit_hook,
                     files=max_files)
@@ -654,23 +588,19 @@ def execute_code(code: str, timeout: float = 5.0, max_memory_bytes: int = 512 * 
 # ---- python -m nanochat_jax.sandbox --check
 _PROBE = r'''
 import json, os, resource, socket
-facts = {}
+facts = {"uid": os.getuid(), "pid": os.getpid()}
 def fact(name, fn):
     try:
         facts[name] = fn()
     except OSError as e:
         facts[name] = "refused: " + (os.strerror(e.errno) if e.errno else str(e))
-fact("uid", os.getuid)
-fact("pid", os.getpid)
 fact("hostname", socket.gethostname)
 fact("namespaces", lambda: {n: os.readlink(f"/proc/self/ns/{n}") for n in ("user", "mnt", "pid", "net", "ipc", "uts")})
-fact("interfaces", lambda: ", ".join(sorted(l.split(":")[0].strip() for l in open("/proc/self/net/dev").readlines()[2:])))
+fact("interfaces", lambda: ", ".join(sorted(l.split(":")[0].strip()
+                                            for l in open("/proc/self/net/dev").readlines()[2:])))
 fact("status", lambda: {l.split(":")[0]: l.split(":")[1].strip() for l in open("/proc/self/status")})
 fact("processes", lambda: len([p for p in os.listdir("/proc") if p.isdigit()]))
-def write_system():
-    open("/usr/nanochat_probe", "w")
-    return "WRITABLE"
-fact("system", write_system)
+fact("system", lambda: open("/usr/nanochat_probe", "w") and "WRITABLE")
 st = os.statvfs(os.getcwd())
 facts["workdir"] = [os.getcwd(), st.f_blocks * st.f_frsize, st.f_files]
 facts["rlimits"] = {n: resource.getrlimit(getattr(resource, "RLIMIT_" + n))[1]
@@ -705,14 +635,13 @@ def check(unsafe: bool = False) -> int:
                                    if line.startswith("sandbox-layers ")))
     status = facts["status"] if isinstance(facts["status"], dict) else {}
     if isinstance(facts["namespaces"], dict):
-        ours = {n: os.readlink(f"/proc/self/ns/{n}") for n in facts["namespaces"]}
-        fresh = [n for n, link in facts["namespaces"].items() if link != ours[n]]
+        fresh = [n for n, link in facts["namespaces"].items() if link != os.readlink(f"/proc/self/ns/{n}")]
         namespaces = ", ".join(fresh) + " new" if fresh else "none new (the host's)"
     else:
         namespaces = f"cannot tell ({facts['namespaces']})"
-    limits = facts["rlimits"]
+    limits, host_uid = facts["rlimits"], HOST_UID if kernel and os.geteuid() == 0 else os.getuid()
     rows = [("namespaces", namespaces),
-            ("identity", f"uid {facts['uid']} (on the host: {_host_uid() if kernel else os.getuid()}), "
+            ("identity", f"uid {facts['uid']} (on the host: {host_uid}), "
                          f"pid {facts['pid']}, host name {facts['hostname']!r}, "
                          f"effective capabilities {status.get('CapEff', '?')}"),
             ("processes it sees", facts["processes"]),

@@ -1,23 +1,15 @@
 """The first lines of every sandboxed interpreter: the kernel layers it applies to itself, then the program.
 
-`nanochat_jax.sandbox.execution` runs this file's text as `python -I -S -u -c <text> <config>`, inside bubblewrap's
-namespaces (kernel mode) or directly (unsafe mode); the config is a marshal-encoded dict in hex. It imports only the
-standard library, and pyseccomp in unsafe mode (the project is not visible inside the sandbox). Order:
-  1. rlimits (CPU seconds, address space, file size, threads, open files, no core dumps);
-  2. unsafe mode only: new user + network namespaces where the kernel allows them, then every capability dropped;
-  3. Landlock where the kernel has it (its three system calls, made here directly): read and execute only beneath
-     the visible paths, write only beneath the working directory and to /dev/null, /dev/zero, /dev/full; signals
-     and abstract Unix sockets scoped to the sandbox (ABI 6+);
-  4. the seccomp filter `seccomp_filter` builds (libseccomp): refuses what a program never needs: new processes,
-     ptrace and other processes' memory, limits/priority/affinity of other processes, signals to other processes,
-     mounts and namespaces, keyrings, bpf, perf, io_uring, userfaultfd, xattrs, chown, device nodes, memfd, kernel
-     modules, clocks, hostnames, inode flags, sockets other than Unix/IPv4/IPv6, syscalls newer than it knows; in
-     unsafe mode also exec, socket() (socketpair stays) and changes of file modes and times. Kernel mode: bubblewrap
-     loads it before Python starts (exec stays allowed there: with no new processes, an exec only replaces the
-     sandboxed program inside the same namespaces and filter) and this guard checks that it is in place;
-  5. the audit hook (a second layer only: it names what it refuses, the layers above hold without it);
-  6. one byte on the ready pipe (the caller knows the layers are in place), then the program.
-Limits, Landlock domains and seccomp filters cannot be lifted by the process that received them. A layer that fails
+execution.py runs this file's text as `python -I -S -u -c <text> <config>` (a marshal-encoded dict in hex), inside
+bubblewrap's namespaces (kernel mode) or directly (unsafe mode). It imports only the standard library, and pyseccomp in
+unsafe mode (the project is not visible inside the sandbox). In order: rlimits; in unsafe mode, new user + network
+namespaces where the kernel allows them and every capability dropped; Landlock where the kernel has it (read and
+execute beneath the visible paths, write beneath the working directory and to /dev/null, /dev/zero, /dev/full; signals
+and abstract Unix sockets scoped to the sandbox, ABI 6+); the seccomp filter (`seccomp_filter`; in unsafe mode it also
+refuses exec and socket()), which in kernel mode bubblewrap loaded before Python started and this guard only checks
+(exec stays allowed there: with no new processes, an exec only replaces the program inside the same namespaces and
+filter); the audit hook (a second layer that names what it refuses); one byte on the ready pipe; the program.
+Limits, Landlock domains and seccomp filters cannot be lifted by the process that received them; a layer that fails
 to apply stops here with exit code SETUP_FAILED and the program never runs.
 """
 import marshal
@@ -31,6 +23,13 @@ SETUP_FAILED = 125
 def fail(layer, error):
     print(f"sandbox: could not apply {layer}: {error}", file=sys.stderr, flush=True)
     os._exit(SETUP_FAILED)
+
+
+def apply(layer, fn, *args, errors=Exception):
+    try:
+        return fn(*args)
+    except errors as e:  # a layer that cannot be applied stops the run
+        fail(layer, e)
 
 
 def set_limits(cfg):
@@ -53,22 +52,15 @@ def unshare_user_and_net():
 
 
 def drop_capabilities():
-    """Unsafe mode when started with capabilities (as root): empty the bounding, ambient, effective, permitted and
-    inheritable sets, and lock the securebits so nothing regains them."""
+    """Unsafe mode as root: empties every capability set and locks the securebits so nothing regains them."""
     import ctypes
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(47, 4, 0, 0, 0)  # PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL
     for cap in range(64):
         libc.prctl(24, cap, 0, 0, 0)  # PR_CAPBSET_DROP (fails quietly past the last capability)
     libc.prctl(28, 0x2f, 0, 0, 0)  # PR_SET_SECUREBITS: NOROOT, NO_SETUID_FIXUP, KEEP_CAPS_LOCKED and their locks
-
-    class Header(ctypes.Structure):
-        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-
-    class Data(ctypes.Structure):
-        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
-
-    header, data = Header(0x20080522, 0), (Data * 2)()  # _LINUX_CAPABILITY_VERSION_3
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
+    data = (ctypes.c_uint32 * 6)()  # (effective, permitted, inheritable) x 2, all empty
     if libc.capset(ctypes.byref(header), data) != 0:
         raise OSError(ctypes.get_errno(), "capset: " + os.strerror(ctypes.get_errno()))
     status = open("/proc/self/status").read()
@@ -93,14 +85,11 @@ def apply_landlock(cfg):
     handled = sum(LANDLOCK_FS) + sum(bit for version, bit in LANDLOCK_FS_BY_ABI.items() if abi >= version)
     scoped = 0b11 if abi >= 6 else 0  # abstract Unix sockets and signals: only within the sandbox
 
-    class RulesetAttr(ctypes.Structure):
-        _fields_ = [("fs", ctypes.c_uint64), ("net", ctypes.c_uint64), ("scoped", ctypes.c_uint64)]
-
     class PathBeneath(ctypes.Structure):
         _pack_ = 1
         _fields_ = [("allowed", ctypes.c_uint64), ("fd", ctypes.c_int32)]
 
-    attr = RulesetAttr(handled, 0, scoped)
+    attr = (ctypes.c_uint64 * 3)(handled, 0, scoped)  # handled_access_fs, handled_access_net, scoped
     size = 24 if abi >= 6 else 16 if abi >= 4 else 8  # the struct as this ABI knows it
     ruleset = libc.syscall(444, ctypes.byref(attr), ctypes.c_size_t(size), ctypes.c_uint32(0))
     if ruleset < 0:
@@ -131,7 +120,6 @@ def apply_landlock(cfg):
     return abi
 
 
-# (syscall, refused when) pairs: None = always, else ("ne", i, v) / ("eq", i, v) / ("mask", i, bits) on argument i
 ALWAYS = """ptrace process_vm_readv process_vm_writev kcmp pidfd_getfd pidfd_open pidfd_send_signal process_madvise
 process_mrelease mount umount2 pivot_root chroot move_mount open_tree fsopen fsconfig fsmount fspick mount_setattr
 unshare setns keyctl add_key request_key bpf perf_event_open userfaultfd fanotify_init io_uring_setup io_uring_enter
@@ -147,9 +135,8 @@ CLONE_NAMESPACES = [0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x10000000, 
 NEWEST_KNOWN = 449  # syscalls numbered above this (the same numbers on every architecture) answer ENOSYS
 TIOCSTI, TIOCLINUX = 0x5412, 0x541C
 FS_IOC_SETFLAGS, FS_IOC_FSSETXATTR = 0x40086602, 0x401C5820  # inode flags (append-only, noatime, ...)
-# file locks and leases: on a host file the program can read (the interpreter's own), a lock or lease would block the
-# host's processes that open or lock it for as long as the call runs. F_SETLK, F_SETLKW, F_OFD_SETLK, F_OFD_SETLKW,
-# F_SETLEASE (flock(2) is refused whole)
+# F_SETLK, F_SETLKW, F_OFD_SETLK, F_OFD_SETLKW, F_SETLEASE (flock(2) is refused whole): a lock or lease on a host file
+# the program can read (the interpreter's own) would block the host's processes that open or lock it during the call
 FCNTL_LOCKS = (6, 7, 37, 38, 1024)
 # no mode or time changes, in either mode: Landlock does not govern metadata, and kernel mode binds the host's own
 # device nodes (/dev/null, /dev/full, ...) read-write into the sandbox, where a caller running as root is their owner
@@ -218,8 +205,7 @@ def seccomp_in_place() -> bool:
 
 
 def audit_hook(workdir):
-    """The second layer: refuses, with a message naming it, what the program should not try. Its state lives in this
-    closure; the kernel layers above do not depend on it."""
+    """The second layer: refuses, naming it, what the program should not try (the kernel layers hold without it)."""
     root = os.path.realpath(workdir)
     deny = frozenset({"os.system", "os.exec", "os.fork", "os.forkpty", "os.posix_spawn", "os.spawn",
                       "subprocess.Popen", "os.kill", "os.killpg", "ctypes.dlopen", "ctypes.dlsym", "ctypes.cdata",
@@ -266,29 +252,16 @@ def main():
     sys.path.extend(p for p in cfg["site"] if p not in sys.path)  # (started with -S: no .pth processing)
     with open(cfg["program"], encoding="utf-8", errors="replace") as f:
         program = f.read()
-    layers = {}
-    try:
-        set_limits(cfg)
-    except (OSError, ValueError) as e:
-        fail("rlimits", e)
-    layers["rlimits"] = "on"
+    apply("rlimits", set_limits, cfg, errors=(OSError, ValueError))
+    layers = {"rlimits": "on"}
     if cfg["unsafe"]:
         error = unshare_user_and_net()
         layers["user+net namespaces"] = "off: " + error if error else "on"
-        try:
-            drop_capabilities()
-        except OSError as e:
-            fail("capability drop", e)
-    try:
-        abi = apply_landlock(cfg)
-    except Exception as e:  # noqa: BLE001 - any failure to confine stops the run
-        fail("landlock", e)
+        apply("capability drop", drop_capabilities, errors=OSError)
+    abi = apply("landlock", apply_landlock, cfg)
     layers["landlock"] = f"ABI {abi}" if abi else "off: this kernel has no Landlock"
     if cfg["unsafe"]:
-        try:
-            seccomp_filter(os.getpid(), unsafe=True).load()
-        except Exception as e:  # noqa: BLE001
-            fail("seccomp", e)
+        apply("seccomp", lambda: seccomp_filter(os.getpid(), unsafe=True).load())
     elif not seccomp_in_place():
         fail("seccomp", "bubblewrap did not load the filter")
     layers["seccomp"] = "on"
