@@ -325,7 +325,11 @@ def test_the_sandbox_runs_as_an_unprivileged_host_uid(run):
         for _ in range(100):
             for pid in filter(str.isdigit, os.listdir("/proc")):
                 try:
-                    if os.readlink(f"/proc/{pid}/ns/pid") != namespace and ours(int(pid)):
+                    # (bubblewrap itself, before it execs the program, holds capabilities in its own user
+                    # namespace for a few ms: the program's processes are those it has become or started)
+                    argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+                    program = os.path.basename(argv0) != b"bwrap"
+                    if os.readlink(f"/proc/{pid}/ns/pid") != namespace and ours(int(pid)) and program:
                         found.append(Path(f"/proc/{pid}/status").read_text())
                 except (OSError, ValueError):
                     pass
