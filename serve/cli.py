@@ -3,10 +3,9 @@
     python -m serve.cli                       # the latest SFT model; 'clear' starts over, 'quit' leaves
     python -m serve.cli -i base -p "The capital of France is"   # answer once (question and reply) and exit
 
-Replies stream as they are generated; python tool calls run with the calculator and their results show inline.
-Line editing and history (readline: arrows, Ctrl-R); Ctrl-C during a reply stops it and keeps the conversation
-(with the part already said), Ctrl-C or Ctrl-D at the prompt leaves. A conversation longer than the model's context
-loses its oldest exchanges (with a notice).
+Replies stream as they are generated, tool calls (the calculator) inline. Line editing and history (readline);
+Ctrl-C during a reply stops it and keeps what was said, Ctrl-C or Ctrl-D at the prompt leaves. A conversation longer
+than the model's context loses its oldest exchanges (with a notice).
 """
 import argparse
 import signal
@@ -28,9 +27,8 @@ from nanochat_jax.inference.engine import Engine
 def stream_reply(engine, tokenizer, prompt_ids, max_tokens, temperature, top_k, seed, out=sys.stdout,
                  header: str = ""):
     """Prints `header`, then the reply as it comes; returns (its token ids, stop token excluded; whether Ctrl-C
-    stopped it). Ctrl-C only raises a flag that the loop checks between tokens (an exception could land in a
-    callback, e.g. JAX's garbage-collection hook, and be swallowed there); the flag is set up before the header is
-    printed, so a Ctrl-C as soon as the reply seems to start stops the reply, not the program."""
+    stopped it). Ctrl-C only sets a flag, checked between tokens (an exception could land in a callback, e.g. JAX's
+    garbage-collection hook, and be swallowed); set before the header, so it stops the reply, not the program."""
     reply, shown, stop, text = [], "", [], ReplyText(tokenizer)
     try:
         previous = signal.signal(signal.SIGINT, lambda *_: stop.append(True))

@@ -1,13 +1,11 @@
 """What makes the chat server safe to expose: OpenAI-style errors, a capped request body, connection deadlines,
 Bearer-key auth, and a Host allow-list against DNS rebinding.
 
-- `openai_error(status, message, type, param, code)`: the one error body every failure gets,
-  {"error": {"message", "type", "param", "code"}}.
-- `Guard` (ASGI middleware, outermost): Host allow-list (when bound to loopback, only localhost names reach the
-  app), the API key (`Authorization: Bearer KEY`, or the cookie the page sets after `/?key=KEY`), and the body cap
-  (413 before more than `max_body` bytes are read, whatever Content-Length says).
-- `GuardedH11Protocol` (uvicorn's h11 protocol with deadlines): a connection must finish its request headers within
-  `header_timeout` seconds of connecting (or of its last response) and its body within `body_timeout`, else it is
+- `Guard` (ASGI middleware, outermost): the Host allow-list (bound to loopback, only localhost names reach the app),
+  the API key (`Authorization: Bearer KEY`, or the cookie the page sets after `/?key=KEY`), and the body cap (413
+  before more than `max_body` bytes are read, whatever Content-Length says).
+- `GuardedH11Protocol` (uvicorn's h11 protocol with deadlines): a connection that has not sent its request headers
+  within `header_timeout` seconds (of connecting, or of its last response), or its body within `body_timeout`, is
   closed; uvicorn alone waits forever for a client that connects and sends nothing, or one byte at a time.
 """
 import hmac
@@ -26,10 +24,9 @@ TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permis
          429: "rate_limit_error", 503: "server_busy"}
 
 
-def openai_error(status: int, message: str, type: str | None = None, param: str | None = None,
-                 code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type or TYPES.get(status, "server_error"), "param": param,
-                      "code": code}}
+def openai_error(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    """The one error body every failure gets."""
+    return {"error": {"message": message, "type": TYPES.get(status, "server_error"), "param": param, "code": code}}
 
 
 def is_loopback(host: str) -> bool:
@@ -48,12 +45,15 @@ def _host_name(value: str) -> str:
     return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
 
 
-async def _send_json(send, status: int, body: dict, headers=()):
-    data = json.dumps(body).encode()
+async def _send(send, status: int, body: bytes, headers: list):
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
-                            *headers]})
-    await send({"type": "http.response.body", "body": data})
+                "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _send_error(send, status: int, message: str, headers=(), **fields):
+    body = json.dumps(openai_error(status, message, **fields)).encode()
+    await _send(send, status, body, [(b"content-type", b"application/json"), *headers])
 
 
 class Guard:
@@ -67,25 +67,22 @@ class Guard:
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         if self.allowed_hosts is not None and _host_name(headers.get("host", "")).lower() not in self.allowed_hosts:
-            return await _send_json(send, 400, openai_error(
-                400, "this server answers only to its own host names (a DNS-rebinding guard); start it with "
-                     "--allowed-hosts to add one", param="Host", code="host_not_allowed"))
+            return await _send_error(send, 400, "this server answers only to its own host names (a DNS-rebinding "
+                                     "guard); start it with --allowed-hosts to add one", param="Host",
+                                     code="host_not_allowed")
         if self.api_key is not None and scope["path"] not in OPEN_PATHS:
             query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
             if scope["path"] == "/" and self._matches(query.get("key", [""])[0]):  # the page, opened with its key
                 cookie = f"{COOKIE}={self.api_key}; HttpOnly; SameSite=Strict; Path=/"
-                await send({"type": "http.response.start", "status": 303,
-                            "headers": [(b"location", b"/"), (b"set-cookie", cookie.encode("latin-1")),
-                                        (b"content-length", b"0")]})
-                return await send({"type": "http.response.body", "body": b""})
+                return await _send(send, 303, b"", [(b"location", b"/"), (b"set-cookie", cookie.encode("latin-1"))])
             if not self._authorized(headers):
-                return await _send_json(send, 401, openai_error(
-                    401, "a valid API key is required: send 'Authorization: Bearer <key>' (or open the page as "
-                         "/?key=<key>)", code="invalid_api_key"), [(b"www-authenticate", b"Bearer")])
+                return await _send_error(send, 401, "a valid API key is required: send 'Authorization: Bearer <key>' "
+                                         "(or open the page as /?key=<key>)", [(b"www-authenticate", b"Bearer")],
+                                         code="invalid_api_key")
+        too_large = f"the request body is larger than {self.max_body} bytes"
         length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body):
-            return await _send_json(send, 413, openai_error(
-                413, f"the request body is larger than {self.max_body} bytes", code="request_too_large"))
+            return await _send_error(send, 413, too_large, code="request_too_large")
         if scope["method"] in ("POST", "PUT", "PATCH"):
             body, more = b"", True
             while more:
@@ -95,8 +92,7 @@ class Guard:
                 body += message.get("body", b"")
                 more = message.get("more_body", False)
                 if len(body) > self.max_body:
-                    return await _send_json(send, 413, openai_error(
-                        413, f"the request body is larger than {self.max_body} bytes", code="request_too_large"))
+                    return await _send_error(send, 413, too_large, code="request_too_large")
             receive = _replay(body, receive)
         return await self.app(scope, receive, send)
 
@@ -117,14 +113,10 @@ class Guard:
 
 def _replay(body: bytes, receive):
     """The body, already read (and capped), handed to the app as one message; then the real channel (disconnects)."""
-    sent = False
+    first = [{"type": "http.request", "body": body, "more_body": False}]
 
     async def replay():
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
+        return first.pop() if first else await receive()
     return replay
 
 
@@ -153,15 +145,11 @@ class GuardedH11Protocol(H11Protocol):
 
     def data_received(self, data):
         super().data_received(data)
-        state = self.conn.their_state
-        if state is h11.IDLE:
-            if self._phase != "headers":
-                self._arm("headers", self.header_timeout)
-        elif state is h11.SEND_BODY:
-            if self._phase != "body":
-                self._arm("body", self.body_timeout)
-        else:
+        phase = {h11.IDLE: "headers", h11.SEND_BODY: "body"}.get(self.conn.their_state)
+        if phase is None:
             self._disarm()
+        elif phase != self._phase:
+            self._arm(phase, self.header_timeout if phase == "headers" else self.body_timeout)
 
     def on_response_complete(self):
         super().on_response_complete()

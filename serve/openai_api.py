@@ -1,14 +1,10 @@
 """OpenAI's API as its clients use it: /v1/chat/completions, /v1/completions (the legacy text endpoint, so a base
 model can be served and evaluated by standard harnesses), /v1/models and /v1/models/{id}.
 
-Implemented: n, seed, temperature, top_p (and top_k), stop, max_tokens / max_completion_tokens, stream with
-stream_options.include_usage (a last chunk with the usage), presence_penalty and frequency_penalty, logit_bias, and
-logprobs / top_logprobs (computed on the device with the sampled token: the model's log-probabilities before any
-sampling setting); on /v1/completions also echo and logprobs (with echo, the prompt's own tokens are scored too).
-Accepted as the no-ops they are here: user, response_format {"type": "text"}, the developer role (as system), content
-as a list of text parts, tool_choice "none", store/metadata/service_tier/parallel_tool_calls and other neutral
-settings. Refused with a 400 naming the field: images and other non-text content, tools and functions, JSON modes,
-audio output, suffix, best_of > 1; any field OpenAI does not define.
+Implemented: n, seed, temperature, top_p, top_k, stop, max_(completion_)tokens, stream (stream_options.include_usage),
+presence/frequency_penalty, logit_bias, logprobs / top_logprobs (the model's, before any sampling setting), echo.
+Accepted as no-ops: user, response_format text, the developer role (as system), text parts, the settings in NEUTRAL.
+Refused with a 400 naming the field: non-text content, tools, JSON modes, audio, suffix, best_of > 1, unknown fields.
 """
 import asyncio
 import json
@@ -28,6 +24,7 @@ from serve.guard import openai_error
 from serve.service import APIError
 
 MAX_MAX_TOKENS = 4096
+# the values each setting is accepted with (None: any)
 NEUTRAL = {"store": (None, False), "service_tier": (None, "auto", "default"), "parallel_tool_calls": None,
            "metadata": None, "modalities": (None, ["text"]), "reasoning_effort": None, "prediction": None,
            "web_search_options": None, "audio": (None,), "tool_choice": (None, "none"), "function_call": (None, "none")}
@@ -97,33 +94,28 @@ class CompletionBody(Sampling):
     best_of: int | None = None
 
 
+def unsupported(message: str, param: str) -> APIError:
+    return APIError(400, message, param=param, code="unsupported_parameter")
+
+
 def refuse_unsupported(body, chat: bool):
     for name, allowed in NEUTRAL.items():
-        if name in body.model_fields_set:
-            value = getattr(body, name)
-            if allowed is not None and value not in (allowed if isinstance(allowed, tuple) else (allowed,)):
-                raise APIError(400, f"{name}={value!r} is not supported by this server", param=name,
-                               code="unsupported_parameter")
-    if chat:
-        if body.tools or body.functions:
-            name = "tools" if body.tools else "functions"
-            raise APIError(400, f"{name} (function calling) is not supported: this model's only tool is its "
-                                "built-in calculator", param=name, code="unsupported_parameter")
-        kind = (body.response_format or {}).get("type", "text")
-        if kind != "text":
-            raise APIError(400, f"response_format {kind!r} is not supported: only text", param="response_format",
-                           code="unsupported_parameter")
-    else:
-        if body.suffix:
-            raise APIError(400, "suffix (insertion) is not supported", param="suffix", code="unsupported_parameter")
-        if body.best_of not in (None, 1):
-            raise APIError(400, "best_of other than 1 is not supported", param="best_of",
-                           code="unsupported_parameter")
+        if name in body.model_fields_set and allowed is not None and getattr(body, name) not in allowed:
+            raise unsupported(f"{name}={getattr(body, name)!r} is not supported by this server", name)
+    if chat and (body.tools or body.functions):
+        name = "tools" if body.tools else "functions"
+        raise unsupported(f"{name} (function calling) is not supported: this model's only tool is its built-in "
+                          "calculator", name)
+    if chat and (kind := (body.response_format or {}).get("type", "text")) != "text":
+        raise unsupported(f"response_format {kind!r} is not supported: only text", "response_format")
+    if not chat and body.suffix:
+        raise unsupported("suffix (insertion) is not supported", "suffix")
+    if not chat and body.best_of not in (None, 1):
+        raise unsupported("best_of other than 1 is not supported", "best_of")
 
 
 def chat_messages(raw: list[dict]) -> list[dict]:
-    """OpenAI messages -> nanochat's {"role", "content"} (developer as system; text parts joined); anything else
-    is refused with the field that holds it."""
+    """OpenAI messages -> nanochat's {"role", "content"}; anything else is refused with the field that holds it."""
     out = []
     for i, m in enumerate(raw):
         if not isinstance(m, dict):
@@ -138,14 +130,12 @@ def chat_messages(raw: list[dict]) -> list[dict]:
                 raise APIError(400, f"messages[{i}].{key}: {detail}", param=f"messages.{i}.{key}")
         content = m.get("content")
         if isinstance(content, list):
-            texts = []
             for j, part in enumerate(content):
                 kind = part.get("type") if isinstance(part, dict) else None
                 if kind != "text" or not isinstance(part.get("text"), str):
                     raise APIError(400, f"messages[{i}].content[{j}]: only text parts are supported, not {kind!r}",
                                    param=f"messages.{i}.content.{j}", code="unsupported_content")
-                texts.append(part["text"])
-            content = "".join(texts)
+            content = "".join(part["text"] for part in content)
         if not isinstance(content, str):
             raise APIError(400, f"messages[{i}].content must be a string or a list of text parts",
                            param=f"messages.{i}.content")
@@ -163,20 +153,31 @@ def logit_bias(body) -> dict:
     return bias
 
 
+def prompts_of(tokenizer, body) -> list[list[int]]:
+    """The prompts (a text, texts, token ids or lists of them), each after a BOS."""
+    p, bos = body.prompt, tokenizer.get_bos_token_id()
+    if isinstance(p, str):
+        p = [p]
+    if not p:
+        raise APIError(400, "prompt must not be empty", param="prompt")
+    if all(isinstance(x, int) for x in p):
+        p = [p]
+    return [[bos] + (list(x) if isinstance(x, list) else tokenizer.encode(x)) for x in p]
+
+
 class Choice:
     """One sample's reply as it grows: the text safe to send (never past a stop string, never half a character,
-    nothing that might still become a stop string), its finish reason and its tokens' logprob entries."""
+    nothing that might still become a stop string), its finish reason and its tokens (with their logprobs)."""
 
     def __init__(self, index, tokenizer, render, stops):
-        self.index, self.tokenizer, self.stops = index, tokenizer, stops
+        self.index, self.stops = index, stops
         self.reply = render(tokenizer)  # ReplyText (chat: the reply as the page shows it) or PlainText
-        self.sent, self.reason, self.tokens, self.logprobs = "", None, 0, []
+        self.sent, self.reason, self.logprobs = "", None, []
         self.hold = max((len(s) for s in stops), default=1) - 1
 
     def add(self, token: Token | None) -> str:
         """A token (None: the sample finished); returns the newly sendable text."""
         if token is not None:
-            self.tokens += 1
             self.reply.add(token.id)
             self.logprobs.append(token)
         text = self.reply.text()
@@ -186,17 +187,16 @@ class Choice:
         elif token is None:  # the end: a last character cut short by the token limit is not sent in halves
             text = text.rstrip("\ufffd")
         else:
-            text = text[:len(text) - self.hold] if self.hold else text
+            text = text[:len(text) - self.hold]
             if text.endswith("\ufffd"):
                 return ""
-        new = text[len(self.sent):] if len(text) > len(self.sent) else ""
+        new = text[len(self.sent):]
         self.sent += new
         return new
 
 
 class PlainText:
-    """A completion's text, decoded as it grows (whole characters settle; only the unfinished tail is decoded
-    again)."""
+    """A completion's text as it grows (whole characters settle; only the unfinished tail is decoded again)."""
 
     def __init__(self, tokenizer):
         self.tokenizer, self.settled, self.tail = tokenizer, "", []
@@ -220,15 +220,169 @@ def token_text(tokenizer, token_id: int) -> tuple[str, list[int]]:
 
 
 def chat_logprobs(tokenizer, tokens: list[Token], top: int) -> list[dict]:
-    entries = []
-    for t in tokens:
-        text, raw = token_text(tokenizer, t.id)
-        alternatives = []
-        for i, lp in t.top[:top]:
-            alt, alt_raw = token_text(tokenizer, i)
-            alternatives.append({"token": alt, "logprob": lp, "bytes": alt_raw})
-        entries.append({"token": text, "logprob": t.logprob, "bytes": raw, "top_logprobs": alternatives})
-    return entries
+    def entry(token_id, logprob):
+        text, raw = token_text(tokenizer, token_id)
+        return {"token": text, "logprob": logprob, "bytes": raw}
+    return [entry(t.id, t.logprob) | {"top_logprobs": [entry(i, lp) for i, lp in t.top[:top]]} for t in tokens]
+
+
+def legacy_logprobs(tokenizer, ids: list[int], scores, top: int, offset: int) -> dict:
+    """OpenAI's completions logprobs of the tokens `ids`, from their [(logprob, alternatives or None), ...]."""
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for t, (lp, alternatives) in zip(ids, scores):
+        text = token_text(tokenizer, t)[0]
+        out["tokens"].append(text)
+        out["text_offset"].append(offset)
+        offset += len(text)
+        out["token_logprobs"].append(lp)
+        out["top_logprobs"].append(None if alternatives is None else
+                                   {token_text(tokenizer, a)[0]: alp for a, alp in alternatives[:top]})
+    return out
+
+
+def sse(obj) -> str:
+    return "data: " + json.dumps(obj, ensure_ascii=False) + "\n\n"
+
+
+async def run(service, requests, groups, http):
+    """Drives the requests' events into their groups of choices; yields (choice, new text, new tokens) whenever a
+    choice has something to send, and (choice, "", []) with choice.reason set when it finishes."""
+    events: asyncio.Queue = asyncio.Queue()
+
+    async def pump(request, group):
+        try:
+            async for event in service.events(request, http):
+                await events.put((group, event))
+        finally:
+            await events.put((group, None))
+
+    tasks = [asyncio.create_task(pump(r, g)) for r, g in zip(requests, groups)]
+    open_ = len(tasks)
+    try:
+        while open_:
+            group, event = await events.get()
+            if event is None:
+                open_ -= 1
+            elif isinstance(event, Failed):
+                raise APIError(500, event.message)
+            elif (choice := group[event.sample]).reason is not None:
+                continue  # (cut by a stop string: the rest of the sample is not sent)
+            elif isinstance(event, Finished):
+                new = choice.add(None)
+                choice.reason = choice.reason or ("length" if event.reason == "length" else "stop")
+                yield choice, new, []
+            else:
+                yield choice, choice.add(event), [event]
+                if choice.reason is not None:
+                    yield choice, "", []
+    finally:
+        for t in tasks:
+            t.cancel()
+        for r in requests:
+            r.cancel()
+
+
+class Answer:
+    """One call's choices, a group of n per prompt, returned whole or streamed; the subclasses shape the choices."""
+    render, prefix, kind, chunk_kind = ReplyText, "", "", ""
+
+    def __init__(self, service, body, prompts):
+        self.service, self.body, self.prompts = service, body, prompts
+        self.groups = [[Choice(k * body.n + i, service.tokenizer, self.render, body.stop or []) for i in range(body.n)]
+                       for k in range(len(prompts))]
+        self.flat = [c for g in self.groups for c in g]
+        self.id, self.created = f"{self.prefix}-{uuid.uuid4().hex}", int(time.time())
+        self.want_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    def envelope(self, kind: str, choices: list) -> dict:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.service.model_name,
+                "choices": choices}
+
+    def usage(self) -> dict:
+        prompt, completion = sum(len(ids) for ids in self.prompts), sum(len(c.logprobs) for c in self.flat)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def chunk(self, choices: list, usage: dict | None = None) -> str:
+        out = self.envelope(self.chunk_kind, choices)
+        return sse(out | {"usage": usage} if self.want_usage else out)
+
+    async def stream(self, requests, http):
+        """The SSE lines; an error after the headers went out is reported in the stream; then [DONE]."""
+        try:
+            for line in self.head():
+                yield line
+            async for c, new, tokens in run(self.service, requests, self.groups, http):
+                lp = self.logprobs(c, tokens) if tokens else None
+                if new or lp or c.reason:
+                    yield self.chunk([self.part(c, new, lp, c.reason)])
+            if self.want_usage:
+                yield self.chunk([], self.usage())
+        except APIError as error:
+            yield sse(openai_error(500, error.message))
+        yield "data: [DONE]\n\n"
+
+    async def respond(self, requests, http):
+        if self.body.stream:
+            return StreamingResponse(self.stream(requests, http), media_type="text/event-stream")
+        async for _ in run(self.service, requests, self.groups, http):
+            pass
+        return self.envelope(self.kind, [self.whole(c) for c in self.flat]) | {"usage": self.usage()}
+
+
+class ChatAnswer(Answer):
+    prefix, kind, chunk_kind = "chatcmpl", "chat.completion", "chat.completion.chunk"
+
+    def logprobs(self, c: Choice, tokens: list[Token], with_prompt=False):
+        top = self.body.top_logprobs or 0
+        return {"content": chat_logprobs(self.service.tokenizer, tokens, top)} if self.body.logprobs else None
+
+    def head(self):
+        return [self.chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                             "finish_reason": None}]) for c in self.flat]
+
+    def part(self, c: Choice, new: str, lp, reason):
+        return {"index": c.index, "delta": {"content": new} if new else {}, "logprobs": lp, "finish_reason": reason}
+
+    def whole(self, c: Choice):
+        return {"index": c.index, "message": {"role": "assistant", "content": c.sent},
+                "logprobs": self.logprobs(c, c.logprobs), "finish_reason": c.reason or "stop"}
+
+
+class TextAnswer(Answer):
+    """With echo, each choice starts with its prompt (and with logprobs, the prompt's tokens scored by the
+    scheduler)."""
+    render, prefix, kind, chunk_kind = PlainText, "cmpl", "text_completion", "text_completion"
+
+    def __init__(self, service, body, prompts, prompt_scores):
+        super().__init__(service, body, prompts)
+        self.texts = [service.tokenizer.decode(ids[1:]) for ids in prompts]
+        self.prompt_scores = prompt_scores
+
+    def logprobs(self, c: Choice, tokens: list[Token], with_prompt=False):
+        body, tokenizer, k = self.body, self.service.tokenizer, c.index // self.body.n
+        if body.logprobs is None:
+            return None
+        lp = legacy_logprobs(tokenizer, [t.id for t in tokens], [(t.logprob, t.top) for t in tokens],
+                             body.logprobs, len(self.texts[k]) if body.echo else 0)
+        if with_prompt and self.prompt_scores is not None:
+            ids = self.prompts[k][1:]
+            head = legacy_logprobs(tokenizer, ids, [(None, None)] + self.prompt_scores[k][:len(ids) - 1],
+                                   body.logprobs, 0)
+            lp = {key: head[key] + lp[key] for key in lp}
+        return lp
+
+    def head(self):
+        if not self.body.echo:
+            return []
+        return [self.chunk([self.part(c, self.texts[c.index // self.body.n], self.logprobs(c, [], True), None)])
+                for c in self.flat]
+
+    def part(self, c: Choice, text: str, lp, reason):
+        return {"index": c.index, "text": text, "logprobs": lp, "finish_reason": reason}
+
+    def whole(self, c: Choice):
+        echo = self.texts[c.index // self.body.n] if self.body.echo else ""
+        return self.part(c, echo + c.sent, self.logprobs(c, c.logprobs, True), c.reason or "stop")
 
 
 def check_model(service, model):
@@ -250,68 +404,9 @@ async def model(model_id: str, http: HTTPRequest):
     return model_card(http.app.state.service)
 
 
-async def run(service, requests, choices, http):
-    """Drives the requests' events into their choices; yields (choice, new text, logprob tokens) whenever a choice
-    has something to send, and (choice, "", []) with choice.reason set when it finishes."""
-    queue_: asyncio.Queue = asyncio.Queue()
-
-    async def pump(request, group):
-        try:
-            async for event in service.events(request, http):
-                await queue_.put((group, event))
-        finally:
-            await queue_.put((group, None))
-
-    tasks = [asyncio.create_task(pump(r, g)) for r, g in zip(requests, choices)]
-    open_ = len(tasks)
-    try:
-        while open_:
-            group, event = await queue_.get()
-            if event is None:
-                open_ -= 1
-                continue
-            if isinstance(event, Failed):
-                raise APIError(500, event.message)
-            choice = group[event.sample]
-            if choice.reason is not None:
-                continue
-            if isinstance(event, Finished):
-                new = choice.add(None)
-                choice.reason = choice.reason or ("length" if event.reason == "length" else "stop")
-                yield choice, new, []
-                continue
-            before = len(choice.logprobs)
-            new = choice.add(event)
-            yield choice, new, choice.logprobs[before:]
-            if choice.reason is not None:
-                yield choice, "", []
-    finally:
-        for t in tasks:
-            t.cancel()
-        for r in requests:
-            r.cancel()
-
-
-def usage(prompt_tokens: int, choices):
-    completion = sum(c.tokens for c in choices)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
-
-
-def sse(obj) -> str:
-    return "data: " + json.dumps(obj, ensure_ascii=False) + "\n\n"
-
-
-async def sse_stream(chunks, head=()):
-    """A stream of SSE lines from `head` and then the async `chunks`; an error after the headers went out is
-    reported in the stream; then [DONE]."""
-    try:
-        for line in head:
-            yield line
-        async for line in chunks:
-            yield line
-    except APIError as error:
-        yield sse(openai_error(500, error.message))
-    yield "data: [DONE]\n\n"
+def submit(service, body, ids, max_tokens: int, temperature: float):
+    return service.submit(ids, body.n, max_tokens, temperature, body.top_k, body.top_p or 1.0, body.seed,
+                          logit_bias(body), body.presence_penalty, body.frequency_penalty)
 
 
 async def chat_completions(body: ChatBody, http: HTTPRequest):
@@ -321,123 +416,8 @@ async def chat_completions(body: ChatBody, http: HTTPRequest):
     max_tokens = body.max_completion_tokens or body.max_tokens or service.defaults["max_tokens"]
     ids, _ = await service.prompt(chat_messages(body.messages), max_tokens, drop_old=False)
     temperature = service.defaults["temperature"] if body.temperature is None else body.temperature
-    request = service.submit(ids, body.n, max_tokens, temperature, body.top_k, body.top_p or 1.0, body.seed,
-                             logit_bias(body), body.presence_penalty, body.frequency_penalty)
-    cid, created, tokenizer = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), service.tokenizer
-    choices = [Choice(i, tokenizer, ReplyText, body.stop or []) for i in range(body.n)]
-    top = body.top_logprobs or 0
-    want_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-    def chunk(choice_dicts, usage_=None):
-        out = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": service.model_name,
-               "choices": choice_dicts}
-        return sse(out | {"usage": usage_} if want_usage else out)
-
-    async def chunks():
-        async for c, new, tokens in run(service, [request], [choices], http):
-            lp = {"content": chat_logprobs(tokenizer, tokens, top)} if body.logprobs and tokens else None
-            if new or lp or c.reason:
-                yield chunk([{"index": c.index, "delta": {"content": new} if new else {}, "logprobs": lp,
-                              "finish_reason": c.reason}])
-        if want_usage:
-            yield chunk([], usage(len(ids), choices))
-
-    if body.stream:
-        head = [chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                        "finish_reason": None}]) for c in choices]
-        return StreamingResponse(sse_stream(chunks(), head), media_type="text/event-stream")
-    async for _ in run(service, [request], [choices], http):
-        pass
-    return {"id": cid, "object": "chat.completion", "created": created, "model": service.model_name,
-            "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.sent},
-                         "logprobs": {"content": chat_logprobs(tokenizer, c.logprobs, top)} if body.logprobs
-                         else None, "finish_reason": c.reason or "stop"} for c in choices],
-            "usage": usage(len(ids), choices)}
-
-
-def prompts_of(tokenizer, body) -> list[list[int]]:
-    p, bos = body.prompt, tokenizer.get_bos_token_id()
-    if isinstance(p, str):
-        texts = [p]
-    elif p and all(isinstance(x, int) for x in p):
-        return [[bos] + list(p)]
-    elif p and all(isinstance(x, list) for x in p):
-        return [[bos] + list(x) for x in p]
-    else:
-        texts = list(p)
-    if not texts:
-        raise APIError(400, "prompt must not be empty", param="prompt")
-    return [[bos] + tokenizer.encode(t) for t in texts]
-
-
-def legacy_logprobs(tokenizer, tokens: list[int], scores, top: int, offset: int):
-    """OpenAI's completions logprobs: tokens, token_logprobs, top_logprobs, text_offset."""
-    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    for i, t in enumerate(tokens):
-        text, _ = token_text(tokenizer, t)
-        out["tokens"].append(text)
-        out["text_offset"].append(offset)
-        offset += len(text)
-        lp, alternatives = scores[i]
-        out["token_logprobs"].append(lp)
-        out["top_logprobs"].append(None if alternatives is None else
-                                   {token_text(tokenizer, a)[0]: alp for a, alp in alternatives[:top]})
-    return out
-
-
-class Completion:
-    """One /v1/completions call: its prompts, a group of n choices per prompt, and the logprobs of each (with echo,
-    the prompt's own tokens first, scored by the scheduler)."""
-
-    def __init__(self, service, body, prompts, prompt_scores):
-        self.service, self.body, self.prompts, self.prompt_scores = service, body, prompts, prompt_scores
-        self.texts = [service.tokenizer.decode(ids[1:]) for ids in prompts]
-        self.groups = [[Choice(k * body.n + i, service.tokenizer, PlainText, body.stop or []) for i in range(body.n)]
-                       for k in range(len(prompts))]
-        self.flat = [c for g in self.groups for c in g]
-        self.id, self.created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-
-    def logprobs(self, c: Choice, tokens: list[Token], with_prompt: bool):
-        body, tokenizer = self.body, self.service.tokenizer
-        if body.logprobs is None:
-            return None
-        k = c.index // body.n
-        lp = legacy_logprobs(tokenizer, [t.id for t in tokens], [(t.logprob, t.top) for t in tokens],
-                             body.logprobs, len(self.texts[k]) if body.echo else 0)
-        if with_prompt and self.prompt_scores is not None:
-            ids = self.prompts[k][1:]
-            head = legacy_logprobs(tokenizer, ids, [(None, None)] + self.prompt_scores[k][:len(ids) - 1],
-                                   body.logprobs, 0)
-            lp = {key: head[key] + lp[key] for key in lp}
-        return lp
-
-    def usage(self):
-        return usage(sum(len(ids) for ids in self.prompts), self.flat)
-
-    def chunk(self, index, text, reason, lp, usage_=None):
-        out = {"id": self.id, "object": "text_completion", "created": self.created, "model": self.service.model_name,
-               "choices": [] if index is None else [{"index": index, "text": text, "logprobs": lp,
-                                                    "finish_reason": reason}]}
-        return sse(out | {"usage": usage_} if self.body.stream_options and self.body.stream_options.include_usage
-                   else out)
-
-    async def chunks(self, requests, http):
-        if self.body.echo:
-            for c in self.flat:
-                yield self.chunk(c.index, self.texts[c.index // self.body.n], None, self.logprobs(c, [], True))
-        async for c, new, tokens in run(self.service, requests, self.groups, http):
-            lp = self.logprobs(c, tokens, False) if tokens else None
-            if new or lp or c.reason:
-                yield self.chunk(c.index, new, c.reason, lp)
-        if self.body.stream_options and self.body.stream_options.include_usage:
-            yield self.chunk(None, "", None, None, self.usage())
-
-    def whole(self):
-        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.service.model_name,
-                "choices": [{"index": c.index, "text": (self.texts[c.index // self.body.n] if self.body.echo else "")
-                             + c.sent, "logprobs": self.logprobs(c, c.logprobs, True),
-                             "finish_reason": c.reason or "stop"} for c in self.flat],
-                "usage": self.usage()}
+    request = submit(service, body, ids, max_tokens, temperature)
+    return await ChatAnswer(service, body, [ids]).respond([request], http)
 
 
 async def completions(body: CompletionBody, http: HTTPRequest):
@@ -452,19 +432,12 @@ async def completions(body: CompletionBody, http: HTTPRequest):
     requests = []
     try:
         for ids in prompts:
-            requests.append(service.submit(ids, body.n, body.max_tokens, temperature, body.top_k, body.top_p or 1.0,
-                                           body.seed, logit_bias(body), body.presence_penalty,
-                                           body.frequency_penalty))
+            requests.append(submit(service, body, ids, body.max_tokens, temperature))
     except APIError:
         for r in requests:
             r.cancel()
         raise
-    completion = Completion(service, body, prompts, prompt_scores)
-    if body.stream:
-        return StreamingResponse(sse_stream(completion.chunks(requests, http)), media_type="text/event-stream")
-    async for _ in run(service, requests, completion.groups, http):
-        pass
-    return completion.whole()
+    return await TextAnswer(service, body, prompts, prompt_scores).respond(requests, http)
 
 
 def add_routes(app):

@@ -1,6 +1,5 @@
-"""The chat service every HTTP endpoint uses (the page's, nanochat's and OpenAI's): the model's name, tokenizer and
-defaults; a conversation checked against nanochat's limits and rendered to fit the context, off the event loop;
-requests submitted to the one scheduler and their events read without polling; texts scored by it."""
+"""The chat service every HTTP endpoint uses: the model's name, tokenizer and defaults; conversations checked against
+nanochat's limits and rendered off the event loop; requests submitted to the one scheduler, their events awaited."""
 import asyncio
 import queue
 import random
@@ -26,15 +25,12 @@ def check_request_messages(messages: list) -> list[dict]:
         raise APIError(400, "at least one message is required")
     if len(messages) > MAX_MESSAGES:
         raise APIError(400, f"too many messages: at most {MAX_MESSAGES}")
-    total = 0
     for i, m in enumerate(messages):
-        text = m["content"]
-        if not text.strip():
+        if not m["content"].strip():
             raise APIError(400, f"message {i} has empty content")
-        if len(text) > MAX_MESSAGE_CHARS:
+        if len(m["content"]) > MAX_MESSAGE_CHARS:
             raise APIError(400, f"message {i} is too long: at most {MAX_MESSAGE_CHARS} characters")
-        total += len(text)
-    if total > MAX_TOTAL_CHARS:
+    if sum(len(m["content"]) for m in messages) > MAX_TOTAL_CHARS:
         raise APIError(400, f"the conversation is too long: at most {MAX_TOTAL_CHARS} characters")
     if messages[-1]["role"] != "user":
         raise APIError(400, "the last message must be from the user", param="messages")
@@ -43,7 +39,7 @@ def check_request_messages(messages: list) -> list[dict]:
 
 class ChatService:
     def __init__(self, scheduler, tokenizer, model_name: str, defaults: dict):
-        """defaults: the server's temperature, top_k and max_tokens for requests that name none."""
+        """defaults: the temperature, top_k and max_tokens of requests that name none."""
         self.scheduler, self.tokenizer, self.model_name, self.defaults = scheduler, tokenizer, model_name, defaults
         self.context = scheduler.programs.config.sequence_len
 
@@ -78,9 +74,8 @@ class ChatService:
                                     frequency))
 
     async def events(self, request, http):
-        """The request's events until each sample has Finished (a score: Scored), or Failed; cancels the request
-        when the client goes away (its slots are freed at the scheduler's next round). Waits on the scheduler's
-        wake-ups, never polls."""
+        """The request's events until each sample has Finished (a score: Scored), or Failed, waiting on the
+        scheduler's wake-ups; cancels the request when the client goes away (its slots free at the next round)."""
         done, count = 0, getattr(request, "n", 1)
         try:
             while done < count:
@@ -88,7 +83,7 @@ class ChatService:
                     event = request.events.get_nowait()
                 except queue.Empty:
                     request.wake.clear()
-                    if not request.events.empty():
+                    if not request.events.empty():  # (an event put just before the clear lost its wake-up)
                         continue
                     try:
                         await asyncio.wait_for(request.wake.wait(), timeout=1.0)

@@ -3,12 +3,10 @@
     python -m serve.web --host 127.0.0.1 --port 8000            # the latest SFT model; open http://127.0.0.1:8000
     python -m serve.web -i base -g d20 --slots 16
 
-Endpoints: GET / (chat page), POST /chat/completions (nanochat's SSE: data: {"token": ...} ... data: [DONE]),
-POST /v1/chat/completions and GET /v1/models (OpenAI-compatible, streaming or not), GET /health, GET /stats.
-Requests are validated with nanochat's limits; a bad one gets a 4xx with the reason in OpenAI's error body, and the
-server keeps serving. Safe to expose (serve/guard.py): `--api-key` (or NANOCHAT_API_KEY) for Bearer auth on the API
-and the page, a capped request body, deadlines for slow clients, a Host allow-list on loopback, no /docs unless
-asked; prompts are rendered off the event loop, so /health answers at once under load.
+Endpoints: GET / (chat page), POST /chat/completions (nanochat's SSE: data: {"token": ...} ... data: [DONE]), the
+OpenAI API under /v1 (serve/openai_api.py), GET /health, GET /stats. A bad request gets a 4xx with the reason in
+OpenAI's error body. Safe to expose (serve/guard.py); prompts are rendered off the event loop, so /health answers at
+once under load.
 """
 import argparse
 import html
@@ -30,7 +28,7 @@ from nanochat_jax.inference.programs import MAX_TOP_K
 from nanochat_jax.inference.scheduler import Failed, Token
 from serve import openai_api
 from serve.guard import Guard, GuardedH11Protocol, is_loopback, openai_error
-from serve.openai_api import MAX_MAX_TOKENS
+from serve.openai_api import MAX_MAX_TOKENS, Choice
 from serve.service import APIError, ChatService
 
 UI_PATH = os.path.join(os.path.dirname(__file__), "ui.html")
@@ -71,18 +69,17 @@ async def api_error(_, error: APIError):
 async def invalid(_, error: RequestValidationError):
     errors = error.errors()
     if any(e.get("type") == "json_invalid" for e in errors):  # (its loc is a character offset, not a field)
-        return JSONResponse(openai_error(400, "the request body is not valid JSON: "
-                                         + errors[0].get("ctx", {}).get("error", errors[0]["msg"]), param=None), 400)
+        reason = errors[0].get("ctx", {}).get("error", errors[0]["msg"])
+        return JSONResponse(openai_error(400, f"the request body is not valid JSON: {reason}"), 400)
     reasons = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in errors)
     param = ".".join(str(p) for p in errors[0]["loc"][1:]) or None if errors else None
     return JSONResponse(openai_error(400, reasons, param=param), 400)
 
 
 async def http_error(_, error: StarletteHTTPException):
-    message = {404: "no such endpoint", 405: "method not allowed on this endpoint"}.get(error.status_code,
-                                                                                     str(error.detail))
-    return JSONResponse(openai_error(error.status_code, message), error.status_code,
-                        headers=getattr(error, "headers", None))
+    status = error.status_code
+    message = {404: "no such endpoint", 405: "method not allowed on this endpoint"}.get(status, str(error.detail))
+    return JSONResponse(openai_error(status, message), status, headers=getattr(error, "headers", None))
 
 
 async def server_error(_, error: Exception):
@@ -107,8 +104,7 @@ async def stats(http: HTTPRequest):
 
 
 async def chat(body: ChatRequest, http: HTTPRequest):
-    """nanochat's streaming endpoint: data: {"token": ...} ... data: [DONE] (a notice first when old messages were
-    dropped to fit the context)."""
+    """nanochat's SSE (a notice first when old messages were dropped to fit the context)."""
     service = http.app.state.service
     max_tokens = body.max_tokens or service.defaults["max_tokens"]
     ids, dropped = await service.prompt(body.messages, max_tokens, drop_old=True)
@@ -119,16 +115,14 @@ async def chat(body: ChatRequest, http: HTTPRequest):
         try:
             if dropped:
                 yield f"data: {json.dumps({'notice': f'dropped the oldest {dropped} messages to fit the context'})}\n\n"
-            reply, shown = ReplyText(service.tokenizer), ""
+            reply = Choice(0, service.tokenizer, ReplyText, [])  # (never half a character)
             async for event in service.events(request, http):
                 if isinstance(event, Failed):
                     yield f"data: {json.dumps({'error': event.message})}\n\n"
                 if not isinstance(event, Token):
                     break
-                text = reply.add(event.id)
-                if not text.endswith("\ufffd") and len(text) > len(shown):
-                    yield f"data: {json.dumps({'token': text[len(shown):]}, ensure_ascii=False)}\n\n"
-                    shown = text
+                if new := reply.add(event):
+                    yield f"data: {json.dumps({'token': new}, ensure_ascii=False)}\n\n"
             yield "data: [DONE]\n\n"
         finally:  # done, failed or the client left: free the slot now
             request.cancel()
