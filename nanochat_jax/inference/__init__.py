@@ -1,1 +1,1 @@
-"""Inference: the device programs, the one scheduler that owns the decode state, the Engine client, chat rendering for front ends."""
+"""Inference: the device programs, the scheduler that owns the decode state, its Engine client, chat rendering."""

@@ -1,26 +1,26 @@
-"""The chat model's tool as nanochat offers it: a calculator the scheduler runs between decode calls, for a row that
-emitted <|python_end|>: the expression since the last <|python_start|> is evaluated and its result forced into the
-row as <|output_start|> result <|output_end|>."""
+"""The chat model's tool as nanochat offers it, a calculator the scheduler runs between decode calls for a row that
+emitted <|python_end|>: the result of the expression since <|python_start|> is forced into the row."""
 import ast
 import operator
 
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-        ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod}
+        ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.USub: operator.neg, ast.UAdd: operator.pos}
+
+
+def _number(node):
+    value = _eval_node(node)
+    if isinstance(value, str):
+        raise ValueError("arithmetic on strings")
+    return value
 
 
 def _eval_node(node):
-    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float, str)) and not isinstance(node.value, bool):
+    if isinstance(node, ast.Constant) and type(node.value) in (int, float, str):  # (not bool, an int subclass)
         return node.value
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
-        value = _eval_node(node.operand)
-        if isinstance(value, str):
-            raise ValueError("sign of a string")
-        return -value if isinstance(node.op, ast.USub) else value
+    if isinstance(node, ast.UnaryOp) and type(node.op) in _OPS:
+        return _OPS[type(node.op)](_number(node.operand))
     if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
-        left, right = _eval_node(node.left), _eval_node(node.right)
-        if isinstance(left, str) or isinstance(right, str):
-            raise ValueError("arithmetic on strings")
-        return _OPS[type(node.op)](left, right)
+        return _OPS[type(node.op)](_number(node.left), _number(node.right))
     if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "count"
             and not node.keywords and len(node.args) == 1):
         target, needle = _eval_node(node.func.value), _eval_node(node.args[0])
@@ -48,8 +48,7 @@ class Calculator:
 
     def __init__(self, tokenizer, room: int):
         special = tokenizer.encode_special
-        self.tokenizer, self.room = tokenizer, room
-        self.start, self.end = special("<|python_start|>"), special("<|python_end|>")
+        self.tokenizer, self.room, self.start = tokenizer, room, special("<|python_start|>")
         self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
 
     def result_tokens(self, history: list[int]) -> list[int]:

@@ -6,25 +6,33 @@
     sequences, masks = engine.generate_batch(prompt_ids, num_samples=4, max_tokens=64)
 
 A client of the scheduler (scheduler.py), which runs the model's programs (programs.py): the prompt is prefilled
-once (padded to a power-of-two bucket, so new prompt lengths rarely recompile) into a KV cache row per sample, and
-decoding runs `chunk` tokens per jitted call with sampling on the device; the first column leaves as soon as the
-prefill is done. A row that emits <|python_end|> pauses on the device; between chunks the scheduler evaluates the
-expression with the calculator and the row resumes with <|output_start|> result <|output_end|> forced into it (mask
-0). A row ends at <|assistant_end|>, <|bos|>, its token budget or the end of its cache.
+once into a KV cache row per sample (the first column leaves then) and decoding runs `chunk` tokens per jitted call.
+A row that emits <|python_end|> pauses; the calculator's result is then forced into it as <|output_start|> result
+<|output_end|> (mask 0). A row ends at <|assistant_end|>, <|bos|>, its token budget or the end of its cache.
 """
 from nanochat_jax.common import bucket
 from nanochat_jax.inference.calculator import Calculator
 from nanochat_jax.inference.programs import FORCED_SLOTS, Programs
-from nanochat_jax.inference.scheduler import Failed, Finished, Request, Scheduler, Scored, ScoreRequest, Token
+from nanochat_jax.inference.scheduler import Failed, Request, Scheduler, Scored, ScoreRequest, Token
 
 # read through to the programs (the model's side): what callers of an Engine use
 _PROGRAMS = ("graphdef", "params", "config", "dtype", "stops", "max_len", "attend_len", "attend_buckets", "start",
              "decode", "use", "python_end")
 
 
+def _drain(request):
+    """The request's events so far; RuntimeError when it failed."""
+    while not request.events.empty():
+        event = request.events.get_nowait()
+        if isinstance(event, Failed):
+            raise RuntimeError(event.message)
+        yield event
+
+
 class Engine:
     def __init__(self, model, tokenizer, chunk: int = 16, compute_dtype_weights: bool = False):
-        """compute_dtype_weights: keep the weights in the model's compute dtype (bf16 on GPU/TPU) for serving."""
+        """compute_dtype_weights: keep the weights in the model's compute dtype (bf16 on GPU/TPU), not casting the
+        fp32 master weights at every matmul of every step (serving: half the weight reads)."""
         self.programs = Programs(model, tokenizer, compute_dtype_weights)
         self.tokenizer, self.chunk = tokenizer, chunk
         self.tool = Calculator(tokenizer, FORCED_SLOTS)
@@ -37,8 +45,7 @@ class Engine:
 
     def scheduler(self, slots: int = 8, max_waiting: int = 64, chunk: int | None = None,
                   busy_rows_only: bool = True) -> Scheduler:
-        """A new scheduler over this engine's programs and tool (the server's: `.warm_up()`, then `.start()`);
-        chunk: tokens per decode call (default the engine's)."""
+        """A new scheduler over this engine's programs and tool (the server's: `.warm_up()`, then `.start()`)."""
         return Scheduler(self.programs, self.tool, slots=slots, max_waiting=max_waiting, chunk=chunk or self.chunk,
                          busy_rows_only=busy_rows_only)
 
@@ -59,33 +66,26 @@ class Engine:
         scheduler = self.scheduler_for(1)
         request = scheduler.submit(ScoreRequest(tokens=list(tokens)))
         scheduler.tick()
-        event = request.events.get_nowait()
-        if isinstance(event, Failed):
-            raise RuntimeError(event.message)
+        event = next(_drain(request))
         assert isinstance(event, Scored)
         return event.scores
 
     def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
         """Streams (token_column, mask_column): one token per sample per step (mask 1 sampled, 0 forced by the
         tool). A finished sample repeats its stop token with mask 0 until all have finished."""
-        max_tokens = self.programs.check_request(tokens, max_tokens, temperature, top_k)
         scheduler = self.scheduler_for(num_samples)
         request = scheduler.submit(Request(list(tokens), num_samples, max_tokens, temperature, top_k, 1.0, seed))
         queues = [[] for _ in range(num_samples)]  # per sample: (token, mask) not yet yielded
-        finished, emitted = [False] * num_samples, 0
+        emitted = 0
         scheduler.admit()  # the prefill: the first column is out before any decode call
         try:
             while True:
-                while not request.events.empty():
-                    event = request.events.get_nowait()
-                    if isinstance(event, Failed):
-                        raise RuntimeError(event.message)
-                    if isinstance(event, Finished):
-                        finished[event.sample] = True
-                        if event.token is not None:
-                            queues[event.sample].append((event.token, 1))
-                    else:
+                for event in _drain(request):
+                    if isinstance(event, Token):
                         queues[event.sample].append((event.id, 0 if event.forced else 1))
+                    elif event.token is not None:  # (Finished by its stop token)
+                        queues[event.sample].append((event.token, 1))
+                finished = len(request.finished) == num_samples
                 while all(queues):  # a full column is ready
                     column = [q.pop(0) for q in queues]
                     yield [t for t, _ in column], [m for _, m in column]
@@ -93,9 +93,9 @@ class Engine:
                     for i, (t, _) in enumerate(column):
                         if t in self.stops and not queues[i]:
                             queues[i].append((t, 0))  # a finished sample repeats its stop token
-                    if emitted >= max_tokens or all(finished) and all(t in self.stops for t, _ in column):
+                    if emitted >= request.max_tokens or finished and all(t in self.stops for t, _ in column):
                         return
-                if all(finished) and request.events.empty():
+                if finished and request.events.empty():
                     return  # (out of budget or cache: no full column will come)
                 scheduler.tick()
         finally:
@@ -103,11 +103,10 @@ class Engine:
 
     def complete_many(self, prompts, num_samples=1, max_tokens=None, temperature=0.0, top_k=None, seeds=None,
                       rows: int = 32, keep_stop: bool = False):
-        """Completions of many prompts, decoded side by side: up to `rows` decode rows (rows // num_samples prompts)
-        in flight at once, a finished prompt's slots going to the next (continuous batching, as the server does).
-        Returns, per prompt, num_samples completions (token lists without the prompt and the stop token), the same
-        as generate_batch with seed seeds[i] gives for prompt i alone (up to float rounding in batched matmuls).
-        keep_stop: end a completion that stopped with its stop token (one that ran out of budget has none)."""
+        """Completions of many prompts, decoded side by side: up to `rows` decode rows in flight, a finished prompt's
+        slots going to the next (continuous batching). Returns, per prompt, num_samples completions (without the
+        prompt and the stop token), those generate_batch with seed seeds[i] gives for prompt i alone (up to float
+        rounding in batched matmuls). keep_stop: end a completion that stopped with its stop token."""
         seeds = list(range(len(prompts))) if seeds is None else list(seeds)
         budgets = [self.programs.check_request(p, max_tokens, temperature, top_k) for p in prompts]
         scheduler = self.scheduler_for(max(num_samples, bucket(rows // num_samples, minimum=1) * num_samples))
@@ -123,13 +122,10 @@ class Engine:
                     next_prompt += 1
                 scheduler.tick()
                 for request, i in list(in_flight.items()):
-                    while not request.events.empty():
-                        event = request.events.get_nowait()
-                        if isinstance(event, Failed):
-                            raise RuntimeError(event.message)
+                    for event in _drain(request):
                         if isinstance(event, Token):
                             completions[i][event.sample].append(event.id)
-                        elif isinstance(event, Finished) and keep_stop and event.token is not None:
+                        elif keep_stop and event.token is not None:  # (Finished by its stop token)
                             completions[i][event.sample].append(event.token)
                     if len(request.finished) == num_samples:
                         del in_flight[request]
@@ -145,11 +141,8 @@ class Engine:
         finished = [False] * num_samples
         for column, mask_column in self.generate(tokens, num_samples, **kwargs):
             for i, (t, m) in enumerate(zip(column, mask_column)):
-                if finished[i]:
-                    continue
-                if t in self.stops:
-                    finished[i] = True
-                else:
+                finished[i] = finished[i] or t in self.stops
+                if not finished[i]:
                     sequences[i].append(t)
                     masks[i].append(m)
             if all(finished):

@@ -23,26 +23,17 @@ def prompt_for_reply(tokenizer: Tokenizer, messages: list[dict], context: int, r
 def reply_parts(tokenizer: Tokenizer, tokens: list[int]):
     """A generated reply (ids after <|assistant_start|>, stop token excluded) -> the assistant message content:
     a plain string, or a list of {"type": "text" | "python" | "python_output", "text": ...} parts."""
-    special = {tokenizer.encode_special(name): name for name in
-               ("<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>")}
+    special = tokenizer.encode_special
+    kind_after = {special("<|python_start|>"): "python", special("<|output_start|>"): "python_output",
+                  special("<|python_end|>"): "text", special("<|output_end|>"): "text"}
     parts, kind, current = [], "text", []
-
-    def flush():
-        if current:
-            parts.append({"type": kind, "text": tokenizer.decode(current)})
-        current.clear()
-
-    for t in tokens:
-        name = special.get(t)
-        if name in ("<|python_start|>", "<|output_start|>"):
-            flush()
-            kind = "python" if name == "<|python_start|>" else "python_output"
-        elif name in ("<|python_end|>", "<|output_end|>"):
-            flush()
-            kind = "text"
+    for t in [*tokens, None]:  # (None: the end, which closes the last part as a marker does)
+        if t is None or t in kind_after:
+            if current:
+                parts.append({"type": kind, "text": tokenizer.decode(current)})
+            kind, current = kind_after.get(t), []
         else:
             current.append(t)
-    flush()
     if all(p["type"] == "text" for p in parts):
         return "".join(p["text"] for p in parts)
     return parts

@@ -1,9 +1,7 @@
 """The device side of sampling: the decode state of a batch of rows, the sampler, and the pure programs over them
 (prefill, decode, score), with `Programs`, which binds them to one model's weights and checks requests against it.
-The scheduler (scheduler.py) runs them; nothing here knows about requests in flight.
-
-Every program is a pure function of (graphdef, params, arrays): the graphdef is bound with functools.partial, so a
-new set of weights of the same model never recompiles.
+Every program is a pure function of (graphdef, params, arrays), the graphdef bound with functools.partial: new
+weights of the same model never recompile. The scheduler (scheduler.py) runs them; nothing here knows of requests.
 """
 import dataclasses
 from dataclasses import dataclass
@@ -62,12 +60,9 @@ def sample(logits_BV, keys_B, temperature_B, top_k_B, top_p_B):
     return jnp.where(temperature_B > 0, sampled, greedy).astype(jnp.int32)
 
 
-def adjust(logits_BV, bias_ids, bias_vals=None, frequency=None, presence=None, counts=None):
+def adjust(logits_BV, bias_ids, bias_vals, frequency=None, presence=None, counts=None):
     """logit_bias (sparse: ids and values, padding adds 0 to token 0) and the presence/frequency penalties over the
-    tokens generated so far. With none set the logits are unchanged, bit for bit. (Also takes a DecodeState.)"""
-    if isinstance(bias_ids, DecodeState):
-        r = bias_ids
-        bias_ids, bias_vals, frequency, presence, counts = r.bias_ids, r.bias_vals, r.frequency, r.presence, r.counts
+    tokens generated so far. With none set the logits are unchanged, bit for bit."""
     rows = jnp.arange(logits_BV.shape[0])[:, None]
     logits_BV = logits_BV.at[rows, bias_ids].add(bias_vals)
     if counts is None:
@@ -76,8 +71,7 @@ def adjust(logits_BV, bias_ids, bias_vals=None, frequency=None, presence=None, c
 
 
 def token_logprobs(logits_BV, token_B):
-    """The model's log-probability of each row's token, and its TOP_LOGPROBS most likely tokens (before any
-    sampling setting or bias)."""
+    """Each row's token's log-probability and the TOP_LOGPROBS likeliest tokens, before any sampling setting or bias."""
     logp = jax.nn.log_softmax(logits_BV.astype(jnp.float32), axis=-1)
     top_lp, top_ids = jax.lax.top_k(logp, min(TOP_LOGPROBS, logp.shape[-1]))
     return jnp.take_along_axis(logp, token_B[:, None], axis=-1)[:, 0], top_ids, top_lp
@@ -85,10 +79,9 @@ def token_logprobs(logits_BV, token_B):
 
 def prefill(graphdef, params, ids_1L, length, keys_N, temperature_N, top_k_N, top_p_N, bias_ids_N, bias_vals_N,
             cache_len: int, row_cache=None, start=0):
-    """Run one padded prompt (its `length` real tokens) into a one-row cache; sample the first token of each of N
-    rows from it. The cache is a fresh one, or `row_cache` whose first `start` positions already hold the prompt's
-    first tokens (a conversation's earlier turns): then ids_1L is the rest of the prompt, written from `start` on.
-    Returns (cache, first [N], (logprob [N], top_ids [N, K], top_logprobs [N, K]))."""
+    """Run one padded prompt (its `length` real tokens) into a one-row cache, fresh or `row_cache` whose first
+    `start` positions already hold the prompt's first tokens (then ids_1L is the rest), and sample the first token
+    of each of N rows. Returns (cache, first [N], (logprob [N], top_ids [N, K], top_logprobs [N, K]))."""
     model = nnx.merge(graphdef, params)
     cache = init_cache(model.config, 1, cache_len, model.dtype) if row_cache is None else row_cache
     logits, cache = model.forward_cached(ids_1L, cache, jnp.full(1, start, jnp.int32))
@@ -100,18 +93,13 @@ def prefill(graphdef, params, ids_1L, length, keys_N, temperature_N, top_k_N, to
     return cache, first, token_logprobs(last, first)
 
 
-ROW_FIELDS = ("last", "pos", "active", "budget", "key", "temperature", "top_k", "top_p", "forced", "n_forced",
-              "forced_at", "bias_ids", "bias_vals", "presence", "frequency", "counts")
-
-
-@partial(jax.tree_util.register_dataclass, data_fields=["cache", *ROW_FIELDS], meta_fields=[])
+@jax.tree_util.register_dataclass
 @dataclass(frozen=True)
 class DecodeState:
-    """Everything the device holds for B decoding rows, as one pytree (donated to every step): the KV cache
-    {"k", "v"} [layers, B, kv_heads, max_len, head_dim] (None for rows not yet admitted) and per row: last (the token
-    to feed next), pos (its position), active, budget (tokens it may still emit), key, temperature, top_k, top_p,
-    the tool's forced tokens (forced [B, FORCED_SLOTS], n_forced, forced_at), logit bias (bias_ids, bias_vals
-    [B, BIAS_SLOTS]), presence and frequency penalties and the generated-token counts [B, V] they act on."""
+    """Everything the device holds for B decoding rows, one pytree donated to every step: the KV cache (None for
+    rows not yet admitted) and per row: last (the token to feed next), pos (its position), active, budget (tokens it
+    may still emit), the sampling settings, the tool's forced tokens (forced [B, FORCED_SLOTS], n_forced, forced_at),
+    logit bias [B, BIAS_SLOTS], presence and frequency penalties and the generated-token counts [B, V]."""
     cache: dict | None
     last: jax.Array
     pos: jax.Array
@@ -136,13 +124,10 @@ class DecodeState:
     @classmethod
     def empty(cls, config, slots: int, max_len: int, dtype) -> "DecodeState":
         """`slots` idle rows and an empty cache."""
-        z = jnp.zeros
-        return cls(init_cache(config, slots, max_len, dtype), z(slots, jnp.int32), z(slots, jnp.int32), z(slots, bool),
-                   z(slots, jnp.int32), jax.random.split(jax.random.key(0), slots), z(slots, jnp.float32),
-                   z(slots, jnp.int32), jnp.ones(slots, jnp.float32), z((slots, FORCED_SLOTS), jnp.int32),
-                   z(slots, jnp.int32), z(slots, jnp.int32), z((slots, BIAS_SLOTS), jnp.int32),
-                   z((slots, BIAS_SLOTS), jnp.float32), z(slots, jnp.float32), z(slots, jnp.float32),
-                   z((slots, config.vocab_size), jnp.float32))
+        idle = cls.new(jnp.zeros(slots, jnp.int32), 0, 0, jax.random.split(jax.random.key(0), slots), 0.0, 0, 1.0,
+                       jnp.zeros(0, jnp.int32), config.vocab_size)
+        return idle.replace(cache=init_cache(config, slots, max_len, dtype), active=jnp.zeros(slots, bool),
+                            counts=jnp.zeros((slots, config.vocab_size), jnp.float32))
 
     @classmethod
     def new(cls, first, prompt_len: int, budget: int, keys, temperature, top_k, top_p, stop_tokens, vocab_size: int,
@@ -158,8 +143,8 @@ class DecodeState:
                    jnp.zeros((n, vocab_size), jnp.float32).at[jnp.arange(n), first].add(1.0))
 
     def admit(self, row_cache, prefilled: "DecodeState", i, slot) -> "DecodeState":
-        """Row i of `prefilled` (Engine.start's rows) with the one-row prefill cache, into `slot` (one compiled shape
-        for every request)."""
+        """Row i of `prefilled` (Programs.start's rows) with the one-row prefill cache, into `slot` (one compiled
+        shape for every request)."""
         cache = jax.tree.map(lambda c, n: jax.lax.dynamic_update_slice_in_dim(c, n, slot, axis=1), self.cache,
                              row_cache)
         fields = {f: getattr(self, f).at[slot].set(jax.lax.dynamic_index_in_dim(getattr(prefilled, f), i, 0, False))
@@ -167,16 +152,16 @@ class DecodeState:
         return DecodeState(cache, **fields)
 
     def step(self, model, pause_tokens, steps: int, attend_len: int | None = None):
-        """Up to `steps` tokens per row; a row pauses after emitting one of pause_tokens. attend_len: attention reads
-        the cache's first attend_len positions (>= every active row's pos + steps; default: all). Returns (state, out):
-        out["tokens"] [B, steps] (-1 where a row emitted nothing), out["forced"], out["logprob"] [B, steps],
-        out["top_ids"] and out["top_logprobs"] [B, steps, TOP_LOGPROBS]."""
+        """Up to `steps` tokens per row; a row pauses after emitting one of pause_tokens. Attention reads the cache's
+        first attend_len positions (>= every active row's pos + steps; default: all). Returns (state, out): tokens,
+        forced, logprob [B, steps] (token -1 where a row emitted nothing), top_ids, top_logprobs [B, steps, K]."""
         max_pos = self.cache["k"].shape[3] - 1
 
         def one(r, _):
             logits, cache = model.forward_cached(r.last[:, None], r.cache, r.pos, attend_len)
             keys = jax.vmap(jax.random.fold_in)(r.key, r.pos + 1)  # a row's draws depend on its own state only
-            sampled = sample(adjust(logits[:, -1], r), keys, r.temperature, r.top_k, r.top_p)
+            logits_BV = adjust(logits[:, -1], r.bias_ids, r.bias_vals, r.frequency, r.presence, r.counts)
+            sampled = sample(logits_BV, keys, r.temperature, r.top_k, r.top_p)
             use_forced = r.forced_at < r.n_forced
             forced = jnp.take_along_axis(r.forced, jnp.minimum(r.forced_at, FORCED_SLOTS - 1)[:, None], 1)[:, 0]
             token = jnp.where(use_forced, forced, sampled)
@@ -198,12 +183,15 @@ def decode(graphdef, params, state: DecodeState, pause_tokens, steps: int, atten
 
 
 def decode_rows(graphdef, params, state: DecodeState, rows, real, pause_tokens, steps: int, attend_len: int):
-    """decode on the rows `rows` [b] of the state only (the busy ones, then free ones as padding, `real` False:
-    those write nothing back). Each row's cache is copied up to attend_len (all that attention reads) and written
-    back there, row by row (contiguous copies, not a scatter). Returns (state, out), out's rows in `rows` order."""
+    """decode on the rows `rows` [b] only (the busy ones, then free ones as padding, `real` False: those write
+    nothing back). Each row's cache is copied up to attend_len (all that attention reads) and written back, row by
+    row (contiguous copies, not a scatter). Returns (state, out), out's rows in `rows` order."""
     def take(x, axis, length=None):  # the b rows of x along `axis` (the cache: its first `length` positions)
         parts = [jax.lax.dynamic_index_in_dim(x, r, axis, keepdims=True) for r in rows]
-        return jnp.concatenate([p[:, :, :, :length] if length else p for p in parts], axis)
+        if length:  # positions are the cache entry's last axis but one (k, v) or its last (smear's tokens)
+            parts = [jax.lax.slice_in_dim(p, 0, length, axis=p.ndim - 2 if p.ndim == 5 else p.ndim - 1)
+                     for p in parts]
+        return jnp.concatenate(parts, axis)
 
     def put(x, new, axis):  # write rows back, padding first: a real row's write is never undone
         for j in reversed(range(rows.shape[0])):
@@ -222,22 +210,15 @@ def decode_rows(graphdef, params, state: DecodeState, rows, real, pause_tokens, 
                        **{f: put(getattr(state, f), getattr(sub, f), 0) for f in ROW_FIELDS}), out
 
 
-def attend_buckets(max_len: int, smallest: int = 256) -> list[int]:
-    """The attention lengths decode calls use: powers of two from `smallest`, then max_len (one compiled decode
-    program each; a call takes the first that covers every active row)."""
-    sizes = [smallest]
-    while sizes[-1] < max_len:
-        sizes.append(min(2 * sizes[-1], max_len))
-    return [s for s in sizes if s <= max_len] or [max_len]
-
-
 def score(graphdef, params, ids_1L):
     """Per position i: the model's log-probability of token i+1 and its top alternatives (the last position's
     entries are meaningless: nothing follows it)."""
-    model = nnx.merge(graphdef, params)
-    logits = model(ids_1L)[0]
+    logits = nnx.merge(graphdef, params)(ids_1L)[0]
     nxt = jnp.concatenate([ids_1L[0, 1:], ids_1L[0, -1:]])
     return token_logprobs(logits, nxt)
+
+
+ROW_FIELDS = tuple(f.name for f in dataclasses.fields(DecodeState) if f.name != "cache")
 
 
 def row_cache(state: DecodeState, slot):
@@ -250,24 +231,16 @@ def bias_arrays(bias, n: int):
     items = sorted((bias or {}).items())
     if len(items) > BIAS_SLOTS:
         raise ValueError(f"logit_bias takes at most {BIAS_SLOTS} tokens")
-    ids = np.zeros(BIAS_SLOTS, np.int32)
-    vals = np.zeros(BIAS_SLOTS, np.float32)
-    for i, (t, v) in enumerate(items):
-        ids[i], vals[i] = t, v
+    ids = np.asarray([t for t, _ in items] + [0] * (BIAS_SLOTS - len(items)), np.int32)
+    vals = np.asarray([v for _, v in items] + [0] * (BIAS_SLOTS - len(items)), np.float32)
     return jnp.broadcast_to(jnp.asarray(ids), (n, BIAS_SLOTS)), jnp.broadcast_to(jnp.asarray(vals), (n, BIAS_SLOTS))
-
-
-def _round_up(n: int, base: int) -> int:
-    return -(-n // base) * base
 
 
 class Programs:
     """One model's jitted programs and weights, and the checks of a request against them: what the scheduler is
     given to run. `use(model)` swaps in new weights of the same architecture (RL's policy after each step)."""
 
-    def __init__(self, model, tokenizer, compute_dtype_weights: bool = False):
-        """compute_dtype_weights: keep the weights in the model's compute dtype (bf16 on GPU/TPU) rather than
-        casting the fp32 master weights at every matmul of every step (serving: half the weight reads)."""
+    def __init__(self, model, tokenizer, compute_dtype_weights: bool = False):  # (see Engine)
         self.graphdef, _ = nnx.split(model)
         self.config, self.dtype, self.compute_dtype_weights = model.config, model.dtype, compute_dtype_weights
         self.vocab_size = tokenizer.get_vocab_size()
@@ -278,15 +251,15 @@ class Programs:
         self.stops = (tokenizer.encode_special("<|assistant_end|>"), self.bos)
         self.pause_tokens = jnp.array((self.python_end,) + self.stops, jnp.int32)
         self.prefill = jax.jit(partial(prefill, self.graphdef), static_argnames="cache_len")
-        self.decode = jax.jit(partial(decode, self.graphdef), donate_argnums=(1,),
-                              static_argnames=("steps", "attend_len"))
-        self.decode_rows = jax.jit(partial(decode_rows, self.graphdef), donate_argnums=(1,),
-                                   static_argnames=("steps", "attend_len"))
+        donated_state = dict(donate_argnums=(1,), static_argnames=("steps", "attend_len"))
+        self.decode = jax.jit(partial(decode, self.graphdef), **donated_state)
+        self.decode_rows = jax.jit(partial(decode_rows, self.graphdef), **donated_state)
         self.admit = jax.jit(DecodeState.admit, donate_argnums=(0,))
         self.row_cache = jax.jit(row_cache)
         self._score = jax.jit(partial(score, self.graphdef))
-        self.max_len = _round_up(self.config.sequence_len + 1, 256)  # one cache length: a conversation never recompiles
-        self.attend_buckets = attend_buckets(self.max_len)
+        self.max_len = -(-(self.config.sequence_len + 1) // 256) * 256  # one cache length: a chat never recompiles
+        # the decode programs' attention lengths (a call takes the first that covers it): 256, 512, ..., max_len
+        self.attend_buckets = sorted({min(256 << i, self.max_len) for i in range(self.max_len.bit_length())})
 
     def use(self, model):
         graphdef, params = nnx.split(model)
@@ -302,8 +275,10 @@ class Programs:
         """The attention length for a decode call whose rows reach at most `longest` positions."""
         return next((b for b in self.attend_buckets if b >= longest), self.max_len)
 
-    def check_request(self, tokens, max_tokens, temperature, top_k, top_p=1.0) -> int:
-        """Validates a request; returns the token budget that fits the model's context."""
+    def check_request(self, tokens, max_tokens, temperature, top_k, top_p=1.0, bias=None, presence=0.0,
+                      frequency=0.0) -> int:
+        """Validates a request, its logit_bias ({token id: -100..100}) and presence/frequency penalties (-2..2);
+        returns the token budget that fits the model's context."""
         if not tokens or not all(isinstance(t, (int, np.integer)) for t in tokens):
             raise ValueError("tokens must be a non-empty list of token ids")
         if temperature < 0 or (top_k is not None and not 1 <= top_k <= MAX_TOP_K) or not 0 < top_p <= 1:
@@ -313,10 +288,6 @@ class Programs:
         room = self.config.sequence_len - len(tokens)
         if room < 1:
             raise ValueError(f"the prompt has {len(tokens)} tokens; the model's context is {self.config.sequence_len}")
-        return room if max_tokens is None else min(max_tokens, room)
-
-    def check_sampling(self, bias=None, presence=0.0, frequency=0.0):
-        """Validates logit_bias ({token id: -100..100}) and the presence/frequency penalties (-2..2)."""
         for token, value in (bias or {}).items():
             if not isinstance(token, (int, np.integer)) or not 0 <= token < self.vocab_size:
                 raise ValueError(f"logit_bias: {token!r} is not a token id of this model")
@@ -326,15 +297,15 @@ class Programs:
             raise ValueError(f"logit_bias takes at most {BIAS_SLOTS} tokens")
         if not -2 <= presence <= 2 or not -2 <= frequency <= 2:
             raise ValueError("presence_penalty and frequency_penalty must be in -2..2")
+        return room if max_tokens is None else min(max_tokens, room)
 
     def start(self, tokens, keys, max_tokens, temperature, top_k, top_p, bias=None, presence=0.0, frequency=0.0,
               reuse=None):
         """Prefill a prompt for len(keys) rows: (one-row cache, `prefilled`: a DecodeState of those rows without a
-        cache, ready to be admitted, (logprob, top_ids, top_logprobs) of each row's first token). The rows are
-        padded to a power of two (copies of the first key): take the first len(keys); every shape then comes from a
-        few buckets, so a new sample count compiles nothing, not even an eager op.
-        reuse: (row cache, n) where the row cache already holds the prompt's first n tokens: only the rest is run."""
-        row, done = reuse if reuse is not None else (None, 0)
+        cache, (logprob, top_ids, top_logprobs) of each row's first token). The rows are padded to a power of two
+        (copies of the first key; take the first len(keys)): a new sample count compiles nothing, not even an eager
+        op. reuse: (row cache, n) where the row cache already holds the prompt's first n tokens: only the rest runs."""
+        row, done = reuse or (None, 0)
         rest = list(tokens[done:])
         # prompt lengths share a few compiled shapes: powers of two (within the cache: a write past its end would
         # be moved back by XLA onto positions that hold the prompt)
@@ -349,13 +320,11 @@ class Programs:
                                           jnp.full(padded, top_k or 0, jnp.int32), jnp.full(padded, top_p, jnp.float32),
                                           bias_ids, bias_vals, cache_len=self.max_len, row_cache=row, start=done)
         prefilled = DecodeState.new(first, len(tokens), max_tokens - 1, keys, temperature, top_k or 0, top_p,
-                                    jnp.asarray(self.stops + (self.python_end,)), self.config.vocab_size, bias,
-                                    presence, frequency)
+                                    self.pause_tokens, self.config.vocab_size, bias, presence, frequency)
         return cache, prefilled, info
 
     def score(self, tokens) -> list[tuple[float, tuple]]:
-        """The model's view of a given text: for each token after the first, (its log-probability given those
-        before it, ((id, log-probability), ...) the TOP_LOGPROBS likeliest tokens at that position)."""
+        """For each token after the first: (its log-probability, ((id, log-probability), ...) the likeliest there)."""
         if len(tokens) < 2:
             return []
         ids = jnp.asarray([list(tokens) + [0] * (bucket(len(tokens)) - len(tokens))], jnp.int32)

@@ -1,22 +1,12 @@
-"""The scheduler: the one owner of the decode state. The CLI, `Engine.generate`, the evals and the HTTP server are its
-clients: they submit requests and read events.
+"""The scheduler, the one owner of the decode state: the CLI, `Engine`, the evals and the server submit requests to it
+and read their events (Token, Finished, Failed, Scored) from `request.events`, a queue.Queue, from any thread.
 
-A request (a prompt, n samples, sampling settings) waits in a bounded queue; the scheduler prefills it into free
-slots of one DecodeState (the KV cache [layers, slots, kv_heads, max_len, head_dim] and the rows' sampling state),
-and from then on each decode call advances the busy slots together: only those rows (their count rounded up to a
-power of two, each count compiled at warm-up), so one client of a server with 8 slots does not pay for 8. Between
-calls it runs the tool: a row paused on <|python_end|> gets the tool's tokens forced into it. A finished or
-cancelled request frees its slots at once; a new one joins at the next call. Each row samples with its own key
-(seed, sample index), so a seeded request gives the same reply whatever else is in the batch. Scoring a text
-(prompt log-probabilities) is a request too, run between decode calls.
-
-`tick()` is one round (scores, admission, tool calls, one decode call, delivery); `start()` runs rounds on a thread
-of its own (the server); `Engine.generate` runs them itself. Events reach the client through `events` (a
-queue.Queue, read from any thread) as typed records: Token (with the model's log-probability and its TOP_LOGPROBS
-alternatives), Finished, Failed, Scored.
-
-A freed slot keeps its cache row: the next turn of the same conversation, whose prompt starts with the tokens that
-row holds, is admitted there and prefills only the new tokens (time to first token does not grow with the turns).
+A request waits in a bounded queue until it is prefilled into free slots of one DecodeState. Each decode call
+advances only the busy rows (their count rounded up to a power of two, each count compiled at warm-up); between calls
+a row paused on <|python_end|> gets the tool's tokens forced into it, and a finished or cancelled request frees its
+slots. Each row samples with its own key (seed, sample index): a seeded reply does not depend on the rest of the
+batch. A freed slot keeps its cache row: the next turn of that conversation is admitted there and prefills only its
+new tokens. `tick()` is one round; `start()` runs rounds on a thread of its own (the server).
 """
 import itertools
 import queue
@@ -107,8 +97,7 @@ class ScoreRequest(Submission):
 
 @dataclass
 class Slot:
-    """What the host keeps for one busy slot: its request and sample, the row's tokens so far (for the tool), and
-    whether it waits for a tool result."""
+    """The host's side of a busy slot: its request and sample, the row's tokens so far (for the tool)."""
     request: Request
     sample: int
     history: list[int]
@@ -124,8 +113,7 @@ class Scheduler:
         them: a server's); else every call covers every slot (one program: evals, whose batches start full)."""
         self.programs, self.tool, self.n_slots, self.chunk = programs, tool, slots, chunk
         self.busy_rows_only = busy_rows_only
-        self.waiting: queue.Queue = queue.Queue(max_waiting)
-        self.scoring: queue.Queue = queue.Queue(max_waiting)
+        self.waiting, self.scoring = queue.Queue(max_waiting), queue.Queue(max_waiting)
         self.slots: list[Slot | None] = [None] * slots
         self.stats = {"requests_served": 0, "tokens_generated": 0, "prompt_tokens_reused": 0}
         self.state = DecodeState.empty(programs.config, slots, programs.max_len, programs.dtype)
@@ -147,8 +135,8 @@ class Scheduler:
             if request.n > self.n_slots:
                 raise ValueError(f"n={request.n} is more than the {self.n_slots} decode slots")
             request.max_tokens = p.check_request(request.tokens, request.max_tokens, request.temperature,
-                                                 request.top_k, request.top_p)
-            p.check_sampling(request.bias, request.presence, request.frequency)
+                                                 request.top_k, request.top_p, request.bias, request.presence,
+                                                 request.frequency)
             target = self.waiting
         try:
             target.put_nowait(request)
@@ -185,34 +173,29 @@ class Scheduler:
                 self.fail(f"engine error: {type(error).__name__}: {error}")
 
     def warm_up(self) -> int:
-        """Compile what requests will need before the first one comes: the prefill at every prompt-length bucket
-        (one sample; fresh, and onto a parked row), the admission, and the decode call for every count of busy rows
-        and attention length. Run it before `start()`. Returns how many prompts it ran."""
-        p, length, ran = self.programs, 16, 0
-        while True:
-            n = min(length, p.config.sequence_len - 1)
+        """Compile, before `start()`, the prefill at every prompt-length bucket (fresh and onto a parked row), the
+        admission and the decode call at every count of busy rows and attention length. Returns the prompts it ran."""
+        p = self.programs
+        lengths = [16 << i for i in range(p.max_len.bit_length())]  # 16, 32, ... up to max_len and past it
+        prompts = sorted({min(n, p.config.sequence_len - 1) for n in lengths})
+        for n in prompts:
             self.parked = [None] * self.n_slots  # a fresh prefill each time (the last prompt is a prefix of this one)
             request = self.submit(Request([p.bos] * n, 1, 1, 0.0, None, 1.0, 0))
             while len(request.finished) < request.n and self.tick():
                 pass
-            ran += 1
-            if n >= p.config.sequence_len - 1 or length >= p.max_len:
-                break
-            length *= 2
-        length, keys = 16, jax.random.split(jax.random.key(0), 1)
-        while length < p.max_len:  # the prefill of a later turn's new tokens onto a parked row, at every length
-            p.start([p.bos] * (length + 1), keys, 1, 0.0, None, 1.0, reuse=(p.row_cache(self.state, 0), 1))
-            length *= 2
+        keys = jax.random.split(jax.random.key(0), 1)
+        for n in (n for n in lengths if n < p.max_len):  # a later turn's new tokens onto a parked row
+            p.start([p.bos] * (n + 1), keys, 1, 0.0, None, 1.0, reuse=(p.row_cache(self.state, 0), 1))
         for attend_len in p.attend_buckets:  # every decode program, on idle rows: nothing is emitted
             for rows in self._row_counts():
                 self._decode([], rows, attend_len)
-        self.stats = {"requests_served": 0, "tokens_generated": 0, "prompt_tokens_reused": 0}
+        self.stats = dict.fromkeys(self.stats, 0)
         self.parked = [None] * self.n_slots
-        return ran
+        return len(prompts)
 
     def tick(self) -> bool:
-        """One round: scores, admit what fits, drop the cancelled, run the tool, one decode call, deliver the
-        tokens. Returns False when there was nothing to do."""
+        """One round: scores, admission, the cancelled dropped, tool calls, one decode call, delivery. Returns False
+        when there was nothing to do."""
         scored = self._score_waiting()
         self.admit()
         self._release_cancelled()
@@ -235,14 +218,12 @@ class Scheduler:
         for request in {s.request for s in self.slots if s is not None} | ({self._admitting} - {None}):
             request.put(Failed(message))
         self.slots, self._admitting, self.parked = [None] * self.n_slots, None, [None] * self.n_slots
-        p = self.programs
-        self.state = DecodeState.empty(p.config, self.n_slots, p.max_len, p.dtype)
+        self.state = DecodeState.empty(self.programs.config, self.n_slots, self.programs.max_len, self.programs.dtype)
 
     # ---- the steps of a round
     def _row_counts(self) -> list[int]:
         """The decode calls' row counts: powers of two below the slot count (busy_rows_only), then every slot."""
-        smaller = [r for r in (1 << i for i in range(self.n_slots.bit_length())) if r < self.n_slots]
-        return (smaller if self.busy_rows_only else []) + [self.n_slots]
+        return [1 << i for i in range((self.n_slots - 1).bit_length()) if self.busy_rows_only] + [self.n_slots]
 
     def _decode(self, busy: list[int], rows: int, attend_len: int):
         p = self.programs
@@ -257,12 +238,11 @@ class Scheduler:
         return out
 
     def _score_waiting(self) -> bool:
-        done = False
+        done = not self.scoring.empty()
         while not self.scoring.empty():
             request = self.scoring.get_nowait()
             if not request.cancelled:
                 request.put(Scored(self.programs.score(request.tokens)))
-            done = True
         return done
 
     def admit(self):
@@ -296,9 +276,8 @@ class Scheduler:
             self._free_finished(request)
 
     def _choose_slots(self, request, free: list[int]):
-        """(slots for the request's samples, reuse for Programs.start). A one-sample request whose prompt starts
-        with what a free slot's cache still holds (the same conversation's earlier turns) goes there and prefills
-        only the rest; otherwise the slots freed longest ago are taken, so recent conversations stay parked."""
+        """(slots, reuse for Programs.start): a one-sample request goes to the free slot whose cache holds its
+        prompt's start (the conversation's earlier turns), else to the slots freed longest ago (others stay parked)."""
         p = self.programs
 
         def held(slot) -> int:  # how many of the prompt's first tokens the slot's cache row holds
@@ -310,8 +289,7 @@ class Scheduler:
 
         if request.n == 1:
             best = max(free, key=held)
-            if held(best) >= MIN_REUSE:
-                n = held(best)
+            if (n := held(best)) >= MIN_REUSE:
                 self.stats["prompt_tokens_reused"] += n
                 self.parked[best] = None
                 return [best], (p.row_cache(self.state, best), n)
