@@ -305,6 +305,28 @@ def test_the_scheduler_decodes_only_the_busy_rows(engine, tokenizer):
         programs.decode, programs.decode_rows = full, rows_only
 
 
+def test_the_busy_rows_decode_serves_the_modern_model(tokenizer):
+    """With smear the cache also records each row's tokens ([1, B, S]): the busy-rows decode copies those rows too,
+    and one request in a scheduler of 3 slots gets the tokens of greedy decoding by full forwards."""
+    from nanochat_jax.inference.scheduler import Request
+    from nanochat_jax.model.gpt import modern_config
+    config = modern_config(tiny_config(vocab_size=tokenizer.get_vocab_size(), sequence_len=64, n_layer=3))
+    model = randomize(GPT(config, rngs=nnx.Rngs(0)), std=0.5)
+    engine = Engine(model, tokenizer, chunk=4)
+    prompt = tokenizer.encode("smear reads the token before", prepend="<|bos|>")
+    request = Request(list(prompt), 1, 10, 0.0, None, 1.0, 0)
+    scheduler = engine.scheduler(slots=3, chunk=4)
+    scheduler.submit(request)
+    while not request.finished:
+        scheduler.tick()
+    served = [e.id for e in list(request.events.queue) if hasattr(e, "id")]
+    ids = list(prompt)
+    for _ in range(len(served)):
+        logits = np.asarray(logits_of(model, jnp.asarray([ids + [0] * (64 - len(ids))])))
+        ids.append(int(np.argmax(logits[0, len(ids) - 1])))
+    assert served and served == ids[len(prompt):]
+
+
 def test_the_first_column_leaves_when_the_prefill_is_done(engine, tokenizer):
     """Engine.generate yields the first token of every sample before its first decode call; scoring a text goes
     through the scheduler and gives the model's log-probabilities."""
