@@ -4,9 +4,8 @@
     python -m evals.base --checkpoint ~/.cache/nanochat/base_checkpoints/d20   # a nanochat checkpoint (needs torch)
     python -m evals.base --max-per-task 100 --eval-tokens 0 --json-out core.json  # a quick CORE only
 
-The bundle lives in $NANOCHAT_BASE_DIR/eval_bundle/ (core.yaml, eval_data/, eval_meta_data.csv) and is downloaded
-from nanochat's bundle URL when missing. bpb uses the FineWeb shards in base_data/ (train: the first shards, val: the
-last).
+The bundle ($NANOCHAT_BASE_DIR/eval_bundle/: core.yaml, eval_data/, eval_meta_data.csv) is downloaded from nanochat's
+URL when missing; bpb reads the FineWeb shards in base_data/ (train: the first shards, val: the last).
 """
 import argparse
 import glob
@@ -24,13 +23,12 @@ from nanochat_jax.evaluation import core as core_eval
 from nanochat_jax.evaluation import report
 from nanochat_jax.evaluation.bits_per_byte import bits_per_byte, loss_sums, print_samples, unigram_bpb
 from nanochat_jax.training.checkpoint import STAGE_DIRS, load_model, stage_directory
-from nanochat_jax.common import run_entry_point
-from nanochat_jax.common import (CompileCount, get_base_dir, init_distributed, parse_dtype, print0,
+from nanochat_jax.common import (CompileCount, get_base_dir, init_distributed, parse_dtype, print0, run_entry_point,
                                  use_compilation_cache)
 from nanochat_jax.data.dataloader import pretraining_batches
 from nanochat_jax.data.dataset import check_shards, standin_corpus
 from nanochat_jax.model.sharding import make_mesh
-from nanochat_jax.training.stages import check_mesh
+from nanochat_jax.training.stages import check_flags
 
 
 def parse_args(argv=None):
@@ -50,14 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--mesh", default=None)
     p.add_argument("--json-out", default=None)
     args = p.parse_args(argv)
-    if args.max_per_task == 0 or args.max_per_task < -1:
-        p.error("--max-per-task must be positive, or -1 for all")
-    for name in ("batch_size", "device_batch_size", "max_seq_len"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be positive")
-    if args.eval_tokens < 0:
-        p.error("--eval-tokens must be >= 0")
-    check_mesh(p, args)
+    check_flags(p, args, positive=("batch_size", "device_batch_size", "max_seq_len"), every=("max_per_task",),
+                nonnegative=("eval_tokens",))
     return args
 
 

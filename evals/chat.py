@@ -19,8 +19,8 @@ from nanochat_jax.sandbox import execution
 from nanochat_jax.evaluation import report
 from nanochat_jax.evaluation.chat_tasks import categorical_outcomes, generative_outcomes
 from nanochat_jax.training.checkpoint import STAGE_DIRS, load_stage
-from nanochat_jax.common import CompileCount, parse_dtype, print0, single_host_only, use_compilation_cache
-from nanochat_jax.common import run_entry_point
+from nanochat_jax.common import (CompileCount, parse_dtype, print0, run_entry_point, single_host_only,
+                                 use_compilation_cache)
 from nanochat_jax.inference.engine import Engine
 from nanochat_jax.training.stages import check_flags
 from nanochat_jax.tasks.registry import CHAT_TASKS, CHATCORE_TASKS, STANDINS, chatcore

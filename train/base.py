@@ -71,6 +71,9 @@ def parse_args(argv=None):
     return args
 
 
+HORIZON_UNITS = {"num_params": "parameter", "scaling_params": "scaling parameter"}
+
+
 def horizon_params(config) -> int:
     """What --target-param-data-ratio counts: every parameter (classic), block matrices + lm_head (modern)."""
     return getattr(config, RECIPES[config.recipe].horizon_params)()
@@ -123,7 +126,7 @@ def main(argv=None):
     print0(f"{config}\nparameters {config.num_params():,} | FLOPs/token {config.flops_per_token():.3e} | mesh "
            f"{dict(trainer.mesh.shape)} | {jnp.dtype(parse_dtype(args.dtype)).name} | {accum_steps} micro-steps of "
            f"{args.device_batch_size * jax.device_count()} rows | {num_iterations:,} steps, {tokens:,} tokens "
-           f"({tokens / horizon_params(config):.2f} per {RECIPES[args.recipe].horizon_params.replace('num_params', 'parameter').replace('_params', ' parameter')})")
+           f"({tokens / horizon_params(config):.2f} per {HORIZON_UNITS[RECIPES[args.recipe].horizon_params]})")
     # compile the step now: print its memory per device, refuse a run that will not fit (before any state is made)
     check_training_memory(trainer, args.device_batch_size, args.max_seq_len, accum_steps)
 

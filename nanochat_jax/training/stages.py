@@ -210,7 +210,8 @@ class Stage:
         """The report card's section for this run (with its training time and directory), and wandb's end."""
         last = state.loop.last_eval | ({} if state.loop.min_val_bpb is None else
                                        {"minimum val_bpb": state.loop.min_val_bpb})
-        print0("".join(f"{k} {v:.4f} | " for k, v in last.items()) + f"training time {state.loop.total_time / 60:.2f}m | checkpoints in {self.checkpointer.directory}")
+        print0("".join(f"{k} {v:.4f} | " for k, v in last.items()) + f"training time "
+               f"{state.loop.total_time / 60:.2f}m | checkpoints in {self.checkpointer.directory}")
         report.log(section, vars(self.args), {"checkpoint_dir": self.checkpointer.directory, **results,
                                               "training time (min)": state.loop.total_time / 60},
                    report.standin(standin))
