@@ -1,6 +1,7 @@
 """Small helpers shared by every stage: joining a multi-process run (and leaving it when a peer dies), the base
 directory, logging on process 0, the default compute dtype."""
 import atexit
+import contextlib
 import os
 import socket
 import sys
@@ -12,24 +13,20 @@ import jax.numpy as jnp
 
 
 def init_distributed() -> bool:
-    """Join a multi-process run (the hosts of a TPU slice, or GPU nodes) when NANOCHAT_MULTIHOST=1 or
-    JAX_COORDINATOR_ADDRESS is set; returns whether it did. The coordinator, process count and id come from the
-    cluster (Cloud TPU, SLURM, Open MPI, Kubernetes: JAX's own detection), or from JAX_COORDINATOR_ADDRESS,
-    JAX_NUM_PROCESSES and JAX_PROCESS_ID. Call it first, before anything touches a device. One process on one host
-    needs none of it."""
+    """Join a multi-process run when NANOCHAT_MULTIHOST=1 or JAX_COORDINATOR_ADDRESS is set (JAX's cluster detection,
+    or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID); returns whether it did. Call before device work."""
     if os.environ.get("NANOCHAT_MULTIHOST") != "1" and not os.environ.get("JAX_COORDINATOR_ADDRESS"):
         return False
     from jax._src import clusters
-    count, index = os.environ.get("JAX_NUM_PROCESSES"), os.environ.get("JAX_PROCESS_ID")
-    ids = os.environ.get("JAX_LOCAL_DEVICE_IDS")
+    count, index, ids = (os.environ.get(f"JAX_{name}") for name in ("NUM_PROCESSES", "PROCESS_ID", "LOCAL_DEVICE_IDS"))
     address, count, index, ids = clusters.ClusterEnv.auto_detect_unset_distributed_params(
         os.environ.get("JAX_COORDINATOR_ADDRESS"), None if count is None else int(count),
         None if index is None else int(index), None if ids is None else [int(i) for i in ids.split(",")], None, 300)
     timeout = float(os.environ.get("NANOCHAT_PEER_TIMEOUT", "60"))
     # JAX's own client ends a process with an abort and a C++ stack when it loses the coordinator (at once, on the
-    # closed socket) or a heartbeat (later than the watchdog below); it takes a callback, but this jaxlib cannot pass
-    # it the status (std::bad_cast, an abort). So a worker's client talks to the coordinator through a relay of ours,
-    # which sees the closed socket first and leaves the run with one line.
+    # closed socket) or a heartbeat (later than the watchdog below); this jaxlib cannot pass its callback the status
+    # (std::bad_cast, an abort). So a worker's client talks to the coordinator through a relay of ours, which sees
+    # the closed socket first and leaves the run with one line.
     client_address = address if index == 0 or address is None else _coordinator_relay(address, _ARMED)
     jax.distributed.initialize(client_address, count, index, ids, heartbeat_timeout_seconds=int(2 * timeout + 30),
                                coordinator_bind_address=os.environ.get("JAX_COORDINATOR_BIND_ADDRESS")
@@ -43,33 +40,21 @@ _ARMED = threading.Event()  # set while this process is in a run (a lost coordin
 
 
 def _coordinator_relay(address: str, armed: threading.Event) -> str:
-    """A TCP relay on 127.0.0.1 to the coordinator at `address`; returns its address. When the coordinator's end of
-    a connection closes while `armed` (it died, or its host is gone), this process leaves the run at once; a close
-    from our own client's end closes the connection quietly."""
+    """A TCP relay on 127.0.0.1 to the coordinator at `address`; returns its address. The coordinator's end closing
+    while `armed` (it died, or its host is gone) makes this process leave the run; our client's end closes quietly."""
     host, port = address.rsplit(":", 1)
     listener = socket.create_server(("127.0.0.1", 0))
 
     def pump(src, dst, from_coordinator, closed):
-        while True:
-            try:
-                data = src.recv(1 << 16)
-            except OSError:
-                data = b""
-            if data:
-                try:
-                    dst.sendall(data)
-                    continue
-                except OSError:
-                    pass
-            if from_coordinator and armed.is_set() and not closed.is_set():
-                _leave_run("lost the coordinator, process 0 (its connection closed)")
-            closed.set()
-            for sock in (src, dst):
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-            return
+        with contextlib.suppress(OSError):  # a failed recv or send closes the connection like an empty recv
+            while data := src.recv(1 << 16):
+                dst.sendall(data)
+        if from_coordinator and armed.is_set() and not closed.is_set():
+            _leave_run("lost the coordinator, process 0 (its connection closed)")
+        closed.set()
+        for sock in (src, dst):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     def accept():
         while True:
@@ -90,8 +75,7 @@ def _coordinator_relay(address: str, armed: threading.Event) -> str:
 
 
 def single_host_only(entry_point: str):
-    """For entry points that run on one host (they sample with the local devices): refuse a multi-process launch
-    clearly instead of running N independent copies that all write the same results."""
+    """Refuse a multi-process launch of a one-host entry point (N copies would all write the same results)."""
     if os.environ.get("NANOCHAT_MULTIHOST") == "1" or os.environ.get("JAX_COORDINATOR_ADDRESS"):
         raise SystemExit(f"{entry_point} runs on one host: start it on one worker (e.g. --worker=0) without "
                          "NANOCHAT_MULTIHOST / JAX_COORDINATOR_ADDRESS; it uses that host's chips")
@@ -110,9 +94,8 @@ def _leave_run(reason: str):
 
 def start_peer_watchdog(timeout_s: float, interval_s: float = 1.0):
     """Every process bumps its own counter in the coordinator's key-value store; when a peer's counter stops moving
-    for timeout_s (killed, crashed, cut off), or the store itself stops answering (process 0 gone), this process says
-    which and exits with PEER_LOST_EXIT_CODE instead of waiting forever in a collective the peer will never join.
-    Counters, not clocks, so hosts need not agree on the time."""
+    for timeout_s, or the store stops answering (process 0 gone), this process says which and exits with
+    PEER_LOST_EXIT_CODE instead of waiting forever in a collective. Counters, not clocks: hosts' clocks may differ."""
     from jax._src.distributed import global_state
     client, me, n = global_state.client, jax.process_index(), jax.process_count()
     state = {"last_ok": time.monotonic()}
@@ -156,9 +139,8 @@ def start_peer_watchdog(timeout_s: float, interval_s: float = 1.0):
 
 def run_entry_point(main):
     """Run an entry point's main(): a missing input (our FileNotFoundErrors name the file and the fix) ends it with
-    that one line and exit code 1, Ctrl-C with one line and exit code 130, neither with a traceback; in a
-    multi-process run any error ends this process at once with one line, exit code PEER_LOST_EXIT_CODE and the
-    --resume advice (a lost peer shows up as a failed collective)."""
+    one line and exit code 1, Ctrl-C with one line and 130; in a multi-process run any error ends this process at
+    once with one line, PEER_LOST_EXIT_CODE and the --resume advice (a lost peer shows up as a failed collective)."""
     name = os.path.basename(sys.argv[0]) or "nanochat-jax"
     try:
         main()
@@ -209,9 +191,7 @@ def check_writable(directory: str, what: str, probe_bytes: int = 1 << 20):
 
 
 def use_compilation_cache():
-    """JAX's persistent compilation cache in $NANOCHAT_BASE_DIR/jax_cache (unless $JAX_COMPILATION_CACHE_DIR names
-    another): a program compiled by one run is read back by the next, so a restarted server or CLI does not wait on
-    the compiler again."""
+    """JAX's persistent compilation cache in $NANOCHAT_BASE_DIR/jax_cache, unless $JAX_COMPILATION_CACHE_DIR is set."""
     if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         jax.config.update("jax_compilation_cache_dir", os.path.join(get_base_dir(), "jax_cache"))
 

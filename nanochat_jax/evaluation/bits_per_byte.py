@@ -1,9 +1,7 @@
-"""Base-model evaluation shared by training (validation during base and midtraining, SFT's validation loss) and
-`python -m evals.base`: summed loss and bits per byte over batches of rows, and greedy samples of a few prompts.
-
-Bits per byte as nanochat's evaluate_bpb counts it: the summed loss in nats over every target whose token has
-bytes (special tokens have 0 and are left out), divided by ln 2 x those bytes. Both take a model (nnx) whose params
-live on a mesh; the rows are split over the mesh's batch axes.
+"""Base-model evaluation for training's validation losses and `python -m evals.base`: summed loss and bits per byte
+over batches of rows (split over the mesh's batch axes), and greedy samples of a few prompts. Bits per byte as
+nanochat's evaluate_bpb counts it: the nats over every target whose token has bytes (special tokens have 0),
+divided by ln 2 x those bytes.
 """
 from functools import partial
 
@@ -21,11 +19,6 @@ SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is",
                   "The planets of the solar system are:", "My favorite color is", "If 5*x + 3 = 13, then x is"]
 
 
-def _mesh_of(params):
-    """The mesh the params live on (a model built eagerly, not placed: every device on the data axis)."""
-    return getattr(getattr(jax.tree.leaves(params)[0], "sharding", None), "mesh", None) or make_mesh()
-
-
 @partial(jax.jit, static_argnums=(0, 1))
 def _sums(graphdef, mesh, params, batch, token_bytes):
     y = batch["targets"]
@@ -40,7 +33,8 @@ def loss_sums(model, batches, num_batches: int, token_bytes) -> dict:
     """{"nats", "tokens", "bpb_nats", "bytes"} summed over num_batches batches ({"inputs", "targets"} [rows, T],
     this process's rows; target -1 is not counted) drawn from `batches`."""
     graphdef, params = nnx.split(model)
-    mesh = _mesh_of(params)
+    # the mesh the params live on (a model built eagerly, not placed: every device on the data axis)
+    mesh = getattr(getattr(jax.tree.leaves(params)[0], "sharding", None), "mesh", None) or make_mesh()
     sharding, token_bytes = batch_sharding(mesh), jnp.asarray(token_bytes)
     totals = {}
     for _ in range(num_batches):
@@ -56,9 +50,8 @@ def bits_per_byte(sums: dict) -> float:
 
 
 def unigram_bpb(train_batches, val_batches, num_batches: int, token_bytes, vocab_size: int) -> float:
-    """Bits per byte of the best guess that ignores context: each validation target at its frequency among the
-    targets of 4 x num_batches training batches (add-one smoothed), counted over the same tokens as loss_sums (those
-    of at least one byte). A model below it has learned something from context. (This process's rows.)"""
+    """Bits per byte (over loss_sums' tokens, this process's rows) of each validation target at its add-one smoothed
+    frequency in 4 x num_batches training batches: the best guess without context, which a model should beat."""
     token_bytes = np.asarray(token_bytes)
     counts = np.ones(vocab_size)
     for _ in range(4 * num_batches):
@@ -71,7 +64,7 @@ def unigram_bpb(train_batches, val_batches, num_batches: int, token_bytes, vocab
         targets = targets[targets >= 0]
         counted = targets[token_bytes[targets] > 0]
         nats, total_bytes = nats - logp[counted].sum(), total_bytes + token_bytes[counted].sum()
-    return float("inf") if total_bytes == 0 else nats / (np.log(2) * total_bytes)
+    return bits_per_byte({"bpb_nats": nats, "bytes": total_bytes})
 
 
 @partial(jax.jit, static_argnums=0)

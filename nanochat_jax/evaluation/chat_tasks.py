@@ -1,9 +1,7 @@
 """Chat-model evaluation, shared by SFT's in-training metrics, RL's pass@k and `python -m evals.chat`.
-
-Categorical tasks (MMLU, ARC) are scored as nanochat scores them: the prompt is the conversation up to
-<|assistant_start|>, and the prediction is the problem's answer letter whose token has the highest logit at that
-position. Generative tasks sample completions with the engine (tool use on) and let the task judge each one.
-Every process evaluates every problem (the work is replicated, so the results agree on all hosts).
+Categorical tasks (MMLU, ARC), as nanochat scores them: the answer letter whose token has the highest logit after
+the conversation up to <|assistant_start|>. Generative tasks sample with the engine (tool use on) and the task
+judges each completion. Every process evaluates every problem (the results agree on all hosts).
 """
 import jax.numpy as jnp
 import numpy as np
@@ -52,10 +50,9 @@ def categorical_outcomes(model, tokenizer, task: Task, batch_size: int = 8, max_
 
 
 def reply_form(tokenizer, completion) -> tuple[bool, bool]:
-    """(well-formed, calls the tool) for a completion that ends with its stop token if it stopped. Well-formed: it
-    ends with <|assistant_end|>, and its only other special tokens are tool calls in order, <|python_start|> code
-    <|python_end|>, each optionally followed by the forced <|output_start|> result <|output_end|>. Calls the tool:
-    it holds at least one complete <|python_start|> ... <|python_end|>. What midtraining is meant to teach."""
+    """(well-formed, calls the tool) for a completion (with its stop token if it stopped), what midtraining teaches.
+    Well-formed: it ends with <|assistant_end|>, other special tokens only as tool calls, <|python_start|> code
+    <|python_end|> [<|output_start|> result <|output_end|>]. Calls the tool: at least one such call."""
     name_of = {tokenizer.encode_special(name): name for name in SPECIAL_TOKENS}
     names = [name_of[t] for t in completion if t in name_of]
     ends = bool(names) and completion[-1] in name_of and names[-1] == "<|assistant_end|>"
@@ -74,9 +71,8 @@ def generative_outcomes(engine, tokenizer, task: Task, num_samples: int = 1, max
                         temperature: float = 0.0, top_k: int | None = 50, max_problems: int | None = None,
                         seed: int = 42, rows: int = 32, forms: dict | None = None):
     """Per problem, the outcome of each of num_samples completions (a list of lists); problem i samples with seed
-    seed + i. The problems are decoded side by side, up to `rows` rows at once (Engine.complete_many). A prompt that
-    leaves no room in the model's context for an answer counts as failed. `forms`, if given, gets the shares of the
-    completions that are well-formed and that call the tool (reply_form)."""
+    seed + i, up to `rows` rows decoded at once (Engine.complete_many). A prompt that leaves no room in the context
+    for an answer counts as failed. `forms`, if given, gets the shares of well-formed and tool-calling completions."""
     n = len(task) if max_problems is None else min(len(task), max_problems)
     conversations = [task[i] for i in range(n)]
     prompts = [tokenizer.render_for_completion(c) for c in conversations]

@@ -1,18 +1,15 @@
 """The CORE metric (DCLM, arXiv 2406.11794) computed the way nanochat computes it.
 
 Each task of the eval bundle is one of three kinds, scored by the model's per-token loss on candidate texts:
-- multiple_choice: the query followed by each choice (the choices share the prompt, so they differ after a common
-  token prefix); the choice with the lowest mean loss over its own tokens wins;
-- schema: each context option followed by one shared continuation (a common token suffix); the context whose
-  continuation has the lowest mean loss wins;
-- language_modeling: the context, then the continuation; correct when greedy prediction reproduces every token of
-  the continuation.
+- multiple_choice: the query followed by each choice (they share a token prefix); the lowest mean loss over the
+  choice's own tokens wins;
+- schema: each context option followed by one shared continuation (a token suffix); the context whose continuation
+  has the lowest mean loss wins;
+- language_modeling: the context, then the continuation; correct when greedy prediction reproduces all of it.
 A task's examples are shuffled with seed 1337 (then cropped by --max-per-task); example i gets `num_fewshot` other
 examples drawn with random.Random(1234 + i), rendered before it and separated by blank lines. Every sequence starts
 with <|bos|>. Accuracy is centered by the task's random baseline, (acc - b) / (1 - b), and CORE is the mean.
-
-Sequences from many examples are scored together, grouped by length (`batches`): rows and lengths padded to a few
-sizes, rows split over the mesh, the losses and greedy checks reduced on the device.
+Sequences of many examples are scored together, grouped by length (`batches`), split over the mesh.
 """
 import csv
 import json
@@ -102,11 +99,9 @@ LENGTH_STEP = 512  # row lengths: powers of two up to 512, then multiples of 512
 
 
 def batches(lengths, batch_size: int, multiple: int = 1, max_tokens: int = MAX_BATCH_TOKENS):
-    """Group rows by length: [(row indices, padded length, padded rows)], the rows taken shortest first, at most
-    batch_size and max_tokens // padded length (at least 1) at a time; row counts are powers of two (rounded up to a
-    multiple of `multiple`, the devices they split over), lengths powers of two up to LENGTH_STEP and multiples of it
-    above. So a task compiles a handful of programs however many examples it has, and rows of 100 tokens are not
-    padded to the 4,000 of another example."""
+    """Group rows by length, shortest first: [(row indices, padded length, padded rows)], at most batch_size and
+    max_tokens // length (at least 1) rows at a time, row counts powers of two (rounded up to a multiple of the
+    devices, `multiple`), lengths bucketed by LENGTH_STEP: a handful of programs, and short rows stay short."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     out, first = [], 0
     while first < len(order):

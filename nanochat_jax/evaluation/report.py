@@ -6,8 +6,7 @@
 
 Sections are JSON files in $NANOCHAT_BASE_DIR/report/ ({"section", "timestamp", "data": [dicts]}), so generating
 reads numbers, not text. report.md holds the header, the sections in pipeline order, a summary table (CORE and the
-chat evals per stage), the total wall time and an estimated cost, and links to plots made from each stage's
-metrics.jsonl (loss and validation curves) and of the chat evals (bars).
+chat evals per stage), the wall time, an estimated cost, and plots of each stage's metrics.jsonl and the chat evals.
 """
 import datetime
 import json
@@ -52,8 +51,15 @@ def report_dir() -> str:
     return os.path.join(get_base_dir(), "report")
 
 
-def slugify(section: str) -> str:
-    return section.lower().replace(" ", "-")
+def _path(section: str) -> str:
+    return os.path.join(report_dir(), section.lower().replace(" ", "-") + ".json")
+
+
+def _load(path: str) -> dict | None:
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
 
 
 def log(section: str, *data: dict) -> str | None:
@@ -61,7 +67,7 @@ def log(section: str, *data: dict) -> str | None:
     if jax.process_index() != 0:
         return None
     os.makedirs(report_dir(), exist_ok=True)
-    path = os.path.join(report_dir(), slugify(section) + ".json")
+    path = _path(section)
     record = {"section": section, "timestamp": datetime.datetime.now().strftime(TIME_FORMAT),
               "data": [d for d in data if d]}
     with open(path + ".tmp", "w", encoding="utf-8") as f:
@@ -124,13 +130,12 @@ def reset() -> str | None:
 
 
 def scores_line(stage: str) -> str | None:
-    """One line of what the chat evaluation of `stage` measured, each task against its chance level, and how many
-    tasks were above chance (None when that evaluation did not run)."""
-    path = os.path.join(report_dir(), slugify(chat_evaluation(stage)) + ".json")
-    if not os.path.exists(path):
+    """One line of the chat evaluation of `stage`: each task against its chance level, and how many beat it (None
+    when it did not run)."""
+    section = _load(_path(chat_evaluation(stage)))
+    if section is None:
         return None
-    with open(path, encoding="utf-8") as f:
-        data = {k: v for d in json.load(f)["data"] for k, v in d.items()}
+    data = {k: v for d in section["data"] for k, v in d.items()}
     tasks = [(t, data[t], data[f"{t} {CHANCE}"]) for t in data if f"{t} {CHANCE}" in data and data[t] is not None]
     if not tasks:
         return None
@@ -149,41 +154,31 @@ def _format(value) -> str:
     return str(value)
 
 
-def _sections() -> dict:
-    sections = {}
-    for slug in map(slugify, ORDER):
-        path = os.path.join(report_dir(), slug + ".json")
-        if os.path.exists(path):
-            with open(path, encoding="utf-8") as f:
-                sections[slug] = json.load(f)
-    return sections
-
-
 def summary(sections: dict) -> dict:
-    """{stage: {metric: value}} from the evaluation sections."""
+    """{stage: {metric: value}} from the evaluation sections (by title)."""
     shown = set(SUMMARY_METRICS) | set(BPB_METRICS) | {f"{t} {f}" for t in SUMMARY_METRICS for f in FORMS}
     table = {}
     for stage, (_, evaluation) in STAGES.items():
-        found = {}
-        for title in (evaluation, chat_evaluation("base")) if stage == "base" else (evaluation,):
-            for item in sections.get(slugify(title), {}).get("data", []):
-                found.update({k: v for k, v in item.items() if k in shown and v is not None})
+        titles = (evaluation, chat_evaluation("base")) if stage == "base" else (evaluation,)
+        found = {k: v for title in titles for item in sections.get(title, {}).get("data", []) for k, v in item.items()
+                 if k in shown and v is not None}
         if found:
             table[stage] = found
     return table
 
 
-def chance_levels(sections: dict) -> dict:
-    """{task: its chance accuracy} as the chat evaluations logged them."""
-    return {k[:-len(CHANCE) - 1]: v for section in sections.values() for item in section["data"]
-            for k, v in item.items() if k.endswith(" " + CHANCE)}
-
-
-def summary_rows(table: dict) -> list[str]:
-    """The summary's metrics in order: CORE, the bpb pair, each task followed by its reply forms, ChatCORE."""
-    order = [CORE, *BPB_METRICS] + [m for t in [*CHATCORE_TASKS, CHATCORE, *STANDINS]
-                                    for m in [t] + [f"{t} {f}" for f in FORMS]]
-    return [m for m in order if any(m in row for row in table.values())]
+def summary_lines(sections: dict, table: dict) -> list[str]:
+    """The summary table: a row per metric (CORE, bpb, each task and its reply forms, ChatCORE), a column per stage."""
+    chance = {k[:-len(CHANCE) - 1]: v for section in sections.values() for item in section["data"]
+              for k, v in item.items() if k.endswith(" " + CHANCE)}
+    lines = ["| metric | chance | " + " | ".join(s.upper() for s in STAGES) + " |", "|---|---|" + "---|" * len(STAGES)]
+    metrics = [CORE, *BPB_METRICS] + [m for t in [*CHATCORE_TASKS, CHATCORE, *STANDINS]
+                                      for m in [t] + [f"{t} {f}" for f in FORMS]]
+    for m in metrics:
+        if any(m in row for row in table.values()):
+            cells = [chance.get(m, "-")] + [table.get(s, {}).get(m, "-") for s in STAGES]
+            lines.append(f"| {m} | " + " | ".join(map(_format, cells)) + " |")
+    return lines + [""]
 
 
 def estimated_cost(hardware: str, hours: float) -> float | None:
@@ -194,12 +189,8 @@ def estimated_cost(hardware: str, hours: float) -> float | None:
 
 def generate() -> str:
     """Write report.md (and the plots) from the header and the logged sections; returns its path."""
-    sections = _sections()
-    header_path = os.path.join(report_dir(), "header.json")
-    header = None
-    if os.path.exists(header_path):
-        with open(header_path, encoding="utf-8") as f:
-            header = json.load(f)
+    sections = {title: section for title in ORDER if (section := _load(_path(title))) is not None}
+    header = _load(os.path.join(report_dir(), "header.json"))
     lines = ["# nanochat-jax report card", ""]
     standins = [(section["section"], item[STANDIN]) for section in sections.values() for item in section["data"]
                 if item.get(STANDIN)]
@@ -223,23 +214,15 @@ def generate() -> str:
             lines += [f"- {k}: {_format(v)}" for k, v in item.items()]
         lines.append("")
     table = summary(sections)
-    lines += ["## Summary", ""]
-    if table:
-        chance = chance_levels(sections)
-        lines += ["| metric | chance | " + " | ".join(s.upper() for s in STAGES) + " |",
-                  "|---|---|" + "---|" * len(STAGES)]
-        lines += [f"| {m} | {_format(chance.get(m, '-'))} | " +
-                  " | ".join(_format(table.get(s, {}).get(m, "-")) for s in STAGES) + " |" for m in summary_rows(table)]
-        lines.append("")
+    lines += ["## Summary", ""] + (summary_lines(sections, table) if table else [])
     if header is not None and sections:
         start = datetime.datetime.strptime(header["started"], TIME_FORMAT)
         end = max(datetime.datetime.strptime(s["timestamp"], TIME_FORMAT) for s in sections.values())
         hours = max((end - start).total_seconds(), 0) / 3600
-        lines.append(f"Total wall clock time: {int(hours)}h{int(hours * 60) % 60:02d}m")
         cost = estimated_cost(header["hardware"]["devices"], hours)
-        lines.append(f"Estimated cost: ${cost:,.2f} (on-demand prices)" if cost is not None else
-                     "Estimated cost: - (no price for this hardware)")
-        lines.append("")
+        lines += [f"Total wall clock time: {int(hours)}h{int(hours * 60) % 60:02d}m",
+                  f"Estimated cost: ${cost:,.2f} (on-demand prices)" if cost is not None else
+                  "Estimated cost: - (no price for this hardware)", ""]
     plots = make_plots(sections, table)
     if plots:
         lines += ["## Plots", ""] + [f"![{name}]({name})" for name in plots] + [""]
@@ -252,16 +235,15 @@ def generate() -> str:
 def _metrics(section: dict) -> list[dict]:
     """The metrics.jsonl records of the run a training section names (data item with "checkpoint_dir")."""
     directory = next((d["checkpoint_dir"] for d in section.get("data", []) if "checkpoint_dir" in d), None)
-    path = None if directory is None else os.path.join(directory, "metrics.jsonl")
-    if path is None or not os.path.exists(path):
+    path = os.path.join(directory or "", "metrics.jsonl")
+    if directory is None or not os.path.exists(path):
         return []
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
 def make_plots(sections: dict, table: dict) -> list[str]:
-    """PNG plots in the report directory: loss and validation curves per training stage, chat-eval bars.
-    Needs matplotlib; without it there are no plots."""
+    """PNG plots in the report directory (none without matplotlib): each training stage's curves, chat-eval bars."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -269,8 +251,15 @@ def make_plots(sections: dict, table: dict) -> list[str]:
     except ImportError:
         return []
     names = []
+
+    def save(fig, name):
+        fig.tight_layout()
+        fig.savefig(os.path.join(report_dir(), name), dpi=100)
+        plt.close(fig)
+        names.append(name)
+
     for stage, (training, _) in STAGES.items():
-        records = _metrics(sections.get(slugify(training), {}))
+        records = _metrics(sections.get(training, {}))
         curves = {key: [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
                   for key in ("loss", "reward", "val_bpb", "val_loss", "pass@1")}
         curves = {k: v for k, v in curves.items() if v}
@@ -279,13 +268,9 @@ def make_plots(sections: dict, table: dict) -> list[str]:
         fig, axes = plt.subplots(1, len(curves), figsize=(4.5 * len(curves), 3.2), squeeze=False)
         for ax, (key, points) in zip(axes[0], curves.items()):
             ax.plot(*zip(*points), marker="." if len(points) < 50 else None)
-            ax.set_title(f"{stage}: {key}")
-            ax.set_xlabel("step")
+            ax.set(title=f"{stage}: {key}", xlabel="step")
             ax.grid(alpha=0.3)
-        fig.tight_layout()
-        names.append(f"{stage}_curves.png")
-        fig.savefig(os.path.join(report_dir(), names[-1]), dpi=100)
-        plt.close(fig)
+        save(fig, f"{stage}_curves.png")
     chat = {s: {m: v for m, v in row.items() if m != "CORE"} for s, row in table.items()}
     chat = {s: row for s, row in chat.items() if row}
     if chat:
@@ -297,8 +282,5 @@ def make_plots(sections: dict, table: dict) -> list[str]:
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(metrics))], metrics)
         ax.set_ylabel("accuracy")
         ax.legend()
-        fig.tight_layout()
-        names.append("chat_evals.png")
-        fig.savefig(os.path.join(report_dir(), names[-1]), dpi=100)
-        plt.close(fig)
+        save(fig, "chat_evals.png")
     return names

@@ -1,29 +1,20 @@
-"""Ahead-of-time compilation of the real jitted programs, and what the compiler says about them.
+"""Ahead-of-time compilation of the real jitted programs (scripts/aot_compile.py), and what the compiler says.
 
-A program is lowered from abstract arguments (jax.ShapeDtypeStruct with shardings on a mesh) and compiled by XLA for
-the mesh's devices, which need not exist: `topology_devices("v5e:2x4")` gives a v5e-8's chips through libtpu's
-compiler on any host (`pip install "jax[tpu]"`), `topology_devices("h100:8")` eight H100s through XLA's GPU compiler
-(`pip install "jax[cuda12]"`, JAX_PLATFORMS=cpu). `report()` reads the executable's memory_analysis() (bytes per
-chip, against what a program may use there: a TPU's HBM, JAX's share of a GPU), on a GPU the kernels of its
-optimized HLO (`hlo_kernels`: FP8 GEMMs, cuDNN attention), and on a TPU estimates the step time.
-
-The step-time estimate (TPU): XLA's `optimal_seconds` where it is positive; else a roofline, max(FLOPs / peak FLOP/s,
-bytes accessed / HBM bandwidth) per chip. XLA counts the body of a loop once, whatever its trip count, and the
-training step loops over layers (the scan) and micro-steps, so the roofline takes its FLOPs and bytes from two small
-compiles, with 0 and 1 layers and one micro-step: cost(L layers) = cost(0) + L x (cost(1) - cost(0)), times the
-micro-steps (the optimizer update, counted with each micro-step, makes it a slight overestimate). Pallas kernels
-(splash attention) are invisible to the cost model: their FLOPs are added from the model's attention formula. A
-one-layer probe lets the compiler merge a recomputed forward into the original (a loop of one trip is inlined), so
-the FLOPs used are at least what the step must compute (training_flops_per_token); its bytes may still miss some
-recomputation traffic, which makes the estimate a lower bound on step time (an upper bound on MFU).
+Programs are lowered from abstract arguments and compiled for a mesh's devices, which need not exist
+(`topology_devices`). `report()` reads memory_analysis() (bytes per chip, against what a program may use there), on
+a GPU the kernels of the optimized HLO (`hlo_kernels`), and on a TPU estimates the step time: XLA's
+`optimal_seconds` where positive, else a roofline, max(FLOPs / peak FLOP/s, bytes / HBM bandwidth) per chip. XLA
+counts a loop's body once, so the training step's cost is scaled from compiles with 0 and 1 layers and one
+micro-step (`layer_scaled_cost`), and splash attention (a Pallas kernel the cost model cannot see) gets its FLOPs
+from the model's formula. A one-layer probe may merge a recomputed forward away and miss some recomputation
+traffic, so the FLOPs used are at least training_flops_per_token and the estimate is a lower bound on step time.
 """
 import os
 import re
 
 import jax
-import numpy as np
 
-from nanochat_jax.common import DoesNotFit, compile_timed  # noqa: F401 (aot.DoesNotFit, aot.compile_timed)
+from nanochat_jax.common import DoesNotFit, compile_timed, print0  # noqa: F401 (aot.DoesNotFit, aot.compile_timed)
 
 # per chip: bf16 dense peak FLOP/s, HBM bandwidth (bytes/s), HBM bytes; keys are device_kind prefixes. v5e: the
 # 15.75 GiB its compiler says are available of the 16 GiB
@@ -39,21 +30,24 @@ def chip_specs(device) -> tuple | None:
     return next((spec for name, spec in CHIPS.items() if kind.startswith(name) or name in kind), None)
 
 
-# NVIDIA GPUs the GPU compiler can target without one (the facts of XLA's GpuTargetConfigProto that matter for
-# compiling: the SM count and memory of the chip, its compute capability, its cuDNN): name -> (device_memory_size,
-# memory bandwidth B/s, the name a real device reports)
+# GPUs the GPU compiler can target without one: name -> (device_memory_size, memory bandwidth B/s, the name a real
+# device reports), the facts of XLA's GpuTargetConfigProto that differ between them
 GPUS = {"h100": (84942979072, 3352320000000, "NVIDIA H100 80GB HBM3"),
         "h200": (151397597184, 4800000000000, "NVIDIA H200 141GB HBM3e")}
-GPU_MEM_FRACTION = 0.75  # JAX's default share of a GPU's memory for its allocator (XLA_PYTHON_CLIENT_MEM_FRACTION)
+
+
+def _env_number(name: str, default: float | None, expected: str) -> float | None:
+    """$name as a float (default when unset or empty); SystemExit naming `expected` when it is not a number."""
+    text = os.environ.get(name, "")
+    try:
+        return float(text) if text else default
+    except ValueError:
+        raise SystemExit(f"{name}={text!r}: expected {expected}") from None
 
 
 def gpu_memory_fraction() -> float:
     """The share of a GPU's memory JAX's allocator takes: $XLA_PYTHON_CLIENT_MEM_FRACTION, default 0.75."""
-    text = os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "")
-    try:
-        return float(text) if text else GPU_MEM_FRACTION
-    except ValueError:
-        raise SystemExit(f"XLA_PYTHON_CLIENT_MEM_FRACTION={text!r}: expected a fraction such as 0.9") from None
+    return _env_number("XLA_PYTHON_CLIENT_MEM_FRACTION", 0.75, "a fraction such as 0.9")
 
 
 def gpu_target_config(name: str) -> str:
@@ -72,16 +66,11 @@ def gpu_target_config(name: str) -> str:
 
 
 def device_memory_bytes(device) -> int | None:
-    """The memory a program may use on a device: $NANOCHAT_DEVICE_MEMORY (GiB) when set (to leave headroom, or on
-    a shared GPU), else what the device says its allocator can hold (a real TPU or GPU: on a GPU that is JAX's share,
-    gpu_memory_fraction()), else for a topology device the same share of its memory (GPU) or the chip table's HBM
-    size (TPU); None where nothing is known (CPU)."""
-    if os.environ.get("NANOCHAT_DEVICE_MEMORY"):
-        try:
-            return int(float(os.environ["NANOCHAT_DEVICE_MEMORY"]) * 2**30)
-        except ValueError:
-            raise SystemExit(f"NANOCHAT_DEVICE_MEMORY={os.environ['NANOCHAT_DEVICE_MEMORY']!r}: expected GiB, "
-                             "e.g. 70") from None
+    """The memory a program may use on a device: $NANOCHAT_DEVICE_MEMORY (GiB) when set, else what its allocator
+    holds (on a GPU JAX's share), else that share of a topology GPU's memory or a TPU's HBM; None on a CPU."""
+    gib = _env_number("NANOCHAT_DEVICE_MEMORY", None, "GiB, e.g. 70")
+    if gib is not None:
+        return int(gib * 2**30)
     try:
         stats = device.memory_stats()
     except Exception:  # topology devices and some backends have none
@@ -96,11 +85,10 @@ def device_memory_bytes(device) -> int | None:
 
 
 def topology_devices(name: str, target_config: str | None = None):
-    """The devices of a topology, from its compiler, with no such device here. TPU (libtpu, `pip install
-    'jax[tpu]'`): 'v5e:2x4' (v5e-8), 'v5e:4x4' (v5e-16, 4 hosts), 'v5p:2x2x1', 'v6e:2x4'. NVIDIA GPU (`pip install
-    'jax[cuda12]'`, JAX_PLATFORMS=cpu set before jax is imported; no GPU or driver needed): 'h100:8' (one host of
-    8), 'h100:2x8' (2 hosts of 8), 'h200:8'; target_config: a GpuTargetConfigProto's text to use instead of ours
-    (the exact one of a real GPU: XLA_FLAGS=--xla_dump_to=DIR writes it there as *.gpu_target_config.pbtxt)."""
+    """A topology's devices, from its compiler, with no such device here. TPU (`pip install 'jax[tpu]'`): 'v5e:2x4'
+    (v5e-8), 'v5e:4x4' (4 hosts), 'v5p:2x2x1', 'v6e:2x4'. GPU (`pip install 'jax[cuda12]'`, JAX_PLATFORMS=cpu; no
+    GPU needed): 'h100:8', 'h100:2x8' (2 hosts of 8), 'h200:8'; target_config: a GpuTargetConfigProto's text instead
+    of ours (a real GPU's: XLA_FLAGS=--xla_dump_to=DIR writes *.gpu_target_config.pbtxt)."""
     from jax.experimental import topologies
     gpu, _, shape = name.partition(":")
     if gpu in GPUS:
@@ -125,14 +113,12 @@ def topology_devices(name: str, target_config: str | None = None):
 def cost_analysis(compiled) -> dict:
     """The compiled program's cost analysis as one dict (FLOPs, bytes accessed, optimal_seconds ...)."""
     cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return cost or {}
+    return (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
 
 
 def estimates_time(device) -> bool:
-    """Whether report() can estimate a step time for this device: a known TPU. Not a CPU, and not a GPU compiled
-    without one: its executable has no cost analysis ("GetCostAnalysis is not supported"), and XLA's HLO cost
-    analysis sees neither cuDNN's work nor the real kernels' speed (device_check measures a GPU's step instead)."""
+    """Whether report() estimates a step time: on a known TPU. A GPU compiled without one has no cost analysis, and
+    XLA's would see neither cuDNN's work nor the kernels' real speed (device_check measures it instead)."""
     return device.platform != "gpu" and chip_specs(device) is not None
 
 
@@ -169,20 +155,17 @@ def _computations(hlo_text: str) -> dict:
 
 
 def hlo_kernels(hlo_text: str) -> dict:
-    """What the GPU compiler made of the matmuls and attention, counted in a program's optimized HLO (each place
-    once, a loop body's as one): matmuls (GEMM fusions, cuBLAS calls and plain dots, outside other fusions),
-    fp8_matmuls (those whose operands are float8: e4m3 or e5m2), cudnn_attention_calls (cuDNN fused attention
-    forward), cudnn_attention_backward_calls, and cudnn_attention_masks: each call's mask (CAUSAL, with a sliding
-    window of so many keys: nanochat's left window w is w + 1 keys, the query's own among them)."""
+    """What the GPU compiler made of the matmuls and attention, counted in the optimized HLO (a loop body once):
+    matmuls (GEMM fusions, cuBLAS calls, plain dots), those with float8 operands, cuDNN attention calls forward and
+    backward, and their masks (a sliding window of w + 1 keys: nanochat's left window w and the query itself)."""
     comps = _computations(hlo_text)
     called = lambda rest: re.findall(r"calls=%([\w.-]+)", rest)  # noqa: E731
-    inside = {c for body in comps.values() for ins in body.values() if ins[1] == "fusion" for c in called(ins[3])}
-    grow = list(inside)
+    inside, grow = set(), [c for body in comps.values() for ins in body.values() if ins[1] == "fusion"
+                           for c in called(ins[3])]
     while grow:  # computations called from inside a fusion are inside it too
-        for ins in comps.get(grow.pop(), {}).values():
-            new = set(called(ins[3])) - inside
-            inside |= new
-            grow += list(new)
+        if (name := grow.pop()) not in inside:
+            inside.add(name)
+            grow += [c for ins in comps.get(name, {}).values() for c in called(ins[3])]
 
     def dot_in(comp_name):  # (computation, dot instruction) of the first dot in a fusion, searching nested calls
         body = comps.get(comp_name, {})
@@ -227,14 +210,11 @@ def refused_bytes(message: str) -> int | None:
 
 def report(compiled, device, compile_s: float, model_flops: float, n_chips: int, roofline_cost: dict | None = None,
            repeat: int = 1, hlo_path: str | None = None) -> dict:
-    """The JSON-able facts about one compiled step: memory per chip, whether it fits (on a GPU: in JAX's share of
-    its memory), the time estimate and, on a GPU, which kernels the matmuls and attention became (hlo_kernels).
-    roofline_cost: {"flops", "bytes"} per chip for the whole step when the program's own counts are known to be
-    short (loops); repeat: how many times the compiled program runs per step (micro-steps); hlo_path: where to write
-    the optimized HLO text."""
-    out = {"compile_s": round(compile_s, 1), **memory(compiled)}
-    hbm = device_memory_bytes(device)
-    out["hbm_bytes"] = hbm  # what a program may use: a GPU's allocator share, a TPU's HBM
+    """The JSON-able facts of one compiled step: memory per chip, whether it fits, the time estimate, a GPU's kernels.
+    roofline_cost: {"flops", "bytes"} per chip for the step where the program's counts are short (loops); repeat:
+    runs of the program per step (micro-steps); hlo_path: where to write the optimized HLO text."""
+    hbm = device_memory_bytes(device)  # what a program may use: a GPU's allocator share, a TPU's HBM
+    out = {"compile_s": round(compile_s, 1), **memory(compiled), "hbm_bytes": hbm}
     if device.platform == "gpu" and not os.environ.get("NANOCHAT_DEVICE_MEMORY"):
         out["memory_fraction"] = gpu_memory_fraction()
     out["fits"] = None if hbm is None else out["peak_bytes"] <= hbm
@@ -250,10 +230,9 @@ def report(compiled, device, compile_s: float, model_flops: float, n_chips: int,
                 f.write(text)
     out["model_flops_per_step"] = model_flops
     if not estimates_time(device):
-        out["estimated_step_s"], out["estimated_mfu"] = None, None
-        out["estimate_from"] = ("none for a GPU compiled without one: python -m scripts.device_check measures it"
-                                if device.platform == "gpu" else "no estimate for this device")
-        return out
+        why = ("none for a GPU compiled without one: python -m scripts.device_check measures it"
+               if device.platform == "gpu" else "no estimate for this device")
+        return out | {"estimated_step_s": None, "estimated_mfu": None, "estimate_from": why}
     cost, spec = cost_analysis(compiled), chip_specs(device)
     optimal = float(cost.get("optimal_seconds", -1.0) or -1.0)
     if optimal > 0 and roofline_cost is None:
@@ -272,8 +251,8 @@ def report(compiled, device, compile_s: float, model_flops: float, n_chips: int,
 
 
 def layer_scaled_cost(compile_cost_at, n_layer: int, accum: int, extra_flops: float = 0.0) -> dict:
-    """Per-chip FLOPs and bytes of a training step with n_layer layers and accum micro-steps, from compiles of the
-    same step with 0 and 1 layers and one micro-step (compile_cost_at(layers) -> cost dict)."""
+    """Per-chip FLOPs and bytes of a step of n_layer layers and accum micro-steps: cost(0) + L x (cost(1) - cost(0))
+    per micro-step, compile_cost_at(layers) -> a cost dict (the optimizer update, in each, makes it an overestimate)."""
     c0, c1 = compile_cost_at(0), compile_cost_at(1)
     per = {key: float(c1.get(name, 0.0)) - float(c0.get(name, 0.0))
            for key, name in (("flops", "flops"), ("bytes", "bytes accessed"))}
@@ -288,14 +267,14 @@ def attention_forward_flops(config) -> float:
 
 
 def attention_flops_per_token(config, remat: str) -> float:
-    """Training FLOPs of the attention scores and weighted sums per token (the model formula, 12 N D T per layer,
-    T capped by the layer's window), plus one more forward when the block is recomputed (remat 'full')."""
+    """Training FLOPs of attention per token (the model formula, 12 N D T per layer, T capped by the window), plus
+    one more forward when the block is recomputed (remat 'full')."""
     return attention_forward_flops(config) * (3 + (remat == "full"))
 
 
 def training_flops_per_token(config, remat: str) -> float:
-    """What a training step must compute per token: 6N + attention (the model's count), plus what is computed again
-    in the backward pass: the blocks' forward under remat 'full', and the head's forward (the chunked loss)."""
+    """What a training step must compute per token: 6N + attention (the model's count), plus what the backward pass
+    computes again: the blocks' forward under remat 'full', and the head's forward (the chunked loss)."""
     head = 2 * config.padded_vocab_size * config.n_embd
     blocks = 2 * config.param_counts()["transformer_matrices"]
     return config.flops_per_token() + head + (blocks + attention_forward_flops(config) if remat == "full" else 0)
@@ -303,18 +282,15 @@ def training_flops_per_token(config, remat: str) -> float:
 
 def largest_fitting(fits_at, start: int) -> int | None:
     """The largest power-of-two device batch <= start for which fits_at(batch) is true (halving from start)."""
-    batch = 1 << int(np.log2(start))
-    while batch >= 1:
-        if fits_at(batch):
-            return batch
+    batch = 1 << (start.bit_length() - 1)
+    while batch and not fits_at(batch):
         batch //= 2
-    return None
+    return batch or None
 
 
 def check_training_memory(trainer, device_batch_size: int, seq_len: int, accum: int) -> dict:
     """At the start of a training run: compile its step (the run then uses that executable), print the memory per
     device, and refuse with SystemExit, naming the largest device batch that fits, when the step does not fit."""
-    from nanochat_jax.common import print0
     n, device = jax.device_count(), jax.devices()[0]
     limit = device_memory_bytes(device)
     try:

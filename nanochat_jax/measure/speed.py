@@ -1,11 +1,8 @@
-"""Speed on random weights, what the benchmark scripts and scripts/device_check.py measure: the training step
-(tokens/s, MFU, compile time, peak memory), attention (cuDNN against XLA), and the engine (prefill time, decode
-tokens/s and its fraction of the memory-bandwidth bound). Needs only jax, flax, optax and numpy, so a GPU machine
-runs it with nothing installed but those.
-
-The decode bound: every decode step must read the weights (in the engine's dtype) and, per row, the keys and values
-filled so far; tokens/s <= rows x bandwidth / those bytes. (Our step reads the cache up to its attention length, a
-bucket at or above the filled length.)
+"""Speed on random weights, for the benchmark scripts and scripts/device_check.py: the training step (tokens/s,
+MFU, compile time, memory), attention (cuDNN against XLA), and the engine (prefill ms, decode tokens/s). Needs only
+jax, flax, optax and numpy. The decode bound: each step must read the weights (in the engine's dtype) and each row's
+keys and values filled so far, so tokens/s <= rows x bandwidth / those bytes (our step reads the cache up to its
+attention length, a bucket at or above the filled length).
 """
 import time
 
@@ -14,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nanochat_jax.measure.aot import DoesNotFit, chip_specs, device_memory_bytes, memory
+from nanochat_jax.measure.aot import DoesNotFit, chip_specs, device_memory_bytes, largest_fitting, memory
 from nanochat_jax.model.attention import attention
 from nanochat_jax.inference.engine import Engine
 from nanochat_jax.model.gpt import GPT
@@ -50,32 +47,27 @@ def timed(fn, repeats: int) -> float:
     return (time.perf_counter() - t0) / repeats
 
 
-def peak_memory_bytes() -> int | None:
-    stats = jax.devices()[0].memory_stats() or {}
-    return stats.get("peak_bytes_in_use")
-
-
 def train_step(config, mesh, dtype, device_batch_size: int, steps: int = 5, remat: str = "none",
                fp8: bool = False) -> dict:
-    """The compiled training step on random tokens at the largest power-of-two device batch <= device_batch_size
-    that the compiler fits in 90% of the device's memory (where that is known): compile time, step time, tokens/s,
-    MFU, memory. Each size tried is one compilation; the one that fits is the one timed. The optimizer is the
-    config's recipe's; fp8: FP8 matmuls (MFU is still counted against the bf16 peak, as nanochat does)."""
+    """The training step (the recipe's optimizer) on random tokens at the largest power-of-two device batch <=
+    device_batch_size that fits in 90% of the device's memory: compile and step time, tokens/s, MFU, memory. fp8:
+    FP8 matmuls (MFU still counted against the bf16 peak, as nanochat does)."""
     make_model = lambda: GPT(config, rngs=nnx.Rngs(0), dtype=dtype, remat=remat, fp8=fp8)  # noqa: E731
     tx = build_optimizer(config.n_embd, recipe=config.recipe, grad_clip=RECIPES[config.recipe].optimizer["grad_clip"])
     trainer = Trainer.create(make_model, tx, mesh)
     T, limit = config.sequence_len, device_memory_bytes(jax.devices()[0])
-    batch = 1 << (device_batch_size.bit_length() - 1)
-    while True:
+    last = {}  # the last compile, the one timed when it fits
+
+    def fits_at(batch):
         try:
-            compiled, compile_s = trainer.compile_step(batch * mesh.size, T, 1)
-            if limit is None or memory(compiled)["peak_bytes"] <= 0.9 * limit:  # the allocator keeps some besides
-                break
+            last["compiled"], last["seconds"] = trainer.compile_step(batch * mesh.size, T, 1)
         except DoesNotFit:
-            pass
-        if batch == 1:
-            raise RuntimeError(f"not even one row of {T} tokens fits at d{config.n_layer}")
-        batch //= 2
+            return False
+        return limit is None or memory(last["compiled"])["peak_bytes"] <= 0.9 * limit  # the allocator keeps some
+
+    batch = largest_fitting(fits_at, device_batch_size)
+    if batch is None:
+        raise RuntimeError(f"not even one row of {T} tokens fits at d{config.n_layer}")
     rows = batch * mesh.size
     state = trainer.init_state(make_model)
     tokens = np.random.default_rng(0).integers(0, config.vocab_size, (1, rows, T + 1), dtype=np.int32)
@@ -89,18 +81,18 @@ def train_step(config, mesh, dtype, device_batch_size: int, steps: int = 5, rema
     peak = peak_flops_per_device()
     tok_s = rows * T / step_s
     return {"depth": config.n_layer, "recipe": config.recipe, "fp8": fp8, "parameters": config.num_params(),
-            "device_batch_size": batch, "seq_len": T,
-            "compile_s": compile_s, "step_s": step_s, "tokens_per_s": tok_s,
+            "device_batch_size": batch, "seq_len": T, "compile_s": last["seconds"], "step_s": step_s,
+            "tokens_per_s": tok_s,
             "mfu_percent": None if peak is None else 100 * config.flops_per_token() * tok_s / (peak * mesh.size),
-            "compiled_peak_bytes": memory(compiled)["peak_bytes"], "device_peak_bytes": peak_memory_bytes()}
+            "compiled_peak_bytes": memory(last["compiled"])["peak_bytes"],
+            "device_peak_bytes": (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")}
 
 
 def attention_paths(batch: int, seq_len: int, n_head: int, n_kv_head: int, head_dim: int, dtype,
                     repeats: int = 10) -> dict:
-    """Causal attention through cuDNN (where there is a GPU) and through our XLA path on the same random q, k, v,
-    plain and with a sliding window of a quarter of the sequence (a cuDNN window needs the causal flag too, or it
-    sees the future): the largest difference of the outputs and of the gradients (of a random projection of the
-    output), relative to each tensor's largest value, and the time of a forward and backward pass of each (ms)."""
+    """Causal attention through cuDNN (on a GPU) and our XLA path on the same random q, k, v, plain and with a window
+    of a quarter of the sequence: the largest relative difference of the outputs and of the gradients (of a random
+    projection of the output), and the ms of a forward and backward pass of each."""
     keys = jax.random.split(jax.random.key(0), 4)
     q = jax.random.normal(keys[0], (batch, seq_len, n_head, head_dim), dtype)
     k, v = (jax.random.normal(key, (batch, seq_len, n_kv_head, head_dim), dtype) for key in keys[1:3])
@@ -123,9 +115,9 @@ def attention_paths(batch: int, seq_len: int, n_head: int, n_kv_head: int, head_
             diff = max(float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))) /
                              jnp.maximum(jnp.max(jnp.abs(b.astype(jnp.float32))), 1e-6))
                        for a, b in zip((*got, got_out), (*want, want_out)))
+            tolerance = 2e-2 if dtype == jnp.bfloat16 else 1e-4
             row |= {"cudnn_ms": 1000 * timed(lambda: cudnn(q, k, v), repeats), "max_rel_diff": diff,
-                    "tolerance": 2e-2 if dtype == jnp.bfloat16 else 1e-4}
-            row["equal"] = row["max_rel_diff"] <= row["tolerance"]
+                    "tolerance": tolerance, "equal": diff <= tolerance}
         except Exception as e:  # no GPU, or no cuDNN for this shape: the XLA path alone
             row |= {"cudnn_ms": None, "cudnn_unavailable": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
         out["windows"].append(row)
@@ -133,8 +125,7 @@ def attention_paths(batch: int, seq_len: int, n_head: int, n_kv_head: int, head_
 
 
 def decode_bytes_per_step(engine, batch: int, filled: float) -> int:
-    """What one decode step must read from memory: every weight once, and each row's keys and values up to its
-    `filled` positions."""
+    """What one decode step must read: every weight once, and each row's keys and values up to `filled`."""
     weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(engine.params))
     c = engine.config
     kv = 2 * c.n_layer * filled * c.n_kv_head * c.head_dim * jnp.dtype(engine.dtype).itemsize
@@ -142,8 +133,7 @@ def decode_bytes_per_step(engine, batch: int, filled: float) -> int:
 
 
 def engine_speed(config, dtype, prompt_len: int, batches, decode_tokens: int = 128, chunk: int = 16) -> dict:
-    """Prefill time of one prompt and decode tokens/s at each batch (random weights and tokens, no stop tokens),
-    with the bandwidth bound of each where the device's bandwidth is known."""
+    """Prefill time of one prompt, and decode tokens/s at each batch with its bandwidth bound where that is known."""
     model = GPT(config, rngs=nnx.Rngs(0), dtype=dtype)
     engine = Engine(model, SpecialIds(config.vocab_size), chunk=chunk, compute_dtype_weights=True)
     prompt = [int(t) for t in np.random.default_rng(0).integers(0, config.vocab_size - 8, prompt_len)]
@@ -170,8 +160,7 @@ def engine_speed(config, dtype, prompt_len: int, batches, decode_tokens: int = 1
             return step_out["tokens"]
 
         jax.block_until_ready(run(fresh()))  # compile
-        state = fresh()
-        jax.block_until_ready(state)
+        state = jax.block_until_ready(fresh())
         t0 = time.perf_counter()
         jax.block_until_ready(run(state))
         dt = time.perf_counter() - t0
