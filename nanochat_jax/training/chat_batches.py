@@ -1,19 +1,12 @@
 """Micro-batches of rendered conversations for the chat stages, with exact JSON states.
 
-Each process reads its own conversations of a task: the k-th is task[(process_index + k * process_count) % len(task)],
-so the order cycles over epochs. A conversation is rendered with the chat format (Tokenizer.render_conversation):
-targets whose mask is 0 (BOS, user turns, tool outputs) become -1, so only the assistant's tokens are trained on
-(PackedConversations(masked=False) keeps every target, as nanochat's midtraining at e1770a3 did).
-
-PackedConversations (midtraining): conversations one after another as a single token stream, cut into full rows of
-T+1 tokens; consecutive rows overlap by one token, so every token but the first is a target exactly once.
-State: {"conversation": k, "offset": tokens of conversation k already used}.
-
-PaddedConversations (SFT): one conversation per row (cropped to T+1 tokens), the micro-batch padded at the end to a
-power-of-two length (at most T; exactly T when several processes feed one batch, so that their shapes agree): inputs
-with <|assistant_end|>, targets with -1. State: {"conversation": k}.
-
-Both yield {"inputs", "targets"}: np.int32 [rows_per_process, length]; StepBatches stacks them into steps.
+Each process reads its own conversations: the k-th is task[(process_index + k * process_count) % len(task)], cycling
+over epochs. Targets whose chat-format mask is 0 (BOS, user turns, tool outputs) become -1 (Packed's masked=False keeps
+them, as nanochat's midtraining at e1770a3). Both yield {"inputs", "targets"}: np.int32 [rows_per_process, length].
+PackedConversations (midtraining): one token stream cut into rows of T+1 tokens overlapping by one, so every token but
+the first is a target once. State: {"conversation": k, "offset": n}.
+PaddedConversations (SFT): a conversation per row (cropped to T+1 tokens), padded to a power-of-two length (at most T;
+exactly T when several processes feed one batch, so their shapes agree). State: {"conversation": k}.
 """
 import numpy as np
 
@@ -24,6 +17,18 @@ from nanochat_jax.tasks.base import Task
 def masked_targets(ids: list[int], mask: list[int]) -> list[int]:
     """Targets for inputs ids[:-1]: ids[1:], with -1 where the mask is 0."""
     return [t if m else -1 for t, m in zip(ids[1:], mask[1:])]
+
+
+def padded_rows(rows: list, length: int, pad_id: int) -> dict:
+    """{"inputs", "targets"} [len(rows), length] from (ids, mask) rows cropped to length + 1 tokens, padded at the end
+    (inputs with pad_id, targets with -1: padding is never a target)."""
+    inputs = np.full((len(rows), length), pad_id, np.int32)
+    targets = np.full((len(rows), length), -1, np.int32)
+    for row, (ids, mask) in enumerate(rows):
+        n = min(len(ids) - 1, length)
+        inputs[row, :n] = ids[:n]
+        targets[row, :n] = masked_targets(ids[:n + 1], mask[:n + 1])
+    return {"inputs": inputs, "targets": targets}
 
 
 class _Conversations:
@@ -84,22 +89,12 @@ class PackedConversations(_Conversations):
 
 class PaddedConversations(_Conversations):
     def __next__(self) -> dict:
-        rendered = []
-        for _ in range(self.rows_per_process):
-            ids, mask = self.render(self.conversation)
-            rendered.append((ids[:self.seq_len + 1], mask[:self.seq_len + 1]))
-            self.conversation += 1
+        rendered = [self.render(k) for k in range(self.conversation, self.conversation + self.rows_per_process)]
+        self.conversation += self.rows_per_process
         longest = max(len(ids) - 1 for ids, _ in rendered)
-        length = bucket(longest, maximum=self.seq_len)
-        if self.process_count > 1:  # every process must hand over the same shape for one global batch
-            length = self.seq_len
-        pad = self.tokenizer.encode_special("<|assistant_end|>")
-        inputs = np.full((self.rows_per_process, length), pad, np.int32)
-        targets = np.full((self.rows_per_process, length), -1, np.int32)
-        for row, (ids, mask) in enumerate(rendered):
-            inputs[row, :len(ids) - 1] = ids[:-1]
-            targets[row, :len(ids) - 1] = masked_targets(ids, mask)
-        return {"inputs": inputs, "targets": targets}
+        # every process must hand over the same shape for one global batch
+        length = self.seq_len if self.process_count > 1 else bucket(longest, maximum=self.seq_len)
+        return padded_rows(rendered, length, self.tokenizer.encode_special("<|assistant_end|>"))
 
     def get_state(self) -> dict:
         return {"conversation": self.conversation}

@@ -1,17 +1,13 @@
 """Our checkpoints: an orbax CheckpointManager directory per run, plus the run's tokenizer.
 
-    <checkpoint_dir>/<step>/params  the parameters
-    <checkpoint_dir>/<step>/meta    JSON: {"model_config": {...}, "step": ..., ...}
-    training runs also:
-    <checkpoint_dir>/<step>/opt_state  the optimizer state
-    <checkpoint_dir>/<step>/data       each process's data position (grain's handler: process_<i>-of-<n>.json)
-    and meta["loop_state"] (trainer.LoopState)
-    <checkpoint_dir>/tokenizer/     the tokenizer the model was trained with
+    <checkpoint_dir>/<step>/params     the parameters
+    <checkpoint_dir>/<step>/meta       JSON: {"model_config": {...}, "step": ..., training runs: "loop_state", ...}
+    <checkpoint_dir>/<step>/opt_state  training runs: the optimizer state
+    <checkpoint_dir>/<step>/data       training runs: each process's data position (process_<i>-of-<n>.json)
+    <checkpoint_dir>/tokenizer/        the tokenizer the model was trained with
 
-Orbax writes each step into a temporary directory and renames it when complete, so a crash during a save leaves
-the previous steps loadable. Restoring takes a target of ShapeDtypeStructs with shardings, so a checkpoint loads onto
-any mesh shape. A training run goes through begin (which checks that a resume is this run's), save_training
-and restore_training.
+Orbax writes a step aside and renames it when complete, so a crash mid-save leaves the earlier steps loadable.
+Restoring onto ShapeDtypeStructs with shardings loads a checkpoint onto any mesh shape.
 """
 import glob
 import os
@@ -23,7 +19,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from nanochat_jax.common import default_dtype, print0
+from nanochat_jax.common import default_dtype, get_base_dir, print0
 from nanochat_jax.model.gpt import GPT, GPTConfig, config_from_meta
 from nanochat_jax.model.sharding import abstract_params, make_mesh
 from nanochat_jax.data.tokenizer import Tokenizer
@@ -34,8 +30,7 @@ STAGE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chat
 
 
 class Checkpointer:
-    def __init__(self, checkpoint_dir: str, max_to_keep: int | None = 3, async_save: bool = True,
-                 create: bool = True):
+    def __init__(self, checkpoint_dir: str, max_to_keep: int | None = 3, async_save: bool = True, create: bool = True):
         self.directory = os.path.abspath(os.path.expanduser(checkpoint_dir))
         if not create and not os.path.isdir(self.directory):
             raise FileNotFoundError(f"no checkpoint directory {self.directory}")
@@ -48,8 +43,8 @@ class Checkpointer:
             tokenizer.save(os.path.join(self.directory, "tokenizer"))
 
     def save(self, step: int, items: dict, meta: dict):
-        """items: name -> pytree of arrays (e.g. {"params": ..., "opt_state": ...}), each stored on its own so that
-        a reader can restore only what it needs. Starts the save: asynchronous by default, wait() to finish."""
+        """items: name -> pytree of arrays, each stored on its own (a reader restores only what it needs). Starts the
+        save: asynchronous by default, wait() to finish."""
         args = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
         self.manager.save(step, args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **args), force=True)
 
@@ -65,33 +60,29 @@ class Checkpointer:
             raise FileNotFoundError(f"no complete checkpoint in {self.directory} (a run that stopped before it "
                                     "saved leaves none)")
         if step not in self.manager.all_steps():
-            have = self.manager.all_steps()
-            raise FileNotFoundError(f"no checkpoint at step {step} in {self.directory} (steps present: {have})")
+            raise FileNotFoundError(f"no checkpoint at step {step} in {self.directory} (steps present: "
+                                    f"{self.manager.all_steps()})")
         return step
 
     def meta(self, step: int | None = None) -> dict:
-        step = self.resolve_step(step)
-        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        return self.restore({}, step)[1]
 
     def restore(self, targets: dict, step: int | None = None) -> tuple[dict, dict]:
-        """targets: item name -> tree of jax.ShapeDtypeStruct (shape, dtype, sharding) for the items wanted.
-        Returns ({name: restored tree}, meta)."""
+        """targets: item name -> tree of jax.ShapeDtypeStruct (with shardings). Returns ({name: tree}, meta)."""
         step = self.resolve_step(step)
         args = {name: ocp.args.StandardRestore(target) for name, target in targets.items()}
         restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore(), **args))
         return {name: restored[name] for name in targets}, restored.meta
 
     def save_training(self, state: TrainState, data_position, meta: dict):
-        """Save a training run at state.step: params, optimizer state, this process's data position (the JSON state
-        of its batch source: every process writes its own) and meta with the loop's totals."""
+        """A training run at state.step: the arrays, this process's data position (JSON) and meta with loop totals."""
         args = {"params": ocp.args.StandardSave(state.params), "opt_state": ocp.args.StandardSave(state.opt_state),
                 "data": grain.checkpoint.CheckpointSave(_Position(data_position)),
                 "meta": ocp.args.JsonSave({**meta, "step": state.step, "loop_state": asdict(state.loop)})}
         self.manager.save(state.step, args=ocp.args.Composite(**args), force=True)
 
     def restore_training(self, step: int, abstract_params, abstract_opt_state, batches) -> TrainState:
-        """The run saved at `step`, onto the shardings of the abstract trees; `batches` (get_state/set_state) is
-        moved to this process's saved data position."""
+        """The run saved at `step`, onto the abstract trees' shardings; `batches` is moved to its saved position."""
         saved = glob.glob(os.path.join(self.directory, str(step), "data", "process_*-of-*.json"))
         if not saved:
             raise SystemExit(f"--resume: step {step} of {self.directory} holds no data position (saved before "
@@ -110,10 +101,9 @@ class Checkpointer:
 
     def begin(self, resume: bool, fresh, trainer, batches, config: GPTConfig, num_iterations: int,
               data_flags: dict) -> TrainState:
-        """The state a run trains from: `fresh()` for a new run, in a directory holding no checkpoints; with resume,
-        the latest checkpoint once it is known to be this run's: a training checkpoint of the same model, trained
-        on the same data flags (a saved data position means nothing under another --mixture or --task), not beyond
-        num_iterations; `batches` is moved to its data position."""
+        """The state a run trains from: `fresh()` in a directory holding no checkpoints; with resume, the latest one
+        once known to be this run's: a training checkpoint of the same model, on the same data flags (a position
+        means nothing under another --mixture or --task), not beyond num_iterations; `batches` moved to its position."""
         step = self.latest_step()
         if not resume:
             if step is not None:
@@ -148,9 +138,8 @@ class Checkpointer:
 
 
 class _Position(grain.DatasetIterator):
-    """A data position as grain's orbax handler saves and restores an iterator's state (JSON, one file per
-    process). The loop saves the position of the next batch to train on, which it records before drawing ahead, so
-    the handler is given that state rather than the live iterator."""
+    """A data position as grain's orbax handler saves it (JSON, a file per process): the one the loop recorded before
+    drawing ahead, not the live iterator's."""
 
     def __init__(self, state=None):
         super().__init__()
@@ -171,8 +160,7 @@ def model_meta(config: GPTConfig, step: int, **extra) -> dict:
 
 
 def load_model(checkpoint_dir: str, step: int | None = None, mesh=None, dtype=None, attn_impl: str | None = None):
-    """(model, tokenizer, meta) from one of our checkpoint directories; parameters placed on `mesh`
-    (default: every device on the data axis, i.e. replicated)."""
+    """(model, tokenizer, meta) from one of our checkpoint directories, placed on `mesh` (default: replicated)."""
     checkpointer = Checkpointer(checkpoint_dir, max_to_keep=None, async_save=False, create=False)
     step = checkpointer.resolve_step(step)
     config = config_from_meta(checkpointer.meta(step)["model_config"])
@@ -186,8 +174,7 @@ def load_model(checkpoint_dir: str, step: int | None = None, mesh=None, dtype=No
 
 
 def complete_steps(checkpoint_dir: str) -> list[int]:
-    """The steps of a checkpoint directory that were written to the end: orbax writes a step aside and renames it to
-    its number when complete, so a run that died mid-save (or before its first save) leaves none."""
+    """The steps of a checkpoint directory written to the end (orbax names a step by its number once complete)."""
     if not os.path.isdir(checkpoint_dir):
         return []
     return sorted(int(name) for name in os.listdir(checkpoint_dir)
@@ -195,16 +182,14 @@ def complete_steps(checkpoint_dir: str) -> list[int]:
 
 
 def find_model_tag(stage_dir: str) -> str:
-    """The model tag in a stage directory whose latest complete checkpoint is the newest; tags with none (a run that
-    stopped before it saved) are passed over. Says which on stderr."""
+    """The tag in a stage directory with the newest complete checkpoint (tags with none passed over); says which."""
     tags = sorted(t for t in os.listdir(stage_dir) if os.path.isdir(os.path.join(stage_dir, t))) \
         if os.path.isdir(stage_dir) else []
     complete = {t: steps[-1] for t in tags if (steps := complete_steps(os.path.join(stage_dir, t)))}
     if not complete:
         empty = f" ({', '.join(tags)}: no complete checkpoint)" if tags else ""
         raise FileNotFoundError(f"no checkpoints in {stage_dir}{empty}")
-    newest = lambda t: os.path.getmtime(os.path.join(stage_dir, t, str(complete[t])))  # noqa: E731
-    tag = max(complete, key=newest)
+    tag = max(complete, key=lambda t: os.path.getmtime(os.path.join(stage_dir, t, str(complete[t]))))
     skipped = sorted(set(tags) - set(complete))
     print(f"using {os.path.join(stage_dir, tag)}, step {complete[tag]}: the newest complete checkpoint"
           + (f" (passed over, with none complete: {', '.join(skipped)})" if skipped else "")
@@ -213,11 +198,9 @@ def find_model_tag(stage_dir: str) -> str:
 
 
 def stage_directory(source: str, model_tag: str | None = None) -> str:
-    """The checkpoint directory of a stage's model: source is base | mid | sft | rl; model_tag defaults to the one
-    with the newest complete checkpoint there (find_model_tag)."""
+    """The checkpoint directory of a stage's model (base | mid | sft | rl); model_tag defaults to find_model_tag's."""
     if source not in STAGE_DIRS:
         raise ValueError(f"unknown source {source!r}: expected one of {sorted(STAGE_DIRS)}")
-    from nanochat_jax.common import get_base_dir
     stage_dir = os.path.join(get_base_dir(), STAGE_DIRS[source])
     try:
         model_tag = model_tag or find_model_tag(stage_dir)

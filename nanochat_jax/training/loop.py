@@ -1,21 +1,11 @@
-"""The one training loop, for base, mid, SFT and RL: steps, schedules, periodic evaluations, checkpoints, logging to
-the console, metrics.jsonl and (optionally) wandb, and exact resume.
+"""The one training loop, for base, mid, SFT and RL: steps, schedules, evaluations, checkpoints, logging (console,
+metrics.jsonl, optionally wandb) and exact resume.
 
-A stage hands it the Trainer, a TrainState (fresh or restored), a batch source, a Plan and a Checkpointer. The batch
-source has get_state()/set_state() (its position, saved with each checkpoint) and next_batch(params) -> (batch,
-stats): one step's batch, a dict of this process's arrays with a leading micro-step axis (see Trainer.step), and
-numbers to log with that step. It is handed the latest params: a supervised source ignores them and reads ahead while
-the device computes; RL's source samples its rollouts with them (on-policy).
-
-A batch's path: data/dataset.py (shards) -> data/dataloader.py (PackedRows, StepBatches) or training/chat_batches.py
-or reinforce.py ->
-here (drawn one step ahead, then Trainer.step) -> checkpoint.save_training, which saves where the next batch starts.
-A resume's path: Stage.begin -> Checkpointer.begin (its checks) -> restore_training (params, optimizer state, the
-loop's totals, the batch source moved to its saved position) -> here, whose first draw is the batch it trains next.
-
-Step s (0-based) trains on the s-th batch; "checkpoint at step s" means after s steps. metrics.jsonl holds one JSON
-object per trained step ({"step", "loss", "lr", "dt", "tok_per_sec", "mfu", "grad_norm", "num_tokens"}, the batch's
-stats, and the evaluation results on evaluated steps) and a final {"step": num_iterations, ...evaluations} line.
+A batch source has get_state()/set_state() (its position) and next_batch(params) -> (batch, stats): this process's
+arrays (see Trainer.step) and numbers to log; RL's samples with the params. The loop holds the next step's batch and
+its position, which a checkpoint saves, so a resumed run's first draw is the batch it trains next. Step s (0-based)
+trains on the s-th batch; "checkpoint at step s" means after s steps. metrics.jsonl: a JSON object per trained step
+(the numbers logged, evaluations on evaluated steps) and a final {"step": num_iterations, ...evaluations} line.
 """
 import json
 import os
@@ -71,12 +61,11 @@ def trim_metrics(path: str, before_step: int):
 
 
 def write_metrics(path: str, record: dict, wandb_run=None):
-    if jax.process_index() != 0:
-        return
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-    if wandb_run is not None:
-        wandb_run.log(record)
+    if jax.process_index() == 0:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if wandb_run is not None:
+            wandb_run.log(record)
 
 
 def run(trainer: Trainer, state: TrainState, batches, plan: Plan, checkpointer: Checkpointer) -> TrainState:
@@ -88,13 +77,14 @@ def run(trainer: Trainer, state: TrainState, batches, plan: Plan, checkpointer: 
     start_step, t_start = state.step, time.time()
 
     def draw():
-        """(the position of the batch about to be drawn, the batch as global arrays, its stats)."""
+        """(the position of the batch about to be drawn, the batch as global arrays, its stats); none after the last."""
         position = batches.get_state()
+        if state.step >= plan.num_iterations:
+            return position, None, {}
         arrays, stats = batches.next_batch(state.params)
         return position, {name: to_global_array(a, sharding) for name, a in arrays.items()}, stats
 
-    # the loop always holds the next step's batch; `position` is where it starts, what a checkpoint must save
-    position, batch, stats = draw() if state.step < plan.num_iterations else (batches.get_state(), None, {})
+    position, batch, stats = draw()  # `position`: where the batch held starts, what a checkpoint saves
     pending = None  # the step dispatched last, whose metrics are fetched once the step after it is dispatched
     last_done = time.time()
 
@@ -147,12 +137,9 @@ def run(trainer: Trainer, state: TrainState, batches, plan: Plan, checkpointer: 
         lr_mult, momentum, wd_mult = plan.schedule(step)
         dispatched, tokens, trained_stats = time.time(), batch["inputs"].size, stats  # tokens: padding included
         state.params, state.opt_state, out = trainer.run_step(state.params, state.opt_state, batch, lr_mult, momentum,
-                                                             wd_mult)
+                                                              wd_mult)
         state.step += 1
-        if state.step < plan.num_iterations:  # dispatch is asynchronous: the next batch is made while the step runs
-            position, batch, stats = draw()
-        else:
-            position = batches.get_state()
+        position, batch, stats = draw()  # dispatch is asynchronous: the next batch is made while the step runs
         if pending is not None:
             finish(pending)
         pending = (step, out, tokens, lr_mult, trained_stats, record, dispatched)

@@ -1,13 +1,7 @@
-"""nanochat's optimizer as an optax transformation: Muon for the matrices inside the blocks, AdamW for the embeddings,
-lm_head and scalars, global-norm clipping first (classic), and the schedules as injected hyperparameters (values, not
-constants, so a new learning rate, momentum or weight decay never recompiles the step).
-
-Muon (Keller Jordan's): Nesterov momentum, then the update is replaced by an approximately orthogonal matrix from five
-quintic Newton-Schulz steps in bf16, scaled by sqrt(max(1, fan_out/fan_in)). The modern recipe (nanochat's current
-optimizer, MODERN_MUON) adds MuonEq row equilibration before the orthogonalisation, Polar Express (five steps with
-their own coefficients) in place of the fixed quintic, Muon+ renormalisation to sqrt(min(m, n)) after it, NorMuon's
-factored second moment (beta2 0.9) and cautious weight decay (only where update and weight agree in sign).
-Our kernels are [in, out] (torch's weights are [out, in]), so nanochat's rows/cols are our cols/rows.
+"""nanochat's optimizer as an optax transformation: Muon for the block matrices, AdamW for the embeddings, lm_head
+and scalars, global-norm clipping first, and the schedules as injected hyperparameters (values: never a recompile).
+MODERN_MUON (nanochat's current Muon) adds MuonEq, Polar Express, Muon+, NorMuon and cautious weight decay to the
+classic one. Our kernels are [in, out] (torch's weights are [out, in]), so nanochat's rows/cols are our cols/rows.
 """
 import math
 from dataclasses import dataclass
@@ -29,10 +23,8 @@ POLAR_EXPRESS_COEFFS = ((8.156554524902461, -22.48329292557795, 15.8787699152074
 
 
 def orthogonalize(g, steps: int = 5, dtype=jnp.bfloat16, polar_express: bool = False):
-    """Newton-Schulz iteration towards U V^T of g = U S V^T (singular values land roughly in [0.5, 1.5]); with
-    polar_express, its per-step coefficients (after dividing by 1.01 x the norm), which land closer to 1.
-    Runs in bf16 (fast, and accurate enough: the iteration is only approximate anyway) on the orientation whose
-    Gram matrix is the smaller one."""
+    """Newton-Schulz towards U V^T of g = U S V^T (singular values land in about [0.5, 1.5]; Polar Express's, after
+    dividing by 1.01 x the norm, closer to 1). In bf16 (the iteration is approximate anyway), on the smaller Gram."""
     x = g.astype(dtype)
     tall = g.shape[-2] > g.shape[-1]
     if tall:
@@ -57,10 +49,9 @@ class MuonVariant:
     cautious_weight_decay: bool = False  # decay only the weights whose update has their sign
 
 
-CLASSIC_MUON = MuonVariant()
 MODERN_MUON = MuonVariant(polar_express=True, row_equilibration=True, renormalize=True, normuon_beta2=0.9,
                           cautious_weight_decay=True)
-MUON_VARIANTS = {"classic": CLASSIC_MUON, "modern": MODERN_MUON}  # by name, as recipes name them
+MUON_VARIANTS = {"classic": MuonVariant(), "modern": MODERN_MUON}  # by name, as recipes name them
 
 
 class MuonState(NamedTuple):  # (the classic state, as checkpoints of earlier versions hold it)
@@ -73,16 +64,14 @@ class NorMuonState(NamedTuple):
 
 
 def normuon_axis(shape) -> int:
-    """The axis NorMuon averages over: the input one (per output neuron) unless the kernel has more inputs than
-    outputs (then per input)."""
+    """NorMuon averages over the inputs (per output neuron), or over the outputs when there are more inputs."""
     return -2 if shape[-1] >= shape[-2] else -1
 
 
-def muon(learning_rate, momentum=0.95, ns_steps: int = 5, variant: MuonVariant = CLASSIC_MUON,
+def muon(learning_rate, momentum=0.95, ns_steps: int = 5, variant: MuonVariant = MuonVariant(),
          weight_decay=0.0, dtype=jnp.bfloat16) -> optax.GradientTransformation:
-    """Muon for 2D kernels [fan_in, fan_out] (stacked ones [layers, fan_in, fan_out] each on its own).
-    learning_rate, momentum and weight_decay may be traced scalars; dtype: the orthogonalisation's (nanochat's
-    compute dtype: bf16 on accelerators)."""
+    """Muon (Nesterov momentum, orthogonalised, scaled by sqrt(max(1, fan_out / fan_in))) for kernels [fan_in, fan_out]
+    (stacked ones [layers, fan_in, fan_out] each on its own); learning_rate, momentum, weight_decay may be traced."""
 
     def init(params):
         buf = jax.tree.map(lambda p: jnp.zeros_like(p, jnp.float32), params)
@@ -92,8 +81,9 @@ def muon(learning_rate, momentum=0.95, ns_steps: int = 5, variant: MuonVariant =
             (1, p.shape[-1]) if normuon_axis(p.shape) == -2 else (p.shape[-2], 1)), jnp.float32), params)
         return NorMuonState(buf, moment)
 
-    def direction(g, moment):
-        """The orthogonalised (and, per the variant, equilibrated, renormalised, variance-scaled) update."""
+    def kernel_update(g, moment, p):
+        """One kernel's update (and NorMuon's new second moment; None without it) from its Nesterov gradient g."""
+        lr = learning_rate * math.sqrt(max(1.0, g.shape[-1] / g.shape[-2]))  # fan_out / fan_in
         fro = lambda x: jnp.linalg.norm(x.astype(jnp.float32), axis=(-2, -1), keepdims=True)  # noqa: E731
         if variant.row_equilibration:  # nanochat's rows (our columns) to the mean row norm, in bf16 as nanochat
             x = g.astype(dtype)
@@ -102,16 +92,18 @@ def muon(learning_rate, momentum=0.95, ns_steps: int = 5, variant: MuonVariant =
         u = orthogonalize(g, ns_steps, dtype, variant.polar_express).astype(jnp.float32)
         if variant.renormalize:
             u = u * (math.sqrt(min(u.shape[-2:])) / jnp.maximum(fro(u), 1e-6))
-        if moment is None:
-            return u, None
-        axis = normuon_axis(u.shape)
-        v_mean = jnp.mean(u * u, axis=axis, keepdims=True)
-        n = u.shape[axis]
-        norm_before = jnp.sqrt(jnp.sum(v_mean, axis=(-2, -1), keepdims=True) * n)
-        moment = moment + (1 - variant.normuon_beta2) * (v_mean - moment)
-        step = jax.lax.rsqrt(jnp.maximum(moment, 1e-10))
-        norm_after = jnp.sqrt(jnp.sum(v_mean * n * step * step, axis=(-2, -1), keepdims=True))
-        return u * (step * norm_before / jnp.maximum(norm_after, 1e-10)), moment
+        if moment is not None:  # NorMuon: per-neuron variance normalisation that keeps the update's norm
+            axis = normuon_axis(u.shape)
+            v_mean = jnp.mean(u * u, axis=axis, keepdims=True)
+            n = u.shape[axis]
+            norm_before = jnp.sqrt(jnp.sum(v_mean, axis=(-2, -1), keepdims=True) * n)
+            moment = moment + (1 - variant.normuon_beta2) * (v_mean - moment)
+            scale = jax.lax.rsqrt(jnp.maximum(moment, 1e-10))
+            norm_after = jnp.sqrt(jnp.sum(v_mean * n * scale * scale, axis=(-2, -1), keepdims=True))
+            u = u * (scale * norm_before / jnp.maximum(norm_after, 1e-10))
+        if variant.cautious_weight_decay:
+            return -lr * (u + weight_decay * p * ((u * p) >= 0)), moment
+        return -lr * u, moment
 
     def update(grads, state, params=None):
         buf = jax.tree.map(lambda m, g: momentum * m + (1 - momentum) * g, state.momentum, grads)
@@ -120,19 +112,9 @@ def muon(learning_rate, momentum=0.95, ns_steps: int = 5, variant: MuonVariant =
         p_leaves = g_leaves if params is None else treedef.flatten_up_to(params)
         normuon = isinstance(state, NorMuonState)
         m_leaves = treedef.flatten_up_to(state.second_moment) if normuon else [None] * len(g_leaves)
-
-        def step(g, moment, p):
-            lr = learning_rate * math.sqrt(max(1.0, g.shape[-1] / g.shape[-2]))  # fan_out / fan_in
-            u, moment = direction(g, moment)
-            if variant.cautious_weight_decay:
-                return -lr * (u + weight_decay * p * ((u * p) >= 0)), moment
-            return -lr * u, moment
-
-        out = [step(g, m, p) for g, m, p in zip(g_leaves, m_leaves, p_leaves)]
+        out = [kernel_update(g, m, p) for g, m, p in zip(g_leaves, m_leaves, p_leaves)]
         updates = treedef.unflatten([u for u, _ in out])
-        if normuon:
-            return updates, NorMuonState(buf, treedef.unflatten([m for _, m in out]))
-        return updates, MuonState(buf)
+        return updates, (NorMuonState(buf, treedef.unflatten([m for _, m in out])) if normuon else MuonState(buf))
 
     return optax.GradientTransformation(init, update)
 
@@ -143,20 +125,15 @@ LABELS = {"h": "matrix", "wte": "embedding", "lm_head": "unembedding", "value_em
 
 
 def param_label(path) -> str:
-    top = path[0].key if hasattr(path[0], "key") else str(path[0])
-    return LABELS[top]
-
+    return LABELS[path[0].key if hasattr(path[0], "key") else str(path[0])]
 
 
 def build_optimizer(n_embd: int, embedding_lr=0.2, unembedding_lr=0.004, matrix_lr=0.02, weight_decay=0.0,
                     grad_clip=1.0, recipe: str = "classic", scalar_lr=0.5, lr_scale=1.0,
                     lr_fraction=1.0, muon_dtype=jnp.bfloat16) -> optax.GradientTransformation:
-    """The whole optimizer over our parameter tree (a pure dict keyed as LABELS). Its state carries the
-    hyperparameters set every step: lr_multiplier (scales every group's learning rate), muon_momentum and, in the
-    modern recipe, wd_multiplier (scales Muon's weight decay). lr_scale multiplies every learning rate but the
-    smear group's (the modern recipe's batch-size scaling, as nanochat's); lr_fraction every one (a chat stage's
-    --init-lr-frac). muon_dtype: the orthogonalisation's (classic nanochat: always bf16; its current code: the
-    compute dtype)."""
+    """The optimizer over our parameter tree (keyed as LABELS); its state holds the per-step lr_multiplier,
+    muon_momentum and (modern) wd_multiplier. lr_scale scales every lr but the smear group's (modern batch scaling),
+    lr_fraction every one (--init-lr-frac); muon_dtype: bf16 in classic nanochat, the compute dtype in its current."""
     width_scale = (n_embd / 768) ** -0.5  # the AdamW lrs were tuned at width 768
     flags = {"embedding_lr": embedding_lr, "unembedding_lr": unembedding_lr, "scalar_lr": scalar_lr}
     groups = RECIPES[recipe].adam  # (the groups as data: recipes.AdamGroup)
@@ -171,15 +148,14 @@ def build_optimizer(n_embd: int, embedding_lr=0.2, unembedding_lr=0.004, matrix_
             return optax.adamw(lr, b1=g.betas[0], b2=g.betas[1], eps=1e-10, weight_decay=decay)
 
         muon_wd = weight_decay * wd_multiplier if wd_multiplier is not None else 0.0
-        transforms = {"matrix": muon(matrix_lr * lr_multiplier, muon_momentum, variant=variant,
-                                     weight_decay=muon_wd, dtype=muon_dtype)} | {name: adamw(g) for name, g in groups.items()}
+        transforms = {"matrix": muon(matrix_lr * lr_multiplier, muon_momentum, variant=variant, weight_decay=muon_wd,
+                                     dtype=muon_dtype)} | {name: adamw(g) for name, g in groups.items()}
         partitioned = optax.partition(
             transforms, lambda params: jax.tree_util.tree_map_with_path(lambda path, _: param_label(path), params))
         return optax.chain(optax.clip_by_global_norm(grad_clip), partitioned) if grad_clip > 0 else partitioned
 
-    if recipe == "modern":
-        return optax.inject_hyperparams(make)(lr_multiplier=1.0, muon_momentum=0.95, wd_multiplier=1.0)
-    return optax.inject_hyperparams(make)(lr_multiplier=1.0, muon_momentum=0.95)
+    modern = {"wd_multiplier": 1.0} if recipe == "modern" else {}
+    return optax.inject_hyperparams(make)(lr_multiplier=1.0, muon_momentum=0.95, **modern)
 
 
 REFERENCE_BATCH = 2 ** 19  # nanochat's measured best batch (tokens) for d12 at its horizon
@@ -187,14 +163,14 @@ REFERENCE_BATCH = 2 ** 19  # nanochat's measured best batch (tokens) for d12 at 
 
 def auto_batch(scaling_params: int, d12_scaling_params: int, target_param_data_ratio: float,
                weight_decay: float, batch: int | None = None) -> tuple[int, float, float]:
-    """nanochat's modern sizing: (tokens per step, learning-rate scale, Muon weight decay) for a model trained for
-    target_param_data_ratio tokens per scaling parameter. The batch (unless given) grows as the horizon D^0.383 from
-    2^19 at d12 (the Power Lines fit), rounded to a power of two; learning rates scale by sqrt(B / 2^19); the weight
-    decay by sqrt(B / 2^19) x D_d12 / D, which keeps its effective timescale."""
+    """nanochat's modern sizing: (tokens per step, lr scale, Muon weight decay) at target_param_data_ratio tokens per
+    scaling parameter. The batch (unless given) grows as the horizon D^0.383 from 2^19 at d12 (the Power Lines fit),
+    to a power of two; lrs scale by sqrt(B / 2^19), the decay by sqrt(B / 2^19) x D_d12 / D (same timescale)."""
     tokens, d12_tokens = target_param_data_ratio * scaling_params, target_param_data_ratio * d12_scaling_params
     if batch is None:
         batch = 2 ** round(math.log2(REFERENCE_BATCH * (tokens / d12_tokens) ** 0.383))
-    return batch, math.sqrt(batch / REFERENCE_BATCH), weight_decay * math.sqrt(batch / REFERENCE_BATCH) * d12_tokens / tokens
+    scale = math.sqrt(batch / REFERENCE_BATCH)
+    return batch, scale, weight_decay * scale * d12_tokens / tokens
 
 
 def set_schedule(opt_state, lr_multiplier, muon_momentum, wd_multiplier=1.0):
@@ -223,8 +199,7 @@ def muon_momentum(step: int) -> float:
 
 
 def modern_muon_momentum(step: int, num_iterations: int, warmdown_ratio: float) -> float:
-    """nanochat's current ramp: 0.85 -> 0.97 over the first 400 steps, then 0.97, falling linearly to 0.90 over the
-    warmdown."""
+    """nanochat's current ramp: 0.85 -> 0.97 over 400 steps, then linearly down to 0.90 over the warmdown."""
     warmdown = round(warmdown_ratio * num_iterations)
     if step < 400:
         return (1 - step / 400) * 0.85 + step / 400 * 0.97
@@ -236,10 +211,9 @@ def modern_muon_momentum(step: int, num_iterations: int, warmdown_ratio: float) 
 
 @dataclass(frozen=True)
 class Schedule:
-    """A stage's schedule: step -> (learning-rate multiplier, Muon momentum, Muon weight-decay multiplier).
-    momentum None: muon_momentum's ramp (pretraining and midtraining), else that constant (SFT and RL: 0.95).
-    modern: nanochat's current pretraining schedule (warmup_steps of warmup, modern_muon_momentum, weight decay
-    cosine to 0 over the run); warmup_steps, when set, replaces warmup_ratio."""
+    """A stage's schedule: step -> (lr multiplier, Muon momentum, Muon weight-decay multiplier). momentum None: the
+    muon_momentum ramp (base, mid), else that constant (SFT, RL). modern: nanochat's current pretraining schedule
+    (modern_muon_momentum, weight decay cosine to 0); warmup_steps, when set, replaces warmup_ratio."""
     num_iterations: int
     warmup_ratio: float = 0.0
     warmdown_ratio: float = 0.2
@@ -252,8 +226,6 @@ class Schedule:
         n = self.num_iterations
         warmup = self.warmup_ratio if self.warmup_steps is None else self.warmup_steps / n
         lr = lr_multiplier(step, n, warmup, self.warmdown_ratio, self.final_lr_frac)
-        if self.momentum is not None:
-            momentum = self.momentum
-        else:
-            momentum = modern_muon_momentum(step, n, self.warmdown_ratio) if self.modern else muon_momentum(step)
+        momentum = modern_muon_momentum(step, n, self.warmdown_ratio) if self.modern else muon_momentum(step)
+        momentum = momentum if self.momentum is None else self.momentum
         return lr, momentum, 0.5 * (1 + math.cos(math.pi * step / n)) if self.modern else 1.0

@@ -1,12 +1,8 @@
-"""On-policy REINFORCE for chat models, nanochat's simplification of GRPO: no KL penalty and no PPO ratio (the samples
-come from the current policy), advantage = reward - the mean reward of the same question (no division by the
-standard deviation), and a token-level loss normalised by the number of sampled tokens.
-
-For one question, `rollouts` samples completions with the engine (tool use on) and scores them with the task's
-reward. `policy_batch` turns the rollouts of a step into a training batch for Trainer.step: inputs/targets
-[accum, rows, T] where only the sampled tokens are targets (the prompt and the tool's forced outputs are -1), and
-"weights" [accum, rows] = each row's advantage, so a micro-step's loss is -sum(advantage x log p(token)) / tokens.
-RolloutBatches is the batch source train.rl hands the training loop.
+"""On-policy REINFORCE for chat models, nanochat's simplification of GRPO: no KL penalty, no PPO ratio (the samples
+come from the current policy), advantage = reward - the question's mean reward (not divided by the std), and a
+token-level loss normalised by the number of sampled tokens. `rollouts` samples and scores one question's
+completions; `policy_batch` makes a step's rollouts a batch whose only targets are sampled tokens, "weights" the
+advantages; RolloutBatches is the batch source train.rl hands the training loop.
 """
 import time
 from dataclasses import dataclass
@@ -14,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from nanochat_jax.common import bucket
-from nanochat_jax.training.chat_batches import masked_targets
+from nanochat_jax.training.chat_batches import padded_rows
 
 
 @dataclass
@@ -43,36 +39,28 @@ def rollouts(engine, tokenizer, task, index: int, num_samples: int, max_new_toke
 
 
 def policy_batch(step_rollouts: list[Rollouts], rows_per_micro_step: int, pad_id: int, max_len: int) -> dict:
-    """The rows of every question in order, cut into micro-steps of rows_per_micro_step and padded at the end to a
-    power-of-two length (at most max_len); padding is never a target."""
+    """Every question's rows in order, cut into micro-steps of rows_per_micro_step, padded to a power-of-two length
+    (at most max_len)."""
     rows = [(seq, mask, adv) for r in step_rollouts for seq, mask, adv in zip(r.sequences, r.masks, r.advantages)]
     if len(rows) % rows_per_micro_step:
         raise ValueError(f"{len(rows)} sequences do not split into micro-steps of {rows_per_micro_step} rows")
-    longest = max(len(seq) - 1 for seq, _, _ in rows)
-    length = bucket(longest, maximum=max_len)
-    inputs = np.full((len(rows), length), pad_id, np.int32)
-    targets = np.full((len(rows), length), -1, np.int32)
-    for i, (seq, mask, _) in enumerate(rows):
-        n = min(len(seq) - 1, length)
-        inputs[i, :n] = seq[:n]
-        targets[i, :n] = masked_targets(seq[:n + 1], mask[:n + 1])
+    length = bucket(max(len(seq) - 1 for seq, _, _ in rows), maximum=max_len)
+    batch = padded_rows([(seq, mask) for seq, mask, _ in rows], length, pad_id)
     weights = np.asarray([adv for _, _, adv in rows], np.float32)
     shape = (len(rows) // rows_per_micro_step, rows_per_micro_step)
-    return {"inputs": inputs.reshape(*shape, length), "targets": targets.reshape(*shape, length),
-            "weights": weights.reshape(shape)}
+    return {name: a.reshape(*shape, length) for name, a in batch.items()} | {"weights": weights.reshape(shape)}
 
 
 class RolloutBatches:
-    """RL's batch source for the training loop: step k's batch is the rollouts of questions k x per_step ... of the
-    task (cycling), sampled from the params the loop hands over (on-policy), as policy_batch. Its position is the
-    index k of the next step's questions."""
+    """RL's batch source: step k's batch is the rollouts of questions k x per_step ... of the task (cycling), sampled
+    from the params the loop hands over (on-policy). Its position is the next step's k."""
 
     def __init__(self, engine_for, tokenizer, task, per_step: int, num_samples: int, max_new_tokens: int,
                  temperature: float, top_k: int | None, seed: int, rows_per_micro_step: int):
         """engine_for(params) -> the engine that samples from those params (the stage's one engine)."""
-        self.engine_for, self.tokenizer, self.task = engine_for, tokenizer, task
-        self.per_step, self.num_samples, self.max_new_tokens = per_step, num_samples, max_new_tokens
-        self.temperature, self.top_k, self.seed, self.rows_per_micro_step = temperature, top_k, seed, rows_per_micro_step
+        self.engine_for, self.tokenizer, self.task, self.per_step = engine_for, tokenizer, task, per_step
+        self.num_samples, self.max_new_tokens, self.temperature = num_samples, max_new_tokens, temperature
+        self.top_k, self.seed, self.rows_per_micro_step = top_k, seed, rows_per_micro_step
         self.pad_id = tokenizer.encode_special("<|assistant_end|>")  # never a target: any id would do
         self.position = 0
 

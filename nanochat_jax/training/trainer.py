@@ -1,13 +1,9 @@
 """One training step and its state, shared by every training stage (base, mid, SFT, RL).
 
-TrainState: params (a pure dict of fp32 arrays: 'wte', 'h', 'lm_head') and the optax state, both placed on the mesh
-(params by RULES, optimizer state by OPT_STATE_RULES). The step takes a batch dict of arrays with a leading
-micro-step axis: "inputs" and "targets" [accum, rows, T] (target -1 = ignored), and optionally "weights" [accum, rows]
-(per-row loss weights: RL advantages). Each micro-step's loss is sum(weight x token loss) / number of counted targets
-(without weights: the mean token loss), counted over the whole global micro-batch (nanochat averages each rank's
-own mean, which weighs tokens slightly differently when rows hold different numbers of targets); gradients are
-averaged over the micro-steps with lax.scan, clipped and applied. The step is jitted with the state donated (one compilation per batch shape); schedule values come in as
-arguments.
+A batch: "inputs" and "targets" [accum, rows, T] (target -1 = ignored), optionally "weights" [accum, rows] (RL's
+advantages). A micro-step's loss is sum(weight x token loss) / counted targets of the whole global micro-batch
+(nanochat averages each rank's own mean, which weighs tokens a little differently); gradients are averaged over the
+micro-steps, clipped and applied in one jit per batch shape, the state donated, the schedule values as arguments.
 """
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -39,18 +35,19 @@ def _path_keys(path) -> tuple:
 
 
 def _shard_like_params(opt_state, params, shardings, replicated):
-    """Each optimizer-state leaf whose key path ends with a parameter's path (Adam moments, Muon momentum) and has
-    its shape gets that parameter's sharding; counters and hyperparameters are replicated."""
+    """The abstract opt_state with shardings: a leaf whose key path ends with a parameter's path (Adam moments, Muon
+    momentum) and has its shape gets that parameter's sharding; counters and hyperparameters are replicated."""
     flat_params = {_path_keys(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
     flat_shardings = {_path_keys(p): sh for p, sh in jax.tree_util.tree_flatten_with_path(shardings)[0]}
 
     def pick(path, leaf):
-        keys = _path_keys(path)
+        keys, leaf_sharding = _path_keys(path), replicated
         for start in range(len(keys)):
             param = flat_params.get(keys[start:])
             if param is not None and param.shape == leaf.shape:
-                return flat_shardings[keys[start:]]
-        return replicated
+                leaf_sharding = flat_shardings[keys[start:]]
+                break
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf_sharding)
 
     return jax.tree_util.tree_map_with_path(pick, opt_state)
 
@@ -65,8 +62,8 @@ class LoopState:
 
 @dataclass
 class TrainState:
-    """A training run at one step: the arrays (on the mesh) and the loop's totals. The data position is not here:
-    the batch source holds it, and the checkpointer saves it beside these."""
+    """A training run at one step: params (a pure dict of fp32 arrays) and optax state on the mesh (by RULES and
+    OPT_STATE_RULES), and the loop's totals; the batch source holds the data position."""
     params: Any
     opt_state: Any
     step: int = 0  # optimizer steps taken
@@ -91,13 +88,11 @@ class Trainer:
         graphdef, abstract_params = sharding.abstract_params(make_model, mesh, RULES)
         # the optimizer's moments follow OPT_STATE_RULES (split over every device), not the parameters' RULES
         _, opt_like_params = sharding.abstract_params(make_model, mesh, OPT_STATE_RULES)
-        abstract_opt = jax.eval_shape(tx.init, abstract_params)
-        o_shard = _shard_like_params(abstract_opt, abstract_params, sharding.shardings_of(opt_like_params),
-                                     NamedSharding(mesh, P()))
+        abstract_opt = _shard_like_params(jax.eval_shape(tx.init, abstract_params), abstract_params,
+                                          sharding.shardings_of(opt_like_params), NamedSharding(mesh, P()))
         eval_graphdef = None if make_eval_model is None else nnx.graphdef(nnx.eval_shape(make_eval_model))
-        return cls(graphdef, tx, mesh, sharding.shardings_of(abstract_params), o_shard, abstract_params,
-                   jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract_opt, o_shard),
-                   eval_graphdef=eval_graphdef)
+        return cls(graphdef, tx, mesh, sharding.shardings_of(abstract_params), sharding.shardings_of(abstract_opt),
+                   abstract_params, abstract_opt, eval_graphdef=eval_graphdef)
 
     def init_state(self, make_model) -> "TrainState":
         """Step 0 of a new run: fresh params, created directly in their shards."""
@@ -118,41 +113,31 @@ class Trainer:
     @cached_property
     def step(self):
         """jitted (params, opt_state, batch, lr_multiplier, muon_momentum, wd_multiplier) -> (params, opt_state,
-        metrics); wd_multiplier scales Muon's weight decay (the modern recipe's; the classic optimizer has none)."""
-        graphdef, tx = self.graphdef, self.tx
-
-        def loss_fn(params, micro):
-            return micro_loss(nnx.merge(graphdef, params), micro)
-
-        mesh = self.mesh
+        metrics); wd_multiplier: the modern recipe's scale of Muon's weight decay."""
+        graphdef, tx, mesh = self.graphdef, self.tx, self.mesh
 
         def step(params, opt_state, batch, lr_multiplier, muon_momentum, wd_multiplier):
-            with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # kernels in shard_map (splash) see the mesh
-                return train_step(params, opt_state, batch, lr_multiplier, muon_momentum, wd_multiplier)
-
-        def train_step(params, opt_state, batch, lr_multiplier, muon_momentum, wd_multiplier):
             def accumulate(grad_sum, micro):
-                loss, grads = jax.value_and_grad(loss_fn)(params, micro)
+                loss, grads = jax.value_and_grad(lambda p: micro_loss(nnx.merge(graphdef, p), micro))(params)
                 return jax.tree.map(jnp.add, grad_sum, grads), loss
 
-            # a scan over the micro-steps, not a Python loop: one compiled body, and one set of gradient buffers
-            # summed into, whatever the accumulation count
-            grads, losses = jax.lax.scan(accumulate, jax.tree.map(jnp.zeros_like, params), batch)
-            grads = jax.tree.map(lambda g: g / losses.shape[0], grads)
-            opt_state = set_schedule(opt_state, lr_multiplier, muon_momentum, wd_multiplier)  # traced: no recompile
-            updates, opt_state = tx.update(grads, opt_state, params)
-            params = optax.apply_updates(params, updates)
-            return params, opt_state, {"loss": losses.mean(), "grad_norm": optax.tree.norm(grads),
-                                       "num_tokens": jnp.sum(batch["targets"] >= 0)}
+            with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # kernels in shard_map (splash) see the mesh
+                # lax.scan, not a Python loop: one compiled body and one set of gradient buffers whatever the count
+                grads, losses = jax.lax.scan(accumulate, jax.tree.map(jnp.zeros_like, params), batch)
+                grads = jax.tree.map(lambda g: g / losses.shape[0], grads)
+                opt_state = set_schedule(opt_state, lr_multiplier, muon_momentum, wd_multiplier)  # traced: no recompile
+                updates, opt_state = tx.update(grads, opt_state, params)
+                params = optax.apply_updates(params, updates)
+                return params, opt_state, {"loss": losses.mean(), "grad_norm": optax.tree.norm(grads),
+                                           "num_tokens": jnp.sum(batch["targets"] >= 0)}
 
-        return jax.jit(step, in_shardings=(self.params_sharding, self.opt_sharding, self.batch_sharding(), None, None,
-                                           None),
+        in_shardings = (self.params_sharding, self.opt_sharding, self.batch_sharding(), None, None, None)
+        return jax.jit(step, in_shardings=in_shardings,
                        out_shardings=(self.params_sharding, self.opt_sharding, None), donate_argnums=(0, 1))
 
     def compile_step(self, rows: int, seq_len: int, accum: int):
-        """Compile the step ahead of time for batches [accum, rows, seq_len] (global rows) and keep the executable:
-        run_step uses it for batches of that shape, so reading its memory at start costs no second compilation.
-        Raises common.DoesNotFit when the compiler says it cannot fit on a device."""
+        """Compile the step ahead for batches [accum, rows, seq_len] (global rows) and keep it for run_step (reading its
+        memory at start then costs no second compilation). Raises common.DoesNotFit when it cannot fit a device."""
         args = self.step_args(rows, seq_len, accum)
         compiled, seconds = compile_timed(self.step, *args)
         self.compiled_steps[_batch_key(args[2])] = compiled
@@ -178,7 +163,7 @@ def _batch_key(batch: dict) -> tuple:
 
 def micro_loss(model, micro: dict):
     """One micro-batch's loss: the mean over counted targets, or with per-row "weights" (policy gradient)
-    sum(weight x token loss) / number of counted targets."""
+    sum(weight x token loss) / counted targets."""
     if "weights" not in micro:
         return model(micro["inputs"], micro["targets"])
     token_loss = model(micro["inputs"], micro["targets"], loss_reduction="none")
