@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from nanochat_jax.tasks.base import TaskMixture, TaskSequence, render_mc
+from nanochat_jax.tasks.base import TaskMixture, render_mc
 from nanochat_jax.tasks.smoltalk import CustomJSON, SmolTalk
 from nanochat_jax.tasks.choice import ARC, MMLU
 from nanochat_jax.tasks.gsm8k import GSM8K
@@ -88,11 +88,6 @@ def test_mixture_sequence_and_slicing(base):
     mix = TaskMixture([a, b, b])  # b twice: oversampled
     assert len(mix) == 9 and [mix[i] for i in range(9)] == [TaskMixture([a, b, b])[i] for i in range(9)]
     assert sorted(m["messages"][0]["content"] for m in (mix[i] for i in range(9))).count("q3") == 3
-    assert [mix[i] for i in range(9)] != [TaskSequence([a, b, b])[i] for i in range(9)]
-    seq = TaskSequence([a, b])
-    assert [seq[i]["messages"][0]["content"] for i in range(7)] == ["q0", "q1", "q2", "q3", "q4", "q1", "q3"]
-    with pytest.raises(IndexError):
-        seq[7]
     (base / "bad.jsonl").write_text(json.dumps([{"role": "assistant", "content": "x"}]) + "\n")
     with pytest.raises(ValueError, match="bad.jsonl line 1"):
         CustomJSON(str(base / "bad.jsonl"))

@@ -3,6 +3,8 @@ and validation shards, against GPT-2 and GPT-4's encodings (whose ranks tiktoken
 
     python -m tokenizer.eval
 """
+import tiktoken
+
 from nanochat_jax.common import run_entry_point
 from nanochat_jax.evaluation import report
 from nanochat_jax.data.dataset import iter_texts, standin_corpus
@@ -49,22 +51,21 @@ def local_shard_samples() -> dict[str, str]:
 
 
 def load_reference(name: str):
+    """An OpenAI encoding (from the network or tiktoken's cache), with <|endoftext|> as its BOS."""
     try:
-        return Tokenizer.from_pretrained(name)
+        return Tokenizer(tiktoken.get_encoding(name), bos_token="<|endoftext|>")
     except Exception as e:  # offline: tiktoken tries to download the ranks
         print(f"{name}: unavailable ({type(e).__name__}: tiktoken downloads its ranks on first use and could not)")
         return None
 
 
 def main():
-    tokenizers = {"ours": get_tokenizer()}
-    references = {"gpt2": load_reference("gpt2"), "gpt4": load_reference("cl100k_base")}
-    tokenizers |= {label: tok for label, tok in references.items() if tok is not None}
+    tokenizers = {"ours": get_tokenizer(), "gpt2": load_reference("gpt2"), "gpt4": load_reference("cl100k_base")}
+    tokenizers = {label: tok for label, tok in tokenizers.items() if tok is not None}
     samples = SAMPLES | local_shard_samples()
-    names = list(tokenizers)
     vocab = "  ".join(f"{n}={t.get_vocab_size():,}" for n, t in tokenizers.items())
     print(f"vocabulary sizes: {vocab}\nbytes per token (higher compresses better):")
-    print(f"{'text':<14}{'bytes':>10}" + "".join(f"{n:>10}" for n in names))
+    print(f"{'text':<14}{'bytes':>10}" + "".join(f"{n:>10}" for n in tokenizers))
     ratios = {}
     for sample_name, text in samples.items():
         n_bytes = len(text.encode("utf-8"))
@@ -74,7 +75,7 @@ def main():
             assert tok.decode(ids) == text, f"round trip failed on {sample_name}"
             row.append(n_bytes / len(ids))
         print(f"{sample_name:<14}{n_bytes:>10,}" + "".join(f"{r:>10.2f}" for r in row))
-        ratios[f"bytes per token, {sample_name}"] = ", ".join(f"{n} {r:.2f}" for n, r in zip(names, row))
+        ratios[f"bytes per token, {sample_name}"] = ", ".join(f"{n} {r:.2f}" for n, r in zip(tokenizers, row))
     report.log(report.TOKENIZER_EVALUATION, ratios, report.standin(standin_corpus()))
 
 

@@ -1,11 +1,10 @@
-"""Pretraining batches: parquet shards -> tokenized documents -> BOS-aligned best-fit rows -> batches, as a grain
-pipeline whose state round-trips exactly.
+"""Pretraining batches as a grain pipeline: parquet shards -> tokenized documents -> BOS-aligned best-fit rows.
 
-Every document starts with <|bos|>; rows hold T+1 tokens and start at a document start, with no padding. To fill a
-row, the largest of the `buffer_size` buffered documents that fits goes in; when none fits, the shortest is cropped
-to fill the row (its rest is dropped). Process p reads only the row groups g with g % process_count == p of every
-shard, so hosts never read the same text. The state (JSON) is the epoch, the (shard, row group, row) of the next
-unread document and those of the buffered documents, which restoring re-reads and re-tokenizes."""
+Rows hold T+1 tokens, each row starting at a document's <|bos|>, with no padding: the largest of the `buffer_size`
+buffered documents that fits goes in; when none fits, the shortest is cropped to fill the row (its rest is dropped).
+Process p reads only the row groups g with g % process_count == p of every shard, so hosts never read the same text.
+The JSON state (the epoch, the (shard, row group, row) of the next unread document and of the buffered ones)
+round-trips exactly: restoring re-reads and re-tokenizes the buffered documents."""
 import bisect
 import functools
 import itertools
@@ -124,12 +123,10 @@ class StepBatches:
     def __next__(self) -> dict:
         micro = [next(self.micro_batches) for _ in range(self.accum_steps)]
         T = max(m["inputs"].shape[1] for m in micro)
-        pad = lambda a, value: np.pad(a, ((0, 0), (0, T - a.shape[1])), constant_values=value)  # noqa: E731
-        return {"inputs": np.stack([pad(m["inputs"], 0) for m in micro]),
-                "targets": np.stack([pad(m["targets"], -1) for m in micro])}
+        return {key: np.stack([np.pad(m[key], ((0, 0), (0, T - m[key].shape[1])), constant_values=fill) for m in micro])
+                for key, fill in (("inputs", 0), ("targets", -1))}
 
     def next_batch(self, params=None) -> tuple[dict, dict]:
-        """The training loop's call: the next batch and no stats (a supervised source needs no params)."""
         return next(self), {}
 
     def get_state(self):
@@ -140,5 +137,4 @@ class StepBatches:
 
 
 def to_global_array(local_batch: np.ndarray, sharding) -> jax.Array:
-    """This process's rows -> the global batch array, split over the mesh (multi-host: each feeds its own part)."""
     return jax.make_array_from_process_local_data(sharding, local_batch)

@@ -65,7 +65,6 @@ def split_shards(split: str, directory: str | None = None) -> list[str]:
 
 
 def open_shard(path: str) -> pq.ParquetFile:
-    """Opens a shard, with an error that names the file when it is corrupt, empty or lacks a text column."""
     try:
         shard = pq.ParquetFile(path)
     except Exception as e:

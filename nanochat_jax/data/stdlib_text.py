@@ -21,7 +21,7 @@ def stdlib_documents(max_chars: int, min_chars: int = 200) -> list[str]:
     """One document per standard-library module (its docstrings), in a fixed order, up to about max_chars."""
     root = sysconfig.get_paths()["stdlib"]
     docs, total = [], 0
-    for directory, subdirs, files in sorted(os.walk(root)):
+    for directory, subdirs, files in os.walk(root):  # top-down, so the pruning below keeps it out of those folders
         subdirs[:] = sorted(d for d in subdirs if d not in ("test", "tests", "site-packages", "idlelib"))
         for name in sorted(files):
             if name.endswith(".py"):

@@ -8,13 +8,9 @@ import os
 import numpy as np
 import tiktoken
 
-SPECIAL_TOKENS = [
-    "<|bos|>",  # starts every document
-    "<|user_start|>", "<|user_end|>",
-    "<|assistant_start|>", "<|assistant_end|>",
-    "<|python_start|>", "<|python_end|>",  # the assistant calls the python tool
-    "<|output_start|>", "<|output_end|>",  # the tool's output, fed back to the assistant
-]
+# <|bos|> starts every document; python_*: the assistant calls the python tool; output_*: the tool's output, fed back
+SPECIAL_TOKENS = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
+                  "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>"]
 # an assistant part's type -> (the special tokens around it, whether it is trained on)
 PART_FORMATS = {"text": (None, None, 1), "python": ("<|python_start|>", "<|python_end|>", 1),
                 "python_output": ("<|output_start|>", "<|output_end|>", 0)}  # comes from the tool at inference
@@ -28,8 +24,6 @@ TOKEN_BYTES_FILE = "token_bytes.npy"
 
 
 class Tokenizer:
-    """A tiktoken Encoding plus the nanochat conventions on top of it."""
-
     def __init__(self, enc: tiktoken.Encoding, bos_token: str = "<|bos|>"):
         self.enc = enc
         self.bos_token_id = enc.encode_single_token(bos_token)
@@ -43,12 +37,8 @@ class Tokenizer:
         trainer = rustbpe.Tokenizer()
         trainer.train_from_iterator(text_iterator, n_merged, pattern=SPLIT_PATTERN)
         ranks = {bytes(token): rank for token, rank in trainer.get_mergeable_ranks()}
-        return cls(_make_encoding(trainer.get_pattern(), ranks))
-
-    @classmethod
-    def from_pretrained(cls, tiktoken_name: str) -> "Tokenizer":
-        """An OpenAI encoding ('gpt2', 'cl100k_base'; from the network or tiktoken's cache), <|endoftext|> as BOS."""
-        return cls(tiktoken.get_encoding(tiktoken_name), bos_token="<|endoftext|>")
+        special_tokens = {name: len(ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}
+        return cls(_make_encoding(trainer.get_pattern(), ranks, special_tokens))
 
     @classmethod
     def load(cls, tokenizer_dir: str) -> "Tokenizer":
@@ -73,9 +63,6 @@ class Tokenizer:
     def get_vocab_size(self) -> int:
         return self.enc.n_vocab
 
-    def get_special_tokens(self) -> set[str]:
-        return self.enc.special_tokens_set
-
     def encode_special(self, token: str) -> int:
         return self.enc.encode_single_token(token)
 
@@ -83,7 +70,6 @@ class Tokenizer:
         return self.bos_token_id
 
     def token_bytes(self) -> np.ndarray:
-        """UTF-8 byte length of every token id, 0 for special tokens (they carry no text)."""
         special_ids = set(self.enc._special_tokens.values())
         return np.array([0 if i in special_ids else len(self.enc.decode_single_token_bytes(i))
                          for i in range(self.enc.n_vocab)], dtype=np.int32)
@@ -98,8 +84,6 @@ class Tokenizer:
         if isinstance(text, list):
             return [first + ids + last for ids in self.enc.encode_ordinary_batch(text, num_threads=num_threads)]
         raise TypeError(f"encode takes a str or a list of str, got {type(text).__name__}")
-
-    __call__ = encode
 
     def decode(self, ids) -> str:
         return self.enc.decode(list(ids))
@@ -165,9 +149,7 @@ def _merge_system_message(conversation: dict) -> list:
     return messages
 
 
-def _make_encoding(pattern: str, ranks: dict[bytes, int], special_tokens: dict[str, int] | None = None):
-    if special_tokens is None:
-        special_tokens = {name: len(ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}
+def _make_encoding(pattern: str, ranks: dict[bytes, int], special_tokens: dict[str, int]):
     return tiktoken.Encoding(name="nanochat_jax", pat_str=pattern, mergeable_ranks=ranks, special_tokens=special_tokens)
 
 

@@ -1,4 +1,4 @@
-"""The Task interface, mixtures and sequences of tasks, and where task data comes from.
+"""The Task interface, task mixtures, and where task data comes from.
 
 A Task is a sliceable (start/stop/step) list of conversations ({"messages": [...], plus task fields}), scored by
 `evaluate(conversation, completion)` (generative tasks) or by answer letters (categorical ones). Rows come from the
@@ -16,7 +16,6 @@ def task_data_path(task: str, filename: str) -> str:
 
 
 def load_rows(hf_id: str, config: str | None, split: str, local_task: str, local_split: str | None = None):
-    """A shuffled (seed 42) datasets.Dataset of the split, from the local JSONL if present, else the hub."""
     import datasets
     local = task_data_path(local_task, f"{local_split or split}.jsonl")
     if os.path.exists(local):
@@ -25,8 +24,8 @@ def load_rows(hf_id: str, config: str | None, split: str, local_task: str, local
         try:
             rows = datasets.load_dataset(hf_id, config, split=split)
         except Exception as e:  # offline, or no such dataset/split
-            raise FileNotFoundError(f"could not load {hf_id} ({config or 'default'}, {split}): {type(e).__name__}. "
-                                    f"Put its rows, one JSON object per line in the dataset's schema, at {local}") from e
+            raise FileNotFoundError(f"could not load {hf_id} ({config or 'default'}, {split}): {type(e).__name__}. Put "
+                                    f"its rows, one JSON object per line in the dataset's schema, at {local}") from e
     return rows.shuffle(seed=42)
 
 
@@ -38,7 +37,7 @@ class Task:
             raise ValueError(f"bad slice start={start} stop={stop} step={step}")
         self.start, self.stop, self.step = start, stop, step
 
-    def num_examples(self) -> int:  # a task over a dataset's rows; the others override it
+    def num_examples(self) -> int:  # a task over rows; generated tasks override it
         return len(self.rows)
 
     def get_example(self, index: int) -> dict:
@@ -91,33 +90,25 @@ class TaskMixture(Task):
     def __init__(self, tasks: list[Task], **kwargs):
         super().__init__(**kwargs)
         self.tasks = tasks
-        self.index = [(t, i) for t, task in enumerate(tasks) for i in range(len(task))]
-        random.Random(42).shuffle(self.index)
-
-    def num_examples(self) -> int:
-        return len(self.index)
+        self.rows = [(t, i) for t, task in enumerate(tasks) for i in range(len(task))]  # (task, its example)
+        random.Random(42).shuffle(self.rows)
 
     def get_example(self, index: int) -> dict:
-        task, local = self.index[index]
+        task, local = self.rows[index]
         return self.tasks[task][local]
 
 
-class TaskSequence(Task):
-    """The tasks one after another (a curriculum)."""
+def chat(question: str, answer, **fields) -> dict:
+    """A user's question and the assistant's answer (a string or a list of parts), plus task fields."""
+    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}], **fields}
 
-    def __init__(self, tasks: list[Task], **kwargs):
-        super().__init__(**kwargs)
-        self.tasks = tasks
 
-    def num_examples(self) -> int:
-        return sum(len(t) for t in self.tasks)
+def say(text: str) -> dict:
+    return {"type": "text", "text": text}
 
-    def get_example(self, index: int) -> dict:
-        for task in self.tasks:
-            if index < len(task):
-                return task[index]
-            index -= len(task)
-        raise IndexError(index)
+
+def calc(expr: str, result) -> list[dict]:
+    return [{"type": "python", "text": expr}, {"type": "python_output", "text": str(result)}]
 
 
 def render_mc(question: str, letters, choices) -> str:
@@ -128,6 +119,5 @@ def render_mc(question: str, letters, choices) -> str:
 
 
 def final_number(text: str) -> str | None:
-    """The number after '#### ' (GSM8K's answer format), commas removed."""
     match = re.search(r"#### (\-?[0-9\.\,]+)", text)
     return match.group(1).strip().replace(",", "") if match else None

@@ -1,6 +1,6 @@
 """Multiple-choice tasks: MMLU (cais/mmlu) and ARC-Easy / ARC-Challenge (allenai/ai2_arc). The assistant answers
 with the letter alone; evaluation compares the letter."""
-from nanochat_jax.tasks.base import Task, load_rows, render_mc
+from nanochat_jax.tasks.base import Task, chat, load_rows, render_mc
 
 
 class MultipleChoice(Task):
@@ -27,9 +27,8 @@ class MMLU(MultipleChoice):
         row = row.get("train") or row  # auxiliary_train nests each example under "train"
         if len(row["choices"]) != 4:
             raise ValueError(f"MMLU example {index} has {len(row['choices'])} choices")
-        return {"messages": [{"role": "user", "content": render_mc(row["question"], self.letters, row["choices"])},
-                             {"role": "assistant", "content": self.letters[row["answer"]]}],
-                "subject": row["subject"], "letters": self.letters}
+        return chat(render_mc(row["question"], self.letters, row["choices"]), self.letters[row["answer"]],
+                    subject=row["subject"], letters=self.letters)
 
 
 class ARC(MultipleChoice):
@@ -45,6 +44,4 @@ class ARC(MultipleChoice):
         letters = row["choices"]["label"]
         if row["answerKey"] not in letters:
             raise ValueError(f"ARC example {index}: answer {row['answerKey']} is not among {letters}")
-        return {"messages": [{"role": "user", "content": render_mc(row["question"], letters, row["choices"]["text"])},
-                             {"role": "assistant", "content": row["answerKey"]}],
-                "letters": letters}
+        return chat(render_mc(row["question"], letters, row["choices"]["text"]), row["answerKey"], letters=letters)

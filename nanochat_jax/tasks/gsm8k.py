@@ -2,7 +2,7 @@
 calls and their outputs, so the model learns to use the calculator; the answer follows '#### '."""
 import re
 
-from nanochat_jax.tasks.base import FinalNumberTask, load_rows
+from nanochat_jax.tasks.base import FinalNumberTask, calc, chat, load_rows, say
 
 
 def solution_parts(answer: str) -> list[dict]:
@@ -10,9 +10,9 @@ def solution_parts(answer: str) -> list[dict]:
     for piece in re.split(r"(<<[^>]+>>)", answer):
         if piece.startswith("<<") and piece.endswith(">>"):
             expr, _, result = piece[2:-2].rpartition("=") if "=" in piece else (piece[2:-2], "", "")
-            parts += [{"type": "python", "text": expr}, {"type": "python_output", "text": result}]
+            parts += calc(expr, result)
         else:
-            parts.append({"type": "text", "text": piece})
+            parts.append(say(piece))
     return parts
 
 
@@ -25,5 +25,4 @@ class GSM8K(FinalNumberTask):
 
     def get_example(self, index: int) -> dict:
         row = self.rows[index]
-        return {"messages": [{"role": "user", "content": row["question"]},
-                             {"role": "assistant", "content": solution_parts(row["answer"])}]}
+        return chat(row["question"], solution_parts(row["answer"]))

@@ -2,7 +2,7 @@
 import re
 
 from nanochat_jax.sandbox.execution import execute_code
-from nanochat_jax.tasks.base import Task, load_rows
+from nanochat_jax.tasks.base import Task, chat, load_rows
 
 
 def leading_imports(prompt: str) -> str:
@@ -28,9 +28,8 @@ class HumanEval(Task):
 
     def get_example(self, index: int) -> dict:
         row = self.rows[index]
-        return {"messages": [{"role": "user", "content": row["prompt"]},
-                             {"role": "assistant", "content": f"{row['prompt']}\n{row['canonical_solution']}"}],
-                "entry_point": row["entry_point"], "test": row["test"]}
+        return chat(row["prompt"], f"{row['prompt']}\n{row['canonical_solution']}", entry_point=row["entry_point"],
+                    test=row["test"])
 
     def evaluate(self, conversation: dict, completion: str) -> bool:
         program = "\n\n".join([leading_imports(conversation["messages"][0]["content"]), code_of(completion),

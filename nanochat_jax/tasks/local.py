@@ -5,7 +5,7 @@ nanochat's identity conversations, and local_words() (from Python's docstrings) 
 import random
 
 from nanochat_jax.data.stdlib_text import stdlib_words
-from nanochat_jax.tasks.base import FinalNumberTask, GeneratedTask
+from nanochat_jax.tasks.base import FinalNumberTask, GeneratedTask, calc, chat, say
 
 NAMES = ["Ada", "Ben", "Chloe", "Dev", "Emma", "Femi", "Grace", "Hugo", "Ines", "Jun", "Kofi", "Lena", "Mateo", "Nora"]
 ITEMS = ["apples", "marbles", "stickers", "books", "pencils", "cookies", "shells", "coins", "cards", "stamps"]
@@ -13,14 +13,6 @@ ITEMS = ["apples", "marbles", "stickers", "books", "pencils", "cookies", "shells
 
 def local_words() -> list[str]:
     return list(stdlib_words())
-
-
-def _calc(expr: str, value: int) -> list[dict]:
-    return [{"type": "python", "text": expr}, {"type": "python_output", "text": str(value)}]
-
-
-def _text(text: str) -> dict:
-    return {"type": "text", "text": text}
 
 
 def arithmetic_problem(rng: random.Random) -> tuple[str, list[dict]]:
@@ -31,38 +23,37 @@ def arithmetic_problem(rng: random.Random) -> tuple[str, list[dict]]:
         a, b = rng.randint(2, 99), rng.randint(2, 99)
         question = f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?"
         answer = a + b
-        parts = [_text(f"{name} starts with {a} and gets {b} more: "), *_calc(f"{a}+{b}", answer), _text(".")]
+        parts = [say(f"{name} starts with {a} and gets {b} more: "), *calc(f"{a}+{b}", answer), say(".")]
     elif kind == 1:
         a = rng.randint(10, 99)
         b = rng.randint(1, a - 1)
         question = f"{name} had {a} {item} and gave {b} away. How many {item} are left?"
         answer = a - b
-        parts = [_text(f"{a} minus the {b} given away: "), *_calc(f"{a}-{b}", answer), _text(".")]
+        parts = [say(f"{a} minus the {b} given away: "), *calc(f"{a}-{b}", answer), say(".")]
     elif kind == 2:
         a, b = rng.randint(2, 12), rng.randint(2, 25)
         question = f"{name} buys {a} packs of {item} with {b} in each pack. How many {item} is that?"
         answer = a * b
-        parts = [_text(f"{a} packs of {b} each: "), *_calc(f"{a}*{b}", answer), _text(".")]
+        parts = [say(f"{a} packs of {b} each: "), *calc(f"{a}*{b}", answer), say(".")]
     elif kind == 3:
         b, answer = rng.randint(2, 9), rng.randint(2, 20)
         a = b * answer
         question = f"{name} shares {a} {item} equally among {b} friends. How many {item} does each friend get?"
-        parts = [_text(f"{a} shared by {b}: "), *_calc(f"{a}//{b}", answer), _text(" each.")]
+        parts = [say(f"{a} shared by {b}: "), *calc(f"{a}//{b}", answer), say(" each.")]
     else:
         a, b = rng.randint(2, 9), rng.randint(3, 15)
         c = rng.randint(1, a * b - 1)
         question = (f"{name} buys {a} boxes of {b} {item} and then gives {c} of them to a friend. "
                     f"How many {item} does {name} keep?")
         total, answer = a * b, a * b - c
-        parts = [_text(f"In all {name} buys "), *_calc(f"{a}*{b}", total), _text(f" {item}. After giving {c} away: "),
-                 *_calc(f"{total}-{c}", answer), _text(".")]
-    return question, parts + [_text(f"\n#### {answer}")]
+        parts = [say(f"In all {name} buys "), *calc(f"{a}*{b}", total), say(f" {item}. After giving {c} away: "),
+                 *calc(f"{total}-{c}", answer), say(".")]
+    return question, parts + [say(f"\n#### {answer}")]
 
 
 class Arithmetic(GeneratedTask, FinalNumberTask):
     def get_example(self, index: int) -> dict:
-        question, parts = arithmetic_problem(self.rng(index))
-        return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": parts}]}
+        return chat(*arithmetic_problem(self.rng(index)))
 
 
 IDENTITY = {

@@ -18,8 +18,7 @@ def mid_train() -> TaskMixture:
         MMLU(subset="auxiliary_train", split="train"),  # 100K multiple-choice problems (ARC, MC_TEST, OBQA, RACE)
         GSM8K(split="train"),  # 8K math problems with calculator calls
         identity, identity,  # 1K identity conversations, twice
-        SimpleSpelling(size=200_000, split="train"),
-        SpellingBee(size=80_000, split="train"),
+        SimpleSpelling(size=200_000, split="train"), SpellingBee(size=80_000, split="train"),
     ])
 
 
@@ -29,13 +28,11 @@ def mid_val() -> TaskMixture:
 
 def sft_train() -> TaskMixture:
     return TaskMixture([
-        ARC("ARC-Easy", split="train"),  # 2.3K
-        ARC("ARC-Challenge", split="train"),  # 1.1K
+        ARC("ARC-Easy", split="train"), ARC("ARC-Challenge", split="train"),  # 2.3K + 1.1K
         GSM8K(split="train"),  # 8K
         SmolTalk(split="train", stop=10_000),
         CustomJSON(),  # 1K identity conversations
-        SimpleSpelling(size=300, split="train"),
-        SpellingBee(size=300, split="train"),
+        SimpleSpelling(size=300, split="train"), SpellingBee(size=300, split="train"),
     ])
 
 
@@ -44,9 +41,8 @@ def sft_val() -> SmolTalk:
 
 
 def local_mid_train() -> TaskMixture:
-    words = local_words()
-    return TaskMixture([Identity(size=2_000), Arithmetic(size=20_000), SimpleSpelling(size=20_000, words=words),
-                        SpellingBee(size=8_000, words=words)])
+    return TaskMixture([Identity(size=2_000), Arithmetic(size=20_000), SimpleSpelling(size=20_000, words=local_words()),
+                        SpellingBee(size=8_000, words=local_words())])
 
 
 def local_val() -> TaskMixture:
@@ -55,9 +51,8 @@ def local_val() -> TaskMixture:
 
 
 def local_sft_train() -> TaskMixture:
-    words = local_words()
-    return TaskMixture([Identity(size=300), Arithmetic(size=2_000), SimpleSpelling(size=300, words=words),
-                        SpellingBee(size=300, words=words)])
+    return TaskMixture([Identity(size=300), Arithmetic(size=2_000), SimpleSpelling(size=300, words=local_words()),
+                        SpellingBee(size=300, words=local_words())])
 
 
 @dataclass(frozen=True)

@@ -41,12 +41,9 @@ class CustomJSON(Task):
             raise FileNotFoundError(f"no conversations file at {self.path} (nanochat's identity conversations: "
                                     f"{IDENTITY_URL})")
         with open(self.path, encoding="utf-8") as f:
-            self.conversations = [json.loads(line) for line in f if line.strip()]
-        for i, messages in enumerate(self.conversations):
+            self.rows = [json.loads(line) for line in f if line.strip()]
+        for i, messages in enumerate(self.rows):
             check_conversation(messages, f"{self.path} line {i + 1}")
 
-    def num_examples(self) -> int:
-        return len(self.conversations)
-
     def get_example(self, index: int) -> dict:
-        return {"messages": self.conversations[index]}
+        return {"messages": self.rows[index]}

@@ -5,7 +5,7 @@ import os
 import random
 import urllib.request
 
-from nanochat_jax.tasks.base import FinalNumberTask, GeneratedTask, task_data_path
+from nanochat_jax.tasks.base import FinalNumberTask, GeneratedTask, calc, chat, say, task_data_path
 
 WORD_LIST_URL = "https://raw.githubusercontent.com/dwyl/english-words/refs/heads/master/words_alpha.txt"
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -36,7 +36,6 @@ def load_words() -> list[str]:
 
 class _Generated(GeneratedTask):
     def __init__(self, size: int = 1000, split: str = "train", words=None, **kwargs):
-        """words: the word list to draw from (default: words_alpha.txt, downloaded when missing)."""
         super().__init__(size, split, **kwargs)
         self.words = list(words) if words is not None else load_words()
 
@@ -54,14 +53,10 @@ class SpellingBee(_Generated, FinalNumberTask):
         for position, char in enumerate(word, 1):
             count += char == letter
             lines.append(f"{position}:{char}" + (f" <- {letter}, so far {count}" if char == letter else ""))
-        spelled = "\n".join(lines)
         reasoning = (f"I need the number of '{letter}' in '{word}'. Spelling it out one letter at a time:\n"
-                     f"{spelled}\nBy hand that makes {count}.\n\nChecking with Python:\n\n")
-        parts = [{"type": "text", "text": reasoning},
-                 {"type": "python", "text": f"'{word}'.count('{letter}')"},
-                 {"type": "python_output", "text": str(word.count(letter))},
-                 {"type": "text", "text": f"\n\nBoth give {word.count(letter)}.\n\n#### {word.count(letter)}"}]
-        return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": parts}]}
+                     + "\n".join(lines) + f"\nBy hand that makes {count}.\n\nChecking with Python:\n\n")
+        return chat(question, [say(reasoning), *calc(f"'{word}'.count('{letter}')", count),
+                               say(f"\n\nBoth give {count}.\n\n#### {count}")])
 
 
 class SimpleSpelling(_Generated):
@@ -71,9 +66,7 @@ class SimpleSpelling(_Generated):
 
     def get_example(self, index: int) -> dict:
         word = self.rng(index).choice(self.words)
-        return {"messages": [{"role": "user", "content": f"Spell the word: {word}"},
-                             {"role": "assistant", "content": f"{word}:{','.join(word)}"}]}
+        return chat(f"Spell the word: {word}", f"{word}:{','.join(word)}")
 
     def evaluate(self, conversation: dict, completion: str) -> int:
-        """Right when the reply is the reference, 'word:w,o,r,d' (surrounding whitespace aside)."""
         return int(completion.strip() == conversation["messages"][-1]["content"])
