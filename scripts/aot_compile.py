@@ -1,21 +1,16 @@
-"""Compile the real training step (with its optimizer) and the engine's prefill and decode for a device topology,
-from abstract shapes, with no device at all; print what the compiler says: memory per chip, whether it fits (on a GPU:
-in JAX's share of its memory, XLA_PYTHON_CLIENT_MEM_FRACTION, default 0.75), on a TPU the estimated step time and
-MFU, and on a GPU which kernels the matmuls and attention became (FP8 GEMMs, cuDNN attention).
+"""Compile the real training step (with its optimizer) and the engine's prefill and decode for a device topology from
+abstract shapes, with no device, and print what the compiler says: memory per chip and whether it fits (on a GPU: in
+JAX's share of it, XLA_PYTHON_CLIENT_MEM_FRACTION, default 0.75), on a TPU the estimated step time and MFU (see
+nanochat_jax/measure/aot.py), on a GPU which kernels the matmuls and attention became (FP8 GEMMs, cuDNN attention).
 
-    # in a venv with jax[tpu] (libtpu), on any machine:
     python -m scripts.aot_compile --topology v5e:2x4 --depth 20 --mesh fsdp:8 --device-batch-size 16 --remat full
     python -m scripts.aot_compile --topology v5e:4x4 --depth 32 --mesh fsdp:16 --find-max-batch --json-out d32.json
-    python -m scripts.aot_compile --topology v5e:2x4 --recipe modern --depth 24 --mesh fsdp:8 \
-        --device-batch-size 4 --remat full                                  # the modern speedrun's step on a v5e-8
-    # in a venv with jax[cuda12] (pip install -e ".[gpu]"), on any machine, no GPU needed:
-    JAX_PLATFORMS=cpu python -m scripts.aot_compile --topology h100:8 --depth 20 --device-batch-size 32
     JAX_PLATFORMS=cpu python -m scripts.aot_compile --topology h100:8 --recipe modern --depth 24 \
         --device-batch-size 16 --fp8 --hlo-out hlo/                         # the modern speedrun's step on 8xH100
     python -m scripts.aot_compile --depth 4 --seq-len 256 --device-batch-size 4     # this machine's own devices
 
-See nanochat_jax/measure/aot.py for how the estimate is made. Topologies: v5e:2x4 (v5e-8), v5e:4x4 (v5e-16, 4 hosts),
-v5p:2x2x1 (v5p-8, 4 chips), v6e:2x4 (v6e-8); h100:8 (one host of 8 H100 SXM), h100:2x8 (two hosts), h200:8.
+On any machine, in a venv with jax[tpu] (libtpu) or jax[cuda12] (pip install -e ".[gpu]"). Topologies: v5e:2x4
+(v5e-8), v5e:4x4 (v5e-16, 4 hosts), v5p:2x2x1 (v5p-8), v6e:2x4 (v6e-8); h100:8 (8 H100 SXM, one host), h100:2x8, h200:8.
 """
 import argparse
 import dataclasses
@@ -23,6 +18,7 @@ import json
 import os
 import sys
 from functools import partial
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -41,11 +37,9 @@ PROGRAMS = ("train", "prefill", "decode")
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="compile nanochat-jax's jitted programs ahead of time")
-    p.add_argument("--topology", default=None, help="TPU or GPU topology, e.g. v5e:2x4, h100:8, h100:2x8, h200:8 "
-                   "(default: this machine's devices)")
+    p.add_argument("--topology", default=None, help="e.g. v5e:2x4, h100:8, h100:2x8 (default: this machine's devices)")
     p.add_argument("--target-config", default=None, help="a GPU's GpuTargetConfigProto (text file) instead of the "
-                   "built-in H100/H200 one, e.g. the *.gpu_target_config.pbtxt XLA_FLAGS=--xla_dump_to=DIR writes on "
-                   "a real GPU")
+                   "built-in H100/H200 one, e.g. the *.gpu_target_config.pbtxt of XLA_FLAGS=--xla_dump_to on a GPU")
     p.add_argument("--recipe", choices=RECIPES, default="classic")
     p.add_argument("--depth", type=int, default=20)
     p.add_argument("--vocab-size", type=int, default=None, help="default: the recipe's (classic 65536, modern 32768)")
@@ -62,8 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--find-max-batch", action="store_true",
                    help="also find the largest device batch that fits (halving, or doubling while it fits)")
     p.add_argument("--json-out", default=None)
-    p.add_argument("--hlo-out", default=None, help="directory for the optimized HLO text of each compiled program "
-                   "(<program>.hlo.txt)")
+    p.add_argument("--hlo-out", default=None, help="directory for each program's optimized HLO (<program>.hlo.txt)")
     args = p.parse_args(argv)
     args.programs = [name.strip() for name in args.programs.split(",") if name.strip()]
     if bad := [name for name in args.programs if name not in PROGRAMS]:
@@ -86,32 +79,23 @@ def modern_batch(depth: int, vocab_size: int, seq_len: int, ratio: float = 8.0) 
 
 
 def train_program(args, config, devices, mesh, rows_per_chip: int, estimate: bool = True) -> dict:
-    """Compile Trainer.step for rows_per_chip rows on every chip, one micro-step (the micro-step scan holds one
-    micro-batch at a time, so memory does not depend on the accumulation); DoesNotFit when it cannot. estimate: also
-    the step-time estimate (two more, smaller compiles)."""
-    dtype = jnp.dtype(args.dtype)
-    n_chips = len(devices)
+    """Compile Trainer.step for rows_per_chip rows on every chip, one micro-step (the scan over micro-steps holds one at
+    a time: memory does not depend on the accumulation), or raise DoesNotFit; estimate: also the step time."""
+    dtype, n_chips = jnp.dtype(args.dtype), len(devices)
     tokens_per_micro = rows_per_chip * n_chips * args.seq_len
     if args.total_batch_size % tokens_per_micro:
         raise SystemExit(f"--total-batch-size {args.total_batch_size} is not a multiple of {rows_per_chip} rows x "
                          f"{n_chips} chips x {args.seq_len} tokens")
     accum = args.total_batch_size // tokens_per_micro
 
-    def trainer_for(cfg):
+    def compile_step(layers):
+        cfg = dataclasses.replace(config, n_layer=layers)
         make = lambda: GPT(cfg, rngs=nnx.Rngs(0), dtype=dtype, remat=args.remat, fp8=args.fp8)  # noqa: E731
-        return Trainer.create(make, build_optimizer(cfg.n_embd, recipe=cfg.recipe,
-                                                       grad_clip=RECIPES[cfg.recipe].optimizer["grad_clip"]),
-                              mesh)
+        grad_clip = RECIPES[cfg.recipe].optimizer["grad_clip"]
+        trainer = Trainer.create(make, build_optimizer(cfg.n_embd, recipe=cfg.recipe, grad_clip=grad_clip), mesh)
+        return aot.compile_timed(trainer.step, *trainer.step_args(rows_per_chip * n_chips, args.seq_len))
 
-    trainer = trainer_for(config)
-    compiled, compile_s = aot.compile_timed(trainer.step, *trainer.step_args(rows_per_chip * n_chips,
-                                                                               args.seq_len))
-
-    def cost_at(layers):
-        small = trainer_for(dataclasses.replace(config, n_layer=layers))
-        exe, _ = aot.compile_timed(small.step, *small.step_args(rows_per_chip * n_chips, args.seq_len))
-        return aot.cost_analysis(exe)
-
+    compiled, compile_s = compile_step(config.n_layer)
     platform = devices[0].platform
     kernel = ("splash" if platform == "tpu" and args.seq_len % 128 == 0
               else "cudnn" if platform == "gpu" and dtype == jnp.bfloat16 else None)
@@ -120,9 +104,9 @@ def train_program(args, config, devices, mesh, rows_per_chip: int, estimate: boo
         if kernel == "splash" else 0.0
     roofline = None
     if estimate and aot.estimates_time(devices[0]):  # (none to make for a CPU or a GPU)
+        cost_at = lambda layers: aot.cost_analysis(compile_step(layers)[0])  # noqa: E731
         roofline = aot.layer_scaled_cost(cost_at, config.n_layer, accum, kernel_flops)
-        # the probes count a loop (the loss's chunks) once and may merge a recomputed forward away: at least what
-        # the step must compute
+        # the probes count a loop (the loss's chunks) once and may merge a recomputed forward away: at least this
         needed = aot.training_flops_per_token(config, args.remat) * args.total_batch_size / n_chips
         roofline["flops"] = max(roofline["flops"], needed)
     name = "train" if rows_per_chip == args.device_batch_size else f"train_{rows_per_chip}rows"
@@ -137,26 +121,26 @@ def engine_programs(args, config, devices) -> dict:
     dtype, device, n = jnp.dtype(args.dtype), devices[0], args.decode_batch
     one = jax.sharding.NamedSharding(make_mesh("data:1", devices=[device]), jax.sharding.PartitionSpec())
     spec = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=one)  # noqa: E731
+    abstract = lambda tree: jax.tree.map(lambda s: spec(s.shape, s.dtype), tree)  # noqa: E731
     cache_len = -(-(config.sequence_len + 1) // 256) * 256
     keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), n))
 
-    def compile_program(name, cfg, steps=16):
+    def compile_program(name, layers, steps=16):
+        cfg = dataclasses.replace(config, n_layer=layers)
         graphdef, state = nnx.split(nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0), dtype=dtype)))
-        params = jax.tree.map(lambda s: spec(s.shape, s.dtype), state)
+        params = abstract(state)
         if name == "prefill":
             fn = jax.jit(partial(prefill, graphdef), static_argnames="cache_len")
             return aot.compile_timed(fn, params, spec((1, cfg.sequence_len), jnp.int32), spec((), jnp.int32), keys,
                                      spec((n,), jnp.float32), spec((n,), jnp.int32), spec((n,), jnp.float32),
                                      spec((n, BIAS_SLOTS), jnp.int32), spec((n, BIAS_SLOTS), jnp.float32),
                                      cache_len=cache_len)
-        cache = jax.tree.map(lambda s: spec(s.shape, s.dtype),
-                             jax.eval_shape(lambda: init_cache(cfg, n, cache_len, dtype)))
+        cache = abstract(jax.eval_shape(lambda: init_cache(cfg, n, cache_len, dtype)))
         rows = jax.eval_shape(lambda: DecodeState.new(jnp.zeros(n, jnp.int32), 1, 1,
                                                       jax.random.split(jax.random.key(0), n), 1.0, 0, 1.0,
                                                       jnp.zeros(2, jnp.int32), cfg.vocab_size))
-        state = jax.tree.map(lambda s: spec(s.shape, s.dtype), rows).replace(cache=cache)
         fn = jax.jit(partial(decode, graphdef), donate_argnums=(1,), static_argnames="steps")
-        return aot.compile_timed(fn, params, state, spec((3,), jnp.int32), steps=steps)
+        return aot.compile_timed(fn, params, abstract(rows).replace(cache=cache), spec((3,), jnp.int32), steps=steps)
 
     counts = config.param_counts()
     matmul_flops = 2 * (counts["transformer_matrices"] + counts["lm_head"])
@@ -164,11 +148,10 @@ def engine_programs(args, config, devices) -> dict:
     for name, tokens, steps in (("prefill", config.sequence_len, 1), ("decode", n * 16, 16)):
         if name not in args.programs:
             continue
-        exe, secs = compile_program(name, config)
+        exe, secs = compile_program(name, config.n_layer)
         roofline = None
         if aot.estimates_time(device):  # loops over layers (and decode steps): scale 0- and 1-layer costs
-            cost_at = lambda layers: aot.cost_analysis(compile_program(name, dataclasses.replace(config, n_layer=layers),  # noqa: E731
-                                                               steps=1)[0])
+            cost_at = lambda layers: aot.cost_analysis(compile_program(name, layers, steps=1)[0])  # noqa: E731
             roofline = aot.layer_scaled_cost(cost_at, config.n_layer, steps)
         results[name] = aot.report(exe, device, secs, matmul_flops * tokens, 1, roofline,
                                    hlo_path=args.hlo_out and os.path.join(args.hlo_out, f"{name}.hlo.txt"))
@@ -178,19 +161,15 @@ def engine_programs(args, config, devices) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
-    target_config = None
-    if args.target_config:
-        with open(args.target_config) as f:
-            target_config = f.read()
+    target_config = Path(args.target_config).read_text() if args.target_config else None
     devices = aot.topology_devices(args.topology, target_config) if args.topology else jax.devices()
     config = config_from_depth(args.depth, args.vocab_size, args.seq_len, recipe=args.recipe)
     mesh = make_mesh(args.mesh, devices=devices)
     result = {"topology": args.topology or f"local {jax.default_backend()}", "chips": len(devices),
               "hosts": len({d.process_index for d in devices}), "device_kind": devices[0].device_kind,
               "mesh": dict(mesh.shape), "recipe": args.recipe, "depth": args.depth, "parameters": config.num_params(),
-              "total_batch_size": args.total_batch_size,
-              "seq_len": args.seq_len, "remat": args.remat, "dtype": args.dtype, "fp8": args.fp8,
-              "jax": jax.__version__}
+              "total_batch_size": args.total_batch_size, "seq_len": args.seq_len, "remat": args.remat,
+              "dtype": args.dtype, "fp8": args.fp8, "jax": jax.__version__}
     if "train" in args.programs:
         try:
             result["train"] = train_program(args, config, devices, mesh, args.device_batch_size)

@@ -3,17 +3,15 @@
     python -m scripts.bench_decode --depths 12 20 --prompt-len 512        # GPU (bf16): the programs alone
     python -m scripts.bench_decode --depths 4 --prompt-len 128 --batches 1 8   # CPU
     python -m scripts.bench_decode --nanochat /tmp/nanochat --depths 4 --batches 1 8   # ours against nanochat's
-        Engine.generate, the same random weights (saved in nanochat's format, imported here) and the same prompt
 
 Random weights and tokens. Without --nanochat: the jitted prefill and decode programs, no stop tokens, each batch
-against the memory-bandwidth bound where the device's bandwidth is known (nanochat_jax/measure/speed.py). With --nanochat:
-the user-facing generate() of both engines (sampling at temperature 1, top-k 50, the host loop included), tokens/s
-over the tokens each emitted. Without --nanochat it needs only jax, flax, optax and numpy.
+against the memory-bandwidth bound where the device's is known (measure/speed.py); needs only jax, flax, optax, numpy.
+With --nanochat: the user-facing generate() of both engines on the same random weights (saved in nanochat's format,
+imported here) and prompt, sampling at temperature 1, top-k 50, the host loop included; tokens/s over those emitted.
 """
 import argparse
 import os
 import sys
-import tempfile
 import time
 
 import jax
@@ -37,24 +35,21 @@ def against_nanochat(args):
     sys.path.insert(0, os.path.abspath(args.nanochat))
     import torch
     from nanochat.engine import Engine as TorchEngine
-    from nanochat.gpt import GPT as TorchGPT, GPTConfig as TorchConfig
     from nanochat.tokenizer import RustBPETokenizer
 
     from nanochat_jax.inference.engine import Engine
-    from nanochat_jax.model.interop import import_nanochat, write_random_nanochat
     from nanochat_jax.data.tokenizer import get_tokenizer
+    from scripts import random_pair
     torch.set_num_threads(os.cpu_count())
     tokenizer = get_tokenizer()
-    prompt = [tokenizer.get_bos_token_id()] + tokenizer.encode("The chemical symbol of gold is " * 200)
-    prompt = prompt[:args.prompt_len]
+    text = "The chemical symbol of gold is " * 200
+    prompt = [tokenizer.get_bos_token_id(), *tokenizer.encode(text)][:args.prompt_len]
     for depth in args.depths:
-        with tempfile.TemporaryDirectory() as directory:
-            ref_model = write_random_nanochat(directory, tokenizer, TorchGPT, TorchConfig, n_layer=depth,
-                                              n_head=max(1, depth * 64 // 128), n_kv_head=max(1, depth * 64 // 128),
-                                              n_embd=depth * 64, sequence_len=args.prompt_len + args.decode_tokens + 16)
-            model, _, _ = import_nanochat(directory)
-        ours, ref = Engine(model, tokenizer, chunk=args.chunk), TorchEngine(ref_model, RustBPETokenizer(tokenizer.enc,
-                                                                                                         "<|bos|>"))
+        heads = max(1, depth * 64 // 128)
+        ref_model, model = random_pair(tokenizer, n_layer=depth, n_head=heads, n_kv_head=heads, n_embd=depth * 64,
+                                       sequence_len=args.prompt_len + args.decode_tokens + 16)
+        ours = Engine(model, tokenizer, chunk=args.chunk)
+        ref = TorchEngine(ref_model, RustBPETokenizer(tokenizer.enc, "<|bos|>"))
         for batch in args.batches:
             ours.scheduler_for(batch).warm_up()  # compile every program first, as the server and the CLI do at start-up
             generate_speed(ours, prompt, batch, 8)  # and the prefill for `batch` samples
@@ -93,10 +88,7 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default=None)
     parser.add_argument("--nanochat", default=None, help="a nanochat checkout (e1770a3): compare with its Engine")
     args = parser.parse_args(argv)
-    if args.nanochat:
-        against_nanochat(args)
-    else:
-        programs(args)
+    (against_nanochat if args.nanochat else programs)(args)
 
 
 if __name__ == "__main__":

@@ -4,10 +4,9 @@
     python -m scripts.bench_sandbox --humaneval ../shared/data/task_data/humaneval/test.jsonl
     python -m scripts.bench_sandbox --impl /tmp/old_execution.py      # another execute_code (e.g. an older commit's)
 
-Times a trivial program (round trip: start, limits, program, output back, clean-up) and a small CPU-bound one,
-`--repeats` times each (median and 90th percentile), then, given HumanEval's JSONL (prompt, canonical_solution,
-test, entry_point per line), runs all of its canonical solutions with their tests and reports how many pass and the
-time per problem. Needs only the standard library and this package.
+Times a trivial program (the round trip: start, limits, program, output back, clean-up) and a small CPU-bound one,
+--repeats times each (median, 90th percentile); given HumanEval's JSONL, runs every canonical solution with its tests
+and reports how many pass and the time per problem. Needs only the standard library and this package.
 """
 import argparse
 import importlib.util
@@ -27,12 +26,11 @@ def load_execute_code(path: str | None):
 
 
 def timings(execute_code, code: str, repeats: int) -> tuple[float, float, str]:
-    times, status = [], None
+    times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        result = execute_code(code)
+        status = execute_code(code).status
         times.append(time.perf_counter() - t0)
-        status = result.status
     times.sort()
     return statistics.median(times), times[int(0.9 * (len(times) - 1))], status
 
@@ -70,8 +68,7 @@ def main():
         out[name] = {"median_ms": 1000 * median, "p90_ms": 1000 * p90, "status": status}
         print(f"{name:>8}: median {1000 * median:7.1f} ms   p90 {1000 * p90:7.1f} ms   ({status})")
     if args.humaneval:
-        he = humaneval(execute_code, args.humaneval)
-        out["humaneval"] = he
+        out["humaneval"] = he = humaneval(execute_code, args.humaneval)
         print(f"HumanEval canonical solutions: {he['passed']}/{he['problems']} pass, {he['seconds']:.1f} s "
               f"({he['per_problem_ms']:.0f} ms per problem)")
         for task_id, status, error in he["failed"]:

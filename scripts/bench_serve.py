@@ -2,24 +2,18 @@
 
     python -m serve.web --port 8000 &
     python -m scripts.bench_serve --url http://127.0.0.1:8000 --clients 16 --requests 64 --max-tokens 128
-
-Each client streams /v1/chat/completions requests one after another; the prompt varies per request (--history N
-puts N earlier exchanges before it: long conversations to render). Meanwhile /health is asked every 50 ms and its
-latency reported: the event loop should never wait on the engine or on prompt rendering.
-
     python -m scripts.bench_serve --url http://127.0.0.1:8000 --conversation 10 --max-tokens 64
-
-holds one conversation of 10 turns instead (each turn sends the whole conversation so far, the replies included)
-and prints the time to first token of every turn: with the server's prefix reuse it should not grow with the turns.
-
     python -m scripts.bench_serve --random-depth 4 --tokenizer ~/.cache/nanochat_jax/tokenizer --rounds 3
 
-starts the server in this process on random weights of that depth (8 slots), then per round: one client's
-sequential requests, 8 clients at once, and Engine.generate on the same model; 128-token replies (stop tokens
-banned), medians over the rounds: what the server costs against the engine it runs.
+Clients stream /v1/chat/completions requests one after another (--history N: N earlier exchanges before each prompt)
+while /health is timed every 50 ms: the event loop should never wait on the engine or on prompt rendering.
+--conversation: one conversation, each turn sending all of it so far; with prefix reuse each turn's time to first
+token should not grow. --random-depth: random weights served in this process (8 slots); per round, one client's
+sequential requests, 8 clients at once and Engine.generate (128-token replies, stop tokens banned), then medians.
 """
 import argparse
 import json
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -60,8 +54,6 @@ def conversation(url: str, turns: int, max_tokens: int):
 
 
 def in_process(depth: int, tokenizer_dir: str, rounds: int, chunk: int, max_tokens: int = 128):
-    import threading
-
     import uvicorn
     from flax import nnx
 
@@ -71,9 +63,9 @@ def in_process(depth: int, tokenizer_dir: str, rounds: int, chunk: int, max_toke
     from serve.service import ChatService
     from serve.web import create_app
     tok = Tokenizer.load(tokenizer_dir)
-    width = 64 * depth
-    config = GPTConfig(sequence_len=2048, vocab_size=tok.get_vocab_size(), n_layer=depth, n_head=max(1, width // 128),
-                       n_kv_head=max(1, width // 128), n_embd=width)
+    heads = max(1, depth * 64 // 128)
+    config = GPTConfig(sequence_len=2048, vocab_size=tok.get_vocab_size(), n_layer=depth, n_head=heads,
+                       n_kv_head=heads, n_embd=64 * depth)
     engine = Engine(GPT(config, rngs=nnx.Rngs(0)), tok, chunk=chunk, compute_dtype_weights=True)
     scheduler = engine.scheduler(8, 64)
     scheduler.warm_up()
@@ -91,20 +83,21 @@ def in_process(depth: int, tokenizer_dir: str, rounds: int, chunk: int, max_toke
                                                      {"role": "assistant", "content": ""}]})
     run = lambda i: one_request(url, i, max_tokens, body={"logit_bias": bias}, text=text.format(i))  # noqa: E731
     run(0)
+
+    def clients(n: int, requests: range) -> tuple:
+        """n clients sharing the requests: tokens/s over them all, and the median time to first token."""
+        t0 = time.time()
+        with ThreadPoolExecutor(n) as pool:
+            results = list(pool.map(run, requests))
+        return sum(x[2] for x in results) / (time.time() - t0), np.median([x[0] for x in results])
+
     rows = []
     for r in range(rounds):
-        t0 = time.time()
-        one = [run(100 * r + i) for i in range(3)]
-        single = sum(x[2] for x in one) / (time.time() - t0)
-        t0 = time.time()
-        with ThreadPoolExecutor(8) as pool:
-            eight = list(pool.map(run, range(100 * r + 10, 100 * r + 18)))
-        many = sum(x[2] for x in eight) / (time.time() - t0)
+        single, many = clients(1, range(100 * r, 100 * r + 3)), clients(8, range(100 * r + 10, 100 * r + 18))
         t0, first, n = time.time(), None, 0
         for _ in engine.generate(prompt, max_tokens=max_tokens, temperature=1.0, seed=r):
             first, n = first or time.time() - t0, n + 1
-        rows.append((single, np.median([x[0] for x in one]), many, np.median([x[0] for x in eight]),
-                     n / (time.time() - t0), first))
+        rows.append((*single, *many, n / (time.time() - t0), first))
         print("round {}: 1 client {:.0f} tokens/s (first token {:.0f} ms) | 8 clients {:.0f} tokens/s ({:.0f} ms) | "
               "Engine.generate {:.0f} tokens/s ({:.0f} ms)".format(r, *(v * (1000 if k % 2 else 1)
                                                                       for k, v in enumerate(rows[-1]))), flush=True)
@@ -133,8 +126,6 @@ def main():
         return in_process(args.random_depth, args.tokenizer, args.rounds, args.chunk)
     if args.conversation:
         return conversation(args.url, args.conversation, args.max_tokens)
-    import threading
-
     import httpx
     health, done = [], threading.Event()
 
@@ -156,8 +147,8 @@ def main():
     ttft, latency, tokens = (np.array(x) for x in list(zip(*results))[:3])
     print(f"{args.requests} requests, {args.clients} clients, {wall:.1f}s: {args.requests / wall:.2f} requests/s, "
           f"{tokens.sum() / wall:,.0f} tokens/s\n"
-          f"time to first token p50 {np.percentile(ttft, 50) * 1000:.0f} ms, p99 {np.percentile(ttft, 99) * 1000:.0f} ms"
-          f" | latency p50 {np.percentile(latency, 50):.2f} s, p99 {np.percentile(latency, 99):.2f} s\n"
+          f"time to first token p50 {np.percentile(ttft, 50) * 1000:.0f} ms, p99 {np.percentile(ttft, 99) * 1000:.0f}"
+          f" ms | latency p50 {np.percentile(latency, 50):.2f} s, p99 {np.percentile(latency, 99):.2f} s\n"
           f"/health during the run: p50 {np.percentile(health, 50) * 1000:.1f} ms, p99 "
           f"{np.percentile(health, 99) * 1000:.1f} ms, max {max(health) * 1000:.1f} ms ({len(health)} probes)")
 

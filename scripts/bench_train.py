@@ -24,8 +24,7 @@ def main(argv=None):
     parser.add_argument("--recipe", choices=RECIPES, default="classic")
     parser.add_argument("--fp8", action="store_true", help="FP8 matmuls (nanochat_jax.model.fp8)")
     parser.add_argument("--depth", type=int, default=20)
-    parser.add_argument("--device-batch-size", type=int, default=32, help="the largest power of two up to this "
-                        "that fits")
+    parser.add_argument("--device-batch-size", type=int, default=32, help="the largest fitting power of two <= this")
     parser.add_argument("--max-seq-len", type=int, default=2048)
     parser.add_argument("--vocab-size", type=int, default=65536)
     parser.add_argument("--steps", type=int, default=10, help="timed steps after one warm-up step")
@@ -42,9 +41,8 @@ def main(argv=None):
     memory = r["device_peak_bytes"]
     mfu = "-" if r["mfu_percent"] is None else f"{r['mfu_percent']:.1f}%"
     print(f"d{args.depth} {args.recipe}{' fp8' if args.fp8 else ''} ({config.num_params() / 1e6:.1f}M params) | "
-          f"{jax.device_count()} x "
-          f"{jax.devices()[0].device_kind} | {jnp.dtype(dtype).name} | remat {args.remat} | batch "
-          f"{r['device_batch_size']} x {jax.device_count()} x {args.max_seq_len}\n"
+          f"{jax.device_count()} x {jax.devices()[0].device_kind} | {jnp.dtype(dtype).name} | remat {args.remat} | "
+          f"batch {r['device_batch_size']} x {jax.device_count()} x {args.max_seq_len}\n"
           f"compile {r['compile_s']:.1f}s | step {r['step_s'] * 1000:.1f}ms | {r['tokens_per_s']:,.0f} tokens/s | "
           f"MFU {mfu} | peak memory {'-' if memory is None else f'{memory / 2**30:.2f} GiB'}")
 

@@ -1,21 +1,19 @@
-"""The device check: everything users compare us on, measured in one command on one GPU, on random weights (nothing to
+"""The device check: what users compare us on, measured in one command on one GPU on random weights (nothing to
 download): the training step at d12 and d20 (bf16, sequence 2048, the largest device batch that fits), the modern
-recipe's d24 step (vocabulary 32768) in bf16 and with FP8 matmuls (each beside the compiler's own peak memory),
-cuDNN flash attention against the XLA path (causal and with a sliding window, forward and gradients), and the engine
-at d20 (prefill of 512 tokens, decode at batch 1, 8 and 32 against the memory-bandwidth bound). Writes
-device_check.json and device_check.md (a table for docs/benchmarks.md).
+recipe's d24 step (vocabulary 32768) in bf16 and with FP8 matmuls (each beside the compiler's peak memory), cuDNN
+flash attention against the XLA path (causal and windowed, forward and gradients), and the engine at d20 (prefill of
+512 tokens, decode at batch 1, 8 and 32 against the memory-bandwidth bound). Writes device_check.json and
+device_check.md (a table for docs/benchmarks.md). Needs only jax, flax, optax and numpy; a part that fails is
+recorded with its error and the others still run.
 
     python -m scripts.device_check --out results/          # one H100/H200: about 5 minutes
     python -m scripts.device_check --tiny --out /tmp/dc    # CPU rehearsal: the same code paths at toy sizes
-
-Needs only jax, flax, optax and numpy. Each part runs on its own: a part that fails is recorded with its error and
-the others still run.
 """
 import argparse
 import json
-import os
 import time
 import traceback
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -26,20 +24,20 @@ from nanochat_jax.model.gpt import config_from_depth
 from nanochat_jax.model.sharding import make_mesh
 
 FULL = dict(train_depths=(12, 20), modern=((24, False), (24, True)), modern_vocab=32768, seq_len=2048, vocab=65536,
-            start_batch=64, steps=5,
-            attention=(4, 2048, 10, 10, 128), engine_depth=20, prompt_len=512, batches=(1, 8, 32), decode_tokens=256)
-TINY = dict(train_depths=(2,), modern=((2, True),), modern_vocab=512, seq_len=64, vocab=512, start_batch=2,
-            steps=2,
+            start_batch=64, steps=5, attention=(4, 2048, 10, 10, 128), engine_depth=20, prompt_len=512,
+            batches=(1, 8, 32), decode_tokens=256)
+TINY = dict(train_depths=(2,), modern=((2, True),), modern_vocab=512, seq_len=64, vocab=512, start_batch=2, steps=2,
             attention=(2, 64, 2, 1, 32), engine_depth=2, prompt_len=32, batches=(1, 2), decode_tokens=32)
 
 
-def run_part(results: dict, name: str, fn):
+def run_part(name: str, fn) -> dict:
     t0 = time.time()
     try:
-        results[name] = fn()
+        result = fn()
     except Exception as e:  # one failing part must not cost the others the device time
-        results[name] = {"error": f"{type(e).__name__}: {e}"[:2000], "traceback": traceback.format_exc()[-4000:]}
+        result = {"error": f"{type(e).__name__}: {e}"[:2000], "traceback": traceback.format_exc()[-4000:]}
     print(f"{name}: {time.time() - t0:.0f}s", flush=True)
+    return result
 
 
 def markdown(results: dict) -> str:
@@ -72,7 +70,8 @@ def markdown(results: dict) -> str:
         window = "causal" if row["window"] is None else f"window {row['window']}"
         lines.append(f"| {att['shape']} {att['dtype']}, {window} | {row['xla_ms']:.2f} ms | {cudnn} | {diff} |")
     eng = results.get("engine", {})
-    lines += ["", "| engine | prefill | decode tokens/s | ms/step | share of the bandwidth bound |", "|---|---|---|---|---|"]
+    lines += ["", "| engine | prefill | decode tokens/s | ms/step | share of the bandwidth bound |",
+              "|---|---|---|---|---|"]
     if "error" in eng:
         lines.append(f"| error: {eng['error'][:80]} | | | | |")
     for row in eng.get("decode", []):
@@ -91,41 +90,33 @@ def main(argv=None):
     sizes = TINY if args.tiny else FULL
     dtype = parse_dtype(args.dtype)
     device = jax.devices()[0]
-    results = {"environment": {"date": time.strftime("%Y-%m-%d"), "devices": f"{jax.device_count()} x "
-                               f"{device.device_kind}", "platform": device.platform, "jax": jax.__version__,
-                               "dtype": jnp.dtype(dtype).name, "command": "python -m scripts.device_check" +
-                               (" --tiny" if args.tiny else "")}, "train": []}
+    command = "python -m scripts.device_check" + (" --tiny" if args.tiny else "")
+    env = {"date": time.strftime("%Y-%m-%d"), "devices": f"{jax.device_count()} x {device.device_kind}",
+           "platform": device.platform, "jax": jax.__version__, "dtype": jnp.dtype(dtype).name, "command": command}
+    results = {"environment": env, "train": []}
     mesh = make_mesh(devices=jax.devices()[:1])  # one device: the numbers are per chip
 
     for depth in sizes["train_depths"]:
         config = config_from_depth(depth, sizes["vocab"], sizes["seq_len"])
-
-        def train():
-            return speed.train_step(config, mesh, dtype, sizes["start_batch"], steps=sizes["steps"])
-        part = {}
-        run_part(part, f"train d{depth}", train)
-        results["train"].append(part[f"train d{depth}"] | ({"depth": depth} if "error" in part[f"train d{depth}"]
-                                                            else {}))
-
+        row = run_part(f"train d{depth}", lambda: speed.train_step(config, mesh, dtype, sizes["start_batch"],
+                                                                  steps=sizes["steps"]))
+        results["train"].append(row | ({"depth": depth} if "error" in row else {}))
     for depth, fp8 in sizes["modern"]:  # the modern recipe's step, bf16 and FP8
         config = config_from_depth(depth, sizes["modern_vocab"], sizes["seq_len"], recipe="modern")
         label = "modern " + ("fp8" if fp8 else jnp.dtype(dtype).name)
-        part = {}
-        run_part(part, f"train d{depth} {label}", lambda: speed.train_step(config, mesh, dtype, sizes["start_batch"] // 2,
-                                                                           steps=sizes["steps"], fp8=fp8))
-        results["train"].append(part[f"train d{depth} {label}"] | {"depth": depth, "label": label})
-
-    run_part(results, "attention", lambda: speed.attention_paths(*sizes["attention"], dtype))
+        row = run_part(f"train d{depth} {label}", lambda: speed.train_step(
+            config, mesh, dtype, sizes["start_batch"] // 2, steps=sizes["steps"], fp8=fp8))
+        results["train"].append(row | {"depth": depth, "label": label})
+    results["attention"] = run_part("attention", lambda: speed.attention_paths(*sizes["attention"], dtype))
     config = config_from_depth(sizes["engine_depth"], sizes["vocab"], sizes["prompt_len"] + sizes["decode_tokens"] + 64)
-    run_part(results, "engine", lambda: {"depth": sizes["engine_depth"]} | speed.engine_speed(
+    results["engine"] = run_part("engine", lambda: {"depth": sizes["engine_depth"]} | speed.engine_speed(
         config, dtype, sizes["prompt_len"], sizes["batches"], sizes["decode_tokens"]))
 
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "device_check.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "device_check.json").write_text(json.dumps(results, indent=1))
     table = markdown(results)
-    with open(os.path.join(args.out, "device_check.md"), "w") as f:
-        f.write(table)
+    (out / "device_check.md").write_text(table)
     print(table)
     return results
 

@@ -4,10 +4,9 @@ ClimbMix into base_data_climbmix/ (the modern recipe's; the stages read it with 
     python -m scripts.download_data -n 8                       # the first 8 training shards and the validation shard
     python -m scripts.download_data -n 170 --dataset climbmix  # nanochat's GPT-2 speedrun amount of ClimbMix
 
-Shards already present are skipped; each download goes to a .tmp file, renamed when complete; an interrupted
-download resumes where it stopped (HTTP range requests), with retries and backoff.
-The validation shard is the last one nanochat publishes (FineWeb-edu shard_01822, ClimbMix shard_06542), so it sorts
-after the training shards.
+Shards present are skipped; a download goes to a .tmp file, renamed when complete, and an interrupted one resumes
+(HTTP range requests), with retries and backoff. The validation shard is the last one nanochat publishes (FineWeb-edu
+shard_01822, ClimbMix shard_06542), so it sorts after the training shards.
 """
 import argparse
 import os
@@ -17,14 +16,14 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 from nanochat_jax.common import run_entry_point
-from nanochat_jax.data.dataset import DATASETS, STANDIN_MARKER as MARKER, base_url, data_dir, dataset_name, max_shard, shard_name
+from nanochat_jax.data.dataset import (DATASETS, STANDIN_MARKER as MARKER, base_url, data_dir, dataset_name,
+                                       max_shard, shard_name)
 
 BASE_URL = None  # (tests point this at a local server; None: the dataset's Hugging Face URL)
 
 
 def download(index: int, directory: str, attempts: int = 5, url_root: str | None = None) -> str | None:
-    """Returns None on success, else the reason for failing. A partial .tmp file from an earlier attempt or run is
-    continued with an HTTP range request."""
+    """None on success, else why not. A partial .tmp file (of an earlier attempt or run) is continued."""
     path = os.path.join(directory, shard_name(index))
     if os.path.exists(path):
         return None
@@ -57,7 +56,7 @@ def download(index: int, directory: str, attempts: int = 5, url_root: str | None
 
 def main():
     parser = argparse.ArgumentParser(description="download nanochat's pretraining shards")
-    parser.add_argument("-n", "--num-shards", type=int, default=8, help="training shards (the validation shard is added)")
+    parser.add_argument("-n", "--num-shards", type=int, default=8, help="training shards (and the validation shard)")
     parser.add_argument("-w", "--workers", type=int, default=4, help="parallel downloads")
     parser.add_argument("--dataset", choices=sorted(DATASETS), default=None,
                         help="fineweb (classic) or climbmix (modern); default: $NANOCHAT_DATASET, else fineweb")

@@ -2,7 +2,7 @@
 
     python -m scripts.import_nanochat --src ~/.cache/nanochat/chatsft_checkpoints/d20 --dst DIR [--step N]
 
-DIR then loads with nanochat_jax.training.checkpoint.load_model(DIR), and the tokenizer travels with it (DIR/tokenizer/).
+DIR then loads with nanochat_jax.training.checkpoint.load_model(DIR), its tokenizer from DIR/tokenizer/.
 Needs torch (pip install 'nanochat-jax[torch]').
 """
 import argparse
@@ -17,7 +17,7 @@ from nanochat_jax.model.interop import find_last_step, import_nanochat
 
 def main():
     parser = argparse.ArgumentParser(description="import a nanochat checkpoint")
-    parser.add_argument("--src", required=True, help="nanochat checkpoint directory (model_<step>.pt, meta_<step>.json)")
+    parser.add_argument("--src", required=True, help="nanochat's directory of model_<step>.pt, meta_<step>.json")
     parser.add_argument("--dst", required=True, help="our checkpoint directory to write")
     parser.add_argument("--step", type=int, default=None, help="step to import (default: the latest)")
     args = parser.parse_args()

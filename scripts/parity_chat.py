@@ -1,35 +1,29 @@
 """Run nanochat's own chat evaluation (scripts/chat_eval.py: run_categorical_eval, run_generative_eval with its
-Engine) and ours on the same random weights and the same problems, and count the problems answered differently:
-the predicted letter (ARC, MMLU) or the whole greedy completion, tool calls included (GSM8K, SpellingBee, HumanEval).
+Engine) and ours on the same random weights and problems, and count the problems answered differently: the predicted
+letter (ARC, MMLU) or the whole greedy completion, tool calls included (GSM8K, SpellingBee, HumanEval).
 
     git clone https://github.com/karpathy/nanochat /tmp/nanochat && git -C /tmp/nanochat checkout e1770a3
     pip install tokenizers jinja2 torch      # what nanochat's modules import
     python -m scripts.parity_chat --nanochat /tmp/nanochat -x 64
 
-Uses $NANOCHAT_BASE_DIR/tokenizer/ and the task data (task_data/ or the HF hub). The weights are a small random
-nanochat GPT saved in nanochat's format and loaded here through import_nanochat.
+Uses $NANOCHAT_BASE_DIR/tokenizer/ and the task data (task_data/ or the HF hub).
 """
-import argparse
 import importlib.util
-import os
-import sys
-import tempfile
 import time
 
 from nanochat_jax.evaluation.chat_tasks import categorical_outcomes, generative_outcomes
 from nanochat_jax.common import CompileCount
 from nanochat_jax.inference.engine import Engine
-from nanochat_jax.model.interop import import_nanochat, write_random_nanochat
 from nanochat_jax.data.tokenizer import get_tokenizer
 from nanochat_jax.tasks.registry import CHAT_TASKS, CHATCORE_TASKS
+from scripts import nanochat_parser, parse_with_checkout, random_pair
 
 
 class Recorder:
     """A task that remembers every answer it was asked to evaluate, in order."""
 
     def __init__(self, task):
-        self.task, self.answers = task, []
-        self.eval_type = task.eval_type
+        self.task, self.answers, self.eval_type = task, [], task.eval_type
 
     def __len__(self):
         return len(self.task)
@@ -43,30 +37,25 @@ class Recorder:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--nanochat", required=True, help="a nanochat checkout (e1770a3)")
+    p = nanochat_parser(__doc__)
     p.add_argument("-a", "--task-name", default="|".join(CHATCORE_TASKS))
     p.add_argument("-x", "--max-problems", type=int, default=64)
     p.add_argument("-m", "--max-new-tokens", type=int, default=48)
     p.add_argument("--unsafe-sandbox", action="store_true", help="allow the unsafe sandbox for HumanEval")
-    args = p.parse_args(argv)
+    args = parse_with_checkout(p, argv)
     if "HumanEval" in args.task_name.split("|"):
         from nanochat_jax.sandbox.execution import require
         require(args.unsafe_sandbox, "HumanEval")
-    root = os.path.abspath(args.nanochat)
-    sys.path.insert(0, root)
     import torch
     from nanochat.engine import Engine as TorchEngine
-    from nanochat.gpt import GPT as TorchGPT, GPTConfig as TorchConfig
     from nanochat.tokenizer import RustBPETokenizer
-    spec = importlib.util.spec_from_file_location("nanochat_chat_eval", os.path.join(root, "scripts", "chat_eval.py"))
-    ref_eval = importlib.util.module_from_spec(spec)  # by path: our own `scripts` package shadows nanochat's
+    # by path: our own `scripts` package shadows nanochat's
+    spec = importlib.util.spec_from_file_location("nanochat_chat_eval", f"{args.nanochat}/scripts/chat_eval.py")
+    ref_eval = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ref_eval)
 
     tokenizer = get_tokenizer()
-    with tempfile.TemporaryDirectory() as directory:
-        ref_model = write_random_nanochat(directory, tokenizer, TorchGPT, TorchConfig)
-        model, _, _ = import_nanochat(directory)
+    ref_model, model = random_pair(tokenizer)
     ref_tokenizer = RustBPETokenizer(tokenizer.enc, "<|bos|>")
     ref_engine, engine = TorchEngine(ref_model, ref_tokenizer), Engine(model, tokenizer)
 

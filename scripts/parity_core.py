@@ -5,36 +5,27 @@ bundle examples, and count the examples scored differently.
     pip install tokenizers jinja2 torch      # what nanochat's modules import
     python -m scripts.parity_core --nanochat /tmp/nanochat --max-per-task 12
 
-Uses $NANOCHAT_BASE_DIR/tokenizer/ and eval_bundle/. The weights are a small random nanochat GPT, saved in nanochat's
-checkpoint format and loaded here through import_nanochat.
+Uses $NANOCHAT_BASE_DIR/tokenizer/ and eval_bundle/.
 """
-import argparse
 import os
-import sys
-import tempfile
 import time
 
 from nanochat_jax.evaluation import core
 from nanochat_jax.common import CompileCount, get_base_dir
-from nanochat_jax.model.interop import import_nanochat, write_random_nanochat
 from nanochat_jax.data.tokenizer import get_tokenizer
+from scripts import nanochat_parser, parse_with_checkout, random_pair
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--nanochat", required=True, help="a nanochat checkout (e1770a3)")
+    p = nanochat_parser(__doc__)
     p.add_argument("--max-per-task", type=int, default=12)
-    args = p.parse_args(argv)
-    sys.path.insert(0, os.path.abspath(args.nanochat))
+    args = parse_with_checkout(p, argv)
     import torch
     from nanochat import core_eval as ref_core
-    from nanochat.gpt import GPT as TorchGPT, GPTConfig as TorchConfig
     from nanochat.tokenizer import RustBPETokenizer
 
     tokenizer = get_tokenizer()
-    with tempfile.TemporaryDirectory() as directory:
-        ref_model = write_random_nanochat(directory, tokenizer, TorchGPT, TorchConfig)
-        model, _, _ = import_nanochat(directory)
+    ref_model, model = random_pair(tokenizer)
     ref_tokenizer = RustBPETokenizer(tokenizer.enc, "<|bos|>")
 
     bundle = os.path.join(get_base_dir(), "eval_bundle")

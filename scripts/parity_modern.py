@@ -1,7 +1,7 @@
-"""Our modern recipe against nanochat's current code (PyTorch) on the same random weights: the logits of an imported
-checkpoint of its current architecture (full forward past the short window, and our KV-cache decode), three steps of
-its fused Muon (MuonEq, Polar Express, Muon+, NorMuon, cautious weight decay) against ours, and a short training run
-of both from nanochat's own init (its GPT, setup_optimizer and schedules against our Trainer.step), all in fp32.
+"""Our modern recipe against nanochat's current code (PyTorch), all in fp32, on the same random weights: the logits of
+an imported checkpoint of its architecture (full forward past the short window, and our KV-cache decode), three steps
+of its fused Muon (MuonEq, Polar Express, Muon+, NorMuon, cautious weight decay) against ours, and a short training run
+of both from its own init (its GPT, setup_optimizer and schedules against our Trainer.step).
 
     git clone https://github.com/karpathy/nanochat /tmp/nanochat_head      # its current HEAD (92d63d4)
     pip install torch filelock                                             # what nanochat's modules import
@@ -9,10 +9,7 @@ of both from nanochat's own init (its GPT, setup_optimizer and schedules against
 
 Uses $NANOCHAT_BASE_DIR/tokenizer/. Prints the largest relative difference of each comparison.
 """
-import argparse
 import os
-import sys
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -21,23 +18,22 @@ import numpy as np
 from flax import nnx
 
 from nanochat_jax.model.gpt import GPT, init_cache
-from nanochat_jax.model.interop import import_nanochat, read_model_config, state_dict_to_params, write_random_nanochat
+from nanochat_jax.model.interop import read_model_config, state_dict_to_params
 from nanochat_jax.training.optim import MODERN_MUON, Schedule, build_optimizer, muon
 from nanochat_jax.model.sharding import make_mesh
 from nanochat_jax.data.tokenizer import get_tokenizer
 from nanochat_jax.training.trainer import Trainer
+from scripts import nanochat_parser, parse_with_checkout, random_pair
 
 
 def relative(a, b) -> float:
     return float(np.abs(np.asarray(a, np.float64) - b).max() / np.abs(b).max())
 
 
-def logits(torch, TorchGPT, TorchConfig, n_layer: int, T: int = 320) -> dict:
+def logits(torch, n_layer: int, T: int = 320) -> dict:
     tokenizer = get_tokenizer()
-    with tempfile.TemporaryDirectory() as directory:
-        ref = write_random_nanochat(directory, tokenizer, TorchGPT, TorchConfig, std=0.05, sequence_len=512,
-                                    n_layer=n_layer, n_head=2, n_kv_head=1, n_embd=128, window_pattern="SSSL")
-        model, _, _ = import_nanochat(directory)
+    ref, model = random_pair(tokenizer, std=0.05, sequence_len=512, n_layer=n_layer, n_head=2, n_kv_head=1, n_embd=128,
+                             window_pattern="SSSL")
     idx = np.random.default_rng(0).integers(0, tokenizer.get_vocab_size(), (2, T))
     with torch.no_grad():
         expected = ref(torch.tensor(idx)).float().numpy()
@@ -74,11 +70,10 @@ def muon_steps(torch, nanochat_optim, shape=(2, 96, 256), steps: int = 3) -> flo
 
 
 def training(torch, TorchGPT, TorchConfig, steps: int = 30, rows: int = 4, T: int = 256) -> list[tuple]:
-    """Both from nanochat's init plus a little noise (weights copied over), the same batches (a cycle of 4 random
-    ones, so the loss falls), nanochat's current learning rates and schedules over `steps`: the two losses at each
-    step. (The noise matters: from the init itself, with zero projections, the final norm makes the loss blind to
-    the residual scalars, whose gradients are then rounding noise that Adam's first steps blow up to full steps,
-    differently in any two implementations.)"""
+    """Both from nanochat's init plus a little noise (weights copied over), on the same batches (a cycle of 4 random
+    ones, so the loss falls), with nanochat's current learning rates and schedules: the two losses at each step.
+    (Without the noise, the zero projections leave the final norm blind to the residual scalars, whose gradients are
+    then rounding noise that Adam's first steps blow up to full steps, differently in any two implementations.)"""
     cfg = dict(sequence_len=T, vocab_size=512, n_layer=4, n_head=2, n_kv_head=2, n_embd=128, window_pattern="SSSL")
     torch.manual_seed(0)
     ref = TorchGPT(TorchConfig(**cfg))
@@ -118,10 +113,7 @@ def training(torch, TorchGPT, TorchConfig, steps: int = 30, rows: int = 4, T: in
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--nanochat", required=True, help="a checkout of nanochat's current code")
-    args = p.parse_args(argv)
-    sys.path.insert(0, os.path.abspath(args.nanochat))
+    parse_with_checkout(nanochat_parser(__doc__, "a checkout of nanochat's current code"), argv)
     os.environ.setdefault("NANOCHAT_DTYPE", "float32")  # its compute dtype on this machine: fp32 like ours
     import torch
     from nanochat import optim as nanochat_optim
@@ -131,7 +123,7 @@ def main(argv=None):
         setattr(nanochat_optim, name, getattr(fused, "_torchdynamo_orig_callable", fused))
 
     for n_layer in (4, 5):  # value embeddings on odd layers (even depth) or on even ones (odd depth)
-        for name, err in logits(torch, TorchGPT, TorchConfig, n_layer).items():
+        for name, err in logits(torch, n_layer).items():
             print(f"d{n_layer} logits, {name}: max relative difference {err:.2e}")
     for shape in ((2, 96, 256), (2, 256, 96)):
         print(f"Muon {shape} (torch [L, out, in]), 3 steps: max relative difference of the moves "

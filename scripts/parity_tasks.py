@@ -8,12 +8,11 @@ mask), the completion prompts and a mixture's order, example by example.
 Reads $NANOCHAT_BASE_DIR/task_data/ (GSM8K, MMLU, ARC, identity conversations: whichever files are present) and
 renders with our tokenizer's encoding in both codebases.
 """
-import argparse
 import os
-import sys
 
 from nanochat_jax.common import get_base_dir
 from nanochat_jax.tasks.base import task_data_path
+from scripts import nanochat_parser, parse_with_checkout
 
 
 def local_loader(real_load):
@@ -27,10 +26,7 @@ def local_loader(real_load):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--nanochat", required=True, help="a nanochat checkout (e1770a3)")
-    args = p.parse_args(argv)
-    sys.path.insert(0, os.path.abspath(args.nanochat))
+    parse_with_checkout(nanochat_parser(__doc__), argv)
     import datasets
     load = local_loader(datasets.load_dataset)
     import tasks.arc
