@@ -5,7 +5,8 @@
     python -m scripts.bench_decode --nanochat /tmp/nanochat --depths 4 --batches 1 8   # ours against nanochat's
 
 Random weights and tokens. Without --nanochat: the jitted prefill and decode programs, no stop tokens, each batch
-against the memory-bandwidth bound where the device's is known (measure/speed.py); needs only jax, flax, optax, numpy.
+against the memory-bandwidth bound (the chip's peak, a CPU's as measured here: measure/speed.py); needs only jax,
+flax, optax, numpy.
 With --nanochat: the user-facing generate() of both engines on the same random weights (saved in nanochat's format,
 imported here) and prompt, sampling at temperature 1, top-k 50, the host loop included; tokens/s over those emitted.
 """
@@ -74,7 +75,9 @@ def programs(args):
             print(f"d{depth} ({config.num_params() / 1e6:.0f}M) batch {row['batch']:3d}: prefill "
                   f"{out['prefill_ms']:8.1f} ms | decode {row['tokens_per_s']:10,.0f} tokens/s "
                   f"({row['ms_per_step']:.2f} ms/step, attention over {row['attend_len']})"
-                  + ("" if bound is None else f" | {100 * bound:.0f}% of the bandwidth bound"))
+                  + ("" if bound is None else f" | {100 * bound:.0f}% of the bandwidth bound ("
+                     f"{row['bytes_per_step'] / 1e6:,.0f} MB a step at {out['bandwidth'] / 1e9:,.1f} GB/s, "
+                     f"{out['bandwidth_from']})"))
 
 
 def main(argv=None):
