@@ -3,19 +3,17 @@
     python -m serve.cli                       # the latest SFT model; 'clear' starts over, 'quit' leaves
     python -m serve.cli -i base -p "The capital of France is"   # answer once (question and reply) and exit
 
-Replies stream as they are generated, tool calls (the calculator) inline. Line editing and history (readline);
-Ctrl-C during a reply stops it and keeps what was said, Ctrl-C or Ctrl-D at the prompt leaves. A conversation longer
-than the model's context loses its oldest exchanges (with a notice).
-"""
+Replies stream as they are generated, tool calls (the calculator) inline; readline's line editing and history.
+Ctrl-C during a reply stops it (keeping what was said), at the prompt it leaves (as Ctrl-D does); a conversation
+longer than the model's context loses its oldest exchanges."""
 import argparse
+import contextlib
 import signal
 import sys
 import time
 
-try:
+with contextlib.suppress(ImportError):  # (not on every platform)
     import readline  # noqa: F401 - line editing and history for input()
-except ImportError:  # (not on every platform)
-    readline = None
 
 from nanochat_jax.inference.frontend import ReplyText, prompt_for_reply, reply_parts
 from nanochat_jax.training.checkpoint import STAGE_DIRS, load_stage
@@ -26,16 +24,14 @@ from nanochat_jax.inference.engine import Engine
 
 def stream_reply(engine, tokenizer, prompt_ids, max_tokens, temperature, top_k, seed, out=sys.stdout,
                  header: str = ""):
-    """Prints `header`, then the reply as it comes; returns (its token ids, stop token excluded; whether Ctrl-C
-    stopped it). Ctrl-C only sets a flag, checked between tokens (an exception could land in a callback, e.g. JAX's
-    garbage-collection hook, and be swallowed); set before the header, so it stops the reply, not the program."""
+    """Prints `header`, then the reply as it comes; returns (its token ids, whether Ctrl-C stopped it). From before
+    the header, Ctrl-C only sets a flag checked between tokens: an exception could be swallowed in a callback."""
     reply, shown, stop, text = [], "", [], ReplyText(tokenizer)
     try:
         previous = signal.signal(signal.SIGINT, lambda *_: stop.append(True))
     except ValueError:  # (not the main thread: Ctrl-C stays an exception)
         previous = None
-    out.write(header)
-    out.flush()
+    print(header, end="", file=out, flush=True)
     tokens = engine.generate(prompt_ids, max_tokens=max_tokens, temperature=temperature, top_k=top_k, seed=seed)
     try:
         for column, _ in tokens:
@@ -44,18 +40,40 @@ def stream_reply(engine, tokenizer, prompt_ids, max_tokens, temperature, top_k, 
             reply.append(column[0])
             now = text.add(column[0])  # (tool calls as <<expression=result>>, never a special token's name)
             if not now.endswith("\ufffd"):  # hold back half a multi-byte character
-                out.write(now[len(shown):])
-                out.flush()
+                print(now[len(shown):], end="", file=out, flush=True)
                 shown = now
     except KeyboardInterrupt:
         stop.append(True)
     finally:
         tokens.close()
-        out.write(text.text().rstrip("\ufffd")[len(shown):] + (" (stopped)\n" if stop else "\n"))
-        out.flush()
+        print(text.text().rstrip("\ufffd")[len(shown):] + (" (stopped)" if stop else ""), file=out, flush=True)
         if previous is not None:  # only now: a Ctrl-C until the reply's last line is out still stops the reply
             signal.signal(signal.SIGINT, previous)
     return reply, bool(stop)
+
+
+def load_engine(args, parser):
+    """The model of -i/-g/-s, its tokenizer, checkpoint meta and Engine; a missing checkpoint: one line, exit 1."""
+    use_compilation_cache()  # a second start reads the programs back instead of compiling them
+    try:
+        model, tokenizer, meta = load_stage(args.source, args.model_tag, args.step)
+    except FileNotFoundError as e:
+        parser.exit(1, f"{e}\n")
+    return model, tokenizer, meta, Engine(model, tokenizer, compute_dtype_weights=True)
+
+
+def questions():
+    """What the user types (None for 'clear'), until 'quit', Ctrl-C or Ctrl-D."""
+    while True:
+        try:
+            text = input("\nUser: ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if text.lower() in ("quit", "exit"):
+            return
+        if text:
+            yield None if text.lower() == "clear" else text
 
 
 def main(argv=None):
@@ -70,39 +88,20 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.temperature < 0 or not 1 <= args.top_k <= MAX_TOP_K or args.max_tokens < 1:
         parser.error(f"--temperature must be >= 0, --top-k in 1..{MAX_TOP_K}, --max-tokens >= 1")
-    use_compilation_cache()  # a second start reads the programs back instead of compiling them
-    try:
-        model, tokenizer, meta = load_stage(args.source, args.model_tag, args.step)
-    except FileNotFoundError as e:
-        parser.exit(1, f"{e}\n")
-    engine = Engine(model, tokenizer, compute_dtype_weights=True)
-    t0 = time.time()
-    print(f"compiling the engine for prompts up to {model.config.sequence_len} tokens ...", end=" ", flush=True,
-          file=sys.stderr)
+    model, tokenizer, meta, engine = load_engine(args, parser)
+    context, t0 = model.config.sequence_len, time.time()
+    print(f"compiling the engine for prompts up to {context} tokens ...", end=" ", flush=True, file=sys.stderr)
     engine.warm_up()  # now, so that no reply waits on the compiler
     print(f"{time.time() - t0:.0f}s", file=sys.stderr, flush=True)
-    context = model.config.sequence_len
     max_tokens = min(args.max_tokens, context // 2)
     if not args.prompt:
         print(f"nanochat-jax: {args.source} model, step {meta['step']}. 'clear' starts over, 'quit' leaves.")
     messages, turn = [], 0
-    while True:
-        if args.prompt:
-            text = args.prompt
-        else:
-            try:
-                text = input("\nUser: ").strip()
-            except (EOFError, KeyboardInterrupt):
-                print()
-                return
-            if text.lower() in ("quit", "exit"):
-                return
-            if text.lower() == "clear":
-                messages = []
-                print("(new conversation)")
-                continue
-            if not text:
-                continue
+    for text in ([args.prompt] if args.prompt else questions()):
+        if text is None:
+            messages = []
+            print("(new conversation)")
+            continue
         messages.append({"role": "user", "content": text})
         try:
             prompt_ids, dropped = prompt_for_reply(tokenizer, messages, context, max_tokens)
@@ -124,8 +123,6 @@ def main(argv=None):
         else:  # stopped before a word: as if the question had not been asked
             messages.pop()
         turn += 1
-        if args.prompt:
-            return
 
 
 if __name__ == "__main__":

@@ -6,8 +6,7 @@ Bearer-key auth, and a Host allow-list against DNS rebinding.
   before more than `max_body` bytes are read, whatever Content-Length says).
 - `GuardedH11Protocol` (uvicorn's h11 protocol with deadlines): a connection that has not sent its request headers
   within `header_timeout` seconds (of connecting, or of its last response), or its body within `body_timeout`, is
-  closed; uvicorn alone waits forever for a client that connects and sends nothing, or one byte at a time.
-"""
+  closed; uvicorn alone waits forever for a client that connects and sends nothing, or one byte at a time."""
 import hmac
 import ipaddress
 import json
@@ -25,15 +24,12 @@ TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permis
 
 
 def openai_error(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
-    """The one error body every failure gets."""
     return {"error": {"message": message, "type": TYPES.get(status, "server_error"), "param": param, "code": code}}
 
 
 def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
     try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
+        return host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
 
@@ -139,7 +135,6 @@ class GuardedH11Protocol(H11Protocol):
         self._deadline, self._phase = None, None
 
     def _too_slow(self):
-        self._deadline = None
         if not self.transport.is_closing() and self.conn.their_state in (h11.IDLE, h11.SEND_BODY):
             self.transport.close()  # (a client still sending its request; responses in flight are left alone)
 

@@ -10,6 +10,7 @@ import asyncio
 import json
 import time
 import uuid
+from itertools import accumulate
 from typing import Any
 
 from fastapi import Request as HTTPRequest
@@ -98,7 +99,14 @@ def unsupported(message: str, param: str) -> APIError:
     return APIError(400, message, param=param, code="unsupported_parameter")
 
 
-def refuse_unsupported(body, chat: bool):
+def check_model(service, model):
+    if model not in (None, service.model_name):
+        raise APIError(404, f"unknown model {model!r}; this server serves {service.model_name!r}", param="model",
+                       code="model_not_found")
+
+
+def refuse_unsupported(service, body, chat: bool):
+    check_model(service, body.model)
     for name, allowed in NEUTRAL.items():
         if name in body.model_fields_set and allowed is not None and getattr(body, name) not in allowed:
             raise unsupported(f"{name}={getattr(body, name)!r} is not supported by this server", name)
@@ -212,10 +220,7 @@ class PlainText:
 
 
 def token_text(tokenizer, token_id: int) -> tuple[str, list[int]]:
-    try:
-        raw = tokenizer.enc.decode_single_token_bytes(token_id)
-    except (AttributeError, KeyError):
-        raw = tokenizer.decode([token_id]).encode()
+    raw = tokenizer.enc.decode_single_token_bytes(token_id)
     return raw.decode("utf-8", errors="replace"), list(raw)
 
 
@@ -228,16 +233,12 @@ def chat_logprobs(tokenizer, tokens: list[Token], top: int) -> list[dict]:
 
 def legacy_logprobs(tokenizer, ids: list[int], scores, top: int, offset: int) -> dict:
     """OpenAI's completions logprobs of the tokens `ids`, from their [(logprob, alternatives or None), ...]."""
-    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    for t, (lp, alternatives) in zip(ids, scores):
-        text = token_text(tokenizer, t)[0]
-        out["tokens"].append(text)
-        out["text_offset"].append(offset)
-        offset += len(text)
-        out["token_logprobs"].append(lp)
-        out["top_logprobs"].append(None if alternatives is None else
-                                   {token_text(tokenizer, a)[0]: alp for a, alp in alternatives[:top]})
-    return out
+    texts = [token_text(tokenizer, t)[0] for t in ids]
+    return {"tokens": texts, "token_logprobs": [lp for lp, _ in scores],
+            "top_logprobs": [None if alternatives is None else
+                             {token_text(tokenizer, a)[0]: alp for a, alp in alternatives[:top]}
+                             for _, alternatives in scores],
+            "text_offset": list(accumulate(map(len, texts), initial=offset))[:-1]}  # where each token starts
 
 
 def sse(obj) -> str:
@@ -332,7 +333,7 @@ class Answer:
 class ChatAnswer(Answer):
     prefix, kind, chunk_kind = "chatcmpl", "chat.completion", "chat.completion.chunk"
 
-    def logprobs(self, c: Choice, tokens: list[Token], with_prompt=False):
+    def logprobs(self, c: Choice, tokens: list[Token]):
         top = self.body.top_logprobs or 0
         return {"content": chat_logprobs(self.service.tokenizer, tokens, top)} if self.body.logprobs else None
 
@@ -349,8 +350,7 @@ class ChatAnswer(Answer):
 
 
 class TextAnswer(Answer):
-    """With echo, each choice starts with its prompt (and with logprobs, the prompt's tokens scored by the
-    scheduler)."""
+    """With echo, each choice starts with its prompt (with logprobs: its tokens as the scheduler scored them)."""
     render, prefix, kind, chunk_kind = PlainText, "cmpl", "text_completion", "text_completion"
 
     def __init__(self, service, body, prompts, prompt_scores):
@@ -366,8 +366,8 @@ class TextAnswer(Answer):
                              body.logprobs, len(self.texts[k]) if body.echo else 0)
         if with_prompt and self.prompt_scores is not None:
             ids = self.prompts[k][1:]
-            head = legacy_logprobs(tokenizer, ids, [(None, None)] + self.prompt_scores[k][:len(ids) - 1],
-                                   body.logprobs, 0)
+            scores = ([(None, None)] + self.prompt_scores[k])[:len(ids)]  # (none for the first token, as OpenAI's)
+            head = legacy_logprobs(tokenizer, ids, scores, body.logprobs, 0)
             lp = {key: head[key] + lp[key] for key in lp}
         return lp
 
@@ -385,12 +385,6 @@ class TextAnswer(Answer):
         return self.part(c, echo + c.sent, self.logprobs(c, c.logprobs, True), c.reason or "stop")
 
 
-def check_model(service, model):
-    if model not in (None, service.model_name):
-        raise APIError(404, f"unknown model {model!r}; this server serves {service.model_name!r}", param="model",
-                       code="model_not_found")
-
-
 def model_card(service):
     return {"id": service.model_name, "object": "model", "created": 0, "owned_by": "nanochat-jax"}
 
@@ -404,45 +398,33 @@ async def model(model_id: str, http: HTTPRequest):
     return model_card(http.app.state.service)
 
 
-def submit(service, body, ids, max_tokens: int, temperature: float):
+def submit(service, body, ids, max_tokens: int, default_temperature: float):
+    temperature = default_temperature if body.temperature is None else body.temperature
     return service.submit(ids, body.n, max_tokens, temperature, body.top_k, body.top_p or 1.0, body.seed,
                           logit_bias(body), body.presence_penalty, body.frequency_penalty)
 
 
 async def chat_completions(body: ChatBody, http: HTTPRequest):
     service = http.app.state.service
-    check_model(service, body.model)
-    refuse_unsupported(body, chat=True)
+    refuse_unsupported(service, body, chat=True)
     max_tokens = body.max_completion_tokens or body.max_tokens or service.defaults["max_tokens"]
     ids, _ = await service.prompt(chat_messages(body.messages), max_tokens, drop_old=False)
-    temperature = service.defaults["temperature"] if body.temperature is None else body.temperature
-    request = submit(service, body, ids, max_tokens, temperature)
+    request = submit(service, body, ids, max_tokens, service.defaults["temperature"])
     return await ChatAnswer(service, body, [ids]).respond([request], http)
 
 
 async def completions(body: CompletionBody, http: HTTPRequest):
     service = http.app.state.service
-    check_model(service, body.model)
-    refuse_unsupported(body, chat=False)
+    refuse_unsupported(service, body, chat=False)
     prompts = await run_in_threadpool(prompts_of, service.tokenizer, body)
-    prompt_scores = None
-    if body.echo and body.logprobs is not None:
-        prompt_scores = [await service.score(ids, http) for ids in prompts]
-    temperature = 1.0 if body.temperature is None else body.temperature
+    echo_scores = body.echo and body.logprobs is not None
+    prompt_scores = [await service.score(ids, http) for ids in prompts] if echo_scores else None
     requests = []
     try:
         for ids in prompts:
-            requests.append(submit(service, body, ids, body.max_tokens, temperature))
+            requests.append(submit(service, body, ids, body.max_tokens, 1.0))
     except APIError:
         for r in requests:
             r.cancel()
         raise
     return await TextAnswer(service, body, prompts, prompt_scores).respond(requests, http)
-
-
-def add_routes(app):
-    """OpenAI's endpoints, over the ChatService in app.state.service."""
-    app.add_api_route("/v1/models", models)
-    app.add_api_route("/v1/models/{model_id:path}", model)
-    app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
-    app.add_api_route("/v1/completions", completions, methods=["POST"])

@@ -1,7 +1,6 @@
 """The chat service every HTTP endpoint uses: the model's name, tokenizer and defaults; conversations checked against
 nanochat's limits and rendered off the event loop; requests submitted to the one scheduler, their events awaited."""
 import asyncio
-import queue
 import random
 
 from starlette.concurrency import run_in_threadpool
@@ -79,18 +78,15 @@ class ChatService:
         done, count = 0, getattr(request, "n", 1)
         try:
             while done < count:
-                try:
-                    event = request.events.get_nowait()
-                except queue.Empty:
-                    request.wake.clear()
-                    if not request.events.empty():  # (an event put just before the clear lost its wake-up)
-                        continue
+                request.wake.clear()  # (before looking: an event put after the look sets it again)
+                if request.events.empty():
                     try:
                         await asyncio.wait_for(request.wake.wait(), timeout=1.0)
                     except asyncio.TimeoutError:
                         if await http.is_disconnected():
                             return
                     continue
+                event = request.events.get_nowait()
                 yield event
                 if isinstance(event, Failed):
                     return

@@ -4,10 +4,8 @@
     python -m serve.web -i base -g d20 --slots 16
 
 Endpoints: GET / (chat page), POST /chat/completions (nanochat's SSE: data: {"token": ...} ... data: [DONE]), the
-OpenAI API under /v1 (serve/openai_api.py), GET /health, GET /stats. A bad request gets a 4xx with the reason in
-OpenAI's error body. Safe to expose (serve/guard.py); prompts are rendered off the event loop, so /health answers at
-once under load.
-"""
+OpenAI API under /v1 (serve/openai_api.py), GET /health, GET /stats; a bad request gets a 4xx with OpenAI's error
+body. Safe to expose (serve/guard.py); prompts render off the event loop, so /health answers at once under load."""
 import argparse
 import html
 import json
@@ -53,7 +51,6 @@ class Message(BaseModel):
 
 
 class ChatRequest(BaseModel):
-    """nanochat's request (POST /chat/completions)."""
     model_config = ConfigDict(extra="forbid")
     messages: list[Message]
     temperature: float | None = Field(None, ge=0.0, le=2.0)
@@ -61,7 +58,6 @@ class ChatRequest(BaseModel):
     max_tokens: int | None = Field(None, ge=1, le=MAX_MAX_TOKENS)
 
 
-# ---- errors: OpenAI's body everywhere
 async def api_error(_, error: APIError):
     return JSONResponse(openai_error(error.status, error.message, param=error.param, code=error.code), error.status)
 
@@ -86,7 +82,6 @@ async def server_error(_, error: Exception):
     return JSONResponse(openai_error(500, f"internal error: {type(error).__name__}"), 500)
 
 
-# ---- the page and nanochat's endpoints
 async def ui(http: HTTPRequest):
     return HTMLResponse(http.app.state.page)
 
@@ -144,12 +139,13 @@ def create_app(service: ChatService, api_key: str | None = None, allowed_hosts: 
                           (StarletteHTTPException, http_error), (Exception, server_error)):
         app.add_exception_handler(kind, handler)
     app.add_api_route("/", ui, response_class=HTMLResponse)
-    for path in ("/favicon.svg", "/favicon.ico"):
-        app.add_api_route(path, favicon)
-    app.add_api_route("/health", health)
-    app.add_api_route("/stats", stats)
-    app.add_api_route("/chat/completions", chat, methods=["POST"])
-    openai_api.add_routes(app)
+    for method, path, handler in (("GET", "/favicon.svg", favicon), ("GET", "/favicon.ico", favicon),
+                                  ("GET", "/health", health), ("GET", "/stats", stats),
+                                  ("POST", "/chat/completions", chat), ("GET", "/v1/models", openai_api.models),
+                                  ("GET", "/v1/models/{model_id:path}", openai_api.model),
+                                  ("POST", "/v1/chat/completions", openai_api.chat_completions),
+                                  ("POST", "/v1/completions", openai_api.completions)):
+        app.add_api_route(path, handler, methods=[method])
     return app
 
 
@@ -200,18 +196,11 @@ def main(argv=None):
 
 
 def serve(args, parser, sock, allowed):
-    """Load the model, compile the engine, serve on the bound socket until stopped."""
     import uvicorn
 
-    from nanochat_jax.training.checkpoint import load_stage
-    from nanochat_jax.common import use_compilation_cache
-    from nanochat_jax.inference.engine import Engine
-    use_compilation_cache()  # a restarted server reads its programs back instead of compiling them
-    try:
-        model, tokenizer, meta = load_stage(args.source, args.model_tag, args.step)
-    except FileNotFoundError as e:
-        parser.exit(1, f"{e}\n")
-    scheduler = Engine(model, tokenizer, compute_dtype_weights=True).scheduler(args.slots, args.max_waiting)
+    from serve.cli import load_engine
+    model, tokenizer, meta, engine = load_engine(args, parser)
+    scheduler = engine.scheduler(args.slots, args.max_waiting)
     print(f"compiling the engine for prompts up to {model.config.sequence_len} tokens ...", flush=True)
     t0 = time.time()
     scheduler.warm_up()  # (so the first clients do not wait on compiles, nor stall the event loop)
