@@ -6,26 +6,18 @@
 
 `python -m nanochat_jax.sandbox --check` prints which layers are active on this machine and what a call costs.
 
-Kernel mode (the default; needs bubblewrap and unprivileged user namespaces): the program runs in new user, mount,
-PID, network, IPC, UTS (and cgroup) namespaces as uid 1000 without capabilities, the only process (pid 1, its own
-/proc), with only loopback, and dies with the caller. Its host uid is the caller's, or nobody's (HOST_UID) when root
-calls, so that it owns nothing it sees and the thread rlimit binds it. It sees the system libraries and this Python
-read-only, a synthetic /etc, a minimal read-only /dev, and one writable tmpfs at /tmp (its cwd and HOME) capped at
-`max_disk_bytes` and `max_files` (the file cap needs util-linux's unshare and mount). bubblewrap loads the seccomp
-filter before Python starts; the guard (guard.py: the layers, the filter's list) adds rlimits, Landlock and the audit
-hook; a root caller also starts it in a pids cgroup of the call's own where one can be made. Output comes back
-through capped pipes the caller owns; the timeout runs from the program's first line; nothing of its PID namespace
-outlives the call (`leftover` counts what had to be killed, normally 0). Not covered: reading what is visible (system
-libraries, this Python's packages); CPU and memory side channels; kernel exploits via the allowed system calls.
+Kernel mode (the default; needs bubblewrap and unprivileged user namespaces): the program is the only process of
+new user, mount, PID, network, IPC, UTS and cgroup namespaces, without capabilities, as the caller's host uid (HOST_UID
+when root calls: then it owns nothing it sees, and the thread rlimit binds it); it sees this Python and the system
+libraries read-only and writes one tmpfs capped at `max_disk_bytes` and `max_files`; then guard.py adds its layers.
+Not covered: reading what is visible; CPU and memory side channels; kernel exploits via the allowed system calls.
 
 Without bubblewrap or user namespaces, model code is refused (status "refused", one loud message naming the fix)
 unless the user opts in to unsafe mode (`--unsafe-sandbox`, NANOCHAT_UNSAFE_SANDBOX=1 or `allow_unsafe()`): the guard
-alone, with user + network namespaces if allowed, capabilities dropped, Landlock (only the system paths readable, the
-temporary directory writable) and seccomp with no socket() at all. Not covered there: the host's processes and /proc
-are visible (seccomp refuses signals and limits to them); without Landlock (before Linux 5.13) the program reads what
-the user can and only the audit hook stops writes outside its directory, whose size is not capped; a root caller's
-program is uid 0 without capabilities (seccomp refuses owner, mode and time changes; the thread rlimit does not bind
-it, only a pids cgroup where one can be made).
+alone. Not covered there: the host's processes and /proc are visible (seccomp refuses signals and limits to them);
+without Landlock (before Linux 5.13) the program reads what the user can and only the audit hook stops writes outside
+its directory, whose size is not capped; a root caller's program is uid 0 without capabilities (seccomp refuses owner,
+mode and time changes; the thread rlimit does not bind it, only a pids cgroup where one can be made).
 """
 import ast
 import atexit
@@ -57,6 +49,7 @@ _ETC = {"/etc/passwd": "root:x:0:0:root:/root:/bin/sh\nsandbox:x:1000:1000:sandb
         "/etc/group": "root:x:0:\nsandbox:x:1000:\nnogroup:x:65534:\n",
         "/etc/hosts": "127.0.0.1 localhost sandbox\n::1 localhost\n",
         "/etc/hostname": "sandbox\n"}
+_GUARD = Path(__file__).with_name("guard.py").read_text()  # the sandboxed interpreter's first lines
 _unsafe_allowed = False
 
 
@@ -77,13 +70,8 @@ class ExecutionResult:
 
 
 def allow_unsafe(allowed: bool = True):
-    """Opt in to unsafe mode where the kernel sandbox is unavailable (what it covers is in the module docstring)."""
     global _unsafe_allowed
     _unsafe_allowed = allowed
-
-
-def unsafe_allowed() -> bool:
-    return _unsafe_allowed or os.environ.get(UNSAFE_ENV, "") not in ("", "0")
 
 
 def bwrap_path() -> str | None:
@@ -91,18 +79,8 @@ def bwrap_path() -> str | None:
 
 
 # ---- what the program sees
-def _python_dirs() -> list[str]:
-    dirs = []
-    for path in (sys.base_prefix, sys.prefix, os.path.dirname(os.path.dirname(os.path.realpath(sys.executable)))):
-        for p in {os.path.abspath(path), os.path.realpath(path)}:
-            if not any(p == d or p.startswith(d + os.sep) for d in dirs + ["/usr"]):
-                dirs.append(p)
-    return dirs
-
-
 @lru_cache(maxsize=1)
 def _site_packages() -> list[str]:
-    """This Python's site-packages, for the guard to put on sys.path (the interpreter starts with -S)."""
     import site
     return [p for p in site.getsitepackages() if os.path.isdir(p)]
 
@@ -116,8 +94,12 @@ def visible_paths() -> tuple[list[str], list[tuple[str, str]]]:
             links.append((os.readlink(top), top))
         elif os.path.isdir(top):
             read.append(top)
-    read += _python_dirs()
-    read += [p for p in ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/localtime") if os.path.exists(p)]
+    pythons = []
+    for path in (sys.base_prefix, sys.prefix, os.path.dirname(os.path.dirname(os.path.realpath(sys.executable)))):
+        for p in {os.path.abspath(path), os.path.realpath(path)}:
+            if not any(p == d or p.startswith(d + os.sep) for d in pythons + ["/usr"]):
+                pythons.append(p)
+    read += pythons + [p for p in ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/localtime") if os.path.exists(p)]
     return read, links
 
 
@@ -129,13 +111,7 @@ def _memfd(name: str, data: bytes) -> int:
 
 
 @lru_cache(maxsize=1)
-def _guard_source() -> str:
-    return Path(__file__).with_name("guard.py").read_text()
-
-
-@lru_cache(maxsize=1)
 def _kernel_bpf() -> bytes:
-    """Kernel mode's seccomp filter as BPF for bubblewrap (the program is pid 1)."""
     from nanochat_jax.sandbox.guard import seccomp_filter
     with tempfile.TemporaryFile() as f:
         seccomp_filter(1, unsafe=False).export_bpf(f)
@@ -145,9 +121,8 @@ def _kernel_bpf() -> bytes:
 
 @lru_cache(maxsize=1)
 def _tmpfs_tools() -> tuple[str, str, str, str] | None:
-    """(unshare, sh, mount, an empty host directory for mount points: every mount lands in a namespace of the call's
-    own) to mount a tmpfs capped in files too (bubblewrap's --tmpfs takes only a size), and for a root caller to stage
-    what HOST_UID cannot reach; None where a tool is missing."""
+    """(unshare, sh, mount, an empty host directory for mount points that only the call's own namespaces use) to cap
+    the tmpfs in files too (bubblewrap's --tmpfs takes only a size) and stage what HOST_UID cannot reach, or None."""
     tools = [shutil.which("unshare"), "/bin/sh" if os.path.exists("/bin/sh") else None, shutil.which("mount")]
     if None in tools:
         return None
@@ -180,24 +155,22 @@ def _reachable(path: str, uid: int) -> bool:
 
 
 def _as_host_uid(tools, read, tmpfs) -> tuple[list[str], list[str]]:
-    """For a root caller: (the command line's prefix, the sources to bind in place of `read`). Started by root, the
-    sandbox would be host root (owning the device nodes bound in, exempt from RLIMIT_NPROC). So a private mount
-    namespace of root's mounts the capped tmpfs owned by HOST_UID and binds each path HOST_UID cannot reach (this
-    Python under a 0700 /root, bubblewrap itself) where it can; then unshare drops to HOST_UID (no groups, no caps)."""
+    """For a root caller: (the command line's prefix, the sources to bind for `read`). As host root the sandbox would
+    own the device nodes bound in and escape RLIMIT_NPROC; so a private mount namespace mounts the tmpfs owned by
+    HOST_UID and re-binds where it can each path it cannot reach (this Python under a 0700 /root), then drops to it."""
     unshare, sh, mount, base = tools
     steps = [tmpfs] if tmpfs else []
     sources = []
     for i, path in enumerate(read):
-        if _reachable(path, HOST_UID):
-            sources.append(path)
-            continue
-        stage = os.path.join(base, f"ro{i}")
-        if os.path.isdir(path):
-            os.makedirs(stage, exist_ok=True)
-        else:
-            open(stage, "a").close()
-        steps.append(f"{mount} --bind {shlex.quote(path)} {stage}")
-        sources.append(stage)
+        if not _reachable(path, HOST_UID):
+            stage = os.path.join(base, f"ro{i}")
+            if os.path.isdir(path):
+                os.makedirs(stage, exist_ok=True)
+            else:
+                open(stage, "a").close()
+            steps.append(f"{mount} --bind {shlex.quote(path)} {stage}")
+            path = stage
+        sources.append(path)
     drop = [unshare, "--setuid", str(HOST_UID), "--setgid", str(HOST_UID), "--"]
     if not steps:
         return drop, sources
@@ -206,8 +179,7 @@ def _as_host_uid(tools, read, tmpfs) -> tuple[list[str], list[str]]:
 
 
 def _kernel_argv(bwrap, fds, info_fd, program_fd, seccomp_fd, disk, files) -> list[str]:
-    """bubblewrap's command line, after: for a non-root caller, where it can, a user + mount namespace of our own
-    mounting the tmpfs capped in bytes and files that becomes /tmp; for a root caller, the drop to HOST_UID."""
+    """bubblewrap's command line after a prefix that mounts the capped tmpfs (non-root) or drops to HOST_UID (root)."""
     read, links = visible_paths()
     tools = _tmpfs_tools()
     if tools is None and os.geteuid() == 0:
@@ -215,6 +187,7 @@ def _kernel_argv(bwrap, fds, info_fd, program_fd, seccomp_fd, disk, files) -> li
                            "unprivileged uid)")
     capped = tools is not None and _inode_cap[0]
     tmp = ["--bind", os.path.join(tools[3], "tmp"), "/tmp"] if capped else ["--size", str(disk), "--tmpfs", "/tmp"]
+    prefix = []
     if os.geteuid() == 0:
         tmpfs = _tmpfs_mount(tools[2], disk, files, os.path.join(tools[3], "tmp"), HOST_UID) if capped else None
         prefix, (bwrap, *read) = _as_host_uid(tools, [bwrap, *read], tmpfs)
@@ -222,8 +195,6 @@ def _kernel_argv(bwrap, fds, info_fd, program_fd, seccomp_fd, disk, files) -> li
         unshare, sh, mount, base = tools
         script = _tmpfs_mount(mount, disk, files, os.path.join(base, "tmp")) + ' && exec "$0" "$@"'
         prefix = [unshare, "--user", "--map-root-user", "--mount", "--", sh, "-c", script]
-    else:
-        prefix = []
     argv = [bwrap, "--unshare-all", "--unshare-user", "--die-with-parent", "--as-pid-1", "--new-session", "--clearenv",
             "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID), "--hostname", "sandbox"]
     for key, value in (("PATH", "/usr/bin:/bin"), ("HOME", "/tmp"), ("TMPDIR", "/tmp"), ("LANG", "C.UTF-8")):
@@ -242,18 +213,17 @@ def _kernel_argv(bwrap, fds, info_fd, program_fd, seccomp_fd, disk, files) -> li
 
 
 # ---- one call
-def _read_until_done(proc, pipes, cap, timeout, ready_r):
-    """Collects stdout/stderr (cap bytes each) and the ready byte until the timeout (from the program's first line)
-    or the cap. Returns (outputs, ready, timed_out, capped)."""
+def _read_until_done(proc, cap, timeout, ready_r):
+    """({"stdout", "stderr"}: at most `cap` bytes each, ready, timed_out, capped); the timeout runs from ready."""
     sel = selectors.DefaultSelector()
-    out = {name: bytearray() for name in pipes}
-    for name, f in pipes.items():
-        os.set_blocking(f.fileno(), False)
-        sel.register(f.fileno(), selectors.EVENT_READ, name)
+    out = {"stdout": bytearray(), "stderr": bytearray()}
+    for name in out:
+        os.set_blocking(getattr(proc, name).fileno(), False)
+        sel.register(getattr(proc, name).fileno(), selectors.EVENT_READ, name)
     sel.register(ready_r, selectors.EVENT_READ, "ready")
-    ready, timed_out, capped, open_ = False, False, False, set(pipes) | {"ready"}
+    ready, timed_out, capped, open_ = False, False, False, set(out) | {"ready"}
     deadline, exited_at = time.monotonic() + SETUP_SECONDS, None
-    while open_:
+    while open_ and not capped:
         now = time.monotonic()
         if now >= deadline:
             timed_out = ready  # (not ready by the deadline: the set-up hung, reported as refused)
@@ -276,8 +246,6 @@ def _read_until_done(proc, pipes, cap, timeout, ready_r):
             else:
                 out[name] += chunk
                 capped = capped or len(out[name]) > cap
-        if capped:
-            break
     sel.close()
     return {name: bytes(buf[:cap]) for name, buf in out.items()}, ready, timed_out, capped
 
@@ -335,8 +303,7 @@ def _classify(rc, stdout, stderr, ready, timed_out, capped, timeout, kernel):
 
 
 def _pids_cgroup(limit: int) -> str | None:
-    """For a root caller, a pids cgroup (v1's pids hierarchy, or v2's where its pids controller is on) of this call's
-    own capped at `limit` tasks, beside the rlimit; None for other callers or where none can be made."""
+    """For a root caller, a pids cgroup of the call's own (v1, or v2 with its pids controller on) capped at `limit`."""
     if os.geteuid() != 0:
         return None
     for root in ("/sys/fs/cgroup/pids", "/sys/fs/cgroup"):
@@ -348,28 +315,16 @@ def _pids_cgroup(limit: int) -> str | None:
             return path
         except OSError:
             continue
-    return None
-
-
-def _leave_cgroup(path: str | None):
-    for _ in range(50 if path else 0):  # (empty once the killed processes are reaped)
-        try:
-            os.rmdir(path)
-            return
-        except OSError:
-            time.sleep(0.01)
 
 
 def _run(code, timeout, memory, output, disk, kernel, audit_hook, report=False, files=10_000) -> ExecutionResult:
     start = time.time()
-    ready_r, ready_w = os.pipe()
-    os.set_inheritable(ready_w, True)
+    ready_r, ready_w = os.pipe()  # (pass_fds makes the write ends inheritable in the child)
     fds, workdir, info_r = [], None, None
     cgroup = _pids_cgroup(THREADS + 1 + kernel)  # (+ the interpreter's main thread, and bubblewrap's process)
     try:
         if kernel:
             info_r, info_w = os.pipe()
-            os.set_inheritable(info_w, True)
             etc = {path: _memfd(path, text.encode()) for path, text in _ETC.items()}
             program_fd = _memfd("program.py", code.encode("utf-8", errors="replace"))
             seccomp_fd = _memfd("seccomp", _kernel_bpf())
@@ -386,7 +341,7 @@ def _run(code, timeout, memory, output, disk, kernel, audit_hook, report=False, 
         cfg = {"timeout": timeout, "memory": memory, "disk": disk, "threads": THREADS, "files": 256,
                "workdir": sandbox_cwd, "program": program, "read": read, "unsafe": not kernel,
                "audit_hook": audit_hook, "report": report, "ready_fd": ready_w, "site": _site_packages()}
-        argv += [sys.executable, "-I", "-S", "-u", "-c", _guard_source(), marshal.dumps(cfg).hex()]
+        argv += [sys.executable, "-I", "-S", "-u", "-c", _GUARD, marshal.dumps(cfg).hex()]
         env = {"PATH": "/usr/bin:/bin", "HOME": cwd, "TMPDIR": cwd, "LANG": "C.UTF-8"}
         if cgroup:  # a shell joins the cgroup, then becomes the sandbox (no Python between fork and exec)
             argv = ["/bin/sh", "-c", f'echo $$ > {cgroup}/cgroup.procs && exec "$0" "$@"', *argv]
@@ -396,8 +351,7 @@ def _run(code, timeout, memory, output, disk, kernel, audit_hook, report=False, 
             os.close(fd)
         ready_w, fds = None, []
         try:
-            outputs, ready, timed_out, capped = _read_until_done(
-                proc, {"stdout": proc.stdout, "stderr": proc.stderr}, output, timeout, ready_r)
+            outputs, ready, timed_out, capped = _read_until_done(proc, output, timeout, ready_r)
         finally:
             info = _read_info(info_r, proc.pid) if kernel else {}
             if proc.poll() is None:  # stopped early: the namespace's pid 1 first (the kernel kills all it holds)
@@ -418,13 +372,17 @@ def _run(code, timeout, memory, output, disk, kernel, audit_hook, report=False, 
         return ExecutionResult(status, stdout, stderr, error, None if timed_out or capped else proc.returncode,
                                time.time() - start, ("kernel" if kernel else "unsafe") if ready else None, leftover)
     finally:
-        for fd in [ready_r, ready_w, info_r, *fds]:
-            if fd is not None:
-                with suppress(OSError):
-                    os.close(fd)
+        for fd in {ready_r, ready_w, info_r, *fds} - {None}:
+            with suppress(OSError):
+                os.close(fd)
         if workdir:
             shutil.rmtree(workdir, ignore_errors=True)
-        _leave_cgroup(cgroup)
+        for _ in range(50 if cgroup else 0):  # the cgroup goes once the killed processes are reaped
+            try:
+                os.rmdir(cgroup)
+                break
+            except OSError:
+                time.sleep(0.01)
 
 
 def _read_info(fd, bwrap_pid) -> dict:
@@ -444,8 +402,7 @@ def _read_info(fd, bwrap_pid) -> dict:
         return {}
     try:
         status = Path(f"/proc/{pid}/status").read_text()
-        parent = int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
-        if parent != bwrap_pid:
+        if int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:"))) != bwrap_pid:
             pid = None
     except (OSError, StopIteration, ValueError):
         pid = None  # (already gone)
@@ -456,10 +413,8 @@ def _read_info(fd, bwrap_pid) -> dict:
 def _diagnosis(stderr: str) -> str:
     """Why the kernel sandbox does not start here, and the fix."""
     def read(path):
-        try:
+        with suppress(OSError):
             return Path(path).read_text().strip()
-        except OSError:
-            return None
 
     if bwrap_path() is None or not os.path.exists(bwrap_path()):
         return ("bubblewrap is not installed. Fix: `sudo apt-get install bubblewrap` (Debian/Ubuntu), "
@@ -471,15 +426,14 @@ def _diagnosis(stderr: str) -> str:
     if not bwrap_lines:
         last = stderr.strip().splitlines()[-1] if stderr.strip() else "no message"
         return f"the sandbox's set-up failed inside the sandbox ({last})."
-    fixes = []
-    if read("/proc/sys/kernel/unprivileged_userns_clone") == "0":
-        fixes.append("`sudo sysctl -w kernel.unprivileged_userns_clone=1`")
-    if read("/proc/sys/user/max_user_namespaces") == "0":
-        fixes.append("`sudo sysctl -w user.max_user_namespaces=15000`")
-    if read("/proc/sys/kernel/apparmor_restrict_unprivileged_userns") == "1":
-        fixes.append("`sudo sysctl -w kernel.apparmor_restrict_unprivileged_userns=0`, or an AppArmor profile that "
-                     "lets /usr/bin/bwrap create user namespaces (Ubuntu 24.04: install apparmor-profiles and load "
-                     "/usr/share/apparmor/extra-profiles/bwrap-userns-restrict)")
+    fixes = [fix for path, bad, fix in (
+        ("kernel/unprivileged_userns_clone", "0", "`sudo sysctl -w kernel.unprivileged_userns_clone=1`"),
+        ("user/max_user_namespaces", "0", "`sudo sysctl -w user.max_user_namespaces=15000`"),
+        ("kernel/apparmor_restrict_unprivileged_userns", "1",
+         "`sudo sysctl -w kernel.apparmor_restrict_unprivileged_userns=0`, or an AppArmor profile that lets "
+         "/usr/bin/bwrap create user namespaces (Ubuntu 24.04: install apparmor-profiles and load "
+         "/usr/share/apparmor/extra-profiles/bwrap-userns-restrict)"),
+    ) if read("/proc/sys/" + path) == bad]
     namespace_words = ("uid map", "namespace", "No permissions", "Operation not permitted", "unshare", "setns")
     if not fixes and not any(word in line for line in bwrap_lines for word in namespace_words):
         return f"bubblewrap failed ({bwrap_lines[-1]})."
@@ -515,7 +469,7 @@ def sandbox_mode() -> str:
     """"kernel" | "unsafe" (the kernel sandbox is unavailable and the user opted in) | "unavailable"."""
     if kernel_sandbox()[0]:
         return "kernel"
-    return "unsafe" if unsafe_allowed() else "unavailable"
+    return "unsafe" if _unsafe_allowed or os.environ.get(UNSAFE_ENV, "") not in ("", "0") else "unavailable"
 
 
 def describe() -> str:
@@ -533,15 +487,13 @@ def describe() -> str:
 
 def _landlock_text() -> str:
     import ctypes
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.syscall.restype = ctypes.c_long
-    abi = libc.syscall(444, None, ctypes.c_size_t(0), ctypes.c_uint32(1))  # LANDLOCK_CREATE_RULESET_VERSION
+    syscall = ctypes.CDLL(None).syscall
+    abi = syscall(444, None, ctypes.c_size_t(0), ctypes.c_uint32(1))  # LANDLOCK_CREATE_RULESET_VERSION
     return f"Landlock ABI {abi}" if abi > 0 else "no Landlock in this kernel"
 
 
 def require(unsafe: bool = False, who: str = "this run") -> str:
-    """For commands that run model code: opts in to unsafe mode if asked, prints the mode, stops with the fix where
-    model code would be refused. Returns the mode."""
+    """For commands that run model code: prints the mode and returns it, or exits with the fix where it is refused."""
     if unsafe:
         allow_unsafe()
     print(describe(), file=sys.stderr, flush=True)
@@ -572,8 +524,7 @@ def _announce(mode):
 def execute_code(code: str, timeout: float = 5.0, max_memory_bytes: int = 512 * 2**20,
                  max_output_bytes: int = 2**20, max_disk_bytes: int = 64 * 2**20, max_files: int = 10_000,
                  audit_hook: bool = True) -> ExecutionResult:
-    """Runs `code` in the sandbox; never raises because of what the program did. `audit_hook=False` leaves out the
-    second layer (the tests use it to show the kernel layers hold alone)."""
+    """Runs `code` in the sandbox; never raises for what the program did. audit_hook=False: the kernel layers alone."""
     mode = sandbox_mode()
     _announce(mode)
     if mode == "unavailable":
@@ -641,9 +592,8 @@ def check(unsafe: bool = False) -> int:
         namespaces = f"cannot tell ({facts['namespaces']})"
     limits, host_uid = facts["rlimits"], HOST_UID if kernel and os.geteuid() == 0 else os.getuid()
     rows = [("namespaces", namespaces),
-            ("identity", f"uid {facts['uid']} (on the host: {host_uid}), "
-                         f"pid {facts['pid']}, host name {facts['hostname']!r}, "
-                         f"effective capabilities {status.get('CapEff', '?')}"),
+            ("identity", f"uid {facts['uid']} (on the host: {host_uid}), pid {facts['pid']}, host name "
+                         f"{facts['hostname']!r}, effective capabilities {status.get('CapEff', '?')}"),
             ("processes it sees", facts["processes"]),
             ("network", f"interfaces: {facts['interfaces']}"),
             ("system files", facts["system"]),

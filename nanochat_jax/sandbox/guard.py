@@ -1,16 +1,11 @@
 """The first lines of every sandboxed interpreter: the kernel layers it applies to itself, then the program.
 
-execution.py runs this file's text as `python -I -S -u -c <text> <config>` (a marshal-encoded dict in hex), inside
-bubblewrap's namespaces (kernel mode) or directly (unsafe mode). It imports only the standard library, and pyseccomp in
-unsafe mode (the project is not visible inside the sandbox). In order: rlimits; in unsafe mode, new user + network
-namespaces where the kernel allows them and every capability dropped; Landlock where the kernel has it (read and
-execute beneath the visible paths, write beneath the working directory and to /dev/null, /dev/zero, /dev/full; signals
-and abstract Unix sockets scoped to the sandbox, ABI 6+); the seccomp filter (`seccomp_filter`; in unsafe mode it also
-refuses exec and socket()), which in kernel mode bubblewrap loaded before Python started and this guard only checks
-(exec stays allowed there: with no new processes, an exec only replaces the program inside the same namespaces and
-filter); the audit hook (a second layer that names what it refuses); one byte on the ready pipe; the program.
-Limits, Landlock domains and seccomp filters cannot be lifted by the process that received them; a layer that fails
-to apply stops here with exit code SETUP_FAILED and the program never runs.
+execution.py runs this text as `python -I -S -u -c <text> <config>` (a marshal-encoded dict in hex) in bubblewrap
+(kernel mode) or directly (unsafe mode); the project is not visible there: it imports only the standard library (and
+pyseccomp). In order: rlimits; in unsafe mode, user + network namespaces where allowed and every capability dropped;
+Landlock where the kernel has it; seccomp (which in kernel mode bubblewrap loaded before Python: this only checks it);
+the audit hook; one byte on the ready pipe; the program. Limits, Landlock domains and seccomp filters cannot be lifted
+by the process that received them; a layer that fails stops here (exit code SETUP_FAILED) before the program runs.
 """
 import marshal
 import os
@@ -34,21 +29,19 @@ def apply(layer, fn, *args, errors=Exception):
 
 def set_limits(cfg):
     cpu = int(cfg["timeout"]) + 1  # SIGXCPU at the soft limit (reported as a timeout), SIGKILL a second later
-    limits = [(resource.RLIMIT_CPU, cpu, cpu + 1), (resource.RLIMIT_AS, cfg["memory"], cfg["memory"]),
-              (resource.RLIMIT_FSIZE, cfg["disk"], cfg["disk"]), (resource.RLIMIT_CORE, 0, 0),
-              (resource.RLIMIT_NPROC, cfg["threads"], cfg["threads"]),
-              (resource.RLIMIT_NOFILE, cfg["files"], cfg["files"])]
-    for which, soft, hard in limits:
-        resource.setrlimit(which, (soft, hard))
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+    for which, limit in ((resource.RLIMIT_AS, cfg["memory"]), (resource.RLIMIT_FSIZE, cfg["disk"]),
+                         (resource.RLIMIT_CORE, 0), (resource.RLIMIT_NPROC, cfg["threads"]),
+                         (resource.RLIMIT_NOFILE, cfg["files"])):
+        resource.setrlimit(which, (limit, limit))
 
 
 def unshare_user_and_net():
     """Unsafe mode: where the kernel allows it, a user namespace (no capabilities outside) with a network of its own."""
     import ctypes
     libc = ctypes.CDLL(None, use_errno=True)
-    if libc.unshare(0x10000000 | 0x40000000) != 0:  # CLONE_NEWUSER | CLONE_NEWNET
-        return os.strerror(ctypes.get_errno())
-    return None
+    failed = libc.unshare(0x10000000 | 0x40000000) != 0  # CLONE_NEWUSER | CLONE_NEWNET
+    return os.strerror(ctypes.get_errno()) if failed else None
 
 
 def drop_capabilities():
@@ -63,8 +56,7 @@ def drop_capabilities():
     data = (ctypes.c_uint32 * 6)()  # (effective, permitted, inheritable) x 2, all empty
     if libc.capset(ctypes.byref(header), data) != 0:
         raise OSError(ctypes.get_errno(), "capset: " + os.strerror(ctypes.get_errno()))
-    status = open("/proc/self/status").read()
-    if any(line.split()[1].strip("0") for line in status.splitlines() if line.startswith(("CapEff", "CapPrm"))):
+    if any(line.split()[1].strip("0") for line in open("/proc/self/status") if line.startswith(("CapEff", "CapPrm"))):
         raise OSError("capabilities remain after capset")
 
 
@@ -144,8 +136,7 @@ METADATA = "chmod fchmod fchmodat utime utimes utimensat futimesat".split()  # (
 
 
 def seccomp_filter(own_pid, unsafe):
-    """The filter (a pyseccomp SyscallFilter: `.load()` it, or `.export_bpf(file)` for bubblewrap's --seccomp).
-    own_pid: the sandboxed process's pid as it sees itself (1 in kernel mode: the PID namespace's only process)."""
+    """A pyseccomp SyscallFilter; own_pid: the process's pid as it sees itself (1 in kernel mode: its namespace's)."""
     import ctypes.util
     import errno
     find_library = ctypes.util.find_library  # pyseccomp looks its libraries up at import: skip ldconfig's subprocess
@@ -163,14 +154,13 @@ def seccomp_filter(own_pid, unsafe):
         if number >= 0:  # names this architecture lacks (fork on arm64) are skipped
             f.add_rule(action, number, *args)
 
-    for name in ALWAYS:
+    for name in ALWAYS + METADATA:
         refuse(name)
     for name in OWN_PROCESS_ONLY:
         refuse(name, sc.Arg(0, sc.NE, 0))
-    refuse("setpriority", sc.Arg(0, sc.NE, 0))  # only PRIO_PROCESS ...
-    refuse("setpriority", sc.Arg(1, sc.NE, 0))  # ... of this process
-    refuse("ioprio_set", sc.Arg(0, sc.NE, 1))  # only IOPRIO_WHO_PROCESS ...
-    refuse("ioprio_set", sc.Arg(1, sc.NE, 0))  # ... of this process
+    for name, who_process in (("setpriority", 0), ("ioprio_set", 1)):  # PRIO_PROCESS, IOPRIO_WHO_PROCESS ...
+        refuse(name, sc.Arg(0, sc.NE, who_process))
+        refuse(name, sc.Arg(1, sc.NE, 0))  # ... of this process only
     for name in ("kill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo"):
         refuse(name, sc.Arg(0, sc.NE, own_pid))  # signals to itself only
     refuse("clone", sc.Arg(0, sc.MASKED_EQ, CLONE_THREAD, 0))  # threads yes, processes no
@@ -188,20 +178,13 @@ def seccomp_filter(own_pid, unsafe):
         refuse(name, sc.Arg(0, sc.GT, 10), action=sc.ERRNO(errno.EAFNOSUPPORT))
         for family in set(range(11)) - allowed:
             refuse(name, sc.Arg(0, sc.EQ, family), action=sc.ERRNO(errno.EAFNOSUPPORT))
-    for name in METADATA:
-        refuse(name)
-    if unsafe:
+    if unsafe:  # (kernel mode allows exec: with no new processes, it only replaces the program inside the same filter)
         refuse("socket", action=sc.ERRNO(errno.EACCES))  # not even a Unix socket to a path outside
         for name in ("execve", "execveat"):
             refuse(name)
     for number in range(NEWEST_KNOWN + 1, 600):
         refuse(number, action=sc.ERRNO(errno.ENOSYS))
     return f
-
-
-def seccomp_in_place() -> bool:
-    with open("/proc/self/status") as f:
-        return any(line.split() == ["Seccomp:", "2"] for line in f)
 
 
 def audit_hook(workdir):
@@ -262,7 +245,7 @@ def main():
     layers["landlock"] = f"ABI {abi}" if abi else "off: this kernel has no Landlock"
     if cfg["unsafe"]:
         apply("seccomp", lambda: seccomp_filter(os.getpid(), unsafe=True).load())
-    elif not seccomp_in_place():
+    elif not any(line.split() == ["Seccomp:", "2"] for line in open("/proc/self/status")):
         fail("seccomp", "bubblewrap did not load the filter")
     layers["seccomp"] = "on"
     if cfg["audit_hook"]:
