@@ -58,17 +58,20 @@ def sft_checkpoint(tmp_path, tokenizer):
 def test_reply_text_shows_tool_calls_and_never_a_special_token(tokenizer):
     """What the CLI and the page show of a reply: <<expression=result>> for a tool call; a stray special token
     (here <|user_start|> and <|python_end|> out of place) shows as nothing, never by its raw name."""
-    from nanochat_jax.inference.frontend import ReplyText, render_reply
+    from nanochat_jax.inference.frontend import ReplyText
     sp = tokenizer.encode_special
     tokens = (tokenizer.encode("twelve is ") + [sp("<|python_start|>")] + tokenizer.encode("7+5")
               + [sp("<|python_end|>"), sp("<|output_start|>")] + tokenizer.encode("12") + [sp("<|output_end|>")]
               + [sp("<|user_start|>")] + tokenizer.encode(" done"))
-    assert render_reply(tokenizer, tokens) == "twelve is <<7+5=12>> done"
     reply, shown = ReplyText(tokenizer), []
     for t in tokens:  # each step's text extends the one before: what streaming writes is consistent
         shown.append(reply.add(t))
+    assert reply.text() == "twelve is <<7+5=12>> done"
     assert all(b.startswith(a) for a, b in zip(shown, shown[1:]))
-    assert "<|" not in render_reply(tokenizer, [sp(name) for name in ("<|bos|>", "<|assistant_start|>")])
+    specials = ReplyText(tokenizer)
+    for name in ("<|bos|>", "<|assistant_start|>"):
+        specials.add(sp(name))
+    assert "<|" not in specials.text()
 
 
 def test_a_stream_cut_by_the_token_limit_ends_on_a_whole_character(tokenizer):

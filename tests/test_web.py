@@ -11,11 +11,10 @@ import uvicorn
 from flax import nnx
 
 from conftest import randomize, tiny_config
-from nanochat_jax.inference.frontend import prompt_for_reply
+from nanochat_jax.inference.frontend import ReplyText, prompt_for_reply
 from nanochat_jax.inference.engine import Engine
 from nanochat_jax.model.gpt import GPT
 from nanochat_jax.inference.scheduler import Request
-from nanochat_jax.inference.frontend import render_reply
 from serve.service import ChatService
 from serve.web import create_app
 
@@ -76,7 +75,10 @@ def test_nanochat_stream_matches_the_engine(url, engine, tokenizer):
     text = "".join(json.loads(e)["token"] for e in events[:-1])
     ids, _ = prompt_for_reply(tokenizer, HELLO["messages"], 512, 20)
     seqs, _ = engine.generate_batch(ids, max_tokens=20, temperature=0.0)
-    assert text == render_reply(tokenizer, seqs[0][len(ids):])
+    reply = ReplyText(tokenizer)
+    for t in seqs[0][len(ids):]:
+        reply.add(t)
+    assert text == reply.text()
 
 
 def test_openai_completions(url):

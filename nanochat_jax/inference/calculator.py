@@ -30,9 +30,8 @@ def _eval_node(node):
 
 
 def use_calculator(expr: str):
-    """The python tool as nanochat offers it: arithmetic (+ - * / // %, no powers) on numbers, commas in numbers
-    ignored, and str.count. Returns the result, or None for anything else. Evaluated by walking the syntax tree:
-    nothing is executed."""
+    """Arithmetic (+ - * / // %, no powers) on numbers, commas ignored, and str.count; None for anything else. The
+    syntax tree is walked: nothing is executed."""
     expr = expr.replace(",", "")
     if len(expr) > 200:
         return None

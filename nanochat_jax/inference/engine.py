@@ -1,23 +1,21 @@
-"""Inference engine: KV-cached sampling with the calculator tool, nanochat's interface.
+"""Inference engine, nanochat's interface: KV-cached sampling with the calculator tool, a client of the scheduler.
 
     engine = Engine(model, tokenizer)
     for token_column, mask_column in engine.generate(prompt_ids, num_samples=4, max_tokens=64, temperature=0.8):
         ...                                     # one token per sample per step; mask 0 = forced by the tool
     sequences, masks = engine.generate_batch(prompt_ids, num_samples=4, max_tokens=64)
 
-A client of the scheduler (scheduler.py), which runs the model's programs (programs.py): the prompt is prefilled
-once into a KV cache row per sample (the first column leaves then) and decoding runs `chunk` tokens per jitted call.
-A row that emits <|python_end|> pauses; the calculator's result is then forced into it as <|output_start|> result
-<|output_end|> (mask 0). A row ends at <|assistant_end|>, <|bos|>, its token budget or the end of its cache.
+A row that emits <|python_end|> gets the calculator's result forced into it as <|output_start|> result <|output_end|>
+(mask 0). A row ends at <|assistant_end|>, <|bos|>, its token budget or the end of its cache.
 """
 from nanochat_jax.common import bucket
 from nanochat_jax.inference.calculator import Calculator
 from nanochat_jax.inference.programs import FORCED_SLOTS, Programs
-from nanochat_jax.inference.scheduler import Failed, Request, Scheduler, Scored, ScoreRequest, Token
+from nanochat_jax.inference.scheduler import Failed, Request, Scheduler, ScoreRequest, Token
 
 # read through to the programs (the model's side): what callers of an Engine use
 _PROGRAMS = ("graphdef", "params", "config", "dtype", "stops", "max_len", "attend_len", "attend_buckets", "start",
-             "decode", "use", "python_end")
+             "decode", "use")
 
 
 def _drain(request):
@@ -34,8 +32,7 @@ class Engine:
         """compute_dtype_weights: keep the weights in the model's compute dtype (bf16 on GPU/TPU), not casting the
         fp32 master weights at every matmul of every step (serving: half the weight reads)."""
         self.programs = Programs(model, tokenizer, compute_dtype_weights)
-        self.tokenizer, self.chunk = tokenizer, chunk
-        self.tool = Calculator(tokenizer, FORCED_SLOTS)
+        self.chunk, self.tool = chunk, Calculator(tokenizer, FORCED_SLOTS)
         self.kept = {}  # slot count -> the idle Scheduler kept between calls (see scheduler_for)
 
     def __getattr__(self, name):
@@ -43,11 +40,9 @@ class Engine:
             return getattr(self.programs, name)
         raise AttributeError(f"'Engine' object has no attribute {name!r}")
 
-    def scheduler(self, slots: int = 8, max_waiting: int = 64, chunk: int | None = None,
-                  busy_rows_only: bool = True) -> Scheduler:
+    def scheduler(self, slots: int = 8, max_waiting: int = 64, chunk: int | None = None, busy_rows_only: bool = True):
         """A new scheduler over this engine's programs and tool (the server's: `.warm_up()`, then `.start()`)."""
-        return Scheduler(self.programs, self.tool, slots=slots, max_waiting=max_waiting, chunk=chunk or self.chunk,
-                         busy_rows_only=busy_rows_only)
+        return Scheduler(self.programs, self.tool, slots, max_waiting, chunk or self.chunk, busy_rows_only)
 
     def scheduler_for(self, slots: int) -> Scheduler:
         """The kept scheduler with `slots` slots, or a new one when that one is in use (a generator still open):
@@ -58,7 +53,6 @@ class Engine:
         return kept
 
     def warm_up(self) -> int:
-        """Compile one-sample generation at every prompt length and attention length (Scheduler.warm_up)."""
         return self.scheduler_for(1).warm_up()
 
     def score(self, tokens) -> list[tuple[float, tuple]]:
@@ -66,9 +60,7 @@ class Engine:
         scheduler = self.scheduler_for(1)
         request = scheduler.submit(ScoreRequest(tokens=list(tokens)))
         scheduler.tick()
-        event = next(_drain(request))
-        assert isinstance(event, Scored)
-        return event.scores
+        return next(_drain(request)).scores
 
     def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
         """Streams (token_column, mask_column): one token per sample per step (mask 1 sampled, 0 forced by the
@@ -103,11 +95,15 @@ class Engine:
 
     def complete_many(self, prompts, num_samples=1, max_tokens=None, temperature=0.0, top_k=None, seeds=None,
                       rows: int = 32, keep_stop: bool = False):
-        """Completions of many prompts, decoded side by side: up to `rows` decode rows in flight, a finished prompt's
-        slots going to the next (continuous batching). Returns, per prompt, num_samples completions (without the
-        prompt and the stop token), those generate_batch with seed seeds[i] gives for prompt i alone (up to float
-        rounding in batched matmuls). keep_stop: end a completion that stopped with its stop token."""
+        """Per prompt, num_samples completions (no prompt, no stop token unless keep_stop), decoded side by side: up
+        to `rows` rows in flight, a finished prompt's slots going to the next. Prompt i's are those it gets alone with
+        seed seeds[i] (up to float rounding in batched matmuls)."""
         seeds = list(range(len(prompts))) if seeds is None else list(seeds)
+        completions = self._complete(prompts, num_samples, max_tokens, temperature, top_k, seeds, rows, keep_stop)
+        return [[[t for t, _ in sample] for sample in prompt] for prompt in completions]
+
+    def _complete(self, prompts, num_samples, max_tokens, temperature, top_k, seeds, rows, keep_stop):
+        """complete_many's (token, mask) pairs: mask 0 where the tool forced the token."""
         budgets = [self.programs.check_request(p, max_tokens, temperature, top_k) for p in prompts]
         scheduler = self.scheduler_for(max(num_samples, bucket(rows // num_samples, minimum=1) * num_samples))
         capacity = scheduler.n_slots // num_samples
@@ -124,9 +120,9 @@ class Engine:
                 for request, i in list(in_flight.items()):
                     for event in _drain(request):
                         if isinstance(event, Token):
-                            completions[i][event.sample].append(event.id)
+                            completions[i][event.sample].append((event.id, 0 if event.forced else 1))
                         elif keep_stop and event.token is not None:  # (Finished by its stop token)
-                            completions[i][event.sample].append(event.token)
+                            completions[i][event.sample].append((event.token, 1))
                     if len(request.finished) == num_samples:
                         del in_flight[request]
         finally:
@@ -134,17 +130,9 @@ class Engine:
                 request.cancel()
         return completions
 
-    def generate_batch(self, tokens, num_samples=1, **kwargs):
+    def generate_batch(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
         """(sequences, masks): each the prompt followed by its completion, without the final stop token."""
-        sequences = [list(tokens) for _ in range(num_samples)]
-        masks = [[0] * len(tokens) for _ in range(num_samples)]
-        finished = [False] * num_samples
-        for column, mask_column in self.generate(tokens, num_samples, **kwargs):
-            for i, (t, m) in enumerate(zip(column, mask_column)):
-                finished[i] = finished[i] or t in self.stops
-                if not finished[i]:
-                    sequences[i].append(t)
-                    masks[i].append(m)
-            if all(finished):
-                break
-        return sequences, masks
+        samples = self._complete([list(tokens)], num_samples, max_tokens, temperature, top_k, [seed],
+                                 rows=num_samples, keep_stop=False)[0]
+        return ([list(tokens) + [t for t, _ in s] for s in samples],
+                [[0] * len(tokens) + [m for _, m in s] for s in samples])

@@ -40,9 +40,8 @@ def reply_parts(tokenizer: Tokenizer, tokens: list[int]):
 
 
 class ReplyText:
-    """A reply's text for people, built token by token: tool calls show as <<expression=result>>, as in GSM8K's
-    annotations, and no other special token is ever shown by its raw name. Only the tokens since the last tool
-    marker are decoded again, so a long reply costs linear time."""
+    """A reply's text for people, token by token: a tool call shows as <<expression=result>> (GSM8K's annotations),
+    no other special token by its raw name. Only the tokens since the last marker are decoded again: linear time."""
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer, self.settled, self.tail = tokenizer, "", []
@@ -61,10 +60,3 @@ class ReplyText:
 
     def text(self) -> str:
         return self.settled + self.tokenizer.decode(self.tail)
-
-
-def render_reply(tokenizer: Tokenizer, tokens: list[int]) -> str:
-    reply = ReplyText(tokenizer)
-    for t in tokens:
-        reply.add(t)
-    return reply.text()

@@ -1,7 +1,6 @@
 """The device side of sampling: the decode state of a batch of rows, the sampler, and the pure programs over them
-(prefill, decode, score), with `Programs`, which binds them to one model's weights and checks requests against it.
-Every program is a pure function of (graphdef, params, arrays), the graphdef bound with functools.partial: new
-weights of the same model never recompile. The scheduler (scheduler.py) runs them; nothing here knows of requests.
+(prefill, decode, score) of (graphdef, params, arrays). `Programs` binds them to one model (the graphdef with
+functools.partial: new weights of the same model never recompile) and checks requests; the scheduler runs them.
 """
 import dataclasses
 from dataclasses import dataclass
@@ -79,9 +78,8 @@ def token_logprobs(logits_BV, token_B):
 
 def prefill(graphdef, params, ids_1L, length, keys_N, temperature_N, top_k_N, top_p_N, bias_ids_N, bias_vals_N,
             cache_len: int, row_cache=None, start=0):
-    """Run one padded prompt (its `length` real tokens) into a one-row cache, fresh or `row_cache` whose first
-    `start` positions already hold the prompt's first tokens (then ids_1L is the rest), and sample the first token
-    of each of N rows. Returns (cache, first [N], (logprob [N], top_ids [N, K], top_logprobs [N, K]))."""
+    """Run a padded prompt (`length` real tokens) into a one-row cache, fresh or `row_cache` whose first `start`
+    positions hold the prompt's start (ids_1L is the rest); sample N first tokens: (cache, first, token_logprobs)."""
     model = nnx.merge(graphdef, params)
     cache = init_cache(model.config, 1, cache_len, model.dtype) if row_cache is None else row_cache
     logits, cache = model.forward_cached(ids_1L, cache, jnp.full(1, start, jnp.int32))
@@ -96,34 +94,30 @@ def prefill(graphdef, params, ids_1L, length, keys_N, temperature_N, top_k_N, to
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True)
 class DecodeState:
-    """Everything the device holds for B decoding rows, one pytree donated to every step: the KV cache (None for
-    rows not yet admitted) and per row: last (the token to feed next), pos (its position), active, budget (tokens it
-    may still emit), the sampling settings, the tool's forced tokens (forced [B, FORCED_SLOTS], n_forced, forced_at),
-    logit bias [B, BIAS_SLOTS], presence and frequency penalties and the generated-token counts [B, V]."""
-    cache: dict | None
-    last: jax.Array
-    pos: jax.Array
+    """Everything the device holds for B decoding rows, one pytree donated to every step."""
+    cache: dict | None  # the KV cache (None for rows not yet admitted)
+    last: jax.Array  # [B] the token to feed next
+    pos: jax.Array  # [B] its position
     active: jax.Array
-    budget: jax.Array
+    budget: jax.Array  # [B] tokens the row may still emit
     key: jax.Array
     temperature: jax.Array
     top_k: jax.Array
     top_p: jax.Array
-    forced: jax.Array
+    forced: jax.Array  # [B, FORCED_SLOTS] the tool's tokens to emit: n_forced of them, the next at forced_at
     n_forced: jax.Array
     forced_at: jax.Array
-    bias_ids: jax.Array
+    bias_ids: jax.Array  # [B, BIAS_SLOTS] logit bias
     bias_vals: jax.Array
     presence: jax.Array
     frequency: jax.Array
-    counts: jax.Array
+    counts: jax.Array  # [B, V] each token's count so far (the penalties)
 
     def replace(self, **changes) -> "DecodeState":
         return dataclasses.replace(self, **changes)
 
     @classmethod
     def empty(cls, config, slots: int, max_len: int, dtype) -> "DecodeState":
-        """`slots` idle rows and an empty cache."""
         idle = cls.new(jnp.zeros(slots, jnp.int32), 0, 0, jax.random.split(jax.random.key(0), slots), 0.0, 0, 1.0,
                        jnp.zeros(0, jnp.int32), config.vocab_size)
         return idle.replace(cache=init_cache(config, slots, max_len, dtype), active=jnp.zeros(slots, bool),
@@ -143,13 +137,15 @@ class DecodeState:
                    jnp.zeros((n, vocab_size), jnp.float32).at[jnp.arange(n), first].add(1.0))
 
     def admit(self, row_cache, prefilled: "DecodeState", i, slot) -> "DecodeState":
-        """Row i of `prefilled` (Programs.start's rows) with the one-row prefill cache, into `slot` (one compiled
-        shape for every request)."""
+        """Row i of Programs.start's rows, with its one-row cache, into `slot` (one compiled shape for all)."""
         cache = jax.tree.map(lambda c, n: jax.lax.dynamic_update_slice_in_dim(c, n, slot, axis=1), self.cache,
                              row_cache)
         fields = {f: getattr(self, f).at[slot].set(jax.lax.dynamic_index_in_dim(getattr(prefilled, f), i, 0, False))
                   for f in ROW_FIELDS}
         return DecodeState(cache, **fields)
+
+    def row_cache(self, slot):  # one slot's row of the KV cache, [layers, 1, kv_heads, max_len, head_dim] (a copy)
+        return jax.tree.map(lambda c: jax.lax.dynamic_slice_in_dim(c, slot, 1, axis=1), self.cache)
 
     def step(self, model, pause_tokens, steps: int, attend_len: int | None = None):
         """Up to `steps` tokens per row; a row pauses after emitting one of pause_tokens. Attention reads the cache's
@@ -178,7 +174,6 @@ class DecodeState:
 
 
 def decode(graphdef, params, state: DecodeState, pause_tokens, steps: int, attend_len: int | None = None):
-    """DecodeState.step with the model rebuilt from its parameters (the jitted entry point)."""
     return state.step(nnx.merge(graphdef, params), pause_tokens, steps, attend_len)
 
 
@@ -221,24 +216,20 @@ def score(graphdef, params, ids_1L):
 ROW_FIELDS = tuple(f.name for f in dataclasses.fields(DecodeState) if f.name != "cache")
 
 
-def row_cache(state: DecodeState, slot):
-    """One slot's row of the state's KV cache, [layers, 1, kv_heads, max_len, head_dim] (a copy)."""
-    return jax.tree.map(lambda c: jax.lax.dynamic_slice_in_dim(c, slot, 1, axis=1), state.cache)
-
-
 def bias_arrays(bias, n: int):
     """{token id: value} -> (ids, values) [n, BIAS_SLOTS] (padding: token 0, value 0)."""
-    items = sorted((bias or {}).items())
-    if len(items) > BIAS_SLOTS:
-        raise ValueError(f"logit_bias takes at most {BIAS_SLOTS} tokens")
-    ids = np.asarray([t for t, _ in items] + [0] * (BIAS_SLOTS - len(items)), np.int32)
-    vals = np.asarray([v for _, v in items] + [0] * (BIAS_SLOTS - len(items)), np.float32)
+    ids, vals = np.zeros(BIAS_SLOTS, np.int32), np.zeros(BIAS_SLOTS, np.float32)
+    for j, (token, value) in enumerate(sorted((bias or {}).items())):
+        ids[j], vals[j] = token, value
     return jnp.broadcast_to(jnp.asarray(ids), (n, BIAS_SLOTS)), jnp.broadcast_to(jnp.asarray(vals), (n, BIAS_SLOTS))
 
 
+def top_pairs(ids, logprobs) -> tuple:
+    return tuple((int(i), float(lp)) for i, lp in zip(ids, logprobs))
+
+
 class Programs:
-    """One model's jitted programs and weights, and the checks of a request against them: what the scheduler is
-    given to run. `use(model)` swaps in new weights of the same architecture (RL's policy after each step)."""
+    """`use(model)` swaps in new weights of the same architecture (RL's policy after each step)."""
 
     def __init__(self, model, tokenizer, compute_dtype_weights: bool = False):  # (see Engine)
         self.graphdef, _ = nnx.split(model)
@@ -255,7 +246,7 @@ class Programs:
         self.decode = jax.jit(partial(decode, self.graphdef), **donated_state)
         self.decode_rows = jax.jit(partial(decode_rows, self.graphdef), **donated_state)
         self.admit = jax.jit(DecodeState.admit, donate_argnums=(0,))
-        self.row_cache = jax.jit(row_cache)
+        self.row_cache = jax.jit(DecodeState.row_cache)
         self._score = jax.jit(partial(score, self.graphdef))
         self.max_len = -(-(self.config.sequence_len + 1) // 256) * 256  # one cache length: a chat never recompiles
         # the decode programs' attention lengths (a call takes the first that covers it): 256, 512, ..., max_len
@@ -272,13 +263,11 @@ class Programs:
         self.weights_version += 1  # cache rows made with other weights are stale
 
     def attend_len(self, longest: int) -> int:
-        """The attention length for a decode call whose rows reach at most `longest` positions."""
         return next((b for b in self.attend_buckets if b >= longest), self.max_len)
 
     def check_request(self, tokens, max_tokens, temperature, top_k, top_p=1.0, bias=None, presence=0.0,
                       frequency=0.0) -> int:
-        """Validates a request, its logit_bias ({token id: -100..100}) and presence/frequency penalties (-2..2);
-        returns the token budget that fits the model's context."""
+        """Validates a request; returns the token budget that fits the model's context."""
         if not tokens or not all(isinstance(t, (int, np.integer)) for t in tokens):
             raise ValueError("tokens must be a non-empty list of token ids")
         if temperature < 0 or (top_k is not None and not 1 <= top_k <= MAX_TOP_K) or not 0 < top_p <= 1:
@@ -301,33 +290,28 @@ class Programs:
 
     def start(self, tokens, keys, max_tokens, temperature, top_k, top_p, bias=None, presence=0.0, frequency=0.0,
               reuse=None):
-        """Prefill a prompt for len(keys) rows: (one-row cache, `prefilled`: a DecodeState of those rows without a
-        cache, (logprob, top_ids, top_logprobs) of each row's first token). The rows are padded to a power of two
-        (copies of the first key; take the first len(keys)): a new sample count compiles nothing, not even an eager
-        op. reuse: (row cache, n) where the row cache already holds the prompt's first n tokens: only the rest runs."""
+        """Prefill a prompt for len(keys) rows: (one-row cache, their DecodeState without a cache, token_logprobs of
+        the first tokens). The rows are padded to a power of two (copies of the first key; take the first len(keys)):
+        a new sample count compiles nothing. reuse: (row cache, n): the cache holds the prompt's first n tokens."""
         row, done = reuse or (None, 0)
         rest = list(tokens[done:])
         # prompt lengths share a few compiled shapes: powers of two (within the cache: a write past its end would
         # be moved back by XLA onto positions that hold the prompt)
         length = bucket(len(rest), maximum=self.max_len - done)
         ids = jnp.asarray([rest + [0] * (length - len(rest))], jnp.int32)
-        n = keys.shape[0]
-        padded = bucket(n, minimum=1)
+        n, padded = keys.shape[0], bucket(keys.shape[0], minimum=1)
         keys = jnp.concatenate([keys, jnp.broadcast_to(keys[:1], (padded - n,))]) if padded > n else keys
-        bias_ids, bias_vals = bias_arrays(bias, padded)
-        cache, first, info = self.prefill(self.params, ids, len(rest), keys,
-                                          jnp.full(padded, temperature, jnp.float32),
-                                          jnp.full(padded, top_k or 0, jnp.int32), jnp.full(padded, top_p, jnp.float32),
-                                          bias_ids, bias_vals, cache_len=self.max_len, row_cache=row, start=done)
+        settings = (jnp.full(padded, temperature, jnp.float32), jnp.full(padded, top_k or 0, jnp.int32),
+                    jnp.full(padded, top_p, jnp.float32), *bias_arrays(bias, padded))
+        cache, first, info = self.prefill(self.params, ids, len(rest), keys, *settings, cache_len=self.max_len,
+                                          row_cache=row, start=done)
         prefilled = DecodeState.new(first, len(tokens), max_tokens - 1, keys, temperature, top_k or 0, top_p,
                                     self.pause_tokens, self.config.vocab_size, bias, presence, frequency)
         return cache, prefilled, info
 
     def score(self, tokens) -> list[tuple[float, tuple]]:
-        """For each token after the first: (its log-probability, ((id, log-probability), ...) the likeliest there)."""
         if len(tokens) < 2:
             return []
         ids = jnp.asarray([list(tokens) + [0] * (bucket(len(tokens)) - len(tokens))], jnp.int32)
         logprob, top_ids, top_lp = (np.asarray(x) for x in self._score(self.params, ids))
-        return [(float(logprob[i]), tuple((int(a), float(b)) for a, b in zip(top_ids[i], top_lp[i])))
-                for i in range(len(tokens) - 1)]
+        return [(float(logprob[i]), top_pairs(top_ids[i], top_lp[i])) for i in range(len(tokens) - 1)]

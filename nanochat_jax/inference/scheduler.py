@@ -1,16 +1,15 @@
 """The scheduler, the one owner of the decode state: the CLI, `Engine`, the evals and the server submit requests to it
 and read their events (Token, Finished, Failed, Scored) from `request.events`, a queue.Queue, from any thread.
 
-A request waits in a bounded queue until it is prefilled into free slots of one DecodeState. Each decode call
-advances only the busy rows (their count rounded up to a power of two, each count compiled at warm-up); between calls
-a row paused on <|python_end|> gets the tool's tokens forced into it, and a finished or cancelled request frees its
-slots. Each row samples with its own key (seed, sample index): a seeded reply does not depend on the rest of the
-batch. A freed slot keeps its cache row: the next turn of that conversation is admitted there and prefills only its
-new tokens. `tick()` is one round; `start()` runs rounds on a thread of its own (the server).
+A waiting request is prefilled into free slots of one DecodeState; each decode call advances the busy rows, and
+between calls a row paused on <|python_end|> gets the tool's tokens forced into it. Each row samples with its own key
+(seed, sample index): a seeded reply does not depend on the batch. A freed slot keeps its cache row: the conversation's
+next turn is admitted there and prefills only its new tokens. `tick()` is one round; `start()` runs rounds on a thread.
 """
 import itertools
 import queue
 import threading
+from contextlib import suppress
 from dataclasses import dataclass, field
 
 import jax
@@ -18,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nanochat_jax.common import bucket
-from nanochat_jax.inference.programs import FORCED_SLOTS, DecodeState
+from nanochat_jax.inference.programs import FORCED_SLOTS, DecodeState, top_pairs
 
 MIN_REUSE = 16  # prompt tokens a parked cache row must hold for a request to start from it
 
@@ -66,10 +65,8 @@ class Submission:
     def put(self, event):
         self.events.put(event)
         if self.listener is not None:
-            try:
+            with suppress(RuntimeError):  # (the listener's event loop has closed: nobody is waiting any more)
                 self.listener()
-            except RuntimeError:  # (the listener's event loop has closed: nobody is waiting any more)
-                pass
 
 
 @dataclass(eq=False)
@@ -88,6 +85,9 @@ class Request(Submission):
     slots: list[int] = field(default_factory=list)
     finished: set = field(default_factory=set)
 
+    def settings(self) -> tuple:  # Programs.check_request's and Programs.start's arguments after max_tokens
+        return self.temperature, self.top_k, self.top_p, self.bias, self.presence, self.frequency
+
 
 @dataclass(eq=False)
 class ScoreRequest(Submission):
@@ -97,20 +97,17 @@ class ScoreRequest(Submission):
 
 @dataclass
 class Slot:
-    """The host's side of a busy slot: its request and sample, the row's tokens so far (for the tool)."""
     request: Request
     sample: int
-    history: list[int]
+    history: list[int]  # the row's tokens so far (for the tool)
     waiting_for_tool: bool = False
 
 
 class Scheduler:
-    """Decode slots over one model's Programs, with a tool (Calculator); see the module docstring."""
-
     def __init__(self, programs, tool, slots: int = 8, max_waiting: int = 64, chunk: int = 8,
                  busy_rows_only: bool = True):
-        """busy_rows_only: decode calls over the busy rows only, a program per power-of-two count (warm_up compiles
-        them: a server's); else every call covers every slot (one program: evals, whose batches start full)."""
+        """tool: a Calculator. busy_rows_only: decode the busy rows only, a program per power-of-two count (a server's);
+        else every call covers every slot (one program: evals, whose batches start full)."""
         self.programs, self.tool, self.n_slots, self.chunk = programs, tool, slots, chunk
         self.busy_rows_only = busy_rows_only
         self.waiting, self.scoring = queue.Queue(max_waiting), queue.Queue(max_waiting)
@@ -118,12 +115,10 @@ class Scheduler:
         self.stats = {"requests_served": 0, "tokens_generated": 0, "prompt_tokens_reused": 0}
         self.state = DecodeState.empty(programs.config, slots, programs.max_len, programs.dtype)
         self._admitting = None  # the request being prefilled (told if that fails)
-        # per free slot: (the tokens its cache row still holds, the weights version, when it was freed)
-        self.parked: list[tuple | None] = [None] * slots
+        self.parked = [None] * slots  # per free slot: (the tokens its cache row holds, weights version, when freed)
         self._freed = itertools.count()
         self._wake, self._stop, self._thread = threading.Event(), False, None
 
-    # ---- clients
     def submit(self, request):
         """Queue a Request or a ScoreRequest (checked first: ValueError; QueueFull when the queue is full)."""
         p = self.programs
@@ -134,9 +129,7 @@ class Scheduler:
         else:
             if request.n > self.n_slots:
                 raise ValueError(f"n={request.n} is more than the {self.n_slots} decode slots")
-            request.max_tokens = p.check_request(request.tokens, request.max_tokens, request.temperature,
-                                                 request.top_k, request.top_p, request.bias, request.presence,
-                                                 request.frequency)
+            request.max_tokens = p.check_request(request.tokens, request.max_tokens, *request.settings())
             target = self.waiting
         try:
             target.put_nowait(request)
@@ -152,7 +145,6 @@ class Scheduler:
         return not self.busy_slots() and self.waiting.empty() and self.scoring.empty()
 
     def start(self):
-        """Run rounds on a thread of its own until stop() (requests then come from any thread)."""
         self._thread = threading.Thread(target=self._serve, name="nanochat-scheduler", daemon=True)
         self._thread.start()
         return self
@@ -194,8 +186,7 @@ class Scheduler:
         return len(prompts)
 
     def tick(self) -> bool:
-        """One round: scores, admission, the cancelled dropped, tool calls, one decode call, delivery. Returns False
-        when there was nothing to do."""
+        """One round: scores, admission, cancellations, tool calls, one decode call, delivery; False when idle."""
         scored = self._score_waiting()
         self.admit()
         self._release_cancelled()
@@ -220,21 +211,19 @@ class Scheduler:
         self.slots, self._admitting, self.parked = [None] * self.n_slots, None, [None] * self.n_slots
         self.state = DecodeState.empty(self.programs.config, self.n_slots, self.programs.max_len, self.programs.dtype)
 
-    # ---- the steps of a round
     def _row_counts(self) -> list[int]:
         """The decode calls' row counts: powers of two below the slot count (busy_rows_only), then every slot."""
         return [1 << i for i in range((self.n_slots - 1).bit_length()) if self.busy_rows_only] + [self.n_slots]
 
     def _decode(self, busy: list[int], rows: int, attend_len: int):
-        p = self.programs
+        p, static = self.programs, dict(steps=self.chunk, attend_len=attend_len)
         if rows == self.n_slots:  # every row: no copies in and out
-            self.state, out = p.decode(p.params, self.state, p.pause_tokens, steps=self.chunk, attend_len=attend_len)
-            return out
-        free = [i for i in range(self.n_slots) if i not in busy]
-        index = np.asarray(busy + free[:rows - len(busy)], np.int32)  # padding: free rows, written back unchanged
-        real = np.arange(rows) < len(busy)
-        self.state, out = p.decode_rows(p.params, self.state, index, real, p.pause_tokens, steps=self.chunk,
-                                        attend_len=attend_len)
+            self.state, out = p.decode(p.params, self.state, p.pause_tokens, **static)
+        else:
+            free = [i for i in range(self.n_slots) if i not in busy]
+            index = np.asarray(busy + free[:rows - len(busy)], np.int32)  # padding: free rows, written back unchanged
+            real = np.arange(rows) < len(busy)
+            self.state, out = p.decode_rows(p.params, self.state, index, real, p.pause_tokens, **static)
         return out
 
     def _score_waiting(self) -> bool:
@@ -261,18 +250,15 @@ class Scheduler:
             keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(request.seed),
                                                             jnp.arange(bucket(request.n, minimum=1)))
             request.slots, reuse = self._choose_slots(request, free)
-            row_cache, prefilled, info = p.start(request.tokens, keys, request.max_tokens, request.temperature,
-                                                 request.top_k, request.top_p, request.bias, request.presence,
-                                                 request.frequency, reuse)
-            for i, slot in enumerate(request.slots):
-                self.state = p.admit(self.state, row_cache, prefilled, i, slot)
+            row_cache, prefilled, info = p.start(request.tokens, keys, request.max_tokens, *request.settings(), reuse)
+            for i, index in enumerate(request.slots):
+                self.state = p.admit(self.state, row_cache, prefilled, i, index)
             self._admitting = None
             first = np.asarray(prefilled.last)
             logprob, top_ids, top_lp = (np.asarray(x) for x in info)
-            for i, slot in enumerate(request.slots):
-                token = int(first[i])
-                self.slots[slot] = Slot(request, i, list(request.tokens) + [token], token == p.python_end)
-                self._emit(request, Token(i, token, False, float(logprob[i]), _top(top_ids[i], top_lp[i])))
+            for i, index in enumerate(request.slots):
+                slot = self.slots[index] = Slot(request, i, list(request.tokens))
+                self._emit(slot, Token(i, int(first[i]), False, float(logprob[i]), top_pairs(top_ids[i], top_lp[i])))
             self._free_finished(request)
 
     def _choose_slots(self, request, free: list[int]):
@@ -309,32 +295,30 @@ class Scheduler:
         calls = [i for i, s in enumerate(self.slots) if s is not None and s.waiting_for_tool]
         if not calls:
             return
-        st = self.state
-        forced, n_forced = np.asarray(st.forced).copy(), np.asarray(st.n_forced).copy()
-        forced_at, active, budget = np.asarray(st.forced_at).copy(), np.asarray(st.active).copy(), np.asarray(st.budget)
+        rows = {f: np.array(getattr(self.state, f)) for f in ("forced", "n_forced", "forced_at", "active")}  # copies
+        budget = np.asarray(self.state.budget)
         for i in calls:
             self.slots[i].waiting_for_tool = False
             inject = self.tool.result_tokens(self.slots[i].history)[:FORCED_SLOTS]
-            forced[i, :len(inject)], n_forced[i], forced_at[i] = inject, len(inject), 0
-            active[i] = budget[i] > 0
-        self.state = st.replace(active=jnp.asarray(active), forced=jnp.asarray(forced),
-                                n_forced=jnp.asarray(n_forced), forced_at=jnp.asarray(forced_at))
+            rows["forced"][i, :len(inject)], rows["n_forced"][i], rows["forced_at"][i] = inject, len(inject), 0
+            rows["active"][i] = budget[i] > 0
+        self.state = self.state.replace(**{f: jnp.asarray(a) for f, a in rows.items()})
 
     def _deliver(self, busy: list[int], out):
         for row, i in enumerate(busy):  # out's rows are the busy slots, in order
             slot = self.slots[i]
-            for step, t in enumerate(out["tokens"][row]):
-                if t >= 0:
-                    forced = bool(out["forced"][row, step])
-                    slot.history.append(int(t))
-                    slot.waiting_for_tool = int(t) == self.programs.python_end and not forced
-                    self._emit(slot.request, Token(slot.sample, int(t), forced, float(out["logprob"][row, step]),
-                                                   _top(out["top_ids"][row, step], out["top_logprobs"][row, step])))
+            for step in np.flatnonzero(out["tokens"][row] >= 0):
+                at = row, step
+                top = top_pairs(out["top_ids"][at], out["top_logprobs"][at])
+                self._emit(slot, Token(slot.sample, int(out["tokens"][at]), bool(out["forced"][at]),
+                                       float(out["logprob"][at]), top))
         for request in {s.request for s in self.slots if s is not None}:
             self._free_finished(request)
 
-    # ---- requests
-    def _emit(self, request, token: Token):
+    def _emit(self, slot: Slot, token: Token):
+        slot.history.append(token.id)
+        slot.waiting_for_tool = token.id == self.programs.python_end and not token.forced
+        request = slot.request
         if token.sample in request.finished:
             return
         if token.id in self.programs.stops:
@@ -370,7 +354,3 @@ class Scheduler:
             keep = np.ones(self.n_slots, bool)
             keep[free] = False
             self.state = self.state.replace(active=self.state.active & keep)
-
-
-def _top(ids, logprobs) -> tuple:
-    return tuple((int(i), float(lp)) for i, lp in zip(ids, logprobs))
