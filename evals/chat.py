@@ -1,11 +1,9 @@
 """Evaluate a chat model: ARC-Easy, ARC-Challenge, MMLU (categorical: the answer letter with the highest logit),
 GSM8K, HumanEval, SpellingBee (generative: sampled with the engine, tool use on; HumanEval's tests run in the
-sandbox, nanochat_jax/sandbox/execution.py: kernel mode, or with --unsafe-sandbox the weaker unsafe mode where the kernel
-refuses namespaces); with all six, ChatCORE (the mean accuracy centered by each task's chance level, as nanochat computes it).
-Three LOCAL STAND-INS for a machine with no network, never in ChatCORE: Arithmetic (generated word problems in GSM8K's
-format), LocalSpellingBee (SpellingBee over words from Python's docstrings) and LocalSimpleSpelling (spell a word);
-see nanochat_jax/tasks/local.py. Each accuracy is printed next to the task's chance level, and for generative tasks
-the shares of well-formed replies and of replies that call the tool (chat_eval.reply_form).
+sandbox, kernel mode or with --unsafe-sandbox its weaker unsafe mode); with all six, ChatCORE (the mean accuracy
+centered by each task's chance level, as nanochat computes it). The local stand-ins (tasks/local.py: Arithmetic,
+LocalSpellingBee, LocalSimpleSpelling) run offline and never count in ChatCORE. Each accuracy is printed beside its
+chance level; generative tasks also give the shares of well-formed replies and of tool calls.
 
     python -m evals.chat -i sft                          # all six tasks on the latest SFT model
     python -m evals.chat -i mid -a "ARC-Easy|GSM8K" -x 100 --json-out mid.json
