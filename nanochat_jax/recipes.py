@@ -1,8 +1,7 @@
-"""The recipes, each a value chosen once (`train.base --recipe`) and recorded by name in the model config, and so in
-every checkpoint's meta: nanochat of December 2025 (classic) and its time-to-GPT-2 recipe (modern). A recipe carries
-everything that differs between them: the model's switches, its init and RoPE tables, the sizing rule, the
-optimizer's defaults and variant, the schedule's defaults. Nothing is inferred from switch values; an earlier
-checkpoint without a recipe name is read by gpt.config_from_meta, the one place that still looks at them."""
+"""The recipes, nanochat of December 2025 (classic) and its time-to-GPT-2 recipe (modern), each chosen once
+(`train.base --recipe`) and recorded by name in the model config and so in every checkpoint's meta. A recipe carries
+all that differs between them: the model's switches, init and RoPE tables, the sizing rule, the optimizer's variant
+and defaults, the schedule's defaults. (Only gpt.config_from_meta infers one from switches, for old checkpoints.)"""
 from dataclasses import dataclass
 
 MODERN_SWITCHES = dict(rope_base=100000.0, qk_scale=1.2, window_pattern="SSSL", value_embeds=True,
@@ -11,9 +10,8 @@ MODERN_SWITCHES = dict(rope_base=100000.0, qk_scale=1.2, window_pattern="SSSL", 
 
 @dataclass(frozen=True)
 class AdamGroup:
-    """One AdamW group of parameters (optim.LABELS names them): its learning rate is `lr` x the value of the flag
-    `lr_flag` x the batch's lr scale, or `lr` alone when lr_flag is None; weight_decay None is the --weight-decay
-    flag's; width_scaled: x (n_embd/768)^-0.5 (the lrs were tuned at width 768)."""
+    """One AdamW group (optim.LABELS names them): lr x the flag `lr_flag`'s value x the batch's lr scale (lr alone
+    when lr_flag is None); weight_decay None: --weight-decay's; width_scaled: x (n_embd/768)^-0.5 (tuned at 768)."""
     lr_flag: str | None
     lr: float
     betas: tuple[float, float]

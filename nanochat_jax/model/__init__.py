@@ -1,1 +1,1 @@
-"""The model: the GPT (classic and modern switches), attention, FP8 matmuls, parameter placement on a mesh, and nanochat checkpoint import."""
+"""The model: the GPT (classic and modern), attention, FP8 matmuls, mesh placement, nanochat checkpoint import."""

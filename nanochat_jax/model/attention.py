@@ -1,28 +1,24 @@
-"""Causal self-attention in one place, for training, prefill and cached decoding.
+"""Causal self-attention for training, prefill and cached decoding.
 
-`attention(q, k, v, q_offset=None, impl=None, window=None)` takes q [B, T, N, D] and k, v [B, S, K, D] with K
-dividing N (MQA/GQA; MHA when K == N). Query i of row b sits at position p = q_offset[b] + i and sees keys 0 .. p, or
-with a left `window` w only keys p - w .. p (w + 1 of them: nanochat's sliding window). q_offset=None means plain
-causal attention with T == S (training, or a prefill that starts at position 0).
+`attention(q, k, v, q_offset=None, impl=None, window=None)`: q [B, T, N, D], k and v [B, S, K, D], K dividing N
+(MQA/GQA; MHA when K == N). Query i of row b sits at position p = q_offset[b] + i and sees keys 0 .. p, or with a
+left `window` w only p - w .. p (w + 1 keys: nanochat's sliding window). q_offset=None: plain causal, T == S.
 
 Paths, chosen by backend unless `impl` overrides:
-- "cudnn": jax.nn.dot_product_attention(implementation="cudnn"), cuDNN flash attention on NVIDIA GPUs. It needs
-  bf16/fp16 inputs, and its causal mask is top-left aligned, so it serves the q_offset=None case only.
-- "splash": Pallas splash attention on TPU (flash-style tiles, nothing [T, T] in memory), q_offset=None only, T a
-  multiple of 128. Under a mesh (jax.set_mesh) it runs inside shard_map, each chip on its own rows; off TPU it runs
-  in Pallas interpret mode (slow; for tests).
-- "xla": an explicit einsum softmax in fp32. Every backend can run it; it is the reference and the decode path (the
-  only one that takes per-row cache offsets).
+- "cudnn": cuDNN flash attention (jax.nn.dot_product_attention) on NVIDIA GPUs: bf16/fp16 only, and its causal mask
+  is top-left aligned, so q_offset=None only.
+- "splash": Pallas splash attention on TPU (flash-style tiles), q_offset=None only, T a multiple of 128. Under a mesh
+  (jax.set_mesh) it runs inside shard_map, each chip on its own rows; off TPU in Pallas interpret mode (for tests).
+- "xla": an explicit fp32 softmax that every backend runs: the reference, and the decode path (per-row offsets).
 """
 from functools import lru_cache, partial
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
-from nanochat_jax.model.sharding import context_batch_axes, target_platform
+from nanochat_jax.model.sharding import axes_size, context_batch_axes, target_platform
 
 IMPLEMENTATIONS = ("xla", "cudnn", "splash")
 SPLASH_BLOCKS = (512, 256, 128)  # the largest that divides T is the kernel's tile
@@ -35,18 +31,17 @@ def splash_block(T: int) -> int | None:
 def choose_impl(dtype, has_offset: bool, impl: str | None = None, seq_len: int | None = None) -> str:
     if impl is not None and impl not in IMPLEMENTATIONS:
         raise ValueError(f"unknown attention implementation {impl!r}: expected one of {IMPLEMENTATIONS}")
-    if has_offset:
-        return "xla"  # decode: a mask with per-row offsets, which cuDNN's and splash's causal masks cannot express
-    if impl == "splash" and (seq_len is None or splash_block(seq_len) is None):
-        return "xla"  # a length splash cannot tile (short eval rows): exact, only the memory differs
+    tiles = seq_len is not None and splash_block(seq_len) is not None
+    # decode: a mask with per-row offsets, which cuDNN's and splash's causal masks cannot express; a length splash
+    # cannot tile (short eval rows): exact, only the memory differs
+    if has_offset or (impl == "splash" and not tiles):
+        return "xla"
     if impl is not None:
         return impl
     backend = target_platform()
     if backend == "gpu" and dtype in (jnp.bfloat16, jnp.float16):
         return "cudnn"
-    if backend == "tpu" and seq_len is not None and splash_block(seq_len) is not None:
-        return "splash"
-    return "xla"
+    return "splash" if backend == "tpu" and tiles else "xla"
 
 
 def attention(q_BTNH, k_BSKH, v_BSKH, q_offset_B=None, impl: str | None = None, window: int | None = None):
@@ -70,22 +65,20 @@ CAUSAL_BLOCK = 512  # query rows per block of the blockwise causal path
 
 
 def xla_attention(q_BTNH, k_BSKH, v_BSKH, q_offset_B=None, heads_first: bool = False, window=None):
-    """heads_first: k and v are [B, K, S, H] (the KV cache's layout) instead of [B, S, K, H]. window: the left
-    window, static or a traced scalar (the decode path's per-layer window). Long causal sequences (no offset, T a
-    multiple of CAUSAL_BLOCK above it) go block by block (`blockwise_causal`)."""
+    """heads_first: k and v are [B, K, S, H] (the KV cache's layout). window: static, or traced (the decode path's
+    per-layer one). Long causal sequences (no offset, T a multiple of CAUSAL_BLOCK above it) go block by block."""
     T = q_BTNH.shape[1]
     if q_offset_B is None and not heads_first and T > CAUSAL_BLOCK and T % CAUSAL_BLOCK == 0:
         return blockwise_causal(q_BTNH, k_BSKH, v_BSKH, window=window)
     return _masked_attention(q_BTNH, k_BSKH, v_BSKH, q_offset_B, heads_first, window)
 
 
-def blockwise_causal(q_BTNH, k_BTKH, v_BTKH, block: int | None = None, window: int | None = None):
+def blockwise_causal(q_BTNH, k_BTKH, v_BTKH, window: int | None = None):
     """Causal attention one block of CAUSAL_BLOCK queries at a time, each against the keys up to its end only (and,
     with a static window, from the block's first query's window start on): half the work of the full [T, T] scores
-    (the masked upper triangle is never computed) and a [block, T] slice of them in memory at once. The same numbers
-    as the full softmax (each row's keys are the same)."""
+    and a [block, T] slice of them in memory at once; the same numbers as the full softmax (the same keys per row)."""
     B, T = q_BTNH.shape[:2]
-    block = block or CAUSAL_BLOCK
+    block = CAUSAL_BLOCK
     k_BKTH, v_BKTH = k_BTKH.transpose(0, 2, 1, 3), v_BTKH.transpose(0, 2, 1, 3)  # once, not per block
     outs = []
     for end in range(block, T + 1, block):
@@ -109,8 +102,7 @@ def _masked_attention(q_BTNH, k_BSKH, v_BSKH, q_offset_B=None, heads_first: bool
         visible_BTS &= q_pos_BT[:, :, None] - k_pos_S[None, None, :] <= window
     # group the query heads that share a kv head instead of repeating k and v
     q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
-    scores = jnp.einsum(f"btkgh,{kv}->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
-    scores = scores * (H ** -0.5)
+    scores = jnp.einsum(f"btkgh,{kv}->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32) * (H ** -0.5)
     scores = jnp.where(visible_BTS[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = checkpoint_name(jax.nn.softmax(scores, axis=-1), "attn_probs").astype(v_BSKH.dtype)
     out_BTKGH = checkpoint_name(jnp.einsum(f"bkgts,{kv}->btkgh", probs, v_BSKH), "attn_out")
@@ -119,8 +111,7 @@ def _masked_attention(q_BTNH, k_BSKH, v_BSKH, q_offset_B=None, heads_first: bool
 
 @lru_cache(maxsize=None)
 def _splash_kernel(group: int, T: int, interpret: bool, window: int | None = None):
-    """The causal MQA splash kernel for `group` query heads sharing one kv head: q [G, T, D], k and v [T, D]; with a
-    left window, a local mask (window, 0) instead (causal too)."""
+    """The MQA splash kernel (q [G, T, D], k and v [T, D]): causal, or with a window a local mask (window, 0)."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
     b = splash_block(T)
@@ -143,16 +134,13 @@ def _splash_local(kernel, q_BTNH, k_BTKH, v_BTKH):
 
 
 def splash_attention(q_BTNH, k_BTKH, v_BTKH, window: int | None = None):
-    """Splash attention over the mesh in context (jax.set_mesh): rows split over its batch axes, each device running
-    the kernel on its own rows (a Pallas kernel cannot be partitioned by the compiler). Without a mesh, or with rows
-    that do not split evenly, the kernel sees the whole batch."""
+    """Splash attention, each device on its own rows of the context mesh's batch axes (the compiler cannot partition
+    a Pallas kernel); without a mesh, or with rows that do not split evenly, on the whole batch."""
     # made outside shard_map: its mask tables are arrays that must not belong to one manual shard
     kernel = _splash_kernel(q_BTNH.shape[2] // k_BTKH.shape[2], q_BTNH.shape[1], target_platform() != "tpu", window)
     local = partial(_splash_local, kernel)
     mesh, axes = jax.sharding.get_abstract_mesh(), context_batch_axes()
-    n_shards = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
-    if n_shards == 1 or q_BTNH.shape[0] % n_shards:
+    if (n_shards := axes_size(mesh, axes)) == 1 or q_BTNH.shape[0] % n_shards:
         return local(q_BTNH, k_BTKH, v_BTKH)
-    spec = P(axes)
-    return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
-                         check_vma=False)(q_BTNH, k_BTKH, v_BTKH)
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(axes),) * 3, out_specs=P(axes), check_vma=False)(
+        q_BTNH, k_BTKH, v_BTKH)

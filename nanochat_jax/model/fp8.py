@@ -1,13 +1,9 @@
 """FP8 training matmuls with tensorwise scaling (the modern recipe's optional --fp8, for H100/H200-class GPUs).
 
-`fp8_matmul(x, w)` computes x @ w with both operands quantised to float8_e4m3fn, each with one scale for the whole
-tensor (max |value| maps to the format's largest number), and in the backward pass the incoming gradient quantised
-to float8_e5m2 (more range, less precision) for both gradient matmuls: the recipe nanochat runs through
-torch._scaled_mm. Each product is a dot of the FP8 arrays themselves, accumulated in fp32 and scaled after, which
-XLA's GPU compiler runs as an FP8 GEMM on Hopper (other backends emulate it: the same numbers, no speedup). Only the
-layers nanochat converts use it: dims divisible by 16, the smaller one at least 128 (`fp8_eligible`); evaluation
-runs without it. The scales are over the whole (global) tensor: under data parallelism each one is a max across
-the devices, where nanochat's are per GPU.
+`fp8_matmul(x, w)` is x @ w with both operands quantised to float8_e4m3fn, one scale per tensor (max |value| maps to
+the format's largest number), and the backward pass's incoming gradient to float8_e5m2 (more range, less precision):
+nanochat's torch._scaled_mm recipe, an FP8 GEMM on Hopper (other backends emulate it: the same numbers). Evaluation
+runs without it. The scales are over the global tensor: under data parallelism a max across devices (nanochat: per GPU).
 """
 import jax
 import jax.numpy as jnp
@@ -15,7 +11,7 @@ import jax.numpy as jnp
 E4M3, E5M2 = jnp.float8_e4m3fn, jnp.float8_e5m2
 
 
-def fp8_eligible(fan_in: int, fan_out: int) -> bool:
+def fp8_eligible(fan_in: int, fan_out: int) -> bool:  # nanochat's rule: dims divisible by 16, the smaller >= 128
     return fan_in % 16 == 0 and fan_out % 16 == 0 and min(fan_in, fan_out) >= 128
 
 
@@ -28,9 +24,8 @@ def quantize(x, dtype):
 
 
 def _scaled_dot(a_q, a_inv, b_q, b_inv, contract: tuple, out_dtype):
-    """a_q . b_q contracted over `contract` (a's dims, b's dims) with FP8 operands, accumulated in fp32, then times
-    both inverse scales: the form XLA's GPU compiler runs as one FP8 GEMM (cuBLASLt or a Triton FP8 fusion). A
-    dequantise-then-dot form is simplified back into a bf16 GEMM by the compiler."""
+    """a_q . b_q contracted over `contract` (a's dims, b's dims), accumulated in fp32, then times both inverse scales:
+    the form XLA's GPU compiler runs as one FP8 GEMM (it turns a dequantise-then-dot form back into a bf16 GEMM)."""
     y = jax.lax.dot_general(a_q, b_q, (contract, ((), ())), preferred_element_type=jnp.float32)
     return (y * (a_inv * b_inv)).astype(out_dtype)
 
@@ -42,8 +37,7 @@ def fp8_matmul(x, w):
 
 
 def _forward(x, w):
-    xq, x_inv = quantize(x, E4M3)
-    wq, w_inv = quantize(w, E4M3)
+    (xq, x_inv), (wq, w_inv) = quantize(x, E4M3), quantize(w, E4M3)
     y = _scaled_dot(xq, x_inv, wq, w_inv, ((x.ndim - 1,), (0,)), x.dtype)
     return y, (xq, x_inv, wq, w_inv, jnp.zeros((), x.dtype), jnp.zeros((), w.dtype))
 

@@ -1,12 +1,11 @@
-"""Import checkpoints written by nanochat (PyTorch): the classic architecture (nanochat as of December 2025) and the
-modern one (its time-to-GPT-2 recipe: value embeddings, residual scalars, smear, backout, sliding windows; its
-model_config then has a "window_pattern").
+"""Import nanochat (PyTorch) checkpoints, of the classic architecture (nanochat of December 2025) or the modern one
+(its time-to-GPT-2 recipe, whose model_config has a "window_pattern"):
 
     from nanochat_jax.model.interop import import_nanochat
     model, tokenizer, meta = import_nanochat("~/.cache/nanochat/chatsft_checkpoints/d20")
 
-A nanochat checkpoint directory holds model_<step>.pt (a state dict), meta_<step>.json (with "model_config") and,
-for published models, tokenizer.pkl (a pickled tiktoken Encoding). Only this module needs torch (the `torch` extra).
+A checkpoint directory holds model_<step>.pt (a state dict), meta_<step>.json (with "model_config") and, for published
+models, tokenizer.pkl (a pickled tiktoken Encoding). Only this module needs torch (the `torch` extra).
 Unpickling tokenizer.pkl runs code from the file, as nanochat itself does: import only checkpoints you trust.
 """
 import glob
@@ -20,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nanochat_jax.model.gpt import GPT, MODERN_SWITCHES, SMEAR_CHANNELS, VE_GATE_CHANNELS, GPTConfig
+from nanochat_jax.model.gpt import GPT, SMEAR_CHANNELS, VE_GATE_CHANNELS, GPTConfig, modern_config
 from nanochat_jax.model.sharding import abstract_params, make_mesh, shardings_of
 from nanochat_jax.data.tokenizer import Tokenizer
 
@@ -52,7 +51,8 @@ def expected_shapes(config: GPTConfig) -> dict[str, tuple]:
                    p + "attn.c_v.weight": (K * D, C), p + "attn.c_proj.weight": (C, config.n_head * D),
                    p + "mlp.c_fc.weight": (4 * C, C), p + "mlp.c_proj.weight": (C, 4 * C)}
     for i in config.ve_layers():
-        shapes |= {f"transformer.h.{i}.attn.ve_gate.weight": (K, VE_GATE_CHANNELS), f"value_embeds.{i}.weight": (Vp, K * D)}
+        shapes |= {f"transformer.h.{i}.attn.ve_gate.weight": (K, VE_GATE_CHANNELS),
+                   f"value_embeds.{i}.weight": (Vp, K * D)}
     if config.residual_scalars:
         shapes |= {"resid_lambdas": (config.n_layer,), "x0_lambdas": (config.n_layer,)}
     if config.smear:
@@ -100,8 +100,8 @@ CLASSIC_KEYS = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", 
 
 
 def read_model_config(meta: dict, path: str) -> GPTConfig:
-    """A nanochat model_config: the classic keys, or those and "window_pattern" (nanochat's current architecture,
-    which has every modern switch on)."""
+    """A nanochat model_config: the classic keys, or those and "window_pattern" (its current architecture, with every
+    modern switch on)."""
     config = meta.get("model_config")
     modern = set(CLASSIC_KEYS) | {"window_pattern"}
     if not isinstance(config, dict) or set(config) not in (set(CLASSIC_KEYS), modern):
@@ -110,13 +110,12 @@ def read_model_config(meta: dict, path: str) -> GPTConfig:
                          f"{list(CLASSIC_KEYS)}) nor its current one (those and window_pattern)")
     if "window_pattern" not in config:
         return GPTConfig(**config)
-    return GPTConfig(**(dict(config) | {k: v for k, v in MODERN_SWITCHES.items() if k != "window_pattern"}),
-                     recipe="modern")
+    return modern_config(GPTConfig(**config), window_pattern=config["window_pattern"])
 
 
 def find_tokenizer(checkpoint_dir: str) -> str | None:
-    """tokenizer.pkl beside the weights (published models), else nanochat's own layout
-    <base>/<stage>_checkpoints/<tag>/ -> <base>/tokenizer/tokenizer.pkl."""
+    """tokenizer.pkl beside the weights (published models), else nanochat's layout: <base>/tokenizer/tokenizer.pkl
+    for <base>/<stage>_checkpoints/<tag>/."""
     for candidate in (os.path.join(checkpoint_dir, "tokenizer.pkl"),
                       os.path.join(checkpoint_dir, "..", "..", "tokenizer", "tokenizer.pkl")):
         if os.path.exists(candidate):
@@ -157,9 +156,8 @@ def import_nanochat(checkpoint_dir: str, step: int | None = None, dtype=jnp.floa
 
 
 def write_random_nanochat(directory: str, tokenizer, TorchGPT, TorchConfig, std: float = 0.3, **config):
-    """A nanochat GPT (nanochat.gpt's classes, passed in) with random weights everywhere (nanochat's own init
-    zeroes the head, which would hide differences), saved in nanochat's format with the tokenizer: what the parity
-    scripts and bench_decode load on both sides. Returns the torch model, in eval mode."""
+    """A nanochat GPT (nanochat.gpt's classes, passed in) with random weights everywhere (nanochat's init zeroes the
+    head, which would hide differences), saved with the tokenizer for the parity scripts; returns it in eval mode."""
     torch = _torch()
     config = dict(sequence_len=2048, vocab_size=tokenizer.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=1,
                   n_embd=128) | config

@@ -1,8 +1,8 @@
 """Device mesh from a `--mesh` spec and the placement of parameters on it.
 
-The mesh always has the axes ('data', 'fsdp'); a spec such as 'data:8', 'fsdp:8' or 'data:2,fsdp:4' sets their sizes
-(an axis left out has size 1; the default puts every device on 'data'). Parameters carry logical axis names
-(see gpt.py); RULES maps them onto mesh axes. The batch is split over both axes.
+The mesh has the axes ('data', 'fsdp'); a spec such as 'data:8', 'fsdp:8' or 'data:2,fsdp:4' sets their sizes (an axis
+left out has size 1; the default puts every device on 'data'). Parameters carry logical axis names (see gpt.py) that
+RULES maps onto mesh axes. The batch is split over both axes.
 """
 from dataclasses import dataclass
 
@@ -17,9 +17,8 @@ BATCH_AXES = MESH_AXES  # each example lives on exactly one device
 
 @dataclass(frozen=True)
 class ShardingRules:
-    """Logical parameter axis -> mesh axis or axes (None = replicated). FSDP splits every matrix along its
-    model-width dim; data parallelism replicates parameters. The stacked blocks' 'layers' axis is never split (the
-    scan over layers reads one slice at a time)."""
+    """Logical parameter axis -> mesh axis or axes (None: replicated). FSDP splits every matrix on its model width;
+    the stacked blocks' 'layers' axis is never split (the layer scan reads one slice at a time)."""
     layers: str | tuple | None = None
     embed: str | tuple | None = "fsdp"
     vocab: str | tuple | None = None
@@ -47,18 +46,21 @@ def parse_mesh_spec(spec: str | None, num_devices: int) -> dict[str, int]:
             raise ValueError(f"mesh axis {name!r} given twice in {spec!r}")
         sizes[name] = int(size)
     sizes = {axis: sizes.get(axis, 1) for axis in MESH_AXES}
-    if int(np.prod(list(sizes.values()))) != num_devices:
-        raise ValueError(f"--mesh {spec!r} has {int(np.prod(list(sizes.values())))} devices "
-                         f"but this run has {num_devices}")
+    if (n := int(np.prod(list(sizes.values())))) != num_devices:
+        raise ValueError(f"--mesh {spec!r} has {n} devices but this run has {num_devices}")
     return sizes
 
 
 def make_mesh(spec: str | None = None, devices=None) -> Mesh:
     devices = jax.devices() if devices is None else devices
-    sizes = parse_mesh_spec(spec, len(devices))
-    shape = tuple(sizes[axis] for axis in MESH_AXES)
+    shape = tuple(parse_mesh_spec(spec, len(devices)).values())
     # Auto axes: GSPMD propagates shardings through matmuls over sharded dims (Explicit axes would refuse them)
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def axes_size(mesh, axes) -> int:
+    """How many devices the mesh axes `axes` (a name, a tuple of names, or None) span."""
+    return int(np.prod([mesh.shape[a] for a in np.atleast_1d(axes)])) if axes else 1
 
 
 def logical_to_spec(axes, shape, mesh: Mesh, rules: ShardingRules = RULES) -> P:
@@ -66,7 +68,7 @@ def logical_to_spec(axes, shape, mesh: Mesh, rules: ShardingRules = RULES) -> P:
     spec = []
     for name, size in zip(axes, shape):
         mesh_axes = getattr(rules, name) if name else None
-        n_shards = int(np.prod([mesh.shape[a] for a in np.atleast_1d(mesh_axes)])) if mesh_axes else 1
+        n_shards = axes_size(mesh, mesh_axes)
         spec.append(mesh_axes if n_shards > 1 and size % n_shards == 0 else None)
     return P(*spec)
 
@@ -94,12 +96,10 @@ def context_batch_axes() -> tuple:
 
 
 def shard_rows(x):
-    """Pin an activation's leading (row) dim to the batch axes of the context mesh. Under FSDP the weights are split
-    on their width; without this the compiler may split activations on width too and gather whole batches instead of
-    gathering each weight."""
+    """Pin an activation's rows (dim 0) to the context mesh's batch axes: under FSDP the compiler may otherwise split
+    activations on width too, like the weights, and gather whole batches instead of each weight."""
     axes = context_batch_axes()
-    mesh = jax.sharding.get_abstract_mesh()
-    if not axes or x.shape[0] % int(np.prod([mesh.shape[a] for a in axes])):
+    if not axes or x.shape[0] % axes_size(jax.sharding.get_abstract_mesh(), axes):
         return x
     return jax.lax.with_sharding_constraint(x, P(axes))
 
@@ -109,9 +109,8 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def abstract_params(make_model, mesh: Mesh, rules: ShardingRules = RULES):
-    """(graphdef, params) of the model make_model() builds, without building it: params is a pure dict of
-    jax.ShapeDtypeStructs that carry their NamedShardings on `mesh`. The one description of where parameters live:
-    the target a checkpoint is restored onto, the template of a sharded init and of an ahead-of-time compile."""
+    """(graphdef, params) of make_model()'s model without building it, params a pure dict of ShapeDtypeStructs with
+    their NamedShardings: where parameters live, for a checkpoint restore, a sharded init, an ahead-of-time compile."""
     graphdef, abstract = nnx.split(nnx.eval_shape(make_model))
     shardings = nnx.to_pure_dict(param_shardings(abstract, mesh, rules))
     return graphdef, jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
@@ -119,13 +118,12 @@ def abstract_params(make_model, mesh: Mesh, rules: ShardingRules = RULES):
 
 
 def shardings_of(tree):
-    """The shardings of a tree of arrays or ShapeDtypeStructs."""
     return jax.tree.map(lambda leaf: leaf.sharding, tree)
 
 
 def create_sharded(make_model, mesh: Mesh, rules: ShardingRules = RULES):
-    """(graphdef, params): a model's parameters (a pure dict) initialised directly in their shards, never whole on
-    one device. make_model: a zero-argument function returning the nnx.Module."""
+    """(graphdef, params): make_model()'s parameters (a pure dict) initialised in their shards, never whole on one
+    device."""
     graphdef, abstract = abstract_params(make_model, mesh, rules)
     params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(make_model())), out_shardings=shardings_of(abstract))()
     return graphdef, params
