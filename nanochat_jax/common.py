@@ -93,9 +93,8 @@ def _leave_run(reason: str):
 
 
 def start_peer_watchdog(timeout_s: float, interval_s: float = 1.0):
-    """Every process bumps its own counter in the coordinator's key-value store; when a peer's counter stops moving
-    for timeout_s, or the store stops answering (process 0 gone), this process says which and exits with
-    PEER_LOST_EXIT_CODE instead of waiting forever in a collective. Counters, not clocks: hosts' clocks may differ."""
+    """Each process bumps its counter in the coordinator's key-value store (counters, not clocks: hosts' clocks may
+    differ); a peer's counter still for timeout_s, or a store not answering, makes this process leave the run."""
     from jax._src.distributed import global_state
     client, me, n = global_state.client, jax.process_index(), jax.process_count()
     state = {"last_ok": time.monotonic()}
@@ -138,9 +137,8 @@ def start_peer_watchdog(timeout_s: float, interval_s: float = 1.0):
 
 
 def run_entry_point(main):
-    """Run an entry point's main(): a missing input (our FileNotFoundErrors name the file and the fix) ends it with
-    one line and exit code 1, Ctrl-C with one line and 130; in a multi-process run any error ends this process at
-    once with one line, PEER_LOST_EXIT_CODE and the --resume advice (a lost peer shows up as a failed collective)."""
+    """main() with one line for a missing input (exit 1) or Ctrl-C (130); in a multi-process run any error leaves the
+    run at once with one line (a lost peer shows up as a failed collective), not in JAX's shutdown barrier."""
     name = os.path.basename(sys.argv[0]) or "nanochat-jax"
     try:
         main()
@@ -172,8 +170,7 @@ def get_base_dir() -> str:
 
 
 def check_writable(directory: str, what: str, probe_bytes: int = 1 << 20):
-    """One line and SystemExit, before any work, when `directory` cannot be created or written or has no room: a
-    probe file of probe_bytes is written, synced and removed (a read-only or full filesystem fails it)."""
+    """SystemExit with one line, before any work, when a synced probe file cannot be written to `directory`."""
     try:
         os.makedirs(directory, exist_ok=True)
         probe = os.path.join(directory, f".write_probe_{os.getpid()}")
@@ -197,7 +194,7 @@ def use_compilation_cache():
 
 
 def print0(*args, **kwargs):
-    """print on the first process only (multi-host runs would otherwise print everything N times)."""
+    """print on process 0 only (multi-host runs would otherwise print everything N times)."""
     if jax.process_index() == 0:
         print(*args, **kwargs, flush=True)
 
@@ -230,15 +227,13 @@ def bucket(n: int, minimum: int = 16, maximum: int | None = None, step: int | No
 class CompileCount:
     """Counts the programs XLA compiles (or reads back from the persistent cache) inside a with-block, and their
     seconds: evaluations print it, since a new shape per example would make them compile-bound."""
-    EVENT = "/jax/core/compile/backend_compile_duration"
-
     def __enter__(self):
         self.programs, self.seconds = 0, 0.0
         jax.monitoring.register_event_duration_secs_listener(self._listen)
         return self
 
     def _listen(self, event: str, seconds: float, **kwargs):
-        if event == self.EVENT:
+        if event == "/jax/core/compile/backend_compile_duration":
             self.programs, self.seconds = self.programs + 1, self.seconds + seconds
 
     def __exit__(self, *exc):

@@ -78,8 +78,7 @@ def print_samples(model, tokenizer, max_tokens: int = 16) -> dict:
     graphdef, params = nnx.split(model)
     for prompt in SAMPLE_PROMPTS:
         ids = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
-        n_prompt = len(ids)
-        length = bucket(n_prompt + max_tokens)
+        n_prompt, length = len(ids), bucket(len(ids) + max_tokens)
         for _ in range(max_tokens):
             padded = jnp.asarray([ids + [0] * (length - len(ids))])
             ids.append(int(_next_token(graphdef, params, padded, len(ids) - 1)))

@@ -18,14 +18,12 @@ def _logits_at(model, ids_BT, at_B):
 
 
 def letter_token_ids(tokenizer, letters) -> list[int]:
-    ids = []
-    for letter in letters:
-        encoded = tokenizer.encode(letter)
+    encodings = [tokenizer.encode(letter) for letter in letters]
+    for letter, encoded in zip(letters, encodings):
         if len(encoded) != 1:
             raise ValueError(f"answer letter {letter!r} is {len(encoded)} tokens with this tokenizer; "
                              "categorical scoring needs one token per letter")
-        ids.append(encoded[0])
-    return ids
+    return [encoded[0] for encoded in encodings]
 
 
 def categorical_outcomes(model, tokenizer, task: Task, batch_size: int = 8, max_problems: int | None = None):
@@ -70,9 +68,8 @@ def reply_form(tokenizer, completion) -> tuple[bool, bool]:
 def generative_outcomes(engine, tokenizer, task: Task, num_samples: int = 1, max_new_tokens: int = 512,
                         temperature: float = 0.0, top_k: int | None = 50, max_problems: int | None = None,
                         seed: int = 42, rows: int = 32, forms: dict | None = None):
-    """Per problem, the outcome of each of num_samples completions (a list of lists); problem i samples with seed
-    seed + i, up to `rows` rows decoded at once (Engine.complete_many). A prompt that leaves no room in the context
-    for an answer counts as failed. `forms`, if given, gets the shares of well-formed and tool-calling completions."""
+    """Per problem, the outcomes of its num_samples completions; problem i samples with seed seed + i, `rows` rows at
+    a time. A prompt that fills the context fails. `forms` gets the shares of well-formed and tool-calling ones."""
     n = len(task) if max_problems is None else min(len(task), max_problems)
     conversations = [task[i] for i in range(n)]
     prompts = [tokenizer.render_for_completion(c) for c in conversations]

@@ -1,15 +1,12 @@
 """The CORE metric (DCLM, arXiv 2406.11794) computed the way nanochat computes it.
 
 Each task of the eval bundle is one of three kinds, scored by the model's per-token loss on candidate texts:
-- multiple_choice: the query followed by each choice (they share a token prefix); the lowest mean loss over the
-  choice's own tokens wins;
-- schema: each context option followed by one shared continuation (a token suffix); the context whose continuation
-  has the lowest mean loss wins;
+- multiple_choice: the query then each choice (a shared token prefix); the lowest mean loss over the choice wins;
+- schema: each context option then one shared continuation (a token suffix); the lowest mean loss over it wins;
 - language_modeling: the context, then the continuation; correct when greedy prediction reproduces all of it.
-A task's examples are shuffled with seed 1337 (then cropped by --max-per-task); example i gets `num_fewshot` other
-examples drawn with random.Random(1234 + i), rendered before it and separated by blank lines. Every sequence starts
-with <|bos|>. Accuracy is centered by the task's random baseline, (acc - b) / (1 - b), and CORE is the mean.
-Sequences of many examples are scored together, grouped by length (`batches`), split over the mesh.
+A task's examples are shuffled with seed 1337 (then cropped by --max-per-task); example i gets `num_fewshot` others
+drawn with random.Random(1234 + i), rendered before it, separated by blank lines; every sequence starts with <|bos|>.
+Accuracy is centered by the task's random baseline, (acc - b) / (1 - b); CORE is the mean.
 """
 import csv
 import json
@@ -48,12 +45,8 @@ def prompts_lm(item, delimiter, shots):
 
 def common_length(sequences, from_end: bool = False) -> int:
     """Length of the prefix (or suffix) that all token sequences share."""
-    n = 0
-    for column in zip(*(reversed(s) if from_end else s for s in sequences)):
-        if any(t != column[0] for t in column):
-            break
-        n += 1
-    return n
+    columns = zip(*(reversed(s) if from_end else s for s in sequences))
+    return next((n for n, column in enumerate(columns) if len(set(column)) > 1), min(map(len, sequences)))
 
 
 def example_rows(item, task_type: str, delimiter: str, shots, tokenizer):
@@ -139,19 +132,16 @@ def score_rows(model, rows, pad_id: int, batch_size: int, mesh=None):
 def evaluate_task(model, tokenizer, data, task_type: str, num_fewshot: int, delimiter: str, batch_size: int = 32,
                   mesh=None) -> list[bool]:
     """Whether each example is answered correctly."""
-    rows, owners = [], []
+    rows, firsts = [], []  # firsts: where each example's rows begin
     for index, item in enumerate(data):
-        example = example_rows(item, task_type, delimiter, fewshot(data, index, num_fewshot), tokenizer)
-        rows += example
-        owners += [index] * len(example)
+        firsts.append(len(rows))
+        rows += example_rows(item, task_type, delimiter, fewshot(data, index, num_fewshot), tokenizer)
     losses, exacts = score_rows(model, rows, tokenizer.get_bos_token_id(), batch_size, mesh)
-    scored = [[] for _ in data]
-    for owner, loss, exact in zip(owners, losses, exacts):
-        scored[owner].append((loss, exact))
     if task_type == "language_modeling":
-        return [bool(s[0][1]) for s in scored]
+        return [exacts[first] for first in firsts]
     # the lowest mean loss wins (the first of equals)
-    return [[loss for loss, _ in s].index(min(loss for loss, _ in s)) == item["gold"] for s, item in zip(scored, data)]
+    spans = [losses[a:b] for a, b in zip(firsts, firsts[1:] + [len(rows)])]
+    return [span.index(min(span)) == item["gold"] for span, item in zip(spans, data)]
 
 
 # ---- the bundle

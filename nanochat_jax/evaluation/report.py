@@ -4,9 +4,8 @@
     python -m train.base ...             # each entry point logs its section (config, results, time)
     python -m scripts.report generate    # $NANOCHAT_BASE_DIR/report/report.md (+ PNG plots)
 
-Sections are JSON files in $NANOCHAT_BASE_DIR/report/ ({"section", "timestamp", "data": [dicts]}), so generating
-reads numbers, not text. report.md holds the header, the sections in pipeline order, a summary table (CORE and the
-chat evals per stage), the wall time, an estimated cost, and plots of each stage's metrics.jsonl and the chat evals.
+Sections are JSON files in $NANOCHAT_BASE_DIR/report/ ({"section", "timestamp", "data": [dicts]}): generating reads
+numbers, not text. report.md: the header, the sections in pipeline order, a summary table, wall time, cost, plots.
 """
 import datetime
 import json
@@ -40,6 +39,8 @@ CORE, CHATCORE = "CORE", "ChatCORE"  # the summary's keys for the two aggregate 
 SUMMARY_METRICS = [CORE, *CHATCORE_TASKS, CHATCORE, *STANDINS]  # the stand-ins last
 BPB_METRICS = ["val bpb", "unigram bpb (no context)"]  # base evaluation: the model against token frequencies alone
 FORMS = ["well-formed replies", "tool calls"]  # evals.chat logs "<task> <form>" for each generative task
+# the summary table's rows: CORE, the bpb pair, then each chat metric followed by its reply forms
+SUMMARY_ROWS = [CORE, *BPB_METRICS] + [m for t in SUMMARY_METRICS[1:] for m in [t] + [f"{t} {f}" for f in FORMS]]
 CHANCE = "chance"  # and "<task> chance"
 STANDIN = "stand-in"  # a section's key saying that its data was a local stand-in, and which
 # on-demand prices per accelerator-hour (USD), for the estimate
@@ -130,8 +131,7 @@ def reset() -> str | None:
 
 
 def scores_line(stage: str) -> str | None:
-    """One line of the chat evaluation of `stage`: each task against its chance level, and how many beat it (None
-    when it did not run)."""
+    """One line of `stage`'s chat evaluation: each task against its chance level, how many beat it (None: not run)."""
     section = _load(_path(chat_evaluation(stage)))
     if section is None:
         return None
@@ -155,26 +155,23 @@ def _format(value) -> str:
 
 
 def summary(sections: dict) -> dict:
-    """{stage: {metric: value}} from the evaluation sections (by title)."""
-    shown = set(SUMMARY_METRICS) | set(BPB_METRICS) | {f"{t} {f}" for t in SUMMARY_METRICS for f in FORMS}
+    """{stage: {metric: value}} of the SUMMARY_ROWS in the evaluation sections (by title)."""
     table = {}
     for stage, (_, evaluation) in STAGES.items():
         titles = (evaluation, chat_evaluation("base")) if stage == "base" else (evaluation,)
         found = {k: v for title in titles for item in sections.get(title, {}).get("data", []) for k, v in item.items()
-                 if k in shown and v is not None}
+                 if k in SUMMARY_ROWS and v is not None}
         if found:
             table[stage] = found
     return table
 
 
 def summary_lines(sections: dict, table: dict) -> list[str]:
-    """The summary table: a row per metric (CORE, bpb, each task and its reply forms, ChatCORE), a column per stage."""
+    """The summary table: a row per metric that has a value, a column per stage."""
     chance = {k[:-len(CHANCE) - 1]: v for section in sections.values() for item in section["data"]
               for k, v in item.items() if k.endswith(" " + CHANCE)}
     lines = ["| metric | chance | " + " | ".join(s.upper() for s in STAGES) + " |", "|---|---|" + "---|" * len(STAGES)]
-    metrics = [CORE, *BPB_METRICS] + [m for t in [*CHATCORE_TASKS, CHATCORE, *STANDINS]
-                                      for m in [t] + [f"{t} {f}" for f in FORMS]]
-    for m in metrics:
+    for m in SUMMARY_ROWS:
         if any(m in row for row in table.values()):
             cells = [chance.get(m, "-")] + [table.get(s, {}).get(m, "-") for s in STAGES]
             lines.append(f"| {m} | " + " | ".join(map(_format, cells)) + " |")
@@ -209,10 +206,8 @@ def generate() -> str:
                   f"- Python {header['python']}; " + ", ".join(f"{k} {v}" for k, v in header["versions"].items()),
                   "- Code: " + ", ".join(f"{k} {_format(v)}" for k, v in header["code"].items()), ""]
     for section in sections.values():
-        lines += [f"## {section['section']}", "", f"timestamp: {section['timestamp']}", ""]
-        for item in section["data"]:
-            lines += [f"- {k}: {_format(v)}" for k, v in item.items()]
-        lines.append("")
+        items = [f"- {k}: {_format(v)}" for item in section["data"] for k, v in item.items()]
+        lines += [f"## {section['section']}", "", f"timestamp: {section['timestamp']}", "", *items, ""]
     table = summary(sections)
     lines += ["## Summary", ""] + (summary_lines(sections, table) if table else [])
     if header is not None and sections:
@@ -223,8 +218,7 @@ def generate() -> str:
         lines += [f"Total wall clock time: {int(hours)}h{int(hours * 60) % 60:02d}m",
                   f"Estimated cost: ${cost:,.2f} (on-demand prices)" if cost is not None else
                   "Estimated cost: - (no price for this hardware)", ""]
-    plots = make_plots(sections, table)
-    if plots:
+    if plots := make_plots(sections, table):
         lines += ["## Plots", ""] + [f"![{name}]({name})" for name in plots] + [""]
     path = os.path.join(report_dir(), "report.md")
     with open(path, "w", encoding="utf-8") as f:
@@ -235,8 +229,7 @@ def generate() -> str:
 def _metrics(section: dict) -> list[dict]:
     """The metrics.jsonl records of the run a training section names (data item with "checkpoint_dir")."""
     directory = next((d["checkpoint_dir"] for d in section.get("data", []) if "checkpoint_dir" in d), None)
-    path = os.path.join(directory or "", "metrics.jsonl")
-    if directory is None or not os.path.exists(path):
+    if directory is None or not os.path.exists(path := os.path.join(directory, "metrics.jsonl")):
         return []
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]

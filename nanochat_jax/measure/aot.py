@@ -1,13 +1,11 @@
 """Ahead-of-time compilation of the real jitted programs (scripts/aot_compile.py), and what the compiler says.
 
-Programs are lowered from abstract arguments and compiled for a mesh's devices, which need not exist
-(`topology_devices`). `report()` reads memory_analysis() (bytes per chip, against what a program may use there), on
-a GPU the kernels of the optimized HLO (`hlo_kernels`), and on a TPU estimates the step time: XLA's
-`optimal_seconds` where positive, else a roofline, max(FLOPs / peak FLOP/s, bytes / HBM bandwidth) per chip. XLA
-counts a loop's body once, so the training step's cost is scaled from compiles with 0 and 1 layers and one
-micro-step (`layer_scaled_cost`), and splash attention (a Pallas kernel the cost model cannot see) gets its FLOPs
-from the model's formula. A one-layer probe may merge a recomputed forward away and miss some recomputation
-traffic, so the FLOPs used are at least training_flops_per_token and the estimate is a lower bound on step time.
+Programs are lowered from abstract arguments for a mesh's devices, which need not exist (`topology_devices`).
+`report()` gives memory per chip, a GPU's kernels (`hlo_kernels`) and on a TPU a step time: XLA's `optimal_seconds`
+where positive, else a roofline, max(FLOPs / peak FLOP/s, bytes / HBM bandwidth) per chip. XLA counts a loop's body
+once, so the training step's cost is scaled from 0- and 1-layer compiles (`layer_scaled_cost`); splash attention (a
+Pallas kernel the cost model cannot see) gets its FLOPs from the model's formula. A one-layer probe may merge a
+recomputed forward away, so the FLOPs used are at least training_flops_per_token: a lower bound on step time.
 """
 import os
 import re
@@ -18,9 +16,8 @@ from nanochat_jax.common import DoesNotFit, compile_timed, print0  # noqa: F401 
 
 # per chip: bf16 dense peak FLOP/s, HBM bandwidth (bytes/s), HBM bytes; keys are device_kind prefixes. v5e: the
 # 15.75 GiB its compiler says are available of the 16 GiB
-CHIPS = {"TPU v5 lite": (197e12, 819e9, 15.75 * 2**30), "TPU v5e": (197e12, 819e9, 15.75 * 2**30),
-         "TPU v5p": (459e12, 2765e9, 95 * 2**30), "TPU v5": (459e12, 2765e9, 95 * 2**30),
-         "TPU v6 lite": (918e12, 1640e9, 32 * 2**30), "TPU v6e": (918e12, 1640e9, 32 * 2**30),
+V5E, V5P, V6E = (197e12, 819e9, 15.75 * 2**30), (459e12, 2765e9, 95 * 2**30), (918e12, 1640e9, 32 * 2**30)
+CHIPS = {"TPU v5 lite": V5E, "TPU v5e": V5E, "TPU v5p": V5P, "TPU v5": V5P, "TPU v6 lite": V6E, "TPU v6e": V6E,
          "H100": (989e12, 3.35e12, 80e9), "H200": (989e12, 4.8e12, 141e9), "A100": (312e12, 2.0e12, 80e9)}
 
 
@@ -87,8 +84,7 @@ def device_memory_bytes(device) -> int | None:
 def topology_devices(name: str, target_config: str | None = None):
     """A topology's devices, from its compiler, with no such device here. TPU (`pip install 'jax[tpu]'`): 'v5e:2x4'
     (v5e-8), 'v5e:4x4' (4 hosts), 'v5p:2x2x1', 'v6e:2x4'. GPU (`pip install 'jax[cuda12]'`, JAX_PLATFORMS=cpu; no
-    GPU needed): 'h100:8', 'h100:2x8' (2 hosts of 8), 'h200:8'; target_config: a GpuTargetConfigProto's text instead
-    of ours (a real GPU's: XLA_FLAGS=--xla_dump_to=DIR writes *.gpu_target_config.pbtxt)."""
+    GPU needed): 'h100:8', 'h100:2x8' (2 hosts of 8), 'h200:8'; target_config: a GpuTargetConfigProto's text."""
     from jax.experimental import topologies
     gpu, _, shape = name.partition(":")
     if gpu in GPUS:
@@ -124,13 +120,10 @@ def estimates_time(device) -> bool:
 
 def memory(compiled) -> dict:
     m = compiled.memory_analysis()
-    out = {"argument_bytes": m.argument_size_in_bytes, "temp_bytes": m.temp_size_in_bytes,
-           "output_bytes": m.output_size_in_bytes, "alias_bytes": m.alias_size_in_bytes}
-    peak = getattr(m, "peak_memory_in_bytes", 0) or 0
+    out = {f"{part}_bytes": getattr(m, f"{part}_size_in_bytes") for part in ("argument", "temp", "output", "alias")}
     # arguments and outputs live together except where donated buffers alias
-    out["peak_bytes"] = int(max(peak, out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"]
-                                + out["temp_bytes"]))
-    return out
+    live = out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"] + out["temp_bytes"]
+    return out | {"peak_bytes": int(max(getattr(m, "peak_memory_in_bytes", 0) or 0, live))}
 
 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%(\S+)\s*=\s*(\([^=]*?\)|\S+)\s+([\w-]+)\(([^)]*)\)(.*)$")
@@ -143,8 +136,7 @@ def _computations(hlo_text: str) -> dict:
     comps, current = {}, None
     for line in hlo_text.splitlines():
         if current is None:
-            m = _COMPUTATION.match(line)
-            if m:
+            if m := _COMPUTATION.match(line):
                 current = comps.setdefault(m.group(1), {})
         elif line.strip() == "}":
             current = None
@@ -177,12 +169,9 @@ def hlo_kernels(hlo_text: str) -> dict:
     is_fp8 = lambda body, operands: any(t in body.get(o, ("",))[0] for o in operands for t in FP8_TYPES)  # noqa: E731
     counts = {"matmuls": 0, "fp8_matmuls": 0, "cudnn_attention_calls": 0, "cudnn_attention_backward_calls": 0}
     masks = set()
-    for comp_name, body in comps.items():
-        if comp_name in inside:
-            continue
+    for body in [b for comp_name, b in comps.items() if comp_name not in inside]:
         for type_, opcode, operands, rest in body.values():
-            target = re.search(r'custom_call_target="([^"]+)"', rest)
-            target = target.group(1) if target else ""
+            target = (re.findall(r'custom_call_target="([^"]+)"', rest) or [""])[0]
             if target.startswith("__cudnn$fmha"):
                 backward = "Backward" in target
                 counts["cudnn_attention_backward_calls" if backward else "cudnn_attention_calls"] += 1
@@ -210,10 +199,9 @@ def refused_bytes(message: str) -> int | None:
 
 def report(compiled, device, compile_s: float, model_flops: float, n_chips: int, roofline_cost: dict | None = None,
            repeat: int = 1, hlo_path: str | None = None) -> dict:
-    """The JSON-able facts of one compiled step: memory per chip, whether it fits, the time estimate, a GPU's kernels.
-    roofline_cost: {"flops", "bytes"} per chip for the step where the program's counts are short (loops); repeat:
-    runs of the program per step (micro-steps); hlo_path: where to write the optimized HLO text."""
-    hbm = device_memory_bytes(device)  # what a program may use: a GPU's allocator share, a TPU's HBM
+    """The JSON-able facts of one compiled step: memory per chip, fit, time estimate, a GPU's kernels. roofline_cost:
+    per-chip {"flops", "bytes"} of the step where the program's counts are short (loops); repeat: runs per step."""
+    hbm = device_memory_bytes(device)
     out = {"compile_s": round(compile_s, 1), **memory(compiled), "hbm_bytes": hbm}
     if device.platform == "gpu" and not os.environ.get("NANOCHAT_DEVICE_MEMORY"):
         out["memory_fraction"] = gpu_memory_fraction()
@@ -253,11 +241,10 @@ def report(compiled, device, compile_s: float, model_flops: float, n_chips: int,
 def layer_scaled_cost(compile_cost_at, n_layer: int, accum: int, extra_flops: float = 0.0) -> dict:
     """Per-chip FLOPs and bytes of a step of n_layer layers and accum micro-steps: cost(0) + L x (cost(1) - cost(0))
     per micro-step, compile_cost_at(layers) -> a cost dict (the optimizer update, in each, makes it an overestimate)."""
-    c0, c1 = compile_cost_at(0), compile_cost_at(1)
-    per = {key: float(c1.get(name, 0.0)) - float(c0.get(name, 0.0))
-           for key, name in (("flops", "flops"), ("bytes", "bytes accessed"))}
-    return {key: accum * (float(c0.get(name, 0.0)) + n_layer * per[key]) + (extra_flops if key == "flops" else 0.0)
-            for key, name in (("flops", "flops"), ("bytes", "bytes accessed"))}
+    c0, c1 = ({"flops": float(cost.get("flops", 0.0)), "bytes": float(cost.get("bytes accessed", 0.0))}
+              for cost in (compile_cost_at(0), compile_cost_at(1)))
+    return {"flops": accum * (c0["flops"] + n_layer * (c1["flops"] - c0["flops"])) + extra_flops,
+            "bytes": accum * (c0["bytes"] + n_layer * (c1["bytes"] - c0["bytes"]))}
 
 
 def attention_forward_flops(config) -> float:
@@ -267,8 +254,7 @@ def attention_forward_flops(config) -> float:
 
 
 def attention_flops_per_token(config, remat: str) -> float:
-    """Training FLOPs of attention per token (the model formula, 12 N D T per layer, T capped by the window), plus
-    one more forward when the block is recomputed (remat 'full')."""
+    """Training FLOPs of attention per token (12 N D min(window, T) per layer), one forward more under remat 'full'."""
     return attention_forward_flops(config) * (3 + (remat == "full"))
 
 

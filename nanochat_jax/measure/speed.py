@@ -5,7 +5,7 @@ keys and values filled so far, so tokens/s <= rows x bandwidth / those bytes (ou
 attention length, a bucket at or above the filled length).
 """
 import time
-
+from types import SimpleNamespace
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,21 +20,11 @@ from nanochat_jax.training.trainer import Trainer, peak_flops_per_device
 from nanochat_jax.recipes import RECIPES
 
 
-class SpecialIds:
+def special_ids(vocab_size: int) -> SimpleNamespace:
     """Stands in for a tokenizer: the engine only needs the special tokens' ids (the last ids of the vocab)."""
-    NAMES = ["<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>", "<|assistant_end|>"]
-
-    def __init__(self, vocab_size: int):
-        self.vocab_size = vocab_size
-
-    def encode_special(self, name: str) -> int:
-        return self.vocab_size - 1 - self.NAMES.index(name)
-
-    def get_bos_token_id(self) -> int:
-        return self.vocab_size - 1 - len(self.NAMES)
-
-    def get_vocab_size(self) -> int:
-        return self.vocab_size
+    names = ["<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>", "<|assistant_end|>"]
+    return SimpleNamespace(encode_special=lambda name: vocab_size - 1 - names.index(name),
+                           get_bos_token_id=lambda: vocab_size - 1 - len(names), get_vocab_size=lambda: vocab_size)
 
 
 def timed(fn, repeats: int) -> float:
@@ -49,14 +39,13 @@ def timed(fn, repeats: int) -> float:
 
 def train_step(config, mesh, dtype, device_batch_size: int, steps: int = 5, remat: str = "none",
                fp8: bool = False) -> dict:
-    """The training step (the recipe's optimizer) on random tokens at the largest power-of-two device batch <=
-    device_batch_size that fits in 90% of the device's memory: compile and step time, tokens/s, MFU, memory. fp8:
-    FP8 matmuls (MFU still counted against the bf16 peak, as nanochat does)."""
+    """The training step on random tokens at the largest power-of-two device batch <= device_batch_size that fits
+    in 90% of its memory: compile and step time, tokens/s, MFU (fp8 against the bf16 peak, as nanochat counts it)."""
     make_model = lambda: GPT(config, rngs=nnx.Rngs(0), dtype=dtype, remat=remat, fp8=fp8)  # noqa: E731
     tx = build_optimizer(config.n_embd, recipe=config.recipe, grad_clip=RECIPES[config.recipe].optimizer["grad_clip"])
     trainer = Trainer.create(make_model, tx, mesh)
-    T, limit = config.sequence_len, device_memory_bytes(jax.devices()[0])
-    last = {}  # the last compile, the one timed when it fits
+    T, device = config.sequence_len, jax.devices()[0]
+    limit, last = device_memory_bytes(device), {}  # last: the last compile, the one timed when it fits
 
     def fits_at(batch):
         try:
@@ -77,22 +66,20 @@ def train_step(config, mesh, dtype, device_batch_size: int, steps: int = 5, rema
         state.params, state.opt_state, out = trainer.run_step(state.params, state.opt_state, data, 1.0, 0.95)
         return out["loss"]
 
-    step_s = timed(step, steps)
-    peak = peak_flops_per_device()
+    step_s, peak = timed(step, steps), peak_flops_per_device()
     tok_s = rows * T / step_s
     return {"depth": config.n_layer, "recipe": config.recipe, "fp8": fp8, "parameters": config.num_params(),
             "device_batch_size": batch, "seq_len": T, "compile_s": last["seconds"], "step_s": step_s,
             "tokens_per_s": tok_s,
             "mfu_percent": None if peak is None else 100 * config.flops_per_token() * tok_s / (peak * mesh.size),
             "compiled_peak_bytes": memory(last["compiled"])["peak_bytes"],
-            "device_peak_bytes": (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")}
+            "device_peak_bytes": (device.memory_stats() or {}).get("peak_bytes_in_use")}
 
 
 def attention_paths(batch: int, seq_len: int, n_head: int, n_kv_head: int, head_dim: int, dtype,
                     repeats: int = 10) -> dict:
-    """Causal attention through cuDNN (on a GPU) and our XLA path on the same random q, k, v, plain and with a window
-    of a quarter of the sequence: the largest relative difference of the outputs and of the gradients (of a random
-    projection of the output), and the ms of a forward and backward pass of each."""
+    """cuDNN (on a GPU) against our XLA causal attention on random q, k, v, plain and with a window of T/4: the largest
+    relative difference of outputs and gradients (of a random projection), and each one's forward+backward ms."""
     keys = jax.random.split(jax.random.key(0), 4)
     q = jax.random.normal(keys[0], (batch, seq_len, n_head, head_dim), dtype)
     k, v = (jax.random.normal(key, (batch, seq_len, n_kv_head, head_dim), dtype) for key in keys[1:3])
@@ -125,7 +112,6 @@ def attention_paths(batch: int, seq_len: int, n_head: int, n_kv_head: int, head_
 
 
 def decode_bytes_per_step(engine, batch: int, filled: float) -> int:
-    """What one decode step must read: every weight once, and each row's keys and values up to `filled`."""
     weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(engine.params))
     c = engine.config
     kv = 2 * c.n_layer * filled * c.n_kv_head * c.head_dim * jnp.dtype(engine.dtype).itemsize
@@ -133,23 +119,21 @@ def decode_bytes_per_step(engine, batch: int, filled: float) -> int:
 
 
 def measured_bandwidth(nbytes: int = 2**28, repeats: int = 5) -> float:
-    """This machine's memory bandwidth (bytes/s) as a jitted read of an array far larger than its caches shows it
-    (the best of `repeats`): the yardstick for a CPU, whose peak no table holds."""
+    """This machine's memory bandwidth (bytes/s): the best of `repeats` jitted reads of an array far beyond caches."""
     x = jnp.ones(nbytes // 4, jnp.float32)
     total = jax.jit(jnp.sum)
-    jax.block_until_ready(total(x))
     return nbytes / min(timed(lambda: total(x), 1) for _ in range(repeats))
 
 
 def engine_speed(config, dtype, prompt_len: int, batches, decode_tokens: int = 128, chunk: int = 16) -> dict:
-    """Prefill time of one prompt, and decode tokens/s at each batch against its bandwidth bound: the chip's peak
-    bandwidth where it is known, on a CPU the one measured here."""
+    """Prefill ms of one prompt, decode tokens/s at each batch against its bound (a chip's peak bandwidth, a CPU's
+    measured: no table holds a CPU's peak)."""
     model = GPT(config, rngs=nnx.Rngs(0), dtype=dtype)
-    engine = Engine(model, SpecialIds(config.vocab_size), chunk=chunk, compute_dtype_weights=True)
+    engine = Engine(model, special_ids(config.vocab_size), chunk=chunk, compute_dtype_weights=True)
     prompt = [int(t) for t in np.random.default_rng(0).integers(0, config.vocab_size - 8, prompt_len)]
     never = jnp.array([-1], jnp.int32)  # no pause tokens: every row decodes the whole time
-    spec, device = chip_specs(jax.devices()[0]), jax.devices()[0]
-    bandwidth = spec[1] if spec else measured_bandwidth() if device.platform == "cpu" else None
+    spec = chip_specs(jax.devices()[0])
+    bandwidth = spec[1] if spec else measured_bandwidth() if jax.devices()[0].platform == "cpu" else None
     out = {"prompt_len": prompt_len, "dtype": jnp.dtype(dtype).name, "decode": [], "bandwidth": bandwidth,
            "bandwidth_from": "peak" if spec else "measured" if bandwidth else None}
     for batch in batches:
