@@ -1,21 +1,18 @@
-"""Micro-batches of rendered conversations for the chat stages, with exact JSON states.
-
-Each process reads its own conversations: the k-th is task[(process_index + k * process_count) % len(task)], cycling
-over epochs. Targets whose chat-format mask is 0 (BOS, user turns, tool outputs) become -1 (Packed's masked=False keeps
-them, as nanochat's midtraining at e1770a3). Both yield {"inputs", "targets"}: np.int32 [rows_per_process, length].
+"""Micro-batches {"inputs", "targets"} (np.int32 [rows_per_process, length]) of rendered conversations for the chat
+stages, with exact JSON states. Process i's k-th conversation is task[(i + k * process_count) % len(task)] (cycling);
+targets whose chat-format mask is 0 (BOS, user turns, tool outputs) become -1 (Packed's masked=False keeps them, as
+nanochat's midtraining at e1770a3).
 PackedConversations (midtraining): one token stream cut into rows of T+1 tokens overlapping by one, so every token but
 the first is a target once. State: {"conversation": k, "offset": n}.
 PaddedConversations (SFT): a conversation per row (cropped to T+1 tokens), padded to a power-of-two length (at most T;
-exactly T when several processes feed one batch, so their shapes agree). State: {"conversation": k}.
-"""
+exactly T when several processes feed one batch, so their shapes agree). State: {"conversation": k}."""
 import numpy as np
 
 from nanochat_jax.common import bucket
 from nanochat_jax.tasks.base import Task
 
 
-def masked_targets(ids: list[int], mask: list[int]) -> list[int]:
-    """Targets for inputs ids[:-1]: ids[1:], with -1 where the mask is 0."""
+def masked_targets(ids: list[int], mask: list[int]) -> list[int]:  # those of inputs ids[:-1]; -1 where mask is 0
     return [t if m else -1 for t, m in zip(ids[1:], mask[1:])]
 
 
@@ -38,8 +35,7 @@ class _Conversations:
             raise ValueError("the task mixture holds no conversations")
         self.task, self.tokenizer, self.rows_per_process, self.seq_len = task, tokenizer, rows_per_process, seq_len
         self.process_index, self.process_count, self.max_tokens = process_index, process_count, max_tokens
-        self.conversation = 0
-        self._rendered = (None, None)  # (k, (ids, mask)): the last conversation rendered
+        self.conversation, self._rendered = 0, (None, None)  # _rendered: (k, (ids, mask)) of the last one rendered
 
     def __iter__(self):
         return self
@@ -92,7 +88,6 @@ class PaddedConversations(_Conversations):
         rendered = [self.render(k) for k in range(self.conversation, self.conversation + self.rows_per_process)]
         self.conversation += self.rows_per_process
         longest = max(len(ids) - 1 for ids, _ in rendered)
-        # every process must hand over the same shape for one global batch
         length = self.seq_len if self.process_count > 1 else bucket(longest, maximum=self.seq_len)
         return padded_rows(rendered, length, self.tokenizer.encode_special("<|assistant_end|>"))
 
@@ -104,8 +99,7 @@ class PaddedConversations(_Conversations):
 
 
 def estimated_tokens(task: Task, tokenizer, max_tokens: int = 2048, sample: int = 10_000) -> int:
-    """Rendered tokens in one pass over the task: exact up to `sample` conversations, else extrapolated from an
-    evenly spaced sample of that many."""
+    """Tokens in one pass over the task (extrapolated from `sample` evenly spaced conversations when it has more)."""
     n = len(task)
     indices = range(n) if n <= sample else np.linspace(0, n - 1, sample).astype(int)
     total = sum(len(tokenizer.render_conversation(task[int(i)], max_tokens=max_tokens)[0]) for i in indices)

@@ -6,9 +6,7 @@
     <checkpoint_dir>/<step>/data       training runs: each process's data position (process_<i>-of-<n>.json)
     <checkpoint_dir>/tokenizer/        the tokenizer the model was trained with
 
-Orbax writes a step aside and renames it when complete, so a crash mid-save leaves the earlier steps loadable.
-Restoring onto ShapeDtypeStructs with shardings loads a checkpoint onto any mesh shape.
-"""
+Orbax writes a step aside and renames it when complete, so a crash mid-save leaves the earlier steps loadable."""
 import glob
 import os
 import sys
@@ -34,24 +32,21 @@ class Checkpointer:
         self.directory = os.path.abspath(os.path.expanduser(checkpoint_dir))
         if not create and not os.path.isdir(self.directory):
             raise FileNotFoundError(f"no checkpoint directory {self.directory}")
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create,
-                                               enable_async_checkpointing=async_save)
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self.manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=create, enable_async_checkpointing=async_save))
 
     def save_tokenizer(self, tokenizer: Tokenizer):
         if jax.process_index() == 0:
             tokenizer.save(os.path.join(self.directory, "tokenizer"))
 
-    def save(self, step: int, items: dict, meta: dict):
-        """items: name -> pytree of arrays, each stored on its own (a reader restores only what it needs). Starts the
-        save: asynchronous by default, wait() to finish."""
-        args = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
+    def save(self, step: int, items: dict, meta: dict, **args):
+        """items: name -> pytree of arrays, an item each; args: more orbax items. Asynchronous by default (wait())."""
+        args |= {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
         self.manager.save(step, args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **args), force=True)
 
     def latest_step(self) -> int | None:
         """The largest step (orbax's own latest_step is the most recently written one)."""
-        steps = self.manager.all_steps()
-        return max(steps) if steps else None
+        return max(self.manager.all_steps(), default=None)
 
     def resolve_step(self, step: int | None) -> int:
         """`step` if this directory holds it (None: the latest), else FileNotFoundError naming the steps present."""
@@ -67,19 +62,17 @@ class Checkpointer:
     def meta(self, step: int | None = None) -> dict:
         return self.restore({}, step)[1]
 
-    def restore(self, targets: dict, step: int | None = None) -> tuple[dict, dict]:
-        """targets: item name -> tree of jax.ShapeDtypeStruct (with shardings). Returns ({name: tree}, meta)."""
+    def restore(self, targets: dict, step: int | None = None, **args) -> tuple[dict, dict]:
+        """targets: name -> tree of ShapeDtypeStructs with shardings (any mesh); args: more items -> (trees, meta)."""
         step = self.resolve_step(step)
-        args = {name: ocp.args.StandardRestore(target) for name, target in targets.items()}
+        args |= {name: ocp.args.StandardRestore(target) for name, target in targets.items()}
         restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore(), **args))
         return {name: restored[name] for name in targets}, restored.meta
 
     def save_training(self, state: TrainState, data_position, meta: dict):
-        """A training run at state.step: the arrays, this process's data position (JSON) and meta with loop totals."""
-        args = {"params": ocp.args.StandardSave(state.params), "opt_state": ocp.args.StandardSave(state.opt_state),
-                "data": grain.checkpoint.CheckpointSave(_Position(data_position)),
-                "meta": ocp.args.JsonSave({**meta, "step": state.step, "loop_state": asdict(state.loop)})}
-        self.manager.save(state.step, args=ocp.args.Composite(**args), force=True)
+        self.save(state.step, {"params": state.params, "opt_state": state.opt_state},
+                  {**meta, "step": state.step, "loop_state": asdict(state.loop)},
+                  data=grain.checkpoint.CheckpointSave(_Position(data_position)))
 
     def restore_training(self, step: int, abstract_params, abstract_opt_state, batches) -> TrainState:
         """The run saved at `step`, onto the abstract trees' shardings; `batches` is moved to its saved position."""
@@ -92,18 +85,15 @@ class Checkpointer:
             raise SystemExit(f"--resume: step {step} of {self.directory} holds the data positions of {len(saved)} "
                              f"processes, this run has {jax.process_count()}: the data cannot be split differently")
         position = _Position()
-        args = {"params": ocp.args.StandardRestore(abstract_params),
-                "opt_state": ocp.args.StandardRestore(abstract_opt_state),
-                "data": grain.checkpoint.CheckpointRestore(position), "meta": ocp.args.JsonRestore()}
-        restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+        restored, meta = self.restore({"params": abstract_params, "opt_state": abstract_opt_state}, step,
+                                      data=grain.checkpoint.CheckpointRestore(position))
         batches.set_state(position.get_state())
-        return TrainState(restored["params"], restored["opt_state"], step, LoopState(**restored.meta["loop_state"]))
+        return TrainState(restored["params"], restored["opt_state"], step, LoopState(**meta["loop_state"]))
 
     def begin(self, resume: bool, fresh, trainer, batches, config: GPTConfig, num_iterations: int,
               data_flags: dict) -> TrainState:
-        """The state a run trains from: `fresh()` in a directory holding no checkpoints; with resume, the latest one
-        once known to be this run's: a training checkpoint of the same model, on the same data flags (a position
-        means nothing under another --mixture or --task), not beyond num_iterations; `batches` moved to its position."""
+        """The state a run trains from: `fresh()` in an empty directory; with resume, the latest checkpoint once checked
+        to be this run's (a position means nothing under other data flags: --mixture, --task), `batches` moved there."""
         step = self.latest_step()
         if not resume:
             if step is not None:
@@ -138,8 +128,7 @@ class Checkpointer:
 
 
 class _Position(grain.DatasetIterator):
-    """A data position as grain's orbax handler saves it (JSON, a file per process): the one the loop recorded before
-    drawing ahead, not the live iterator's."""
+    """A data position for grain's orbax handler (JSON, a file per process): the loop's, not the live iterator's."""
 
     def __init__(self, state=None):
         super().__init__()
@@ -175,39 +164,31 @@ def load_model(checkpoint_dir: str, step: int | None = None, mesh=None, dtype=No
 
 def complete_steps(checkpoint_dir: str) -> list[int]:
     """The steps of a checkpoint directory written to the end (orbax names a step by its number once complete)."""
-    if not os.path.isdir(checkpoint_dir):
-        return []
-    return sorted(int(name) for name in os.listdir(checkpoint_dir)
-                  if name.isdigit() and os.path.isdir(os.path.join(checkpoint_dir, name, "meta")))
+    names = os.listdir(checkpoint_dir) if os.path.isdir(checkpoint_dir) else []
+    return sorted(int(n) for n in names if n.isdigit() and os.path.isdir(os.path.join(checkpoint_dir, n, "meta")))
 
 
-def find_model_tag(stage_dir: str) -> str:
-    """The tag in a stage directory with the newest complete checkpoint (tags with none passed over); says which."""
+def stage_directory(source: str, model_tag: str | None = None) -> str:
+    """A stage's checkpoint directory (base|mid|sft|rl); no model_tag: the tag with the newest complete checkpoint."""
+    if source not in STAGE_DIRS:
+        raise ValueError(f"unknown source {source!r}: expected one of {sorted(STAGE_DIRS)}")
+    stage_dir = os.path.join(get_base_dir(), STAGE_DIRS[source])
+    if model_tag:
+        return os.path.join(stage_dir, model_tag)
     tags = sorted(t for t in os.listdir(stage_dir) if os.path.isdir(os.path.join(stage_dir, t))) \
         if os.path.isdir(stage_dir) else []
     complete = {t: steps[-1] for t in tags if (steps := complete_steps(os.path.join(stage_dir, t)))}
     if not complete:
         empty = f" ({', '.join(tags)}: no complete checkpoint)" if tags else ""
-        raise FileNotFoundError(f"no checkpoints in {stage_dir}{empty}")
+        raise FileNotFoundError(f"no checkpoints in {stage_dir}{empty}: train the {source} stage first, or import a "
+                                "nanochat checkpoint with `python -m scripts.import_nanochat --src ... --dst "
+                                f"{stage_dir}/<tag>`")
     tag = max(complete, key=lambda t: os.path.getmtime(os.path.join(stage_dir, t, str(complete[t]))))
     skipped = sorted(set(tags) - set(complete))
     print(f"using {os.path.join(stage_dir, tag)}, step {complete[tag]}: the newest complete checkpoint"
           + (f" (passed over, with none complete: {', '.join(skipped)})" if skipped else "")
           + " (--model-tag picks another)", file=sys.stderr)
-    return tag
-
-
-def stage_directory(source: str, model_tag: str | None = None) -> str:
-    """The checkpoint directory of a stage's model (base | mid | sft | rl); model_tag defaults to find_model_tag's."""
-    if source not in STAGE_DIRS:
-        raise ValueError(f"unknown source {source!r}: expected one of {sorted(STAGE_DIRS)}")
-    stage_dir = os.path.join(get_base_dir(), STAGE_DIRS[source])
-    try:
-        model_tag = model_tag or find_model_tag(stage_dir)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"{e}: train the {source} stage first, or import a nanochat checkpoint with "
-                                f"`python -m scripts.import_nanochat --src ... --dst {stage_dir}/<tag>`") from e
-    return os.path.join(stage_dir, model_tag)
+    return os.path.join(stage_dir, tag)
 
 
 def load_stage(source: str, model_tag: str | None = None, step: int | None = None, mesh=None, dtype=None):

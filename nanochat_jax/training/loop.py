@@ -1,12 +1,10 @@
-"""The one training loop, for base, mid, SFT and RL: steps, schedules, evaluations, checkpoints, logging (console,
-metrics.jsonl, optionally wandb) and exact resume.
+"""The one training loop of every stage (base, mid, SFT, RL): steps, evaluations, checkpoints, logging, exact resume.
 
 A batch source has get_state()/set_state() (its position) and next_batch(params) -> (batch, stats): this process's
-arrays (see Trainer.step) and numbers to log; RL's samples with the params. The loop holds the next step's batch and
+arrays (see Trainer.step) and numbers to log (RL samples with the params). The loop holds the next step's batch and
 its position, which a checkpoint saves, so a resumed run's first draw is the batch it trains next. Step s (0-based)
-trains on the s-th batch; "checkpoint at step s" means after s steps. metrics.jsonl: a JSON object per trained step
-(the numbers logged, evaluations on evaluated steps) and a final {"step": num_iterations, ...evaluations} line.
-"""
+trains on the s-th batch; "checkpoint at step s" means after s steps. metrics.jsonl (and wandb when on): a JSON object
+per trained step (the numbers logged, evaluations on evaluated steps), then {"step": num_iterations, ...evaluations}."""
 import json
 import os
 import time
@@ -45,7 +43,7 @@ class Plan:
 
 def trim_metrics(path: str, before_step: int):
     """On resume, drop the records of steps that will be trained again (and a line cut short by a crash)."""
-    if not os.path.exists(path):
+    if jax.process_index() != 0 or not os.path.exists(path):
         return
     keep = []
     with open(path) as f:
@@ -60,21 +58,18 @@ def trim_metrics(path: str, before_step: int):
     os.replace(path + ".tmp", path)
 
 
-def write_metrics(path: str, record: dict, wandb_run=None):
-    if jax.process_index() == 0:
-        with open(path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if wandb_run is not None:
-            wandb_run.log(record)
-
-
 def run(trainer: Trainer, state: TrainState, batches, plan: Plan, checkpointer: Checkpointer) -> TrainState:
-    """Trains from state.step to plan.num_iterations; returns the final state."""
     metrics_path = os.path.join(checkpointer.directory, "metrics.jsonl")
-    if jax.process_index() == 0:
-        trim_metrics(metrics_path, state.step)
+    trim_metrics(metrics_path, state.step)
     peak, sharding = peak_flops_per_device(), trainer.batch_sharding()
     start_step, t_start = state.step, time.time()
+
+    def write_metrics(record: dict):
+        if jax.process_index() == 0:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if plan.wandb_run is not None:
+                plan.wandb_run.log(record)
 
     def draw():
         """(the position of the batch about to be drawn, the batch as global arrays, its stats); none after the last."""
@@ -88,10 +83,9 @@ def run(trainer: Trainer, state: TrainState, batches, plan: Plan, checkpointer: 
     pending = None  # the step dispatched last, whose metrics are fetched once the step after it is dispatched
     last_done = time.time()
 
-    def finish(p):
+    def finish(step, out, tokens, lr_mult, trained_stats, record, dispatched):
         """Fetch a dispatched step's metrics (waiting for it), log them: on the host while the next step runs."""
         nonlocal last_done
-        step, out, tokens, lr_mult, trained_stats, record, dispatched = p
         loss, grad_norm, num_tokens = float(out["loss"]), float(out["grad_norm"]), int(out["num_tokens"])
         done = time.time()
         dt, last_done = done - max(dispatched, last_done), done  # its own time, not the one before it
@@ -105,16 +99,15 @@ def run(trainer: Trainer, state: TrainState, batches, plan: Plan, checkpointer: 
                f"tok/s {tok_per_sec:,.0f} | mfu {'-' if mfu is None else f'{mfu:.1f}%'} | "
                + "".join(f"{k} {v:.3f} | " for k, v in trained_stats.items()) +
                f"elapsed {(done - t_start) / 60:.1f}m | eta {eta / 60:.1f}m")
-        write_metrics(metrics_path, {"step": step, "loss": loss, "lr": lr_mult, "dt": dt, "tok_per_sec": tok_per_sec,
-                                     "mfu": mfu, "grad_norm": grad_norm, "num_tokens": num_tokens, **trained_stats,
-                                     **record}, plan.wandb_run)
+        write_metrics({"step": step, "loss": loss, "lr": lr_mult, "dt": dt, "tok_per_sec": tok_per_sec, "mfu": mfu,
+                       "grad_norm": grad_norm, "num_tokens": num_tokens, **trained_stats, **record})
 
     while True:
         step, last = state.step, state.step == plan.num_iterations
         saving = last or (plan.save_every > 0 and step > 0 and step % plan.save_every == 0)
         due = [ev for ev in plan.evals if ev.due(step, last)]
-        if pending is not None and (due or saving or last):  # these need the step before done: log it first
-            finish(pending)
+        if pending is not None and (due or saving):  # these need the step before done: log it first
+            finish(*pending)
             pending = None
         record = {}
         if due:
@@ -124,24 +117,22 @@ def run(trainer: Trainer, state: TrainState, batches, plan: Plan, checkpointer: 
         if record:
             state.loop.last_eval = record
             if "val_bpb" in record:
-                best = state.loop.min_val_bpb
-                state.loop.min_val_bpb = record["val_bpb"] if best is None else min(best, record["val_bpb"])
+                state.loop.min_val_bpb = min(v for v in (state.loop.min_val_bpb, record["val_bpb"]) if v is not None)
             print0(f"step {step:05d} | " + " | ".join(f"{k}: {v:.4f}" for k, v in record.items()))
         if saving and step != start_step:  # the step we started from is already saved
             checkpointer.save_training(state, position, plan.meta | state.loop.last_eval)
         if last:
             if record:
-                write_metrics(metrics_path, {"step": step, **record}, plan.wandb_run)
+                write_metrics({"step": step, **record})
             break
 
-        lr_mult, momentum, wd_mult = plan.schedule(step)
+        schedule = plan.schedule(step)  # (lr multiplier, Muon momentum, Muon weight-decay multiplier)
         dispatched, tokens, trained_stats = time.time(), batch["inputs"].size, stats  # tokens: padding included
-        state.params, state.opt_state, out = trainer.run_step(state.params, state.opt_state, batch, lr_mult, momentum,
-                                                              wd_mult)
+        state.params, state.opt_state, out = trainer.run_step(state.params, state.opt_state, batch, *schedule)
         state.step += 1
         position, batch, stats = draw()  # dispatch is asynchronous: the next batch is made while the step runs
         if pending is not None:
-            finish(pending)
-        pending = (step, out, tokens, lr_mult, trained_stats, record, dispatched)
+            finish(*pending)
+        pending = (step, out, tokens, schedule[0], trained_stats, record, dispatched)
     checkpointer.wait()
     return state

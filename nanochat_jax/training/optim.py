@@ -1,8 +1,7 @@
 """nanochat's optimizer as an optax transformation: Muon for the block matrices, AdamW for the embeddings, lm_head
 and scalars, global-norm clipping first, and the schedules as injected hyperparameters (values: never a recompile).
 MODERN_MUON (nanochat's current Muon) adds MuonEq, Polar Express, Muon+, NorMuon and cautious weight decay to the
-classic one. Our kernels are [in, out] (torch's weights are [out, in]), so nanochat's rows/cols are our cols/rows.
-"""
+classic one. Our kernels are [in, out] (torch's weights are [out, in]), so nanochat's rows/cols are our cols/rows."""
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -25,17 +24,14 @@ POLAR_EXPRESS_COEFFS = ((8.156554524902461, -22.48329292557795, 15.8787699152074
 def orthogonalize(g, steps: int = 5, dtype=jnp.bfloat16, polar_express: bool = False):
     """Newton-Schulz towards U V^T of g = U S V^T (singular values land in about [0.5, 1.5]; Polar Express's, after
     dividing by 1.01 x the norm, closer to 1). In bf16 (the iteration is approximate anyway), on the smaller Gram."""
+    if g.shape[-2] > g.shape[-1]:
+        return orthogonalize(g.swapaxes(-1, -2), steps, dtype, polar_express).swapaxes(-1, -2)
     x = g.astype(dtype)
-    tall = g.shape[-2] > g.shape[-1]
-    if tall:
-        x = x.swapaxes(-1, -2)
     norm = jnp.linalg.norm(x.astype(jnp.float32), axis=(-2, -1), keepdims=True)
     x = x / ((norm * 1.01 + 1e-6) if polar_express else (norm + 1e-7)).astype(dtype)
     for a, b, c in POLAR_EXPRESS_COEFFS[:steps] if polar_express else [NS_COEFFS] * steps:
         gram = x @ x.swapaxes(-1, -2)
         x = a * x + (b * gram + c * gram @ gram) @ x
-    if tall:
-        x = x.swapaxes(-1, -2)
     return x
 
 
@@ -63,8 +59,7 @@ class NorMuonState(NamedTuple):
     second_moment: optax.Updates  # NorMuon's factored second moment: [.., 1, out] or [.., in, 1] per kernel
 
 
-def normuon_axis(shape) -> int:
-    """NorMuon averages over the inputs (per output neuron), or over the outputs when there are more inputs."""
+def normuon_axis(shape) -> int:  # NorMuon averages over the inputs (per output), or the outputs if more inputs
     return -2 if shape[-1] >= shape[-2] else -1
 
 
@@ -112,9 +107,8 @@ def muon(learning_rate, momentum=0.95, ns_steps: int = 5, variant: MuonVariant =
         p_leaves = g_leaves if params is None else treedef.flatten_up_to(params)
         normuon = isinstance(state, NorMuonState)
         m_leaves = treedef.flatten_up_to(state.second_moment) if normuon else [None] * len(g_leaves)
-        out = [kernel_update(g, m, p) for g, m, p in zip(g_leaves, m_leaves, p_leaves)]
-        updates = treedef.unflatten([u for u, _ in out])
-        return updates, (NorMuonState(buf, treedef.unflatten([m for _, m in out])) if normuon else MuonState(buf))
+        updates, moments = zip(*[kernel_update(g, m, p) for g, m, p in zip(g_leaves, m_leaves, p_leaves)])
+        return treedef.unflatten(updates), NorMuonState(buf, treedef.unflatten(moments)) if normuon else MuonState(buf)
 
     return optax.GradientTransformation(init, update)
 
@@ -131,12 +125,10 @@ def param_label(path) -> str:
 def build_optimizer(n_embd: int, embedding_lr=0.2, unembedding_lr=0.004, matrix_lr=0.02, weight_decay=0.0,
                     grad_clip=1.0, recipe: str = "classic", scalar_lr=0.5, lr_scale=1.0,
                     lr_fraction=1.0, muon_dtype=jnp.bfloat16) -> optax.GradientTransformation:
-    """The optimizer over our parameter tree (keyed as LABELS); its state holds the per-step lr_multiplier,
-    muon_momentum and (modern) wd_multiplier. lr_scale scales every lr but the smear group's (modern batch scaling),
-    lr_fraction every one (--init-lr-frac); muon_dtype: bf16 in classic nanochat, the compute dtype in its current."""
+    """The optimizer over our parameter tree (keyed as LABELS). lr_scale (modern batch scaling) scales every lr but the
+    smear group's, lr_fraction (--init-lr-frac) all; muon_dtype: bf16 in classic nanochat, the compute dtype now."""
     width_scale = (n_embd / 768) ** -0.5  # the AdamW lrs were tuned at width 768
     flags = {"embedding_lr": embedding_lr, "unembedding_lr": unembedding_lr, "scalar_lr": scalar_lr}
-    groups = RECIPES[recipe].adam  # (the groups as data: recipes.AdamGroup)
     matrix_lr = matrix_lr * lr_scale * lr_fraction
     variant = MUON_VARIANTS[RECIPES[recipe].muon]
 
@@ -149,7 +141,7 @@ def build_optimizer(n_embd: int, embedding_lr=0.2, unembedding_lr=0.004, matrix_
 
         muon_wd = weight_decay * wd_multiplier if wd_multiplier is not None else 0.0
         transforms = {"matrix": muon(matrix_lr * lr_multiplier, muon_momentum, variant=variant, weight_decay=muon_wd,
-                                     dtype=muon_dtype)} | {name: adamw(g) for name, g in groups.items()}
+                                     dtype=muon_dtype)} | {name: adamw(g) for name, g in RECIPES[recipe].adam.items()}
         partitioned = optax.partition(
             transforms, lambda params: jax.tree_util.tree_map_with_path(lambda path, _: param_label(path), params))
         return optax.chain(optax.clip_by_global_norm(grad_clip), partitioned) if grad_clip > 0 else partitioned
@@ -176,13 +168,10 @@ def auto_batch(scaling_params: int, d12_scaling_params: int, target_param_data_r
 def set_schedule(opt_state, lr_multiplier, muon_momentum, wd_multiplier=1.0):
     """A copy of opt_state with this step's schedule values (works inside jit: they are plain array leaves)."""
     values = {"lr_multiplier": lr_multiplier, "muon_momentum": muon_momentum, "wd_multiplier": wd_multiplier}
-    hyperparams = dict(opt_state.hyperparams) | {k: jnp.asarray(v, jnp.float32) for k, v in values.items()
-                                                 if k in opt_state.hyperparams}
-    return opt_state._replace(hyperparams=hyperparams)
+    return opt_state._replace(hyperparams={k: jnp.asarray(values[k], jnp.float32) for k in opt_state.hyperparams})
 
 
 def lr_multiplier(step: int, num_iterations: int, warmup_ratio=0.0, warmdown_ratio=0.2, final_lr_frac=0.0) -> float:
-    """nanochat's schedule: linear warmup (none by default), flat, then linear warmdown to final_lr_frac."""
     warmup, warmdown = round(warmup_ratio * num_iterations), round(warmdown_ratio * num_iterations)
     if step < warmup:
         return (step + 1) / warmup
@@ -192,14 +181,12 @@ def lr_multiplier(step: int, num_iterations: int, warmup_ratio=0.0, warmdown_rat
     return progress + (1 - progress) * final_lr_frac
 
 
-def muon_momentum(step: int) -> float:
-    """0.85 -> 0.95 linearly over the first 300 steps."""
+def muon_momentum(step: int) -> float:  # 0.85 -> 0.95 over the first 300 steps
     frac = min(step / 300, 1.0)
     return (1 - frac) * 0.85 + frac * 0.95
 
 
-def modern_muon_momentum(step: int, num_iterations: int, warmdown_ratio: float) -> float:
-    """nanochat's current ramp: 0.85 -> 0.97 over 400 steps, then linearly down to 0.90 over the warmdown."""
+def modern_muon_momentum(step: int, num_iterations: int, warmdown_ratio: float) -> float:  # nanochat's current ramp
     warmdown = round(warmdown_ratio * num_iterations)
     if step < 400:
         return (1 - step / 400) * 0.85 + step / 400 * 0.97
@@ -211,15 +198,14 @@ def modern_muon_momentum(step: int, num_iterations: int, warmdown_ratio: float) 
 
 @dataclass(frozen=True)
 class Schedule:
-    """A stage's schedule: step -> (lr multiplier, Muon momentum, Muon weight-decay multiplier). momentum None: the
-    muon_momentum ramp (base, mid), else that constant (SFT, RL). modern: nanochat's current pretraining schedule
-    (modern_muon_momentum, weight decay cosine to 0); warmup_steps, when set, replaces warmup_ratio."""
+    """step -> (lr multiplier, Muon momentum, Muon weight-decay multiplier). momentum None: the muon_momentum ramp,
+    else that constant; modern: nanochat's current pretraining schedule (modern_muon_momentum, decay cosine to 0)."""
     num_iterations: int
     warmup_ratio: float = 0.0
     warmdown_ratio: float = 0.2
     final_lr_frac: float = 0.0
     momentum: float | None = None
-    warmup_steps: int | None = None
+    warmup_steps: int | None = None  # when set, replaces warmup_ratio
     modern: bool = False
 
     def __call__(self, step: int) -> tuple[float, float, float]:

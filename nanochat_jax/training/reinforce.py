@@ -1,9 +1,7 @@
-"""On-policy REINFORCE for chat models, nanochat's simplification of GRPO: no KL penalty, no PPO ratio (the samples
-come from the current policy), advantage = reward - the question's mean reward (not divided by the std), and a
-token-level loss normalised by the number of sampled tokens. `rollouts` samples and scores one question's
-completions; `policy_batch` makes a step's rollouts a batch whose only targets are sampled tokens, "weights" the
-advantages; RolloutBatches is the batch source train.rl hands the training loop.
-"""
+"""On-policy REINFORCE, nanochat's simplification of GRPO: no KL penalty, no PPO ratio (samples come from the current
+policy), advantage = reward - the question's mean reward (not divided by the std), a token-level loss normalised by the
+number of sampled tokens. `rollouts` samples and scores one question's completions, `policy_batch` makes a step's
+rollouts a batch (targets: sampled tokens only; "weights": the advantages), RolloutBatches feeds the training loop."""
 import time
 from dataclasses import dataclass
 
@@ -39,47 +37,41 @@ def rollouts(engine, tokenizer, task, index: int, num_samples: int, max_new_toke
 
 
 def policy_batch(step_rollouts: list[Rollouts], rows_per_micro_step: int, pad_id: int, max_len: int) -> dict:
-    """Every question's rows in order, cut into micro-steps of rows_per_micro_step, padded to a power-of-two length
-    (at most max_len)."""
-    rows = [(seq, mask, adv) for r in step_rollouts for seq, mask, adv in zip(r.sequences, r.masks, r.advantages)]
+    """Rows in question order, in micro-steps of rows_per_micro_step, padded to a power-of-two length (<= max_len)."""
+    rows = [(seq, mask) for r in step_rollouts for seq, mask in zip(r.sequences, r.masks)]
     if len(rows) % rows_per_micro_step:
         raise ValueError(f"{len(rows)} sequences do not split into micro-steps of {rows_per_micro_step} rows")
-    length = bucket(max(len(seq) - 1 for seq, _, _ in rows), maximum=max_len)
-    batch = padded_rows([(seq, mask) for seq, mask, _ in rows], length, pad_id)
-    weights = np.asarray([adv for _, _, adv in rows], np.float32)
+    length = bucket(max(len(seq) - 1 for seq, _ in rows), maximum=max_len)
     shape = (len(rows) // rows_per_micro_step, rows_per_micro_step)
-    return {name: a.reshape(*shape, length) for name, a in batch.items()} | {"weights": weights.reshape(shape)}
+    batch = {name: a.reshape(*shape, length) for name, a in padded_rows(rows, length, pad_id).items()}
+    return batch | {"weights": np.concatenate([r.advantages for r in step_rollouts]).astype(np.float32).reshape(shape)}
 
 
 class RolloutBatches:
     """RL's batch source: step k's batch is the rollouts of questions k x per_step ... of the task (cycling), sampled
-    from the params the loop hands over (on-policy). Its position is the next step's k."""
+    by engine_for(params) from the params the loop hands over (on-policy). Its position is the next step's k."""
 
     def __init__(self, engine_for, tokenizer, task, per_step: int, num_samples: int, max_new_tokens: int,
                  temperature: float, top_k: int | None, seed: int, rows_per_micro_step: int):
-        """engine_for(params) -> the engine that samples from those params (the stage's one engine)."""
         self.engine_for, self.tokenizer, self.task, self.per_step = engine_for, tokenizer, task, per_step
         self.num_samples, self.max_new_tokens, self.temperature = num_samples, max_new_tokens, temperature
-        self.top_k, self.seed, self.rows_per_micro_step = top_k, seed, rows_per_micro_step
+        self.top_k, self.seed, self.rows_per_micro_step, self.position = top_k, seed, rows_per_micro_step, 0
         self.pad_id = tokenizer.encode_special("<|assistant_end|>")  # never a target: any id would do
-        self.position = 0
 
     def next_batch(self, params) -> tuple[dict, dict]:
         t0 = time.time()
         engine = self.engine_for(params)
         step, self.position = self.position, self.position + 1
-        batch_rollouts = []
-        for j in range(self.per_step):
-            index = (step * self.per_step + j) % len(self.task)
-            seed = hash((self.seed, step, index)) & 0x7FFFFFFF  # ints hash the same in every process and run
-            batch_rollouts.append(rollouts(engine, self.tokenizer, self.task, index, self.num_samples,
-                                           self.max_new_tokens, self.temperature, self.top_k, seed))
+        indices = [(step * self.per_step + j) % len(self.task) for j in range(self.per_step)]
+        # each question's seed from ints, which hash the same in every process and run
+        batch_rollouts = [rollouts(engine, self.tokenizer, self.task, i, self.num_samples, self.max_new_tokens,
+                                   self.temperature, self.top_k, hash((self.seed, step, i)) & 0x7FFFFFFF)
+                          for i in indices]
         stats = {"reward": float(np.mean([r.rewards.mean() for r in batch_rollouts])),
                  "completion_length": float(np.mean([len(s) - r.prompt_len for r in batch_rollouts
                                                      for s in r.sequences])),
                  "sampling_s": time.time() - t0}
-        batch = policy_batch(batch_rollouts, self.rows_per_micro_step, self.pad_id, engine.config.sequence_len)
-        return batch, stats
+        return policy_batch(batch_rollouts, self.rows_per_micro_step, self.pad_id, engine.config.sequence_len), stats
 
     def get_state(self) -> dict:
         return {"position": self.position}
