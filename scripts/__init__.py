@@ -1,4 +1,9 @@
-"""The command-line scripts (python -m scripts.NAME), and what the comparisons with nanochat share."""
+"""The command-line scripts (python -m scripts.NAME), and what the comparisons with nanochat share. Those that take
+--nanochat (parity_tasks, parity_core, parity_chat, bench_decode) want a checkout of e1770a3 and what it imports:
+
+    git clone https://github.com/karpathy/nanochat /tmp/nanochat && git -C /tmp/nanochat checkout e1770a3
+    pip install tokenizers jinja2 torch
+"""
 import argparse
 import os
 import sys
@@ -20,10 +25,12 @@ def parse_with_checkout(p: argparse.ArgumentParser, argv=None) -> argparse.Names
     return args
 
 
-def random_pair(tokenizer, **config):
-    """A random nanochat GPT (torch, eval mode) and ours, imported from it through nanochat's checkpoint format."""
+def random_pair(**config):
+    """Our tokenizer, a random nanochat GPT (torch, eval mode) and ours, imported through its checkpoint format."""
     from nanochat.gpt import GPT, GPTConfig
+    from nanochat_jax.data.tokenizer import get_tokenizer
     from nanochat_jax.model.interop import import_nanochat, write_random_nanochat
+    tokenizer = get_tokenizer()
     with tempfile.TemporaryDirectory() as directory:
         ref_model = write_random_nanochat(directory, tokenizer, GPT, GPTConfig, **config)
-        return ref_model, import_nanochat(directory)[0]
+        return tokenizer, ref_model, import_nanochat(directory)[0]

@@ -1,22 +1,16 @@
-"""Compile the real training step (with its optimizer) and the engine's prefill and decode for a device topology from
-abstract shapes, with no device, and print what the compiler says: memory per chip and whether it fits (on a GPU: in
-JAX's share of it, XLA_PYTHON_CLIENT_MEM_FRACTION, default 0.75), on a TPU the estimated step time and MFU (see
-nanochat_jax/measure/aot.py), on a GPU which kernels the matmuls and attention became (FP8 GEMMs, cuDNN attention).
+"""Compile the training step (with its optimizer) and the engine's prefill and decode for a device topology from
+abstract shapes, with no device, and print what the compiler says: memory per chip and whether it fits (a GPU: in JAX's
+share, XLA_PYTHON_CLIENT_MEM_FRACTION, default 0.75), a TPU's step time and MFU, a GPU's matmul and attention kernels.
+Topologies: v5e:2x4, v5e:4x4 (4 hosts), v5p:2x2x1, v6e:2x4, h100:8, h100:2x8, h200:8; needs jax[tpu] or jax[cuda12].
 
-    python -m scripts.aot_compile --topology v5e:2x4 --depth 20 --mesh fsdp:8 --device-batch-size 16 --remat full
     python -m scripts.aot_compile --topology v5e:4x4 --depth 32 --mesh fsdp:16 --find-max-batch --json-out d32.json
-    JAX_PLATFORMS=cpu python -m scripts.aot_compile --topology h100:8 --recipe modern --depth 24 \
-        --device-batch-size 16 --fp8 --hlo-out hlo/                         # the modern speedrun's step on 8xH100
+    JAX_PLATFORMS=cpu python -m scripts.aot_compile --topology h100:8 --recipe modern --depth 24 --fp8 --hlo-out hlo/
     python -m scripts.aot_compile --depth 4 --seq-len 256 --device-batch-size 4     # this machine's own devices
-
-On any machine, in a venv with jax[tpu] (libtpu) or jax[cuda12] (pip install -e ".[gpu]"). Topologies: v5e:2x4
-(v5e-8), v5e:4x4 (v5e-16, 4 hosts), v5p:2x2x1 (v5p-8), v6e:2x4 (v6e-8); h100:8 (8 H100 SXM, one host), h100:2x8, h200:8.
 """
 import argparse
 import dataclasses
 import json
 import os
-import sys
 from functools import partial
 from pathlib import Path
 
@@ -38,8 +32,8 @@ PROGRAMS = ("train", "prefill", "decode")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="compile nanochat-jax's jitted programs ahead of time")
     p.add_argument("--topology", default=None, help="e.g. v5e:2x4, h100:8, h100:2x8 (default: this machine's devices)")
-    p.add_argument("--target-config", default=None, help="a GPU's GpuTargetConfigProto (text file) instead of the "
-                   "built-in H100/H200 one, e.g. the *.gpu_target_config.pbtxt of XLA_FLAGS=--xla_dump_to on a GPU")
+    p.add_argument("--target-config", default=None, help="a GPU's GpuTargetConfigProto text file, not the built-in "
+                   "H100/H200 one (e.g. the *.gpu_target_config.pbtxt of XLA_FLAGS=--xla_dump_to on a GPU)")
     p.add_argument("--recipe", choices=RECIPES, default="classic")
     p.add_argument("--depth", type=int, default=20)
     p.add_argument("--vocab-size", type=int, default=None, help="default: the recipe's (classic 65536, modern 32768)")
@@ -53,8 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--programs", default="train,prefill,decode", help=f"comma-separated, of {PROGRAMS}")
     p.add_argument("--decode-batch", type=int, default=8, help="rows of the engine's decode step")
-    p.add_argument("--find-max-batch", action="store_true",
-                   help="also find the largest device batch that fits (halving, or doubling while it fits)")
+    p.add_argument("--find-max-batch", action="store_true", help="also find the largest device batch that fits")
     p.add_argument("--json-out", default=None)
     p.add_argument("--hlo-out", default=None, help="directory for each program's optimized HLO (<program>.hlo.txt)")
     args = p.parse_args(argv)
@@ -79,8 +72,17 @@ def modern_batch(depth: int, vocab_size: int, seq_len: int, ratio: float = 8.0) 
 
 
 def train_program(args, config, devices, mesh, rows_per_chip: int, estimate: bool = True) -> dict:
-    """Compile Trainer.step for rows_per_chip rows on every chip, one micro-step (the scan over micro-steps holds one at
-    a time: memory does not depend on the accumulation), or raise DoesNotFit; estimate: also the step time."""
+    """train_report, or why the compiler refused the step."""
+    try:
+        return train_report(args, config, devices, mesh, rows_per_chip, estimate)
+    except aot.DoesNotFit as e:
+        return {"device_batch_size": rows_per_chip, "fits": False, "error": str(e),
+                "needed_bytes": aot.refused_bytes(str(e))}
+
+
+def train_report(args, config, devices, mesh, rows_per_chip: int, estimate: bool) -> dict:
+    """Compile Trainer.step for one micro-step of rows_per_chip rows a chip (the scan over micro-steps holds one at a
+    time: memory does not depend on the accumulation); estimate: also the step time."""
     dtype, n_chips = jnp.dtype(args.dtype), len(devices)
     tokens_per_micro = rows_per_chip * n_chips * args.seq_len
     if args.total_batch_size % tokens_per_micro:
@@ -96,19 +98,17 @@ def train_program(args, config, devices, mesh, rows_per_chip: int, estimate: boo
         return aot.compile_timed(trainer.step, *trainer.step_args(rows_per_chip * n_chips, args.seq_len))
 
     compiled, compile_s = compile_step(config.n_layer)
-    platform = devices[0].platform
+    platform, chip_tokens = devices[0].platform, args.total_batch_size / n_chips
     kernel = ("splash" if platform == "tpu" and args.seq_len % 128 == 0
               else "cudnn" if platform == "gpu" and dtype == jnp.bfloat16 else None)
-    # splash is invisible to the cost model: its FLOPs come from the model's formula
-    kernel_flops = aot.attention_flops_per_token(config, args.remat) * args.total_batch_size / n_chips \
-        if kernel == "splash" else 0.0
     roofline = None
     if estimate and aot.estimates_time(devices[0]):  # (none to make for a CPU or a GPU)
+        # splash is invisible to the cost model: its FLOPs come from the model's formula
+        kernel_flops = aot.attention_flops_per_token(config, args.remat) * chip_tokens if kernel == "splash" else 0.0
         cost_at = lambda layers: aot.cost_analysis(compile_step(layers)[0])  # noqa: E731
         roofline = aot.layer_scaled_cost(cost_at, config.n_layer, accum, kernel_flops)
         # the probes count a loop (the loss's chunks) once and may merge a recomputed forward away: at least this
-        needed = aot.training_flops_per_token(config, args.remat) * args.total_batch_size / n_chips
-        roofline["flops"] = max(roofline["flops"], needed)
+        roofline["flops"] = max(roofline["flops"], aot.training_flops_per_token(config, args.remat) * chip_tokens)
     name = "train" if rows_per_chip == args.device_batch_size else f"train_{rows_per_chip}rows"
     out = aot.report(compiled, devices[0], compile_s, config.flops_per_token() * args.total_batch_size, n_chips,
                      roofline, repeat=accum, hlo_path=args.hlo_out and os.path.join(args.hlo_out, f"{name}.hlo.txt"))
@@ -116,8 +116,7 @@ def train_program(args, config, devices, mesh, rows_per_chip: int, estimate: boo
 
 
 def engine_programs(args, config, devices) -> dict:
-    """The engine's prefill (one prompt of seq_len tokens) and decode (16 tokens for --decode-batch rows) on one
-    chip, parameters replicated, as serving runs them."""
+    """The engine's prefill (one seq_len prompt) and decode (16 tokens, --decode-batch rows) on one chip, as served."""
     dtype, device, n = jnp.dtype(args.dtype), devices[0], args.decode_batch
     one = jax.sharding.NamedSharding(make_mesh("data:1", devices=[device]), jax.sharding.PartitionSpec())
     spec = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=one)  # noqa: E731
@@ -161,7 +160,7 @@ def engine_programs(args, config, devices) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
-    target_config = Path(args.target_config).read_text() if args.target_config else None
+    target_config = args.target_config and Path(args.target_config).read_text()
     devices = aot.topology_devices(args.topology, target_config) if args.topology else jax.devices()
     config = config_from_depth(args.depth, args.vocab_size, args.seq_len, recipe=args.recipe)
     mesh = make_mesh(args.mesh, devices=devices)
@@ -171,41 +170,33 @@ def main(argv=None):
               "total_batch_size": args.total_batch_size, "seq_len": args.seq_len, "remat": args.remat,
               "dtype": args.dtype, "fp8": args.fp8, "jax": jax.__version__}
     if "train" in args.programs:
-        try:
-            result["train"] = train_program(args, config, devices, mesh, args.device_batch_size)
-        except aot.DoesNotFit as e:
-            result["train"] = {"device_batch_size": args.device_batch_size, "fits": False, "error": str(e),
-                               "needed_bytes": aot.refused_bytes(str(e))}
-        if args.find_max_batch and result["train"]["fits"] is not None:
-            reports = {args.device_batch_size: result["train"]}
+        result["train"] = train = train_program(args, config, devices, mesh, args.device_batch_size)
+        if args.find_max_batch and train["fits"] is not None:
+            reports = {args.device_batch_size: train}
 
             def fits_at(rows):
-                try:
-                    reports[rows] = train_program(args, config, devices, mesh, rows, estimate=False)
-                except aot.DoesNotFit:
-                    return False
+                reports[rows] = train_program(args, config, devices, mesh, rows, estimate=False)
                 return reports[rows]["fits"]
 
-            if result["train"]["fits"]:  # double while a step still takes at least one micro-batch
+            if train["fits"]:  # double while a step still takes at least one micro-batch
                 best = args.device_batch_size
                 while args.total_batch_size % (2 * best * len(devices) * args.seq_len) == 0 and fits_at(2 * best):
                     best *= 2
             else:
                 best = aot.largest_fitting(fits_at, args.device_batch_size // 2 or 1)
-            result["train"]["largest_fitting_device_batch"] = best
-            result["train"]["peak_bytes_by_device_batch"] = {rows: r["peak_bytes"]
-                                                              for rows, r in sorted(reports.items())}
+            train["largest_fitting_device_batch"] = best
+            train["peak_bytes_by_device_batch"] = {rows: r["peak_bytes"] for rows, r in sorted(reports.items())
+                                                   if "error" not in r}
             if best is not None and best != args.device_batch_size:  # (compiled again, with its estimate)
                 result["train_at_largest_fitting_batch"] = train_program(args, config, devices, mesh, best)
     result.update(engine_programs(args, config, devices))
     text = json.dumps(result, indent=2)
     print(text)
     if args.json_out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)
-        with open(args.json_out, "w") as f:
-            f.write(text + "\n")
+        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_out).write_text(text + "\n")
     return result
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    main()

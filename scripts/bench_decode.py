@@ -1,14 +1,10 @@
-"""Engine speed: prefill time and decode tokens/s per batch and depth, and against nanochat's Engine.
+"""Engine speed on random weights: prefill time and decode tokens/s per batch and depth; needs only jax, flax, optax,
+numpy. Alone: the jitted programs, no stop tokens, each batch against the memory-bandwidth bound (the chip's peak, a
+CPU's as measured: measure/speed.py). --nanochat: both engines' generate() on the same weights and prompt (temperature
+1, top-k 50, the host loop included).
 
-    python -m scripts.bench_decode --depths 12 20 --prompt-len 512        # GPU (bf16): the programs alone
-    python -m scripts.bench_decode --depths 4 --prompt-len 128 --batches 1 8   # CPU
-    python -m scripts.bench_decode --nanochat /tmp/nanochat --depths 4 --batches 1 8   # ours against nanochat's
-
-Random weights and tokens. Without --nanochat: the jitted prefill and decode programs, no stop tokens, each batch
-against the memory-bandwidth bound (the chip's peak, a CPU's as measured here: measure/speed.py); needs only jax,
-flax, optax, numpy.
-With --nanochat: the user-facing generate() of both engines on the same random weights (saved in nanochat's format,
-imported here) and prompt, sampling at temperature 1, top-k 50, the host loop included; tokens/s over those emitted.
+    python -m scripts.bench_decode --depths 12 20 --prompt-len 512                             # GPU (bf16)
+    python -m scripts.bench_decode --depths 4 --prompt-len 128 --batches 1 8 [--nanochat /tmp/nanochat]   # CPU
 """
 import argparse
 import os
@@ -39,16 +35,14 @@ def against_nanochat(args):
     from nanochat.tokenizer import RustBPETokenizer
 
     from nanochat_jax.inference.engine import Engine
-    from nanochat_jax.data.tokenizer import get_tokenizer
     from scripts import random_pair
     torch.set_num_threads(os.cpu_count())
-    tokenizer = get_tokenizer()
-    text = "The chemical symbol of gold is " * 200
-    prompt = [tokenizer.get_bos_token_id(), *tokenizer.encode(text)][:args.prompt_len]
     for depth in args.depths:
         heads = max(1, depth * 64 // 128)
-        ref_model, model = random_pair(tokenizer, n_layer=depth, n_head=heads, n_kv_head=heads, n_embd=depth * 64,
-                                       sequence_len=args.prompt_len + args.decode_tokens + 16)
+        tokenizer, ref_model, model = random_pair(n_layer=depth, n_head=heads, n_kv_head=heads, n_embd=depth * 64,
+                                                  sequence_len=args.prompt_len + args.decode_tokens + 16)
+        text = "The chemical symbol of gold is " * 200
+        prompt = [tokenizer.get_bos_token_id(), *tokenizer.encode(text)][:args.prompt_len]
         ours = Engine(model, tokenizer, chunk=args.chunk)
         ref = TorchEngine(ref_model, RustBPETokenizer(tokenizer.enc, "<|bos|>"))
         for batch in args.batches:

@@ -1,12 +1,9 @@
-"""The code sandbox's cost per call, and HumanEval's canonical solutions through it.
+"""The code sandbox's cost per call: the median and 90th percentile of --repeats round trips (start, limits, output
+back, clean-up) of a trivial, a printing and a CPU-bound program; and HumanEval's canonical solutions through it.
 
     python -m scripts.bench_sandbox                                   # this sandbox, the mode this machine gets
     python -m scripts.bench_sandbox --humaneval ../shared/data/task_data/humaneval/test.jsonl
     python -m scripts.bench_sandbox --impl /tmp/old_execution.py      # another execute_code (e.g. an older commit's)
-
-Times a trivial program (the round trip: start, limits, program, output back, clean-up) and a small CPU-bound one,
---repeats times each (median, 90th percentile); given HumanEval's JSONL, runs every canonical solution with its tests
-and reports how many pass and the time per problem. Needs only the standard library and this package.
 """
 import argparse
 import importlib.util
@@ -16,8 +13,9 @@ import time
 
 
 def load_execute_code(path: str | None):
-    if path is None:
-        from nanochat_jax.sandbox.execution import execute_code
+    if path is None:  # this package's, and which mode it runs in
+        from nanochat_jax.sandbox.execution import describe, execute_code
+        print(describe())
         return execute_code
     spec = importlib.util.spec_from_file_location("other_execution", path)
     module = importlib.util.module_from_spec(spec)
@@ -58,9 +56,6 @@ def main():
     if args.repeats < 1:
         p.error("--repeats must be positive")
     execute_code = load_execute_code(args.impl)
-    if args.impl is None:
-        from nanochat_jax.sandbox.execution import describe
-        print(describe())
     out = {"impl": args.impl or "nanochat_jax.sandbox.execution"}
     for name, code in (("trivial", "pass"), ("print", "print('hello')"),
                        ("cpu", "s = 0\nfor i in range(2_000_000):\n    s += i\nprint(s)")):

@@ -1,10 +1,7 @@
-"""The device check: what users compare us on, measured in one command on one GPU on random weights (nothing to
-download): the training step at d12 and d20 (bf16, sequence 2048, the largest device batch that fits), the modern
-recipe's d24 step (vocabulary 32768) in bf16 and with FP8 matmuls (each beside the compiler's peak memory), cuDNN
-flash attention against the XLA path (causal and windowed, forward and gradients), and the engine at d20 (prefill of
-512 tokens, decode at batch 1, 8 and 32 against the memory-bandwidth bound). Writes device_check.json and
-device_check.md (a table for docs/benchmarks.md). Needs only jax, flax, optax and numpy; a part that fails is
-recorded with its error and the others still run.
+"""The device check, one command on one GPU with random weights (sizes in FULL): the training step at the largest batch
+that fits (classic d12, d20; modern d24 in bf16 and FP8, beside the compiler's peak memory), cuDNN attention against
+XLA's (causal and windowed, forward and gradients), the engine against the memory-bandwidth bound. Writes
+device_check.json and device_check.md (a table for docs/benchmarks.md); a failing part is recorded with its error.
 
     python -m scripts.device_check --out results/          # one H100/H200: about 5 minutes
     python -m scripts.device_check --tiny --out /tmp/dc    # CPU rehearsal: the same code paths at toy sizes
@@ -40,13 +37,18 @@ def run_part(name: str, fn) -> dict:
     return result
 
 
+def error_row(part: dict, columns: int) -> list[str]:
+    """[the part's error as a table row] if it failed, else []."""
+    return [f"| error: {part['error'][:80]} |" + " |" * (columns - 1)] if "error" in part else []
+
+
 def markdown(results: dict) -> str:
-    env = results["environment"]
+    env, att, eng = results["environment"], results["attention"], results["engine"]
     lines = [f"Device check, {env['date']}: one of {env['devices']} ({env['platform']}), jax {env['jax']}, "
-             f"{env['dtype']}, `{env['command']}`", ""]
-    lines += ["| training step | batch x seq | compile | step | tokens/s | MFU | peak: compiler / measured |",
-              "|---|---|---|---|---|---|---|"]
-    for row in results.get("train", []):
+             f"{env['dtype']}, `{env['command']}`", "",
+             "| training step | batch x seq | compile | step | tokens/s | MFU | peak: compiler / measured |",
+             "|---|---|---|---|---|---|---|"]
+    for row in results["train"]:
         label = f"d{row.get('depth', '?')}" + (f" {row['label']}" if row.get("label") else "")
         if "error" in row:
             lines.append(f"| {label} | error: {row['error'][:80]} | | | | | |")
@@ -59,21 +61,15 @@ def markdown(results: dict) -> str:
                      f"{row['seq_len']} | {row['compile_s']:.1f} s | {1000 * row['step_s']:.1f} ms | "
                      f"{row['tokens_per_s']:,.0f} | {mfu} | {row['compiled_peak_bytes'] / 2**30:.2f} / {measured} "
                      "GiB |")
-    att = results.get("attention", {})
     lines += ["", "| attention (forward and gradients) | XLA | cuDNN | largest difference, relative (tolerance) |",
-              "|---|---|---|---|"]
-    if "error" in att:
-        lines.append(f"| error: {att['error'][:80]} | | | |")
+              "|---|---|---|---|", *error_row(att, 4)]
     for row in att.get("windows", []):
         cudnn = "unavailable" if row["cudnn_ms"] is None else f"{row['cudnn_ms']:.2f} ms"
         diff = "-" if row["cudnn_ms"] is None else f"{row['max_rel_diff']:.2e} ({row['tolerance']:.0e})"
         window = "causal" if row["window"] is None else f"window {row['window']}"
         lines.append(f"| {att['shape']} {att['dtype']}, {window} | {row['xla_ms']:.2f} ms | {cudnn} | {diff} |")
-    eng = results.get("engine", {})
     lines += ["", "| engine | prefill | decode tokens/s | ms/step | share of the bandwidth bound |",
-              "|---|---|---|---|---|"]
-    if "error" in eng:
-        lines.append(f"| error: {eng['error'][:80]} | | | | |")
+              "|---|---|---|---|---|", *error_row(eng, 5)]
     for row in eng.get("decode", []):
         share = "-" if row.get("fraction_of_bound") is None else f"{100 * row['fraction_of_bound']:.0f}%"
         lines.append(f"| d{eng['depth']} batch {row['batch']} | {eng['prefill_ms']:.1f} ms ({eng['prompt_len']} "
@@ -96,17 +92,16 @@ def main(argv=None):
     results = {"environment": env, "train": []}
     mesh = make_mesh(devices=jax.devices()[:1])  # one device: the numbers are per chip
 
+    def train(name: str, config, batch: int, fp8: bool = False, **label):
+        row = run_part(name, lambda: speed.train_step(config, mesh, dtype, batch, steps=sizes["steps"], fp8=fp8))
+        results["train"].append(row | {"depth": config.n_layer} | label)
+
     for depth in sizes["train_depths"]:
-        config = config_from_depth(depth, sizes["vocab"], sizes["seq_len"])
-        row = run_part(f"train d{depth}", lambda: speed.train_step(config, mesh, dtype, sizes["start_batch"],
-                                                                  steps=sizes["steps"]))
-        results["train"].append(row | ({"depth": depth} if "error" in row else {}))
+        train(f"train d{depth}", config_from_depth(depth, sizes["vocab"], sizes["seq_len"]), sizes["start_batch"])
     for depth, fp8 in sizes["modern"]:  # the modern recipe's step, bf16 and FP8
-        config = config_from_depth(depth, sizes["modern_vocab"], sizes["seq_len"], recipe="modern")
         label = "modern " + ("fp8" if fp8 else jnp.dtype(dtype).name)
-        row = run_part(f"train d{depth} {label}", lambda: speed.train_step(
-            config, mesh, dtype, sizes["start_batch"] // 2, steps=sizes["steps"], fp8=fp8))
-        results["train"].append(row | {"depth": depth, "label": label})
+        config = config_from_depth(depth, sizes["modern_vocab"], sizes["seq_len"], recipe="modern")
+        train(f"train d{depth} {label}", config, sizes["start_batch"] // 2, fp8, label=label)
     results["attention"] = run_part("attention", lambda: speed.attention_paths(*sizes["attention"], dtype))
     config = config_from_depth(sizes["engine_depth"], sizes["vocab"], sizes["prompt_len"] + sizes["decode_tokens"] + 64)
     results["engine"] = run_part("engine", lambda: {"depth": sizes["engine_depth"]} | speed.engine_speed(

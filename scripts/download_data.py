@@ -1,12 +1,10 @@
 """Download nanochat's pretraining shards: FineWeb-edu into $NANOCHAT_BASE_DIR/base_data/ (the classic recipe's) or
-ClimbMix into base_data_climbmix/ (the modern recipe's; the stages read it with NANOCHAT_DATASET=climbmix).
+ClimbMix into base_data_climbmix/ (the modern recipe's; the stages read it with NANOCHAT_DATASET=climbmix). Present
+shards are skipped; an interrupted download (a .tmp file, renamed when whole) resumes by a range request. The
+validation shard is the last one nanochat publishes, so it sorts after the training shards.
 
     python -m scripts.download_data -n 8                       # the first 8 training shards and the validation shard
     python -m scripts.download_data -n 170 --dataset climbmix  # nanochat's GPT-2 speedrun amount of ClimbMix
-
-Shards present are skipped; a download goes to a .tmp file, renamed when complete, and an interrupted one resumes
-(HTTP range requests), with retries and backoff. The validation shard is the last one nanochat publishes (FineWeb-edu
-shard_01822, ClimbMix shard_06542), so it sorts after the training shards.
 """
 import argparse
 import os
@@ -28,7 +26,6 @@ def download(index: int, directory: str, attempts: int = 5, url_root: str | None
     if os.path.exists(path):
         return None
     url, tmp = f"{BASE_URL or url_root or base_url()}/{shard_name(index)}", path + ".tmp"
-    error = None
     for attempt in range(attempts):
         try:
             have = os.path.getsize(tmp) if os.path.exists(tmp) else 0
@@ -58,8 +55,7 @@ def main():
     parser = argparse.ArgumentParser(description="download nanochat's pretraining shards")
     parser.add_argument("-n", "--num-shards", type=int, default=8, help="training shards (and the validation shard)")
     parser.add_argument("-w", "--workers", type=int, default=4, help="parallel downloads")
-    parser.add_argument("--dataset", choices=sorted(DATASETS), default=None,
-                        help="fineweb (classic) or climbmix (modern); default: $NANOCHAT_DATASET, else fineweb")
+    parser.add_argument("--dataset", choices=sorted(DATASETS), help="default: $NANOCHAT_DATASET or fineweb")
     args = parser.parse_args()
     name = args.dataset or dataset_name()
     last = max_shard(name)

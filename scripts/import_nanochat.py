@@ -1,9 +1,7 @@
-"""Convert a nanochat (PyTorch) checkpoint directory into one of ours.
+"""Convert a nanochat (PyTorch) checkpoint directory into one of ours (needs torch: pip install 'nanochat-jax[torch]');
+it loads with training.checkpoint.load_model(DIR), its tokenizer from DIR/tokenizer/.
 
     python -m scripts.import_nanochat --src ~/.cache/nanochat/chatsft_checkpoints/d20 --dst DIR [--step N]
-
-DIR then loads with nanochat_jax.training.checkpoint.load_model(DIR), its tokenizer from DIR/tokenizer/.
-Needs torch (pip install 'nanochat-jax[torch]').
 """
 import argparse
 import os
@@ -30,10 +28,9 @@ def main():
     checkpointer = Checkpointer(args.dst, max_to_keep=None, async_save=False)
     if step in checkpointer.manager.all_steps():
         raise SystemExit(f"{checkpointer.directory} already holds step {step}: choose another --dst")
-    params = nnx.to_pure_dict(nnx.state(model))
     checkpointer.save_tokenizer(tokenizer)
-    checkpointer.save(step, {"params": params}, model_meta(model.config, step, imported_from=os.path.abspath(args.src),
-                                                           nanochat_meta=meta))
+    our_meta = model_meta(model.config, step, imported_from=os.path.abspath(args.src), nanochat_meta=meta)
+    checkpointer.save(step, {"params": nnx.to_pure_dict(nnx.state(model))}, our_meta)
     checkpointer.wait()
     print(f"imported {args.src} (step {step}, {model.config}) into {checkpointer.directory}")
 

@@ -1,10 +1,8 @@
-"""Build a small stand-in pretraining corpus from text that ships with Python, for machines with no network.
+"""Build a small stand-in pretraining corpus for machines with no network: the docstrings of each standard-library
+module (read with `ast`) as a document; prose about programming, good for exercising the pipeline, not for comparable
+numbers. LOCAL_STANDIN.txt beside the shards records that (download_data then refuses to mix real ones in).
 
     python -m scripts.local_corpus            # writes $NANOCHAT_BASE_DIR/base_data/shard_0000{0..3}.parquet
-
-Each document is the docstrings of one standard-library module (read with `ast`, nothing is imported). It is English
-prose about programming, far from FineWeb-edu: good for exercising the pipeline, not for comparable numbers. A marker
-file LOCAL_STANDIN.txt beside the shards records that (and stops download_data from mixing real shards in).
 """
 import argparse
 import os

@@ -35,8 +35,7 @@ def main():
     parser = argparse.ArgumentParser(description="model size, FLOPs and one forward pass")
     parser.add_argument("--depth", type=int, default=20)
     parser.add_argument("--max-seq-len", type=int, default=2048)
-    parser.add_argument("--batch-size", type=int, default=None, help="rows per forward, split over the devices "
-                        "(default: one per device)")
+    parser.add_argument("--batch-size", type=int, default=None, help="rows per forward (default: one per device)")
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default=None, help="default: by backend")
     parser.add_argument("--mesh", default=None, help="e.g. data:8, fsdp:8, data:2,fsdp:4 (default: all on data)")
     args = parser.parse_args()

@@ -1,10 +1,8 @@
-"""Whether this machine can reach the hosts the pipeline downloads from (exit 0), or not (exit 1, with the reason).
+"""Whether this machine can reach the hosts the pipeline downloads from (exit 0) or not (exit 1, with the reason), by a
+quick TCP connection to port 443. NANOCHAT_OFFLINE=1 answers "offline" without trying (tests, or forcing the stand-ins).
 
     python -m scripts.online                     # huggingface.co (FineWeb-edu shards, chat and eval datasets)
     python -m scripts.online some.host other.host
-
-A TCP connection to port 443 with a short timeout: quick to fail offline, where a download would retry for long.
-NANOCHAT_OFFLINE=1 answers "offline" without trying (tests, or to force the local stand-ins).
 """
 import os
 import socket

@@ -1,12 +1,8 @@
-"""Run nanochat's own chat evaluation (scripts/chat_eval.py: run_categorical_eval, run_generative_eval with its
-Engine) and ours on the same random weights and problems, and count the problems answered differently: the predicted
-letter (ARC, MMLU) or the whole greedy completion, tool calls included (GSM8K, SpellingBee, HumanEval).
+"""Run nanochat's own chat evaluation (scripts/chat_eval.py) and ours on the same random weights and problems, and count
+the problems answered differently: the predicted letter (ARC, MMLU) or the whole greedy completion, tool calls included
+(GSM8K, SpellingBee, HumanEval). Uses $NANOCHAT_BASE_DIR/tokenizer/ and the task data (task_data/ or the HF hub).
 
-    git clone https://github.com/karpathy/nanochat /tmp/nanochat && git -C /tmp/nanochat checkout e1770a3
-    pip install tokenizers jinja2 torch      # what nanochat's modules import
-    python -m scripts.parity_chat --nanochat /tmp/nanochat -x 64
-
-Uses $NANOCHAT_BASE_DIR/tokenizer/ and the task data (task_data/ or the HF hub).
+    python -m scripts.parity_chat --nanochat /tmp/nanochat -x 64       # the checkout: see scripts/__init__.py
 """
 import importlib.util
 import time
@@ -14,7 +10,6 @@ import time
 from nanochat_jax.evaluation.chat_tasks import categorical_outcomes, generative_outcomes
 from nanochat_jax.common import CompileCount
 from nanochat_jax.inference.engine import Engine
-from nanochat_jax.data.tokenizer import get_tokenizer
 from nanochat_jax.tasks.registry import CHAT_TASKS, CHATCORE_TASKS
 from scripts import nanochat_parser, parse_with_checkout, random_pair
 
@@ -54,8 +49,7 @@ def main(argv=None):
     ref_eval = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ref_eval)
 
-    tokenizer = get_tokenizer()
-    ref_model, model = random_pair(tokenizer)
+    tokenizer, ref_model, model = random_pair()
     ref_tokenizer = RustBPETokenizer(tokenizer.enc, "<|bos|>")
     ref_engine, engine = TorchEngine(ref_model, ref_tokenizer), Engine(model, tokenizer)
 

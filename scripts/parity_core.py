@@ -1,18 +1,13 @@
 """Score the CORE tasks with nanochat's core_eval (PyTorch) and with ours, on the same random weights and the same
-bundle examples, and count the examples scored differently.
+bundle examples, and count the examples scored differently. Uses $NANOCHAT_BASE_DIR/tokenizer/ and eval_bundle/.
 
-    git clone https://github.com/karpathy/nanochat /tmp/nanochat && git -C /tmp/nanochat checkout e1770a3
-    pip install tokenizers jinja2 torch      # what nanochat's modules import
-    python -m scripts.parity_core --nanochat /tmp/nanochat --max-per-task 12
-
-Uses $NANOCHAT_BASE_DIR/tokenizer/ and eval_bundle/.
+    python -m scripts.parity_core --nanochat /tmp/nanochat --max-per-task 12     # the checkout: see scripts/__init__.py
 """
 import os
 import time
 
 from nanochat_jax.evaluation import core
 from nanochat_jax.common import CompileCount, get_base_dir
-from nanochat_jax.data.tokenizer import get_tokenizer
 from scripts import nanochat_parser, parse_with_checkout, random_pair
 
 
@@ -24,8 +19,7 @@ def main(argv=None):
     from nanochat import core_eval as ref_core
     from nanochat.tokenizer import RustBPETokenizer
 
-    tokenizer = get_tokenizer()
-    ref_model, model = random_pair(tokenizer)
+    tokenizer, ref_model, model = random_pair()
     ref_tokenizer = RustBPETokenizer(tokenizer.enc, "<|bos|>")
 
     bundle = os.path.join(get_base_dir(), "eval_bundle")
@@ -44,7 +38,7 @@ def main(argv=None):
                        for i in range(len(data))]
             t1 = time.time()
             ours = core.evaluate_task(model, tokenizer, data, meta["task_type"], meta["num_fewshot"],
-                                           meta["continuation_delimiter"])
+                                      meta["continuation_delimiter"])
             diff = sum(a != b for a, b in zip(ref, ours))
             seconds["nanochat"], seconds["ours"] = seconds["nanochat"] + t1 - t0, seconds["ours"] + time.time() - t1
             total, differing = total + len(data), differing + diff

@@ -1,13 +1,10 @@
-"""Our modern recipe against nanochat's current code (PyTorch), all in fp32, on the same random weights: the logits of
-an imported checkpoint of its architecture (full forward past the short window, and our KV-cache decode), three steps
-of its fused Muon (MuonEq, Polar Express, Muon+, NorMuon, cautious weight decay) against ours, and a short training run
-of both from its own init (its GPT, setup_optimizer and schedules against our Trainer.step).
+"""Our modern recipe against nanochat's current code (PyTorch), in fp32 on the same random weights, printing the largest
+relative difference of each: the logits of an imported checkpoint (the full forward past the short window, our KV-cache
+decode), three steps of its fused Muon (MuonEq, Polar Express, Muon+, NorMuon, cautious weight decay) and a short
+training run of both from its init (its GPT, setup_optimizer and schedules against our Trainer.step).
 
-    git clone https://github.com/karpathy/nanochat /tmp/nanochat_head      # its current HEAD (92d63d4)
-    pip install torch filelock                                             # what nanochat's modules import
-    python -m scripts.parity_modern --nanochat /tmp/nanochat_head
-
-Uses $NANOCHAT_BASE_DIR/tokenizer/. Prints the largest relative difference of each comparison.
+    git clone https://github.com/karpathy/nanochat /tmp/nanochat_head && pip install torch filelock   # HEAD (92d63d4)
+    python -m scripts.parity_modern --nanochat /tmp/nanochat_head      # with $NANOCHAT_BASE_DIR/tokenizer/
 """
 import os
 
@@ -21,7 +18,6 @@ from nanochat_jax.model.gpt import GPT, init_cache
 from nanochat_jax.model.interop import read_model_config, state_dict_to_params
 from nanochat_jax.training.optim import MODERN_MUON, Schedule, build_optimizer, muon
 from nanochat_jax.model.sharding import make_mesh
-from nanochat_jax.data.tokenizer import get_tokenizer
 from nanochat_jax.training.trainer import Trainer
 from scripts import nanochat_parser, parse_with_checkout, random_pair
 
@@ -31,9 +27,8 @@ def relative(a, b) -> float:
 
 
 def logits(torch, n_layer: int, T: int = 320) -> dict:
-    tokenizer = get_tokenizer()
-    ref, model = random_pair(tokenizer, std=0.05, sequence_len=512, n_layer=n_layer, n_head=2, n_kv_head=1, n_embd=128,
-                             window_pattern="SSSL")
+    tokenizer, ref, model = random_pair(std=0.05, sequence_len=512, n_layer=n_layer, n_head=2, n_kv_head=1, n_embd=128,
+                                        window_pattern="SSSL")
     idx = np.random.default_rng(0).integers(0, tokenizer.get_vocab_size(), (2, T))
     with torch.no_grad():
         expected = ref(torch.tensor(idx)).float().numpy()
@@ -49,7 +44,6 @@ def logits(torch, n_layer: int, T: int = 320) -> dict:
 
 def muon_steps(torch, nanochat_optim, shape=(2, 96, 256), steps: int = 3) -> float:
     """nanochat's muon_step_fused (uncompiled) on torch-layout stacks [L, out, in] against ours on [L, in, out]."""
-    fused = nanochat_optim.muon_step_fused
     rng = np.random.default_rng(0)
     L, out_, in_ = shape
     W = rng.standard_normal(shape).astype(np.float32)
@@ -63,17 +57,16 @@ def muon_steps(torch, nanochat_optim, shape=(2, 96, 256), steps: int = 3) -> flo
         updates, state = tx.update({"w": jnp.asarray(g.transpose(0, 2, 1))}, state, params)
         params = {"w": params["w"] + updates["w"]}
         lr = 0.02 * max(1.0, out_ / in_) ** 0.5
-        fused(torch.tensor(g), tp, buf, moment, torch.tensor(0.9), torch.tensor(lr), torch.tensor(0.3),
-              torch.tensor(0.9), 5, -1 if out_ >= in_ else -2)
+        nanochat_optim.muon_step_fused(torch.tensor(g), tp, buf, moment, torch.tensor(0.9), torch.tensor(lr),
+                                       torch.tensor(0.3), torch.tensor(0.9), 5, -1 if out_ >= in_ else -2)
     moved = tp.numpy() - W
     return float(np.abs(np.asarray(params["w"]).transpose(0, 2, 1) - W - moved).max() / np.abs(moved).max())
 
 
 def training(torch, TorchGPT, TorchConfig, steps: int = 30, rows: int = 4, T: int = 256) -> list[tuple]:
-    """Both from nanochat's init plus a little noise (weights copied over), on the same batches (a cycle of 4 random
-    ones, so the loss falls), with nanochat's current learning rates and schedules: the two losses at each step.
-    (Without the noise, the zero projections leave the final norm blind to the residual scalars, whose gradients are
-    then rounding noise that Adam's first steps blow up to full steps, differently in any two implementations.)"""
+    """Both from nanochat's init plus a little noise (without it the zero projections leave the final norm blind to the
+    residual scalars, whose rounding-noise gradients Adam's first steps blow up, differently in each), on a cycle of 4
+    random batches (so the loss falls), with its current learning rates and schedules: the two losses at each step."""
     cfg = dict(sequence_len=T, vocab_size=512, n_layer=4, n_head=2, n_kv_head=2, n_embd=128, window_pattern="SSSL")
     torch.manual_seed(0)
     ref = TorchGPT(TorchConfig(**cfg))

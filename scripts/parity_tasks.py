@@ -1,34 +1,29 @@
 """Compare our chat tasks with nanochat's on the same local files: the conversations, their rendering (ids and
-mask), the completion prompts and a mixture's order, example by example.
+mask), the completion prompts and a mixture's order, example by example. Reads $NANOCHAT_BASE_DIR/task_data/ (GSM8K,
+MMLU, ARC, identity conversations: whichever files are present); both render with our tokenizer's encoding.
 
-    git clone https://github.com/karpathy/nanochat /tmp/nanochat && git -C /tmp/nanochat checkout e1770a3
-    pip install tokenizers      # nanochat's tokenizer module imports it
-    python -m scripts.parity_tasks --nanochat /tmp/nanochat
-
-Reads $NANOCHAT_BASE_DIR/task_data/ (GSM8K, MMLU, ARC, identity conversations: whichever files are present) and
-renders with our tokenizer's encoding in both codebases.
+    python -m scripts.parity_tasks --nanochat /tmp/nanochat       # the checkout: see scripts/__init__.py
 """
 import os
 
 from nanochat_jax.common import get_base_dir
-from nanochat_jax.tasks.base import task_data_path
+from nanochat_jax.data.tokenizer import get_tokenizer
+from nanochat_jax.tasks.base import TaskMixture, task_data_path
+from nanochat_jax.tasks.choice import ARC, MMLU
+from nanochat_jax.tasks.gsm8k import GSM8K
+from nanochat_jax.tasks.smoltalk import CustomJSON
 from scripts import nanochat_parser, parse_with_checkout
 
 
-def local_loader(real_load):
-    """nanochat's tasks call datasets.load_dataset(hf_id, subset, split=...): answer from the local JSONL files."""
-    def load(name, subset=None, split=None, **kwargs):
-        if name == "json":
-            return real_load(name, split=split, **kwargs)
-        folder = {"openai/gsm8k": "gsm8k", "cais/mmlu": "mmlu"}.get(name) or subset.lower().replace("-", "_")
-        return real_load("json", data_files=task_data_path(folder, f"{split}.jsonl"), split="train")
-    return load
+def local_load_dataset(name, subset, split):
+    """nanochat's tasks' datasets.load_dataset(hf_id, subset, split=...), answered from the local JSONL files."""
+    import datasets
+    folder = {"openai/gsm8k": "gsm8k", "cais/mmlu": "mmlu"}.get(name) or subset.lower().replace("-", "_")
+    return datasets.load_dataset("json", data_files=task_data_path(folder, f"{split}.jsonl"), split="train")
 
 
 def main(argv=None):
     parse_with_checkout(nanochat_parser(__doc__), argv)
-    import datasets
-    load = local_loader(datasets.load_dataset)
     import tasks.arc
     import tasks.common
     import tasks.customjson
@@ -36,13 +31,7 @@ def main(argv=None):
     import tasks.mmlu
     from nanochat.tokenizer import RustBPETokenizer
     for module in (tasks.arc, tasks.gsm8k, tasks.mmlu):
-        module.load_dataset = load
-
-    from nanochat_jax.tasks.base import TaskMixture
-    from nanochat_jax.tasks.smoltalk import CustomJSON
-    from nanochat_jax.tasks.choice import ARC, MMLU
-    from nanochat_jax.tasks.gsm8k import GSM8K
-    from nanochat_jax.data.tokenizer import get_tokenizer
+        module.load_dataset = local_load_dataset
     ours_tok = get_tokenizer()
     ref_tok = RustBPETokenizer(ours_tok.enc, "<|bos|>")
     candidates = [

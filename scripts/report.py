@@ -15,8 +15,7 @@ def main(argv=None):
     p.add_argument("command", choices=["reset", "expect", "generate"])
     p.add_argument("--line", default=None, help="expect: what the model can and cannot be expected to do")
     p.add_argument("--chat-file", default=None, help="expect: a file holding a question and the model's answer")
-    p.add_argument("--scores-of", default=None, choices=sorted(report.STAGES), help="expect: add what this stage's "
-                   "chat evaluation measured, against chance")
+    p.add_argument("--scores-of", default=None, choices=sorted(report.STAGES), help="expect: add a stage's chat scores")
     args = p.parse_args(argv)
     if args.command == "reset":
         archive = report.reset()
