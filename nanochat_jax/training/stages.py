@@ -164,7 +164,7 @@ class Stage:
         self.trainer = Trainer.create(self.make_model, tx, make_mesh(args.mesh),
                                       (lambda: self.make_model(False)) if fp8 else None)
         self.checkpointer = Checkpointer(checkpoint_dir)
-        self._engine = None
+        self._engine = self.wandb_run = None
 
     @classmethod
     def chat(cls, name: str, args) -> "Stage":
