@@ -18,7 +18,8 @@ from nanochat_jax.sandbox.execution import STATUSES, execute_code
 HAVE_BWRAP = shutil.which("bwrap") is not None
 needs_bwrap = pytest.mark.skipif(not HAVE_BWRAP, reason="bubblewrap is not installed (.ci/run installs it)")
 # a host file and directory the program can see in every mode: this Python's prefix is visible (read-only)
-VISIBLE_DIR = os.path.join(sys.prefix, "nanochat_sandbox_target")
+# (one per pytest-xdist worker: the workers share the prefix, and one's teardown must not remove the other's)
+VISIBLE_DIR = os.path.join(sys.prefix, f"nanochat_sandbox_target_{os.environ.get('PYTEST_XDIST_WORKER', 'main')}")
 VISIBLE_FILE = os.path.join(VISIBLE_DIR, "target.txt")
 
 
