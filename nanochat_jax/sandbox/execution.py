@@ -310,7 +310,7 @@ def _pids_cgroup(limit: int) -> str | None:
         try:
             if root == "/sys/fs/cgroup" and "pids" not in Path(root, "cgroup.subtree_control").read_text().split():
                 continue
-            path = tempfile.mkdtemp(prefix="nanochat_sandbox_", dir=root)
+            path = tempfile.mkdtemp(prefix=f"nanochat_sandbox_{os.getpid()}_", dir=root)  # (named by its caller)
             Path(path, "pids.max").write_text(str(limit))
             return path
         except OSError:
