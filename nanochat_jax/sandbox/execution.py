@@ -1,10 +1,7 @@
 """Run model-written Python (HumanEval programs, tool calls) where the kernel, not the program, keeps it in.
 
-    result = execute_code("print(sum(range(10)))", timeout=5.0)
-    result.status   # "ok" | "error" | "timeout" | "memory" | "output-cap" | "refused"
-    result.stdout, result.stderr, result.error, result.mode ("kernel" | "unsafe" | None when it did not run)
-
-`python -m nanochat_jax.sandbox --check` prints which layers are active on this machine and what a call costs.
+    result = execute_code("print(sum(range(10)))", timeout=5.0)  # .status (one of STATUSES), .stdout, .error, .mode
+    python -m nanochat_jax.sandbox --check  # which layers are active on this machine, and what a call costs
 
 Kernel mode (the default; needs bubblewrap and unprivileged user namespaces): the program is the only process of
 new user, mount, PID, network, IPC, UTS and cgroup namespaces, without capabilities, as the caller's host uid (HOST_UID
@@ -28,7 +25,6 @@ import selectors
 import shlex
 import shutil
 import signal
-import stat
 import subprocess
 import sys
 import tempfile
@@ -37,6 +33,8 @@ from contextlib import suppress
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+
+from nanochat_jax.sandbox import guard
 
 STATUSES = ("ok", "error", "timeout", "memory", "output-cap", "refused")
 UNSAFE_ENV = "NANOCHAT_UNSAFE_SANDBOX"
@@ -49,7 +47,7 @@ _ETC = {"/etc/passwd": "root:x:0:0:root:/root:/bin/sh\nsandbox:x:1000:1000:sandb
         "/etc/group": "root:x:0:\nsandbox:x:1000:\nnogroup:x:65534:\n",
         "/etc/hosts": "127.0.0.1 localhost sandbox\n::1 localhost\n",
         "/etc/hostname": "sandbox\n"}
-_GUARD = Path(__file__).with_name("guard.py").read_text()  # the sandboxed interpreter's first lines
+_GUARD = Path(guard.__file__).read_text()  # the sandboxed interpreter's first lines
 _unsafe_allowed = False
 
 
@@ -103,18 +101,10 @@ def visible_paths() -> tuple[list[str], list[tuple[str, str]]]:
     return read, links
 
 
-def _memfd(name: str, data: bytes) -> int:
-    fd = os.memfd_create(name, 0)  # not close-on-exec: bubblewrap reads it
-    os.write(fd, data)
-    os.lseek(fd, 0, os.SEEK_SET)
-    return fd
-
-
 @lru_cache(maxsize=1)
 def _kernel_bpf() -> bytes:
-    from nanochat_jax.sandbox.guard import seccomp_filter
     with tempfile.TemporaryFile() as f:
-        seccomp_filter(1, unsafe=False).export_bpf(f)
+        guard.seccomp_filter(1, unsafe=False).export_bpf(f)
         f.seek(0)
         return f.read()
 
@@ -143,87 +133,77 @@ def _tmpfs_mount(mount, disk, files, target, owner=None) -> str:
 
 def _reachable(path: str, uid: int) -> bool:
     """Whether `uid` (in no group) can reach and read `path` by its mode bits alone (no capabilities)."""
-    parts = Path(path).parts
-    for i in range(1, len(parts) + 1):
-        st = os.stat(os.path.join(*parts[:i]))
-        need = (stat.S_IXUSR if st.st_uid == uid else stat.S_IXOTH) if stat.S_ISDIR(st.st_mode) else 0
-        if i == len(parts):
-            need |= stat.S_IRUSR if st.st_uid == uid else stat.S_IROTH
-        if st.st_mode & need != need:
-            return False
-    return True
+    def allows(p, rwx):  # the owner's bits for the owner, the others' for everyone else
+        st = os.stat(p)
+        return (st.st_mode >> 6 if st.st_uid == uid else st.st_mode) & rwx == rwx
+
+    return all(allows(d, 0o1) for d in Path(path).parents) and allows(path, 0o5 if os.path.isdir(path) else 0o4)
 
 
-def _as_host_uid(tools, read, tmpfs) -> tuple[list[str], list[str]]:
-    """For a root caller: (the command line's prefix, the sources to bind for `read`). As host root the sandbox would
-    own the device nodes bound in and escape RLIMIT_NPROC; so a private mount namespace mounts the tmpfs owned by
-    HOST_UID and re-binds where it can each path it cannot reach (this Python under a 0700 /root), then drops to it."""
-    unshare, sh, mount, base = tools
-    steps = [tmpfs] if tmpfs else []
-    sources = []
-    for i, path in enumerate(read):
-        if not _reachable(path, HOST_UID):
-            stage = os.path.join(base, f"ro{i}")
-            if os.path.isdir(path):
-                os.makedirs(stage, exist_ok=True)
-            else:
-                open(stage, "a").close()
-            steps.append(f"{mount} --bind {shlex.quote(path)} {stage}")
-            path = stage
-        sources.append(path)
-    drop = [unshare, "--setuid", str(HOST_UID), "--setgid", str(HOST_UID), "--"]
-    if not steps:
-        return drop, sources
-    script = " && ".join(steps) + ' && exec "$0" "$@"'
-    return [unshare, "--mount", "--propagation", "private", "--", sh, "-c", script, *drop], sources
+def _kernel_argv(code, disk, files, info_fd, fds) -> list[str]:
+    """bubblewrap's command line (its files are memfds, appended to `fds`) after a prefix that mounts the capped tmpfs
+    and, for a root caller (as host root the sandbox would own the device nodes bound in and escape RLIMIT_NPROC),
+    re-binds each path HOST_UID cannot reach (this Python under a 0700 /root) and drops to HOST_UID."""
+    def data(name, content) -> str:
+        fd = os.memfd_create(name, 0)  # not close-on-exec: bubblewrap reads it
+        fds.append(fd)
+        os.write(fd, content)
+        os.lseek(fd, 0, os.SEEK_SET)
+        return str(fd)
 
-
-def _kernel_argv(bwrap, fds, info_fd, program_fd, seccomp_fd, disk, files) -> list[str]:
-    """bubblewrap's command line after a prefix that mounts the capped tmpfs (non-root) or drops to HOST_UID (root)."""
     read, links = visible_paths()
-    tools = _tmpfs_tools()
-    if tools is None and os.geteuid() == 0:
+    root, tools = os.geteuid() == 0, _tmpfs_tools()
+    if tools is None and root:
         raise RuntimeError("sandbox: as root, the sandbox needs util-linux's unshare and mount (to run as an "
                            "unprivileged uid)")
+    unshare, sh, mount, base = tools or (None,) * 4  # (no tools: neither capped nor root)
     capped = tools is not None and _inode_cap[0]
-    tmp = ["--bind", os.path.join(tools[3], "tmp"), "/tmp"] if capped else ["--size", str(disk), "--tmpfs", "/tmp"]
-    prefix = []
-    if os.geteuid() == 0:
-        tmpfs = _tmpfs_mount(tools[2], disk, files, os.path.join(tools[3], "tmp"), HOST_UID) if capped else None
-        prefix, (bwrap, *read) = _as_host_uid(tools, [bwrap, *read], tmpfs)
-    elif capped:
-        unshare, sh, mount, base = tools
-        script = _tmpfs_mount(mount, disk, files, os.path.join(base, "tmp")) + ' && exec "$0" "$@"'
-        prefix = [unshare, "--user", "--map-root-user", "--mount", "--", sh, "-c", script]
-    argv = [bwrap, "--unshare-all", "--unshare-user", "--die-with-parent", "--as-pid-1", "--new-session", "--clearenv",
-            "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID), "--hostname", "sandbox"]
+    sources, steps, drop = [bwrap_path(), *read], [], []
+    if capped:
+        steps.append(_tmpfs_mount(mount, disk, files, os.path.join(base, "tmp"), HOST_UID if root else None))
+    if root:
+        for i, path in enumerate(sources):
+            if not _reachable(path, HOST_UID):
+                stage = os.path.join(base, f"ro{i}")
+                if os.path.isdir(path):
+                    os.makedirs(stage, exist_ok=True)
+                else:
+                    open(stage, "a").close()
+                steps.append(f"{mount} --bind {shlex.quote(path)} {stage}")
+                sources[i] = stage
+        drop = [unshare, "--setuid", str(HOST_UID), "--setgid", str(HOST_UID), "--"]
+    namespaces = ["--mount", "--propagation", "private"] if root else ["--user", "--map-root-user", "--mount"]
+    prefix = [unshare, *namespaces, "--", sh, "-c", " && ".join(steps) + ' && exec "$0" "$@"'] if steps else []
+    argv = [*prefix, *drop, sources[0], "--unshare-all", "--unshare-user", "--die-with-parent", "--as-pid-1",
+            "--new-session", "--clearenv", "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID),
+            "--hostname", "sandbox"]
     for key, value in (("PATH", "/usr/bin:/bin"), ("HOME", "/tmp"), ("TMPDIR", "/tmp"), ("LANG", "C.UTF-8")):
         argv += ["--setenv", key, value]
-    argv += tmp  # first: a Python installed under /tmp (a CI runner's venv) is bound on top of it, not hidden by it
-    for source, path in zip(read, visible_paths()[0]):
+    # the tmpfs first: a Python installed under /tmp (a CI runner's venv) is bound on top of it, not hidden by it
+    argv += ["--bind", os.path.join(base, "tmp"), "/tmp"] if capped else ["--size", str(disk), "--tmpfs", "/tmp"]
+    for source, path in zip(sources[1:], read):
         argv += ["--ro-bind", source, path]
     for target, link in links:
         argv += ["--symlink", target, link]
-    for path, fd in fds.items():
-        argv += ["--perms", "0444", "--ro-bind-data", str(fd), path]
-    argv += ["--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev",
-             "--perms", "0444", "--ro-bind-data", str(program_fd), "/sandbox/program.py", "--chdir", "/tmp",
-             "--info-fd", str(info_fd), "--seccomp", str(seccomp_fd), "--remount-ro", "/", "--"]
-    return prefix + argv
+    for path, text in _ETC.items():
+        argv += ["--perms", "0444", "--ro-bind-data", data(path, text.encode()), path]
+    program = data("program.py", code.encode("utf-8", errors="replace"))
+    return argv + ["--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev",
+                   "--perms", "0444", "--ro-bind-data", program, "/sandbox/program.py", "--chdir", "/tmp",
+                   "--info-fd", str(info_fd), "--seccomp", data("seccomp", _kernel_bpf()), "--remount-ro", "/", "--"]
 
 
 # ---- one call
 def _read_until_done(proc, cap, timeout, ready_r):
-    """({"stdout", "stderr"}: at most `cap` bytes each, ready, timed_out, capped); the timeout runs from ready."""
+    """(stdout, stderr: at most `cap` bytes each, ready, timed_out, capped); the timeout runs from ready."""
     sel = selectors.DefaultSelector()
     out = {"stdout": bytearray(), "stderr": bytearray()}
-    for name in out:
-        os.set_blocking(getattr(proc, name).fileno(), False)
-        sel.register(getattr(proc, name).fileno(), selectors.EVENT_READ, name)
-    sel.register(ready_r, selectors.EVENT_READ, "ready")
-    ready, timed_out, capped, open_ = False, False, False, set(out) | {"ready"}
+    for fd, name in ((proc.stdout.fileno(), "stdout"), (proc.stderr.fileno(), "stderr"), (ready_r, "ready")):
+        os.set_blocking(fd, False)
+        sel.register(fd, selectors.EVENT_READ, name)
+    ready, timed_out, capped = False, False, False
     deadline, exited_at = time.monotonic() + SETUP_SECONDS, None
-    while open_ and not capped:
+    while sel.get_map() and not capped:
         now = time.monotonic()
         if now >= deadline:
             timed_out = ready  # (not ready by the deadline: the set-up hung, reported as refused)
@@ -233,39 +213,35 @@ def _read_until_done(proc, cap, timeout, ready_r):
         if exited_at is not None and now - exited_at > 2.0:
             break  # the process is gone; nothing alive should still hold the pipes
         for key, _ in sel.select(timeout=min(deadline - now, 0.25)):
-            name = key.data
             try:
                 chunk = os.read(key.fd, 65536)
             except BlockingIOError:
                 continue
             if not chunk:
                 sel.unregister(key.fd)
-                open_.discard(name)
-            elif name == "ready":
+            elif key.data == "ready":
                 ready, deadline = True, time.monotonic() + timeout
             else:
-                out[name] += chunk
-                capped = capped or len(out[name]) > cap
+                out[key.data] += chunk
+                capped = capped or len(out[key.data]) > cap
     sel.close()
-    return {name: bytes(buf[:cap]) for name, buf in out.items()}, ready, timed_out, capped
-
-
-def _processes(match) -> list[int]:
-    """The matching processes not yet past the point of no return in their exit: once the kernel has released a
-    process's memory (no VmSize), the rest of a namespace's teardown (a second or two) runs no user code."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with suppress(OSError):
-                if match(entry) and "VmSize:" in Path(f"/proc/{entry}/status").read_text():
-                    found.append(int(entry))
-    return found
+    stdout, stderr = (out[name][:cap].decode("utf-8", errors="replace") for name in ("stdout", "stderr"))
+    return stdout, stderr, ready, timed_out, capped
 
 
 def _kill_leftovers(match) -> int:
-    """Waits up to 0.5 s for the program's processes to go, then kills what is left; returns how many were left."""
+    """Waits up to 0.5 s for the processes `match` picks to go, kills what is left, returns how many were left. Once the
+    kernel has released a process's memory (no VmSize), the rest of its exit (a second or two) runs no user code."""
+    def processes():
+        found = []
+        for entry in filter(str.isdigit, os.listdir("/proc")):
+            with suppress(OSError):
+                if match(entry) and "VmSize:" in Path(f"/proc/{entry}/status").read_text():
+                    found.append(int(entry))
+        return found
+
     deadline = time.monotonic() + 0.5
-    while (alive := _processes(match)) and time.monotonic() < deadline:
+    while (alive := processes()) and time.monotonic() < deadline:
         time.sleep(0.01)
     count, deadline = len(alive), time.monotonic() + 2.0
     while alive and time.monotonic() < deadline:
@@ -273,11 +249,11 @@ def _kill_leftovers(match) -> int:
             with suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
         time.sleep(0.01)
-        alive = _processes(match)
+        alive = processes()
     return count
 
 
-def _classify(rc, stdout, stderr, ready, timed_out, capped, timeout, kernel):
+def _classify(rc, stderr, ready, timed_out, capped, timeout, kernel):
     lines = stderr.strip().splitlines()
     last = lines[-1] if lines else ""
     if not ready:
@@ -307,37 +283,32 @@ def _pids_cgroup(limit: int) -> str | None:
     if os.geteuid() != 0:
         return None
     for root in ("/sys/fs/cgroup/pids", "/sys/fs/cgroup"):
-        try:
+        with suppress(OSError):
             if root == "/sys/fs/cgroup" and "pids" not in Path(root, "cgroup.subtree_control").read_text().split():
                 continue
             path = tempfile.mkdtemp(prefix=f"nanochat_sandbox_{os.getpid()}_", dir=root)  # (named by its caller)
             Path(path, "pids.max").write_text(str(limit))
             return path
-        except OSError:
-            continue
 
 
 def _run(code, timeout, memory, output, disk, kernel, audit_hook, report=False, files=10_000) -> ExecutionResult:
     start = time.time()
     ready_r, ready_w = os.pipe()  # (pass_fds makes the write ends inheritable in the child)
-    fds, workdir, info_r = [], None, None
+    fds, workdir, info_r = [ready_w], None, None  # fds: the child's, closed here once it has them
     cgroup = _pids_cgroup(THREADS + 1 + kernel)  # (+ the interpreter's main thread, and bubblewrap's process)
     try:
         if kernel:
             info_r, info_w = os.pipe()
-            etc = {path: _memfd(path, text.encode()) for path, text in _ETC.items()}
-            program_fd = _memfd("program.py", code.encode("utf-8", errors="replace"))
-            seccomp_fd = _memfd("seccomp", _kernel_bpf())
-            fds = [info_w, program_fd, seccomp_fd, *etc.values()]
-            argv = _kernel_argv(bwrap_path(), etc, info_w, program_fd, seccomp_fd, disk, files)
+            fds.append(info_w)
+            argv = _kernel_argv(code, disk, files, info_w, fds)
             cwd, sandbox_cwd, program = "/", "/tmp", "/sandbox/program.py"
+            read = ["/"]  # everything the mount namespace shows
         else:
             workdir = tempfile.mkdtemp(prefix="nanochat_sandbox_")
             program = os.path.join(workdir, "program.py")
             Path(program).write_text(code, encoding="utf-8", errors="replace")
             argv, cwd, sandbox_cwd = [], workdir, workdir
-        # kernel mode: everything the mount namespace shows is readable; unsafe mode: the system paths only
-        read = ["/"] if kernel else visible_paths()[0] + list(_ETC) + ["/dev/urandom", "/dev/random"]
+            read = visible_paths()[0] + list(_ETC) + ["/dev/urandom", "/dev/random"]  # the system paths only
         cfg = {"timeout": timeout, "memory": memory, "disk": disk, "threads": THREADS, "files": 256,
                "workdir": sandbox_cwd, "program": program, "read": read, "unsafe": not kernel,
                "audit_hook": audit_hook, "report": report, "ready_fd": ready_w, "site": _site_packages()}
@@ -346,33 +317,30 @@ def _run(code, timeout, memory, output, disk, kernel, audit_hook, report=False, 
         if cgroup:  # a shell joins the cgroup, then becomes the sandbox (no Python between fork and exec)
             argv = ["/bin/sh", "-c", f'echo $$ > {cgroup}/cgroup.procs && exec "$0" "$@"', *argv]
         proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, pass_fds=[ready_w, *fds], start_new_session=True)
-        for fd in [ready_w, *fds]:
+                                stderr=subprocess.PIPE, pass_fds=fds, start_new_session=True)
+        for fd in fds:
             os.close(fd)
-        ready_w, fds = None, []
+        fds = []
         try:
-            outputs, ready, timed_out, capped = _read_until_done(proc, output, timeout, ready_r)
+            stdout, stderr, ready, timed_out, capped = _read_until_done(proc, output, timeout, ready_r)
         finally:
-            info = _read_info(info_r, proc.pid) if kernel else {}
+            child, namespace = _read_info(info_r, proc.pid) if kernel else (None, None)
             if proc.poll() is None:  # stopped early: the namespace's pid 1 first (the kernel kills all it holds)
-                if "child-pid" in info:
-                    os.kill(info["child-pid"], signal.SIGKILL)
+                if child:
+                    os.kill(child, signal.SIGKILL)
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             proc.stdout.close()
             proc.stderr.close()
         if kernel:
-            namespace = f"pid:[{info['pid-namespace']}]" if "pid-namespace" in info else None
             leftover = _kill_leftovers(lambda p: os.readlink(f"/proc/{p}/ns/pid") == namespace) if namespace else 0
         else:
-            leftover = _kill_leftovers(  # (its session: field 6 of /proc/<pid>/stat)
-                lambda p: int(Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[3]) == proc.pid)
-        stdout, stderr = (outputs[k].decode("utf-8", errors="replace") for k in ("stdout", "stderr"))
-        status, error = _classify(proc.returncode, stdout, stderr, ready, timed_out, capped, timeout, kernel)
+            leftover = _kill_leftovers(lambda p: int(_stat(p)[3]) == proc.pid)
+        status, error = _classify(proc.returncode, stderr, ready, timed_out, capped, timeout, kernel)
         return ExecutionResult(status, stdout, stderr, error, None if timed_out or capped else proc.returncode,
                                time.time() - start, ("kernel" if kernel else "unsafe") if ready else None, leftover)
     finally:
-        for fd in {ready_r, ready_w, info_r, *fds} - {None}:
+        for fd in {ready_r, info_r, *fds} - {None}:
             with suppress(OSError):
                 os.close(fd)
         if workdir:
@@ -385,40 +353,39 @@ def _run(code, timeout, memory, output, disk, kernel, audit_hook, report=False, 
                 time.sleep(0.01)
 
 
-def _read_info(fd, bwrap_pid) -> dict:
-    """bubblewrap's report (the sandbox's host pid, its namespaces), kept only if the pid is bubblewrap's child and its
-    PID namespace not ours: the caller's kills cannot be pointed elsewhere (the program never holds this pipe)."""
+def _stat(pid) -> list[str]:
+    """/proc/<pid>/stat's fields after the command name (which may hold spaces): state, ppid, pgrp, session, ..."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def _read_info(fd, bwrap_pid) -> tuple[int | None, str | None]:
+    """bubblewrap's report (the sandbox's host pid if it is bubblewrap's child, its PID namespace as ns/pid names it),
+    nothing if that namespace is ours: the caller's kills cannot be pointed elsewhere (the program never holds it)."""
     os.set_blocking(fd, False)
     data = b""
     with suppress(BlockingIOError):
         while chunk := os.read(fd, 65536):
             data += chunk
     try:
-        info = json.JSONDecoder().raw_decode(data.decode())[0] if data else {}
+        info = json.JSONDecoder().raw_decode(data.decode())[0]
         pid, namespace = int(info["child-pid"]), int(info["pid-namespace"])
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-        return {}
+        return None, None
     if namespace == os.stat("/proc/self/ns/pid").st_ino:
-        return {}
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-        if int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:"))) != bwrap_pid:
-            pid = None
-    except (OSError, StopIteration, ValueError):
-        pid = None  # (already gone)
-    return {"pid-namespace": namespace} | ({"child-pid": pid} if pid else {})
+        return None, None
+    with suppress(OSError, IndexError, ValueError):  # (else already gone)
+        if int(_stat(pid)[1]) == bwrap_pid:
+            return pid, f"pid:[{namespace}]"
+    return None, f"pid:[{namespace}]"
 
 
 # ---- which mode this machine gets
 def _diagnosis(stderr: str) -> str:
-    """Why the kernel sandbox does not start here, and the fix."""
+    """Why the kernel sandbox did not start here (bubblewrap's or the guard's `stderr`), and the fix."""
     def read(path):
         with suppress(OSError):
             return Path(path).read_text().strip()
 
-    if bwrap_path() is None or not os.path.exists(bwrap_path()):
-        return ("bubblewrap is not installed. Fix: `sudo apt-get install bubblewrap` (Debian/Ubuntu), "
-                "`sudo dnf install bubblewrap` (Fedora), `sudo pacman -S bubblewrap` (Arch).")
     if "seccomp" in stderr:
         return (f"the seccomp filter could not be built or loaded ({stderr.strip().splitlines()[-1]}). Fix: "
                 "`pip install pyseccomp` and the libseccomp2 package (`sudo apt-get install libseccomp2`).")
@@ -447,7 +414,8 @@ def _diagnosis(stderr: str) -> str:
 def kernel_sandbox() -> tuple[bool, str]:
     """(available, why not), found by running a trivial program in kernel mode."""
     if bwrap_path() is None or not os.path.exists(bwrap_path()):
-        return False, _diagnosis("")
+        return False, ("bubblewrap is not installed. Fix: `sudo apt-get install bubblewrap` (Debian/Ubuntu), "
+                       "`sudo dnf install bubblewrap` (Fedora), `sudo pacman -S bubblewrap` (Arch).")
     try:
         _kernel_bpf()
     except Exception as e:  # noqa: BLE001 - no pyseccomp, or no libseccomp
@@ -474,22 +442,15 @@ def sandbox_mode() -> str:
 
 def describe() -> str:
     """One line for start-up messages: the mode and what it covers."""
-    mode = sandbox_mode()
+    mode, abi = sandbox_mode(), guard.landlock_abi()
+    landlock = f"Landlock ABI {abi}" if abi > 0 else "no Landlock in this kernel"
     if mode == "kernel":
         return (f"sandbox: kernel mode (bubblewrap: user, mount, pid, net, ipc, uts namespaces; read-only system; "
-                f"capped tmpfs; seccomp; {_landlock_text()}; rlimits; audit hook)")
+                f"capped tmpfs; seccomp; {landlock}; rlimits; audit hook)")
     if mode == "unsafe":
-        return ("sandbox: UNSAFE mode, opted in (no namespaces from bubblewrap: seccomp, "
-                f"{_landlock_text()}, rlimits, capabilities dropped, audit hook; the host's processes are visible): "
-                + kernel_sandbox()[1])
+        return (f"sandbox: UNSAFE mode, opted in (no namespaces from bubblewrap: seccomp, {landlock}, rlimits, "
+                "capabilities dropped, audit hook; the host's processes are visible): " + kernel_sandbox()[1])
     return "sandbox: UNAVAILABLE, model code will not run: " + kernel_sandbox()[1]
-
-
-def _landlock_text() -> str:
-    import ctypes
-    syscall = ctypes.CDLL(None).syscall
-    abi = syscall(444, None, ctypes.c_size_t(0), ctypes.c_uint32(1))  # LANDLOCK_CREATE_RULESET_VERSION
-    return f"Landlock ABI {abi}" if abi > 0 else "no Landlock in this kernel"
 
 
 def require(unsafe: bool = False, who: str = "this run") -> str:
@@ -508,17 +469,16 @@ _announced = set()
 
 
 def _announce(mode):
-    if mode in _announced:
+    if mode in _announced or mode == "kernel":
         return
     _announced.add(mode)
-    line = "=" * 100
     if mode == "unavailable":
-        print(f"{line}\nSANDBOX UNAVAILABLE: model-written code is refused (status 'refused').\n"
-              f"{kernel_sandbox()[1]}\nTo run it anyway with the weaker unsafe sandbox (see "
-              f"nanochat_jax/sandbox/execution.py for what it does not cover): --unsafe-sandbox, or {UNSAFE_ENV}=1.\n"
-              f"{line}", file=sys.stderr)
-    elif mode == "unsafe":
-        print(f"{line}\nUNSAFE SANDBOX (opted in): {describe()}\n{line}", file=sys.stderr)
+        text = (f"SANDBOX UNAVAILABLE: model-written code is refused (status 'refused').\n{kernel_sandbox()[1]}\n"
+                "To run it anyway with the weaker unsafe sandbox (see nanochat_jax/sandbox/execution.py for what it "
+                f"does not cover): --unsafe-sandbox, or {UNSAFE_ENV}=1.")
+    else:
+        text = f"UNSAFE SANDBOX (opted in): {describe()}"
+    print(f"{'=' * 100}\n{text}\n{'=' * 100}", file=sys.stderr)
 
 
 def execute_code(code: str, timeout: float = 5.0, max_memory_bytes: int = 512 * 2**20,
@@ -614,15 +574,3 @@ def check(unsafe: bool = False) -> int:
     times = sorted(_run("pass", 10.0, 512 * 2**20, 2**16, 2**20, kernel, True).duration for _ in range(5))
     print(f"  round trip          {1000 * times[2]:.0f} ms for a trivial program (median of 5)")
     return 0
-
-
-def main():
-    import argparse
-    parser = argparse.ArgumentParser(prog="python -m nanochat_jax.sandbox",
-                                     description="the code sandbox: which layers are active here")
-    parser.add_argument("--check", action="store_true", help="print the mode and its layers, as a program sees them")
-    parser.add_argument("--unsafe-sandbox", action="store_true", help="allow unsafe mode where kernel mode fails")
-    args = parser.parse_args()
-    if not args.check:
-        parser.error("nothing to do: pass --check")
-    sys.exit(check(args.unsafe_sandbox))

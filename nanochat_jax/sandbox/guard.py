@@ -1,18 +1,20 @@
 """The first lines of every sandboxed interpreter: the kernel layers it applies to itself, then the program.
 
 execution.py runs this text as `python -I -S -u -c <text> <config>` (a marshal-encoded dict in hex) in bubblewrap
-(kernel mode) or directly (unsafe mode); the project is not visible there: it imports only the standard library (and
-pyseccomp). In order: rlimits; in unsafe mode, user + network namespaces where allowed and every capability dropped;
-Landlock where the kernel has it; seccomp (which in kernel mode bubblewrap loaded before Python: this only checks it);
-the audit hook; one byte on the ready pipe; the program. Limits, Landlock domains and seccomp filters cannot be lifted
-by the process that received them; a layer that fails stops here (exit code SETUP_FAILED) before the program runs.
+(kernel mode) or directly (unsafe mode), where the project is not visible: it imports only the standard library (and
+pyseccomp). main() applies the layers in order; limits, Landlock domains and seccomp filters cannot be lifted by the
+process that received them, and a layer that fails stops here (exit code SETUP_FAILED) before the program runs.
 """
+import ctypes
 import marshal
 import os
 import resource
+import struct
 import sys
 
 SETUP_FAILED = 125
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
 
 
 def fail(layer, error):
@@ -27,6 +29,13 @@ def apply(layer, fn, *args, errors=Exception):
         fail(layer, e)
 
 
+def checked(result, call):
+    """A libc call's result; an OSError naming the call where it failed (returned -1)."""
+    if result < 0:
+        raise OSError(ctypes.get_errno(), f"{call}: " + os.strerror(ctypes.get_errno()))
+    return result
+
+
 def set_limits(cfg):
     cpu = int(cfg["timeout"]) + 1  # SIGXCPU at the soft limit (reported as a timeout), SIGKILL a second later
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
@@ -36,26 +45,15 @@ def set_limits(cfg):
         resource.setrlimit(which, (limit, limit))
 
 
-def unshare_user_and_net():
-    """Unsafe mode: where the kernel allows it, a user namespace (no capabilities outside) with a network of its own."""
-    import ctypes
-    libc = ctypes.CDLL(None, use_errno=True)
-    failed = libc.unshare(0x10000000 | 0x40000000) != 0  # CLONE_NEWUSER | CLONE_NEWNET
-    return os.strerror(ctypes.get_errno()) if failed else None
-
-
 def drop_capabilities():
     """Unsafe mode as root: empties every capability set and locks the securebits so nothing regains them."""
-    import ctypes
-    libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(47, 4, 0, 0, 0)  # PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL
     for cap in range(64):
         libc.prctl(24, cap, 0, 0, 0)  # PR_CAPBSET_DROP (fails quietly past the last capability)
     libc.prctl(28, 0x2f, 0, 0, 0)  # PR_SET_SECUREBITS: NOROOT, NO_SETUID_FIXUP, KEEP_CAPS_LOCKED and their locks
     header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
     data = (ctypes.c_uint32 * 6)()  # (effective, permitted, inheritable) x 2, all empty
-    if libc.capset(ctypes.byref(header), data) != 0:
-        raise OSError(ctypes.get_errno(), "capset: " + os.strerror(ctypes.get_errno()))
+    checked(libc.capset(ctypes.byref(header), data), "capset")
     if any(line.split()[1].strip("0") for line in open("/proc/self/status") if line.startswith(("CapEff", "CapPrm"))):
         raise OSError("capabilities remain after capset")
 
@@ -66,39 +64,30 @@ LANDLOCK_FILE_RIGHTS = (1 << 0) | (1 << 1) | (1 << 2) | (1 << 14) | (1 << 15)  #
 EXECUTE, WRITE_FILE, READ_FILE, READ_DIR = 1 << 0, 1 << 1, 1 << 2, 1 << 3
 
 
+def landlock_abi() -> int:
+    return libc.syscall(444, None, ctypes.c_size_t(0), ctypes.c_uint32(1))  # LANDLOCK_CREATE_RULESET_VERSION
+
+
 def apply_landlock(cfg):
     """Returns the Landlock ABI applied, or 0 where the kernel has no Landlock."""
-    import ctypes
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.syscall.restype = ctypes.c_long
-    abi = libc.syscall(444, None, ctypes.c_size_t(0), ctypes.c_uint32(1))  # LANDLOCK_CREATE_RULESET_VERSION
+    abi = landlock_abi()
     if abi <= 0:
         return 0
     handled = sum(LANDLOCK_FS) + sum(bit for version, bit in LANDLOCK_FS_BY_ABI.items() if abi >= version)
     scoped = 0b11 if abi >= 6 else 0  # abstract Unix sockets and signals: only within the sandbox
-
-    class PathBeneath(ctypes.Structure):
-        _pack_ = 1
-        _fields_ = [("allowed", ctypes.c_uint64), ("fd", ctypes.c_int32)]
-
-    attr = (ctypes.c_uint64 * 3)(handled, 0, scoped)  # handled_access_fs, handled_access_net, scoped
+    attr = struct.pack("=3Q", handled, 0, scoped)  # handled_access_fs, handled_access_net, scoped
     size = 24 if abi >= 6 else 16 if abi >= 4 else 8  # the struct as this ABI knows it
-    ruleset = libc.syscall(444, ctypes.byref(attr), ctypes.c_size_t(size), ctypes.c_uint32(0))
-    if ruleset < 0:
-        raise OSError(ctypes.get_errno(), "landlock_create_ruleset: " + os.strerror(ctypes.get_errno()))
+    ruleset = checked(libc.syscall(444, attr, ctypes.c_size_t(size), ctypes.c_uint32(0)), "landlock_create_ruleset")
 
     def allow(path, rights):
         if not os.path.exists(path):
             return
         if not os.path.isdir(path):
             rights &= LANDLOCK_FILE_RIGHTS
-        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
-        try:
-            rule = PathBeneath(rights & handled, fd)
-            if libc.syscall(445, ruleset, 1, ctypes.byref(rule), ctypes.c_uint32(0)) != 0:  # PATH_BENEATH
-                raise OSError(ctypes.get_errno(), f"landlock_add_rule {path}: " + os.strerror(ctypes.get_errno()))
-        finally:
-            os.close(fd)
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)  # (a failure below ends the interpreter: see apply)
+        rule = struct.pack("=Qi", rights & handled, fd)  # LANDLOCK_RULE_PATH_BENEATH's (packed) access, fd
+        checked(libc.syscall(445, ruleset, 1, rule, ctypes.c_uint32(0)), f"landlock_add_rule {path}")
+        os.close(fd)
 
     for path in cfg["read"]:
         allow(path, READ_FILE | READ_DIR | EXECUTE)
@@ -106,8 +95,7 @@ def apply_landlock(cfg):
         allow(path, LANDLOCK_FILE_RIGHTS & ~EXECUTE)
     allow(cfg["workdir"], handled)
     libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS (Landlock requires it; bubblewrap has set it already)
-    if libc.syscall(446, ruleset, ctypes.c_uint32(0)) != 0:
-        raise OSError(ctypes.get_errno(), "landlock_restrict_self: " + os.strerror(ctypes.get_errno()))
+    checked(libc.syscall(446, ruleset, ctypes.c_uint32(0)), "landlock_restrict_self")
     os.close(ruleset)
     return abi
 
@@ -119,7 +107,7 @@ io_uring_register setxattr lsetxattr fsetxattr removexattr lremovexattr fremovex
 mknod mknodat kexec_load kexec_file_load init_module finit_module delete_module reboot swapon swapoff acct quotactl
 quotactl_fd syslog settimeofday clock_settime clock_adjtime adjtimex sethostname setdomainname iopl ioperm
 modify_ldt personality name_to_handle_at open_by_handle_at lookup_dcookie vhangup uselib nfsservctl fork vfork
-memfd_create memfd_secret tkill""".split()
+memfd_create memfd_secret tkill flock""".split()
 OWN_PROCESS_ONLY = ["prlimit64", "sched_setaffinity", "sched_setscheduler", "sched_setparam", "sched_setattr",
                     "migrate_pages", "move_pages"]  # argument 0 is a pid: only 0 (this process) is allowed
 CLONE_THREAD = 0x00010000
@@ -167,7 +155,6 @@ def seccomp_filter(own_pid, unsafe):
     for bit in CLONE_NAMESPACES:
         refuse("clone", sc.Arg(0, sc.MASKED_EQ, bit, bit))
     refuse("clone3", action=sc.ERRNO(errno.ENOSYS))  # its flags live in memory a filter cannot read; libc falls back
-    refuse("flock")
     for name in ("fcntl", "fcntl64"):
         for command in FCNTL_LOCKS:
             refuse(name, sc.Arg(1, sc.EQ, command))
@@ -190,14 +177,12 @@ def seccomp_filter(own_pid, unsafe):
 def audit_hook(workdir):
     """The second layer: refuses, naming it, what the program should not try (the kernel layers hold without it)."""
     root = os.path.realpath(workdir)
-    deny = frozenset({"os.system", "os.exec", "os.fork", "os.forkpty", "os.posix_spawn", "os.spawn",
-                      "subprocess.Popen", "os.kill", "os.killpg", "ctypes.dlopen", "ctypes.dlsym", "ctypes.cdata",
-                      "socket.connect", "socket.bind", "socket.getaddrinfo", "socket.gethostbyname", "socket.sendto",
-                      "socket.sendmsg", "sys.addaudithook", "gc.get_objects", "gc.get_referrers",
-                      "gc.get_referents", "os.setuid", "os.mkfifo", "os.mknod"})
-    path_events = frozenset({"os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.chmod", "os.chown", "os.symlink",
-                             "os.link", "os.truncate", "os.utime", "shutil.rmtree", "shutil.move", "shutil.copyfile",
-                             "os.chdir"})
+    deny = frozenset("""os.system os.exec os.fork os.forkpty os.posix_spawn os.spawn subprocess.Popen os.kill os.killpg
+        ctypes.dlopen ctypes.dlsym ctypes.cdata socket.connect socket.bind socket.getaddrinfo socket.gethostbyname
+        socket.sendto socket.sendmsg sys.addaudithook gc.get_objects gc.get_referrers gc.get_referents os.setuid
+        os.mkfifo os.mknod""".split())
+    path_events = frozenset("""os.remove os.rename os.rmdir os.mkdir os.chmod os.chown os.symlink os.link os.truncate
+        os.utime shutil.rmtree shutil.move shutil.copyfile os.chdir""".split())
     no_import = frozenset({"ctypes", "_ctypes", "_posixsubprocess", "pyseccomp"})
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
     realpath, fsdecode, sep, path_types = os.path.realpath, os.fsdecode, os.sep, (str, bytes, os.PathLike)
@@ -237,15 +222,15 @@ def main():
         program = f.read()
     apply("rlimits", set_limits, cfg, errors=(OSError, ValueError))
     layers = {"rlimits": "on"}
-    if cfg["unsafe"]:
-        error = unshare_user_and_net()
-        layers["user+net namespaces"] = "off: " + error if error else "on"
+    if cfg["unsafe"]:  # where the kernel allows it, a user namespace (no capabilities outside) with its own network
+        failed = libc.unshare(0x10000000 | 0x40000000) != 0  # CLONE_NEWUSER | CLONE_NEWNET
+        layers["user+net namespaces"] = "off: " + os.strerror(ctypes.get_errno()) if failed else "on"
         apply("capability drop", drop_capabilities, errors=OSError)
     abi = apply("landlock", apply_landlock, cfg)
     layers["landlock"] = f"ABI {abi}" if abi else "off: this kernel has no Landlock"
     if cfg["unsafe"]:
         apply("seccomp", lambda: seccomp_filter(os.getpid(), unsafe=True).load())
-    elif not any(line.split() == ["Seccomp:", "2"] for line in open("/proc/self/status")):
+    elif not any(line.split() == ["Seccomp:", "2"] for line in open("/proc/self/status")):  # (loaded before Python)
         fail("seccomp", "bubblewrap did not load the filter")
     layers["seccomp"] = "on"
     if cfg["audit_hook"]:
