@@ -8,6 +8,7 @@ The bundle ($NANOCHAT_BASE_DIR/eval_bundle/: core.yaml, eval_data/, eval_meta_da
 URL when missing; bpb reads the FineWeb shards in base_data/ (train: the first shards, val: the last).
 """
 import argparse
+import functools
 import glob
 import json
 import os
@@ -111,14 +112,13 @@ def bpb(model, tokenizer, args) -> dict:
     rows_per_process = args.device_batch_size * jax.local_device_count()
     num_batches = max(1, args.eval_tokens // (rows_per_process * jax.process_count() * seq_len))
     token_bytes = tokenizer.token_bytes()
+    batches = functools.partial(pretraining_batches, tokenizer, rows_per_process=rows_per_process, seq_len=seq_len)
     out = {}
     for split in ("train", "val"):
-        batches = pretraining_batches(tokenizer, split, rows_per_process, seq_len)
-        out[f"{split}_bpb"] = bits_per_byte(loss_sums(model, batches, num_batches, token_bytes))
+        out[f"{split}_bpb"] = bits_per_byte(loss_sums(model, batches(split), num_batches, token_bytes))
         print0(f"{split} bpb: {out[f'{split}_bpb']:.4f}")
-    out["unigram_bpb"] = unigram_bpb(pretraining_batches(tokenizer, "train", rows_per_process, seq_len),
-                                     pretraining_batches(tokenizer, "val", rows_per_process, seq_len), num_batches,
-                                     token_bytes, tokenizer.get_vocab_size())
+    out["unigram_bpb"] = unigram_bpb(batches("train"), batches("val"), num_batches, token_bytes,
+                                     tokenizer.get_vocab_size())
     print0(f"unigram bpb (token frequencies alone, the level to get below): {out['unigram_bpb']:.4f}")
     return out
 

@@ -1,9 +1,8 @@
 """Evaluate a chat model: ARC-Easy, ARC-Challenge, MMLU (categorical: the answer letter with the highest logit),
 GSM8K, HumanEval, SpellingBee (generative: sampled with the engine, tool use on; HumanEval's tests run in the
-sandbox, kernel mode or with --unsafe-sandbox its weaker unsafe mode); with all six, ChatCORE (the mean accuracy
-centered by each task's chance level, as nanochat computes it). The local stand-ins (tasks/local.py: Arithmetic,
-LocalSpellingBee, LocalSimpleSpelling) run offline and never count in ChatCORE. Each accuracy is printed beside its
-chance level; generative tasks also give the shares of well-formed replies and of tool calls.
+sandbox, kernel mode or with --unsafe-sandbox its weaker unsafe mode); with all six, nanochat's ChatCORE. The local
+stand-ins (tasks/local.py) run offline and never count in ChatCORE. Each accuracy is printed beside its chance level,
+with the shares of well-formed replies and of tool calls for generative tasks.
 
     python -m evals.chat -i sft                          # all six tasks on the latest SFT model
     python -m evals.chat -i mid -a "ARC-Easy|GSM8K" -x 100 --json-out mid.json
@@ -68,10 +67,9 @@ def main(argv=None):
             if task.eval_type == "categorical":
                 outcomes = categorical_outcomes(model, tokenizer, task, args.batch_size, args.max_problems)
             else:
-                form = forms[name] = {}
                 outcomes = [any(o) for o in generative_outcomes(
                     engine, tokenizer, task, args.num_samples, args.max_new_tokens, args.temperature, args.top_k,
-                    args.max_problems, forms=form)]
+                    args.max_problems, forms=forms.setdefault(name, {}))]
         results[name], chance[name] = sum(outcomes) / len(outcomes), CHAT_TASKS[name].chance
         shape = "" if name not in forms else (f"; well-formed replies {100 * forms[name]['well_formed']:.0f}%, "
                                               f"calling the tool {100 * forms[name]['tool_calls']:.0f}%")
@@ -83,8 +81,8 @@ def main(argv=None):
         print0(f"ChatCORE: {summary['ChatCORE']:.4f}")
     report.log(report.chat_evaluation(args.source), {"model step": meta["step"], "max problems": args.max_problems},
                results, {f"{name} chance": c for name, c in chance.items()},
-               {f"{name} {what}": v for name, form in forms.items()
-                for what, v in (("well-formed replies", form["well_formed"]), ("tool calls", form["tool_calls"]))},
+               {f"{name} {what}": form[key] for name, form in forms.items()
+                for what, key in zip(report.FORMS, ("well_formed", "tool_calls"))},
                {report.CHATCORE: summary["ChatCORE"]},
                report.standin("; ".join(f"{name}: generated on this machine (tasks/local.py)" for name in results
                                         if name in STANDINS)))

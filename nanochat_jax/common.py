@@ -27,7 +27,7 @@ def init_distributed() -> bool:
     # closed socket) or a heartbeat (later than the watchdog below); this jaxlib cannot pass its callback the status
     # (std::bad_cast, an abort). So a worker's client talks to the coordinator through a relay of ours, which sees
     # the closed socket first and leaves the run with one line.
-    client_address = address if index == 0 or address is None else _coordinator_relay(address, _ARMED)
+    client_address = address if index == 0 or address is None else _coordinator_relay(address)
     jax.distributed.initialize(client_address, count, index, ids, heartbeat_timeout_seconds=int(2 * timeout + 30),
                                coordinator_bind_address=os.environ.get("JAX_COORDINATOR_BIND_ADDRESS")
                                or (None if address is None else "[::]:" + address.rsplit(":", 1)[1]))
@@ -39,9 +39,9 @@ def init_distributed() -> bool:
 _ARMED = threading.Event()  # set while this process is in a run (a lost coordinator is then news); cleared at exit
 
 
-def _coordinator_relay(address: str, armed: threading.Event) -> str:
+def _coordinator_relay(address: str) -> str:
     """A TCP relay on 127.0.0.1 to the coordinator at `address`; returns its address. The coordinator's end closing
-    while `armed` (it died, or its host is gone) makes this process leave the run; our client's end closes quietly."""
+    while _ARMED (it died, or its host is gone) makes this process leave the run; our client's end closes quietly."""
     host, port = address.rsplit(":", 1)
     listener = socket.create_server(("127.0.0.1", 0))
 
@@ -49,7 +49,7 @@ def _coordinator_relay(address: str, armed: threading.Event) -> str:
         with contextlib.suppress(OSError):  # a failed recv or send closes the connection like an empty recv
             while data := src.recv(1 << 16):
                 dst.sendall(data)
-        if from_coordinator and armed.is_set() and not closed.is_set():
+        if from_coordinator and _ARMED.is_set() and not closed.is_set():
             _leave_run("lost the coordinator, process 0 (its connection closed)")
         closed.set()
         for sock in (src, dst):

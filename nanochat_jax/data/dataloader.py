@@ -32,11 +32,9 @@ class PackedRowsIterator(grain.DatasetIterator):
     def __init__(self, ds: PackedRows):
         super().__init__()
         self.ds = ds
-        self.epoch, self.shard, self.group, self.row = 0, 0, ds.process_index, 0
-        self.keys, self.docs = [], {}  # keys sorted by (length, arrival); docs: arrival -> (doc_id, tokens)
-        self.arrivals = itertools.count()
         self._texts = {}  # (shard, group) -> the row group's documents, while it is being read
         self._file = functools.cache(lambda shard: open_shard(ds.shards[shard]))  # shard -> its open ParquetFile
+        self.set_state({"epoch": 0, "shard": 0, "group": ds.process_index, "row": 0, "buffer": []})
 
     def _group_texts(self, shard: int, group: int) -> list[str]:
         if (shard, group) not in self._texts:
@@ -93,6 +91,7 @@ class PackedRowsIterator(grain.DatasetIterator):
 
     def set_state(self, state: dict):
         self.epoch, self.shard, self.group, self.row = state["epoch"], state["shard"], state["group"], state["row"]
+        # keys sorted by (length, arrival); docs: arrival -> (doc_id, tokens)
         self.keys, self.docs, self.arrivals = [], {}, itertools.count()
         ids = [tuple(doc_id) for doc_id in state["buffer"]]  # in reading order: row groups come one by one
         self._add(ids, [self._group_texts(shard, group)[row] for shard, group, row in ids])

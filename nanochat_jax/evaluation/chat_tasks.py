@@ -3,6 +3,8 @@ Categorical tasks (MMLU, ARC), as nanochat scores them: the answer letter whose 
 the conversation up to <|assistant_start|>. Generative tasks sample with the engine (tool use on) and the task
 judges each completion. Every process evaluates every problem (the results agree on all hosts).
 """
+import re
+
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -47,22 +49,18 @@ def categorical_outcomes(model, tokenizer, task: Task, batch_size: int = 8, max_
     return outcomes
 
 
-def reply_form(tokenizer, completion) -> tuple[bool, bool]:
+TOOL_MARKS = {"<|python_start|>": "p", "<|python_end|>": "s", "<|output_start|>": "o", "<|output_end|>": "q"}
+
+
+def reply_form(tokenizer, completion: list[int]) -> tuple[bool, bool]:
     """(well-formed, calls the tool) for a completion (with its stop token if it stopped), what midtraining teaches.
     Well-formed: it ends with <|assistant_end|>, other special tokens only as tool calls, <|python_start|> code
     <|python_end|> [<|output_start|> result <|output_end|>]. Calls the tool: at least one such call."""
-    name_of = {tokenizer.encode_special(name): name for name in SPECIAL_TOKENS}
-    names = [name_of[t] for t in completion if t in name_of]
-    ends = bool(names) and completion[-1] in name_of and names[-1] == "<|assistant_end|>"
-    names = names[:-1] if ends else names
-    i, calls = 0, 0
-    while i < len(names):  # (python_start python_end [output_start output_end])*
-        if names[i:i + 2] != ["<|python_start|>", "<|python_end|>"]:
-            return False, calls > 0
-        calls, i = calls + 1, i + 2
-        if names[i:i + 2] == ["<|output_start|>", "<|output_end|>"]:
-            i += 2
-    return ends, calls > 0
+    ends = completion[-1:] == [tokenizer.encode_special("<|assistant_end|>")]
+    marks = {tokenizer.encode_special(name): TOOL_MARKS.get(name, "x") for name in SPECIAL_TOKENS}
+    body = "".join(marks[t] for t in (completion[:-1] if ends else completion) if t in marks)
+    calls = re.match(r"(?:ps(?:oq)?)*", body).group()  # the well-formed calls up to the first stray special token
+    return ends and calls == body, "p" in calls
 
 
 def generative_outcomes(engine, tokenizer, task: Task, num_samples: int = 1, max_new_tokens: int = 512,

@@ -29,12 +29,13 @@ def chat_evaluation(stage: str) -> str:
     return f"Chat evaluation {stage}"
 
 
-STAGES = {"base": (BASE_TRAINING, BASE_EVALUATION), "mid": (MIDTRAINING, chat_evaluation("mid")),
-          "sft": (SFT, chat_evaluation("sft")), "rl": (RL, chat_evaluation("rl"))}  # stage: (training, evaluation)
+# stage: (training, evaluations); the base model's chat evaluation (runcpu.sh runs it: the "before" of midtraining)
+# joins the base column
+STAGES = {"base": (BASE_TRAINING, BASE_EVALUATION, chat_evaluation("base")),
+          "mid": (MIDTRAINING, chat_evaluation("mid")), "sft": (SFT, chat_evaluation("sft")),
+          "rl": (RL, chat_evaluation("rl"))}
 EXPECTATIONS = "What to expect of this model"  # one line, and a question with its answer (scripts/report.py)
-# the base model's chat evaluation (runcpu.sh runs it: the "before" of midtraining) joins the base column
-ORDER = ([TOKENIZER_TRAINING, TOKENIZER_EVALUATION, BASE_TRAINING, BASE_EVALUATION, chat_evaluation("base")]
-         + [title for pair in list(STAGES.values())[1:] for title in pair] + [EXPECTATIONS])
+ORDER = [TOKENIZER_TRAINING, TOKENIZER_EVALUATION, *(t for titles in STAGES.values() for t in titles), EXPECTATIONS]
 CORE, CHATCORE = "CORE", "ChatCORE"  # the summary's keys for the two aggregate scores
 SUMMARY_METRICS = [CORE, *CHATCORE_TASKS, CHATCORE, *STANDINS]  # the stand-ins last
 BPB_METRICS = ["val bpb", "unigram bpb (no context)"]  # base evaluation: the model against token frequencies alone
@@ -56,8 +57,9 @@ def _path(section: str) -> str:
     return os.path.join(report_dir(), section.lower().replace(" ", "-") + ".json")
 
 
-def _load(path: str) -> dict | None:
-    if not os.path.exists(path):
+def _load(section: str) -> dict | None:
+    """A logged section (or "header"), None when it was not logged."""
+    if not os.path.exists(path := _path(section)):
         return None
     with open(path, encoding="utf-8") as f:
         return json.load(f)
@@ -125,14 +127,14 @@ def reset() -> str | None:
         os.makedirs(archive, exist_ok=True)
         for name in old:
             os.replace(os.path.join(directory, name), os.path.join(archive, name))
-    with open(os.path.join(directory, "header.json"), "w", encoding="utf-8") as f:
+    with open(_path("header"), "w", encoding="utf-8") as f:
         json.dump(environment(), f, indent=1)
     return archive
 
 
 def scores_line(stage: str) -> str | None:
     """One line of `stage`'s chat evaluation: each task against its chance level, how many beat it (None: not run)."""
-    section = _load(_path(chat_evaluation(stage)))
+    section = _load(chat_evaluation(stage))
     if section is None:
         return None
     data = {k: v for d in section["data"] for k, v in d.items()}
@@ -157,10 +159,9 @@ def _format(value) -> str:
 def summary(sections: dict) -> dict:
     """{stage: {metric: value}} of the SUMMARY_ROWS in the evaluation sections (by title)."""
     table = {}
-    for stage, (_, evaluation) in STAGES.items():
-        titles = (evaluation, chat_evaluation("base")) if stage == "base" else (evaluation,)
-        found = {k: v for title in titles for item in sections.get(title, {}).get("data", []) for k, v in item.items()
-                 if k in SUMMARY_ROWS and v is not None}
+    for stage, (_, *evaluations) in STAGES.items():
+        found = {k: v for title in evaluations for item in sections.get(title, {}).get("data", [])
+                 for k, v in item.items() if k in SUMMARY_ROWS and v is not None}
         if found:
             table[stage] = found
     return table
@@ -186,8 +187,8 @@ def estimated_cost(hardware: str, hours: float) -> float | None:
 
 def generate() -> str:
     """Write report.md (and the plots) from the header and the logged sections; returns its path."""
-    sections = {title: section for title in ORDER if (section := _load(_path(title))) is not None}
-    header = _load(os.path.join(report_dir(), "header.json"))
+    sections = {title: section for title in ORDER if (section := _load(title)) is not None}
+    header = _load("header")
     lines = ["# nanochat-jax report card", ""]
     standins = [(section["section"], item[STANDIN]) for section in sections.values() for item in section["data"]
                 if item.get(STANDIN)]
@@ -226,15 +227,6 @@ def generate() -> str:
     return path
 
 
-def _metrics(section: dict) -> list[dict]:
-    """The metrics.jsonl records of the run a training section names (data item with "checkpoint_dir")."""
-    directory = next((d["checkpoint_dir"] for d in section.get("data", []) if "checkpoint_dir" in d), None)
-    if directory is None or not os.path.exists(path := os.path.join(directory, "metrics.jsonl")):
-        return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def make_plots(sections: dict, table: dict) -> list[str]:
     """PNG plots in the report directory (none without matplotlib): each training stage's curves, chat-eval bars."""
     try:
@@ -251,11 +243,14 @@ def make_plots(sections: dict, table: dict) -> list[str]:
         plt.close(fig)
         names.append(name)
 
-    for stage, (training, _) in STAGES.items():
-        records = _metrics(sections.get(training, {}))
-        curves = {key: [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
-                  for key in ("loss", "reward", "val_bpb", "val_loss", "pass@1")}
-        curves = {k: v for k, v in curves.items() if v}
+    for stage, (training, *_) in STAGES.items():  # each training run's curves, from the metrics.jsonl it wrote
+        runs = [d["checkpoint_dir"] for d in sections.get(training, {}).get("data", []) if "checkpoint_dir" in d]
+        if not runs or not os.path.exists(path := os.path.join(runs[0], "metrics.jsonl")):
+            continue
+        with open(path, encoding="utf-8") as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        curves = {key: points for key in ("loss", "reward", "val_bpb", "val_loss", "pass@1")
+                  if (points := [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))])}
         if not curves:
             continue
         fig, axes = plt.subplots(1, len(curves), figsize=(4.5 * len(curves), 3.2), squeeze=False)
@@ -264,8 +259,7 @@ def make_plots(sections: dict, table: dict) -> list[str]:
             ax.set(title=f"{stage}: {key}", xlabel="step")
             ax.grid(alpha=0.3)
         save(fig, f"{stage}_curves.png")
-    chat = {s: {m: v for m, v in row.items() if m != "CORE"} for s, row in table.items()}
-    chat = {s: row for s, row in chat.items() if row}
+    chat = {s: row for s, full in table.items() if (row := {m: v for m, v in full.items() if m != CORE})}
     if chat:
         metrics = [m for m in SUMMARY_METRICS if any(m in row for row in chat.values())]
         fig, ax = plt.subplots(figsize=(1.2 * len(metrics) + 3, 3.2))

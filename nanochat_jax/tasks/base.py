@@ -40,14 +40,11 @@ class Task:
     def num_examples(self) -> int:  # a task over rows; generated tasks override it
         return len(self.rows)
 
-    def get_example(self, index: int) -> dict:
-        raise NotImplementedError
-
     def __len__(self) -> int:
         stop = self.num_examples() if self.stop is None else min(self.stop, self.num_examples())
         return max(0, -(-(stop - self.start) // self.step))
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index: int) -> dict:  # subclasses make example i with get_example(i)
         if not isinstance(index, int) or not 0 <= index < len(self):
             raise IndexError(f"example {index} of a task with {len(self)}")
         return self.get_example(self.start + index * self.step)
