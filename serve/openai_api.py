@@ -169,6 +169,10 @@ def prompts_of(tokenizer, body) -> list[list[int]]:
         raise APIError(400, "prompt must not be empty", param="prompt")
     if all(isinstance(x, int) for x in p):
         p = [p]
+    vocab = tokenizer.get_vocab_size()
+    for x in p:
+        if isinstance(x, list) and not all(0 <= t < vocab for t in x):
+            raise APIError(400, f"prompt: token ids must be in 0..{vocab - 1}", param="prompt")
     return [[bos] + (list(x) if isinstance(x, list) else tokenizer.encode(x)) for x in p]
 
 
@@ -256,7 +260,7 @@ class Answer:
 
     async def run(self, requests, http):
         """Drives the events of the requests (one per prompt) into the choices; yields (choice, new text, new tokens)
-        whenever a choice has something to send, and (choice, "", []) with choice.reason set when it finishes."""
+        whenever a choice has something to send; choice.reason is set in the last one of each choice."""
         try:
             async for k, event in self.service.events(requests, http):
                 if isinstance(event, Failed):
@@ -269,9 +273,7 @@ class Answer:
                     choice.reason = choice.reason or ("length" if event.reason == "length" else "stop")
                     yield choice, new, []
                 else:
-                    yield choice, choice.add(event), [event]
-                    if choice.reason is not None:
-                        yield choice, "", []
+                    yield choice, choice.add(event), [event]  # (with its reason set when a stop string cut it)
         finally:
             for r in requests:
                 r.cancel()

@@ -110,6 +110,14 @@ def test_openai_completions(url):
                           json=HELLO | {"max_tokens": 12, "seed": 1, "stop": [text[2:4]], "stream": True}) as r:
             streamed = [json.loads(e) for e in sse(r.iter_lines())[:-1]]
         assert "".join(c["choices"][0]["delta"].get("content", "") for c in streamed) == cut["message"]["content"]
+        assert [c["choices"][0]["finish_reason"] for c in streamed].count("stop") == 1  # one finish per choice
+
+
+def test_completions_refuse_token_ids_outside_the_vocabulary(url):
+    for prompt in ([99999], [-1], [[1, 2], [3, 10**6]]):
+        r = post(url + "/v1/completions", json={"prompt": prompt, "max_tokens": 2})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+        assert "token ids must be in 0.." in r.json()["error"]["message"]
 
 
 @pytest.mark.parametrize("body,message", [
