@@ -6,12 +6,8 @@
     python -m train.base --depth 4 --max-seq-len 256 --device-batch-size 4 --total-batch-size 8192 \\
         --num-iterations 50 --eval-every 25 --eval-tokens 16384        # a tiny run on a laptop CPU
 
-Checkpoints, meta and metrics.jsonl go to $NANOCHAT_BASE_DIR/base_checkpoints/<model-tag>/ (default d<depth>).
-
---recipe classic (the default) is nanochat of December 2025; --recipe modern is its current one: the model's modern
-switches (gpt.MODERN_SWITCHES), the modern Muon and AdamW groups, 40 warmup steps, warmdown over the last 65% to 5%,
-Muon momentum 0.85 -> 0.97 -> 0.90, weight decay cosine to 0, the batch from the horizon (optim.auto_batch) and the
-horizon counted in block matrices + lm_head. Every flag left unset takes its recipe's value (recipes.RECIPES).
+Checkpoints, meta and metrics.jsonl go to $NANOCHAT_BASE_DIR/base_checkpoints/<model-tag>/ (default d<depth>). The
+recipe (recipes.py: model, optimizer, schedule, sizing) gives every flag left unset its value.
 """
 import argparse
 import os
@@ -47,8 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--target-param-data-ratio", type=float, default=None, help="tokens per parameter (classic: 20, "
                    "all parameters; modern: 12, block matrices + lm_head; the speedrun uses 8)")
     add_optimizer_flags(p)
-    p.add_argument("--fp8", action="store_true", help="FP8 matmuls (e4m3, e5m2 gradients, tensorwise scales) in the "
-                   "projections, MLP and lm_head: H100/H200-class GPUs; evaluation stays bf16")
+    p.add_argument("--fp8", action="store_true", help="FP8 training matmuls (fp8.py), for H100/H200-class GPUs")
     p.add_argument("--warmup-steps", type=int, default=None, help="default: classic 0, modern 40")
     p.add_argument("--warmdown-ratio", type=float, default=None, help="default: classic 0.2, modern 0.65")
     p.add_argument("--final-lr-frac", type=float, default=None, help="default: classic 0, modern 0.05")
@@ -131,12 +126,12 @@ def main(argv=None):
     check_training_memory(trainer, args.device_batch_size, args.max_seq_len, accum_steps)
 
     # data: this process's packed rows of the train shards, accum_steps micro-batches per step
-    train_batches = StepBatches(pretraining_batches(tokenizer, "train", rows_per_process, args.max_seq_len), accum_steps)
+    rows = lambda split: pretraining_batches(tokenizer, split, rows_per_process, args.max_seq_len)  # noqa: E731
+    train_batches = StepBatches(rows("train"), accum_steps)
     eval_batches = max(1, args.eval_tokens // (rows_per_process * jax.process_count() * args.max_seq_len))
 
     def val_bpb(model):  # a fresh pass over the same validation rows every time
-        val = pretraining_batches(tokenizer, "val", rows_per_process, args.max_seq_len)
-        return {"val_bpb": bits_per_byte(loss_sums(model, val, eval_batches, token_bytes))}
+        return {"val_bpb": bits_per_byte(loss_sums(model, rows("val"), eval_batches, token_bytes))}
 
     schedule = Schedule(num_iterations, warmdown_ratio=args.warmdown_ratio, final_lr_frac=args.final_lr_frac,
                         warmup_steps=args.warmup_steps, modern=args.recipe == "modern")

@@ -4,13 +4,9 @@
     python -m train.mid --device-batch-size 4 --total-batch-size 4096 --max-seq-len 256 \\
         --num-iterations 20 --eval-every 10 --eval-tokens 8192   # a tiny run on a CPU
 
-nanochat's mixture (SmolTalk, MMLU auxiliary_train, GSM8K, identity conversations x2, SimpleSpelling,
-SpellingBee), or with --mixture local generated stand-in tasks only (tasks/local.py: no network needed), rendered
-and packed into full rows of --max-seq-len tokens; the loss covers the assistant's tokens (mask 1), or with
---unmasked every token (nanochat e1770a3's midtraining). One epoch by default (its length estimated from a sample
-of the mixture), flat learning rate then a linear decay to 0 over the last 20%. Starts from the latest base
-checkpoint; writes $NANOCHAT_BASE_DIR/mid_checkpoints/<model tag>/ with metrics.jsonl (validation bpb on the
-assistant's tokens).
+The --mixture's conversations packed into full rows of --max-seq-len tokens, the loss (and validation bpb) on the
+assistant's tokens, or with --unmasked on every token (nanochat e1770a3's midtraining); one epoch by default (its
+length estimated from a sample), flat learning rate then a linear decay to 0 over the last 20%.
 """
 import argparse
 
@@ -36,8 +32,7 @@ def parse_args(argv=None):
     p.add_argument("--max-seq-len", type=int, default=None, help="row length (default: the model's context)")
     p.add_argument("--total-batch-size", type=int, default=524288, help="tokens per optimizer step")
     p.add_argument("--eval-tokens", type=int, default=20 * 524288)
-    p.add_argument("--unmasked", action="store_true", help="train (and validate) on every token, as nanochat's "
-                   "midtraining did, not only the assistant's")
+    p.add_argument("--unmasked", action="store_true", help="the loss on every token (old nanochat), not only the reply")
     args = p.parse_args(argv)
     check_flags(p, args, positive=("device_batch_size", "max_seq_len", "total_batch_size", "eval_tokens"),
                 every=("eval_every", "save_every"))
@@ -47,7 +42,7 @@ def parse_args(argv=None):
 def main(argv=None):
     init_distributed()  # multi-host runs only (NANOCHAT_MULTIHOST=1)
     stage = Stage.chat("mid", parse_args(argv))
-    args, config, tokenizer, trainer = stage.args, stage.config, stage.tokenizer, stage.trainer
+    args, tokenizer, trainer = stage.args, stage.tokenizer, stage.trainer
     accum_steps = micro_steps("--total-batch-size", args.total_batch_size, args.device_batch_size, args.max_seq_len)
     rows_per_process = args.device_batch_size * jax.local_device_count()
     mixture = mixtures.MIXTURES[args.mixture]
@@ -60,20 +55,21 @@ def main(argv=None):
         print0(f"one epoch of {len(train_task):,} conversations is about {epoch_tokens:,} tokens: "
                f"{num_iterations:,} steps")
     print0(f"midtraining {stage.source.directory} (step {stage.source.step}) -> {stage.checkpointer.directory} | "
-           f"{len(train_task):,} conversations | {accum_steps} micro-steps of {args.device_batch_size * jax.device_count()}"
-           f" rows x {args.max_seq_len} | {num_iterations:,} steps")
+           f"{len(train_task):,} conversations | {accum_steps} micro-steps of "
+           f"{args.device_batch_size * jax.device_count()} rows x {args.max_seq_len} | {num_iterations:,} steps")
     check_training_memory(trainer, args.device_batch_size, args.max_seq_len, accum_steps)
 
     # data: this process's conversations packed into full rows, accum_steps micro-batches per step
-    process = dict(process_index=jax.process_index(), process_count=jax.process_count(), masked=not args.unmasked)
-    train_batches = StepBatches(PackedConversations(train_task, tokenizer, rows_per_process, args.max_seq_len,
-                                                    **process), accum_steps)
+    def rows(task):
+        return PackedConversations(task, tokenizer, rows_per_process, args.max_seq_len, masked=not args.unmasked,
+                                   process_index=jax.process_index(), process_count=jax.process_count())
+
+    train_batches = StepBatches(rows(train_task), accum_steps)
     eval_batches = max(1, args.eval_tokens // (rows_per_process * jax.process_count() * args.max_seq_len))
     token_bytes = tokenizer.token_bytes()
 
     def val_bpb(model):
-        val = PackedConversations(val_task, tokenizer, rows_per_process, args.max_seq_len, **process)
-        return {"val_bpb": bits_per_byte(loss_sums(model, val, eval_batches, token_bytes))}
+        return {"val_bpb": bits_per_byte(loss_sums(model, rows(val_task), eval_batches, token_bytes))}
 
     state = stage.train(train_batches, num_iterations, Schedule(num_iterations, warmdown_ratio=0.2),
                         [Eval(args.eval_every, val_bpb)])

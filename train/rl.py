@@ -4,17 +4,12 @@
     python -m train.rl --examples-per-step 2 --num-samples 4 --device-batch-size 1 --max-new-tokens 32 \\
         --num-iterations 4 --eval-every 2 --eval-examples 4   # a tiny run on a CPU
 
-Each step takes --examples-per-step GSM8K train questions, samples --num-samples completions of each with the engine
-(temperature 1, top-k 50, calculator on), rewards a correct final answer with 1, and takes one optimizer step on the
-policy-gradient loss of the sampled tokens (see nanochat_jax.training.reinforce); learning rates x 0.05 decaying linearly to 0 over
-one epoch. Every --eval-every steps: pass@1..k on GSM8K test with k = --device-batch-size samples at temperature 1.
-Starts from the latest SFT checkpoint (or --source mid); writes $NANOCHAT_BASE_DIR/chatrl_checkpoints/<model tag>/
-with metrics.jsonl. Sampling runs on the local devices, so this stage runs in one process (one host).
---task Arithmetic trains on the local stand-in (tasks/local.py) instead, for a machine with no network.
+A step samples --num-samples completions of each of --examples-per-step questions (calculator on), rewards a correct
+final answer with 1 and takes one step on the policy-gradient loss (training/reinforce.py); learning rates x 0.05
+decaying linearly to 0 over one epoch; pass@1..--device-batch-size on the test split every --eval-every steps.
+Sampling runs on the local devices: one process (one host). --task Arithmetic: the local stand-in (no network).
 """
 import argparse
-
-import jax
 
 from nanochat_jax.evaluation import report
 from nanochat_jax.evaluation.chat_tasks import generative_outcomes, pass_at_k
@@ -39,8 +34,7 @@ def parse_args(argv=None):
     p.add_argument("--top-k", type=int, default=50)
     p.add_argument("--num-epochs", type=int, default=1, help="epochs of GSM8K train when --num-iterations is -1")
     p.add_argument("--eval-examples", type=int, default=400, help="GSM8K test questions for pass@k")
-    p.add_argument("--task", choices=RL_TASKS, default="GSM8K",
-                   help="GSM8K, or the local stand-in Arithmetic (generated word problems; no network needed)")
+    p.add_argument("--task", choices=RL_TASKS, default="GSM8K", help="or the local stand-in Arithmetic (no network)")
     args = p.parse_args(argv)
     check_flags(p, args, positive=("device_batch_size", "examples_per_step", "num_samples", "max_new_tokens",
                                    "top_k", "num_epochs", "eval_examples"), every=("eval_every", "save_every"),

@@ -4,12 +4,9 @@
     python -m train.sft --device-batch-size 2 --target-examples-per-step 16 --num-iterations 20 \\
         --eval-every 10 --eval-steps 4 --eval-metrics-max-problems 64   # a tiny run on a CPU
 
-nanochat's SFT mixture (ARC-Easy, ARC-Challenge, GSM8K, SmolTalk 10K, identity conversations, SimpleSpelling 300,
-SpellingBee 300), or with --mixture local generated stand-in tasks only (no network needed), each conversation
-cropped to the context and padded (padding is never a target); learning rates x 0.02 decaying linearly to 0 over one
-epoch. Every --eval-every steps the SmolTalk validation loss, every --eval-metrics-every steps MMLU and ARC-Easy
-accuracy (with --mixture local: the stand-ins' validation loss, Arithmetic and SpellingBee accuracy). Starts from the
-latest mid checkpoint (or --source base); writes $NANOCHAT_BASE_DIR/chatsft_checkpoints/<model tag>/ with metrics.jsonl.
+The --mixture's conversations cropped to the context and padded (padding is never a target); learning rates x 0.02
+decaying linearly to 0 over one epoch. Evaluations: the validation loss every --eval-every steps, the mixture's
+accuracy metrics (classic: MMLU, ARC-Easy) every --eval-metrics-every steps.
 """
 import argparse
 
@@ -62,15 +59,15 @@ def main(argv=None):
            f"{args.device_batch_size * jax.device_count()} rows | {num_iterations:,} steps")
 
     # data: one conversation per row, each micro-batch padded to a bucketed length
-    process = dict(process_index=jax.process_index(), process_count=jax.process_count(),
-                   max_tokens=args.max_seq_len + 1)
-    train_batches = StepBatches(PaddedConversations(train_task, tokenizer, rows_per_process, args.max_seq_len,
-                                                    **process), accum_steps)
+    def rows(task):
+        return PaddedConversations(task, tokenizer, rows_per_process, args.max_seq_len, max_tokens=args.max_seq_len + 1,
+                                   process_index=jax.process_index(), process_count=jax.process_count())
+
+    train_batches = StepBatches(rows(train_task), accum_steps)
     token_bytes = tokenizer.token_bytes()
 
     def val_loss(model):
-        val = PaddedConversations(val_task, tokenizer, rows_per_process, args.max_seq_len, **process)
-        sums = loss_sums(model, val, args.eval_steps, token_bytes)
+        sums = loss_sums(model, rows(val_task), args.eval_steps, token_bytes)
         return {"val_loss": sums["nats"] / max(sums["tokens"], 1)}
 
     metric_tasks = {}  # loaded on first use

@@ -1,17 +1,13 @@
-"""Causal self-attention for training, prefill and cached decoding.
-
-`attention(q, k, v, q_offset=None, impl=None, window=None)`: q [B, T, N, D], k and v [B, S, K, D], K dividing N
-(MQA/GQA; MHA when K == N). Query i of row b sits at position p = q_offset[b] + i and sees keys 0 .. p, or with a
-left `window` w only p - w .. p (w + 1 keys: nanochat's sliding window). q_offset=None: plain causal, T == S.
-
-Paths, chosen by backend unless `impl` overrides:
-- "cudnn": cuDNN flash attention (jax.nn.dot_product_attention) on NVIDIA GPUs: bf16/fp16 only, and its causal mask
-  is top-left aligned, so q_offset=None only.
-- "splash": Pallas splash attention on TPU (flash-style tiles), q_offset=None only, T a multiple of 128. Under a mesh
-  (jax.set_mesh) it runs inside shard_map, each chip on its own rows; off TPU in Pallas interpret mode (for tests).
+"""Causal self-attention for training, prefill and cached decoding: `attention(q, k, v, q_offset=None, impl=None,
+window=None)`, q [B, T, N, D], k and v [B, S, K, D], K dividing N (GQA). Query i of row b sits at position
+p = q_offset[b] + i and sees keys 0 .. p, or with a left `window` w only p - w .. p (nanochat's sliding window);
+q_offset=None: plain causal, T == S. Paths, by backend unless `impl` overrides:
+- "cudnn": cuDNN flash attention on NVIDIA GPUs, bf16/fp16 only; its causal mask is top-left aligned: no q_offset.
+- "splash": Pallas splash attention on TPU, no q_offset, T a multiple of 128; under a mesh (jax.set_mesh) inside
+  shard_map, each chip on its own rows; off TPU in Pallas interpret mode (for tests).
 - "xla": an explicit fp32 softmax that every backend runs: the reference, and the decode path (per-row offsets).
 """
-from functools import lru_cache, partial
+from functools import lru_cache
 
 import jax
 import jax.numpy as jnp
@@ -123,22 +119,20 @@ def _splash_kernel(group: int, T: int, interpret: bool, window: int | None = Non
         return sk.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret)
 
 
-def _splash_local(kernel, q_BTNH, k_BTKH, v_BTKH):
-    """Splash on arrays this device holds whole: one MQA kernel per kv head (GQA groups), mapped over rows."""
-    B, T, N, H = q_BTNH.shape
-    K = k_BTKH.shape[2]
-    q_BKGTH = (q_BTNH * H ** -0.5).astype(q_BTNH.dtype).reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)
-    k_BKTH, v_BKTH = k_BTKH.transpose(0, 2, 1, 3), v_BTKH.transpose(0, 2, 1, 3)
-    out_BKGTH = jax.vmap(jax.vmap(kernel))(q_BKGTH, k_BKTH, v_BKTH)
-    return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
-
-
 def splash_attention(q_BTNH, k_BTKH, v_BTKH, window: int | None = None):
     """Splash attention, each device on its own rows of the context mesh's batch axes (the compiler cannot partition
     a Pallas kernel); without a mesh, or with rows that do not split evenly, on the whole batch."""
     # made outside shard_map: its mask tables are arrays that must not belong to one manual shard
     kernel = _splash_kernel(q_BTNH.shape[2] // k_BTKH.shape[2], q_BTNH.shape[1], target_platform() != "tpu", window)
-    local = partial(_splash_local, kernel)
+
+    def local(q_BTNH, k_BTKH, v_BTKH):  # on arrays this device holds whole: one MQA kernel per kv head, over rows
+        B, T, N, H = q_BTNH.shape
+        K = k_BTKH.shape[2]
+        q_BKGTH = (q_BTNH * H ** -0.5).astype(q_BTNH.dtype).reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)
+        k_BKTH, v_BKTH = k_BTKH.transpose(0, 2, 1, 3), v_BTKH.transpose(0, 2, 1, 3)
+        out_BKGTH = jax.vmap(jax.vmap(kernel))(q_BKGTH, k_BKTH, v_BKTH)
+        return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+
     mesh, axes = jax.sharding.get_abstract_mesh(), context_batch_axes()
     if (n_shards := axes_size(mesh, axes)) == 1 or q_BTNH.shape[0] % n_shards:
         return local(q_BTNH, k_BTKH, v_BTKH)

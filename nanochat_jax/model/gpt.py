@@ -1,12 +1,9 @@
 """The nanochat GPT in Flax NNX: the classic architecture (nanochat of December 2025) and, switched on by GPTConfig
-fields, the modern one (its time-to-GPT-2 recipe). The config's recipe (recipes.py) decides the init and the RoPE
-tables' dtype.
+fields, the modern one (its time-to-GPT-2 recipe); the config's recipe (recipes.py) decides the init and RoPE dtype.
 
 Classic: token embedding -> RMSNorm -> N x [x + attn(norm(x)); x + mlp(norm(x))] -> RMSNorm -> lm_head -> drop vocab
 padding -> fp32 -> 15*tanh(x/15). Attention: RoPE (base 10000, split halves) then RMS QK-norm, causal, GQA. MLP: 4x
-width, relu^2. No biases, no learnable norm weights, untied head.
-
-The modern switches (`modern_config` sets them all, and the modern recipe):
+width, relu^2. No biases, no learnable norm weights, untied head. The modern switches (`modern_config` sets them all):
 - rope_base 100000; qk_scale 1.2 (q and k times 1.2 after the QK-norm);
 - window_pattern, e.g. "SSSL" tiled over the layers: S layers see the last ceil(seq/4/128)*128 positions (and
   themselves), L layers the whole sequence; the last layer is always L;
@@ -15,10 +12,8 @@ The modern switches (`modern_config` sets them all, and the modern recipe):
 - residual_scalars: before block i, x = resid_lambdas[i]*x + x0_lambdas[i]*x0 (x0: the normed embedding after smear);
 - smear: x[t] += smear_lambda * sigmoid(x[t, :24] @ smear_gate) * x[t-1] on the normed embedding;
 - backout: the residual after block n_layer//2, times backout_lambda, is subtracted before the final norm.
-
-Parameters are fp32, stored [in, out] (torch's nn.Linear stores [out, in]), with logical axis names (`axes=`) for
-sharding.py. The blocks' parameters are stacked on a leading 'layers' axis (model.h.attn.c_q.kernel is [n_layer, in,
-out]) and the trunk is one lax.scan over them: one compiled block whatever the depth.
+Parameters are fp32, [in, out] (torch's nn.Linear: [out, in]), with logical axis names (`axes=`) for sharding.py; the
+blocks' are stacked on a leading 'layers' axis (h.attn.c_q.kernel is [n_layer, in, out]) for one lax.scan over them.
 """
 import math
 from functools import partial
@@ -32,8 +27,7 @@ from jax.ad_checkpoint import checkpoint_name
 from nanochat_jax.model.attention import attention, xla_attention
 from nanochat_jax.model.fp8 import fp8_eligible, fp8_matmul
 from nanochat_jax.model.sharding import shard_rows
-from nanochat_jax.recipes import MODERN_SWITCHES
-from nanochat_jax.recipes import recipe as get_recipe
+from nanochat_jax.recipes import MODERN_SWITCHES, recipe as get_recipe
 
 SOFTCAP = 15.0
 ROPE_BASE = 10000.0
@@ -66,7 +60,6 @@ class GPTConfig:
     n_kv_head: int = 6  # key/value heads (MQA when 1, MHA when n_head)
     n_embd: int = 768
     recipe: str = "classic"  # by name (recipes.RECIPES): the init and RoPE tables; training's optimizer and schedule
-    # the modern recipe's switches (the defaults are the classic model; any of them can be set in either recipe)
     rope_base: float = ROPE_BASE
     qk_scale: float = 1.0
     window_pattern: str | None = None  # None: every layer sees the whole context (the classic model)
@@ -108,8 +101,7 @@ class GPTConfig:
         return -(-self.vocab_size // PAD_VOCAB_TO) * PAD_VOCAB_TO
 
     def param_counts(self) -> dict[str, int]:
-        """Parameters by group as nanochat counts them, padded vocab rows included (not the zero ve_gate that the
-        layers without a value embedding hold here)."""
+        """Parameters by group as nanochat counts them: padded vocab rows in, our zero ve_gates (no ve layer) out."""
         C, D, K, Vp = self.n_embd, self.head_dim, self.n_kv_head, self.padded_vocab_size
         attn = C * self.n_head * D + 2 * C * K * D + self.n_head * D * C
         n_ve = len(self.ve_layers())
@@ -195,6 +187,12 @@ def normal(std: float):
     return lambda key, shape: std * jax.random.normal(key, shape, jnp.float32)
 
 
+def matrix_init(config: GPTConfig, scale: float = 1.0):
+    """The modern recipe's block matrices: uniform with the classic std x scale; None (Linear's classic init) else."""
+    s = scale * math.sqrt(3.0 / config.n_embd)
+    return uniform(-s, s) if get_recipe(config.recipe).uniform_init else None
+
+
 class Linear(nnx.Module):
     """Bias-free, kernel [in, out] ([layers, in, out] stacked). Classic init: N(0, 1/sqrt(fan_in) * min(1,
     sqrt(fan_out/fan_in))), or zeros (output projections, lm_head); `init` (key, shape) -> array overrides it."""
@@ -226,8 +224,7 @@ class CausalSelfAttention(nnx.Module):
         self.head_dim, self.attn_impl, self.qk_scale = D, attn_impl, config.qk_scale
         # the distinct left windows, static: (None,) without a window pattern
         self.windows = (tuple(sorted(set(config.window_sizes()))) if config.window_pattern else ()) or (None,)
-        s = math.sqrt(3.0 / C)  # the modern init: uniform with the classic std
-        init = uniform(-s, s) if get_recipe(config.recipe).uniform_init else None
+        init = matrix_init(config)
         linear = partial(Linear, rngs=rngs, layers=layers, fp8=fp8)
         self.c_q = linear(C, N * D, ("embed", "heads"), init=init)
         self.c_k = linear(C, K * D, ("embed", "kv_heads"), init=init)
@@ -237,10 +234,9 @@ class CausalSelfAttention(nnx.Module):
             self.ve_gate = linear(VE_GATE_CHANNELS, K, (None, "kv_heads"), init=uniform(0.0, 0.02))
 
     def __call__(self, x_BTC, cos, sin, kv=None, pos_B=None, attend_len=None, ve_BTE=None, window=None):
-        """kv: None (training) or (k, v, layer): the whole cache, each [L, B, K, S, D], and this layer's index; the
-        new keys/values go to [layer, b, :, pos_B[b] .. pos_B[b]+T-1], and the cache is returned with the output.
-        attend_len (static): attend to the cache's first attend_len positions only (the filled part). ve_BTE: this
-        layer's value embedding (zeros in a layer without one); window: its left window (traced) or None."""
+        """kv: None (training) or (k, v, layer): the whole cache, each [L, B, K, S, D], and this layer's index; the new
+        keys/values go to [layer, b, :, pos_B[b] ..], the cache is returned too, and attention reads its first
+        attend_len (static) positions. ve_BTE: this layer's value embedding (or zeros); window: traced or None."""
         B, T, _ = x_BTC.shape
         q, k, v = (checkpoint_name(proj(x_BTC), name).reshape(B, T, -1, self.head_dim)  # [B, T, heads, D]
                    for proj, name in ((self.c_q, "q_proj"), (self.c_k, "k_proj"), (self.c_v, "v_proj")))
@@ -272,9 +268,7 @@ class CausalSelfAttention(nnx.Module):
 class MLP(nnx.Module):
     def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs, layers: int | None = None, fp8: bool = False):
         C = config.n_embd
-        s = 0.4 * math.sqrt(3.0 / C)  # the modern init: 0.4 x the attention's
-        self.c_fc = Linear(C, 4 * C, ("embed", "mlp"), rngs=rngs, layers=layers,
-                           init=uniform(-s, s) if get_recipe(config.recipe).uniform_init else None, fp8=fp8)
+        self.c_fc = Linear(C, 4 * C, ("embed", "mlp"), rngs=rngs, layers=layers, init=matrix_init(config, 0.4), fp8=fp8)
         self.c_proj = Linear(4 * C, C, ("mlp", "embed"), rngs=rngs, zero_init=True, layers=layers, fp8=fp8)
 
     def __call__(self, x_BTC):
@@ -298,9 +292,8 @@ class Block(nnx.Module):
 class GPT(nnx.Module):
     def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, attn_impl: str | None = None,
                  remat: str = "none", fp8: bool = False):
-        """dtype: the compute dtype (bf16 on GPU/TPU, fp32 on CPU; parameters are always fp32). attn_impl: None (by
-        backend), 'xla', 'cudnn' or 'splash' (see attention.py). remat: one of REMAT_POLICIES. fp8: FP8 matmuls in
-        the layers nanochat converts (projections, MLP, lm_head; see fp8.py)."""
+        """dtype: the compute dtype (bf16 on GPU/TPU, fp32 on CPU). attn_impl: None (by backend) or attention.py's
+        name for one. remat: one of REMAT_POLICIES. fp8: FP8 matmuls where nanochat has them (see fp8.py)."""
         if remat not in REMAT_POLICIES:
             raise ValueError(f"unknown remat policy {remat!r}: expected one of {sorted(REMAT_POLICIES)}")
         self.config, self.dtype, self.remat = config, dtype, remat
@@ -424,10 +417,9 @@ class GPT(nnx.Module):
 
 
 def init_cache(config: GPTConfig, batch_size: int, max_len: int, dtype=jnp.float32):
-    """{'k', 'v'}: [n_layer, batch, n_kv_head, max_len, head_dim]. Heads before positions: a decode step's attention
-    is then a batched matrix-vector product over the cache as it lies (else XLA transposes every layer's slice first,
-    which doubled a CPU decode step's attention time). With smear also 'tokens' [1, batch, max_len]: smear reads the
-    token before a row's next one."""
+    """{'k', 'v'}: [n_layer, batch, n_kv_head, max_len, head_dim], heads before positions: a decode step's attention is
+    then a batched matrix-vector product over the cache as it lies (else XLA transposes each layer's slice first: twice
+    the CPU decode time). With smear also 'tokens' [1, batch, max_len], for the token before a row's next one."""
     shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
     cache = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
     if config.smear:

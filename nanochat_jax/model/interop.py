@@ -13,6 +13,8 @@ import json
 import os
 import pickle
 import re
+from functools import reduce
+from operator import getitem
 
 import jax
 import jax.numpy as jnp
@@ -41,58 +43,43 @@ def _torch():
     return torch
 
 
-def expected_shapes(config: GPTConfig) -> dict[str, tuple]:
-    """nanochat's state-dict keys and their torch shapes ([out, in] for linear layers)."""
-    C, D, Vp, K = config.n_embd, config.head_dim, config.padded_vocab_size, config.n_kv_head
-    shapes = {"transformer.wte.weight": (Vp, C), "lm_head.weight": (Vp, C)}
+def nanochat_layout(config: GPTConfig) -> dict[str, tuple[tuple, str, object]]:
+    """nanochat's state-dict keys -> (their torch shape, [out, in] for linear layers; our parameter's path; the index
+    in it: the layer of a stacked tensor, or ... for the whole): the one table the import checks and converts by."""
+    C, D, Vp, K, N = config.n_embd, config.head_dim, config.padded_vocab_size, config.n_kv_head, config.n_head
+    layout = {"transformer.wte.weight": ((Vp, C), "wte", ...), "lm_head.weight": ((Vp, C), "lm_head.kernel", ...)}
+    block = {"attn.c_q": (N * D, C), "attn.c_k": (K * D, C), "attn.c_v": (K * D, C), "attn.c_proj": (C, N * D),
+             "mlp.c_fc": (4 * C, C), "mlp.c_proj": (C, 4 * C)}
     for i in range(config.n_layer):
-        p = f"transformer.h.{i}."
-        shapes |= {p + "attn.c_q.weight": (config.n_head * D, C), p + "attn.c_k.weight": (K * D, C),
-                   p + "attn.c_v.weight": (K * D, C), p + "attn.c_proj.weight": (C, config.n_head * D),
-                   p + "mlp.c_fc.weight": (4 * C, C), p + "mlp.c_proj.weight": (C, 4 * C)}
-    for i in config.ve_layers():
-        shapes |= {f"transformer.h.{i}.attn.ve_gate.weight": (K, VE_GATE_CHANNELS),
-                   f"value_embeds.{i}.weight": (Vp, K * D)}
+        layout |= {f"transformer.h.{i}.{name}.weight": (shape, f"h.{name}.kernel", i) for name, shape in block.items()}
+    for j, i in enumerate(config.ve_layers()):  # our gate is stacked over every layer: zeros where nanochat has none
+        layout[f"transformer.h.{i}.attn.ve_gate.weight"] = ((K, VE_GATE_CHANNELS), "h.attn.ve_gate.kernel", i)
+        layout[f"value_embeds.{i}.weight"] = ((Vp, K * D), "value_embeds", j)
     if config.residual_scalars:
-        shapes |= {"resid_lambdas": (config.n_layer,), "x0_lambdas": (config.n_layer,)}
+        layout |= {name: ((config.n_layer,), name, ...) for name in ("resid_lambdas", "x0_lambdas")}
     if config.smear:
-        shapes |= {"smear_gate.weight": (1, SMEAR_CHANNELS), "smear_lambda": (1,)}
+        layout |= {"smear_gate.weight": ((1, SMEAR_CHANNELS), "smear_gate.kernel", ...),
+                   "smear_lambda": ((1,), "smear_lambda", ...)}
     if config.backout:
-        shapes |= {"backout_lambda": (1,)}
-    return shapes
+        layout["backout_lambda"] = ((1,), "backout_lambda", ...)
+    return layout
 
 
 def state_dict_to_params(state_dict: dict[str, np.ndarray], config: GPTConfig) -> dict:
     """A nanochat state dict (numpy, any float dtype) -> our parameter tree (pure dict, fp32, kernels [in, out])."""
     state_dict = {k.removeprefix("_orig_mod."): v for k, v in state_dict.items()}  # torch.compile's prefix
-    shapes = expected_shapes(config)
-    missing, unexpected = sorted(shapes.keys() - state_dict.keys()), sorted(state_dict.keys() - shapes.keys())
+    layout = nanochat_layout(config)
+    missing, unexpected = sorted(layout.keys() - state_dict.keys()), sorted(state_dict.keys() - layout.keys())
     if missing or unexpected:
         raise ValueError(f"not a {config.recipe}-architecture nanochat checkpoint: "
                          f"missing keys {missing[:8]}, unexpected keys {unexpected[:8]}")
-    for key, shape in shapes.items():
+    abstract = nnx.state(nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(0))))
+    params = jax.tree.map(lambda leaf: np.zeros(leaf.shape, np.float32), nnx.to_pure_dict(abstract))
+    for key, (shape, path, index) in layout.items():
         if tuple(state_dict[key].shape) != shape:
             raise ValueError(f"{key} has shape {tuple(state_dict[key].shape)}, the model config implies {shape}")
-    w = {k: np.asarray(v, dtype=np.float32) for k, v in state_dict.items()}
-
-    def stacked(name):  # the kernels of every layer, [n_layer, in, out]
-        return {"kernel": np.stack([w[f"transformer.h.{i}.{name}.weight"].T for i in range(config.n_layer)])}
-
-    blocks = {"attn": {name: stacked(f"attn.{name}") for name in ("c_q", "c_k", "c_v", "c_proj")},
-              "mlp": {name: stacked(f"mlp.{name}") for name in ("c_fc", "c_proj")}}
-    params = {"wte": w["transformer.wte.weight"], "h": blocks, "lm_head": {"kernel": w["lm_head.weight"].T}}
-    if ve_layers := config.ve_layers():  # our gate is stacked over every layer: zeros where nanochat has none
-        gate = np.zeros((config.n_layer, VE_GATE_CHANNELS, config.n_kv_head), np.float32)
-        for i in ve_layers:
-            gate[i] = w[f"transformer.h.{i}.attn.ve_gate.weight"].T
-        blocks["attn"]["ve_gate"] = {"kernel": gate}
-        params["value_embeds"] = np.stack([w[f"value_embeds.{i}.weight"] for i in ve_layers])
-    if config.residual_scalars:
-        params["resid_lambdas"], params["x0_lambdas"] = w["resid_lambdas"], w["x0_lambdas"]
-    if config.smear:
-        params["smear_gate"], params["smear_lambda"] = {"kernel": w["smear_gate.weight"].T}, w["smear_lambda"]
-    if config.backout:
-        params["backout_lambda"] = w["backout_lambda"]
+        value = np.asarray(state_dict[key], dtype=np.float32)
+        reduce(getitem, path.split("."), params)[index] = value.T if path.endswith("kernel") else value
     return params
 
 
@@ -100,8 +87,7 @@ CLASSIC_KEYS = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", 
 
 
 def read_model_config(meta: dict, path: str) -> GPTConfig:
-    """A nanochat model_config: the classic keys, or those and "window_pattern" (its current architecture, with every
-    modern switch on)."""
+    """A nanochat model_config: the classic keys, or those and "window_pattern" (every modern switch on)."""
     config = meta.get("model_config")
     modern = set(CLASSIC_KEYS) | {"window_pattern"}
     if not isinstance(config, dict) or set(config) not in (set(CLASSIC_KEYS), modern):
@@ -124,8 +110,7 @@ def find_tokenizer(checkpoint_dir: str) -> str | None:
 
 
 def import_nanochat(checkpoint_dir: str, step: int | None = None, dtype=jnp.float32, mesh=None):
-    """Returns (model, tokenizer or None when no tokenizer.pkl is found, meta dict); the model's weights are fp32,
-    placed on `mesh` (default: every device on the data axis, i.e. replicated)."""
+    """(model, tokenizer or None without a tokenizer.pkl, meta): fp32 weights placed on `mesh` (default: replicated)."""
     checkpoint_dir = os.path.expanduser(checkpoint_dir)
     torch = _torch()
     step = find_last_step(checkpoint_dir) if step is None else step

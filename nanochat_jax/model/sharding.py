@@ -122,8 +122,7 @@ def shardings_of(tree):
 
 
 def create_sharded(make_model, mesh: Mesh, rules: ShardingRules = RULES):
-    """(graphdef, params): make_model()'s parameters (a pure dict) initialised in their shards, never whole on one
-    device."""
+    """(graphdef, params): make_model()'s parameters (a pure dict) made in their shards, never whole on one device."""
     graphdef, abstract = abstract_params(make_model, mesh, rules)
     params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(make_model())), out_shardings=shardings_of(abstract))()
     return graphdef, params

@@ -1,1 +1,1 @@
-"""Training: the optimizer, one step and its state, the one loop, checkpoints, the stages' shared set-up, chat-stage batches, REINFORCE."""
+"""Training: the optimizer, the step and its state, the loop, checkpoints, the stages, chat and RL batches."""

@@ -201,17 +201,15 @@ class Schedule:
     """step -> (lr multiplier, Muon momentum, Muon weight-decay multiplier). momentum None: the muon_momentum ramp,
     else that constant; modern: nanochat's current pretraining schedule (modern_muon_momentum, decay cosine to 0)."""
     num_iterations: int
-    warmup_ratio: float = 0.0
     warmdown_ratio: float = 0.2
     final_lr_frac: float = 0.0
     momentum: float | None = None
-    warmup_steps: int | None = None  # when set, replaces warmup_ratio
+    warmup_steps: int = 0
     modern: bool = False
 
     def __call__(self, step: int) -> tuple[float, float, float]:
         n = self.num_iterations
-        warmup = self.warmup_ratio if self.warmup_steps is None else self.warmup_steps / n
-        lr = lr_multiplier(step, n, warmup, self.warmdown_ratio, self.final_lr_frac)
+        lr = lr_multiplier(step, n, self.warmup_steps / n, self.warmdown_ratio, self.final_lr_frac)
         momentum = modern_muon_momentum(step, n, self.warmdown_ratio) if self.modern else muon_momentum(step)
         momentum = momentum if self.momentum is None else self.momentum
         return lr, momentum, 0.5 * (1 + math.cos(math.pi * step / n)) if self.modern else 1.0

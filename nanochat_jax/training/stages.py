@@ -1,5 +1,4 @@
-"""A training stage, declared once: the flag groups and their checks, the trainer, the micro-steps of a step, the one
-engine its evaluations sample with, starting or resuming the run, and its ending (report, wandb).
+"""A training stage, declared once: its flags and their checks, trainer, engine, start or resume, and ending.
 
 A chat stage (train.mid, train.sft, train.rl) reads the latest checkpoint of the stage before it (--source,
 --model-tag, --step) and writes to $NANOCHAT_BASE_DIR/<stage dir>/<the same model tag>/. It starts from those
@@ -37,8 +36,7 @@ def add_optimizer_flags(p: argparse.ArgumentParser, grad_clip: float | None = No
     p.add_argument("--scalar-lr", type=float, default=None, help="modern recipe: the x0 scalars' (resid: x 0.01; 0.5)")
     p.add_argument("--weight-decay", type=float, default=weight_decay, help="classic: AdamW's (default 0); modern: "
                    "Muon's cautious decay, scaled by batch and horizon, cosine to 0 (default 0.28)")
-    p.add_argument("--grad-clip", type=float, default=grad_clip, help="global-norm clip, 0: off (default: classic "
-                   "1.0, modern 0)")
+    p.add_argument("--grad-clip", type=float, default=grad_clip, help="global-norm clip, 0: off (classic 1, modern 0)")
 
 
 def add_chat_stage_flags(p: argparse.ArgumentParser, sources: list[str], device_batch_size: int,
@@ -61,8 +59,7 @@ def add_run_flags(p: argparse.ArgumentParser):
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None, help="compute dtype (default: by backend)")
     p.add_argument("--mesh", default=None, help="data:8 | fsdp:8 | data:2,fsdp:4 ... (default: all devices on data)")
     p.add_argument("--remat", choices=sorted(REMAT_POLICIES), default="none", help="what the backward pass keeps of "
-                   "each block: none (matmul and attention outputs), dots (matmul outputs: attention runs twice), "
-                   "full (block inputs only; least memory)")
+                   "each block: none (matmul, attention outputs), dots (matmul outputs), full (inputs; least memory)")
     p.add_argument("--run", default=None, help="wandb run name (logging is off unless given and wandb is installed)")
     p.add_argument("--seed", type=int, default=0)
 
@@ -79,23 +76,11 @@ def check_flags(p: argparse.ArgumentParser, args, positive=(), every=(), nonnega
     for name in every + (("num_iterations",) if hasattr(args, "num_iterations") else ()):
         if getattr(args, name) == 0 or getattr(args, name) < -1:
             p.error(f"{flag(name)} must be positive, or -1")
-    check_mesh(p, args)
-
-
-def check_mesh(p: argparse.ArgumentParser, args):
-    """--mesh well formed and covering this run's devices, or argparse's one-line error (before anything compiles)."""
-    if getattr(args, "mesh", None):
+    if getattr(args, "mesh", None):  # well formed and covering this run's devices, before anything compiles
         try:
             parse_mesh_spec(args.mesh, jax.device_count())
         except ValueError as e:
             p.error(str(e))
-
-
-def resolved(args, recipe: str, **values) -> argparse.Namespace:
-    """A copy of the flags: the optimizer flags left unset at the recipe's values (so the run's meta records what was
-    used), then `values`."""
-    unset = {k: v for k, v in RECIPES[recipe].optimizer.items() if getattr(args, k, None) is None}
-    return argparse.Namespace(**(vars(args) | unset | values))
 
 
 def micro_steps(what: str, total: int, device_batch_size: int, sequence_len: int | None = None) -> int:
@@ -115,14 +100,6 @@ def epoch_steps(args, num_examples: int, per_step: int) -> int:
     return args.num_iterations if args.num_iterations > 0 else max(1, num_examples // per_step * args.num_epochs)
 
 
-def model_tags_note(source: str) -> str:
-    """'; the <source> models here: d4 (steps [..]), ...' for an error message ('' when there are none)."""
-    stage_dir = os.path.join(get_base_dir(), STAGE_DIRS[source])
-    tags = sorted(t for t in os.listdir(stage_dir) if complete_steps(os.path.join(stage_dir, t))) \
-        if os.path.isdir(stage_dir) else []
-    return f"; the {source} models here: {', '.join(tags)} (--model-tag)" if tags else ""
-
-
 class Source:
     """The checkpoint a chat stage starts from."""
 
@@ -131,8 +108,12 @@ class Source:
             self.stage, self.directory = source, stage_directory(source, model_tag)
             self.checkpointer = Checkpointer(self.directory, max_to_keep=None, async_save=False, create=False)
             self.step = self.checkpointer.resolve_step(step)
-        except FileNotFoundError as e:
-            raise SystemExit(f"{e}{model_tags_note(source)}") from None
+        except FileNotFoundError as e:  # (and the models there are)
+            stage_dir = os.path.join(get_base_dir(), STAGE_DIRS[source])
+            tags = sorted(t for t in os.listdir(stage_dir) if complete_steps(os.path.join(stage_dir, t))) \
+                if os.path.isdir(stage_dir) else []
+            note = f"; the {source} models here: {', '.join(tags)} (--model-tag)" if tags else ""
+            raise SystemExit(f"{e}{note}") from None
         self.meta = self.checkpointer.meta(self.step)
         self.config = config_from_meta(self.meta["model_config"])
         self.tokenizer = Tokenizer.load(os.path.join(self.directory, "tokenizer"))
@@ -142,25 +123,23 @@ class Source:
         """The parameters, placed on the trainer's mesh."""
         return self.checkpointer.restore({"params": trainer.abstract_params}, self.step)[0]["params"]
 
-    def info(self) -> dict:
-        return {"stage": self.stage, "directory": self.directory, "step": self.step}
-
 
 class Stage:
     """One run of a stage: its resolved flags, model config, tokenizer, trainer and checkpoint directory."""
 
     def __init__(self, name: str, args, config: GPTConfig, tokenizer, checkpoint_dir: str, source: Source | None = None,
-                 lr_fraction: float = 1.0, lr_scale: float = 1.0):
-        """lr_fraction scales every learning rate; lr_scale all but the modern smear group's (the batch's scale)."""
+                 lr_fraction: float = 1.0, lr_scale: float = 1.0):  # (lr_*: see build_optimizer)
         self.name, self.config, self.tokenizer, self.source = name, config, tokenizer, source
-        self.args = args = resolved(args, config.recipe)
+        recipe = RECIPES[config.recipe]
+        # the optimizer flags left unset at the recipe's values, so the run's meta records what was used
+        unset = {k: v for k, v in recipe.optimizer.items() if getattr(args, k, None) is None}
+        self.args = args = argparse.Namespace(**(vars(args) | unset))
         dtype = parse_dtype(args.dtype)
         fp8 = getattr(args, "fp8", False)  # (pretraining only; evaluation sees the model without it)
         self.make_model = lambda fp8=fp8: GPT(config, rngs=nnx.Rngs(args.seed), dtype=dtype, remat=args.remat, fp8=fp8)
-        tx = build_optimizer(config.n_embd, args.embedding_lr, args.unembedding_lr, args.matrix_lr, args.weight_decay,
-                             args.grad_clip, recipe=config.recipe, scalar_lr=args.scalar_lr, lr_scale=lr_scale,
-                             lr_fraction=lr_fraction,
-                             muon_dtype=dtype if RECIPES[config.recipe].muon_in_compute_dtype else jnp.bfloat16)
+        tx = build_optimizer(config.n_embd, recipe=config.recipe, lr_scale=lr_scale, lr_fraction=lr_fraction,
+                             muon_dtype=dtype if recipe.muon_in_compute_dtype else jnp.bfloat16,
+                             **{k: getattr(args, k) for k in recipe.optimizer})
         self.trainer = Trainer.create(self.make_model, tx, make_mesh(args.mesh),
                                       (lambda: self.make_model(False)) if fp8 else None)
         self.checkpointer = Checkpointer(checkpoint_dir)
@@ -200,8 +179,8 @@ class Stage:
         state = self.begin(batches, num_iterations)
         self.wandb_run = start_wandb(self.args, "nanochat-jax" + ("" if self.name == "base" else f"-{self.name}"))
         meta = {"model_config": asdict(self.config), "train_config": vars(self.args)}
-        if self.source is not None:
-            meta["source"] = self.source.info()
+        if (source := self.source) is not None:
+            meta["source"] = {"stage": source.stage, "directory": source.directory, "step": source.step}
         plan = Plan(num_iterations, schedule, self.config.flops_per_token(), evals, self.args.save_every, meta,
                     self.wandb_run)
         return run(self.trainer, state, batches, plan, self.checkpointer)

@@ -141,7 +141,6 @@ def _batch_key(batch: dict) -> tuple:
 
 
 def micro_loss(model, micro: dict):
-    """One micro-batch's loss: the mean over counted targets, with "weights" sum(weight x token loss) / counted."""
     if "weights" not in micro:
         return model(micro["inputs"], micro["targets"])
     token_loss = model(micro["inputs"], micro["targets"], loss_reduction="none")
