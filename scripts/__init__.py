@@ -26,11 +26,13 @@ def parse_with_checkout(p: argparse.ArgumentParser, argv=None) -> argparse.Names
 
 
 def random_pair(**config):
-    """Our tokenizer, a random nanochat GPT (torch, eval mode) and ours, imported through its checkpoint format."""
+    """Our tokenizer and nanochat's over its encoding, a random nanochat GPT (torch, eval mode) and ours, imported
+    through its checkpoint format."""
     from nanochat.gpt import GPT, GPTConfig
+    from nanochat.tokenizer import RustBPETokenizer
     from nanochat_jax.data.tokenizer import get_tokenizer
     from nanochat_jax.model.interop import import_nanochat, write_random_nanochat
     tokenizer = get_tokenizer()
     with tempfile.TemporaryDirectory() as directory:
         ref_model = write_random_nanochat(directory, tokenizer, GPT, GPTConfig, **config)
-        return tokenizer, ref_model, import_nanochat(directory)[0]
+        return tokenizer, RustBPETokenizer(tokenizer.enc, "<|bos|>"), ref_model, import_nanochat(directory)[0]

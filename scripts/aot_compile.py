@@ -56,33 +56,40 @@ def parse_args(argv=None):
         p.error(f"unknown --programs {bad}: expected some of {PROGRAMS}")
     if args.vocab_size is None:
         args.vocab_size = RECIPES[args.recipe].vocab_size
-    if args.total_batch_size is None:
-        args.total_batch_size = 524288 if args.recipe == "classic" else modern_batch(args.depth, args.vocab_size,
-                                                                                   args.seq_len)
+    if args.total_batch_size is None and args.recipe == "classic":
+        args.total_batch_size = 524288
+    elif args.total_batch_size is None:  # as train.base sizes it: from the horizon at the speedrun's data:param ratio 8
+        params = [config_from_depth(d, args.vocab_size, args.seq_len, recipe="modern").scaling_params()
+                  for d in (args.depth, 12)]
+        args.total_batch_size = auto_batch(*params, 8.0, 0.0)[0]
     for name in ("depth", "seq_len", "device_batch_size", "total_batch_size", "decode_batch", "vocab_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be positive")
     return args
 
 
-def modern_batch(depth: int, vocab_size: int, seq_len: int, ratio: float = 8.0) -> int:
-    """The modern recipe's tokens per step for this depth, as train.base sizes it (optim.auto_batch)."""
-    scaling = lambda d: config_from_depth(d, vocab_size, seq_len, recipe="modern").scaling_params()  # noqa: E731
-    return auto_batch(scaling(depth), scaling(12), ratio, 0.0)[0]
+def program_report(args, devices, name: str, compile_at, model_flops: float, repeat: int, estimate: bool = True,
+                   kernel_flops: float = 0.0, min_flops: float | None = None) -> dict:
+    """aot.report of compile_at(layers=--depth); estimate: a TPU's step time. XLA counts a loop's body (the layers,
+    micro-steps, decode steps) once, so its cost is scaled from 0- and 1-layer probes: repeat x (cost(0) + L x (cost(1)
+    - cost(0))) (the optimizer update, in each, makes it an overestimate) + kernel_flops (splash attention: a Pallas
+    kernel the cost model cannot see); a probe may merge a recomputed forward away, so the FLOPs are >= min_flops."""
+    compiled, seconds = compile_at(args.depth)
+    roofline = None
+    if estimate and aot.estimates_time(devices[0]):  # (none to make for a CPU or a GPU)
+        c0, c1 = ({"flops": float(cost.get("flops", 0.0)), "bytes": float(cost.get("bytes accessed", 0.0))}
+                  for cost in (aot.cost_analysis(compile_at(layers, probe=True)[0]) for layers in (0, 1)))
+        roofline = {"flops": repeat * (c0["flops"] + args.depth * (c1["flops"] - c0["flops"])) + kernel_flops,
+                    "bytes": repeat * (c0["bytes"] + args.depth * (c1["bytes"] - c0["bytes"]))}
+        if min_flops is not None:
+            roofline["flops"] = max(roofline["flops"], min_flops)
+    return aot.report(compiled, devices[0], seconds, model_flops, len(devices), roofline, repeat,
+                      hlo_path=args.hlo_out and os.path.join(args.hlo_out, f"{name}.hlo.txt"))
 
 
 def train_program(args, config, devices, mesh, rows_per_chip: int, estimate: bool = True) -> dict:
-    """train_report, or why the compiler refused the step."""
-    try:
-        return train_report(args, config, devices, mesh, rows_per_chip, estimate)
-    except aot.DoesNotFit as e:
-        return {"device_batch_size": rows_per_chip, "fits": False, "error": str(e),
-                "needed_bytes": aot.refused_bytes(str(e))}
-
-
-def train_report(args, config, devices, mesh, rows_per_chip: int, estimate: bool) -> dict:
-    """Compile Trainer.step for one micro-step of rows_per_chip rows a chip (the scan over micro-steps holds one at a
-    time: memory does not depend on the accumulation); estimate: also the step time."""
+    """Trainer.step compiled for one micro-step of rows_per_chip rows a chip (the scan over micro-steps holds one at a
+    time: memory does not depend on the accumulation), or why the compiler refused it."""
     dtype, n_chips = jnp.dtype(args.dtype), len(devices)
     tokens_per_micro = rows_per_chip * n_chips * args.seq_len
     if args.total_batch_size % tokens_per_micro:
@@ -90,41 +97,44 @@ def train_report(args, config, devices, mesh, rows_per_chip: int, estimate: bool
                          f"{n_chips} chips x {args.seq_len} tokens")
     accum = args.total_batch_size // tokens_per_micro
 
-    def compile_step(layers):
+    def compile_step(layers, probe=False):  # (a probe is the same step)
         cfg = dataclasses.replace(config, n_layer=layers)
         make = lambda: GPT(cfg, rngs=nnx.Rngs(0), dtype=dtype, remat=args.remat, fp8=args.fp8)  # noqa: E731
         grad_clip = RECIPES[cfg.recipe].optimizer["grad_clip"]
         trainer = Trainer.create(make, build_optimizer(cfg.n_embd, recipe=cfg.recipe, grad_clip=grad_clip), mesh)
         return aot.compile_timed(trainer.step, *trainer.step_args(rows_per_chip * n_chips, args.seq_len))
 
-    compiled, compile_s = compile_step(config.n_layer)
-    platform, chip_tokens = devices[0].platform, args.total_batch_size / n_chips
+    platform, chip_tokens, full = devices[0].platform, args.total_batch_size / n_chips, args.remat == "full"
     kernel = ("splash" if platform == "tpu" and args.seq_len % 128 == 0
               else "cudnn" if platform == "gpu" and dtype == jnp.bfloat16 else None)
-    roofline = None
-    if estimate and aot.estimates_time(devices[0]):  # (none to make for a CPU or a GPU)
-        # splash is invisible to the cost model: its FLOPs come from the model's formula
-        kernel_flops = aot.attention_flops_per_token(config, args.remat) * chip_tokens if kernel == "splash" else 0.0
-        cost_at = lambda layers: aot.cost_analysis(compile_step(layers)[0])  # noqa: E731
-        roofline = aot.layer_scaled_cost(cost_at, config.n_layer, accum, kernel_flops)
-        # the probes count a loop (the loss's chunks) once and may merge a recomputed forward away: at least this
-        roofline["flops"] = max(roofline["flops"], aot.training_flops_per_token(config, args.remat) * chip_tokens)
+    # attention's forward FLOPs per token, 4 N D min(window, T) a layer: 3 times in training, 4 under remat full
+    attention = sum(4 * config.n_head * config.head_dim * min(w or config.sequence_len, config.sequence_len)
+                    for w in config.window_sizes())
+    # a step computes at least the model's count, and again in the backward pass the head's forward (the chunked
+    # loss) and under remat full the blocks' forward
+    head, blocks = 2 * config.padded_vocab_size * config.n_embd, 2 * config.param_counts()["transformer_matrices"]
+    least = (config.flops_per_token() + head + (blocks + attention if full else 0)) * chip_tokens
+    splash = attention * (3 + full) * chip_tokens if kernel == "splash" else 0.0
     name = "train" if rows_per_chip == args.device_batch_size else f"train_{rows_per_chip}rows"
-    out = aot.report(compiled, devices[0], compile_s, config.flops_per_token() * args.total_batch_size, n_chips,
-                     roofline, repeat=accum, hlo_path=args.hlo_out and os.path.join(args.hlo_out, f"{name}.hlo.txt"))
+    try:
+        out = program_report(args, devices, name, compile_step, config.flops_per_token() * args.total_batch_size,
+                             accum, estimate, kernel_flops=splash, min_flops=least)
+    except aot.DoesNotFit as e:
+        return {"device_batch_size": rows_per_chip, "fits": False, "error": str(e),
+                "needed_bytes": aot.refused_bytes(str(e))}
     return {"device_batch_size": rows_per_chip, "grad_accum_steps": accum, "attention": kernel or "xla", **out}
 
 
 def engine_programs(args, config, devices) -> dict:
     """The engine's prefill (one seq_len prompt) and decode (16 tokens, --decode-batch rows) on one chip, as served."""
-    dtype, device, n = jnp.dtype(args.dtype), devices[0], args.decode_batch
-    one = jax.sharding.NamedSharding(make_mesh("data:1", devices=[device]), jax.sharding.PartitionSpec())
+    dtype, n = jnp.dtype(args.dtype), args.decode_batch
+    one = jax.sharding.NamedSharding(make_mesh("data:1", devices=devices[:1]), jax.sharding.PartitionSpec())
     spec = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=one)  # noqa: E731
     abstract = lambda tree: jax.tree.map(lambda s: spec(s.shape, s.dtype), tree)  # noqa: E731
     cache_len = -(-(config.sequence_len + 1) // 256) * 256
     keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), n))
 
-    def compile_program(name, layers, steps=16):
+    def compile_program(name, layers, probe=False):  # a probe decodes 1 step, not 16
         cfg = dataclasses.replace(config, n_layer=layers)
         graphdef, state = nnx.split(nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0), dtype=dtype)))
         params = abstract(state)
@@ -139,22 +149,17 @@ def engine_programs(args, config, devices) -> dict:
                                                       jax.random.split(jax.random.key(0), n), 1.0, 0, 1.0,
                                                       jnp.zeros(2, jnp.int32), cfg.vocab_size))
         fn = jax.jit(partial(decode, graphdef), donate_argnums=(1,), static_argnames="steps")
-        return aot.compile_timed(fn, params, abstract(rows).replace(cache=cache), spec((3,), jnp.int32), steps=steps)
+        return aot.compile_timed(fn, params, abstract(rows).replace(cache=cache), spec((3,), jnp.int32),
+                                 steps=1 if probe else 16)
 
     counts = config.param_counts()
     matmul_flops = 2 * (counts["transformer_matrices"] + counts["lm_head"])
     results = {}
     for name, tokens, steps in (("prefill", config.sequence_len, 1), ("decode", n * 16, 16)):
-        if name not in args.programs:
-            continue
-        exe, secs = compile_program(name, config.n_layer)
-        roofline = None
-        if aot.estimates_time(device):  # loops over layers (and decode steps): scale 0- and 1-layer costs
-            cost_at = lambda layers: aot.cost_analysis(compile_program(name, layers, steps=1)[0])  # noqa: E731
-            roofline = aot.layer_scaled_cost(cost_at, config.n_layer, steps)
-        results[name] = aot.report(exe, device, secs, matmul_flops * tokens, 1, roofline,
-                                   hlo_path=args.hlo_out and os.path.join(args.hlo_out, f"{name}.hlo.txt"))
-        results[name]["tokens"] = tokens
+        if name in args.programs:
+            results[name] = program_report(args, devices[:1], name, partial(compile_program, name),
+                                           matmul_flops * tokens, steps)
+            results[name]["tokens"] = tokens
     return results
 
 
@@ -169,13 +174,14 @@ def main(argv=None):
               "mesh": dict(mesh.shape), "recipe": args.recipe, "depth": args.depth, "parameters": config.num_params(),
               "total_batch_size": args.total_batch_size, "seq_len": args.seq_len, "remat": args.remat,
               "dtype": args.dtype, "fp8": args.fp8, "jax": jax.__version__}
+    train_at = partial(train_program, args, config, devices, mesh)
     if "train" in args.programs:
-        result["train"] = train = train_program(args, config, devices, mesh, args.device_batch_size)
+        result["train"] = train = train_at(args.device_batch_size)
         if args.find_max_batch and train["fits"] is not None:
             reports = {args.device_batch_size: train}
 
             def fits_at(rows):
-                reports[rows] = train_program(args, config, devices, mesh, rows, estimate=False)
+                reports[rows] = train_at(rows, estimate=False)
                 return reports[rows]["fits"]
 
             if train["fits"]:  # double while a step still takes at least one micro-batch
@@ -188,7 +194,7 @@ def main(argv=None):
             train["peak_bytes_by_device_batch"] = {rows: r["peak_bytes"] for rows, r in sorted(reports.items())
                                                    if "error" not in r}
             if best is not None and best != args.device_batch_size:  # (compiled again, with its estimate)
-                result["train_at_largest_fitting_batch"] = train_program(args, config, devices, mesh, best)
+                result["train_at_largest_fitting_batch"] = train_at(best)
     result.update(engine_programs(args, config, devices))
     text = json.dumps(result, indent=2)
     print(text)

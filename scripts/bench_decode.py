@@ -32,19 +32,18 @@ def against_nanochat(args):
     sys.path.insert(0, os.path.abspath(args.nanochat))
     import torch
     from nanochat.engine import Engine as TorchEngine
-    from nanochat.tokenizer import RustBPETokenizer
 
     from nanochat_jax.inference.engine import Engine
     from scripts import random_pair
     torch.set_num_threads(os.cpu_count())
     for depth in args.depths:
-        heads = max(1, depth * 64 // 128)
-        tokenizer, ref_model, model = random_pair(n_layer=depth, n_head=heads, n_kv_head=heads, n_embd=depth * 64,
-                                                  sequence_len=args.prompt_len + args.decode_tokens + 16)
+        heads, length = max(1, depth * 64 // 128), args.prompt_len + args.decode_tokens + 16
+        tokenizer, ref_tokenizer, ref_model, model = random_pair(n_layer=depth, n_head=heads, n_kv_head=heads,
+                                                                 n_embd=depth * 64, sequence_len=length)
         text = "The chemical symbol of gold is " * 200
         prompt = [tokenizer.get_bos_token_id(), *tokenizer.encode(text)][:args.prompt_len]
         ours = Engine(model, tokenizer, chunk=args.chunk)
-        ref = TorchEngine(ref_model, RustBPETokenizer(tokenizer.enc, "<|bos|>"))
+        ref = TorchEngine(ref_model, ref_tokenizer)
         for batch in args.batches:
             ours.scheduler_for(batch).warm_up()  # compile every program first, as the server and the CLI do at start-up
             generate_speed(ours, prompt, batch, 8)  # and the prefill for `batch` samples

@@ -43,14 +43,12 @@ def main(argv=None):
         require(args.unsafe_sandbox, "HumanEval")
     import torch
     from nanochat.engine import Engine as TorchEngine
-    from nanochat.tokenizer import RustBPETokenizer
     # by path: our own `scripts` package shadows nanochat's
     spec = importlib.util.spec_from_file_location("nanochat_chat_eval", f"{args.nanochat}/scripts/chat_eval.py")
     ref_eval = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ref_eval)
 
-    tokenizer, ref_model, model = random_pair()
-    ref_tokenizer = RustBPETokenizer(tokenizer.enc, "<|bos|>")
+    tokenizer, ref_tokenizer, ref_model, model = random_pair()
     ref_engine, engine = TorchEngine(ref_model, ref_tokenizer), Engine(model, tokenizer)
 
     total = differing = 0

@@ -17,15 +17,13 @@ def main(argv=None):
     args = parse_with_checkout(p, argv)
     import torch
     from nanochat import core_eval as ref_core
-    from nanochat.tokenizer import RustBPETokenizer
 
-    tokenizer, ref_model, model = random_pair()
-    ref_tokenizer = RustBPETokenizer(tokenizer.enc, "<|bos|>")
+    tokenizer, ref_tokenizer, ref_model, model = random_pair()
 
     bundle = os.path.join(get_base_dir(), "eval_bundle")
     tasks, _ = core.load_bundle(bundle)
     total = differing = 0
-    seconds = {"nanochat": 0.0, "ours": 0.0}
+    ref_seconds = our_seconds = 0.0
     with CompileCount() as compiles:
         for task in tasks:
             data = core.load_task_data(bundle, task, args.max_per_task)
@@ -40,12 +38,12 @@ def main(argv=None):
             ours = core.evaluate_task(model, tokenizer, data, meta["task_type"], meta["num_fewshot"],
                                       meta["continuation_delimiter"])
             diff = sum(a != b for a, b in zip(ref, ours))
-            seconds["nanochat"], seconds["ours"] = seconds["nanochat"] + t1 - t0, seconds["ours"] + time.time() - t1
+            ref_seconds, our_seconds = ref_seconds + t1 - t0, our_seconds + time.time() - t1
             total, differing = total + len(data), differing + diff
             print(f"{task['label']:<34} nanochat {sum(ref):>4}/{len(ref)} | ours {sum(ours):>4}/{len(ours)} | "
                   f"differing {diff} | {t1 - t0:.0f}s vs {time.time() - t1:.0f}s")
     print(f"{differing} of {total} examples scored differently")
-    print(f"wall time: nanochat {seconds['nanochat']:.0f}s, ours {seconds['ours']:.0f}s (ours: {compiles})")
+    print(f"wall time: nanochat {ref_seconds:.0f}s, ours {our_seconds:.0f}s (ours: {compiles})")
 
 
 if __name__ == "__main__":

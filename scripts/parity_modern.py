@@ -27,8 +27,8 @@ def relative(a, b) -> float:
 
 
 def logits(torch, n_layer: int, T: int = 320) -> dict:
-    tokenizer, ref, model = random_pair(std=0.05, sequence_len=512, n_layer=n_layer, n_head=2, n_kv_head=1, n_embd=128,
-                                        window_pattern="SSSL")
+    tokenizer, _, ref, model = random_pair(std=0.05, sequence_len=512, n_layer=n_layer, n_head=2, n_kv_head=1,
+                                           n_embd=128, window_pattern="SSSL")
     idx = np.random.default_rng(0).integers(0, tokenizer.get_vocab_size(), (2, T))
     with torch.no_grad():
         expected = ref(torch.tensor(idx)).float().numpy()

@@ -34,24 +34,23 @@ def main(argv=None):
         module.load_dataset = local_load_dataset
     ours_tok = get_tokenizer()
     ref_tok = RustBPETokenizer(ours_tok.enc, "<|bos|>")
-    candidates = [
-        ("gsm8k/train.jsonl", "GSM8K train", lambda: GSM8K(split="train"), lambda: tasks.gsm8k.GSM8K("main", "train")),
-        ("gsm8k/test.jsonl", "GSM8K test", lambda: GSM8K(split="test"), lambda: tasks.gsm8k.GSM8K("main", "test")),
-        ("mmlu/test.jsonl", "MMLU test", lambda: MMLU(split="test"), lambda: tasks.mmlu.MMLU("all", "test")),
-        ("arc_easy/test.jsonl", "ARC-Easy test", lambda: ARC("ARC-Easy", "test"),
-         lambda: tasks.arc.ARC("ARC-Easy", "test")),
-        ("arc_challenge/test.jsonl", "ARC-Challenge test", lambda: ARC("ARC-Challenge", "test"),
-         lambda: tasks.arc.ARC("ARC-Challenge", "test")),
-        ("identity/identity_conversations.jsonl", "identity", lambda: CustomJSON(),
-         lambda: tasks.customjson.CustomJSON(task_data_path("identity", "identity_conversations.jsonl"))),
+    candidates = [  # (its file in task_data/, name, a maker of our task and nanochat's)
+        ("gsm8k/train.jsonl", "GSM8K train", lambda: (GSM8K(split="train"), tasks.gsm8k.GSM8K("main", "train"))),
+        ("gsm8k/test.jsonl", "GSM8K test", lambda: (GSM8K(split="test"), tasks.gsm8k.GSM8K("main", "test"))),
+        ("mmlu/test.jsonl", "MMLU test", lambda: (MMLU(split="test"), tasks.mmlu.MMLU("all", "test"))),
+        ("arc_easy/test.jsonl", "ARC-Easy test", lambda: (ARC("ARC-Easy", "test"), tasks.arc.ARC("ARC-Easy", "test"))),
+        ("arc_challenge/test.jsonl", "ARC-Challenge test",
+         lambda: (ARC("ARC-Challenge", "test"), tasks.arc.ARC("ARC-Challenge", "test"))),
+        ("identity/identity_conversations.jsonl", "identity", lambda: (
+            CustomJSON(), tasks.customjson.CustomJSON(task_data_path("identity", "identity_conversations.jsonl")))),
     ]
     pairs = []
-    for path, name, ours, ref in candidates:
+    for path, name, make in candidates:
         if not os.path.exists(os.path.join(get_base_dir(), "task_data", path)):
             print(f"{name}: no {path}, skipped")
             continue
-        a, b = ours(), ref()
-        pairs.append((a, b))
+        pairs.append(make())
+        a, b = pairs[-1]
         counts = {"conversations": 0, "renderings": 0, "completion prompts": 0}
         for i in range(len(a)):
             x, y = a[i], b[i]

@@ -1,14 +1,11 @@
-"""Ahead-of-time compilation of the real jitted programs (scripts/aot_compile.py), and what the compiler says.
-
-Programs are lowered from abstract arguments for a mesh's devices, which need not exist (`topology_devices`).
-`report()` gives memory per chip, a GPU's kernels (`hlo_kernels`) and on a TPU a step time: XLA's `optimal_seconds`
-where positive, else a roofline, max(FLOPs / peak FLOP/s, bytes / HBM bandwidth) per chip. XLA counts a loop's body
-once, so the training step's cost is scaled from 0- and 1-layer compiles (`layer_scaled_cost`); splash attention (a
-Pallas kernel the cost model cannot see) gets its FLOPs from the model's formula. A one-layer probe may merge a
-recomputed forward away, so the FLOPs used are at least training_flops_per_token: a lower bound on step time.
+"""What the compilers say of a program, with or without its device: topology devices of TPU/GPU targets
+(`topology_devices`), memory per chip and whether it fits, a GPU's kernels read from the optimized HLO (`hlo_kernels`),
+a TPU's step time (`report`), and the memory check at the start of a training run. scripts/aot_compile.py builds the
+programs.
 """
 import os
 import re
+from pathlib import Path
 
 import jax
 
@@ -82,9 +79,8 @@ def device_memory_bytes(device) -> int | None:
 
 
 def topology_devices(name: str, target_config: str | None = None):
-    """A topology's devices, from its compiler, with no such device here. TPU (`pip install 'jax[tpu]'`): 'v5e:2x4'
-    (v5e-8), 'v5e:4x4' (4 hosts), 'v5p:2x2x1', 'v6e:2x4'. GPU (`pip install 'jax[cuda12]'`, JAX_PLATFORMS=cpu; no
-    GPU needed): 'h100:8', 'h100:2x8' (2 hosts of 8), 'h200:8'; target_config: a GpuTargetConfigProto's text."""
+    """A topology's devices from its compiler, with no such device here: a TPU's ('v5e:2x4') or GPUS' ('h100:8',
+    'h100:2x8': 2 hosts of 8); target_config: a GpuTargetConfigProto's text, not gpu_target_config's."""
     from jax.experimental import topologies
     gpu, _, shape = name.partition(":")
     if gpu in GPUS:
@@ -107,7 +103,7 @@ def topology_devices(name: str, target_config: str | None = None):
 
 
 def cost_analysis(compiled) -> dict:
-    """The compiled program's cost analysis as one dict (FLOPs, bytes accessed, optimal_seconds ...)."""
+    """The compiled program's cost analysis as one dict ("flops", "bytes accessed", "optimal_seconds" ...)."""
     cost = compiled.cost_analysis()
     return (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
 
@@ -199,8 +195,9 @@ def refused_bytes(message: str) -> int | None:
 
 def report(compiled, device, compile_s: float, model_flops: float, n_chips: int, roofline_cost: dict | None = None,
            repeat: int = 1, hlo_path: str | None = None) -> dict:
-    """The JSON-able facts of one compiled step: memory per chip, fit, time estimate, a GPU's kernels. roofline_cost:
-    per-chip {"flops", "bytes"} of the step where the program's counts are short (loops); repeat: runs per step."""
+    """The JSON-able facts of one compiled step: memory per chip, fit, a GPU's kernels, and on a TPU a step time: XLA's
+    optimal_seconds x repeat (runs per step) where positive, else a roofline, max(FLOPs / peak FLOP/s, bytes / HBM
+    bandwidth) per chip, of roofline_cost (per-chip {"flops", "bytes"}, where the program's counts are short: loops)."""
     hbm = device_memory_bytes(device)
     out = {"compile_s": round(compile_s, 1), **memory(compiled), "hbm_bytes": hbm}
     if device.platform == "gpu" and not os.environ.get("NANOCHAT_DEVICE_MEMORY"):
@@ -213,9 +210,8 @@ def report(compiled, device, compile_s: float, model_flops: float, n_chips: int,
         if device.platform == "gpu":
             out.update(hlo_kernels(text))
         if hlo_path:
-            os.makedirs(os.path.dirname(os.path.abspath(hlo_path)), exist_ok=True)
-            with open(hlo_path, "w") as f:
-                f.write(text)
+            Path(hlo_path).parent.mkdir(parents=True, exist_ok=True)
+            Path(hlo_path).write_text(text)
     out["model_flops_per_step"] = model_flops
     if not estimates_time(device):
         why = ("none for a GPU compiled without one: python -m scripts.device_check measures it"
@@ -236,34 +232,6 @@ def report(compiled, device, compile_s: float, model_flops: float, n_chips: int,
     step_s = out["estimated_step_s"]
     out["estimated_mfu"] = None if not step_s else round(100 * model_flops / (step_s * n_chips * spec[0]), 1)
     return out
-
-
-def layer_scaled_cost(compile_cost_at, n_layer: int, accum: int, extra_flops: float = 0.0) -> dict:
-    """Per-chip FLOPs and bytes of a step of n_layer layers and accum micro-steps: cost(0) + L x (cost(1) - cost(0))
-    per micro-step, compile_cost_at(layers) -> a cost dict (the optimizer update, in each, makes it an overestimate)."""
-    c0, c1 = ({"flops": float(cost.get("flops", 0.0)), "bytes": float(cost.get("bytes accessed", 0.0))}
-              for cost in (compile_cost_at(0), compile_cost_at(1)))
-    return {"flops": accum * (c0["flops"] + n_layer * (c1["flops"] - c0["flops"])) + extra_flops,
-            "bytes": accum * (c0["bytes"] + n_layer * (c1["bytes"] - c0["bytes"]))}
-
-
-def attention_forward_flops(config) -> float:
-    """Forward FLOPs of the attention scores and weighted sums per token: 4 N D min(window, T) per layer."""
-    T = config.sequence_len
-    return sum(4 * config.n_head * config.head_dim * min(w or T, T) for w in config.window_sizes())
-
-
-def attention_flops_per_token(config, remat: str) -> float:
-    """Training FLOPs of attention per token (12 N D min(window, T) per layer), one forward more under remat 'full'."""
-    return attention_forward_flops(config) * (3 + (remat == "full"))
-
-
-def training_flops_per_token(config, remat: str) -> float:
-    """What a training step must compute per token: 6N + attention (the model's count), plus what the backward pass
-    computes again: the blocks' forward under remat 'full', and the head's forward (the chunked loss)."""
-    head = 2 * config.padded_vocab_size * config.n_embd
-    blocks = 2 * config.param_counts()["transformer_matrices"]
-    return config.flops_per_token() + head + (blocks + attention_forward_flops(config) if remat == "full" else 0)
 
 
 def largest_fitting(fits_at, start: int) -> int | None:

@@ -111,13 +111,6 @@ def attention_paths(batch: int, seq_len: int, n_head: int, n_kv_head: int, head_
     return out
 
 
-def decode_bytes_per_step(engine, batch: int, filled: float) -> int:
-    weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(engine.params))
-    c = engine.config
-    kv = 2 * c.n_layer * filled * c.n_kv_head * c.head_dim * jnp.dtype(engine.dtype).itemsize
-    return int(weights + batch * kv)
-
-
 def measured_bandwidth(nbytes: int = 2**28, repeats: int = 5) -> float:
     """This machine's memory bandwidth (bytes/s): the best of `repeats` jitted reads of an array far beyond caches."""
     x = jnp.ones(nbytes // 4, jnp.float32)
@@ -136,6 +129,8 @@ def engine_speed(config, dtype, prompt_len: int, batches, decode_tokens: int = 1
     bandwidth = spec[1] if spec else measured_bandwidth() if jax.devices()[0].platform == "cpu" else None
     out = {"prompt_len": prompt_len, "dtype": jnp.dtype(dtype).name, "decode": [], "bandwidth": bandwidth,
            "bandwidth_from": "peak" if spec else "measured" if bandwidth else None}
+    weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(engine.params))
+    position_bytes = 2 * config.n_layer * config.n_kv_head * config.head_dim * jnp.dtype(dtype).itemsize  # k and v
     for batch in batches:
         keys = jax.random.split(jax.random.key(0), batch)
         start = lambda: engine.start(prompt, jax.random.clone(keys), decode_tokens + 1, 1.0, None, 1.0)  # noqa: E731
@@ -163,7 +158,7 @@ def engine_speed(config, dtype, prompt_len: int, batches, decode_tokens: int = 1
         tok_s = batch * calls * chunk / dt
         filled = prompt_len + calls * chunk / 2  # the mean over the timed steps
         row = {"batch": batch, "tokens_per_s": tok_s, "ms_per_step": 1000 * dt / (calls * chunk),
-               "attend_len": attend, "bytes_per_step": decode_bytes_per_step(engine, batch, filled)}
+               "attend_len": attend, "bytes_per_step": int(weight_bytes + batch * position_bytes * filled)}
         if bandwidth is not None:
             bound = batch * bandwidth / row["bytes_per_step"]
             row |= {"bound_tokens_per_s": bound, "fraction_of_bound": tok_s / bound}
