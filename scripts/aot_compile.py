@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nanochat_jax.measure import aot
-from nanochat_jax.inference.programs import BIAS_SLOTS, DecodeState, decode, prefill
+from nanochat_jax.inference.programs import DecodeState, decode, prefill
 from nanochat_jax.model.gpt import GPT, REMAT_POLICIES, config_from_depth, init_cache
 from nanochat_jax.recipes import RECIPES
 from nanochat_jax.training.optim import auto_batch, build_optimizer
@@ -132,7 +132,6 @@ def engine_programs(args, config, devices) -> dict:
     spec = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=one)  # noqa: E731
     abstract = lambda tree: jax.tree.map(lambda s: spec(s.shape, s.dtype), tree)  # noqa: E731
     cache_len = -(-(config.sequence_len + 1) // 256) * 256
-    keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), n))
 
     def compile_program(name, layers, probe=False):  # a probe decodes 1 step, not 16
         cfg = dataclasses.replace(config, n_layer=layers)
@@ -140,10 +139,8 @@ def engine_programs(args, config, devices) -> dict:
         params = abstract(state)
         if name == "prefill":
             fn = jax.jit(partial(prefill, graphdef), static_argnames="cache_len")
-            return aot.compile_timed(fn, params, spec((1, cfg.sequence_len), jnp.int32), spec((), jnp.int32), keys,
-                                     spec((n,), jnp.float32), spec((n,), jnp.int32), spec((n,), jnp.float32),
-                                     spec((n, BIAS_SLOTS), jnp.int32), spec((n, BIAS_SLOTS), jnp.float32),
-                                     cache_len=cache_len)
+            return aot.compile_timed(fn, params, spec((1, cfg.sequence_len), jnp.int32), spec((), jnp.int32),
+                                     cache_len=cache_len)  # (the first tokens' sampler is a small program apart)
         cache = abstract(jax.eval_shape(lambda: init_cache(cfg, n, cache_len, dtype)))
         rows = jax.eval_shape(lambda: DecodeState.new(jnp.zeros(n, jnp.int32), 1, 1,
                                                       jax.random.split(jax.random.key(0), n), 1.0, 0, 1.0,

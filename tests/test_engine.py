@@ -58,6 +58,8 @@ def test_bad_requests(engine, tokenizer):
         list(engine.generate([1, 2], top_k=0))
     with pytest.raises(ValueError, match="non-empty"):
         list(engine.generate([]))
+    with pytest.raises(ValueError, match="token ids"):  # (the embedding gather would clamp it silently)
+        list(engine.generate([1, tokenizer.get_vocab_size()]))
 
 
 class ScriptedModel(nnx.Module):
@@ -245,6 +247,21 @@ def test_a_warm_scheduler_compiles_nothing_as_requests_come_and_go(engine, token
         serve(loop, [Request(prompt[:3 + i], 1, 3 + 4 * i, 1.0, 20, 0.9, i) for i in range(3)])
         serve(loop, [Request(prompt[:7], 3, 9, 1.0, None, 1.0, 5)])  # (3 samples: padded to 4 rows)
     assert count.programs == 0
+
+
+def test_a_fresh_engine_compiles_a_handful_of_programs_for_an_eval(tokenizer):
+    """An evaluation's first batch on a new engine: prompts in three length buckets, one and two samples each. The
+    programs are one prefill (the forward only) per prompt bucket, fresh or onto a parked row (the prompts share a
+    start), one first-token sampler and admission per padded sample count, one decode program, the idle state and
+    the keys: settings and rows are built inside those programs, not by eager ops (about 40 more programs)."""
+    from nanochat_jax.common import CompileCount
+    model = randomize(GPT(tiny_config(vocab_size=tokenizer.get_vocab_size(), sequence_len=64), rngs=nnx.Rngs(3)))
+    fresh = Engine(model, tokenizer, chunk=8)
+    prompts = [[tokenizer.get_bos_token_id()] + [7] * n for n in (3, 5, 20, 24, 40, 41)]
+    with CompileCount() as count:
+        for samples in (1, 2):
+            fresh.complete_many(prompts, samples, max_tokens=6, temperature=1.0, top_k=20, rows=4)
+    assert count.programs <= 16, count.programs  # 15 here
 
 
 def test_complete_many_equals_one_prompt_at_a_time(engine, tokenizer):

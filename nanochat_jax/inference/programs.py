@@ -76,19 +76,30 @@ def token_logprobs(logits_BV, token_B):
     return jnp.take_along_axis(logp, token_B[:, None], axis=-1)[:, 0], top_ids, top_lp
 
 
-def prefill(graphdef, params, ids_1L, length, keys_N, temperature_N, top_k_N, top_p_N, bias_ids_N, bias_vals_N,
-            cache_len: int, row_cache=None, start=0):
+def prefill(graphdef, params, ids_1L, length, cache_len: int, row_cache=None, start=0):
     """Run a padded prompt (`length` real tokens) into a one-row cache, fresh or `row_cache` whose first `start`
-    positions hold the prompt's start (ids_1L is the rest); sample N first tokens: (cache, first, token_logprobs)."""
+    positions hold the prompt's start (ids_1L is the rest): (cache, the logits after its last token). Sampling is a
+    program of its own (first_rows): one per prompt length would compile the sampler again each time."""
     model = nnx.merge(graphdef, params)
     cache = init_cache(model.config, 1, cache_len, model.dtype) if row_cache is None else row_cache
     logits, cache = model.forward_cached(ids_1L, cache, jnp.full(1, start, jnp.int32))
+    return cache, logits[0, length - 1]
+
+
+def first_rows(last_V, keys_N, prompt_len, budget, temperature, top_k, top_p, bias_ids, bias_vals, presence,
+               frequency, pause_tokens):
+    """The N rows a prompt starts, from the logits after its last token: (their DecodeState without a cache, the
+    first tokens' token_logprobs)."""
     n = keys_N.shape[0]
-    # the first token's draw depends on its position, start + length, as every later draw does on its own
-    step_keys = jax.vmap(jax.random.fold_in)(keys_N, jnp.full(n, start + length))
-    last = jnp.broadcast_to(logits[0, length - 1], (n, logits.shape[-1]))
-    first = sample(adjust(last, bias_ids_N, bias_vals_N), step_keys, temperature_N, top_k_N, top_p_N)
-    return cache, first, token_logprobs(last, first)
+    # the first token's draw depends on its position, the prompt's length, as every later draw does on its own
+    step_keys = jax.vmap(jax.random.fold_in)(keys_N, jnp.full(n, prompt_len))
+    last = jnp.broadcast_to(last_V, (n, last_V.shape[-1]))
+    bias = jnp.broadcast_to(bias_ids, (n, BIAS_SLOTS)), jnp.broadcast_to(bias_vals, (n, BIAS_SLOTS))
+    settings = jnp.full(n, temperature, jnp.float32), jnp.full(n, top_k, jnp.int32), jnp.full(n, top_p, jnp.float32)
+    first = sample(adjust(last, *bias), step_keys, *settings)
+    rows = DecodeState.new(first, prompt_len, budget, keys_N, temperature, top_k, top_p, pause_tokens,
+                           last_V.shape[-1], (bias_ids, bias_vals), presence, frequency)
+    return rows, token_logprobs(last, first)
 
 
 @jax.tree_util.register_dataclass
@@ -126,14 +137,15 @@ class DecodeState:
     @classmethod
     def new(cls, first, prompt_len: int, budget: int, keys, temperature, top_k, top_p, stop_tokens, vocab_size: int,
             bias=None, presence: float = 0.0, frequency: float = 0.0) -> "DecodeState":
-        """n rows just prefilled (no cache of their own yet): first is each row's first token."""
+        """n rows just prefilled (no cache of their own yet): first is each row's first token; bias: bias_arrays'."""
         n = first.shape[0]
-        bias_ids, bias_vals = bias_arrays(bias, n)
+        bias_ids, bias_vals = bias_arrays(None) if bias is None else bias
         return cls(None, first, jnp.full(n, prompt_len, jnp.int32), ~jnp.isin(first, stop_tokens),
                    jnp.full(n, budget, jnp.int32), keys, jnp.full(n, temperature, jnp.float32),
                    jnp.full(n, top_k, jnp.int32), jnp.full(n, top_p, jnp.float32),
                    jnp.zeros((n, FORCED_SLOTS), jnp.int32), jnp.zeros(n, jnp.int32), jnp.zeros(n, jnp.int32),
-                   bias_ids, bias_vals, jnp.full(n, presence, jnp.float32), jnp.full(n, frequency, jnp.float32),
+                   jnp.broadcast_to(bias_ids, (n, BIAS_SLOTS)), jnp.broadcast_to(bias_vals, (n, BIAS_SLOTS)),
+                   jnp.full(n, presence, jnp.float32), jnp.full(n, frequency, jnp.float32),
                    jnp.zeros((n, vocab_size), jnp.float32).at[jnp.arange(n), first].add(1.0))
 
     def admit(self, row_cache, prefilled: "DecodeState", i, slot) -> "DecodeState":
@@ -216,12 +228,12 @@ def score(graphdef, params, ids_1L):
 ROW_FIELDS = tuple(f.name for f in dataclasses.fields(DecodeState) if f.name != "cache")
 
 
-def bias_arrays(bias, n: int):
-    """{token id: value} -> (ids, values) [n, BIAS_SLOTS] (padding: token 0, value 0)."""
+def bias_arrays(bias):
+    """{token id: value} -> (ids, values) [BIAS_SLOTS] (padding: token 0, value 0)."""
     ids, vals = np.zeros(BIAS_SLOTS, np.int32), np.zeros(BIAS_SLOTS, np.float32)
     for j, (token, value) in enumerate(sorted((bias or {}).items())):
         ids[j], vals[j] = token, value
-    return jnp.broadcast_to(jnp.asarray(ids), (n, BIAS_SLOTS)), jnp.broadcast_to(jnp.asarray(vals), (n, BIAS_SLOTS))
+    return ids, vals
 
 
 def top_pairs(ids, logprobs) -> tuple:
@@ -242,15 +254,19 @@ class Programs:
         self.stops = (tokenizer.encode_special("<|assistant_end|>"), self.bos)
         self.pause_tokens = jnp.array((self.python_end,) + self.stops, jnp.int32)
         self.prefill = jax.jit(partial(prefill, self.graphdef), static_argnames="cache_len")
+        self.first_rows = jax.jit(first_rows)
         donated_state = dict(donate_argnums=(1,), static_argnames=("steps", "attend_len"))
         self.decode = jax.jit(partial(decode, self.graphdef), **donated_state)
         self.decode_rows = jax.jit(partial(decode_rows, self.graphdef), **donated_state)
         self.admit = jax.jit(DecodeState.admit, donate_argnums=(0,))
         self.row_cache = jax.jit(DecodeState.row_cache)
+        self.sample_keys = jax.jit(jax.vmap(jax.random.fold_in, (None, 0)))
         self._score = jax.jit(partial(score, self.graphdef))
         self.max_len = -(-(self.config.sequence_len + 1) // 256) * 256  # one cache length: a chat never recompiles
         # the decode programs' attention lengths (a call takes the first that covers it): 256, 512, ..., max_len
         self.attend_buckets = sorted({min(256 << i, self.max_len) for i in range(self.max_len.bit_length())})
+        self.empty = jax.jit(lambda slots: DecodeState.empty(self.config, slots, self.max_len, self.dtype),
+                             static_argnums=0)  # a scheduler's idle state (one program, not an eager op per field)
 
     def use(self, model):
         graphdef, params = nnx.split(model)
@@ -268,8 +284,8 @@ class Programs:
     def check_request(self, tokens, max_tokens, temperature, top_k, top_p=1.0, bias=None, presence=0.0,
                       frequency=0.0) -> int:
         """Validates a request; returns the token budget that fits the model's context."""
-        if not tokens or not all(isinstance(t, (int, np.integer)) for t in tokens):
-            raise ValueError("tokens must be a non-empty list of token ids")
+        if not tokens or not all(isinstance(t, (int, np.integer)) and 0 <= t < self.vocab_size for t in tokens):
+            raise ValueError(f"tokens must be a non-empty list of token ids (0..{self.vocab_size - 1})")
         if temperature < 0 or (top_k is not None and not 1 <= top_k <= MAX_TOP_K) or not 0 < top_p <= 1:
             raise ValueError(f"temperature must be >= 0, top_k in 1..{MAX_TOP_K}, top_p in (0, 1]")
         if max_tokens is not None and max_tokens < 1:
@@ -298,20 +314,17 @@ class Programs:
         # prompt lengths share a few compiled shapes: powers of two (within the cache: a write past its end would
         # be moved back by XLA onto positions that hold the prompt)
         length = bucket(len(rest), maximum=self.max_len - done)
-        ids = jnp.asarray([rest + [0] * (length - len(rest))], jnp.int32)
+        ids = np.asarray([rest + [0] * (length - len(rest))], np.int32)  # (jnp.asarray of a list: an eager convert)
         n, padded = keys.shape[0], bucket(keys.shape[0], minimum=1)
         keys = jnp.concatenate([keys, jnp.broadcast_to(keys[:1], (padded - n,))]) if padded > n else keys
-        settings = (jnp.full(padded, temperature, jnp.float32), jnp.full(padded, top_k or 0, jnp.int32),
-                    jnp.full(padded, top_p, jnp.float32), *bias_arrays(bias, padded))
-        cache, first, info = self.prefill(self.params, ids, len(rest), keys, *settings, cache_len=self.max_len,
-                                          row_cache=row, start=done)
-        prefilled = DecodeState.new(first, len(tokens), max_tokens - 1, keys, temperature, top_k or 0, top_p,
-                                    self.pause_tokens, self.config.vocab_size, bias, presence, frequency)
+        cache, last = self.prefill(self.params, ids, len(rest), cache_len=self.max_len, row_cache=row, start=done)
+        prefilled, info = self.first_rows(last, keys, len(tokens), max_tokens - 1, temperature, top_k or 0, top_p,
+                                          *bias_arrays(bias), presence, frequency, self.pause_tokens)
         return cache, prefilled, info
 
     def score(self, tokens) -> list[tuple[float, tuple]]:
         if len(tokens) < 2:
             return []
-        ids = jnp.asarray([list(tokens) + [0] * (bucket(len(tokens)) - len(tokens))], jnp.int32)
+        ids = np.asarray([list(tokens) + [0] * (bucket(len(tokens)) - len(tokens))], np.int32)
         logprob, top_ids, top_lp = (np.asarray(x) for x in self._score(self.params, ids))
         return [(float(logprob[i]), top_pairs(top_ids[i], top_lp[i])) for i in range(len(tokens) - 1)]

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nanochat_jax.common import bucket
-from nanochat_jax.inference.programs import FORCED_SLOTS, DecodeState, top_pairs
+from nanochat_jax.inference.programs import FORCED_SLOTS, top_pairs
 
 MIN_REUSE = 16  # prompt tokens a parked cache row must hold for a request to start from it
 
@@ -57,7 +57,6 @@ class Submission:
     events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: bool = False
     listener: object = None  # called (from the scheduler's thread) after each event: e.g. to wake an asyncio task
-    wake: object = None  # the server's asyncio.Event for this request
 
     def cancel(self):
         self.cancelled = True
@@ -113,7 +112,7 @@ class Scheduler:
         self.waiting, self.scoring = queue.Queue(max_waiting), queue.Queue(max_waiting)
         self.slots: list[Slot | None] = [None] * slots
         self.stats = {"requests_served": 0, "tokens_generated": 0, "prompt_tokens_reused": 0}
-        self.state = DecodeState.empty(programs.config, slots, programs.max_len, programs.dtype)
+        self.state = programs.empty(slots)
         self._admitting = None  # the request being prefilled (told if that fails)
         self.parked = [None] * slots  # per free slot: (the tokens its cache row holds, weights version, when freed)
         self._freed = itertools.count()
@@ -209,7 +208,7 @@ class Scheduler:
         for request in {s.request for s in self.slots if s is not None} | ({self._admitting} - {None}):
             request.put(Failed(message))
         self.slots, self._admitting, self.parked = [None] * self.n_slots, None, [None] * self.n_slots
-        self.state = DecodeState.empty(self.programs.config, self.n_slots, self.programs.max_len, self.programs.dtype)
+        self.state = self.programs.empty(self.n_slots)
 
     def _row_counts(self) -> list[int]:
         """The decode calls' row counts: powers of two below the slot count (busy_rows_only), then every slot."""
@@ -247,8 +246,8 @@ class Scheduler:
                 break
             self._admitting = self.waiting.get_nowait()
             # one key per sample, derived for a power-of-two count of rows (Programs.start's padding)
-            keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(request.seed),
-                                                            jnp.arange(bucket(request.n, minimum=1)))
+            rows = np.arange(bucket(request.n, minimum=1), dtype=np.int32)
+            keys = p.sample_keys(jax.random.key(request.seed), rows)
             request.slots, reuse = self._choose_slots(request, free)
             row_cache, prefilled, info = p.start(request.tokens, keys, request.max_tokens, *request.settings(), reuse)
             for i, index in enumerate(request.slots):
