@@ -89,11 +89,7 @@ class Guard:
                 more = message.get("more_body", False)
                 if len(body) > self.max_body:
                     return await _send_error(send, 413, too_large, code="request_too_large")
-            first = [{"type": "http.request", "body": body, "more_body": False}]
-
-            async def replay():  # the body, already read (and capped), as one message; then the real channel
-                return first.pop() if first else await receive()
-            return await self.app(scope, replay, send)
+            receive = _replay(body, receive)
         return await self.app(scope, receive, send)
 
     def _matches(self, key: str) -> bool:
@@ -109,6 +105,15 @@ class Guard:
         except Exception:  # noqa: BLE001 - a malformed cookie header is no key
             return False
         return COOKIE in cookie and self._matches(cookie[COOKIE].value)
+
+
+def _replay(body: bytes, receive):
+    """The body, already read (and capped), handed to the app as one message; then the real channel (disconnects)."""
+    first = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def replay():
+        return first.pop() if first else await receive()
+    return replay
 
 
 class GuardedH11Protocol(H11Protocol):

@@ -6,6 +6,7 @@ presence/frequency_penalty, logit_bias, logprobs / top_logprobs (the model's, be
 Accepted as no-ops: user, response_format text, the developer role (as system), text parts, the settings in NEUTRAL.
 Refused with a 400 naming the field: non-text content, tools, JSON modes, audio, suffix, best_of > 1, unknown fields.
 """
+import asyncio
 import json
 import time
 import uuid
@@ -183,14 +184,14 @@ class Choice:
     def __init__(self, index, tokenizer, render, stops):
         self.index, self.stops = index, stops
         self.reply = render(tokenizer)  # ReplyText (chat: the reply as the page shows it) or PlainText
-        self.sent, self.reason, self.tokens = "", None, []
+        self.sent, self.reason, self.logprobs = "", None, []
         self.hold = max((len(s) for s in stops), default=1) - 1
 
     def add(self, token: Token | None) -> str:
         """A token (None: the sample finished); returns the newly sendable text."""
         if token is not None:
             self.reply.add(token.id)
-            self.tokens.append(token)
+            self.logprobs.append(token)
         text = self.reply.text()
         cut = min((text.find(s) for s in self.stops if s in text), default=-1)
         if cut >= 0:
@@ -234,12 +235,13 @@ def chat_logprobs(tokenizer, tokens: list[Token], top: int) -> list[dict]:
     return [entry(t.id, t.logprob) | {"top_logprobs": [entry(i, lp) for i, lp in t.top[:top]]} for t in tokens]
 
 
-def legacy_logprobs(tokenizer, tokens: list[Token], top: int, offset: int) -> dict:
-    """OpenAI's completions logprobs of the tokens (a prompt's first has neither logprob nor alternatives)."""
-    texts = [token_text(tokenizer, t.id)[0] for t in tokens]
-    return {"tokens": texts, "token_logprobs": [t.logprob for t in tokens],
-            "top_logprobs": [None if t.top is None else {token_text(tokenizer, a)[0]: alp for a, alp in t.top[:top]}
-                             for t in tokens],
+def legacy_logprobs(tokenizer, ids: list[int], scores, top: int, offset: int) -> dict:
+    """OpenAI's completions logprobs of the tokens `ids`, from their [(logprob, alternatives or None), ...]."""
+    texts = [token_text(tokenizer, t)[0] for t in ids]
+    return {"tokens": texts, "token_logprobs": [lp for lp, _ in scores],
+            "top_logprobs": [None if alternatives is None else
+                             {token_text(tokenizer, a)[0]: alp for a, alp in alternatives[:top]}
+                             for _, alternatives in scores],
             "text_offset": list(accumulate(map(len, texts), initial=offset))[:-1]}  # where each token starts
 
 
@@ -247,43 +249,60 @@ def sse(obj) -> str:
     return "data: " + json.dumps(obj, ensure_ascii=False) + "\n\n"
 
 
+async def run(service, requests, groups, http):
+    """Drives the requests' events into their groups of choices; yields (choice, new text, new tokens) whenever a
+    choice has something to send; choice.reason is set in the last one of each choice."""
+    events: asyncio.Queue = asyncio.Queue()
+
+    async def pump(request, group):
+        try:
+            async for event in service.events(request, http):
+                await events.put((group, event))
+        finally:
+            await events.put((group, None))
+
+    tasks = [asyncio.create_task(pump(r, g)) for r, g in zip(requests, groups)]
+    open_ = len(tasks)
+    try:
+        while open_:
+            group, event = await events.get()
+            if event is None:
+                open_ -= 1
+            elif isinstance(event, Failed):
+                raise APIError(500, event.message)
+            elif (choice := group[event.sample]).reason is not None:
+                continue  # (cut by a stop string: the rest of the sample is not sent)
+            elif isinstance(event, Finished):
+                new = choice.add(None)
+                choice.reason = choice.reason or ("length" if event.reason == "length" else "stop")
+                yield choice, new, []
+            else:
+                yield choice, choice.add(event), [event]  # (with its reason set when a stop string cut it)
+    finally:
+        for t in tasks:
+            t.cancel()
+        for r in requests:
+            r.cancel()
+
+
 class Answer:
-    """One call's choices, returned whole or streamed; choice k * n + i is prompt k's sample i."""
+    """One call's choices, a group of n per prompt, returned whole or streamed; the subclasses shape the choices."""
     render, prefix, kind, chunk_kind = ReplyText, "", "", ""
 
     def __init__(self, service, body, prompts):
         self.service, self.body, self.prompts = service, body, prompts
-        count = len(prompts) * body.n
-        self.choices = [Choice(i, service.tokenizer, self.render, body.stop or []) for i in range(count)]
+        self.groups = [[Choice(k * body.n + i, service.tokenizer, self.render, body.stop or []) for i in range(body.n)]
+                       for k in range(len(prompts))]
+        self.flat = [c for g in self.groups for c in g]
         self.id, self.created = f"{self.prefix}-{uuid.uuid4().hex}", int(time.time())
         self.want_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-    async def run(self, requests, http):
-        """Drives the events of the requests (one per prompt) into the choices; yields (choice, new text, new tokens)
-        whenever a choice has something to send; choice.reason is set in the last one of each choice."""
-        try:
-            async for k, event in self.service.events(requests, http):
-                if isinstance(event, Failed):
-                    raise APIError(500, event.message)
-                choice = self.choices[k * self.body.n + event.sample]
-                if choice.reason is not None:
-                    continue  # (cut by a stop string: the rest of the sample is not sent)
-                if isinstance(event, Finished):
-                    new = choice.add(None)
-                    choice.reason = choice.reason or ("length" if event.reason == "length" else "stop")
-                    yield choice, new, []
-                else:
-                    yield choice, choice.add(event), [event]  # (with its reason set when a stop string cut it)
-        finally:
-            for r in requests:
-                r.cancel()
 
     def envelope(self, kind: str, choices: list) -> dict:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.service.model_name,
                 "choices": choices}
 
     def usage(self) -> dict:
-        prompt, completion = sum(map(len, self.prompts)), sum(len(c.tokens) for c in self.choices)
+        prompt, completion = sum(len(ids) for ids in self.prompts), sum(len(c.logprobs) for c in self.flat)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     def chunk(self, choices: list, usage: dict | None = None) -> str:
@@ -295,7 +314,7 @@ class Answer:
         try:
             for line in self.head():
                 yield line
-            async for c, new, tokens in self.run(requests, http):
+            async for c, new, tokens in run(self.service, requests, self.groups, http):
                 lp = self.logprobs(c, tokens) if tokens else None
                 if new or lp or c.reason:
                     yield self.chunk([self.part(c, new, lp, c.reason)])
@@ -308,9 +327,9 @@ class Answer:
     async def respond(self, requests, http):
         if self.body.stream:
             return StreamingResponse(self.stream(requests, http), media_type="text/event-stream")
-        async for _ in self.run(requests, http):
+        async for _ in run(self.service, requests, self.groups, http):
             pass
-        return self.envelope(self.kind, [self.whole(c) for c in self.choices]) | {"usage": self.usage()}
+        return self.envelope(self.kind, [self.whole(c) for c in self.flat]) | {"usage": self.usage()}
 
 
 class ChatAnswer(Answer):
@@ -322,14 +341,14 @@ class ChatAnswer(Answer):
 
     def head(self):
         return [self.chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                             "finish_reason": None}]) for c in self.choices]
+                             "finish_reason": None}]) for c in self.flat]
 
     def part(self, c: Choice, new: str, lp, reason):
         return {"index": c.index, "delta": {"content": new} if new else {}, "logprobs": lp, "finish_reason": reason}
 
     def whole(self, c: Choice):
         return {"index": c.index, "message": {"role": "assistant", "content": c.sent},
-                "logprobs": self.logprobs(c, c.tokens), "finish_reason": c.reason or "stop"}
+                "logprobs": self.logprobs(c, c.logprobs), "finish_reason": c.reason or "stop"}
 
 
 class TextAnswer(Answer):
@@ -338,33 +357,34 @@ class TextAnswer(Answer):
 
     def __init__(self, service, body, prompts, prompt_scores):
         super().__init__(service, body, prompts)
-        texts = [service.tokenizer.decode(ids[1:]) for ids in prompts]
-        self.echo = texts if body.echo else [""] * len(texts)
+        self.texts = [service.tokenizer.decode(ids[1:]) for ids in prompts]
         self.prompt_scores = prompt_scores
 
     def logprobs(self, c: Choice, tokens: list[Token], with_prompt=False):
-        tokenizer, top, k = self.service.tokenizer, self.body.logprobs, c.index // self.body.n
-        if top is None:
+        body, tokenizer, k = self.body, self.service.tokenizer, c.index // self.body.n
+        if body.logprobs is None:
             return None
-        lp = legacy_logprobs(tokenizer, tokens, top, len(self.echo[k]))
-        if with_prompt and self.prompt_scores is not None:  # (the first token has no score, as in OpenAI's)
-            scored = zip(self.prompts[k][1:], [(None, None)] + self.prompt_scores[k])
-            head = legacy_logprobs(tokenizer, [Token(0, t, False, *score) for t, score in scored], top, 0)
+        lp = legacy_logprobs(tokenizer, [t.id for t in tokens], [(t.logprob, t.top) for t in tokens],
+                             body.logprobs, len(self.texts[k]) if body.echo else 0)
+        if with_prompt and self.prompt_scores is not None:
+            ids = self.prompts[k][1:]
+            scores = ([(None, None)] + self.prompt_scores[k])[:len(ids)]  # (none for the first token, as OpenAI's)
+            head = legacy_logprobs(tokenizer, ids, scores, body.logprobs, 0)
             lp = {key: head[key] + lp[key] for key in lp}
         return lp
 
     def head(self):
         if not self.body.echo:
             return []
-        return [self.chunk([self.part(c, self.echo[c.index // self.body.n], self.logprobs(c, [], True), None)])
-                for c in self.choices]
+        return [self.chunk([self.part(c, self.texts[c.index // self.body.n], self.logprobs(c, [], True), None)])
+                for c in self.flat]
 
     def part(self, c: Choice, text: str, lp, reason):
         return {"index": c.index, "text": text, "logprobs": lp, "finish_reason": reason}
 
     def whole(self, c: Choice):
-        text = self.echo[c.index // self.body.n] + c.sent
-        return self.part(c, text, self.logprobs(c, c.tokens, True), c.reason or "stop")
+        echo = self.texts[c.index // self.body.n] if self.body.echo else ""
+        return self.part(c, echo + c.sent, self.logprobs(c, c.logprobs, True), c.reason or "stop")
 
 
 def model_card(service):
@@ -380,19 +400,10 @@ async def model(model_id: str, http: HTTPRequest):
     return model_card(http.app.state.service)
 
 
-def submit(service, body, prompts, max_tokens: int, default_temperature: float) -> list:
-    """A request per prompt; when one is refused, those already queued are cancelled."""
+def submit(service, body, ids, max_tokens: int, default_temperature: float):
     temperature = default_temperature if body.temperature is None else body.temperature
-    bias, requests = logit_bias(body), []
-    try:
-        for ids in prompts:
-            requests.append(service.submit(ids, body.n, max_tokens, temperature, body.top_k, body.top_p or 1.0,
-                                           body.seed, bias, body.presence_penalty, body.frequency_penalty))
-    except APIError:
-        for r in requests:
-            r.cancel()
-        raise
-    return requests
+    return service.submit(ids, body.n, max_tokens, temperature, body.top_k, body.top_p or 1.0, body.seed,
+                          logit_bias(body), body.presence_penalty, body.frequency_penalty)
 
 
 async def chat_completions(body: ChatBody, http: HTTPRequest):
@@ -400,8 +411,8 @@ async def chat_completions(body: ChatBody, http: HTTPRequest):
     refuse_unsupported(service, body, chat=True)
     max_tokens = body.max_completion_tokens or body.max_tokens or service.defaults["max_tokens"]
     ids, _ = await service.prompt(chat_messages(body.messages), max_tokens, drop_old=False)
-    requests = submit(service, body, [ids], max_tokens, service.defaults["temperature"])
-    return await ChatAnswer(service, body, [ids]).respond(requests, http)
+    request = submit(service, body, ids, max_tokens, service.defaults["temperature"])
+    return await ChatAnswer(service, body, [ids]).respond([request], http)
 
 
 async def completions(body: CompletionBody, http: HTTPRequest):
@@ -410,5 +421,12 @@ async def completions(body: CompletionBody, http: HTTPRequest):
     prompts = await run_in_threadpool(prompts_of, service.tokenizer, body)
     echo_scores = body.echo and body.logprobs is not None
     prompt_scores = [await service.score(ids, http) for ids in prompts] if echo_scores else None
-    requests = submit(service, body, prompts, body.max_tokens, 1.0)
+    requests = []
+    try:
+        for ids in prompts:
+            requests.append(submit(service, body, ids, body.max_tokens, 1.0))
+    except APIError:
+        for r in requests:
+            r.cancel()
+        raise
     return await TextAnswer(service, body, prompts, prompt_scores).respond(requests, http)

@@ -42,11 +42,10 @@ class ChatService:
         self.scheduler, self.tokenizer, self.model_name, self.defaults = scheduler, tokenizer, model_name, defaults
         self.context = scheduler.programs.config.sequence_len
 
-    async def prompt(self, messages: list, max_tokens: int, drop_old: bool):
-        """(prompt ids, how many old messages were dropped to fit): nanochat's limits, then the chat template."""
-        checked, budget = check_request_messages(messages), min(max_tokens, self.context // 2)
+    def _render(self, messages: list, max_tokens: int, drop_old: bool):
+        checked = check_request_messages(messages)
         try:
-            ids, dropped = await run_in_threadpool(prompt_for_reply, self.tokenizer, checked, self.context, budget)
+            ids, dropped = prompt_for_reply(self.tokenizer, checked, self.context, min(max_tokens, self.context // 2))
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
         if dropped and not drop_old:
@@ -54,7 +53,13 @@ class ChatService:
                            param="messages", code="context_length_exceeded")
         return ids, dropped
 
-    def _queue(self, request):
+    async def prompt(self, messages: list, max_tokens: int, drop_old: bool):
+        """(prompt ids, how many old messages were dropped to fit): validation and the chat template."""
+        return await run_in_threadpool(self._render, messages, max_tokens, drop_old)
+
+    def _listen(self, request):
+        loop, wake = asyncio.get_running_loop(), asyncio.Event()
+        request.wake, request.listener = wake, lambda: loop.call_soon_threadsafe(wake.set)
         try:
             return self.scheduler.submit(request)
         except QueueFull as e:
@@ -63,39 +68,35 @@ class ChatService:
             raise APIError(400, str(e)) from None
 
     def submit(self, ids, n, max_tokens, temperature, top_k, top_p, seed, bias=None, presence=0.0, frequency=0.0):
-        return self._queue(Request(ids, n, max_tokens, temperature, top_k, top_p,
-                                   random.randint(0, 2**31 - 1) if seed is None else seed, bias or {}, presence,
-                                   frequency))
+        return self._listen(Request(ids, n, max_tokens, temperature, top_k, top_p,
+                                    random.randint(0, 2**31 - 1) if seed is None else seed, bias or {}, presence,
+                                    frequency))
 
-    async def events(self, requests: list, http):
-        """(k, event) for each event of requests[k], until each sample has Finished (a score: Scored) or one Failed,
-        waiting on the scheduler's wake-ups; then cancels them (a client gone: their slots free at the next round)."""
-        loop, wake = asyncio.get_running_loop(), asyncio.Event()
-        for request in requests:
-            request.listener = lambda: loop.call_soon_threadsafe(wake.set)
-        left = sum(getattr(r, "n", 1) for r in requests)
+    async def events(self, request, http):
+        """The request's events until each sample has Finished (a score: Scored), or Failed, waiting on the
+        scheduler's wake-ups; cancels the request when the client goes away (its slots free at the next round)."""
+        done, count = 0, getattr(request, "n", 1)
         try:
-            while left:
-                wake.clear()  # (before looking: an event put after the look sets it again)
-                ready = [(k, r.events.get_nowait()) for k, r in enumerate(requests) if not r.events.empty()]
-                if not ready:
+            while done < count:
+                request.wake.clear()  # (before looking: an event put after the look sets it again)
+                if request.events.empty():
                     try:
-                        await asyncio.wait_for(wake.wait(), timeout=1.0)
+                        await asyncio.wait_for(request.wake.wait(), timeout=1.0)
                     except asyncio.TimeoutError:
                         if await http.is_disconnected():
                             return
-                for k, event in ready:
-                    yield k, event
-                    if isinstance(event, Failed):
-                        return
-                    left -= isinstance(event, (Finished, Scored))
+                    continue
+                event = request.events.get_nowait()
+                yield event
+                if isinstance(event, Failed):
+                    return
+                done += isinstance(event, (Finished, Scored))
         finally:
-            for request in requests:
-                request.cancel()
+            request.cancel()
 
     async def score(self, ids, http) -> list:
         """The prompt's own tokens scored by the model (echo with logprobs), between the scheduler's rounds."""
-        async for _, event in self.events([self._queue(ScoreRequest(list(ids)))], http):
+        async for event in self.events(self._listen(ScoreRequest(list(ids))), http):
             if isinstance(event, Failed):
                 raise APIError(500, event.message)
             return event.scores

@@ -75,7 +75,7 @@ async def invalid(_, error: RequestValidationError):
 async def http_error(_, error: StarletteHTTPException):
     status = error.status_code
     message = {404: "no such endpoint", 405: "method not allowed on this endpoint"}.get(status, str(error.detail))
-    return JSONResponse(openai_error(status, message), status, headers=error.headers)
+    return JSONResponse(openai_error(status, message), status, headers=getattr(error, "headers", None))
 
 
 async def server_error(_, error: Exception):
@@ -111,7 +111,7 @@ async def chat(body: ChatRequest, http: HTTPRequest):
             if dropped:
                 yield f"data: {json.dumps({'notice': f'dropped the oldest {dropped} messages to fit the context'})}\n\n"
             reply = Choice(0, service.tokenizer, ReplyText, [])  # (never half a character)
-            async for _, event in service.events([request], http):
+            async for event in service.events(request, http):
                 if isinstance(event, Failed):
                     yield f"data: {json.dumps({'error': event.message})}\n\n"
                 if not isinstance(event, Token):

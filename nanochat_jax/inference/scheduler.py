@@ -57,6 +57,7 @@ class Submission:
     events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: bool = False
     listener: object = None  # called (from the scheduler's thread) after each event: e.g. to wake an asyncio task
+    wake: object = None  # the server's asyncio.Event for this request
 
     def cancel(self):
         self.cancelled = True
