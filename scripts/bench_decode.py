@@ -35,7 +35,7 @@ def against_nanochat(args):
 
     from nanochat_jax.inference.engine import Engine
     from scripts import random_pair
-    torch.set_num_threads(os.cpu_count())
+    torch.set_num_threads(args.torch_threads or os.cpu_count())
     for depth in args.depths:
         heads, length = max(1, depth * 64 // 128), args.prompt_len + args.decode_tokens + 16
         tokenizer, ref_tokenizer, ref_model, model = random_pair(n_layer=depth, n_head=heads, n_kv_head=heads,
@@ -83,6 +83,7 @@ def main(argv=None):
     parser.add_argument("--vocab-size", type=int, default=65536)
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default=None)
     parser.add_argument("--nanochat", default=None, help="a nanochat checkout (e1770a3): compare with its Engine")
+    parser.add_argument("--torch-threads", type=int, default=None, help="with --nanochat (default: every core)")
     args = parser.parse_args(argv)
     (against_nanochat if args.nanochat else programs)(args)
 

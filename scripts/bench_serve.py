@@ -5,6 +5,7 @@ tokens/s, while /health is timed every 50 ms (the event loop should never wait o
     python -m scripts.bench_serve --url http://127.0.0.1:8000 --clients 16 --requests 64 --max-tokens 128
     python -m scripts.bench_serve --conversation 10 --max-tokens 64   # each turn resends all before: TTFT must not grow
     python -m scripts.bench_serve --random-depth 4 --tokenizer DIR --rounds 3   # random weights served in-process
+    python -m scripts.bench_serve --api nanochat --url http://127.0.0.1:8001 --clients 8 --requests 8  # its chat_web
 
 --random-depth: each round times 1 client, 8 clients and Engine.generate (128-token replies, stop tokens banned).
 """
@@ -17,8 +18,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 
-def one_request(url: str, index: int, max_tokens: int, history: int = 0, messages=None, body=None, text=None):
-    """(time to first token, latency, streamed pieces, the reply's text)."""
+def one_request(url: str, index: int, max_tokens: int, history: int = 0, messages=None, body=None, text=None,
+                api: str = "openai"):
+    """(time to first token, latency, streamed pieces, the reply's text); api "nanochat": its /chat/completions."""
     import httpx
     earlier = [{"role": role, "content": f"{role} turn {i}: " + "some words here " * 18}
                for i in range(history) for role in ("user", "assistant")]
@@ -26,16 +28,18 @@ def one_request(url: str, index: int, max_tokens: int, history: int = 0, message
     body = {"messages": messages, "max_tokens": max_tokens, "temperature": 1.0, "stream": True, "seed": index,
             **(body or {})}
     t0, first, tokens, text = time.time(), None, 0, ""
-    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as r:
+    path = "/v1/chat/completions" if api == "openai" else "/chat/completions"
+    with httpx.stream("POST", url + path, json=body, timeout=600) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
-            delta = json.loads(line[6:])["choices"][0]["delta"]
-            if delta.get("content"):
+            event = json.loads(line[6:])
+            piece = event["choices"][0]["delta"].get("content") if api == "openai" else event.get("token")
+            if piece:
                 first = first or time.time() - t0
                 tokens += 1  # one streamed piece is about one token
-                text += delta["content"]
+                text += piece
     return first or time.time() - t0, time.time() - t0, tokens, text
 
 
@@ -110,6 +114,8 @@ def main():
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--api", choices=["openai", "nanochat"], default="openai",
+                        help="nanochat: a server of nanochat's scripts.chat_web")
     parser.add_argument("--history", type=int, default=0, help="earlier exchanges in every conversation")
     parser.add_argument("--conversation", type=int, default=0, help="one conversation of this many turns instead")
     parser.add_argument("--random-depth", type=int, default=0, help="serve random weights of this depth in-process")
@@ -134,7 +140,7 @@ def main():
     t0 = time.time()
     prober.start()
     with ThreadPoolExecutor(args.clients) as pool:
-        results = list(pool.map(lambda i: one_request(args.url, i, args.max_tokens, args.history),
+        results = list(pool.map(lambda i: one_request(args.url, i, args.max_tokens, args.history, api=args.api),
                                 range(args.requests)))
     wall = time.time() - t0
     done.set()
