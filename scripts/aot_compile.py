@@ -1,11 +1,9 @@
 """Compile the training step (with its optimizer) and the engine's prefill and decode for a device topology from
-abstract shapes, with no device, and print what the compiler says: memory per chip and whether it fits (a GPU: in JAX's
-share, XLA_PYTHON_CLIENT_MEM_FRACTION, default 0.75), a TPU's step time and MFU, a GPU's matmul and attention kernels.
-Topologies: v5e:2x4, v5e:4x4 (4 hosts), v5p:2x2x1, v6e:2x4, h100:8, h100:2x8, h200:8; needs jax[tpu] or jax[cuda12].
+abstract shapes, with no device: memory per chip and whether it fits (a GPU: in its XLA_PYTHON_CLIENT_MEM_FRACTION),
+a TPU's step time and MFU, a GPU's kernels. Topologies: v5e:2x4, v5e:4x4, v5p:2x2x1, v6e:2x4, h100:8, h100:2x8, h200:8.
 
     python -m scripts.aot_compile --topology v5e:4x4 --depth 32 --mesh fsdp:16 --find-max-batch --json-out d32.json
     JAX_PLATFORMS=cpu python -m scripts.aot_compile --topology h100:8 --recipe modern --depth 24 --fp8 --hlo-out hlo/
-    python -m scripts.aot_compile --depth 4 --seq-len 256 --device-batch-size 4     # this machine's own devices
 """
 import argparse
 import dataclasses
@@ -110,8 +108,7 @@ def train_program(args, config, devices, mesh, rows_per_chip: int, estimate: boo
     # attention's forward FLOPs per token, 4 N D min(window, T) a layer: 3 times in training, 4 under remat full
     attention = sum(4 * config.n_head * config.head_dim * min(w or config.sequence_len, config.sequence_len)
                     for w in config.window_sizes())
-    # a step computes at least the model's count, and again in the backward pass the head's forward (the chunked
-    # loss) and under remat full the blocks' forward
+    # at least the model's count, the head's forward again in the backward (chunked loss), under remat full the blocks'
     head, blocks = 2 * config.padded_vocab_size * config.n_embd, 2 * config.param_counts()["transformer_matrices"]
     least = (config.flops_per_token() + head + (blocks + attention if full else 0)) * chip_tokens
     splash = attention * (3 + full) * chip_tokens if kernel == "splash" else 0.0
@@ -149,8 +146,7 @@ def engine_programs(args, config, devices) -> dict:
         return aot.compile_timed(fn, params, abstract(rows).replace(cache=cache), spec((3,), jnp.int32),
                                  steps=1 if probe else 16)
 
-    counts = config.param_counts()
-    matmul_flops = 2 * (counts["transformer_matrices"] + counts["lm_head"])
+    matmul_flops = 2 * sum(config.param_counts()[key] for key in ("transformer_matrices", "lm_head"))
     results = {}
     for name, tokens, steps in (("prefill", config.sequence_len, 1), ("decode", n * 16, 16)):
         if name in args.programs:

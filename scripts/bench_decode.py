@@ -1,7 +1,6 @@
 """Engine speed on random weights: prefill time and decode tokens/s per batch and depth; needs only jax, flax, optax,
-numpy. Alone: the jitted programs, no stop tokens, each batch against the memory-bandwidth bound (the chip's peak, a
-CPU's as measured: measure/speed.py). --nanochat: both engines' generate() on the same weights and prompt (temperature
-1, top-k 50, the host loop included).
+numpy. Alone: the jitted programs, no stop tokens, against the memory-bandwidth bound (measure/speed.py); --nanochat:
+both engines' generate() on the same weights and prompt (temperature 1, top-k 50, the host loop included).
 
     python -m scripts.bench_decode --depths 12 20 --prompt-len 512                             # GPU (bf16)
     python -m scripts.bench_decode --depths 4 --prompt-len 128 --batches 1 8 [--nanochat /tmp/nanochat]   # CPU
@@ -42,8 +41,7 @@ def against_nanochat(args):
                                                                  n_embd=depth * 64, sequence_len=length)
         text = "The chemical symbol of gold is " * 200
         prompt = [tokenizer.get_bos_token_id(), *tokenizer.encode(text)][:args.prompt_len]
-        ours = Engine(model, tokenizer, chunk=args.chunk)
-        ref = TorchEngine(ref_model, ref_tokenizer)
+        ours, ref = Engine(model, tokenizer, chunk=args.chunk), TorchEngine(ref_model, ref_tokenizer)
         for batch in args.batches:
             ours.scheduler_for(batch).warm_up()  # compile every program first, as the server and the CLI do at start-up
             generate_speed(ours, prompt, batch, 8)  # and the prefill for `batch` samples

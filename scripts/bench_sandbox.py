@@ -29,8 +29,7 @@ def timings(execute_code, code: str, repeats: int) -> tuple[float, float, str]:
         t0 = time.perf_counter()
         status = execute_code(code).status
         times.append(time.perf_counter() - t0)
-    times.sort()
-    return statistics.median(times), times[int(0.9 * (len(times) - 1))], status
+    return statistics.median(times), sorted(times)[int(0.9 * (len(times) - 1))], status
 
 
 def humaneval(execute_code, path: str) -> dict:

@@ -1,13 +1,10 @@
 """Load a chat server with concurrent clients streaming /v1/chat/completions: requests/s, time to first token, latency,
 tokens/s, while /health is timed every 50 ms (the event loop should never wait on the engine).
 
-    python -m serve.web --port 8000 &
-    python -m scripts.bench_serve --url http://127.0.0.1:8000 --clients 16 --requests 64 --max-tokens 128
+    python -m serve.web --port 8000 & python -m scripts.bench_serve --clients 16 --requests 64 --max-tokens 128
     python -m scripts.bench_serve --conversation 10 --max-tokens 64   # each turn resends all before: TTFT must not grow
-    python -m scripts.bench_serve --random-depth 4 --tokenizer DIR --rounds 3   # random weights served in-process
     python -m scripts.bench_serve --api nanochat --url http://127.0.0.1:8001 --clients 8 --requests 8  # its chat_web
-
---random-depth: each round times 1 client, 8 clients and Engine.generate (128-token replies, stop tokens banned).
+    python -m scripts.bench_serve --random-depth 4 --tokenizer DIR  # in-process: 1 client, 8, generate(), stops banned
 """
 import argparse
 import json
@@ -27,7 +24,7 @@ def one_request(url: str, index: int, max_tokens: int, history: int = 0, message
     messages = messages or earlier + [{"role": "user", "content": text or f"Tell me about the number {index}."}]
     body = {"messages": messages, "max_tokens": max_tokens, "temperature": 1.0, "stream": True, "seed": index,
             **(body or {})}
-    t0, first, tokens, text = time.time(), None, 0, ""
+    t0, first, pieces = time.time(), None, []  # one streamed piece is about one token
     path = "/v1/chat/completions" if api == "openai" else "/chat/completions"
     with httpx.stream("POST", url + path, json=body, timeout=600) as r:
         r.raise_for_status()
@@ -38,9 +35,8 @@ def one_request(url: str, index: int, max_tokens: int, history: int = 0, message
             piece = event["choices"][0]["delta"].get("content") if api == "openai" else event.get("token")
             if piece:
                 first = first or time.time() - t0
-                tokens += 1  # one streamed piece is about one token
-                text += piece
-    return first or time.time() - t0, time.time() - t0, tokens, text
+                pieces.append(piece)
+    return first or time.time() - t0, time.time() - t0, len(pieces), "".join(pieces)
 
 
 def conversation(url: str, turns: int, max_tokens: int):
@@ -114,8 +110,7 @@ def main():
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--api", choices=["openai", "nanochat"], default="openai",
-                        help="nanochat: a server of nanochat's scripts.chat_web")
+    parser.add_argument("--api", choices=["openai", "nanochat"], default="openai", help="nanochat: its chat_web server")
     parser.add_argument("--history", type=int, default=0, help="earlier exchanges in every conversation")
     parser.add_argument("--conversation", type=int, default=0, help="one conversation of this many turns instead")
     parser.add_argument("--random-depth", type=int, default=0, help="serve random weights of this depth in-process")

@@ -2,7 +2,6 @@
 optimizer step, every device on the data axis unless --mesh says otherwise; needs only jax, flax, optax and numpy.
 
     python -m scripts.bench_train --depth 20 --device-batch-size 32 --max-seq-len 2048      # one GPU, bf16
-    python -m scripts.bench_train --depth 4 --device-batch-size 4 --max-seq-len 256         # CPU
     python -m scripts.bench_train --recipe modern --depth 24 --vocab-size 32768 --device-batch-size 16 --fp8
 """
 import argparse

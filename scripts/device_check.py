@@ -1,7 +1,6 @@
 """The device check, one command on one GPU with random weights (sizes in FULL): the training step at the largest batch
-that fits (classic d12, d20; modern d24 in bf16 and FP8, beside the compiler's peak memory), cuDNN attention against
-XLA's (causal and windowed, forward and gradients), the engine against the memory-bandwidth bound. Writes
-device_check.json and device_check.md (a table for docs/benchmarks.md); a failing part is recorded with its error.
+that fits, cuDNN attention against XLA's, the engine against the memory-bandwidth bound, into device_check.json and
+device_check.md (a table for docs/benchmarks.md); a failing part is recorded with its error.
 
     python -m scripts.device_check --out results/          # one H100/H200: about 5 minutes
     python -m scripts.device_check --tiny --out /tmp/dc    # CPU rehearsal: the same code paths at toy sizes
@@ -53,8 +52,7 @@ def markdown(results: dict) -> str:
         if "error" in row:
             lines.append(f"| {label} | error: {row['error'][:80]} | | | | | |")
             continue
-        # the compiler's buffer assignment (what scripts.aot_compile reports without a GPU) beside the allocator's
-        # high-water mark, so a lent GPU checks the compile-only method
+        # the compiler's peak (aot_compile's, with no GPU) beside the allocator's: a lent GPU checks the method
         measured = "-" if row["device_peak_bytes"] is None else f"{row['device_peak_bytes'] / 2**30:.2f}"
         mfu = "-" if row["mfu_percent"] is None else f"{row['mfu_percent']:.1f}%"
         lines.append(f"| {label} ({row['parameters'] / 1e6:.0f}M) | {row['device_batch_size']} x "

@@ -1,7 +1,6 @@
 """Download nanochat's pretraining shards: FineWeb-edu into $NANOCHAT_BASE_DIR/base_data/ (the classic recipe's) or
-ClimbMix into base_data_climbmix/ (the modern recipe's; the stages read it with NANOCHAT_DATASET=climbmix). Present
-shards are skipped; an interrupted download (a .tmp file, renamed when whole) resumes by a range request. The
-validation shard is the last one nanochat publishes, so it sorts after the training shards.
+ClimbMix into base_data_climbmix/ (the modern recipe's, read with NANOCHAT_DATASET=climbmix). Present shards are
+skipped, an interrupted one (a .tmp file) resumes by a range request; the validation shard is the last one published.
 
     python -m scripts.download_data -n 8                       # the first 8 training shards and the validation shard
     python -m scripts.download_data -n 170 --dataset climbmix  # nanochat's GPT-2 speedrun amount of ClimbMix
@@ -36,11 +35,9 @@ def download(index: int, directory: str, attempts: int = 5, url_root: str | None
                 if e.code == 416 and have:  # the partial file is already whole (or bad): start again
                     os.remove(tmp)
                 raise
-            with response:
-                resumed = have and response.status == 206  # else the server sent the whole file again
-                with open(tmp, "ab" if resumed else "wb") as f:
-                    while chunk := response.read(1 << 20):
-                        f.write(chunk)
+            with response, open(tmp, "ab" if have and response.status == 206 else "wb") as f:  # (206: resumed)
+                while chunk := response.read(1 << 20):
+                    f.write(chunk)
             os.replace(tmp, path)
             print(f"downloaded {shard_name(index)}", flush=True)
             return None

@@ -1,6 +1,5 @@
 """Build a small stand-in pretraining corpus for machines with no network: the docstrings of each standard-library
-module (read with `ast`) as a document; prose about programming, good for exercising the pipeline, not for comparable
-numbers. LOCAL_STANDIN.txt beside the shards records that (download_data then refuses to mix real ones in).
+module as a document (to exercise the pipeline, not for comparable numbers), the shards marked by LOCAL_STANDIN.txt.
 
     python -m scripts.local_corpus            # writes $NANOCHAT_BASE_DIR/base_data/shard_0000{0..3}.parquet
 """

@@ -1,8 +1,7 @@
 """Whether this machine can reach the hosts the pipeline downloads from (exit 0) or not (exit 1, with the reason), by a
 quick TCP connection to port 443. NANOCHAT_OFFLINE=1 answers "offline" without trying (tests, or forcing the stand-ins).
 
-    python -m scripts.online                     # huggingface.co (FineWeb-edu shards, chat and eval datasets)
-    python -m scripts.online some.host other.host
+    python -m scripts.online [HOST ...]     # default: huggingface.co (FineWeb-edu shards, chat and eval datasets)
 """
 import os
 import socket

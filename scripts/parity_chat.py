@@ -6,29 +6,13 @@ the problems answered differently: the predicted letter (ARC, MMLU) or the whole
 """
 import importlib.util
 import time
+from unittest import mock
 
 from nanochat_jax.evaluation.chat_tasks import categorical_outcomes, generative_outcomes
 from nanochat_jax.common import CompileCount
 from nanochat_jax.inference.engine import Engine
 from nanochat_jax.tasks.registry import CHAT_TASKS, CHATCORE_TASKS
 from scripts import nanochat_parser, parse_with_checkout, random_pair
-
-
-class Recorder:
-    """A task that remembers every answer it was asked to evaluate, in order."""
-
-    def __init__(self, task):
-        self.task, self.answers, self.eval_type = task, [], task.eval_type
-
-    def __len__(self):
-        return len(self.task)
-
-    def __getitem__(self, index):
-        return self.task[index]
-
-    def evaluate(self, conversation, answer):
-        self.answers.append(answer)
-        return self.task.evaluate(conversation, answer)
 
 
 def main(argv=None):
@@ -54,27 +38,27 @@ def main(argv=None):
     total = differing = 0
     for name in args.task_name.split("|"):
         task = CHAT_TASKS[name].make("test")
-        ref, ours = Recorder(task), Recorder(task)
         t0 = time.time()
-        with torch.no_grad():
+        with torch.no_grad(), mock.patch.object(task, "evaluate", wraps=task.evaluate) as ref_spy:
             if task.eval_type == "categorical":
-                ref_eval.run_categorical_eval(ref, ref_tokenizer, ref_model, 8, args.max_problems)
+                ref_eval.run_categorical_eval(task, ref_tokenizer, ref_model, 8, args.max_problems)
             else:
-                ref_eval.run_generative_eval(ref, ref_tokenizer, ref_model, ref_engine, 1, args.max_new_tokens,
+                ref_eval.run_generative_eval(task, ref_tokenizer, ref_model, ref_engine, 1, args.max_new_tokens,
                                              0.0, 50, args.max_problems)
         t1 = time.time()
-        with CompileCount() as compiled:
+        with CompileCount() as compiled, mock.patch.object(task, "evaluate", wraps=task.evaluate) as our_spy:
             if task.eval_type == "categorical":
-                categorical_outcomes(model, tokenizer, ours, 8, args.max_problems)
+                categorical_outcomes(model, tokenizer, task, 8, args.max_problems)
             else:
-                generative_outcomes(engine, tokenizer, ours, 1, args.max_new_tokens, 0.0, 50, args.max_problems)
-        diff = sum(a != b for a, b in zip(ref.answers, ours.answers)) + abs(len(ref.answers) - len(ours.answers))
-        correct = [sum(task.evaluate(task[i], a) for i, a in enumerate(r.answers)) for r in (ref, ours)]
-        total, differing = total + len(ref.answers), differing + diff
-        print(f"{name:<14} nanochat {correct[0]:>3}/{len(ref.answers)} | ours {correct[1]:>3}/{len(ours.answers)} | "
-              f"answers differing {diff} | mean answer {sum(map(len, ours.answers)) / max(len(ours.answers), 1):.0f} "
-              f"chars | {t1 - t0:.0f}s vs {time.time() - t1:.0f}s ({compiled})")
-        for a, b in list((a, b) for a, b in zip(ref.answers, ours.answers) if a != b)[:2]:
+                generative_outcomes(engine, tokenizer, task, 1, args.max_new_tokens, 0.0, 50, args.max_problems)
+        ref, ours = ([c.args[1] for c in spy.call_args_list] for spy in (ref_spy, our_spy))  # the answers, in order
+        diff = sum(a != b for a, b in zip(ref, ours)) + abs(len(ref) - len(ours))
+        correct = [sum(task.evaluate(task[i], a) for i, a in enumerate(answers)) for answers in (ref, ours)]
+        total, differing = total + len(ref), differing + diff
+        print(f"{name:<14} nanochat {correct[0]:>3}/{len(ref)} | ours {correct[1]:>3}/{len(ours)} | answers differing "
+              f"{diff} | mean answer {sum(map(len, ours)) / max(len(ours), 1):.0f} chars | {t1 - t0:.0f}s vs "
+              f"{time.time() - t1:.0f}s ({compiled})")
+        for a, b in list((a, b) for a, b in zip(ref, ours) if a != b)[:2]:
             print(f"    nanochat: {a[:120]!r}\n    ours:     {b[:120]!r}")
     print(f"{differing} of {total} answers differ")
 

@@ -27,8 +27,7 @@ def main(argv=None):
     with CompileCount() as compiles:
         for task in tasks:
             data = core.load_task_data(bundle, task, args.max_per_task)
-            meta = {"task_type": task["icl_task_type"], "dataset_uri": task["dataset_uri"],
-                    "num_fewshot": task["num_fewshot"][0],
+            meta = {"task_type": task["icl_task_type"], "num_fewshot": task["num_fewshot"][0],
                     "continuation_delimiter": task.get("continuation_delimiter", " ")}
             t0 = time.time()
             with torch.no_grad():

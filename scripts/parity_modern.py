@@ -1,7 +1,6 @@
 """Our modern recipe against nanochat's current code (PyTorch), in fp32 on the same random weights, printing the largest
-relative difference of each: the logits of an imported checkpoint (the full forward past the short window, our KV-cache
-decode), three steps of its fused Muon (MuonEq, Polar Express, Muon+, NorMuon, cautious weight decay) and a short
-training run of both from its init (its GPT, setup_optimizer and schedules against our Trainer.step).
+relative difference of each: an imported checkpoint's logits (the full forward past the short window, our KV-cache
+decode), three steps of its fused Muon and a short training run of both from its init (against our Trainer.step).
 
     git clone https://github.com/karpathy/nanochat /tmp/nanochat_head && pip install torch filelock   # HEAD (92d63d4)
     python -m scripts.parity_modern --nanochat /tmp/nanochat_head      # with $NANOCHAT_BASE_DIR/tokenizer/

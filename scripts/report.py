@@ -1,10 +1,10 @@
 """The report card: `reset` at the start of a run, `generate` at the end (see nanochat_jax/evaluation/report.py).
 
-    python -m scripts.report reset
+    python -m scripts.report reset|generate    # generate writes $NANOCHAT_BASE_DIR/report/report.md
     python -m scripts.report expect --line "what this model can and cannot do" --chat-file reply.txt --scores-of rl
-    python -m scripts.report generate     # -> $NANOCHAT_BASE_DIR/report/report.md
 """
 import argparse
+from pathlib import Path
 
 from nanochat_jax.common import run_entry_point
 from nanochat_jax.evaluation import report
@@ -24,10 +24,8 @@ def main(argv=None):
     elif args.command == "expect":
         if not args.line:
             p.error("expect needs --line")
-        chat = None
-        if args.chat_file:
-            with open(args.chat_file, encoding="utf-8") as f:
-                chat = " / ".join(line.strip() for line in f if line.strip())
+        text = Path(args.chat_file).read_text(encoding="utf-8") if args.chat_file else ""
+        chat = " / ".join(part.strip() for part in text.split("\n") if part.strip())
         line = args.line
         if args.scores_of and (scores := report.scores_line(args.scores_of)):
             line += f"; {scores}"
