@@ -10,11 +10,11 @@ import time
 
 import jax
 import jax.numpy as jnp
+from jax._src.distributed import global_state  # (not jax.process_index(): no device work from a helper thread)
 
 
 def init_distributed() -> bool:
-    """Join a multi-process run when NANOCHAT_MULTIHOST=1 or JAX_COORDINATOR_ADDRESS is set (JAX's cluster detection,
-    or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID); returns whether it did. Call before device work."""
+    """Join a multi-process run (True) if NANOCHAT_MULTIHOST=1 or JAX_COORDINATOR_ADDRESS is set; before device work."""
     if os.environ.get("NANOCHAT_MULTIHOST") != "1" and not os.environ.get("JAX_COORDINATOR_ADDRESS"):
         return False
     from jax._src import clusters
@@ -23,10 +23,8 @@ def init_distributed() -> bool:
         os.environ.get("JAX_COORDINATOR_ADDRESS"), None if count is None else int(count),
         None if index is None else int(index), None if ids is None else [int(i) for i in ids.split(",")], None, 300)
     timeout = float(os.environ.get("NANOCHAT_PEER_TIMEOUT", "60"))
-    # JAX's own client ends a process with an abort and a C++ stack when it loses the coordinator (at once, on the
-    # closed socket) or a heartbeat (later than the watchdog below); this jaxlib cannot pass its callback the status
-    # (std::bad_cast, an abort). So a worker's client talks to the coordinator through a relay of ours, which sees
-    # the closed socket first and leaves the run with one line.
+    # JAX's client aborts with a C++ stack when it loses the coordinator (this jaxlib's callback for that aborts too:
+    # std::bad_cast), so a worker's goes through a relay of ours: it sees the closed socket first, leaves in one line.
     client_address = address if index == 0 or address is None else _coordinator_relay(address)
     jax.distributed.initialize(client_address, count, index, ids, heartbeat_timeout_seconds=int(2 * timeout + 30),
                                coordinator_bind_address=os.environ.get("JAX_COORDINATOR_BIND_ADDRESS")
@@ -40,8 +38,7 @@ _ARMED = threading.Event()  # set while this process is in a run (a lost coordin
 
 
 def _coordinator_relay(address: str) -> str:
-    """A TCP relay on 127.0.0.1 to the coordinator at `address`; returns its address. The coordinator's end closing
-    while _ARMED (it died, or its host is gone) makes this process leave the run; our client's end closes quietly."""
+    """A relay 127.0.0.1 -> the coordinator at `address` (returns its own address); leaves the run when that closes."""
     host, port = address.rsplit(":", 1)
     listener = socket.create_server(("127.0.0.1", 0))
 
@@ -85,7 +82,6 @@ PEER_LOST_EXIT_CODE = 75
 
 
 def _leave_run(reason: str):
-    from jax._src.distributed import global_state  # (not jax.process_index(): no device work from a helper thread)
     print(f"nanochat-jax process {global_state.process_id} of {global_state.num_processes}: {reason}; stopping this "
           "process too. Start every process again with --resume to continue from the last checkpoint.", file=sys.stderr,
           flush=True)
@@ -95,7 +91,6 @@ def _leave_run(reason: str):
 def start_peer_watchdog(timeout_s: float, interval_s: float = 1.0):
     """Each process bumps its counter in the coordinator's key-value store (counters, not clocks: hosts' clocks may
     differ); a peer's counter still for timeout_s, or a store not answering, makes this process leave the run."""
-    from jax._src.distributed import global_state
     client, me, n = global_state.client, jax.process_index(), jax.process_count()
     state = {"last_ok": time.monotonic()}
     stop = threading.Event()
@@ -143,15 +138,12 @@ def run_entry_point(main):
     try:
         main()
     except FileNotFoundError as e:
-        print(f"{name}: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
+        raise SystemExit(f"{name}: {e}") from None
     except KeyboardInterrupt:
         print(f"\n{name}: stopped (Ctrl-C)", file=sys.stderr, flush=True)
         sys.exit(130)
     except Exception as e:
-        from jax._src.distributed import global_state
-        if global_state.client is not None:  # a multi-process run: a collective that lost its peer fails here, and
-            # unwinding normally would wait in JAX's shutdown barrier for that peer, then abort with a C++ stack
+        if global_state.client is not None:  # (unwinding would wait in JAX's shutdown barrier, then abort in C++)
             first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
             lost = any(word in first for word in ("Gloo", "Connection reset", "Connection closed", "peer"))
             _leave_run(("lost a peer in a collective: " if lost else "") + f"{type(e).__name__}: {first}")
@@ -188,26 +180,19 @@ def check_writable(directory: str, what: str, probe_bytes: int = 1 << 20):
 
 
 def use_compilation_cache():
-    """JAX's persistent compilation cache in $NANOCHAT_BASE_DIR/jax_cache, unless $JAX_COMPILATION_CACHE_DIR is set."""
     if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         jax.config.update("jax_compilation_cache_dir", os.path.join(get_base_dir(), "jax_cache"))
 
 
-def print0(*args, **kwargs):
-    """print on process 0 only (multi-host runs would otherwise print everything N times)."""
+def print0(*args, **kwargs):  # (multi-host runs would otherwise print everything N times)
     if jax.process_index() == 0:
         print(*args, **kwargs, flush=True)
 
 
-def default_dtype() -> jnp.dtype:
-    """bf16 compute on accelerators; fp32 on CPU, where fp32 matmuls are faster than bf16."""
-    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
-
-
 def parse_dtype(name: str | None) -> jnp.dtype:
-    """'bfloat16' | 'float32' | None (backend default) -> a jnp dtype, with a clear error for anything else."""
-    if name is None:
-        return default_dtype()
+    """'bfloat16' | 'float32' | None (the backend's default) -> a jnp dtype, with a clear error for anything else."""
+    if name is None:  # bf16 compute on accelerators; fp32 on CPU, where fp32 matmuls are faster than bf16
+        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
     dtypes = {"bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16, "float32": jnp.float32, "fp32": jnp.float32}
     if name not in dtypes:
         raise ValueError(f"unknown dtype {name!r}: expected one of {sorted(dtypes)}")
@@ -215,9 +200,7 @@ def parse_dtype(name: str | None) -> jnp.dtype:
 
 
 def bucket(n: int, minimum: int = 16, maximum: int | None = None, step: int | None = None) -> int:
-    """The power of two at or above n (at least `minimum`, at most `maximum`): lengths and batch sizes padded to
-    it share a few compiled programs instead of one each. With `step` (a power of two), sizes above it are rounded
-    up to a multiple of it instead: a row of 2,100 tokens pads to 2,560, not 4,096, for a few more programs."""
+    """The power of two at or above n in [minimum, maximum] (padded sizes share programs); above `step`: a multiple."""
     size = max(minimum, 1 << max(n - 1, 0).bit_length())
     if step is not None and size > step:
         size = max(minimum, -(-n // step) * step)
@@ -225,8 +208,7 @@ def bucket(n: int, minimum: int = 16, maximum: int | None = None, step: int | No
 
 
 class CompileCount:
-    """Counts the programs XLA compiles (or reads back from the persistent cache) inside a with-block, and their
-    seconds: evaluations print it, since a new shape per example would make them compile-bound."""
+    """The programs XLA compiles (or reads from the cache) in a with-block, and their seconds, for evals to print."""
     def __enter__(self):
         self.programs, self.seconds = 0, 0.0
         jax.monitoring.register_event_duration_secs_listener(self._listen)

@@ -1,7 +1,5 @@
 """The recipes, nanochat of December 2025 (classic) and its time-to-GPT-2 recipe (modern), each chosen once
-(`train.base --recipe`) and recorded by name in the model config and so in every checkpoint's meta. A recipe carries
-all that differs between them: the model's switches, init and RoPE tables, the sizing rule, the optimizer's variant
-and defaults, the schedule's defaults. (Only gpt.config_from_meta infers one from switches, for old checkpoints.)"""
+(`train.base --recipe`), recorded in every checkpoint's model config, and carrying all that differs between them."""
 from dataclasses import dataclass
 
 MODERN_SWITCHES = dict(rope_base=100000.0, qk_scale=1.2, window_pattern="SSSL", value_embeds=True,
@@ -10,13 +8,12 @@ MODERN_SWITCHES = dict(rope_base=100000.0, qk_scale=1.2, window_pattern="SSSL", 
 
 @dataclass(frozen=True)
 class AdamGroup:
-    """One AdamW group (optim.LABELS names them): lr x the flag `lr_flag`'s value x the batch's lr scale (lr alone
-    when lr_flag is None); weight_decay None: --weight-decay's; width_scaled: x (n_embd/768)^-0.5 (tuned at 768)."""
-    lr_flag: str | None
+    """One AdamW group (optim.LABELS names them)."""
+    lr_flag: str | None  # its lr: lr x this flag's value x the batch's lr scale (None: lr alone)
     lr: float
     betas: tuple[float, float]
-    weight_decay: float | None
-    width_scaled: bool = True
+    weight_decay: float | None  # None: --weight-decay's
+    width_scaled: bool = True  # x (n_embd / 768)^-0.5 (tuned at 768)
 
 
 @dataclass(frozen=True)

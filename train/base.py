@@ -1,14 +1,11 @@
 """Pretrain the base model on the FineWeb-edu shards.
 
     python -m train.base --depth 20 --mesh data:8                     # the d20 speedrun on 8 GPUs
-    python -m train.base --recipe modern --depth 24 --target-param-data-ratio 8 --device-batch-size 16
-                                                                       # nanochat's time-to-GPT-2 recipe
+    python -m train.base --recipe modern --depth 24 --target-param-data-ratio 8 --device-batch-size 16  # time to GPT-2
     python -m train.base --depth 4 --max-seq-len 256 --device-batch-size 4 --total-batch-size 8192 \\
         --num-iterations 50 --eval-every 25 --eval-tokens 16384        # a tiny run on a laptop CPU
 
-Checkpoints, meta and metrics.jsonl go to $NANOCHAT_BASE_DIR/base_checkpoints/<model-tag>/ (default d<depth>). The
-recipe (recipes.py: model, optimizer, schedule, sizing) gives every flag left unset its value.
-"""
+Checkpoints and metrics.jsonl go to $NANOCHAT_BASE_DIR/base_checkpoints/<model-tag>/; flags left unset: the recipe's."""
 import argparse
 import os
 
@@ -24,7 +21,7 @@ from nanochat_jax.data.dataset import check_shards, standin_corpus
 from nanochat_jax.model.gpt import config_from_depth
 from nanochat_jax.recipes import RECIPES
 from nanochat_jax.training.loop import Eval
-from nanochat_jax.training.optim import Schedule, auto_batch
+from nanochat_jax.training.optim import auto_batch
 from nanochat_jax.training.stages import Stage, add_optimizer_flags, add_run_flags, check_flags, micro_steps
 from nanochat_jax.data.tokenizer import get_token_bytes, get_tokenizer
 
@@ -54,9 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--model-tag", default=None, help="checkpoint directory name (default: d<depth>)")
     add_run_flags(p)
     args = p.parse_args(argv)
-    for name, value in RECIPES[args.recipe].schedule.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+    vars(args).update({name: v for name, v in RECIPES[args.recipe].schedule.items() if getattr(args, name) is None})
     if args.total_batch_size == -1 and not RECIPES[args.recipe].batch_from_horizon:
         p.error("--total-batch-size -1 (from the horizon) is the modern recipe's: give a number")
     check_flags(p, args, positive=("depth", "max_seq_len", "device_batch_size", "eval_tokens"),
@@ -69,8 +64,7 @@ def parse_args(argv=None):
 HORIZON_UNITS = {"num_params": "parameter", "scaling_params": "scaling parameter"}
 
 
-def horizon_params(config) -> int:
-    """What --target-param-data-ratio counts: every parameter (classic), block matrices + lm_head (modern)."""
+def horizon_params(config) -> int:  # what --target-param-data-ratio counts
     return getattr(config, RECIPES[config.recipe].horizon_params)()
 
 
@@ -83,8 +77,7 @@ def horizon(args, config) -> int:
 
 
 def modern_sizing(args, config) -> tuple[int, float, float]:
-    """The modern recipe's (batch, learning-rate scale sqrt(batch / 2^19), weight decay) from the horizon, as
-    nanochat's base_train; the batch is --total-batch-size unless that is -1."""
+    """The modern recipe's (batch, lr scale, weight decay) from the horizon; the batch: --total-batch-size unless -1."""
     reference = config_from_depth(12, config.vocab_size, config.sequence_len, recipe="modern")
     given = None if args.total_batch_size == -1 else args.total_batch_size
     weight_decay = RECIPES["modern"].optimizer["weight_decay"] if args.weight_decay is None else args.weight_decay
@@ -110,8 +103,7 @@ def main(argv=None):
     accum_steps = micro_steps("--total-batch-size", args.total_batch_size, args.device_batch_size, args.max_seq_len)
     num_iterations = horizon(args, config)
     rows_per_process = args.device_batch_size * jax.local_device_count()
-    # the inputs and the checkpoint directory before anything compiles: a bad shard or an unwritable disk is one line
-    check_shards()
+    check_shards()  # and the checkpoint directory: before anything compiles, a bad shard or a full disk is one line
     checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", args.model_tag or f"d{args.depth}")
     if jax.process_index() == 0:
         check_writable(checkpoint_dir, "checkpoints")
@@ -122,10 +114,8 @@ def main(argv=None):
            f"{dict(trainer.mesh.shape)} | {jnp.dtype(parse_dtype(args.dtype)).name} | {accum_steps} micro-steps of "
            f"{args.device_batch_size * jax.device_count()} rows | {num_iterations:,} steps, {tokens:,} tokens "
            f"({tokens / horizon_params(config):.2f} per {HORIZON_UNITS[RECIPES[args.recipe].horizon_params]})")
-    # compile the step now: print its memory per device, refuse a run that will not fit (before any state is made)
-    check_training_memory(trainer, args.device_batch_size, args.max_seq_len, accum_steps)
+    check_training_memory(trainer, args.device_batch_size, args.max_seq_len, accum_steps)  # before any state is made
 
-    # data: this process's packed rows of the train shards, accum_steps micro-batches per step
     rows = lambda split: pretraining_batches(tokenizer, split, rows_per_process, args.max_seq_len)  # noqa: E731
     train_batches = StepBatches(rows("train"), accum_steps)
     eval_batches = max(1, args.eval_tokens // (rows_per_process * jax.process_count() * args.max_seq_len))
@@ -133,11 +123,10 @@ def main(argv=None):
     def val_bpb(model):  # a fresh pass over the same validation rows every time
         return {"val_bpb": bits_per_byte(loss_sums(model, rows("val"), eval_batches, token_bytes))}
 
-    schedule = Schedule(num_iterations, warmdown_ratio=args.warmdown_ratio, final_lr_frac=args.final_lr_frac,
+    samples = Eval(args.sample_every, lambda model: print_samples(model, tokenizer), at_start=False)
+    state = stage.train(train_batches, num_iterations, [Eval(args.eval_every, val_bpb), samples],
+                        warmdown_ratio=args.warmdown_ratio, final_lr_frac=args.final_lr_frac,
                         warmup_steps=args.warmup_steps, modern=args.recipe == "modern")
-    state = stage.train(train_batches, num_iterations, schedule, [
-        Eval(args.eval_every, val_bpb), Eval(args.sample_every, lambda model: print_samples(model, tokenizer),
-                                             at_start=False)])
     stage.finish(state, report.BASE_TRAINING, {
         "parameters": config.num_params(), "steps": num_iterations, "tokens": tokens,
         "minimum validation bpb": state.loop.min_val_bpb,

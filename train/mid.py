@@ -4,10 +4,7 @@
     python -m train.mid --device-batch-size 4 --total-batch-size 4096 --max-seq-len 256 \\
         --num-iterations 20 --eval-every 10 --eval-tokens 8192   # a tiny run on a CPU
 
-The --mixture's conversations packed into full rows of --max-seq-len tokens, the loss (and validation bpb) on the
-assistant's tokens, or with --unmasked on every token (nanochat e1770a3's midtraining); one epoch by default (its
-length estimated from a sample), flat learning rate then a linear decay to 0 over the last 20%.
-"""
+Conversations packed into rows, the loss on the assistant's tokens (--unmasked: all); lr flat, to 0 in the last 20%."""
 import argparse
 
 import jax
@@ -19,7 +16,6 @@ from nanochat_jax.training.chat_batches import PackedConversations, estimated_to
 from nanochat_jax.common import init_distributed, print0, run_entry_point
 from nanochat_jax.data.dataloader import StepBatches
 from nanochat_jax.training.loop import Eval
-from nanochat_jax.training.optim import Schedule
 from nanochat_jax.training.stages import Stage, add_chat_stage_flags, check_flags, micro_steps
 from nanochat_jax.tasks import mixtures
 
@@ -34,8 +30,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-tokens", type=int, default=20 * 524288)
     p.add_argument("--unmasked", action="store_true", help="the loss on every token (old nanochat), not only the reply")
     args = p.parse_args(argv)
-    check_flags(p, args, positive=("device_batch_size", "max_seq_len", "total_batch_size", "eval_tokens"),
-                every=("eval_every", "save_every"))
+    check_flags(p, args, positive=("device_batch_size", "max_seq_len", "total_batch_size", "eval_tokens"))
     return args
 
 
@@ -59,7 +54,6 @@ def main(argv=None):
            f"{args.device_batch_size * jax.device_count()} rows x {args.max_seq_len} | {num_iterations:,} steps")
     check_training_memory(trainer, args.device_batch_size, args.max_seq_len, accum_steps)
 
-    # data: this process's conversations packed into full rows, accum_steps micro-batches per step
     def rows(task):
         return PackedConversations(task, tokenizer, rows_per_process, args.max_seq_len, masked=not args.unmasked,
                                    process_index=jax.process_index(), process_count=jax.process_count())
@@ -71,8 +65,7 @@ def main(argv=None):
     def val_bpb(model):
         return {"val_bpb": bits_per_byte(loss_sums(model, rows(val_task), eval_batches, token_bytes))}
 
-    state = stage.train(train_batches, num_iterations, Schedule(num_iterations, warmdown_ratio=0.2),
-                        [Eval(args.eval_every, val_bpb)])
+    state = stage.train(train_batches, num_iterations, [Eval(args.eval_every, val_bpb)], warmdown_ratio=0.2)
     stage.finish(state, report.MIDTRAINING, {"conversations": len(train_task), "steps": num_iterations,
                                              "minimum validation bpb": state.loop.min_val_bpb}, mixture.standin)
 

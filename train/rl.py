@@ -4,18 +4,13 @@
     python -m train.rl --examples-per-step 2 --num-samples 4 --device-batch-size 1 --max-new-tokens 32 \\
         --num-iterations 4 --eval-every 2 --eval-examples 4   # a tiny run on a CPU
 
-A step samples --num-samples completions of each of --examples-per-step questions (calculator on), rewards a correct
-final answer with 1 and takes one step on the policy-gradient loss (training/reinforce.py); learning rates x 0.05
-decaying linearly to 0 over one epoch; pass@1..--device-batch-size on the test split every --eval-every steps.
-Sampling runs on the local devices: one process (one host). --task Arithmetic: the local stand-in (no network).
-"""
+Reward 1 for a correct answer (training/reinforce.py); learning rates x 0.05, down to 0; one host (local sampling)."""
 import argparse
 
 from nanochat_jax.evaluation import report
 from nanochat_jax.evaluation.chat_tasks import generative_outcomes, pass_at_k
 from nanochat_jax.common import print0, run_entry_point, single_host_only
 from nanochat_jax.training.loop import Eval
-from nanochat_jax.training.optim import Schedule
 from nanochat_jax.training.reinforce import RolloutBatches
 from nanochat_jax.training.stages import Stage, add_chat_stage_flags, check_flags, epoch_steps, micro_steps
 from nanochat_jax.tasks.registry import CHAT_TASKS
@@ -37,8 +32,7 @@ def parse_args(argv=None):
     p.add_argument("--task", choices=RL_TASKS, default="GSM8K", help="or the local stand-in Arithmetic (no network)")
     args = p.parse_args(argv)
     check_flags(p, args, positive=("device_batch_size", "examples_per_step", "num_samples", "max_new_tokens",
-                                   "top_k", "num_epochs", "eval_examples"), every=("eval_every", "save_every"),
-                nonnegative=("temperature",))
+                                   "top_k", "num_epochs", "eval_examples"), nonnegative=("temperature",))
     return args
 
 
@@ -56,7 +50,6 @@ def main(argv=None):
            f"{args.examples_per_step} questions x {args.num_samples} samples per step in {accum_steps} micro-steps | "
            f"{num_steps:,} steps")
 
-    # data: each step's rollouts, sampled by the stage's engine from the params the loop hands over
     rollouts = RolloutBatches(lambda params: stage.engine(stage.trainer.model(params)), tokenizer, train_task,
                               args.examples_per_step, args.num_samples, args.max_new_tokens, args.temperature,
                               args.top_k, args.seed, sequences // accum_steps)
@@ -67,8 +60,7 @@ def main(argv=None):
                                        max_problems=args.eval_examples)
         return {f"pass@{k}": pass_at_k(outcomes, k) for k in range(1, args.device_batch_size + 1)}
 
-    schedule = Schedule(num_steps, warmdown_ratio=1.0, momentum=0.95)
-    state = stage.train(rollouts, num_steps, schedule, [Eval(args.eval_every, pass_at)])
+    state = stage.train(rollouts, num_steps, [Eval(args.eval_every, pass_at)], warmdown_ratio=1.0, momentum=0.95)
     stage.finish(state, report.RL, {"steps": num_steps, **state.loop.last_eval},
                  f"{args.task}: generated on this machine (tasks/local.py)" if task.standin else None)
 

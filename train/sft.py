@@ -4,10 +4,7 @@
     python -m train.sft --device-batch-size 2 --target-examples-per-step 16 --num-iterations 20 \\
         --eval-every 10 --eval-steps 4 --eval-metrics-max-problems 64   # a tiny run on a CPU
 
-The --mixture's conversations cropped to the context and padded (padding is never a target); learning rates x 0.02
-decaying linearly to 0 over one epoch. Evaluations: the validation loss every --eval-every steps, the mixture's
-accuracy metrics (classic: MMLU, ARC-Easy) every --eval-metrics-every steps.
-"""
+A conversation per row, cropped and padded; learning rates x 0.02, down linearly to 0 over one epoch by default."""
 import argparse
 
 import jax
@@ -19,7 +16,6 @@ from nanochat_jax.evaluation.chat_tasks import categorical_outcomes, generative_
 from nanochat_jax.common import init_distributed, print0, run_entry_point
 from nanochat_jax.data.dataloader import StepBatches
 from nanochat_jax.training.loop import Eval
-from nanochat_jax.training.optim import Schedule
 from nanochat_jax.training.stages import Stage, add_chat_stage_flags, check_flags, epoch_steps, micro_steps
 from nanochat_jax.tasks import mixtures
 from nanochat_jax.tasks.registry import CHAT_TASKS
@@ -39,7 +35,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-metrics-max-problems", type=int, default=1024)
     args = p.parse_args(argv)
     check_flags(p, args, positive=("device_batch_size", "target_examples_per_step", "num_epochs", "max_seq_len",
-                                   "eval_steps", "eval_metrics_max_problems"), every=("eval_every", "save_every"))
+                                   "eval_steps", "eval_metrics_max_problems"))
     if args.eval_metrics_every < -1:
         p.error("--eval-metrics-every must be positive, -1 or 0")
     return args
@@ -58,7 +54,6 @@ def main(argv=None):
            f"{len(train_task):,} conversations | {accum_steps} micro-steps of "
            f"{args.device_batch_size * jax.device_count()} rows | {num_iterations:,} steps")
 
-    # data: one conversation per row, each micro-batch padded to a bucketed length
     def rows(task):
         return PaddedConversations(task, tokenizer, rows_per_process, args.max_seq_len, max_tokens=args.max_seq_len + 1,
                                    process_index=jax.process_index(), process_count=jax.process_count())
@@ -89,8 +84,7 @@ def main(argv=None):
     evals = [Eval(args.eval_every, val_loss)]
     if args.eval_metrics_every:  # as nanochat: not before training
         evals.append(Eval(args.eval_metrics_every, accuracy, at_start=False))
-    schedule = Schedule(num_iterations, warmdown_ratio=1.0, momentum=0.95)
-    state = stage.train(train_batches, num_iterations, schedule, evals)
+    state = stage.train(train_batches, num_iterations, evals, warmdown_ratio=1.0, momentum=0.95)
     stage.finish(state, report.SFT, {"conversations": len(train_task), "steps": num_iterations,
                                      **state.loop.last_eval}, mixture.standin)
 

@@ -1,11 +1,6 @@
 """Micro-batches {"inputs", "targets"} (np.int32 [rows_per_process, length]) of rendered conversations for the chat
-stages, with exact JSON states. Process i's k-th conversation is task[(i + k * process_count) % len(task)] (cycling);
-targets whose chat-format mask is 0 (BOS, user turns, tool outputs) become -1 (Packed's masked=False keeps them, as
-nanochat's midtraining at e1770a3).
-PackedConversations (midtraining): one token stream cut into rows of T+1 tokens overlapping by one, so every token but
-the first is a target once. State: {"conversation": k, "offset": n}.
-PaddedConversations (SFT): a conversation per row (cropped to T+1 tokens), padded to a power-of-two length (at most T;
-exactly T when several processes feed one batch, so their shapes agree). State: {"conversation": k}."""
+stages, exact JSON states: process i's k-th is task[(i + k * process_count) % len(task)]; masked targets are -1.
+Packed (mid): a token stream in rows of T+1 overlapping by one; Padded (SFT): a conversation a row, cropped, padded."""
 import numpy as np
 
 from nanochat_jax.common import bucket
@@ -17,8 +12,7 @@ def masked_targets(ids: list[int], mask: list[int]) -> list[int]:  # those of in
 
 
 def padded_rows(rows: list, length: int, pad_id: int) -> dict:
-    """{"inputs", "targets"} [len(rows), length] from (ids, mask) rows cropped to length + 1 tokens, padded at the end
-    (inputs with pad_id, targets with -1: padding is never a target)."""
+    """{"inputs", "targets"} [len(rows), length] of (ids, mask) rows, cropped; padding: pad_id inputs, -1 targets."""
     inputs = np.full((len(rows), length), pad_id, np.int32)
     targets = np.full((len(rows), length), -1, np.int32)
     for row, (ids, mask) in enumerate(rows):

@@ -1,10 +1,8 @@
 """Our checkpoints: an orbax CheckpointManager directory per run, plus the run's tokenizer.
 
-    <checkpoint_dir>/<step>/params     the parameters
-    <checkpoint_dir>/<step>/meta       JSON: {"model_config": {...}, "step": ..., training runs: "loop_state", ...}
-    <checkpoint_dir>/<step>/opt_state  training runs: the optimizer state
-    <checkpoint_dir>/<step>/data       training runs: each process's data position (process_<i>-of-<n>.json)
-    <checkpoint_dir>/tokenizer/        the tokenizer the model was trained with
+    <checkpoint_dir>/<step>/{params, meta}  the parameters; JSON {"model_config": {...}, "step": ..., ...}
+    <checkpoint_dir>/<step>/{opt_state, data}  training runs: the optimizer, each process's data position (JSON)
+    <checkpoint_dir>/tokenizer/
 
 Orbax writes a step aside and renames it when complete, so a crash mid-save leaves the earlier steps loadable."""
 import glob
@@ -17,7 +15,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from nanochat_jax.common import default_dtype, get_base_dir, print0
+from nanochat_jax.common import get_base_dir, parse_dtype, print0
 from nanochat_jax.model.gpt import GPT, GPTConfig, config_from_meta
 from nanochat_jax.model.sharding import abstract_params, make_mesh
 from nanochat_jax.data.tokenizer import Tokenizer
@@ -90,12 +88,11 @@ class Checkpointer:
         batches.set_state(position.get_state())
         return TrainState(restored["params"], restored["opt_state"], step, LoopState(**meta["loop_state"]))
 
-    def begin(self, resume: bool, fresh, trainer, batches, config: GPTConfig, num_iterations: int,
-              data_flags: dict) -> TrainState:
-        """The state a run trains from: `fresh()` in an empty directory; with resume, the latest checkpoint once checked
-        to be this run's (a position means nothing under other data flags: --mixture, --task), `batches` moved there."""
+    def begin(self, args, fresh, trainer, batches, config: GPTConfig, num_iterations: int) -> TrainState:
+        """The state a run trains from: `fresh()` in an empty directory; with --resume, the latest checkpoint once
+        checked to be this run's (a position means nothing under another --mixture, --task), `batches` moved there."""
         step = self.latest_step()
-        if not resume:
+        if not args.resume:
             if step is not None:
                 raise SystemExit(f"{self.directory} already holds checkpoints (steps {self.manager.all_steps()}): "
                                  "continue it with --resume, or move that directory away to start over")
@@ -109,8 +106,8 @@ class Checkpointer:
         if config_from_meta(saved["model_config"]) != config:
             raise SystemExit(f"--resume: {self.directory} holds a model {saved['model_config']}, but this run "
                              f"makes {asdict(config)}; use the same model flags or another --model-tag")
-        for flag, value in data_flags.items():
-            was = saved.get("train_config", {}).get(flag, value)
+        for flag in (name for name in ("mixture", "task") if hasattr(args, name)):
+            was, value = saved.get("train_config", {}).get(flag, getattr(args, flag)), getattr(args, flag)
             if was != value:
                 raise SystemExit(f"--resume: the run was trained with --{flag} {was}, not {value}")
         if step > num_iterations:
@@ -148,13 +145,13 @@ def model_meta(config: GPTConfig, step: int, **extra) -> dict:
     return {"model_config": asdict(config), "step": step, **extra}
 
 
-def load_model(checkpoint_dir: str, step: int | None = None, mesh=None, dtype=None, attn_impl: str | None = None):
+def load_model(checkpoint_dir: str, step: int | None = None, mesh=None, dtype=None):
     """(model, tokenizer, meta) from one of our checkpoint directories, placed on `mesh` (default: replicated)."""
     checkpointer = Checkpointer(checkpoint_dir, max_to_keep=None, async_save=False, create=False)
     step = checkpointer.resolve_step(step)
     config = config_from_meta(checkpointer.meta(step)["model_config"])
-    dtype = default_dtype() if dtype is None else dtype
-    graphdef, target = abstract_params(lambda: GPT(config, rngs=nnx.Rngs(0), dtype=dtype, attn_impl=attn_impl),
+    dtype = parse_dtype(None) if dtype is None else dtype
+    graphdef, target = abstract_params(lambda: GPT(config, rngs=nnx.Rngs(0), dtype=dtype),
                                        make_mesh() if mesh is None else mesh)
     restored, meta = checkpointer.restore({"params": target}, step)
     tokenizer = Tokenizer.load(os.path.join(checkpointer.directory, "tokenizer"))
@@ -192,5 +189,4 @@ def stage_directory(source: str, model_tag: str | None = None) -> str:
 
 
 def load_stage(source: str, model_tag: str | None = None, step: int | None = None, mesh=None, dtype=None):
-    """(model, tokenizer, meta) of a stage's checkpoint: source is base | mid | sft | rl."""
     return load_model(stage_directory(source, model_tag), step=step, mesh=mesh, dtype=dtype)

@@ -1,23 +1,19 @@
 """The one training loop of every stage (base, mid, SFT, RL): steps, evaluations, checkpoints, logging, exact resume.
 
-A batch source has get_state()/set_state() (its position) and next_batch(params) -> (batch, stats): this process's
-arrays (see Trainer.step) and numbers to log (RL samples with the params). The loop holds the next step's batch and
-its position, which a checkpoint saves, so a resumed run's first draw is the batch it trains next. Step s (0-based)
-trains on the s-th batch; "checkpoint at step s" means after s steps. metrics.jsonl (and wandb when on): a JSON object
-per trained step (the numbers logged, evaluations on evaluated steps), then {"step": num_iterations, ...evaluations}."""
+A batch source: get_state()/set_state() (its position), next_batch(params) -> (this process's arrays, numbers to log);
+a checkpoint at step s (after s steps) saves the position of the batch held next. metrics.jsonl: a record a step."""
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import jax
 
-from nanochat_jax.training.checkpoint import Checkpointer
 from nanochat_jax.common import print0
 from nanochat_jax.data.dataloader import to_global_array
 from nanochat_jax.training.optim import Schedule
-from nanochat_jax.training.trainer import Trainer, TrainState, peak_flops_per_device
+from nanochat_jax.training.trainer import TrainState, peak_flops_per_device
 
 
 @dataclass
@@ -28,17 +24,6 @@ class Eval:
 
     def due(self, step: int, last: bool) -> bool:
         return last or (self.every > 0 and step % self.every == 0 and (step > 0 or self.at_start))
-
-
-@dataclass
-class Plan:
-    num_iterations: int
-    schedule: Schedule
-    flops_per_token: float  # for MFU
-    evals: list[Eval] = field(default_factory=list)
-    save_every: int = -1  # -1: only at the end
-    meta: dict = field(default_factory=dict)  # saved in every checkpoint's meta (model and train config, source)
-    wandb_run: object = None
 
 
 def trim_metrics(path: str, before_step: int):
@@ -58,23 +43,28 @@ def trim_metrics(path: str, before_step: int):
     os.replace(path + ".tmp", path)
 
 
-def run(trainer: Trainer, state: TrainState, batches, plan: Plan, checkpointer: Checkpointer) -> TrainState:
+def run(stage, state: TrainState, batches, num_iterations: int, schedule: Schedule, evals: list[Eval]) -> TrainState:
+    """`stage` (a stages.Stage: its trainer, checkpointer, flags, wandb run) trained from `state` to num_iterations."""
+    meta = {"model_config": asdict(stage.config), "train_config": vars(stage.args)}  # in every checkpoint's meta
+    if (source := stage.source) is not None:
+        meta["source"] = {"stage": source.stage, "directory": source.directory, "step": source.step}
+    trainer, checkpointer, sharding = stage.trainer, stage.checkpointer, stage.trainer.batch_sharding()
     metrics_path = os.path.join(checkpointer.directory, "metrics.jsonl")
     trim_metrics(metrics_path, state.step)
-    peak, sharding = peak_flops_per_device(), trainer.batch_sharding()
+    peak, flops_per_token, save_every = peak_flops_per_device(), stage.config.flops_per_token(), stage.args.save_every
     start_step, t_start = state.step, time.time()
 
     def write_metrics(record: dict):
         if jax.process_index() == 0:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
-            if plan.wandb_run is not None:
-                plan.wandb_run.log(record)
+            if stage.wandb_run is not None:
+                stage.wandb_run.log(record)
 
     def draw():
         """(the position of the batch about to be drawn, the batch as global arrays, its stats); none after the last."""
         position = batches.get_state()
-        if state.step >= plan.num_iterations:
+        if state.step >= num_iterations:
             return position, None, {}
         arrays, stats = batches.next_batch(state.params)
         return position, {name: to_global_array(a, sharding) for name, a in arrays.items()}, stats
@@ -92,9 +82,9 @@ def run(trainer: Trainer, state: TrainState, batches, plan: Plan, checkpointer: 
         if step > start_step:  # the first step includes compilation
             state.loop.total_time += dt
         tok_per_sec = tokens / dt
-        mfu = None if peak is None else 100 * plan.flops_per_token * tok_per_sec / (peak * jax.device_count())
-        eta = (done - t_start) / (step + 1 - start_step) * (plan.num_iterations - step - 1)
-        print0(f"step {step:05d}/{plan.num_iterations:05d} ({100 * (step + 1) / plan.num_iterations:5.1f}%) | "
+        mfu = None if peak is None else 100 * flops_per_token * tok_per_sec / (peak * jax.device_count())
+        eta = (done - t_start) / (step + 1 - start_step) * (num_iterations - step - 1)
+        print0(f"step {step:05d}/{num_iterations:05d} ({100 * (step + 1) / num_iterations:5.1f}%) | "
                f"loss {loss:.4f} | grad norm {grad_norm:.3f} | lrm {lr_mult:.3f} | dt {dt * 1000:.0f}ms | "
                f"tok/s {tok_per_sec:,.0f} | mfu {'-' if mfu is None else f'{mfu:.1f}%'} | "
                + "".join(f"{k} {v:.3f} | " for k, v in trained_stats.items()) +
@@ -103,9 +93,9 @@ def run(trainer: Trainer, state: TrainState, batches, plan: Plan, checkpointer: 
                        "grad_norm": grad_norm, "num_tokens": num_tokens, **trained_stats, **record})
 
     while True:
-        step, last = state.step, state.step == plan.num_iterations
-        saving = last or (plan.save_every > 0 and step > 0 and step % plan.save_every == 0)
-        due = [ev for ev in plan.evals if ev.due(step, last)]
+        step, last = state.step, state.step == num_iterations
+        saving = last or (save_every > 0 and step > 0 and step % save_every == 0)
+        due = [ev for ev in evals if ev.due(step, last)]
         if pending is not None and (due or saving):  # these need the step before done: log it first
             finish(*pending)
             pending = None
@@ -120,19 +110,19 @@ def run(trainer: Trainer, state: TrainState, batches, plan: Plan, checkpointer: 
                 state.loop.min_val_bpb = min(v for v in (state.loop.min_val_bpb, record["val_bpb"]) if v is not None)
             print0(f"step {step:05d} | " + " | ".join(f"{k}: {v:.4f}" for k, v in record.items()))
         if saving and step != start_step:  # the step we started from is already saved
-            checkpointer.save_training(state, position, plan.meta | state.loop.last_eval)
+            checkpointer.save_training(state, position, meta | state.loop.last_eval)
         if last:
             if record:
                 write_metrics({"step": step, **record})
             break
 
-        schedule = plan.schedule(step)  # (lr multiplier, Muon momentum, Muon weight-decay multiplier)
+        values = schedule(step)  # (lr multiplier, Muon momentum, Muon weight-decay multiplier)
         dispatched, tokens, trained_stats = time.time(), batch["inputs"].size, stats  # tokens: padding included
-        state.params, state.opt_state, out = trainer.run_step(state.params, state.opt_state, batch, *schedule)
+        state.params, state.opt_state, out = trainer.run_step(state.params, state.opt_state, batch, *values)
         state.step += 1
         position, batch, stats = draw()  # dispatch is asynchronous: the next batch is made while the step runs
         if pending is not None:
             finish(*pending)
-        pending = (step, out, tokens, schedule[0], trained_stats, record, dispatched)
+        pending = (step, out, tokens, values[0], trained_stats, record, dispatched)
     checkpointer.wait()
     return state

@@ -1,7 +1,6 @@
 """nanochat's optimizer as an optax transformation: Muon for the block matrices, AdamW for the embeddings, lm_head
-and scalars, global-norm clipping first, and the schedules as injected hyperparameters (values: never a recompile).
-MODERN_MUON (nanochat's current Muon) adds MuonEq, Polar Express, Muon+, NorMuon and cautious weight decay to the
-classic one. Our kernels are [in, out] (torch's weights are [out, in]), so nanochat's rows/cols are our cols/rows."""
+and scalars, global-norm clipping first, the schedules as injected hyperparameters (never a recompile). MODERN_MUON
+adds MuonEq, Polar Express, Muon+, NorMuon, cautious decay. Our kernels are [in, out]: nanochat's rows are our cols."""
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -155,9 +154,8 @@ REFERENCE_BATCH = 2 ** 19  # nanochat's measured best batch (tokens) for d12 at 
 
 def auto_batch(scaling_params: int, d12_scaling_params: int, target_param_data_ratio: float,
                weight_decay: float, batch: int | None = None) -> tuple[int, float, float]:
-    """nanochat's modern sizing: (tokens per step, lr scale, Muon weight decay) at target_param_data_ratio tokens per
-    scaling parameter. The batch (unless given) grows as the horizon D^0.383 from 2^19 at d12 (the Power Lines fit),
-    to a power of two; lrs scale by sqrt(B / 2^19), the decay by sqrt(B / 2^19) x D_d12 / D (same timescale)."""
+    """nanochat's modern sizing: (tokens per step, lr scale, Muon weight decay). The batch (unless given) grows as the
+    horizon D^0.383 from 2^19 at d12 (the Power Lines fit); the decay keeps its timescale (x D_d12 / D)."""
     tokens, d12_tokens = target_param_data_ratio * scaling_params, target_param_data_ratio * d12_scaling_params
     if batch is None:
         batch = 2 ** round(math.log2(REFERENCE_BATCH * (tokens / d12_tokens) ** 0.383))
@@ -198,8 +196,7 @@ def modern_muon_momentum(step: int, num_iterations: int, warmdown_ratio: float) 
 
 @dataclass(frozen=True)
 class Schedule:
-    """step -> (lr multiplier, Muon momentum, Muon weight-decay multiplier). momentum None: the muon_momentum ramp,
-    else that constant; modern: nanochat's current pretraining schedule (modern_muon_momentum, decay cosine to 0)."""
+    """step -> (lr multiplier, Muon momentum, Muon weight-decay multiplier); momentum: a constant instead of a ramp."""
     num_iterations: int
     warmdown_ratio: float = 0.2
     final_lr_frac: float = 0.0

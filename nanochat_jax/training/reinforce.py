@@ -1,7 +1,6 @@
 """On-policy REINFORCE, nanochat's simplification of GRPO: no KL penalty, no PPO ratio (samples come from the current
-policy), advantage = reward - the question's mean reward (not divided by the std), a token-level loss normalised by the
-number of sampled tokens. `rollouts` samples and scores one question's completions, `policy_batch` makes a step's
-rollouts a batch (targets: sampled tokens only; "weights": the advantages), RolloutBatches feeds the training loop."""
+policy), advantage = reward - the question's mean reward (not / std), the loss averaged over sampled tokens. `rollouts`
+scores one question's samples, `policy_batch` makes a step's a batch ("weights": advantages) for RolloutBatches."""
 import time
 from dataclasses import dataclass
 

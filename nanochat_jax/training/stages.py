@@ -1,14 +1,10 @@
 """A training stage, declared once: its flags and their checks, trainer, engine, start or resume, and ending.
 
-A chat stage (train.mid, train.sft, train.rl) reads the latest checkpoint of the stage before it (--source,
---model-tag, --step) and writes to $NANOCHAT_BASE_DIR/<stage dir>/<the same model tag>/. It starts from those
-parameters with a fresh optimizer; --resume continues its own latest checkpoint instead (parameters, optimizer state,
-data position). The flags are never written into: a stage keeps a copy with the defaults it resolved (`Stage.args`).
-"""
+A chat stage (train.mid, sft, rl) starts from the --source stage's checkpoint with a fresh optimizer and writes under
+the same model tag; --resume continues its own latest checkpoint. Stage.args: a copy of the flags, defaults resolved."""
 import argparse
 import math
 import os
-from dataclasses import asdict
 
 import jax
 import jax.numpy as jnp
@@ -22,13 +18,12 @@ from nanochat_jax.model.sharding import make_mesh, parse_mesh_spec
 from nanochat_jax.recipes import RECIPES
 from nanochat_jax.data.tokenizer import Tokenizer
 from nanochat_jax.training.checkpoint import STAGE_DIRS, Checkpointer, complete_steps, stage_directory
-from nanochat_jax.training.loop import Eval, Plan, run
+from nanochat_jax.training.loop import Eval, run
 from nanochat_jax.training.optim import Schedule, build_optimizer
 from nanochat_jax.training.trainer import Trainer, TrainState
 
 
-def add_optimizer_flags(p: argparse.ArgumentParser, grad_clip: float | None = None,
-                        weight_decay: float | None = None):
+def add_optimizer_flags(p: argparse.ArgumentParser, grad_clip: float | None = None, weight_decay: float | None = None):
     """The learning rates and the rest; None (the default) is the model's recipe's value (recipes.RECIPES)."""
     p.add_argument("--embedding-lr", type=float, default=None, help="default: classic 0.2, modern 0.3")
     p.add_argument("--unembedding-lr", type=float, default=None, help="default: classic 0.004, modern 0.008")
@@ -65,17 +60,15 @@ def add_run_flags(p: argparse.ArgumentParser):
 
 
 def check_flags(p: argparse.ArgumentParser, args, positive=(), every=(), nonnegative=()):
-    """Flags that must be positive (or unset), that take a positive number or -1, and that must be >= 0."""
-    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
-    for name in positive:
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            p.error(f"{flag(name)} must be positive")
-    for name in nonnegative:
-        if getattr(args, name) < 0:
-            p.error(f"{flag(name)} must be >= 0")
-    for name in every + (("num_iterations",) if hasattr(args, "num_iterations") else ()):
-        if getattr(args, name) == 0 or getattr(args, name) < -1:
-            p.error(f"{flag(name)} must be positive, or -1")
+    """positive: > 0 or unset; nonnegative: >= 0; every: > 0 or -1 (+ --eval-every, --save-every, --num-iterations)."""
+    every += tuple(n for n in ("eval_every", "save_every", "num_iterations") if hasattr(args, n) and n not in every)
+    rules = ((positive, lambda v: v is not None and v <= 0, "must be positive"),
+             (nonnegative, lambda v: v < 0, "must be >= 0"),
+             (every, lambda v: v == 0 or v < -1, "must be positive, or -1"))
+    for names, broken, rule in rules:
+        for name in names:
+            if broken(getattr(args, name)):
+                p.error(f"--{name.replace('_', '-')} {rule}")
     if getattr(args, "mesh", None):  # well formed and covering this run's devices, before anything compiles
         try:
             parse_mesh_spec(args.mesh, jax.device_count())
@@ -84,8 +77,7 @@ def check_flags(p: argparse.ArgumentParser, args, positive=(), every=(), nonnega
 
 
 def micro_steps(what: str, total: int, device_batch_size: int, sequence_len: int | None = None) -> int:
-    """Gradient-accumulation steps that reach `total` (rows, or tokens with a sequence length) per optimizer step
-    from device_batch_size rows on every device, or a one-line exit naming the numbers."""
+    """Accumulation steps reaching `total` (rows, or tokens of sequence_len) from device_batch_size rows a device."""
     parts = {"device batch": device_batch_size, "sequence": sequence_len, "devices": jax.device_count()}
     parts = {name: n for name, n in parts.items() if n is not None}
     per_micro_step = math.prod(parts.values())
@@ -96,7 +88,6 @@ def micro_steps(what: str, total: int, device_batch_size: int, sequence_len: int
 
 
 def epoch_steps(args, num_examples: int, per_step: int) -> int:
-    """--num-iterations when given, else the steps of --num-epochs passes over num_examples at per_step a step."""
     return args.num_iterations if args.num_iterations > 0 else max(1, num_examples // per_step * args.num_epochs)
 
 
@@ -114,13 +105,10 @@ class Source:
                 if os.path.isdir(stage_dir) else []
             note = f"; the {source} models here: {', '.join(tags)} (--model-tag)" if tags else ""
             raise SystemExit(f"{e}{note}") from None
-        self.meta = self.checkpointer.meta(self.step)
-        self.config = config_from_meta(self.meta["model_config"])
+        self.config = config_from_meta(self.checkpointer.meta(self.step)["model_config"])
         self.tokenizer = Tokenizer.load(os.path.join(self.directory, "tokenizer"))
-        self.model_tag = os.path.basename(self.directory)
 
-    def params(self, trainer: Trainer):
-        """The parameters, placed on the trainer's mesh."""
+    def params(self, trainer: Trainer):  # placed on the trainer's mesh
         return self.checkpointer.restore({"params": trainer.abstract_params}, self.step)[0]["params"]
 
 
@@ -131,8 +119,7 @@ class Stage:
                  lr_fraction: float = 1.0, lr_scale: float = 1.0):  # (lr_*: see build_optimizer)
         self.name, self.config, self.tokenizer, self.source = name, config, tokenizer, source
         recipe = RECIPES[config.recipe]
-        # the optimizer flags left unset at the recipe's values, so the run's meta records what was used
-        unset = {k: v for k, v in recipe.optimizer.items() if getattr(args, k, None) is None}
+        unset = {k: v for k, v in recipe.optimizer.items() if getattr(args, k, None) is None}  # recorded in the meta
         self.args = args = argparse.Namespace(**(vars(args) | unset))
         dtype = parse_dtype(args.dtype)
         fp8 = getattr(args, "fp8", False)  # (pretraining only; evaluation sees the model without it)
@@ -147,13 +134,12 @@ class Stage:
 
     @classmethod
     def chat(cls, name: str, args) -> "Stage":
-        """A chat stage from its --source checkpoint, learning rates x --init-lr-frac, writing under the source's
-        model tag; a --max-seq-len left unset is the model's context."""
+        """From the --source checkpoint, lrs x --init-lr-frac, under its model tag; --max-seq-len unset: its context."""
         source = Source(args.source, args.model_tag, args.step)
         if getattr(args, "max_seq_len", 0) is None:
             args = argparse.Namespace(**(vars(args) | {"max_seq_len": source.config.sequence_len}))
-        return cls(name, args, source.config, source.tokenizer,
-                   os.path.join(get_base_dir(), STAGE_DIRS[name], source.model_tag), source, args.init_lr_frac)
+        directory = os.path.join(get_base_dir(), STAGE_DIRS[name], os.path.basename(source.directory))
+        return cls(name, args, source.config, source.tokenizer, directory, source, args.init_lr_frac)
 
     def engine(self, model) -> Engine:
         """The stage's one engine (its programs compile once), sampling from `model`."""
@@ -162,28 +148,22 @@ class Stage:
         self._engine.use(model)
         return self._engine
 
-    def begin(self, batches, num_iterations: int) -> TrainState:
-        """The state the run trains from: its latest checkpoint with --resume (checked by the checkpointer), else step 0
-        from the source's parameters with a fresh optimizer (a chat stage) or a fresh model (pretraining)."""
+    def train(self, batches, num_iterations: int, evals: list[Eval], **schedule) -> TrainState:
+        """Resume (--resume: the checkpointer checks it) or start, then the loop; schedule: Schedule's keywords."""
         def fresh():
             self.checkpointer.save_tokenizer(self.tokenizer)
-            source = self.source
-            return self.trainer.start_from(source.params(self.trainer)) if source else \
-                self.trainer.init_state(self.make_model)
-        data_flags = {k: v for k, v in vars(self.args).items() if k in ("mixture", "task")}
-        return self.checkpointer.begin(self.args.resume, fresh, self.trainer, batches, self.config, num_iterations,
-                                       data_flags)
-
-    def train(self, batches, num_iterations: int, schedule: Schedule, evals: list[Eval]) -> TrainState:
-        """Start or resume, then the training loop to num_iterations (checkpoints, evaluations, metrics, wandb)."""
-        state = self.begin(batches, num_iterations)
-        self.wandb_run = start_wandb(self.args, "nanochat-jax" + ("" if self.name == "base" else f"-{self.name}"))
-        meta = {"model_config": asdict(self.config), "train_config": vars(self.args)}
-        if (source := self.source) is not None:
-            meta["source"] = {"stage": source.stage, "directory": source.directory, "step": source.step}
-        plan = Plan(num_iterations, schedule, self.config.flops_per_token(), evals, self.args.save_every, meta,
-                    self.wandb_run)
-        return run(self.trainer, state, batches, plan, self.checkpointer)
+            trainer, source = self.trainer, self.source
+            return trainer.start_from(source.params(trainer)) if source else trainer.init_state(self.make_model)
+        state = self.checkpointer.begin(self.args, fresh, self.trainer, batches, self.config, num_iterations)
+        if self.args.run and jax.process_index() == 0:  # wandb logging
+            try:
+                import wandb
+            except ImportError:
+                print0("--run given but wandb is not installed: logging to metrics.jsonl only")
+            else:
+                project = "nanochat-jax" + ("" if self.name == "base" else f"-{self.name}")
+                self.wandb_run = wandb.init(project=project, name=self.args.run, config=vars(self.args))
+        return run(self, state, batches, num_iterations, Schedule(num_iterations, **schedule), evals)
 
     def finish(self, state: TrainState, section: str, results: dict, standin: str | None):
         """The report card's section for this run (with its training time and directory), and wandb's end."""
@@ -196,15 +176,3 @@ class Stage:
                    report.standin(standin))
         if self.wandb_run is not None:
             self.wandb_run.finish()
-
-
-def start_wandb(args, project: str):
-    """A wandb run when --run is given and wandb is installed (process 0 only), else None."""
-    if not args.run or jax.process_index() != 0:
-        return None
-    try:
-        import wandb
-    except ImportError:
-        print0("--run given but wandb is not installed: logging to metrics.jsonl only")
-        return None
-    return wandb.init(project=project, name=args.run, config=vars(args))

@@ -1,9 +1,7 @@
 """One training step and its state, shared by every training stage (base, mid, SFT, RL).
 
-A batch: "inputs" and "targets" [accum, rows, T] (target -1 = ignored), optionally "weights" [accum, rows] (RL's
-advantages). A micro-step's loss is sum(weight x token loss) / counted targets of the whole global micro-batch
-(nanochat averages each rank's own mean, which weighs tokens a little differently); gradients are averaged over the
-micro-steps, clipped and applied in one jit per batch shape, the state donated, the schedule values as arguments."""
+A batch: "inputs", "targets" [accum, rows, T] (target -1: ignored), RL's "weights" [accum, rows]. A micro-step's loss:
+sum(weight x token loss) / the targets of the whole global micro-batch (nanochat: each rank's own mean)."""
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Callable
