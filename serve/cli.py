@@ -3,9 +3,8 @@
     python -m serve.cli                       # the latest SFT model; 'clear' starts over, 'quit' leaves
     python -m serve.cli -i base -p "The capital of France is"   # answer once (question and reply) and exit
 
-Replies stream as they are generated, tool calls (the calculator) inline; readline's line editing and history.
-Ctrl-C during a reply stops it (keeping what was said), at the prompt it leaves (as Ctrl-D does); a conversation
-longer than the model's context loses its oldest exchanges."""
+Replies stream, tool calls inline. Ctrl-C during a reply stops it (keeping what was said), at the prompt it leaves (as
+Ctrl-D does); a conversation longer than the model's context loses its oldest exchanges."""
 import argparse
 import contextlib
 import signal
@@ -22,16 +21,15 @@ from nanochat_jax.inference.programs import MAX_TOP_K
 from nanochat_jax.inference.engine import Engine
 
 
-def stream_reply(engine, tokenizer, prompt_ids, max_tokens, temperature, top_k, seed, out=sys.stdout,
-                 header: str = ""):
-    """Prints `header`, then the reply as it comes; returns (its token ids, whether Ctrl-C stopped it). From before
-    the header, Ctrl-C only sets a flag checked between tokens: an exception could be swallowed in a callback."""
+def stream_reply(engine, tokenizer, prompt_ids, max_tokens, temperature, top_k, seed, header: str = ""):
+    """Prints `header`, then the reply as it comes; returns its token ids. From before the header, Ctrl-C only sets
+    a flag checked between tokens: an exception could be swallowed in a callback."""
     reply, shown, stop, text = [], "", [], ReplyText(tokenizer)
     try:
         previous = signal.signal(signal.SIGINT, lambda *_: stop.append(True))
     except ValueError:  # (not the main thread: Ctrl-C stays an exception)
         previous = None
-    print(header, end="", file=out, flush=True)
+    print(header, end="", flush=True)
     tokens = engine.generate(prompt_ids, max_tokens=max_tokens, temperature=temperature, top_k=top_k, seed=seed)
     try:
         for column, _ in tokens:
@@ -40,16 +38,16 @@ def stream_reply(engine, tokenizer, prompt_ids, max_tokens, temperature, top_k, 
             reply.append(column[0])
             now = text.add(column[0])  # (tool calls as <<expression=result>>, never a special token's name)
             if not now.endswith("\ufffd"):  # hold back half a multi-byte character
-                print(now[len(shown):], end="", file=out, flush=True)
+                print(now[len(shown):], end="", flush=True)
                 shown = now
     except KeyboardInterrupt:
         stop.append(True)
     finally:
         tokens.close()
-        print(text.text().rstrip("\ufffd")[len(shown):] + (" (stopped)" if stop else ""), file=out, flush=True)
+        print(text.text().rstrip("\ufffd")[len(shown):] + (" (stopped)" if stop else ""), flush=True)
         if previous is not None:  # only now: a Ctrl-C until the reply's last line is out still stops the reply
             signal.signal(signal.SIGINT, previous)
-    return reply, bool(stop)
+    return reply
 
 
 def load_engine(args, parser):
@@ -116,8 +114,8 @@ def main(argv=None):
             print(f"(the conversation outgrew the {context}-token context: dropped the oldest {dropped} messages)")
         if args.prompt:
             print(f"User: {text}")
-        reply, stopped = stream_reply(engine, tokenizer, prompt_ids, max_tokens, args.temperature, args.top_k,
-                                      seed=turn, header="Assistant: " if args.prompt else "\nAssistant: ")
+        reply = stream_reply(engine, tokenizer, prompt_ids, max_tokens, args.temperature, args.top_k, seed=turn,
+                             header="Assistant: " if args.prompt else "\nAssistant: ")
         if reply:
             messages.append({"role": "assistant", "content": reply_parts(tokenizer, reply)})
         else:  # stopped before a word: as if the question had not been asked

@@ -1,12 +1,10 @@
 """What makes the chat server safe to expose: OpenAI-style errors, a capped request body, connection deadlines,
 Bearer-key auth, and a Host allow-list against DNS rebinding.
 
-- `Guard` (ASGI middleware, outermost): the Host allow-list (bound to loopback, only localhost names reach the app),
-  the API key (`Authorization: Bearer KEY`, or the cookie the page sets after `/?key=KEY`), and the body cap (413
-  before more than `max_body` bytes are read, whatever Content-Length says).
-- `GuardedH11Protocol` (uvicorn's h11 protocol with deadlines): a connection that has not sent its request headers
-  within `header_timeout` seconds (of connecting, or of its last response), or its body within `body_timeout`, is
-  closed; uvicorn alone waits forever for a client that connects and sends nothing, or one byte at a time."""
+`Guard` (ASGI middleware, outermost) checks the Host (bound to loopback, only localhost names reach the app), the API
+key (Bearer, or the cookie the page sets after `/?key=KEY`) and the body (413 before more than `max_body` bytes are
+read, whatever Content-Length says). `GuardedH11Protocol` closes connections slow to send their request: uvicorn
+alone waits forever for a client that connects and sends nothing, or one byte at a time."""
 import hmac
 import ipaddress
 import json
@@ -89,7 +87,11 @@ class Guard:
                 more = message.get("more_body", False)
                 if len(body) > self.max_body:
                     return await _send_error(send, 413, too_large, code="request_too_large")
-            receive = _replay(body, receive)
+            first = [{"type": "http.request", "body": body, "more_body": False}]
+
+            async def replay():  # the body, already read (and capped), as one message; then the real channel
+                return first.pop() if first else await receive()
+            return await self.app(scope, replay, send)
         return await self.app(scope, receive, send)
 
     def _matches(self, key: str) -> bool:
@@ -107,15 +109,6 @@ class Guard:
         return COOKIE in cookie and self._matches(cookie[COOKIE].value)
 
 
-def _replay(body: bytes, receive):
-    """The body, already read (and capped), handed to the app as one message; then the real channel (disconnects)."""
-    first = [{"type": "http.request", "body": body, "more_body": False}]
-
-    async def replay():
-        return first.pop() if first else await receive()
-    return replay
-
-
 class GuardedH11Protocol(H11Protocol):
     header_timeout = 10.0  # seconds to send a request's headers (after connecting, or after the last response)
     body_timeout = 30.0  # seconds to send its body
@@ -125,14 +118,11 @@ class GuardedH11Protocol(H11Protocol):
         self._deadline, self._phase = None, None
         self._arm("headers", self.header_timeout)
 
-    def _arm(self, phase, seconds):
-        self._disarm()
-        self._phase, self._deadline = phase, self.loop.call_later(seconds, self._too_slow)
-
-    def _disarm(self):
+    def _arm(self, phase, seconds=0.0):  # phase None: no deadline
         if self._deadline is not None:
             self._deadline.cancel()
-        self._deadline, self._phase = None, None
+        self._phase = phase
+        self._deadline = None if phase is None else self.loop.call_later(seconds, self._too_slow)
 
     def _too_slow(self):
         if not self.transport.is_closing() and self.conn.their_state in (h11.IDLE, h11.SEND_BODY):
@@ -141,9 +131,7 @@ class GuardedH11Protocol(H11Protocol):
     def data_received(self, data):
         super().data_received(data)
         phase = {h11.IDLE: "headers", h11.SEND_BODY: "body"}.get(self.conn.their_state)
-        if phase is None:
-            self._disarm()
-        elif phase != self._phase:
+        if phase != self._phase:
             self._arm(phase, self.header_timeout if phase == "headers" else self.body_timeout)
 
     def on_response_complete(self):
@@ -152,5 +140,5 @@ class GuardedH11Protocol(H11Protocol):
             self._arm("headers", self.header_timeout + self.timeout_keep_alive)
 
     def connection_lost(self, exc):
-        self._disarm()
+        self._arm(None)
         super().connection_lost(exc)

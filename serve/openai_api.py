@@ -4,12 +4,12 @@ model can be served and evaluated by standard harnesses), /v1/models and /v1/mod
 Implemented: n, seed, temperature, top_p, top_k, stop, max_(completion_)tokens, stream (stream_options.include_usage),
 presence/frequency_penalty, logit_bias, logprobs / top_logprobs (the model's, before any sampling setting), echo.
 Accepted as no-ops: user, response_format text, the developer role (as system), text parts, the settings in NEUTRAL.
-Refused with a 400 naming the field: non-text content, tools, JSON modes, audio, suffix, best_of > 1, unknown fields.
-"""
+Refused with a 400 naming the field: non-text content, tools, JSON modes, audio, suffix, best_of > 1, unknown fields."""
 import asyncio
 import json
 import time
 import uuid
+from functools import partial
 from itertools import accumulate
 from typing import Any
 
@@ -31,15 +31,16 @@ NEUTRAL = {"store": (None, False), "service_tier": (None, "auto", "default"), "p
            "web_search_options": None, "audio": (None,), "tool_choice": (None, "none"), "function_call": (None, "none")}
 
 
-class StreamOptions(BaseModel):
+class Strict(BaseModel):  # a request body: unknown fields are refused
     model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(Strict):
     include_usage: bool = False
     include_obfuscation: bool | None = None
 
 
-class Sampling(BaseModel):
-    """What both endpoints share."""
-    model_config = ConfigDict(extra="forbid")
+class Sampling(Strict):  # what both endpoints share
     model: str | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
@@ -207,20 +208,7 @@ class Choice:
         return new
 
 
-class PlainText:
-    """A completion's text as it grows (whole characters settle; only the unfinished tail is decoded again)."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer, self.settled, self.tail = tokenizer, "", []
-
-    def add(self, token: int):
-        self.tail.append(token)
-        text = self.tokenizer.decode(self.tail)
-        if not text.endswith("\ufffd"):
-            self.settled, self.tail = self.settled + text, []
-
-    def text(self) -> str:
-        return self.settled + self.tokenizer.decode(self.tail)
+PlainText = partial(ReplyText, plain=True)  # a completion's text: every token as the tokenizer decodes it
 
 
 def token_text(tokenizer, token_id: int) -> tuple[str, list[int]]:
@@ -235,13 +223,12 @@ def chat_logprobs(tokenizer, tokens: list[Token], top: int) -> list[dict]:
     return [entry(t.id, t.logprob) | {"top_logprobs": [entry(i, lp) for i, lp in t.top[:top]]} for t in tokens]
 
 
-def legacy_logprobs(tokenizer, ids: list[int], scores, top: int, offset: int) -> dict:
-    """OpenAI's completions logprobs of the tokens `ids`, from their [(logprob, alternatives or None), ...]."""
-    texts = [token_text(tokenizer, t)[0] for t in ids]
-    return {"tokens": texts, "token_logprobs": [lp for lp, _ in scores],
-            "top_logprobs": [None if alternatives is None else
-                             {token_text(tokenizer, a)[0]: alp for a, alp in alternatives[:top]}
-                             for _, alternatives in scores],
+def legacy_logprobs(tokenizer, tokens: list[Token], top: int, offset: int) -> dict:
+    """OpenAI's completions logprobs of the tokens (a prompt's first has neither logprob nor alternatives: None)."""
+    texts = [token_text(tokenizer, t.id)[0] for t in tokens]
+    return {"tokens": texts, "token_logprobs": [t.logprob for t in tokens],
+            "top_logprobs": [None if t.top is None else {token_text(tokenizer, a)[0]: alp for a, alp in t.top[:top]}
+                             for t in tokens],
             "text_offset": list(accumulate(map(len, texts), initial=offset))[:-1]}  # where each token starts
 
 
@@ -291,9 +278,8 @@ class Answer:
 
     def __init__(self, service, body, prompts):
         self.service, self.body, self.prompts = service, body, prompts
-        self.groups = [[Choice(k * body.n + i, service.tokenizer, self.render, body.stop or []) for i in range(body.n)]
-                       for k in range(len(prompts))]
-        self.flat = [c for g in self.groups for c in g]
+        self.flat = [Choice(i, service.tokenizer, self.render, body.stop or []) for i in range(len(prompts) * body.n)]
+        self.groups = [self.flat[k:k + body.n] for k in range(0, len(self.flat), body.n)]  # a group per prompt
         self.id, self.created = f"{self.prefix}-{uuid.uuid4().hex}", int(time.time())
         self.want_usage = bool(body.stream_options and body.stream_options.include_usage)
 
@@ -357,34 +343,32 @@ class TextAnswer(Answer):
 
     def __init__(self, service, body, prompts, prompt_scores):
         super().__init__(service, body, prompts)
-        self.texts = [service.tokenizer.decode(ids[1:]) for ids in prompts]
+        self.echo = [service.tokenizer.decode(ids[1:]) if body.echo else "" for ids in prompts]
         self.prompt_scores = prompt_scores
 
     def logprobs(self, c: Choice, tokens: list[Token], with_prompt=False):
-        body, tokenizer, k = self.body, self.service.tokenizer, c.index // self.body.n
-        if body.logprobs is None:
+        tokenizer, top, k = self.service.tokenizer, self.body.logprobs, c.index // self.body.n
+        if top is None:
             return None
-        lp = legacy_logprobs(tokenizer, [t.id for t in tokens], [(t.logprob, t.top) for t in tokens],
-                             body.logprobs, len(self.texts[k]) if body.echo else 0)
-        if with_prompt and self.prompt_scores is not None:
-            ids = self.prompts[k][1:]
-            scores = ([(None, None)] + self.prompt_scores[k])[:len(ids)]  # (none for the first token, as OpenAI's)
-            head = legacy_logprobs(tokenizer, ids, scores, body.logprobs, 0)
+        lp = legacy_logprobs(tokenizer, tokens, top, len(self.echo[k]))
+        if with_prompt and self.prompt_scores is not None:  # (no score for the first token, as in OpenAI's)
+            scored = zip(self.prompts[k][1:], [(None, None)] + self.prompt_scores[k])
+            head = legacy_logprobs(tokenizer, [Token(0, t, False, *score) for t, score in scored], top, 0)
             lp = {key: head[key] + lp[key] for key in lp}
         return lp
 
     def head(self):
         if not self.body.echo:
             return []
-        return [self.chunk([self.part(c, self.texts[c.index // self.body.n], self.logprobs(c, [], True), None)])
+        return [self.chunk([self.part(c, self.echo[c.index // self.body.n], self.logprobs(c, [], True), None)])
                 for c in self.flat]
 
     def part(self, c: Choice, text: str, lp, reason):
         return {"index": c.index, "text": text, "logprobs": lp, "finish_reason": reason}
 
     def whole(self, c: Choice):
-        echo = self.texts[c.index // self.body.n] if self.body.echo else ""
-        return self.part(c, echo + c.sent, self.logprobs(c, c.logprobs, True), c.reason or "stop")
+        text = self.echo[c.index // self.body.n] + c.sent
+        return self.part(c, text, self.logprobs(c, c.logprobs, True), c.reason or "stop")
 
 
 def model_card(service):

@@ -17,25 +17,6 @@ class APIError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
 
 
-def check_request_messages(messages: list) -> list[dict]:
-    """nanochat's limits on a conversation (Message models or {"role", "content"} dicts with text content)."""
-    messages = [m if isinstance(m, dict) else {"role": m.role, "content": m.text()} for m in messages]
-    if not messages:
-        raise APIError(400, "at least one message is required")
-    if len(messages) > MAX_MESSAGES:
-        raise APIError(400, f"too many messages: at most {MAX_MESSAGES}")
-    for i, m in enumerate(messages):
-        if not m["content"].strip():
-            raise APIError(400, f"message {i} has empty content")
-        if len(m["content"]) > MAX_MESSAGE_CHARS:
-            raise APIError(400, f"message {i} is too long: at most {MAX_MESSAGE_CHARS} characters")
-    if sum(len(m["content"]) for m in messages) > MAX_TOTAL_CHARS:
-        raise APIError(400, f"the conversation is too long: at most {MAX_TOTAL_CHARS} characters")
-    if messages[-1]["role"] != "user":
-        raise APIError(400, "the last message must be from the user", param="messages")
-    return messages
-
-
 class ChatService:
     def __init__(self, scheduler, tokenizer, model_name: str, defaults: dict):
         """defaults: the temperature, top_k and max_tokens of requests that name none."""
@@ -43,9 +24,23 @@ class ChatService:
         self.context = scheduler.programs.config.sequence_len
 
     def _render(self, messages: list, max_tokens: int, drop_old: bool):
-        checked = check_request_messages(messages)
+        """nanochat's limits on a conversation (Message models or {"role", "content"} dicts), then its prompt."""
+        messages = [m if isinstance(m, dict) else {"role": m.role, "content": m.text()} for m in messages]
+        if not messages:
+            raise APIError(400, "at least one message is required")
+        if len(messages) > MAX_MESSAGES:
+            raise APIError(400, f"too many messages: at most {MAX_MESSAGES}")
+        for i, m in enumerate(messages):
+            if not m["content"].strip():
+                raise APIError(400, f"message {i} has empty content")
+            if len(m["content"]) > MAX_MESSAGE_CHARS:
+                raise APIError(400, f"message {i} is too long: at most {MAX_MESSAGE_CHARS} characters")
+        if sum(len(m["content"]) for m in messages) > MAX_TOTAL_CHARS:
+            raise APIError(400, f"the conversation is too long: at most {MAX_TOTAL_CHARS} characters")
+        if messages[-1]["role"] != "user":
+            raise APIError(400, "the last message must be from the user", param="messages")
         try:
-            ids, dropped = prompt_for_reply(self.tokenizer, checked, self.context, min(max_tokens, self.context // 2))
+            ids, dropped = prompt_for_reply(self.tokenizer, messages, self.context, min(max_tokens, self.context // 2))
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
         if dropped and not drop_old:

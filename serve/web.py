@@ -3,9 +3,8 @@
     python -m serve.web --host 127.0.0.1 --port 8000            # the latest SFT model; open http://127.0.0.1:8000
     python -m serve.web -i base -g d20 --slots 16
 
-Endpoints: GET / (chat page), POST /chat/completions (nanochat's SSE: data: {"token": ...} ... data: [DONE]), the
-OpenAI API under /v1 (serve/openai_api.py), GET /health, GET /stats; a bad request gets a 4xx with OpenAI's error
-body. Safe to expose (serve/guard.py); prompts render off the event loop, so /health answers at once under load."""
+GET / (the page), POST /chat/completions (nanochat's SSE: data: {"token": ...} ... data: [DONE]), OpenAI's API under
+/v1 (serve/openai_api.py), GET /health, GET /stats; errors in OpenAI's body. Safe to expose (serve/guard.py)."""
 import argparse
 import html
 import json
@@ -18,7 +17,7 @@ from typing import Literal
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nanochat_jax.inference.frontend import ReplyText
@@ -26,7 +25,7 @@ from nanochat_jax.inference.programs import MAX_TOP_K
 from nanochat_jax.inference.scheduler import Failed, Token
 from serve import openai_api
 from serve.guard import Guard, GuardedH11Protocol, is_loopback, openai_error
-from serve.openai_api import MAX_MAX_TOKENS, Choice
+from serve.openai_api import MAX_MAX_TOKENS, Choice, Strict
 from serve.service import APIError, ChatService
 
 UI_PATH = os.path.join(os.path.dirname(__file__), "ui.html")
@@ -35,14 +34,12 @@ FAVICON = ('<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 32 32"><rect wi
            'font-family="sans-serif">nc</text></svg>')
 
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class TextPart(Strict):
     type: Literal["text"]
     text: str
 
 
-class Message(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Message(Strict):
     role: Literal["system", "user", "assistant"]
     content: str | list[TextPart]
 
@@ -50,8 +47,7 @@ class Message(BaseModel):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
-class ChatRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ChatRequest(Strict):
     messages: list[Message]
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_k: int | None = Field(None, ge=1, le=MAX_TOP_K)
@@ -163,8 +159,7 @@ def main(argv=None):
     parser.add_argument("--max-waiting", type=int, default=64, help="queued requests beyond which the server says 503")
     parser.add_argument("--api-key", default=os.environ.get("NANOCHAT_API_KEY"),
                         help="require 'Authorization: Bearer KEY' on the API and the page (default: $NANOCHAT_API_KEY)")
-    parser.add_argument("--allowed-hosts", default=None,
-                        help="comma-separated Host names to answer to (default on loopback: localhost names only)")
+    parser.add_argument("--allowed-hosts", help="comma-separated Host names to answer to (loopback default: localhost)")
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (413 beyond)")
     parser.add_argument("--docs", action="store_true", help="serve /docs and /openapi.json")
     args = parser.parse_args(argv)

@@ -1,13 +1,9 @@
 """Inference engine, nanochat's interface: KV-cached sampling with the calculator tool, a client of the scheduler.
 
-    engine = Engine(model, tokenizer)
-    for token_column, mask_column in engine.generate(prompt_ids, num_samples=4, max_tokens=64, temperature=0.8):
-        ...                                     # one token per sample per step; mask 0 = forced by the tool
-    sequences, masks = engine.generate_batch(prompt_ids, num_samples=4, max_tokens=64)
+    sequences, masks = Engine(model, tokenizer).generate_batch(prompt_ids, num_samples=4)  # streamed: generate()
 
-A row that emits <|python_end|> gets the calculator's result forced into it as <|output_start|> result <|output_end|>
-(mask 0). A row ends at <|assistant_end|>, <|bos|>, its token budget or the end of its cache.
-"""
+A row that emits <|python_end|> gets the calculator's result forced into it (mask 0); a row ends at <|assistant_end|>,
+<|bos|>, its token budget or the end of its cache."""
 from nanochat_jax.common import bucket
 from nanochat_jax.inference.calculator import Calculator
 from nanochat_jax.inference.programs import FORCED_SLOTS, Programs
@@ -29,8 +25,7 @@ def _drain(request):
 
 class Engine:
     def __init__(self, model, tokenizer, chunk: int = 16, compute_dtype_weights: bool = False):
-        """compute_dtype_weights: keep the weights in the model's compute dtype (bf16 on GPU/TPU), not casting the
-        fp32 master weights at every matmul of every step (serving: half the weight reads)."""
+        """compute_dtype_weights: weights kept in the compute dtype (bf16 on GPU/TPU), not cast at every matmul."""
         self.programs = Programs(model, tokenizer, compute_dtype_weights)
         self.chunk, self.tool = chunk, Calculator(tokenizer, FORCED_SLOTS)
         self.kept = {}  # slot count -> the idle Scheduler kept between calls (see scheduler_for)
@@ -45,8 +40,7 @@ class Engine:
         return Scheduler(self.programs, self.tool, slots, max_waiting, chunk or self.chunk, busy_rows_only)
 
     def scheduler_for(self, slots: int) -> Scheduler:
-        """The kept scheduler with `slots` slots, or a new one when that one is in use (a generator still open):
-        the next call (the next turn of a chat) starts from the cache rows the last one left."""
+        """The kept scheduler with `slots` slots (a new one while it is busy): a chat's next turn reuses its rows."""
         kept = self.kept.get(slots)
         if kept is None or not kept.idle():
             kept = self.kept[slots] = self.scheduler(slots, busy_rows_only=False)  # (no compiles mid-eval)
@@ -67,8 +61,7 @@ class Engine:
         tool). A finished sample repeats its stop token with mask 0 until all have finished."""
         scheduler = self.scheduler_for(num_samples)
         request = scheduler.submit(Request(list(tokens), num_samples, max_tokens, temperature, top_k, 1.0, seed))
-        queues = [[] for _ in range(num_samples)]  # per sample: (token, mask) not yet yielded
-        emitted = 0
+        queues, emitted = [[] for _ in range(num_samples)], 0  # per sample: (token, mask) not yet yielded
         scheduler.admit()  # the prefill: the first column is out before any decode call
         try:
             while True:
@@ -95,9 +88,8 @@ class Engine:
 
     def complete_many(self, prompts, num_samples=1, max_tokens=None, temperature=0.0, top_k=None, seeds=None,
                       rows: int = 32, keep_stop: bool = False):
-        """Per prompt, num_samples completions (no prompt, no stop token unless keep_stop), decoded side by side: up
-        to `rows` rows in flight, a finished prompt's slots going to the next. Prompt i's are those it gets alone with
-        seed seeds[i] (up to float rounding in batched matmuls)."""
+        """Per prompt, num_samples completions (no prompt, no stop token unless keep_stop), `rows` rows decoded side
+        by side; prompt i's are those it gets alone with seed seeds[i] (up to float rounding in batched matmuls)."""
         seeds = list(range(len(prompts))) if seeds is None else list(seeds)
         completions = self._complete(prompts, num_samples, max_tokens, temperature, top_k, seeds, rows, keep_stop)
         return [[[t for t, _ in sample] for sample in prompt] for prompt in completions]

@@ -41,21 +41,22 @@ def reply_parts(tokenizer: Tokenizer, tokens: list[int]):
 
 class ReplyText:
     """A reply's text for people, token by token: a tool call shows as <<expression=result>> (GSM8K's annotations),
-    no other special token by its raw name. Only the tokens since the last marker are decoded again: linear time."""
+    no other special token by name (plain: each token as decoded, for completions); whole characters settle."""
 
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer: Tokenizer, plain: bool = False):
         self.tokenizer, self.settled, self.tail = tokenizer, "", []
         special = tokenizer.encode_special
-        self.markers = {special("<|python_start|>"): "<<", special("<|python_end|>"): "=",
-                        special("<|output_start|>"): "", special("<|output_end|>"): ">>"}
-        self.hidden = {special(name) for name in SPECIAL_TOKENS} - set(self.markers)
+        self.markers = {} if plain else {special("<|python_start|>"): "<<", special("<|python_end|>"): "=",
+                                         special("<|output_start|>"): "", special("<|output_end|>"): ">>"}
+        self.hidden = set() if plain else {special(name) for name in SPECIAL_TOKENS} - set(self.markers)
 
     def add(self, token: int) -> str:
         if token in self.markers:
-            self.settled += self.tokenizer.decode(self.tail) + self.markers[token]
-            self.tail = []
+            self.settled, self.tail = self.text() + self.markers[token], []
         elif token not in self.hidden:
             self.tail.append(token)
+            if not (text := self.text()).endswith("\ufffd"):
+                self.settled, self.tail = text, []
         return self.text()
 
     def text(self) -> str:

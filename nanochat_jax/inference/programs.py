@@ -1,9 +1,7 @@
 """The device side of sampling: the decode state of a batch of rows, the sampler, and the pure programs over them
 (prefill, decode, score) of (graphdef, params, arrays). `Programs` binds them to one model (the graphdef with
-functools.partial: new weights of the same model never recompile) and checks requests; the scheduler runs them.
-"""
+functools.partial: new weights of the same model never recompile) and checks requests; the scheduler runs them."""
 import dataclasses
-from dataclasses import dataclass
 from functools import partial
 
 import jax
@@ -20,7 +18,6 @@ TOP_LOGPROBS = 20  # alternatives reported with each token's log-probability (Op
 BIAS_SLOTS = 300  # logit_bias entries a row can hold
 
 
-# ---- sampling on the device
 def _nucleus(logits_BV, top_p_B):
     """Keep the smallest set of most likely tokens whose probability reaches top_p (always at least one)."""
     sorted_desc = -jnp.sort(-logits_BV, axis=-1)
@@ -78,8 +75,7 @@ def token_logprobs(logits_BV, token_B):
 
 def prefill(graphdef, params, ids_1L, length, cache_len: int, row_cache=None, start=0):
     """Run a padded prompt (`length` real tokens) into a one-row cache, fresh or `row_cache` whose first `start`
-    positions hold the prompt's start (ids_1L is the rest): (cache, the logits after its last token). Sampling is a
-    program of its own (first_rows): one per prompt length would compile the sampler again each time."""
+    positions hold the prompt's start (ids_1L is the rest): (cache, the logits after its last token)."""
     model = nnx.merge(graphdef, params)
     cache = init_cache(model.config, 1, cache_len, model.dtype) if row_cache is None else row_cache
     logits, cache = model.forward_cached(ids_1L, cache, jnp.full(1, start, jnp.int32))
@@ -89,7 +85,7 @@ def prefill(graphdef, params, ids_1L, length, cache_len: int, row_cache=None, st
 def first_rows(last_V, keys_N, prompt_len, budget, temperature, top_k, top_p, bias_ids, bias_vals, presence,
                frequency, pause_tokens):
     """The N rows a prompt starts, from the logits after its last token: (their DecodeState without a cache, the
-    first tokens' token_logprobs)."""
+    first tokens' token_logprobs). Apart from prefill, so that the sampler is not compiled per prompt length."""
     n = keys_N.shape[0]
     # the first token's draw depends on its position, the prompt's length, as every later draw does on its own
     step_keys = jax.vmap(jax.random.fold_in)(keys_N, jnp.full(n, prompt_len))
@@ -103,7 +99,7 @@ def first_rows(last_V, keys_N, prompt_len, budget, temperature, top_k, top_p, bi
 
 
 @jax.tree_util.register_dataclass
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class DecodeState:
     """Everything the device holds for B decoding rows, one pytree donated to every step."""
     cache: dict | None  # the KV cache (None for rows not yet admitted)
@@ -190,9 +186,8 @@ def decode(graphdef, params, state: DecodeState, pause_tokens, steps: int, atten
 
 
 def decode_rows(graphdef, params, state: DecodeState, rows, real, pause_tokens, steps: int, attend_len: int):
-    """decode on the rows `rows` [b] only (the busy ones, then free ones as padding, `real` False: those write
-    nothing back). Each row's cache is copied up to attend_len (all that attention reads) and written back, row by
-    row (contiguous copies, not a scatter). Returns (state, out), out's rows in `rows` order."""
+    """decode on the rows `rows` [b] only: the busy ones, then free ones as padding (`real` False: they write nothing
+    back). Each row's cache is copied up to attend_len and back (contiguous copies, not a scatter); out: in `rows`."""
     def take(x, axis, length=None):  # the b rows of x along `axis` (the cache: its first `length` positions)
         parts = [jax.lax.dynamic_index_in_dim(x, r, axis, keepdims=True) for r in rows]
         if length:  # positions are the cache entry's last axis but one (k, v) or its last (smear's tokens)
@@ -218,8 +213,7 @@ def decode_rows(graphdef, params, state: DecodeState, rows, real, pause_tokens, 
 
 
 def score(graphdef, params, ids_1L):
-    """Per position i: the model's log-probability of token i+1 and its top alternatives (the last position's
-    entries are meaningless: nothing follows it)."""
+    """Per position i: the log-probability of token i+1 and its top alternatives (the last position's: meaningless)."""
     logits = nnx.merge(graphdef, params)(ids_1L)[0]
     nxt = jnp.concatenate([ids_1L[0, 1:], ids_1L[0, -1:]])
     return token_logprobs(logits, nxt)

@@ -1,11 +1,8 @@
 """The scheduler, the one owner of the decode state: the CLI, `Engine`, the evals and the server submit requests to it
 and read their events (Token, Finished, Failed, Scored) from `request.events`, a queue.Queue, from any thread.
-
-A waiting request is prefilled into free slots of one DecodeState; each decode call advances the busy rows, and
-between calls a row paused on <|python_end|> gets the tool's tokens forced into it. Each row samples with its own key
-(seed, sample index): a seeded reply does not depend on the batch. A freed slot keeps its cache row: the conversation's
-next turn is admitted there and prefills only its new tokens. `tick()` is one round; `start()` runs rounds on a thread.
-"""
+Requests are prefilled into free slots of one DecodeState and decoded together; between calls a row paused on
+<|python_end|> gets the tool's tokens forced into it. Each row samples with its own key (seed, sample index): a seeded
+reply does not depend on the batch. A freed slot keeps its cache row for the conversation's next turn."""
 import itertools
 import queue
 import threading
@@ -106,10 +103,9 @@ class Slot:
 class Scheduler:
     def __init__(self, programs, tool, slots: int = 8, max_waiting: int = 64, chunk: int = 8,
                  busy_rows_only: bool = True):
-        """tool: a Calculator. busy_rows_only: decode the busy rows only, a program per power-of-two count (a server's);
-        else every call covers every slot (one program: evals, whose batches start full)."""
+        """tool: a Calculator. busy_rows_only: a decode call covers the busy rows only (a server's), else every slot."""
         self.programs, self.tool, self.n_slots, self.chunk = programs, tool, slots, chunk
-        self.busy_rows_only = busy_rows_only
+        self.row_counts = [1 << i for i in range((slots - 1).bit_length()) if busy_rows_only] + [slots]
         self.waiting, self.scoring = queue.Queue(max_waiting), queue.Queue(max_waiting)
         self.slots: list[Slot | None] = [None] * slots
         self.stats = {"requests_served": 0, "tokens_generated": 0, "prompt_tokens_reused": 0}
@@ -165,8 +161,7 @@ class Scheduler:
                 self.fail(f"engine error: {type(error).__name__}: {error}")
 
     def warm_up(self) -> int:
-        """Compile, before `start()`, the prefill at every prompt-length bucket (fresh and onto a parked row), the
-        admission and the decode call at every count of busy rows and attention length. Returns the prompts it ran."""
+        """Compile every program a server runs, before `start()`; returns how many prompts it ran."""
         p = self.programs
         lengths = [16 << i for i in range(p.max_len.bit_length())]  # 16, 32, ... up to max_len and past it
         prompts = sorted({min(n, p.config.sequence_len - 1) for n in lengths})
@@ -179,7 +174,7 @@ class Scheduler:
         for n in (n for n in lengths if n < p.max_len):  # a later turn's new tokens onto a parked row
             p.start([p.bos] * (n + 1), keys, 1, 0.0, None, 1.0, reuse=(p.row_cache(self.state, 0), 1))
         for attend_len in p.attend_buckets:  # every decode program, on idle rows: nothing is emitted
-            for rows in self._row_counts():
+            for rows in self.row_counts:
                 self._decode([], rows, attend_len)
         self.stats = dict.fromkeys(self.stats, 0)
         self.parked = [None] * self.n_slots
@@ -196,7 +191,7 @@ class Scheduler:
         self._resume_tool_calls()
         # attention reads the cache up to the longest row after this chunk (a bucket), not the whole cache
         longest = max(len(self.slots[i].history) for i in busy) + self.chunk
-        rows = next(r for r in self._row_counts() if r >= len(busy))
+        rows = next(r for r in self.row_counts if r >= len(busy))
         out = jax.tree.map(np.asarray, self._decode(busy, rows, self.programs.attend_len(longest)))
         if rows == self.n_slots:  # (a call over every row: keep the busy ones, in order)
             out = {k: v[busy] for k, v in out.items()}
@@ -204,16 +199,11 @@ class Scheduler:
         return True
 
     def fail(self, message: str):
-        """Tell every request in flight that it failed; start again from an empty state (the old buffers may have
-        been donated to the call that failed)."""
+        """Fail every request in flight; start from an empty state (the failed call may have consumed the old one)."""
         for request in {s.request for s in self.slots if s is not None} | ({self._admitting} - {None}):
             request.put(Failed(message))
         self.slots, self._admitting, self.parked = [None] * self.n_slots, None, [None] * self.n_slots
         self.state = self.programs.empty(self.n_slots)
-
-    def _row_counts(self) -> list[int]:
-        """The decode calls' row counts: powers of two below the slot count (busy_rows_only), then every slot."""
-        return [1 << i for i in range((self.n_slots - 1).bit_length()) if self.busy_rows_only] + [self.n_slots]
 
     def _decode(self, busy: list[int], rows: int, attend_len: int):
         p, static = self.programs, dict(steps=self.chunk, attend_len=attend_len)
@@ -318,14 +308,13 @@ class Scheduler:
     def _emit(self, slot: Slot, token: Token):
         slot.history.append(token.id)
         slot.waiting_for_tool = token.id == self.programs.python_end and not token.forced
-        request = slot.request
-        if token.sample in request.finished:
+        if token.sample in slot.request.finished:
             return
         if token.id in self.programs.stops:
-            self._finish(request, token.sample, "stop", token.id)
-            return
-        request.put(token)
-        self.stats["tokens_generated"] += 1
+            self._finish(slot.request, token.sample, "stop", token.id)
+        else:
+            slot.request.put(token)
+            self.stats["tokens_generated"] += 1
 
     def _finish(self, request, sample, reason, token=None):
         if sample not in request.finished:
