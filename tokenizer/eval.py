@@ -69,11 +69,9 @@ def main():
     ratios = {}
     for sample_name, text in samples.items():
         n_bytes = len(text.encode("utf-8"))
-        row = []
-        for tok in tokenizers.values():
-            ids = tok.encode(text)
-            assert tok.decode(ids) == text, f"round trip failed on {sample_name}"
-            row.append(n_bytes / len(ids))
+        encoded = [(tok, tok.encode(text)) for tok in tokenizers.values()]
+        assert all(tok.decode(ids) == text for tok, ids in encoded), f"round trip failed on {sample_name}"
+        row = [n_bytes / len(ids) for _, ids in encoded]
         print(f"{sample_name:<14}{n_bytes:>10,}" + "".join(f"{r:>10.2f}" for r in row))
         ratios[f"bytes per token, {sample_name}"] = ", ".join(f"{n} {r:.2f}" for n, r in zip(tokenizers, row))
     report.log(report.TOKENIZER_EVALUATION, ratios, report.standin(standin_corpus()))

@@ -2,8 +2,7 @@
 
     python -m tokenizer.train --vocab-size 65536 --max-chars 2000000000 --doc-cap 10000
 
-Reads the training shards (every one but the last), each document cropped to --doc-cap characters, until
---max-chars characters; writes $NANOCHAT_BASE_DIR/tokenizer/.
+Reads the train shards (documents cropped to --doc-cap characters) up to --max-chars -> $NANOCHAT_BASE_DIR/tokenizer/.
 """
 import argparse
 import os

@@ -1,10 +1,9 @@
 """Pretraining batches as a grain pipeline: parquet shards -> tokenized documents -> BOS-aligned best-fit rows.
 
-Rows hold T+1 tokens, each row starting at a document's <|bos|>, with no padding: the largest of the `buffer_size`
-buffered documents that fits goes in; when none fits, the shortest is cropped to fill the row (its rest is dropped).
-Process p reads only the row groups g with g % process_count == p of every shard, so hosts never read the same text.
-The JSON state (the epoch, the (shard, row group, row) of the next unread document and of the buffered ones)
-round-trips exactly: restoring re-reads and re-tokenizes the buffered documents."""
+Rows hold T+1 tokens, each starting at a document's <|bos|>, no padding: the largest of the `buffer_size` buffered
+documents that fits goes in; when none fits, the shortest is cropped to fill the row (its rest is dropped). Process p
+reads the row groups g % process_count == p of every shard. The JSON state (epoch, the (shard, row group, row) of the
+next unread document and of the buffered ones) round-trips exactly: restoring re-tokenizes the buffered documents."""
 import bisect
 import functools
 import itertools
@@ -43,7 +42,6 @@ class PackedRowsIterator(grain.DatasetIterator):
         return self._texts[(shard, group)]
 
     def _read_more(self):
-        """Tokenize the next batch of this process's documents into the buffer."""
         start_epoch = self.epoch
         while self.epoch <= start_epoch + 1:  # a whole pass without a document means there are none
             if self.group < self._file(self.shard).num_row_groups:

@@ -1,7 +1,6 @@
 """The pretraining corpus on disk: parquet shards with a `text` column in $NANOCHAT_BASE_DIR/base_data/ (FineWeb-edu,
-the classic recipe's) or base_data_climbmix/ (ClimbMix, the modern recipe's), picked by $NANOCHAT_DATASET (fineweb,
-the default, or climbmix) for every stage. Sorted by name, the last shard is the validation split, the others train.
-This module lists and reads them; `python -m scripts.download_data [--dataset climbmix]` fetches them."""
+the classic recipe's) or base_data_climbmix/ (the modern one's), as $NANOCHAT_DATASET says (fineweb, the default, or
+climbmix); sorted by name, the last shard is the validation split. `python -m scripts.download_data` fetches them."""
 import os
 
 import pyarrow.parquet as pq

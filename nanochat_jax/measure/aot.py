@@ -1,7 +1,6 @@
-"""What the compilers say of a program, with or without its device: topology devices of TPU/GPU targets
-(`topology_devices`), memory per chip and whether it fits, a GPU's kernels read from the optimized HLO (`hlo_kernels`),
-a TPU's step time (`report`), and the memory check at the start of a training run. scripts/aot_compile.py builds the
-programs.
+"""What the compilers say of a program, with or without its device: topology devices of TPU/GPU targets, memory per
+chip and whether it fits, a GPU's kernels read from the optimized HLO, a TPU's step time (`report`), and the memory
+check at the start of a training run. scripts/aot_compile.py builds the programs.
 """
 import os
 import re
@@ -71,9 +70,8 @@ def device_memory_bytes(device) -> int | None:
         stats = None
     if stats and stats.get("bytes_limit"):
         return int(stats["bytes_limit"])
-    gpu = next((spec for spec in GPUS.values() if spec[2] == device.device_kind), None)
-    if gpu is not None:
-        return int(gpu[0] * gpu_memory_fraction())
+    if (gpu := next((size for size, _, kind in GPUS.values() if kind == device.device_kind), None)) is not None:
+        return int(gpu * gpu_memory_fraction())
     spec = chip_specs(device)
     return None if spec is None else spec[2]
 
@@ -143,9 +141,8 @@ def _computations(hlo_text: str) -> dict:
 
 
 def hlo_kernels(hlo_text: str) -> dict:
-    """What the GPU compiler made of the matmuls and attention, counted in the optimized HLO (a loop body once):
-    matmuls (GEMM fusions, cuBLAS calls, plain dots), those with float8 operands, cuDNN attention calls forward and
-    backward, and their masks (a sliding window of w + 1 keys: nanochat's left window w and the query itself)."""
+    """The optimized HLO's matmuls (GEMM fusions, cuBLAS calls, dots; a loop body once), those with float8 operands,
+    cuDNN attention calls forward and backward and their masks (a window of w + 1 keys: nanochat's w and the query)."""
     comps = _computations(hlo_text)
     called = lambda rest: re.findall(r"calls=%([\w.-]+)", rest)  # noqa: E731
     inside, grow = set(), [c for body in comps.values() for ins in body.values() if ins[1] == "fusion"
@@ -205,13 +202,11 @@ def report(compiled, device, compile_s: float, model_flops: float, n_chips: int,
     out["fits"] = None if hbm is None else out["peak_bytes"] <= hbm
     if hbm:
         out["headroom"] = round(1 - out["peak_bytes"] / hbm, 3)
-    if device.platform == "gpu" or hlo_path:
-        text = compiled.as_text()
-        if device.platform == "gpu":
-            out.update(hlo_kernels(text))
-        if hlo_path:
-            Path(hlo_path).parent.mkdir(parents=True, exist_ok=True)
-            Path(hlo_path).write_text(text)
+    if device.platform == "gpu":
+        out.update(hlo_kernels(compiled.as_text()))
+    if hlo_path:
+        Path(hlo_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(hlo_path).write_text(compiled.as_text())
     out["model_flops_per_step"] = model_flops
     if not estimates_time(device):
         why = ("none for a GPU compiled without one: python -m scripts.device_check measures it"

@@ -1,8 +1,6 @@
 """Speed on random weights, for the benchmark scripts and scripts/device_check.py: the training step (tokens/s,
 MFU, compile time, memory), attention (cuDNN against XLA), and the engine (prefill ms, decode tokens/s). Needs only
-jax, flax, optax and numpy. The decode bound: each step must read the weights (in the engine's dtype) and each row's
-keys and values filled so far, so tokens/s <= rows x bandwidth / those bytes (our step reads the cache up to its
-attention length, a bucket at or above the filled length).
+jax, flax, optax and numpy.
 """
 import time
 from types import SimpleNamespace
@@ -119,8 +117,9 @@ def measured_bandwidth(nbytes: int = 2**28, repeats: int = 5) -> float:
 
 
 def engine_speed(config, dtype, prompt_len: int, batches, decode_tokens: int = 128, chunk: int = 16) -> dict:
-    """Prefill ms of one prompt, decode tokens/s at each batch against its bound (a chip's peak bandwidth, a CPU's
-    measured: no table holds a CPU's peak)."""
+    """Prefill ms of one prompt, decode tokens/s at each batch against its bound: a step reads the weights and each
+    row's keys and values filled so far, so tokens/s <= rows x bandwidth / those bytes (a chip's peak bandwidth, a
+    CPU's measured: no table holds a CPU's peak; our step reads the cache up to its attention length, a bucket)."""
     model = GPT(config, rngs=nnx.Rngs(0), dtype=dtype)
     engine = Engine(model, special_ids(config.vocab_size), chunk=chunk, compute_dtype_weights=True)
     prompt = [int(t) for t in np.random.default_rng(0).integers(0, config.vocab_size - 8, prompt_len)]

@@ -1,11 +1,9 @@
 """Causal self-attention for training, prefill and cached decoding: `attention(q, k, v, q_offset=None, impl=None,
 window=None)`, q [B, T, N, D], k and v [B, S, K, D], K dividing N (GQA). Query i of row b sits at position
 p = q_offset[b] + i and sees keys 0 .. p, or with a left `window` w only p - w .. p (nanochat's sliding window);
-q_offset=None: plain causal, T == S. Paths, by backend unless `impl` overrides:
-- "cudnn": cuDNN flash attention on NVIDIA GPUs, bf16/fp16 only; its causal mask is top-left aligned: no q_offset.
-- "splash": Pallas splash attention on TPU, no q_offset, T a multiple of 128; under a mesh (jax.set_mesh) inside
-  shard_map, each chip on its own rows; off TPU in Pallas interpret mode (for tests).
-- "xla": an explicit fp32 softmax that every backend runs: the reference, and the decode path (per-row offsets).
+q_offset=None: plain causal, T == S. Paths, by backend unless `impl` says: "cudnn" (NVIDIA GPUs, bf16/fp16; its causal
+mask is top-left aligned: no q_offset), "splash" (Pallas on TPU, interpret mode elsewhere; no q_offset, T a multiple
+of 128), "xla" (an explicit fp32 softmax on every backend: the reference, and the decode path with per-row offsets).
 """
 from functools import lru_cache
 
@@ -70,9 +68,8 @@ def xla_attention(q_BTNH, k_BSKH, v_BSKH, q_offset_B=None, heads_first: bool = F
 
 
 def blockwise_causal(q_BTNH, k_BTKH, v_BTKH, window: int | None = None):
-    """Causal attention one block of CAUSAL_BLOCK queries at a time, each against the keys up to its end only (and,
-    with a static window, from the block's first query's window start on): half the work of the full [T, T] scores
-    and a [block, T] slice of them in memory at once; the same numbers as the full softmax (the same keys per row)."""
+    """Causal attention CAUSAL_BLOCK queries at a time, each block against the keys up to its end only (with a static
+    window, from its first query's window start on): half the work of the [T, T] scores, the same numbers."""
     B, T = q_BTNH.shape[:2]
     block = CAUSAL_BLOCK
     k_BKTH, v_BKTH = k_BTKH.transpose(0, 2, 1, 3), v_BTKH.transpose(0, 2, 1, 3)  # once, not per block

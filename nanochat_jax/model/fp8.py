@@ -1,9 +1,8 @@
 """FP8 training matmuls with tensorwise scaling (the modern recipe's optional --fp8, for H100/H200-class GPUs).
 
-`fp8_matmul(x, w)` is x @ w with both operands quantised to float8_e4m3fn, one scale per tensor (max |value| maps to
-the format's largest number), and the backward pass's incoming gradient to float8_e5m2 (more range, less precision):
-nanochat's torch._scaled_mm recipe, an FP8 GEMM on Hopper (other backends emulate it: the same numbers). Evaluation
-runs without it. The scales are over the global tensor: under data parallelism a max across devices (nanochat: per GPU).
+`fp8_matmul(x, w)` is x @ w with both operands quantised to float8_e4m3fn, one scale per tensor, and the backward
+pass's incoming gradient to float8_e5m2: nanochat's torch._scaled_mm recipe, an FP8 GEMM on Hopper (emulated elsewhere:
+the same numbers), scales over the global tensor (under data parallelism a max across devices; nanochat: per GPU).
 """
 import jax
 import jax.numpy as jnp

@@ -2,18 +2,10 @@
 fields, the modern one (its time-to-GPT-2 recipe); the config's recipe (recipes.py) decides the init and RoPE dtype.
 
 Classic: token embedding -> RMSNorm -> N x [x + attn(norm(x)); x + mlp(norm(x))] -> RMSNorm -> lm_head -> drop vocab
-padding -> fp32 -> 15*tanh(x/15). Attention: RoPE (base 10000, split halves) then RMS QK-norm, causal, GQA. MLP: 4x
-width, relu^2. No biases, no learnable norm weights, untied head. The modern switches (`modern_config` sets them all):
-- rope_base 100000; qk_scale 1.2 (q and k times 1.2 after the QK-norm);
-- window_pattern, e.g. "SSSL" tiled over the layers: S layers see the last ceil(seq/4/128)*128 positions (and
-  themselves), L layers the whole sequence; the last layer is always L;
-- value_embeds: layers i with i % 2 == (n_layer-1) % 2 (the last always) add to v a per-layer embedding of the
-  input tokens, gated per kv head by 3*sigmoid(x[..., :12] @ ve_gate);
-- residual_scalars: before block i, x = resid_lambdas[i]*x + x0_lambdas[i]*x0 (x0: the normed embedding after smear);
-- smear: x[t] += smear_lambda * sigmoid(x[t, :24] @ smear_gate) * x[t-1] on the normed embedding;
-- backout: the residual after block n_layer//2, times backout_lambda, is subtracted before the final norm.
-Parameters are fp32, [in, out] (torch's nn.Linear: [out, in]), with logical axis names (`axes=`) for sharding.py; the
-blocks' are stacked on a leading 'layers' axis (h.attn.c_q.kernel is [n_layer, in, out]) for one lax.scan over them.
+padding -> fp32 -> 15*tanh(x/15). Attention: RoPE (base 10000, split halves), RMS QK-norm, causal, GQA. MLP: 4x width,
+relu^2. No biases, no norm weights, untied head. The modern switches (`modern_config` sets them all; README.md) act
+where their fields are read. Parameters are fp32, [in, out] (torch's: [out, in]), with logical axis names (`axes=`)
+for sharding.py; the blocks' are stacked on a leading 'layers' axis for one lax.scan over them.
 """
 import math
 from functools import partial
@@ -35,13 +27,12 @@ PAD_VOCAB_TO = 64
 LOSS_CHUNK = 256  # sequence positions whose logits are materialised at once by the training loss
 VE_GATE_CHANNELS = 12  # the value-embedding gate reads this many channels of the block input
 SMEAR_CHANNELS = 24  # the smear gate reads this many channels of the embedding
-# What the backward pass keeps of each block (every policy gives the same numbers). The values are named where they
-# are made (checkpoint_name); the cheap elementwise rest (norms, RoPE, relu^2, residual adds) is recomputed from
-# them, so nothing is kept in fp32 or twice, and no mask of the MLP's width is stored.
+# What the backward pass keeps of each block (every policy gives the same numbers), named where made (checkpoint_name);
+# the cheap elementwise rest (norms, RoPE, relu^2, residual adds) is recomputed: nothing kept in fp32 or twice.
 MATMUL_OUTPUTS = ("q_proj", "k_proj", "v_proj", "attn_proj", "mlp_fc")  # (the MLP's output projection is not needed)
 ATTENTION_OUTPUTS = ("attn_out", "attn_probs")  # the XLA path's output and softmax (fp32 [T, S])
-# flash attention's residuals (cuDNN's output and softmax statistics; splash's): kept, else its forward runs again
-# (its output is not named as well: a second copy of it, in another layout, would be kept beside the kernel's)
+# flash attention's residuals (cuDNN's output and softmax statistics; splash's), else its forward runs again (its
+# output is not named too: a second copy in another layout would be kept beside the kernel's)
 ATTENTION_KERNELS = ("dot_product_attention_fwd_wrapper", "dot_product_attention_fwd", "pallas_call")
 _policies = jax.checkpoint_policies
 REMAT_POLICIES = {  # none: the matmuls and attention kept; dots: attention recomputed too; full: the whole block
@@ -61,12 +52,12 @@ class GPTConfig:
     n_embd: int = 768
     recipe: str = "classic"  # by name (recipes.RECIPES): the init and RoPE tables; training's optimizer and schedule
     rope_base: float = ROPE_BASE
-    qk_scale: float = 1.0
-    window_pattern: str | None = None  # None: every layer sees the whole context (the classic model)
-    value_embeds: bool = False
-    residual_scalars: bool = False
-    smear: bool = False
-    backout: bool = False
+    qk_scale: float = 1.0  # q and k times this after the QK-norm
+    window_pattern: str | None = None  # e.g. "SSSL" tiled over the layers (see window_sizes); None: all see everything
+    value_embeds: bool = False  # ve_layers() add a per-layer embedding of the tokens to v, gated per kv head
+    residual_scalars: bool = False  # before block i: x = resid_lambdas[i] * x + x0_lambdas[i] * x0 (x0: the embedding)
+    smear: bool = False  # x[t] += smear_lambda * sigmoid(x[t, :24] @ smear_gate) * x[t-1] on the normed embedding
+    backout: bool = False  # the residual after block n_layer // 2, times backout_lambda, subtracted before the norm
 
     def __post_init__(self):
         get_recipe(self.recipe)  # (a known name, or ValueError)
@@ -119,8 +110,7 @@ class GPTConfig:
         return counts["transformer_matrices"] + counts["lm_head"]
 
     def flops_per_token(self) -> int:
-        """Training FLOPs per token: 6 x matmul params (all but the embeddings and scalars) + 12 H Dh min(window, T)
-        per layer for attention (PaLM appendix B)."""
+        """Training FLOPs per token: 6 x matmul params + 12 H Dh min(window, T) per layer of attention (PaLM app. B)."""
         matmul = self.scaling_params() + SMEAR_CHANNELS * self.smear
         attn = sum(12 * self.n_head * self.head_dim * min(w or self.sequence_len, self.sequence_len)
                    for w in self.window_sizes())
@@ -151,7 +141,6 @@ def config_from_depth(depth: int, vocab_size: int, sequence_len: int = 2048, n_k
 
 
 def modern_config(config: GPTConfig, **overrides) -> GPTConfig:
-    """`config` as the modern recipe's: every modern switch on (then `overrides`)."""
     return replace(config, **(MODERN_SWITCHES | {"recipe": "modern"} | overrides))
 
 
@@ -194,18 +183,14 @@ def matrix_init(config: GPTConfig, scale: float = 1.0):
 
 
 class Linear(nnx.Module):
-    """Bias-free, kernel [in, out] ([layers, in, out] stacked). Classic init: N(0, 1/sqrt(fan_in) * min(1,
-    sqrt(fan_out/fan_in))), or zeros (output projections, lm_head); `init` (key, shape) -> array overrides it."""
+    """Bias-free, kernel [in, out] ([layers, in, out] stacked); nanochat's classic init unless zero_init or `init`."""
 
     def __init__(self, fan_in: int, fan_out: int, axes: tuple, *, rngs: nnx.Rngs, zero_init: bool = False,
                  layers: int | None = None, init=None, fp8: bool = False):
         self.fp8 = fp8 and fp8_eligible(fan_in, fan_out)  # FP8 matmuls (see fp8.py) where nanochat uses them
         shape, axes = ((fan_in, fan_out), axes) if layers is None else ((layers, fan_in, fan_out), ("layers",) + axes)
-        if zero_init:
-            kernel = jnp.zeros(shape, jnp.float32)
-        else:
-            init = init or normal(fan_in ** -0.5 * min(1.0, math.sqrt(fan_out / fan_in)))
-            kernel = init(rngs.params(), shape)
+        init = init or normal(fan_in ** -0.5 * min(1.0, math.sqrt(fan_out / fan_in)))
+        kernel = jnp.zeros(shape, jnp.float32) if zero_init else init(rngs.params(), shape)
         self.kernel = nnx.Param(kernel, axes=axes)
 
     def __call__(self, x):
@@ -218,14 +203,11 @@ def _static_window(window: int | None, T: int):
 
 
 class CausalSelfAttention(nnx.Module):
-    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs, attn_impl: str | None = None, layers: int | None = None,
-                 fp8: bool = False):
+    def __init__(self, config: GPTConfig, linear, attn_impl: str | None = None):  # linear: Block's Linear factory
         C, D, N, K = config.n_embd, config.head_dim, config.n_head, config.n_kv_head
         self.head_dim, self.attn_impl, self.qk_scale = D, attn_impl, config.qk_scale
-        # the distinct left windows, static: (None,) without a window pattern
-        self.windows = (tuple(sorted(set(config.window_sizes()))) if config.window_pattern else ()) or (None,)
+        self.windows = tuple(sorted(set(config.window_sizes()))) or (None,)  # the distinct left windows, static
         init = matrix_init(config)
-        linear = partial(Linear, rngs=rngs, layers=layers, fp8=fp8)
         self.c_q = linear(C, N * D, ("embed", "heads"), init=init)
         self.c_k = linear(C, K * D, ("embed", "kv_heads"), init=init)
         self.c_v = linear(C, K * D, ("embed", "kv_heads"), init=init)
@@ -255,8 +237,7 @@ class CausalSelfAttention(nnx.Module):
             kv = tuple(c.at[layer, rows_B1, :, cols_BT].set(new.astype(c.dtype)) for c, new in zip(whole, (k, v)))
             S = kv[0].shape[3] if attend_len is None else attend_len
             k, v = (jax.lax.dynamic_index_in_dim(c, layer, 0, keepdims=False)[:, :, :S].astype(q.dtype) for c in kv)
-            y = xla_attention(q, k, v, pos_B, heads_first=True,  # (per-row offsets)
-                              window=None if self.windows == (None,) else window)
+            y = xla_attention(q, k, v, pos_B, heads_first=True, window=window)  # (per-row offsets)
         elif window is None or len(self.windows) == 1:
             y = attention(q, k, v, impl=self.attn_impl, window=_static_window(self.windows[0], T))
         else:  # layers differ in window: one branch per distinct window, each with its window static
@@ -266,10 +247,10 @@ class CausalSelfAttention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs, layers: int | None = None, fp8: bool = False):
+    def __init__(self, config: GPTConfig, linear):
         C = config.n_embd
-        self.c_fc = Linear(C, 4 * C, ("embed", "mlp"), rngs=rngs, layers=layers, init=matrix_init(config, 0.4), fp8=fp8)
-        self.c_proj = Linear(4 * C, C, ("mlp", "embed"), rngs=rngs, zero_init=True, layers=layers, fp8=fp8)
+        self.c_fc = linear(C, 4 * C, ("embed", "mlp"), init=matrix_init(config, 0.4))
+        self.c_proj = linear(4 * C, C, ("mlp", "embed"), zero_init=True)
 
     def __call__(self, x_BTC):  # (on rows [B*T, C]: on [B, T, C] XLA:CPU transposes the gradients, a slower step)
         x_NC = x_BTC.reshape(-1, x_BTC.shape[-1])
@@ -281,8 +262,9 @@ class Block(nnx.Module):
 
     def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs, attn_impl: str | None = None, layers: int | None = None,
                  fp8: bool = False):
-        self.attn = CausalSelfAttention(config, rngs=rngs, attn_impl=attn_impl, layers=layers, fp8=fp8)
-        self.mlp = MLP(config, rngs=rngs, layers=layers, fp8=fp8)
+        linear = partial(Linear, rngs=rngs, layers=layers, fp8=fp8)
+        self.attn = CausalSelfAttention(config, linear, attn_impl)
+        self.mlp = MLP(config, linear)
 
     def __call__(self, x, cos, sin, kv=None, pos_B=None, attend_len=None, ve=None, window=None):
         y, kv = self.attn(rms_norm(x), cos, sin, kv, pos_B, attend_len, ve, window)
@@ -293,8 +275,7 @@ class Block(nnx.Module):
 class GPT(nnx.Module):
     def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, attn_impl: str | None = None,
                  remat: str = "none", fp8: bool = False):
-        """dtype: the compute dtype (bf16 on GPU/TPU, fp32 on CPU). attn_impl: None (by backend) or attention.py's
-        name for one. remat: one of REMAT_POLICIES. fp8: FP8 matmuls where nanochat has them (see fp8.py)."""
+        """dtype: the compute dtype (bf16 on GPU/TPU, fp32 on CPU); attn_impl: None (by backend) or attention.py's."""
         if remat not in REMAT_POLICIES:
             raise ValueError(f"unknown remat policy {remat!r}: expected one of {sorted(REMAT_POLICIES)}")
         self.config, self.dtype, self.remat = config, dtype, remat
@@ -352,8 +333,7 @@ class GPT(nnx.Module):
                 first_prev = tokens[0, jnp.arange(B), jnp.maximum(pos_B - 1, 0)]
                 prev = self._embed(jnp.concatenate([first_prev[:, None], idx_BT[:, :-1]], axis=1))
                 cache = dict(cache, tokens=tokens.at[0, jnp.arange(B)[:, None], positions_BT].set(idx_BT))
-            gate_BT1 = self.smear_lambda[...].astype(x.dtype) * jax.nn.sigmoid(
-                self.smear_gate(x[..., :SMEAR_CHANNELS]))
+            gate_BT1 = self.smear_lambda[...].astype(x.dtype) * jax.nn.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))
             x = x + jnp.where((positions_BT > 0)[..., None], gate_BT1 * prev, 0).astype(x.dtype)
         if cache is not None and c.n_layer == 0:  # (a layerless probe of the compiler's cost model)
             return x, cache
@@ -422,9 +402,8 @@ class GPT(nnx.Module):
 
 
 def init_cache(config: GPTConfig, batch_size: int, max_len: int, dtype=jnp.float32):
-    """{'k', 'v'}: [n_layer, batch, n_kv_head, max_len, head_dim], heads before positions: a decode step's attention is
-    then a batched matrix-vector product over the cache as it lies (else XLA transposes each layer's slice first: twice
-    the CPU decode time). With smear also 'tokens' [1, batch, max_len], for the token before a row's next one."""
+    """{'k', 'v'}: [n_layer, batch, n_kv_head, max_len, head_dim], heads before positions (else XLA transposes each
+    layer's slice for a decode step's attention: twice the CPU time); with smear also 'tokens' [1, batch, max_len]."""
     shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
     cache = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
     if config.smear:

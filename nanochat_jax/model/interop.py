@@ -1,11 +1,7 @@
 """Import nanochat (PyTorch) checkpoints, of the classic architecture (nanochat of December 2025) or the modern one
-(its time-to-GPT-2 recipe, whose model_config has a "window_pattern"):
-
-    from nanochat_jax.model.interop import import_nanochat
-    model, tokenizer, meta = import_nanochat("~/.cache/nanochat/chatsft_checkpoints/d20")
-
-A checkpoint directory holds model_<step>.pt (a state dict), meta_<step>.json (with "model_config") and, for published
-models, tokenizer.pkl (a pickled tiktoken Encoding). Only this module needs torch (the `torch` extra).
+(its time-to-GPT-2 recipe, whose model_config has a "window_pattern"): `model, tokenizer, meta = import_nanochat(dir)`
+for a directory of model_<step>.pt, meta_<step>.json (with "model_config") and, for published models, tokenizer.pkl
+(a pickled tiktoken Encoding). Only this module needs torch (the `torch` extra).
 Unpickling tokenizer.pkl runs code from the file, as nanochat itself does: import only checkpoints you trust.
 """
 import glob
@@ -89,24 +85,20 @@ CLASSIC_KEYS = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", 
 def read_model_config(meta: dict, path: str) -> GPTConfig:
     """A nanochat model_config: the classic keys, or those and "window_pattern" (every modern switch on)."""
     config = meta.get("model_config")
-    modern = set(CLASSIC_KEYS) | {"window_pattern"}
-    if not isinstance(config, dict) or set(config) not in (set(CLASSIC_KEYS), modern):
+    if not isinstance(config, dict) or set(config) not in (set(CLASSIC_KEYS), {*CLASSIC_KEYS, "window_pattern"}):
         got = sorted(config) if isinstance(config, dict) else config
         raise ValueError(f"{path}: model_config {got} is neither nanochat's classic architecture (the keys "
                          f"{list(CLASSIC_KEYS)}) nor its current one (those and window_pattern)")
-    if "window_pattern" not in config:
-        return GPTConfig(**config)
-    return modern_config(GPTConfig(**config), window_pattern=config["window_pattern"])
+    model = GPTConfig(**config)
+    return modern_config(model, window_pattern=model.window_pattern) if "window_pattern" in config else model
 
 
 def find_tokenizer(checkpoint_dir: str) -> str | None:
     """tokenizer.pkl beside the weights (published models), else nanochat's layout: <base>/tokenizer/tokenizer.pkl
     for <base>/<stage>_checkpoints/<tag>/."""
-    for candidate in (os.path.join(checkpoint_dir, "tokenizer.pkl"),
-                      os.path.join(checkpoint_dir, "..", "..", "tokenizer", "tokenizer.pkl")):
-        if os.path.exists(candidate):
-            return os.path.normpath(candidate)
-    return None
+    candidates = (os.path.join(checkpoint_dir, "tokenizer.pkl"),
+                  os.path.join(checkpoint_dir, "..", "..", "tokenizer", "tokenizer.pkl"))
+    return next((os.path.normpath(path) for path in candidates if os.path.exists(path)), None)
 
 
 def import_nanochat(checkpoint_dir: str, step: int | None = None, dtype=jnp.float32, mesh=None):
@@ -125,7 +117,6 @@ def import_nanochat(checkpoint_dir: str, step: int | None = None, dtype=jnp.floa
     state_dict = torch.load(model_path, map_location="cpu", weights_only=True)
     params = state_dict_to_params({k: v.float().numpy() for k, v in state_dict.items()}, config)
 
-    # the same form as checkpoint.load_model's: the parameters placed on the mesh by the sharding rules
     graphdef, target = abstract_params(lambda: GPT(config, rngs=nnx.Rngs(0), dtype=dtype),
                                        make_mesh() if mesh is None else mesh)
     model = nnx.merge(graphdef, jax.device_put(params, shardings_of(target)))

@@ -28,8 +28,7 @@ class ShardingRules:
 
 
 RULES = ShardingRules()
-# Optimizer state is only touched by the update, so it is split over every device, data parallel ones too (ZeRO-1):
-# with 8 devices each holds 1/8 of the Adam moments and Muon buffers.
+# Optimizer state, touched only by the update, is split over every device, data parallel ones too (ZeRO-1)
 OPT_STATE_RULES = ShardingRules(embed=MESH_AXES)
 
 
@@ -74,7 +73,6 @@ def logical_to_spec(axes, shape, mesh: Mesh, rules: ShardingRules = RULES) -> P:
 
 
 def param_shardings(state: nnx.State, mesh: Mesh, rules: ShardingRules = RULES):
-    """A tree shaped like `state` whose leaves are the NamedShardings of its parameters."""
     def one(variable):
         axes = variable.get_metadata().get("axes") or (None,) * variable.ndim
         return variable.replace(NamedSharding(mesh, logical_to_spec(axes, variable.shape, mesh, rules)))
@@ -90,7 +88,6 @@ def target_platform() -> str:
 
 
 def context_batch_axes() -> tuple:
-    """The context mesh's batch axes of size > 1 (empty without a context mesh)."""
     mesh = jax.sharding.get_abstract_mesh()
     return () if mesh.empty else tuple(a for a in mesh.axis_names if a in BATCH_AXES and mesh.shape[a] > 1)
 
@@ -109,8 +106,7 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def abstract_params(make_model, mesh: Mesh, rules: ShardingRules = RULES):
-    """(graphdef, params) of make_model()'s model without building it, params a pure dict of ShapeDtypeStructs with
-    their NamedShardings: where parameters live, for a checkpoint restore, a sharded init, an ahead-of-time compile."""
+    """(graphdef, params) of make_model()'s model, unbuilt: params a pure dict of ShapeDtypeStructs with shardings."""
     graphdef, abstract = nnx.split(nnx.eval_shape(make_model))
     shardings = nnx.to_pure_dict(param_shardings(abstract, mesh, rules))
     return graphdef, jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
@@ -124,5 +120,4 @@ def shardings_of(tree):
 def create_sharded(make_model, mesh: Mesh, rules: ShardingRules = RULES):
     """(graphdef, params): make_model()'s parameters (a pure dict) made in their shards, never whole on one device."""
     graphdef, abstract = abstract_params(make_model, mesh, rules)
-    params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(make_model())), out_shardings=shardings_of(abstract))()
-    return graphdef, params
+    return graphdef, jax.jit(lambda: nnx.to_pure_dict(nnx.state(make_model())), out_shardings=shardings_of(abstract))()
