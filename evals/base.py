@@ -4,8 +4,7 @@
     python -m evals.base --checkpoint ~/.cache/nanochat/base_checkpoints/d20   # a nanochat checkpoint (needs torch)
     python -m evals.base --max-per-task 100 --eval-tokens 0 --json-out core.json  # a quick CORE only
 
-The bundle ($NANOCHAT_BASE_DIR/eval_bundle/: core.yaml, eval_data/, eval_meta_data.csv) is downloaded from nanochat's
-URL when missing; bpb reads the FineWeb shards in base_data/ (train: the first shards, val: the last).
+$NANOCHAT_BASE_DIR/eval_bundle/ is downloaded when missing; bpb reads base_data/'s shards (train: first, val: last).
 """
 import argparse
 import functools
@@ -34,8 +33,7 @@ from nanochat_jax.training.stages import check_flags
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="CORE, bpb and samples of a base model")
-    p.add_argument("--checkpoint", default=None, help="a checkpoint directory of ours or of nanochat's (default: "
-                   "the latest model of --source)")
+    p.add_argument("--checkpoint", default=None, help="a directory of ours or nanochat's (default: --source's latest)")
     p.add_argument("-i", "--source", choices=sorted(STAGE_DIRS), default="base")
     p.add_argument("-g", "--model-tag", default=None)
     p.add_argument("-s", "--step", type=int, default=None)
@@ -68,7 +66,6 @@ def load(args, mesh, dtype):
 
 
 def eval_bundle_dir() -> str:
-    """$NANOCHAT_BASE_DIR/eval_bundle, downloaded and unpacked from nanochat's URL when missing."""
     bundle = os.path.join(get_base_dir(), "eval_bundle")
     if os.path.exists(os.path.join(bundle, "core.yaml")):
         return bundle
@@ -146,8 +143,7 @@ def main(argv=None):
     report.log(report.BASE_EVALUATION, {"model": description},
                {report.CORE: summary.get("core_metric"), "train bpb": summary.get("train_bpb"),
                 "val bpb": summary.get("val_bpb"), "unigram bpb (no context)": summary.get("unigram_bpb")},
-               summary.get("centered_results", {}),
-               report.standin(standin_corpus() if args.eval_tokens > 0 else None))
+               summary.get("centered_results", {}), report.standin(standin_corpus() if args.eval_tokens > 0 else None))
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(summary, f, indent=2)

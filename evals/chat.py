@@ -1,8 +1,6 @@
 """Evaluate a chat model: ARC-Easy, ARC-Challenge, MMLU (categorical: the answer letter with the highest logit),
-GSM8K, HumanEval, SpellingBee (generative: sampled with the engine, tool use on; HumanEval's tests run in the
-sandbox, kernel mode or with --unsafe-sandbox its weaker unsafe mode); with all six, nanochat's ChatCORE. The local
-stand-ins (tasks/local.py) run offline and never count in ChatCORE. Each accuracy is printed beside its chance level,
-with the shares of well-formed replies and of tool calls for generative tasks.
+GSM8K, HumanEval (its tests run in the sandbox), SpellingBee (generative: sampled, tool use on); with all six,
+nanochat's ChatCORE. The local stand-ins (tasks/local.py) run offline, never in ChatCORE.
 
     python -m evals.chat -i sft                          # all six tasks on the latest SFT model
     python -m evals.chat -i mid -a "ARC-Easy|GSM8K" -x 100 --json-out mid.json
@@ -37,13 +35,11 @@ def parse_args(argv=None):
     p.add_argument("-x", "--max-problems", type=int, default=None, help="at most this many problems per task")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None)
     p.add_argument("--json-out", default=None, help="write the results here as JSON")
-    p.add_argument("--unsafe-sandbox", action="store_true",
-                   help="where the kernel sandbox is unavailable, run HumanEval's programs in the weaker unsafe mode "
-                        "(see nanochat_jax/sandbox/execution.py) instead of refusing")
+    p.add_argument("--unsafe-sandbox", action="store_true", help="where the kernel sandbox is unavailable, run "
+                   "HumanEval's programs in its weaker unsafe mode (see nanochat_jax/sandbox/execution.py)")
     args = p.parse_args(argv)
     names = list(CHATCORE_TASKS) if args.task_name is None else args.task_name.split("|")
-    unknown = [n for n in names if n not in CHAT_TASKS]
-    if unknown:
+    if unknown := [n for n in names if n not in CHAT_TASKS]:
         p.error(f"unknown task(s) {unknown}: choose from {'|'.join(CHATCORE_TASKS)} (or the local stand-ins "
                 f"{'|'.join(STANDINS)})")
     args.tasks = names

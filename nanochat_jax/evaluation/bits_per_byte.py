@@ -1,7 +1,6 @@
 """Base-model evaluation for training's validation losses and `python -m evals.base`: summed loss and bits per byte
-over batches of rows (split over the mesh's batch axes), and greedy samples of a few prompts. Bits per byte as
-nanochat's evaluate_bpb counts it: the nats over every target whose token has bytes (special tokens have 0),
-divided by ln 2 x those bytes.
+over batches of rows (split over the batch axes), and greedy samples of a few prompts. Bits per byte as nanochat's
+evaluate_bpb counts it: the nats over every target whose token has bytes (special tokens have 0) / (ln 2 x bytes).
 """
 from functools import partial
 

@@ -89,6 +89,5 @@ def generative_outcomes(engine, tokenizer, task: Task, num_samples: int = 1, max
     return outcomes
 
 
-def pass_at_k(outcomes, k: int) -> float:
-    """The fraction of problems with a success among their first k samples."""
+def pass_at_k(outcomes, k: int) -> float:  # the share of problems with a success among their first k samples
     return float(np.mean([any(o[:k]) for o in outcomes])) if outcomes else 0.0

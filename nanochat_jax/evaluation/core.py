@@ -1,11 +1,8 @@
 """The CORE metric (DCLM, arXiv 2406.11794) computed the way nanochat computes it.
 
-Each task of the eval bundle is one of three kinds, scored by the model's per-token loss on candidate texts:
-- multiple_choice: the query then each choice (a shared token prefix); the lowest mean loss over the choice wins;
-- schema: each context option then one shared continuation (a token suffix); the lowest mean loss over it wins;
-- language_modeling: the context, then the continuation; correct when greedy prediction reproduces all of it.
-A task's examples are shuffled with seed 1337 (then cropped by --max-per-task); example i gets `num_fewshot` others
-drawn with random.Random(1234 + i), rendered before it, separated by blank lines; every sequence starts with <|bos|>.
+Task kinds, scored by the model's per-token loss: multiple_choice (the query, then each choice) and schema (each context
+option, then one continuation): the lowest mean loss over the choice (the continuation) wins; language_modeling: right
+when greedy prediction reproduces the whole continuation. Few-shot examples come first; every row starts with <|bos|>.
 Accuracy is centered by the task's random baseline, (acc - b) / (1 - b); CORE is the mean.
 """
 import csv
@@ -25,7 +22,6 @@ from nanochat_jax.model.sharding import BATCH_AXES
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 
 
-# ---- prompts (the bundle's text formats)
 def prompts_mc(item, delimiter, shots):
     prefix = "".join(f"{ex['query']}{delimiter}{ex['choices'][ex['gold']]}\n\n" for ex in shots)
     return [f"{prefix}{item['query']}{delimiter}{choice}" for choice in item["choices"]]
@@ -43,8 +39,7 @@ def prompts_lm(item, delimiter, shots):
     return [without.strip(), without + item["continuation"]]
 
 
-def common_length(sequences, from_end: bool = False) -> int:
-    """Length of the prefix (or suffix) that all token sequences share."""
+def common_length(sequences, from_end: bool = False) -> int:  # of the prefix (suffix) all token sequences share
     columns = zip(*(reversed(s) if from_end else s for s in sequences))
     return next((n for n, column in enumerate(columns) if len(set(column)) > 1), min(map(len, sequences)))
 
@@ -72,7 +67,6 @@ def fewshot(data, index: int, k: int):
     return [data[i] for i in random.Random(1234 + index).sample(others, k)]
 
 
-# ---- scoring on the device
 @nnx.jit
 def _score_rows(model, ids_BT, start_B, end_B):
     """Per row: the mean loss over targets start..end-1 (predicted from positions start-1..end-2), and whether the
@@ -144,7 +138,6 @@ def evaluate_task(model, tokenizer, data, task_type: str, num_fewshot: int, deli
     return [span.index(min(span)) == item["gold"] for span, item in zip(spans, data)]
 
 
-# ---- the bundle
 def load_bundle(bundle_dir: str):
     """(tasks from core.yaml, random baselines by label from eval_meta_data.csv)."""
     import yaml

@@ -1,11 +1,8 @@
 """The report card: every stage logs a section, `generate` writes report.md.
 
     python -m scripts.report reset       # at the start of a run: the header (environment, code size, start time)
-    python -m train.base ...             # each entry point logs its section (config, results, time)
-    python -m scripts.report generate    # $NANOCHAT_BASE_DIR/report/report.md (+ PNG plots)
-
-Sections are JSON files in $NANOCHAT_BASE_DIR/report/ ({"section", "timestamp", "data": [dicts]}): generating reads
-numbers, not text. report.md: the header, the sections in pipeline order, a summary table, wall time, cost, plots.
+    python -m train.base ...             # each entry point logs its section: $NANOCHAT_BASE_DIR/report/<section>.json
+    python -m scripts.report generate    # report.md there (+ PNG plots): header, sections, summary table, time, cost
 """
 import datetime
 import json
@@ -29,8 +26,7 @@ def chat_evaluation(stage: str) -> str:
     return f"Chat evaluation {stage}"
 
 
-# stage: (training, evaluations); the base model's chat evaluation (runcpu.sh runs it: the "before" of midtraining)
-# joins the base column
+# stage: (training, evaluations); base's chat evaluation (runcpu.sh's "before" of midtraining) joins its column
 STAGES = {"base": (BASE_TRAINING, BASE_EVALUATION, chat_evaluation("base")),
           "mid": (MIDTRAINING, chat_evaluation("mid")), "sft": (SFT, chat_evaluation("sft")),
           "rl": (RL, chat_evaluation("rl"))}
@@ -57,8 +53,7 @@ def _path(section: str) -> str:
     return os.path.join(report_dir(), section.lower().replace(" ", "-") + ".json")
 
 
-def _load(section: str) -> dict | None:
-    """A logged section (or "header"), None when it was not logged."""
+def _load(section: str) -> dict | None:  # a logged section or "header"; None if not logged
     if not os.path.exists(path := _path(section)):
         return None
     with open(path, encoding="utf-8") as f:

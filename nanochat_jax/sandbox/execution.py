@@ -45,8 +45,7 @@ THREADS = 64  # the program's threads: RLIMIT_NPROC (an unprivileged uid, whoeve
 _ETC = {"/etc/passwd": "root:x:0:0:root:/root:/bin/sh\nsandbox:x:1000:1000:sandbox:/tmp:/bin/sh\n"
                        "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n",
         "/etc/group": "root:x:0:\nsandbox:x:1000:\nnogroup:x:65534:\n",
-        "/etc/hosts": "127.0.0.1 localhost sandbox\n::1 localhost\n",
-        "/etc/hostname": "sandbox\n"}
+        "/etc/hosts": "127.0.0.1 localhost sandbox\n::1 localhost\n", "/etc/hostname": "sandbox\n"}
 _GUARD = Path(guard.__file__).read_text()  # the sandboxed interpreter's first lines
 _unsafe_allowed = False
 
@@ -440,8 +439,7 @@ def sandbox_mode() -> str:
     return "unsafe" if _unsafe_allowed or os.environ.get(UNSAFE_ENV, "") not in ("", "0") else "unavailable"
 
 
-def describe() -> str:
-    """One line for start-up messages: the mode and what it covers."""
+def describe() -> str:  # one line for start-up messages: the mode and what it covers
     mode, abi = sandbox_mode(), guard.landlock_abi()
     landlock = f"Landlock ABI {abi}" if abi > 0 else "no Landlock in this kernel"
     if mode == "kernel":
@@ -554,8 +552,7 @@ def check(unsafe: bool = False) -> int:
     rows = [("namespaces", namespaces),
             ("identity", f"uid {facts['uid']} (on the host: {host_uid}), pid {facts['pid']}, host name "
                          f"{facts['hostname']!r}, effective capabilities {status.get('CapEff', '?')}"),
-            ("processes it sees", facts["processes"]),
-            ("network", f"interfaces: {facts['interfaces']}"),
+            ("processes it sees", facts["processes"]), ("network", f"interfaces: {facts['interfaces']}"),
             ("system files", facts["system"]),
             ("writable", f"{facts['workdir'][0]} ({_mib(facts['workdir'][1])} and "
                          f"{facts['workdir'][2] if _inode_cap[0] else 'uncapped'} files in all)" if kernel
@@ -563,9 +560,8 @@ def check(unsafe: bool = False) -> int:
             ("seccomp", f"mode {status['Seccomp']} (2 = filter), {status['Seccomp_filters']} filter(s)"
                         if "Seccomp" in status else layers.get("seccomp", "off") + " (the guard loaded it)"),
             ("landlock", layers.get("landlock", "off")),
-            ("rlimits", f"cpu {limits['CPU']} s, address space {_mib(limits['AS'])}, file size "
-                        f"{_mib(limits['FSIZE'])}, threads {limits['NPROC']}, open files {limits['NOFILE']}, "
-                        f"core {limits['CORE']}"),
+            ("rlimits", f"cpu {limits['CPU']} s, address space {_mib(limits['AS'])}, file size {_mib(limits['FSIZE'])}"
+                        f", threads {limits['NPROC']}, open files {limits['NOFILE']}, core {limits['CORE']}"),
             ("audit hook", "on in every call (a second layer; this probe runs without it)")]
     if not kernel:
         rows.insert(1, ("user+net namespaces", layers.get("user+net namespaces", "off")))

@@ -1,9 +1,8 @@
 """The Task interface, task mixtures, and where task data comes from.
 
-A Task is a sliceable (start/stop/step) list of conversations ({"messages": [...], plus task fields}), scored by
-`evaluate(conversation, completion)` (generative tasks) or by answer letters (categorical ones). Rows come from the
-Hugging Face hub, or from $NANOCHAT_BASE_DIR/task_data/<task>/<split>.jsonl in the dataset's own schema when present
-(offline machines). As in nanochat, each dataset is shuffled with seed 42, so example i is the same in both."""
+A Task is a sliceable (start/stop/step) list of conversations ({"messages": [...], plus task fields}). Rows come from
+$NANOCHAT_BASE_DIR/task_data/<task>/<split>.jsonl (in the dataset's own schema) when present, else the Hugging Face
+hub; each dataset is shuffled with seed 42 as in nanochat, so example i is the same in both."""
 import os
 import random
 import re

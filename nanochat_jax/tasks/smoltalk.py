@@ -15,9 +15,9 @@ def check_conversation(messages, where: str):
     if len(body) < 2:
         raise ValueError(f"{where}: a conversation needs a user and an assistant message")
     for i, m in enumerate(body):
-        if m.get("role") != ("user" if i % 2 == 0 else "assistant") or not isinstance(m.get("content"), str):
-            raise ValueError(f"{where}: message {i} must be a {'user' if i % 2 == 0 else 'assistant'} message "
-                             "with string content")
+        role = "user" if i % 2 == 0 else "assistant"
+        if m.get("role") != role or not isinstance(m.get("content"), str):
+            raise ValueError(f"{where}: message {i} must be a {role} message with string content")
 
 
 class SmolTalk(Task):

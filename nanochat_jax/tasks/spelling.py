@@ -9,15 +9,13 @@ from nanochat_jax.tasks.base import FinalNumberTask, GeneratedTask, calc, chat, 
 
 WORD_LIST_URL = "https://raw.githubusercontent.com/dwyl/english-words/refs/heads/master/words_alpha.txt"
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
-QUESTIONS = [
-    "How many {letter} are there in {word}", "How many times does the letter {letter} occur in {word}",
-    "Count the letter {letter} in the word {word}", "In {word}, how often does {letter} appear",
-    "What is the number of {letter} in {word}", "Tell me how many {letter} {word} has",
-    "How many {letter}'s does the word {word} contain", "Number of times {letter} shows up in {word}",
-    "Could you count every {letter} in {word}", "{word}: how many {letter}",
-    "¿Cuántas veces sale la {letter} en {word}?", "Combien de {letter} y a-t-il dans {word}",
-    "Wie oft steht {letter} in {word}", "{word} 里有几个 {letter}", "{word} に {letter} はいくつありますか",
-]
+QUESTIONS = ["How many {letter} are there in {word}", "How many times does the letter {letter} occur in {word}",
+             "Count the letter {letter} in the word {word}", "In {word}, how often does {letter} appear",
+             "What is the number of {letter} in {word}", "Tell me how many {letter} {word} has",
+             "How many {letter}'s does the word {word} contain", "Number of times {letter} shows up in {word}",
+             "Could you count every {letter} in {word}", "{word}: how many {letter}",
+             "¿Cuántas veces sale la {letter} en {word}?", "Combien de {letter} y a-t-il dans {word}",
+             "Wie oft steht {letter} in {word}", "{word} 里有几个 {letter}", "{word} に {letter} はいくつありますか"]
 
 
 def load_words() -> list[str]:
