@@ -66,6 +66,9 @@ class Repeat(nnx.Module):
     def __call__(self, ids):
         return 10.0 * jax.nn.one_hot(ids, self.vocab)
 
+    def logits_at(self, ids, at_BS):  # (the scorer's call: the logits at some positions of each row)
+        return self(ids)[jnp.arange(ids.shape[0])[:, None], at_BS]
+
 
 def test_task_types_with_known_answers(tokenizer):
     model = Repeat(tokenizer.get_vocab_size())
@@ -81,7 +84,9 @@ def test_task_types_with_known_answers(tokenizer):
     assert core.evaluate_task(model, tokenizer, mc * 3, "multiple_choice", 2, " ") == [True, False] * 3
 
 
-def test_batched_scores_match_the_full_forward(tokenizer):
+@pytest.mark.parametrize("span", [128, 2])  # 2: the head runs on a few positions of each row, not all of them
+def test_batched_scores_match_the_full_forward(tokenizer, monkeypatch, span):
+    monkeypatch.setattr(core, "SPAN", span)
     model = randomize(GPT(tiny_config(vocab_size=tokenizer.get_vocab_size(), sequence_len=64), rngs=nnx.Rngs(3)))
     rng = np.random.default_rng(0)
     rows = []

@@ -9,6 +9,7 @@ import csv
 import json
 import os
 import random
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -67,39 +68,44 @@ def fewshot(data, index: int, k: int):
     return [data[i] for i in random.Random(1234 + index).sample(others, k)]
 
 
-@nnx.jit
-def _score_rows(model, ids_BT, start_B, end_B):
+@partial(nnx.jit, static_argnums=4)
+def _score_rows(model, ids_BT, start_B, end_B, span: int):
     """Per row: the mean loss over targets start..end-1 (predicted from positions start-1..end-2), and whether the
-    greedy prediction matches all of them."""
-    logits = model(ids_BT[:, :-1])
-    targets = ids_BT[:, 1:]
+    greedy prediction matches all of them. Only `span` positions from start-1 on go through the head (end - start
+    <= span): a choice or a continuation is a few tokens of a row of hundreds."""
+    j = jnp.arange(span)[None, :]
+    at_BS = jnp.minimum(start_B[:, None] - 1 + j, ids_BT.shape[1] - 2)  # (clipped positions are past end: masked)
+    logits = model.logits_at(ids_BT[:, :-1], at_BS)
+    targets = jnp.take_along_axis(ids_BT, at_BS + 1, axis=1)
     loss = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    position = jnp.arange(targets.shape[1])[None, :] + 1  # the index of each target in the row
-    span = (position >= start_B[:, None]) & (position < end_B[:, None])
-    mean_loss = jnp.sum(jnp.where(span, loss, 0.0), axis=1) / jnp.maximum(jnp.sum(span, axis=1), 1)
-    exact = jnp.all(jnp.where(span, jnp.argmax(logits, axis=-1) == targets, True), axis=1)
+    scored = j < (end_B - start_B)[:, None]
+    mean_loss = jnp.sum(jnp.where(scored, loss, 0.0), axis=1) / jnp.maximum(jnp.sum(scored, axis=1), 1)
+    exact = jnp.all(jnp.where(scored, jnp.argmax(logits, axis=-1) == targets, True), axis=1)
     return mean_loss, exact
 
 
-MAX_BATCH_TOKENS = 16384  # padded tokens per forward pass: long rows go fewer at a time (their fp32 logits too)
+MAX_BATCH_TOKENS = 16384  # padded tokens per forward pass: long rows go fewer at a time
 LENGTH_STEP = 512  # row lengths: powers of two up to 512, then multiples of 512 (see common.bucket)
+SPAN = 128  # positions per row through the head (more where a row scores more: one program per length, mostly)
 
 
 def batches(lengths, batch_size: int, multiple: int = 1, max_tokens: int = MAX_BATCH_TOKENS):
-    """Group rows by length, shortest first: [(row indices, padded length, padded rows)], at most batch_size and
-    max_tokens // length (at least 1) rows at a time, row counts powers of two (rounded up to a multiple of the
-    devices, `multiple`), lengths bucketed by LENGTH_STEP: a handful of programs, and short rows stay short."""
+    """Group rows by length, shortest first: [(row indices, padded length, padded rows)], lengths bucketed by
+    LENGTH_STEP; at each length the same padded row count (batch_size halved until the rows fit in max_tokens, at
+    least 1, then a power of two and a multiple of the devices, `multiple`): one program per length."""
+    def rows_at(length):
+        n = batch_size
+        while n > 1 and n * length > max_tokens:
+            n = max(1, bucket(n, minimum=1) // 2)
+        return n
+
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     out, first = [], 0
     while first < len(order):
         n = min(batch_size, len(order) - first)
-        while True:
-            length = bucket(lengths[order[first + n - 1]], step=LENGTH_STEP)
-            if n == 1 or n * length <= max_tokens:
-                break
-            n = max(1, bucket(n, minimum=1) // 2)
-        rows = -(-bucket(n, minimum=1) // multiple) * multiple
-        out.append((order[first:first + n], length, rows))
+        while n > rows_at(length := bucket(lengths[order[first + n - 1]], step=LENGTH_STEP)):
+            n = rows_at(length)
+        out.append((order[first:first + n], length, -(-bucket(rows_at(length), minimum=1) // multiple) * multiple))
         first += n
     return out
 
@@ -117,7 +123,8 @@ def score_rows(model, rows, pad_id: int, batch_size: int, mesh=None):
         arrays = [ids, starts, ends]
         if sharding is not None:
             arrays = [jax.make_array_from_callback(a.shape, sharding, lambda index, a=a: a[index]) for a in arrays]
-        mean_loss, exact = (np.asarray(x) for x in _score_rows(model, *arrays))
+        span = min(length, max(SPAN, bucket(max(rows[i][2] - rows[i][1] for i in indices), minimum=1)))
+        mean_loss, exact = (np.asarray(x) for x in _score_rows(model, *arrays, span))
         for r, i in enumerate(indices):
             losses[i], exacts[i] = float(mean_loss[r]), bool(exact[r])
     return losses, exacts

@@ -390,9 +390,11 @@ class GPT(nnx.Module):
         return jax.lax.map(jax.checkpoint(one_chunk), (x_NBcC, t_NBc)).swapaxes(0, 1).reshape(B, T)
 
     def logits_at(self, idx_BT, at_B):
-        """The logits [B, vocab_size] at one position per row (the head runs on those positions only)."""
+        """The logits at positions at_B of each row ([B] -> [B, vocab], [B, S] -> [B, S, vocab]): the head and its
+        softmax run on those positions only."""
         x, _ = self._trunk(idx_BT)
-        return self._head(x[jnp.arange(idx_BT.shape[0]), at_B])
+        rows = jnp.arange(idx_BT.shape[0]).reshape((-1,) + (1,) * (at_B.ndim - 1))
+        return self._head(x[rows, at_B])
 
     def forward_cached(self, idx_BT, cache, pos_B, attend_len: int | None = None):
         """T new tokens per row from positions pos_B [B] -> (logits [B, T, vocab], cache); the caller keeps pos_B + T
