@@ -188,3 +188,23 @@ def test_scoring_compiles_per_length_bucket_not_per_example(tokenizer):
     with CompileCount() as second:
         core.evaluate_task(model, tokenizer, more, "language_modeling", 0, " ", batch_size=8)
     assert second.programs == 0, second
+
+
+def test_one_token_choices_are_read_off_one_row(tokenizer, monkeypatch):
+    """Choices of one token each after a shared prefix are scored from one row's last logits: the same losses as one
+    row per choice, and the same answers."""
+    model = randomize(GPT(tiny_config(vocab_size=tokenizer.get_vocab_size(), sequence_len=64), rngs=nnx.Rngs(5)))
+    rng = np.random.default_rng(1)
+    prefix = rng.integers(0, tokenizer.get_vocab_size(), 20).tolist()
+    choices = rng.integers(0, tokenizer.get_vocab_size(), 5).tolist()
+    separate, _ = core.score_rows(model, [(prefix + [c], 20, 21) for c in choices], 0, batch_size=8)
+    together, _ = core.score_rows(model, [(prefix + [choices[0]], 20, 21, choices)], 0, batch_size=8)
+    assert together[0] == pytest.approx(separate, rel=1e-5)
+    base = tokenizer.encode("say it")
+    words = [w for w in "abcdefghijklmnopqrstuvwxyz" if tokenizer.encode("say it " + w)[:-1] == base][:5]
+    assert len(words) == 5
+    data = [{"query": "say it", "choices": words, "gold": g} for g in range(5)]
+    collapsed = core.evaluate_task(model, tokenizer, data, "multiple_choice", 0, " ")
+    monkeypatch.setattr(core, "MAX_CHOICES", 1)  # (too few: one row per choice, as before)
+    assert core.evaluate_task(model, tokenizer, data, "multiple_choice", 0, " ") == collapsed
+    assert sum(collapsed) == 1  # one gold matches the model's pick

@@ -68,11 +68,12 @@ def fewshot(data, index: int, k: int):
     return [data[i] for i in random.Random(1234 + index).sample(others, k)]
 
 
-@partial(nnx.jit, static_argnums=4)
-def _score_rows(model, ids_BT, start_B, end_B, span: int):
-    """Per row: the mean loss over targets start..end-1 (predicted from positions start-1..end-2), and whether the
-    greedy prediction matches all of them. Only `span` positions from start-1 on go through the head (end - start
-    <= span): a choice or a continuation is a few tokens of a row of hundreds."""
+@partial(nnx.jit, static_argnums=5)
+def _score_rows(model, ids_BT, start_B, end_B, choices_BM, span: int):
+    """Per row: the mean loss over targets start..end-1 (predicted from positions start-1..end-2), whether the
+    greedy prediction matches all of them, and the loss of each token of choices_BM as the target at start. Only
+    `span` positions from start-1 on go through the head (end - start <= span): a choice or a continuation is a few
+    tokens of a row of hundreds."""
     j = jnp.arange(span)[None, :]
     at_BS = jnp.minimum(start_B[:, None] - 1 + j, ids_BT.shape[1] - 2)  # (clipped positions are past end: masked)
     logits = model.logits_at(ids_BT[:, :-1], at_BS)
@@ -81,12 +82,14 @@ def _score_rows(model, ids_BT, start_B, end_B, span: int):
     scored = j < (end_B - start_B)[:, None]
     mean_loss = jnp.sum(jnp.where(scored, loss, 0.0), axis=1) / jnp.maximum(jnp.sum(scored, axis=1), 1)
     exact = jnp.all(jnp.where(scored, jnp.argmax(logits, axis=-1) == targets, True), axis=1)
-    return mean_loss, exact
+    first = logits[:, 0]  # (the same expression as `loss`: a choice's loss equals its own row's)
+    return mean_loss, exact, jax.nn.logsumexp(first, axis=-1)[:, None] - jnp.take_along_axis(first, choices_BM, axis=1)
 
 
 MAX_BATCH_TOKENS = 16384  # padded tokens per forward pass: long rows go fewer at a time
 LENGTH_STEP = 512  # row lengths: powers of two up to 512, then multiples of 512 (see common.bucket)
 SPAN = 128  # positions per row through the head (more where a row scores more: one program per length, mostly)
+MAX_CHOICES = 16  # one-token choices read off one row's logits, at most this many
 
 
 def batches(lengths, batch_size: int, multiple: int = 1, max_tokens: int = MAX_BATCH_TOKENS):
@@ -111,22 +114,27 @@ def batches(lengths, batch_size: int, multiple: int = 1, max_tokens: int = MAX_B
 
 
 def score_rows(model, rows, pad_id: int, batch_size: int, mesh=None):
-    """(mean losses, exact matches) for every (tokens, start, end) row, in the rows' order (see `batches`)."""
+    """(mean losses, exact matches) for every (tokens, start, end) row, in the rows' order (see `batches`); a row
+    (tokens, start, start + 1, choices) gets the losses of each token of `choices` at start instead of one loss."""
     sharding = None if mesh is None else NamedSharding(mesh, P(BATCH_AXES))
     losses, exacts = [0.0] * len(rows), [False] * len(rows)
-    for indices, length, n in batches([len(t) for t, _, _ in rows], batch_size, 1 if mesh is None else mesh.size):
+    for indices, length, n in batches([len(row[0]) for row in rows], batch_size, 1 if mesh is None else mesh.size):
         ids = np.full((n, length + 1), pad_id, np.int32)  # +1: the last position is only a target
-        starts, ends = np.ones(n, np.int32), np.ones(n, np.int32)
+        starts, ends, choices = np.ones(n, np.int32), np.ones(n, np.int32), np.zeros((n, MAX_CHOICES), np.int32)
         for r, i in enumerate(indices):
-            tokens, starts[r], ends[r] = rows[i]
+            tokens, starts[r], ends[r] = rows[i][:3]
             ids[r, :len(tokens)] = tokens
-        arrays = [ids, starts, ends]
+            if len(rows[i]) == 4:
+                choices[r, :len(rows[i][3])] = rows[i][3]
+        arrays = [ids, starts, ends, choices]
         if sharding is not None:
             arrays = [jax.make_array_from_callback(a.shape, sharding, lambda index, a=a: a[index]) for a in arrays]
         span = min(length, max(SPAN, bucket(max(rows[i][2] - rows[i][1] for i in indices), minimum=1)))
-        mean_loss, exact = (np.asarray(x) for x in _score_rows(model, *arrays, span))
+        mean_loss, exact, choice_loss = (np.asarray(x) for x in _score_rows(model, *arrays, span))
         for r, i in enumerate(indices):
             losses[i], exacts[i] = float(mean_loss[r]), bool(exact[r])
+            if len(rows[i]) == 4:
+                losses[i] = [float(x) for x in choice_loss[r, :len(rows[i][3])]]
     return losses, exacts
 
 
@@ -136,12 +144,16 @@ def evaluate_task(model, tokenizer, data, task_type: str, num_fewshot: int, deli
     rows, firsts = [], []  # firsts: where each example's rows begin
     for index, item in enumerate(data):
         firsts.append(len(rows))
-        rows += example_rows(item, task_type, delimiter, fewshot(data, index, num_fewshot), tokenizer)
+        example = example_rows(item, task_type, delimiter, fewshot(data, index, num_fewshot), tokenizer)
+        if task_type == "multiple_choice" and len(example) <= MAX_CHOICES and all(
+                len(t) == start + 1 for t, start, _ in example):  # one token each after the same prefix: one row
+            example = [(*example[0], [t[-1] for t, _, _ in example])]
+        rows += example
     losses, exacts = score_rows(model, rows, tokenizer.get_bos_token_id(), batch_size, mesh)
     if task_type == "language_modeling":
         return [exacts[first] for first in firsts]
     # the lowest mean loss wins (the first of equals)
-    spans = [losses[a:b] for a, b in zip(firsts, firsts[1:] + [len(rows)])]
+    spans = [losses[a] if len(rows[a]) == 4 else losses[a:b] for a, b in zip(firsts, firsts[1:] + [len(rows)])]
     return [span.index(min(span)) == item["gold"] for span, item in zip(spans, data)]
 
 
