@@ -20,6 +20,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from pydantic import Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from nanochat_jax.common import run_and_leave
 from nanochat_jax.inference.frontend import ReplyText
 from nanochat_jax.inference.programs import MAX_TOP_K
 from nanochat_jax.inference.scheduler import Failed, Token
@@ -218,4 +219,4 @@ def serve(args, parser, sock, allowed):
 
 
 if __name__ == "__main__":
-    main()
+    run_and_leave(main)
