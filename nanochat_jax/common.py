@@ -150,25 +150,6 @@ def run_entry_point(main):
         raise
 
 
-def run_and_leave(main):
-    """main(), then exit with its status at once, skipping the interpreter's teardown (atexit hooks, joins of library
-    threads): the chat programs hold nothing to save, and under load a Ctrl-C'd server or CLI was seen waiting there
-    for over a minute (test_chat_cli, in CI). Ctrl-C outside main's own handling: exit 130."""
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        if e.code is not None and not isinstance(e.code, int):
-            print(e.code, file=sys.stderr)
-        code = e.code if isinstance(e.code, int) else int(e.code is not None)
-    except KeyboardInterrupt:  # (while the model loads)
-        print()
-        code = 130
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
 def get_base_dir() -> str:
     """Where data, tokenizer and checkpoints live: $NANOCHAT_BASE_DIR or ~/.cache/nanochat_jax."""
     base_dir = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat_jax")

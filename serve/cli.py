@@ -16,7 +16,7 @@ with contextlib.suppress(ImportError):  # (not on every platform)
 
 from nanochat_jax.inference.frontend import ReplyText, prompt_for_reply, reply_parts
 from nanochat_jax.training.checkpoint import STAGE_DIRS, load_stage
-from nanochat_jax.common import run_and_leave, use_compilation_cache
+from nanochat_jax.common import use_compilation_cache
 from nanochat_jax.inference.programs import MAX_TOP_K
 from nanochat_jax.inference.engine import Engine
 
@@ -124,4 +124,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_and_leave(main)
+    try:
+        main()
+    except KeyboardInterrupt:  # (while the model loads)
+        print()
+        sys.exit(130)

@@ -20,7 +20,6 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from pydantic import Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from nanochat_jax.common import run_and_leave
 from nanochat_jax.inference.frontend import ReplyText
 from nanochat_jax.inference.programs import MAX_TOP_K
 from nanochat_jax.inference.scheduler import Failed, Token
@@ -219,4 +218,4 @@ def serve(args, parser, sock, allowed):
 
 
 if __name__ == "__main__":
-    run_and_leave(main)
+    main()
